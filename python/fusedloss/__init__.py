@@ -1,0 +1,22 @@
+"""fusedloss: fused, exact softmax classification losses for PyTorch.
+
+``ce``, ``bce``, ``nllr``, ``crl``, ``lace`` and ``focal`` over ``p = softmax(logits)``,
+computed from per-row log-sum-exp statistics so they stay finite where the textbook
+formulas give inf or NaN. See :func:`softmax_loss`.
+"""
+from . import ops  # noqa: F401  (registers the torch.library ops)
+from .dispatch import BackendUnavailableError, available_backends
+from .functional import (competing_ratio, cross_entropy, focal, linearly_adaptive, multiclass_bce, nllr,
+                         softmax_loss)
+from .modules import (CompetingRatioLoss, CrossEntropyLoss, FocalLoss, LinearlyAdaptiveLoss,
+                      MultiClassBCELoss, NLLRLoss, SoftmaxLoss)
+from .variants import LOSSES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSSES", "available_backends", "BackendUnavailableError",
+    "softmax_loss", "cross_entropy", "multiclass_bce", "nllr", "competing_ratio", "linearly_adaptive", "focal",
+    "SoftmaxLoss", "CrossEntropyLoss", "MultiClassBCELoss", "NLLRLoss", "CompetingRatioLoss",
+    "LinearlyAdaptiveLoss", "FocalLoss",
+]

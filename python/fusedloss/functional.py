@@ -1,0 +1,171 @@
+"""The functional API: ``softmax_loss`` and one named function per loss.
+
+Shapes follow ``torch.nn.functional.cross_entropy``: logits ``(C,)``, ``(N, C)`` or
+``(N, C, d1, ...)`` with targets ``()``, ``(N,)`` or ``(N, d1, ...)``. Every argument
+is checked here, on metadata only, before any kernel runs; target values are
+checked inside the ops (see ``validation.py``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import dispatch, ops, validation
+from .variants import Reduction, Variant, reduction_id, variant_id
+
+
+def softmax_loss(
+    logits: Tensor,
+    target: Tensor,
+    loss: str = "ce",
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    alpha: float = 1.5,
+    beta: float = 1.0,
+    gamma: float = 2.0,
+    backend: str = "auto",
+) -> Tensor:
+    r"""A softmax classification loss, fused and exact. With ``p = softmax(logits)`` and
+    target class ``c``, the loss of a row is
+
+    ============ ===============================================
+    ``"ce"``     :math:`-\log p_c`
+    ``"bce"``    :math:`-\log p_c - \sum_{k \ne c} \log(1 - p_k)`
+    ``"nllr"``   :math:`\log(1 - p_c) - \log p_c`
+    ``"crl"``    :math:`\beta \log(\alpha + 1 - p_c) - \log p_c`
+    ``"lace"``   :math:`-(1 - p_c) \log p_c`
+    ``"focal"``  :math:`-(1 - p_c)^\gamma \log p_c`
+    ============ ===============================================
+
+    Row ``i``'s loss and gradient are multiplied by ``weight[c_i]``; rows whose target is
+    ``ignore_index`` give 0 and are not counted; ``reduction="mean"`` divides by the number
+    of counted rows, or by the sum of their weights when ``weight`` is given.
+
+    Args:
+        logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``, float16/bfloat16/float32 (computed
+            in float32) or float64 (computed in float64).
+        target: int64/int32 class indices of shape ``logits.shape`` without dim 1; for
+            ``loss="ce"`` also class probabilities of the logits' shape (soft targets).
+        loss: one of ``"ce", "bce", "nllr", "crl", "lace", "focal"``.
+        weight: optional ``(C,)`` class weights.
+        ignore_index: target value whose rows are ignored (class-index targets only).
+        reduction: ``"none" | "mean" | "sum"``.
+        label_smoothing: ``eps`` in ``[0, 1]``, ``"ce"`` only (PyTorch's definition).
+        alpha, beta: ``"crl"`` parameters (the paper's; the CRL authors' code uses
+            ``alpha_code = alpha + 1``), both ``>= 0``.
+        gamma: ``"focal"`` exponent ``>= 0`` (``0`` is ``"ce"``, ``1`` is ``"lace"``).
+        backend: ``"auto" | "reference" | "cpu" | "triton" | "cuda"``; ``"auto"`` can be
+            overridden by the environment variable ``FUSEDLOSS_BACKEND``.
+
+    Returns:
+        The loss in the logits' dtype: a scalar, or the shape of ``target`` for ``"none"``.
+
+    Target values outside ``[0, C)`` (other than ``ignore_index``) raise ``IndexError`` on
+    CPU. On a GPU that check would synchronize with the host every step, so there the
+    row's loss is NaN instead (no memory is read with the bad index) unless
+    ``FUSEDLOSS_STRICT=1``, which adds the raising check.
+    """
+    variant = variant_id(loss)
+    red = reduction_id(reduction)
+    validation.check_logits(logits)
+    validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
+    ignore_index = validation.check_ignore_index(ignore_index)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor; got {type(target).__name__}")
+    num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    weight = validation.check_weight(weight, num_classes, logits)
+    if label_smoothing > 0 and variant != Variant.CE:
+        raise NotImplementedError(f"label_smoothing is defined for loss='ce' only; got loss={loss!r}")
+
+    if target.is_floating_point():
+        if variant != Variant.CE:
+            raise NotImplementedError(
+                f"class-probability (soft) targets are defined for loss='ce' only; got loss={loss!r}")
+        validation.check_prob_target(logits, target)
+        dispatch.resolve(backend, logits.device)  # validate the backend name all the same
+        return _soft_cross_entropy(logits, target, weight, red, label_smoothing)
+
+    validation.check_class_target(logits, target)
+    be = dispatch.resolve(backend, logits.device)
+    x2d, t1d = _rows_view(logits, target)
+    compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
+    out, _, _ = be.fwd(x2d, t1d, weight, int(variant), int(red), ignore_index, float(label_smoothing),
+                       float(alpha), float(beta), float(gamma), compute_grad)
+    if red == Reduction.NONE:
+        out = out.reshape(target.shape)
+    return out.to(logits.dtype)
+
+
+def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(N, C, d...)`` -> ``(N * prod(d), C)`` rows with unit class stride (kernels read rows
+    of any stride, so an ``(N, C)`` slice is not copied; extra dims are moved last and copied)."""
+    if logits.dim() == 1:
+        return logits[None, :], target.reshape(1)
+    if logits.dim() > 2:
+        logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        target = target.reshape(-1)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return logits, target
+
+
+def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float) -> Tensor:
+    if logits.dim() == 1:
+        x, y = logits[None, :], probs[None, :]
+    else:
+        x = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        y = probs.movedim(1, -1).reshape(-1, logits.shape[1])
+    out, _ = ops.soft_ce_fwd(x, y, weight, int(red), float(eps))
+    if red == Reduction.NONE:
+        out = out.reshape(logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ())
+    return out.to(logits.dtype)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.cross_entropy` (class indices or class
+    probabilities, ``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``):
+    ``L = -log p_c``, fused and computed in float32 for half inputs."""
+    return softmax_loss(input, target, "ce", weight=weight, ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing, backend=backend)
+
+
+def multiclass_bce(logits: Tensor, target: Tensor, **kwargs) -> Tensor:
+    """Multi-class BCE on softmax outputs: ``L = -log p_c - sum_{k != c} log(1 - p_k)``.
+    Keyword arguments as :func:`softmax_loss`."""
+    return softmax_loss(logits, target, "bce", **kwargs)
+
+
+def nllr(logits: Tensor, target: Tensor, **kwargs) -> Tensor:
+    """Negative log likelihood ratio: ``L = log(1 - p_c) - log p_c`` (unbounded below by
+    definition). Keyword arguments as :func:`softmax_loss`."""
+    return softmax_loss(logits, target, "nllr", **kwargs)
+
+
+def competing_ratio(logits: Tensor, target: Tensor, alpha: float = 1.5, beta: float = 1.0, **kwargs) -> Tensor:
+    """Competing ratio loss: ``L = beta * log(alpha + 1 - p_c) - log p_c`` (paper's alpha;
+    the authors' code uses ``alpha + 1``). Keyword arguments as :func:`softmax_loss`."""
+    return softmax_loss(logits, target, "crl", alpha=alpha, beta=beta, **kwargs)
+
+
+def linearly_adaptive(logits: Tensor, target: Tensor, **kwargs) -> Tensor:
+    """Linearly adaptive cross entropy: ``L = -(1 - p_c) log p_c``. Keyword arguments as
+    :func:`softmax_loss`."""
+    return softmax_loss(logits, target, "lace", **kwargs)
+
+
+def focal(logits: Tensor, target: Tensor, gamma: float = 2.0, **kwargs) -> Tensor:
+    """Focal loss on softmax: ``L = -(1 - p_c)^gamma log p_c``. Keyword arguments as
+    :func:`softmax_loss`."""
+    return softmax_loss(logits, target, "focal", gamma=gamma, **kwargs)

@@ -1,0 +1,66 @@
+"""``nn.Module`` wrappers, with ``nn.CrossEntropyLoss``-style constructor arguments."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .functional import softmax_loss
+from .variants import variant_id
+
+
+class SoftmaxLoss(nn.Module):
+    """Module form of :func:`fusedloss.softmax_loss`: ``SoftmaxLoss(loss="crl", ...)(logits, target)``.
+
+    ``weight`` is kept as a buffer, so it follows ``.to(device)`` and the state dict.
+    """
+
+    def __init__(self, loss: str = "ce", weight: Tensor | None = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, alpha: float = 1.5,
+                 beta: float = 1.0, gamma: float = 2.0, backend: str = "auto") -> None:
+        super().__init__()
+        variant_id(loss)  # fail at construction, not at the first step
+        self.loss = loss
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.backend = backend
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return softmax_loss(logits, target, self.loss, weight=self.weight, ignore_index=self.ignore_index,
+                            reduction=self.reduction, label_smoothing=self.label_smoothing,
+                            alpha=self.alpha, beta=self.beta, gamma=self.gamma, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        parts = [f"loss={self.loss!r}", f"reduction={self.reduction!r}"]
+        if self.ignore_index != -100:
+            parts.append(f"ignore_index={self.ignore_index}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.loss == "crl":
+            parts.append(f"alpha={self.alpha}, beta={self.beta}")
+        if self.loss == "focal":
+            parts.append(f"gamma={self.gamma}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+
+def _named(name: str, loss: str, formula: str) -> type[SoftmaxLoss]:
+    def __init__(self, weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, alpha: float = 1.5, beta: float = 1.0, gamma: float = 2.0,
+                 backend: str = "auto") -> None:
+        SoftmaxLoss.__init__(self, loss, weight, ignore_index, reduction, label_smoothing,
+                             alpha, beta, gamma, backend)
+
+    doc = (f"``{loss}``: ``L = {formula}``. Arguments as :class:`torch.nn.CrossEntropyLoss` "
+           f"(``weight``, ``ignore_index``, ``reduction``) plus those of :func:`fusedloss.softmax_loss`.")
+    return type(name, (SoftmaxLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+CrossEntropyLoss = _named("CrossEntropyLoss", "ce", "-log p_c")
+MultiClassBCELoss = _named("MultiClassBCELoss", "bce", "-log p_c - sum_{k!=c} log(1 - p_k)")
+NLLRLoss = _named("NLLRLoss", "nllr", "log(1 - p_c) - log p_c")
+CompetingRatioLoss = _named("CompetingRatioLoss", "crl", "beta * log(alpha + 1 - p_c) - log p_c")
+LinearlyAdaptiveLoss = _named("LinearlyAdaptiveLoss", "lace", "-(1 - p_c) log p_c")
+FocalLoss = _named("FocalLoss", "focal", "-(1 - p_c)^gamma log p_c")

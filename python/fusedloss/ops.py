@@ -1,0 +1,188 @@
+"""The ``torch.library`` ops: one forward/backward pair per backend, one schema for all.
+
+Every backend registers ``fusedloss::<backend>_fwd`` and ``fusedloss::<backend>_bwd``
+with the schemas below (the C++ extension defines them in C++ with the same text),
+and this module adds the fake (meta) implementations and the autograd formula,
+so ``torch.compile(fullgraph=True)`` traces any backend without graph breaks.
+
+Forward contract::
+
+    fwd(logits (N, C) with unit class stride, target (N,) int64/int32, weight (C,)?,
+        variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, compute_grad)
+      -> (loss:  ()  for mean/sum or (N,) for none, float32 (float64 for float64 logits),
+          stats: (N, STATS_COLS) same dtype, per-row statistics for the backward,
+          grad:  (N, C) in the logits' dtype = d loss / d logits for grad_output = 1,
+                 when compute_grad (backends with a fused gradient), else empty (0,))
+
+    bwd(grad_loss (shape of loss), logits, target, weight, stats, <same scalars>) -> (N, C)
+
+The backward saves no ``(N, C)`` tensor except the logits, or, when the forward
+already produced the gradient, that gradient instead of the logits.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .validation import check_target_values, must_check_targets
+from .variants import STATS_COLS, Reduction
+
+NAMESPACE = "fusedloss"
+
+SCALARS = ("int variant, int reduction, int ignore_index, float label_smoothing, "
+           "float alpha, float beta, float gamma")
+FWD_SCHEMA = (f"(Tensor logits, Tensor target, Tensor? weight, {SCALARS}, bool compute_grad) "
+              "-> (Tensor, Tensor, Tensor)")
+BWD_SCHEMA = (f"(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
+              f"{SCALARS}) -> Tensor")
+
+
+def stats_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def fake_forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
+                 alpha, beta, gamma, compute_grad):
+    n = logits.shape[0]
+    dt = stats_dtype(logits)
+    loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=dt)
+    stats = logits.new_empty((n, STATS_COLS), dtype=dt)
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
+    return loss, stats, grad
+
+
+def fake_backward(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
+                  label_smoothing, alpha, beta, gamma):
+    return logits.new_empty(logits.shape)
+
+
+def register_autograd(fwd_name: str, bwd_op: Callable) -> None:
+    """Attach the shared autograd formula to ``fusedloss::<fwd_name>``: the backward
+    calls ``bwd_op`` (recomputing from the logits and the row stats), or scales the
+    gradient the forward already produced."""
+
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, *scalars, compute_grad = inputs
+        _, stats, grad = output
+        ctx.scalars = tuple(scalars)
+        ctx.fused = bool(compute_grad)
+        ctx.mark_non_differentiable(stats, grad)
+        if ctx.fused:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(logits, target, weight, stats)
+
+    def backward(ctx, grad_loss, _grad_stats, _grad_grad):
+        if ctx.fused:
+            (grad,) = ctx.saved_tensors
+            scale = grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]
+            grad_logits = (grad * scale).to(grad.dtype)
+        else:
+            logits, target, weight, stats = ctx.saved_tensors
+            grad_logits = bwd_op(grad_loss, logits, target, weight, stats, *ctx.scalars)
+        return (grad_logits,) + (None,) * 10
+
+    torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+
+
+def register_fakes(fwd_name: str, bwd_name: str) -> None:
+    """Fake implementations for ops whose schema was defined elsewhere (C++)."""
+    torch.library.register_fake(f"{NAMESPACE}::{fwd_name}")(fake_forward)
+    torch.library.register_fake(f"{NAMESPACE}::{bwd_name}")(fake_backward)
+
+
+def define_python_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, device_types=None):
+    """Define ``fusedloss::<backend>_fwd/_bwd`` as custom ops implemented in Python
+    (the reference, or a Python launcher of kernels), with fake and autograd registered.
+    Returns the two op handles."""
+    fwd = torch.library.custom_op(f"{NAMESPACE}::{backend}_fwd", fwd_impl, mutates_args=(),
+                                  device_types=device_types, schema=FWD_SCHEMA)
+    bwd = torch.library.custom_op(f"{NAMESPACE}::{backend}_bwd", bwd_impl, mutates_args=(),
+                                  device_types=device_types, schema=BWD_SCHEMA)
+    fwd.register_fake(fake_forward)
+    bwd.register_fake(fake_backward)
+    register_autograd(f"{backend}_fwd", bwd)
+    return fwd, bwd
+
+
+# ----------------------------------------------------------------------------
+# The reference backend's ops
+# ----------------------------------------------------------------------------
+
+def _reference_fwd(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
+                   alpha, beta, gamma, compute_grad):
+    if must_check_targets(logits.device):
+        check_target_values(target, logits.shape[1], ignore_index)
+    loss, stats = reference.forward(logits, target, weight, variant, reduction, ignore_index,
+                                    label_smoothing, alpha, beta, gamma)
+    if compute_grad:
+        ones = torch.ones_like(loss)
+        grad = reference.backward(ones, logits, target, weight, stats, variant, reduction,
+                                  ignore_index, label_smoothing, alpha, beta, gamma)
+    else:
+        grad = logits.new_empty((0,))
+    return loss, stats, grad
+
+
+def _reference_bwd(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
+                   label_smoothing, alpha, beta, gamma):
+    return reference.backward(grad_loss, logits, target, weight, stats, variant, reduction,
+                              ignore_index, label_smoothing, alpha, beta, gamma)
+
+
+reference_fwd, reference_bwd = define_python_ops("reference", _reference_fwd, _reference_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Soft (class-probability) targets, CE only: always the reference.
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{NAMESPACE}::soft_ce_fwd", mutates_args=())
+def soft_ce_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int,
+                label_smoothing: float) -> tuple[Tensor, Tensor]:
+    return reference.soft_forward(logits, target, weight, reduction, label_smoothing)
+
+
+@soft_ce_fwd.register_fake
+def _(logits, target, weight, reduction, label_smoothing):
+    n = logits.shape[0]
+    dt = stats_dtype(logits)
+    loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=dt)
+    return loss, logits.new_empty((n,), dtype=dt)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::soft_ce_bwd", mutates_args=())
+def soft_ce_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
+                reduction: int, label_smoothing: float, need_logits: bool,
+                need_target: bool) -> tuple[Tensor, Tensor]:
+    gx, gy = reference.soft_backward(grad_loss, logits, target, weight, lse, reduction, label_smoothing,
+                                     need_logits, need_target)
+    # An op returns tensors, not None: empty stands for "not asked for".
+    return (gx if gx is not None else logits.new_empty((0,)),
+            gy if gy is not None else target.new_empty((0,)))
+
+
+@soft_ce_bwd.register_fake
+def _(grad_loss, logits, target, weight, lse, reduction, label_smoothing, need_logits, need_target):
+    return (logits.new_empty(logits.shape if need_logits else (0,)),
+            target.new_empty(target.shape if need_target else (0,)))
+
+
+def _soft_setup(ctx, inputs, output):
+    logits, target, weight, reduction, label_smoothing = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (reduction, label_smoothing)
+    ctx.save_for_backward(logits, target, weight, output[1])
+
+
+def _soft_backward(ctx, grad_loss, _grad_lse):
+    logits, target, weight, lse = ctx.saved_tensors
+    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gy = soft_ce_bwd(grad_loss, logits, target, weight, lse, *ctx.args, need_x, need_y)
+    return (gx if need_x else None, gy if need_y else None, None, None, None)
+
+
+soft_ce_fwd.register_autograd(_soft_backward, setup_context=_soft_setup)

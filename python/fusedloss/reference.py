@@ -1,0 +1,430 @@
+"""The exact reference: every loss of LOSSES.md in plain PyTorch, in its stable form.
+
+This is the backend wherever no kernel is built and the baseline the benchmarks
+compare against. It is written for two things at once:
+
+* exactness: every quantity comes from the row statistics ``lse`` and
+  ``lse_ex = log sum_{k != c} exp(x_k)``, through ``d = lse_ex - x_c``:
+  ``log p_c = -softplus(d)``, ``log(1 - p_c) = -softplus(-d)``. Nothing forms
+  ``1 - p_c`` by subtraction (in fp32 ``p_c`` rounds to 1 once the target leads
+  by ~17 and the naive formulas return inf/NaN), and nothing forms ``lse - x_c``
+  by subtraction either (it cancels to 0 when the loss is tiny);
+* memory: no ``(N, C)`` tensor is saved for backward besides the logits; the
+  forward and the backward each build at most two ``(N, C)`` float buffers and
+  update them in place, so eager forward+backward stays within ~3x the logits.
+
+All math runs in float32 (float64 for float64 logits) whatever the logits' dtype.
+The functions here take 2-D ``(N, C)`` logits with rows of any stride and 1-D
+targets; shape handling and argument checks live in ``functional.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .variants import LOSSES, STATS_COLS, Reduction, Variant, reduction_id, variant_id
+
+
+class Params(NamedTuple):
+    alpha: float
+    beta: float
+    gamma: float
+
+
+def compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------
+# Row statistics
+# ----------------------------------------------------------------------------
+
+def lse_excluding(x: Tensor, excluded: Tensor, cdtype: torch.dtype) -> Tensor:
+    """``log sum_{k != excluded} exp(x_k)`` per row, exactly (no ``lse - x`` cancellation).
+
+    The shift is the max over the *competitors* (top-2 of the row), so the sum
+    is >= 1 whenever a competitor is finite and cannot underflow even when the
+    excluded class leads by 1000. One (N, C) float buffer, updated in place.
+    """
+    n, c = x.shape
+    if c == 1:
+        return torch.full((n,), -math.inf, dtype=cdtype, device=x.device)
+    top_v, top_i = x.topk(2, dim=1)
+    m_ex = torch.where(top_i[:, 0] == excluded, top_v[:, 1], top_v[:, 0]).to(cdtype)
+    # All competitors -inf: shift by 0 so exp() gives 0, not NaN from (-inf) - (-inf).
+    shift = torch.where(torch.isfinite(m_ex), m_ex, torch.zeros_like(m_ex))
+    e = torch.sub(x, shift[:, None], alpha=1).to(cdtype)  # upcasts half logits on the fly
+    e.exp_()
+    e.scatter_(1, excluded[:, None], 0.0)
+    return shift + e.sum(1).log()
+
+
+def softplus(t: Tensor) -> Tensor:
+    """``log(1 + e^t)`` without overflow (``logaddexp`` is exact for both signs)."""
+    return torch.logaddexp(t, torch.zeros_like(t))
+
+
+def log_softplus(t: Tensor) -> Tensor:
+    """``log(softplus(t))``; for ``t < -30``, ``softplus(t) = e^t (1 - e^t/2 ...)`` so it is ``t``
+    to within e^-30 (exact in float64), and ``exp(t)`` may already be subnormal."""
+    return torch.where(t < -30, t, softplus(t).log())
+
+
+def _scaled(k: float, t: Tensor) -> Tensor:
+    """``k * t`` with ``0 * (-inf) = 0``: the factor ``(1 - p_c)^0`` is 1 even when ``p_c = 1``."""
+    return torch.zeros_like(t) if k == 0 else k * t
+
+
+# ----------------------------------------------------------------------------
+# Per-variant math of the target-only family: one function each.
+# Input d = lse_ex - x_c (per row). Output (loss, log s) where the gradient is
+# dL/dx_j = s * (p_j - [j == c])  (LOSSES.md, "Gradients of the target-only family").
+# ----------------------------------------------------------------------------
+
+def _ce(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+    return softplus(d), torch.zeros_like(d)
+
+
+def _nllr(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+    # log(1 - p_c) - log p_c = lse_ex - x_c = d exactly; s = 1 / (1 - p_c).
+    return d.clone(), softplus(-d)
+
+
+def _crl(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+    log_p, log_q = -softplus(d), -softplus(-d)
+    # log(alpha + q) as logaddexp(log alpha, log q): exact for alpha = 0 (then it is log q).
+    log_alpha_q = torch.logaddexp(torch.full_like(d, _log(p.alpha)), log_q)
+    loss = _scaled(p.beta, log_alpha_q) + softplus(d)
+    # s = 1 + beta p / (alpha + q): log s = softplus(log beta + log p - log(alpha + q)),
+    # finite even for alpha = 0, q -> 0 where beta p / q overflows.
+    log_s = softplus(_log(p.beta) + log_p - log_alpha_q)
+    return loss, log_s
+
+
+def _lace(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+    return _focal(d, Params(p.alpha, p.beta, 1.0))
+
+
+def _focal(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+    g = p.gamma
+    log_p, log_q = -softplus(d), -softplus(-d)
+    loss = torch.exp(_scaled(g, log_q)) * softplus(d)
+    # s = q^g + g p q^(g-1) (-log p): both terms >= 0, summed in log space so the
+    # large q^(g-1) (g < 1, q -> 0) times the small -log p ~ q never overflows.
+    second = _log(g) + log_p + _scaled(g - 1.0, log_q) + log_softplus(d)
+    log_s = torch.logaddexp(_scaled(g, log_q), second)
+    return loss, log_s
+
+
+def _log(v: float) -> float:
+    return math.log(v) if v > 0 else -math.inf
+
+
+TARGET_ONLY_MATH: dict[Variant, Callable[[Tensor, Params], tuple[Tensor, Tensor]]] = {
+    Variant.CE: _ce,
+    Variant.NLLR: _nllr,
+    Variant.CRL: _crl,
+    Variant.LACE: _lace,
+    Variant.FOCAL: _focal,
+}
+
+
+# ----------------------------------------------------------------------------
+# Forward and backward of the op
+# ----------------------------------------------------------------------------
+
+class _Rows(NamedTuple):
+    """Per-row quantities shared by forward and backward."""
+    tgt: Tensor        # target clamped to a safe index (0 for ignored / bad rows)
+    scale: Tensor      # weight[c] for valid rows, 0 for ignored rows, NaN for out-of-range rows
+    x_c: Tensor        # target logit, compute dtype
+
+
+def _rows(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, cdtype) -> _Rows:
+    c = x.shape[1]
+    target = target.long()
+    in_range = (target >= 0) & (target < c)
+    keep = target != ignore_index
+    tgt = torch.where(in_range & keep, target, torch.zeros_like(target))
+    w = torch.ones((), dtype=cdtype, device=x.device) if weight is None else weight.to(cdtype)[tgt]
+    # A bad target never indexes memory (tgt is clamped); its row is marked NaN instead,
+    # which only happens on devices where the target check is off (see validation.py).
+    scale = torch.where(keep, w, torch.zeros((), dtype=cdtype, device=x.device))
+    scale = torch.where(keep & ~in_range, torch.full((), math.nan, dtype=cdtype, device=x.device), scale)
+    x_c = x.gather(1, tgt[:, None])[:, 0].to(cdtype)
+    return _Rows(tgt, scale, x_c)
+
+
+def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, cdtype) -> Tensor:
+    """What ``'mean'`` divides by: the count of non-ignored rows, or the sum of their
+    class weights (PyTorch's convention). ``0/0 = nan`` for an empty batch, as PyTorch."""
+    keep = target != ignore_index
+    if weight is None:
+        return keep.sum().to(cdtype)
+    safe = torch.where(keep, target.long(), torch.zeros_like(target, dtype=torch.long))
+    safe = safe.clamp(0, weight.shape[0] - 1)
+    return torch.where(keep, weight.to(cdtype)[safe], torch.zeros((), dtype=cdtype, device=target.device)).sum()
+
+
+def _reduce(loss_rows: Tensor, reduction: int, target: Tensor, weight, ignore_index: int) -> Tensor:
+    if reduction == Reduction.NONE:
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == Reduction.SUM:
+        return total
+    return total / mean_denominator(target, weight, ignore_index, loss_rows.dtype)
+
+
+def _row_grad_scale(grad_loss: Tensor, rows: _Rows, reduction: int, target, weight, ignore_index) -> Tensor:
+    """d(reduced loss)/d(loss_i) times weight[c_i], per row."""
+    g = grad_loss.to(rows.scale.dtype)
+    if reduction == Reduction.MEAN:
+        g = g / mean_denominator(target, weight, ignore_index, g.dtype)
+    return rows.scale * g  # broadcasts a scalar, or the (N,) grad of 'none'
+
+
+def forward(
+    logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
+    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
+) -> tuple[Tensor, Tensor]:
+    """Loss (reduced as asked, compute dtype) and the per-row stats ``(N, STATS_COLS)``."""
+    x = logits
+    cdtype = compute_dtype(x)
+    rows = _rows(x, target, weight, ignore_index, cdtype)
+    lse_ex = lse_excluding(x, rows.tgt, cdtype)
+    lse = torch.logaddexp(lse_ex, rows.x_c)
+    d = lse_ex - rows.x_c
+    stats = torch.zeros((x.shape[0], STATS_COLS), dtype=cdtype, device=x.device)
+    stats[:, 0], stats[:, 1] = lse, lse_ex
+
+    if variant == Variant.BCE:
+        per_row = _bce_loss(x, rows, lse, d, stats, cdtype)
+    else:
+        per_row, _ = TARGET_ONLY_MATH[Variant(variant)](d, Params(alpha, beta, gamma))
+        if label_smoothing > 0:
+            per_row = (1 - label_smoothing) * per_row
+    # where, not a product: an ignored row's clamped index may point at a -inf logit (inf * 0 = NaN).
+    loss_rows = torch.where(rows.scale == 0, torch.zeros_like(per_row), per_row * rows.scale)
+    if label_smoothing > 0:
+        loss_rows = loss_rows + _smoothing_loss(x, lse, rows, weight, target, ignore_index, label_smoothing)
+    return _reduce(loss_rows, reduction, target, weight, ignore_index), stats
+
+
+def backward(
+    grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor,
+    variant: int, reduction: int, ignore_index: int, label_smoothing: float,
+    alpha: float, beta: float, gamma: float,
+) -> Tensor:
+    """Gradient w.r.t. the logits, contiguous ``(N, C)`` in the logits' dtype, in one expression
+    per variant from the saved row statistics."""
+    x = logits
+    cdtype = compute_dtype(x)
+    rows = _rows(x, target, weight, ignore_index, cdtype)
+    row_scale = _row_grad_scale(grad_loss, rows, reduction, target, weight, ignore_index)
+    lse, lse_ex = stats[:, 0], stats[:, 1]
+    d = lse_ex - rows.x_c
+    if variant == Variant.BCE:
+        g = _bce_grad(x, rows, stats, cdtype)
+    else:
+        _, log_s = TARGET_ONLY_MATH[Variant(variant)](d, Params(alpha, beta, gamma))
+        # j != c: g_j = p_j s = exp(x_j - (lse - log s)); j == c: g_c = -s (1 - p_c) = -exp(log s + log(1 - p_c)).
+        g = torch.sub(x, (lse - log_s)[:, None]).to(cdtype)
+        g.exp_()
+        g.scatter_(1, rows.tgt[:, None], (-torch.exp(log_s + (lse_ex - lse)))[:, None])
+        if label_smoothing > 0:
+            return _smoothing_grad(g, x, lse, rows, row_scale, weight, label_smoothing, grad_loss,
+                                   target, ignore_index, reduction).to(x.dtype)
+    g.mul_(row_scale[:, None])
+    return g.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Label smoothing (CE only), PyTorch's convention with weights:
+#   L_i = (1 - eps) w_c (lse - x_c) + (eps / C) sum_k w_k (lse - x_k)
+#   dL_i/dx_j = (1 - eps) w_c (p_j - [j == c]) + (eps / C) (W p_j - w_j),  W = sum_k w_k
+# 'mean' divides both parts by the same sum of target weights.
+# ----------------------------------------------------------------------------
+
+def _smoothing_loss(x, lse, rows: _Rows, weight, target, ignore_index, eps) -> Tensor:
+    c = x.shape[1]
+    cdtype = lse.dtype
+    if weight is None:
+        smooth = c * lse - x.sum(1, dtype=cdtype)
+    else:
+        w = weight.to(cdtype)
+        smooth = w.sum() * lse - torch.mv(x.to(cdtype), w)
+    keep = (target != ignore_index)
+    # Out-of-range rows already carry NaN through rows.scale; ignored rows give 0.
+    return torch.where(keep, (eps / c) * smooth, torch.zeros_like(smooth))
+
+
+def _smoothing_grad(g, x, lse, rows: _Rows, row_scale, weight, eps, grad_loss, target, ignore_index, reduction):
+    """``g`` holds the CE gradient without scale; add the smoothing part in place."""
+    c = x.shape[1]
+    cdtype = g.dtype
+    keep = (target != ignore_index)
+    go = grad_loss.to(cdtype)
+    if reduction == Reduction.MEAN:
+        go = go / mean_denominator(target, weight, ignore_index, cdtype)
+    go = torch.where(keep, go, torch.zeros((), dtype=cdtype, device=g.device))
+    total_w = float(c) if weight is None else weight.to(cdtype).sum()
+    g.mul_(((1 - eps) * row_scale)[:, None])
+    # + (eps / C) * go * (W p_j - w_j); p_j = exp(x_j - lse)
+    p = torch.sub(x, lse[:, None]).to(cdtype).exp_()
+    g.add_(p.mul_(((eps / c) * total_w * go)[:, None]))
+    w_row = torch.ones(c, dtype=cdtype, device=x.device) if weight is None else weight.to(cdtype)
+    g.sub_(((eps / c) * go)[:, None] * w_row[None, :])
+    return g
+
+
+# ----------------------------------------------------------------------------
+# Multi-class BCE: L = -log p_c - sum_{k != c} log(1 - p_k)   (LOSSES.md, "Gradient of bce")
+# Only the arg-max w can have p_w > 1/2: log(1 - p_w) comes from lse over k != w.
+# Stats columns: 2 = log(1 - p_w), 3 = w (an exact integer in float).
+# ----------------------------------------------------------------------------
+
+def _bce_loss(x: Tensor, rows: _Rows, lse: Tensor, d: Tensor, stats: Tensor, cdtype) -> Tensor:
+    w = x.argmax(1)
+    log1m_pw = lse_excluding(x, w, cdtype) - lse
+    stats[:, 2], stats[:, 3] = log1m_pw, w.to(cdtype)
+    t = torch.sub(x, lse[:, None]).to(cdtype)
+    t.exp_().neg_().log1p_()                     # log(1 - p_k): exact for k != w since p_k <= 1/2
+    t.scatter_(1, w[:, None], log1m_pw[:, None])  # the arg-max from its exact form
+    t.scatter_(1, rows.tgt[:, None], 0.0)         # k != c
+    return softplus(d) - t.sum(1)
+
+
+def _bce_grad(x: Tensor, rows: _Rows, stats: Tensor, cdtype) -> Tensor:
+    lse, log1m_pw = stats[:, 0], stats[:, 2]
+    w = stats[:, 3].long()
+    c = rows.tgt
+    w_is_c = w == c
+    p = torch.sub(x, lse[:, None]).to(cdtype).exp_()
+    # a_k = p_k / (1 - p_k) for k != c, a_c = -1; R = sum_{k != w} a_k (bounded by C).
+    a = torch.neg(p).add_(1)
+    torch.div(p, a, out=a)
+    a.scatter_(1, c[:, None], -1.0)
+    a.scatter_(1, w[:, None], 0.0)
+    r = a.sum(1)
+    g = a.addcmul_(p, r[:, None], value=-1.0)    # a_j - p_j R
+    # - p_j a_w: a_w = p_w / (1 - p_w) may overflow (a wrong class leading by 89 in fp32),
+    # so form p_j a_w = exp(x_j - lse + log a_w) in log space; when w == c, a_w = -1.
+    x_w = x.gather(1, w[:, None])[:, 0].to(cdtype)
+    log_pw = x_w - lse
+    log_aw = torch.where(w_is_c, torch.zeros_like(lse), log_pw - log1m_pw)
+    torch.sub(x, (lse - log_aw)[:, None], out=p)
+    p.exp_()
+    g.addcmul_(p, torch.where(w_is_c, 1.0, -1.0).to(cdtype)[:, None])
+    p_w = log_pw.exp()
+    g_w = torch.where(w_is_c, -log1m_pw.exp() - p_w * r, p_w * (1 - r))
+    g.scatter_(1, w[:, None], g_w[:, None])
+    return g
+
+
+# ----------------------------------------------------------------------------
+# Class-probability (soft) targets, CE only: F.cross_entropy's semantics.
+#   L_i = sum_k w_k y_ik (lse_i - x_ik),  y = (1 - eps) y + eps / C
+#   dL_i/dx_j = (sum_k w_k y_ik) p_j - w_j y_ij;  dL_i/dy_ij = (1 - eps) w_j (lse_i - x_ij)
+# 'mean' divides by the number of rows (not by weights), as PyTorch does.
+# ----------------------------------------------------------------------------
+
+def _smoothed(y: Tensor, eps: float) -> Tensor:
+    return y if eps == 0 else y * (1 - eps) + eps / y.shape[1]
+
+
+def soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction: int,
+                 label_smoothing: float) -> tuple[Tensor, Tensor]:
+    cdtype = compute_dtype(logits)
+    x = logits.to(cdtype)
+    lse = torch.logsumexp(x, 1)
+    wy = _smoothed(probs.to(cdtype), label_smoothing)
+    if weight is not None:
+        wy = wy * weight.to(cdtype)
+    # sum_k wy_k (lse - x_k), written so a -inf logit with zero target mass gives 0, not NaN.
+    per_row = lse * wy.sum(1) - torch.where(wy == 0, torch.zeros_like(x), wy * x).sum(1)
+    if reduction == Reduction.NONE:
+        return per_row, lse
+    total = per_row.sum()
+    return (total if reduction == Reduction.SUM else total / x.shape[0]), lse
+
+
+def soft_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, lse: Tensor,
+                  reduction: int, label_smoothing: float, need_logits: bool, need_target: bool):
+    cdtype = lse.dtype
+    n, c = logits.shape
+    go = grad_loss.to(cdtype)
+    if reduction == Reduction.MEAN:
+        go = go / n
+    go = go[:, None] if go.dim() else go
+    w = torch.ones(c, dtype=cdtype, device=logits.device) if weight is None else weight.to(cdtype)
+    grad_x = grad_y = None
+    if need_logits:
+        wy = _smoothed(probs.to(cdtype), label_smoothing) * w
+        g = torch.sub(logits, lse[:, None]).to(cdtype).exp_()
+        g.mul_(wy.sum(1, keepdim=True)).sub_(wy).mul_(go)
+        grad_x = g.to(logits.dtype)
+    if need_target:
+        neg_logp = torch.sub(lse[:, None], logits).to(cdtype)
+        grad_y = (neg_logp.mul_(w).mul_((1 - label_smoothing) * go)).to(probs.dtype)
+    return grad_x, grad_y
+
+
+# ----------------------------------------------------------------------------
+# The textbook formulas, for the benchmarks' "naive" baseline: plain autograd,
+# p = softmax(x), 1 - p by subtraction. Finite on ordinary logits; inf/NaN on
+# the extreme ones, which is the point of showing it.
+# ----------------------------------------------------------------------------
+
+def naive_loss(logits: Tensor, target: Tensor, loss: str = "ce", *, alpha: float = 1.5, beta: float = 1.0,
+               gamma: float = 2.0, reduction: str = "mean") -> Tensor:
+    v = variant_id(loss)
+    p = torch.softmax(logits.float(), dim=1)
+    p_c = p.gather(1, target.long()[:, None])[:, 0]
+    if v == Variant.CE:
+        rows = -torch.log(p_c)
+    elif v == Variant.BCE:
+        one_minus = torch.log(1 - p).scatter(1, target.long()[:, None], 0.0)
+        rows = -torch.log(p_c) - one_minus.sum(1)
+    elif v == Variant.NLLR:
+        rows = torch.log(1 - p_c) - torch.log(p_c)
+    elif v == Variant.CRL:
+        rows = beta * torch.log(alpha + 1 - p_c) - torch.log(p_c)
+    elif v == Variant.LACE:
+        rows = -(1 - p_c) * torch.log(p_c)
+    else:
+        rows = -(1 - p_c) ** gamma * torch.log(p_c)
+    r = reduction_id(reduction)
+    return rows if r == Reduction.NONE else (rows.sum() if r == Reduction.SUM else rows.mean())
+
+
+def extreme_logits(n: int, c: int, *, dtype: torch.dtype = torch.float32, device="cpu",
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Logits that break the textbook formulas, cycling over row kinds: the target leading
+    by 20, 100 and 1000; a wrong class leading by 50; masked classes at ``-inf``; a row of
+    all-equal logits; an ordinary random row. Needs ``c >= 3``."""
+    if c < 3:
+        raise ValueError(f"extreme_logits needs c >= 3; got {c}")
+    x = torch.randn(n, c, generator=generator, dtype=torch.float32)
+    t = torch.randint(0, c, (n,), generator=generator)
+    rows = torch.arange(n)
+    kind = rows % 7
+    lead = torch.tensor([20.0, 100.0, 1000.0])
+    for k in range(3):
+        sel = rows[kind == k]
+        x[sel, t[sel]] = x[sel].max(1).values + lead[k]
+    sel = rows[kind == 3]
+    wrong = (t[sel] + 1) % c
+    x[sel, wrong] = x[sel].max(1).values + 50.0
+    sel = rows[kind == 4]
+    masked = (t[sel][:, None] + torch.arange(1, c // 2 + 1)[None, :]) % c
+    x[sel[:, None], masked] = -math.inf
+    x[rows[kind == 5]] = 0.25
+    return x.to(dtype=dtype, device=device), t.to(device)
+
+
+__all__ = ["LOSSES", "forward", "backward", "soft_forward", "soft_backward", "naive_loss",
+           "extreme_logits", "mean_denominator", "lse_excluding", "TARGET_ONLY_MATH"]

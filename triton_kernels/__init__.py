@@ -1,0 +1,1 @@
+"""Triton kernels for fusedloss (packaged as ``fusedloss.triton_kernels``)."""
