@@ -59,10 +59,19 @@ def fake_backward(grad_loss, logits, target, weight, stats, variant, reduction, 
     return logits.new_empty(logits.shape)
 
 
-def register_autograd(fwd_name: str, bwd_op: Callable) -> None:
+def scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """Default backward of a fused gradient: ``grad * grad_output`` (per row for 'none')."""
+    scale = grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]
+    return (grad * scale).to(grad.dtype)
+
+
+def register_autograd(fwd_name: str, bwd_op: Callable,
+                      scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
     """Attach the shared autograd formula to ``fusedloss::<fwd_name>``: the backward
-    calls ``bwd_op`` (recomputing from the logits and the row stats), or scales the
-    gradient the forward already produced."""
+    calls ``bwd_op`` (recomputing from the logits and the row stats), or, when the
+    forward already produced the gradient, returns ``scale_grad(grad, grad_loss)``
+    (a backend may pass a kernel that skips the pass when ``grad_loss`` is 1, read on
+    the device, without a host synchronization)."""
 
     def setup_context(ctx, inputs, output):
         logits, target, weight, *scalars, compute_grad = inputs
@@ -78,8 +87,7 @@ def register_autograd(fwd_name: str, bwd_op: Callable) -> None:
     def backward(ctx, grad_loss, _grad_stats, _grad_grad):
         if ctx.fused:
             (grad,) = ctx.saved_tensors
-            scale = grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]
-            grad_logits = (grad * scale).to(grad.dtype)
+            grad_logits = scale_grad(grad, grad_loss)
         else:
             logits, target, weight, stats = ctx.saved_tensors
             grad_logits = bwd_op(grad_loss, logits, target, weight, stats, *ctx.scalars)
