@@ -64,6 +64,7 @@ def plot_runs(runs: list[str], out: str) -> str:
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     logs = [(run_label(run, recs), recs) for run in runs for recs in [read_log(run)]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -77,6 +78,7 @@ def plot_runs(runs: list[str], out: str) -> str:
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=7)

@@ -1,0 +1,324 @@
+"""Train a torchvision classifier on an ImageFolder dataset (ImageNet) with any of the fusedloss losses.
+
+Single process::
+
+    python -m fusedloss.train --data /data/imagenet --arch resnet34 --loss crl
+
+Several GPUs or nodes (DistributedDataParallel; ``--batch-size`` is the global batch)::
+
+    torchrun --standalone --nproc-per-node 8 -m fusedloss.train --data /data/imagenet --amp bf16
+
+Defaults follow the recipe of the CRL paper's ImageNet runs (the PyTorch
+reference recipe): 90 epochs, SGD momentum 0.9, weight decay 1e-4, batch 256,
+lr 0.1 x batch/256 divided by 10 at epochs 30 and 60. Each epoch writes
+``checkpoint.pt`` (atomically), ``best.pt`` when top-1 improves, and a line of
+``log.jsonl``; ``--resume`` continues exactly where the checkpoint left off.
+``--plot RUN...`` draws the curves of one or several runs.
+
+Exit status: 0 on success, 2 on bad input (data folder, checkpoint, names), with a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import fusedloss as fl
+from fusedloss.train_ckpt import (BEST, FORMAT, LAST, capture_rng, check_resume_compatible, load_checkpoint,
+                                  restore_rng, save_atomic)
+from fusedloss.train_data import Loaders, TrainInputError, image_folder_loaders, synthetic_loaders
+from fusedloss.train_dist import DistContext, all_agree, all_gather_objects, init_distributed, shutdown
+from fusedloss.train_loop import StepConfig, evaluate, train_one_epoch
+from fusedloss.train_plot import LOG_NAME, append_record, plot_runs, rewrite_log
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fusedloss.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/")
+    data.add_argument("--dummy", action="store_true", help="synthetic data of ImageNet's shapes instead of --data")
+    data.add_argument("--dummy-train-size", type=int, default=1_281_167, help="--dummy: training images per epoch")
+    data.add_argument("--dummy-val-size", type=int, default=50_000, help="--dummy: validation images")
+    data.add_argument("--num-classes", type=int, default=1000, help="--dummy: number of classes")
+    data.add_argument("--image-size", type=int, default=224, help="training and validation crop size")
+    data.add_argument("--val-resize", type=int, default=None,
+                      help="validation resize before the center crop (default: image-size x 256/224)")
+    data.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+
+    model = p.add_argument_group("model and loss")
+    model.add_argument("--arch", default="resnet50", help="any torchvision classification model name")
+    model.add_argument("--loss", default="ce", choices=fl.LOSSES)
+    model.add_argument("--alpha", type=float, default=1.5, help="crl: alpha (paper parameterization)")
+    model.add_argument("--beta", type=float, default=1.0, help="crl: beta")
+    model.add_argument("--gamma", type=float, default=2.0, help="focal: gamma")
+    model.add_argument("--label-smoothing", type=float, default=0.0, help="ce only")
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--epochs", type=int, default=90)
+    opt.add_argument("--batch-size", type=int, default=256, help="global batch, split over all processes")
+    opt.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 x batch-size/256)")
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
+    opt.add_argument("--lr-schedule", choices=("step", "cosine"), default="step")
+    opt.add_argument("--lr-steps", type=int, nargs="+", default=[30, 60], help="step: epochs where lr is multiplied by --lr-gamma")
+    opt.add_argument("--lr-gamma", type=float, default=0.1, help="step: lr factor at each of --lr-steps")
+
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (fp16 adds a GradScaler)")
+    run.add_argument("--channels-last", action="store_true")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (CUDA only)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--output", metavar="DIR", default=None, help="run directory (default: runs/<arch>-<loss>)")
+    run.add_argument("--resume", metavar="CKPT", nargs="?", const="auto", default=None,
+                     help="continue from CKPT; bare --resume: from OUTPUT/checkpoint.pt if it exists, else start fresh")
+    run.add_argument("--print-freq", type=int, default=50, help="steps between progress updates")
+    run.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                     help="tqdm bar, meter lines, or nothing (auto: a bar on a terminal, lines otherwise)")
+
+    plot = p.add_argument_group("plotting (no training)")
+    plot.add_argument("--plot", metavar="RUN", nargs="+", default=None,
+                      help="draw the curves of these run directories (or log.jsonl files) and exit")
+    plot.add_argument("--plot-out", metavar="PNG", default="curves.png")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before touching data or devices."""
+    import torchvision
+
+    if (args.data is None) == (not args.dummy):
+        raise TrainInputError("give exactly one of --data DIR and --dummy")
+    archs = torchvision.models.list_models(module=torchvision.models)
+    if args.arch not in archs:
+        close = difflib.get_close_matches(args.arch, archs, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(archs)}"
+        raise TrainInputError(f"--arch {args.arch!r}: not a torchvision classification model{hint}")
+    for name in ("epochs", "batch_size", "print_freq", "image_size", "num_classes"):
+        if getattr(args, name) < 1:
+            raise TrainInputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        raise TrainInputError("--workers must be >= 0")
+    make_criterion(args)  # the loss library's own checks (e.g. label smoothing is for ce only)
+
+
+def make_criterion(args: argparse.Namespace) -> nn.Module:
+    """The chosen loss, probed once on a 1x2 batch so that bad options fail now, not at step one."""
+    try:
+        criterion = fl.SoftmaxLoss(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                                   label_smoothing=args.label_smoothing)
+        criterion(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+    except (ValueError, NotImplementedError) as err:
+        raise TrainInputError(f"--loss {args.loss}: {err}") from None
+    return criterion
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialized torchvision model with ``num_classes`` outputs."""
+    import torchvision
+
+    kwargs: dict[str, Any] = {}
+    if arch in ("inception_v3", "googlenet"):
+        # Their auxiliary heads return a tuple in training and leave parameters
+        # without gradients, which DDP rejects; the plain classifier is what we compare.
+        kwargs.update(aux_logits=False, init_weights=True)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def seed_all(seed: int, *streams: int) -> None:
+    """Seed Python, NumPy and torch from ``(seed, *streams)``."""
+    state = int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0])
+    random.seed(state)
+    np.random.seed(state)
+    torch.manual_seed(state)
+
+
+def make_loaders(args: argparse.Namespace, ctx: DistContext, per_rank_batch: int) -> Loaders:
+    if args.dummy:
+        return synthetic_loaders(args.dummy_train_size, args.dummy_val_size, args.num_classes, per_rank_batch,
+                                 args.image_size, ctx.world_size, ctx.device, args.seed, ctx.rank)
+    val_resize = args.val_resize or round(args.image_size * 256 / 224)
+    return image_folder_loaders(args.data, per_rank_batch, args.workers, args.image_size, val_resize,
+                                ctx.rank, ctx.world_size, args.seed, pin_memory=ctx.device.type == "cuda")
+
+
+def resolve_resume(args: argparse.Namespace, output: str) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a run by accident."""
+    last = os.path.join(output, LAST)
+    if args.resume == "auto":
+        return last if os.path.isfile(last) else None
+    if args.resume is None and os.path.isfile(last):
+        raise TrainInputError(f"--output {output!r} already holds a run ({LAST}); "
+                              "pass --resume to continue it, or choose another --output")
+    return args.resume
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g} | "
+            f"train loss {record['train_loss']:.4f} top1 {record['train_top1']:.2f} "
+            f"top5 {record['train_top5']:.2f} {record['train_img_s']:.0f} img/s | "
+            f"val loss {record['val_loss']:.4f} nll {record['val_nll']:.4f} "
+            f"top1 {record['val_top1']:.2f} top5 {record['val_top5']:.2f} | "
+            f"{record['train_seconds'] + record['val_seconds']:.1f} s" + (" *best*" if record["is_best"] else ""))
+
+
+def train(args: argparse.Namespace) -> int:
+    """Check the arguments, join the process group if any, run, and always leave the group."""
+    check_args(args)
+    ctx = init_distributed(args.device)
+    try:
+        return run(args, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def run(args: argparse.Namespace, ctx: DistContext) -> int:
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if args.batch_size % ctx.world_size:
+        raise TrainInputError(f"--batch-size {args.batch_size} (global) is not divisible by {ctx.world_size} processes")
+    per_rank_batch = args.batch_size // ctx.world_size
+    lr = args.lr if args.lr is not None else 0.1 * args.batch_size / 256
+    output = args.output or os.path.join("runs", f"{args.arch}-{args.loss}")
+    seed_all(args.seed)  # same on every rank: identical initial weights
+
+    # Input errors can differ between ranks (a checkpoint on one node's disk only);
+    # agree on success first so no rank waits forever in a collective.
+    failure: TrainInputError | None = None
+    try:
+        loaders = make_loaders(args, ctx, per_rank_batch)
+        resume_path = resolve_resume(args, output)
+        ckpt = load_checkpoint(resume_path) if resume_path else None
+        if ckpt is not None:
+            check_resume_compatible(ckpt, resume_path, args.arch, loaders.classes)  # type: ignore[arg-type]
+    except TrainInputError as err:
+        failure = err
+    if not all_agree(failure is None, ctx):
+        raise failure or TrainInputError("another process failed to start; see its message")
+    num_classes = len(loaders.classes)
+
+    raw_model = build_model(args.arch, num_classes)
+    seed_all(args.seed, 1 + ctx.rank)  # from here on (augmentation, dropout) each rank draws its own numbers
+    if args.sync_bn and ctx.distributed:
+        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    raw_model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    criterion = make_criterion(args).to(ctx.device)
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    if args.lr_schedule == "step":
+        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=args.lr_steps, gamma=args.lr_gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
+
+    start_epoch, best_top1, history = 0, 0.0, []
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best_top1, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
+        rng = ckpt["rng"]
+        if len(rng) == ctx.world_size:
+            restore_rng(rng[ctx.rank], ctx.device)
+        else:  # a different process count cannot replay the same streams anyway
+            say(f"note: checkpoint was written by {len(rng)} processes, this run has {ctx.world_size}: "
+                "random streams are re-seeded, the run continues but not bit-for-bit", flush=True)
+            seed_all(args.seed, 1 + ctx.rank, start_epoch)
+        if ckpt["loss"] != args.loss:
+            say(f"note: checkpoint was trained with --loss {ckpt['loss']}, continuing with --loss {args.loss}", flush=True)
+        say(f"resumed from {resume_path} after epoch {start_epoch} (best top-1 {best_top1:.2f})", flush=True)
+
+    train_model: nn.Module = raw_model
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(raw_model, device_ids=device_ids)
+    # Evaluation runs on the unwrapped model: no DDP collectives per step, so ranks may
+    # hold shards of different lengths (see ShardSampler).
+    eval_model: nn.Module = raw_model
+    if args.compile:
+        train_model, eval_model = torch.compile(train_model), torch.compile(raw_model)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+
+    log_path = os.path.join(output, LOG_NAME)
+    if ctx.is_main:
+        os.makedirs(output, exist_ok=True)
+        rewrite_log(log_path, history)  # the checkpoint's history is the truth (empty for a fresh run)
+        config = dict(vars(args), lr=lr, world_size=ctx.world_size, per_process_batch=per_rank_batch,
+                      num_classes=num_classes, device=str(ctx.device), output=output)
+        with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+    say(f"{args.arch} with --loss {args.loss} on {num_classes} classes: {ctx.world_size} process(es) on "
+        f"{ctx.device.type}, batch {args.batch_size} ({per_rank_batch} per process), lr {lr:g}, "
+        f"{len(loaders.train)} steps/epoch, output {output}", flush=True)
+    if start_epoch >= args.epochs:
+        say(f"nothing to do: the checkpoint already has {start_epoch} of --epochs {args.epochs}", flush=True)
+        return 0
+
+    step_cfg = StepConfig(ctx.device, AMP_DTYPES[args.amp], args.channels_last, args.print_freq,
+                          args.progress if args.progress != "auto" else ("bar" if sys.stderr.isatty() else "lines"))
+    for epoch in range(start_epoch, args.epochs):
+        loaders.seed_epoch(args.seed, epoch, ctx.rank)
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(train_model, criterion, optimizer, scaler, loaders.train,
+                             f"train {epoch + 1}/{args.epochs}", step_cfg, ctx)
+        va = evaluate(eval_model, criterion, loaders.val, f"val {epoch + 1}/{args.epochs}", step_cfg, ctx)
+        scheduler.step()
+        is_best = va["top1"] > best_top1 or not history
+        best_top1 = max(best_top1, va["top1"])
+        record = {"epoch": epoch + 1, "arch": args.arch, "loss": args.loss, "lr": epoch_lr,
+                  "train_loss": tr["loss"], "train_top1": tr["top1"], "train_top5": tr["top5"],
+                  "train_img_s": tr["img_s"], "train_seconds": tr["seconds"], "train_images": tr["images"],
+                  "val_loss": va["loss"], "val_nll": va["nll"], "val_top1": va["top1"], "val_top5": va["top5"],
+                  "val_seconds": va["seconds"], "val_images": va["images"], "best_top1": best_top1, "is_best": is_best,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        history = history + [record]
+        rng_states = all_gather_objects(capture_rng(ctx.device), ctx)  # every rank takes part
+        if ctx.is_main:
+            ckpt_out = {"format": FORMAT, "epoch": epoch + 1, "arch": args.arch, "loss": args.loss,
+                        "num_classes": num_classes, "classes": loaders.classes, "args": json_safe(vars(args)),
+                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "best_top1": best_top1, "history": history, "rng": rng_states}
+            # Checkpoint first, log line second: if killed in between, resume rewrites the log from history.
+            save_atomic(ckpt_out, os.path.join(output, LAST))
+            if is_best:
+                save_atomic(ckpt_out, os.path.join(output, BEST))
+            append_record(log_path, record)
+            say(format_epoch(record, args.epochs), flush=True)
+    return 0
+
+
+def json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """Arguments as plain JSON types, so the checkpoint stays loadable with ``weights_only=True``."""
+    return json.loads(json.dumps(d, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.plot:
+            print(f"wrote {plot_runs(args.plot, args.plot_out)}")
+            return 0
+        return train(args)
+    except TrainInputError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

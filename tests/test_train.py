@@ -1,0 +1,248 @@
+"""End-to-end tests of ``fusedloss.train`` on a tiny ImageFolder generated here (CPU only).
+
+4 classes x 6 training + 2 validation JPEGs of 64x64, resnet18 at 32x32, global
+batch 8: an epoch is 3 training steps. Most runs call ``main()`` in-process (no
+interpreter start-up); the kill and torchrun tests need real processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("PIL")
+
+from fusedloss import LOSSES  # noqa: E402
+from fusedloss.train import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("ant", "bee", "cat", "dog")
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--progress", "none"]
+# One BLAS/OpenMP thread per process: on a shared 2-core machine, spinning
+# OpenMP threads that compete for a core make each step ~40x slower.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+TIMING_KEYS = {"train_img_s", "train_seconds", "val_seconds", "time"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_image_folder(root: Path, classes: tuple[str, ...], per_class: dict[str, int]) -> Path:
+    """JPEGs whose mean color depends on the class, so the classes are learnable."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 64, (64, 64, 3)) + 48 * k
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("tiny"), CLASSES, {"train": 6, "val": 2})
+
+
+@pytest.fixture(scope="module")
+def ce_run(tiny_data, tmp_path_factory) -> Path:
+    """A 2-epoch ce run, shared by the resume, plot and mismatch tests."""
+    out = tmp_path_factory.mktemp("ce_run")
+    assert main(["--data", str(tiny_data), *TINY, "--epochs", "2", "--output", str(out)]) == 0
+    return out
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_one_epoch_every_loss(loss, tiny_data, tmp_path):
+    assert main(["--data", str(tiny_data), *TINY, "--epochs", "1", "--loss", loss, "--output", str(tmp_path)]) == 0
+    (record,) = read_log(tmp_path)
+    assert record["epoch"] == 1 and record["loss"] == loss
+    assert record["train_images"] == 24 and record["val_images"] == 8  # 3 steps of 8; every val image once
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["val_nll"])
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["loss"] == loss and ckpt["classes"] == list(CLASSES)
+    assert (tmp_path / "best.pt").is_file()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]  # atomic writes leave no temp files
+
+
+def test_resume_continues_exactly(ce_run, tiny_data, tmp_path):
+    """1 epoch, stop, --resume to 2 epochs == 2 epochs straight: metrics, weights, momentum, scheduler."""
+    args = ["--data", str(tiny_data), *TINY, "--output", str(tmp_path)]
+    assert main([*args, "--epochs", "1"]) == 0
+    first = load(tmp_path / "checkpoint.pt")
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    resumed, straight = load(tmp_path / "checkpoint.pt"), load(ce_run / "checkpoint.pt")
+
+    assert [r["epoch"] for r in read_log(tmp_path)] == [1, 2]
+    assert resumed["epoch"] == 2 and resumed["scheduler"]["last_epoch"] == 2
+    assert without_timing(resumed["history"][0]) == without_timing(first["history"][0])  # history kept
+    assert [without_timing(r) for r in resumed["history"]] == [without_timing(r) for r in straight["history"]]
+    for name, tensor in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+    for key, state in straight["optimizer"]["state"].items():
+        torch.testing.assert_close(resumed["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"],
+                                   rtol=0, atol=0)
+    # Resuming a finished run does nothing and says so.
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    assert len(read_log(tmp_path)) == 2
+
+
+def test_killed_run_resumes(tiny_data, tmp_path):
+    """SIGKILL the script (run as the bench wrapper) after its first epoch, then --resume one more epoch."""
+    cmd = [sys.executable, str(REPO / "bench" / "imagenet" / "train.py"), "--data", str(tiny_data), *TINY,
+           "--output", str(tmp_path)]
+    proc = subprocess.Popen([*cmd, "--epochs", "50"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log, deadline = tmp_path / "log.jsonl", time.monotonic() + 120
+    try:
+        while not (log.is_file() and log.read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no epoch finished in 120 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    killed = load(tmp_path / "checkpoint.pt")  # complete, whatever moment the kill hit
+    done = killed["epoch"]
+    assert 1 <= done < 50
+
+    assert main(["--data", str(tiny_data), *TINY, "--output", str(tmp_path), "--epochs", str(done + 1),
+                 "--resume", str(tmp_path / "checkpoint.pt")]) == 0
+    final = load(tmp_path / "checkpoint.pt")
+    assert final["epoch"] == done + 1 and final["scheduler"]["last_epoch"] == done + 1
+    assert [r["epoch"] for r in read_log(tmp_path)] == list(range(1, done + 2))
+    assert final["history"][:done] == killed["history"]
+    # The momentum buffers moved on from the checkpoint's, they did not restart from zero.
+    key = next(iter(final["optimizer"]["state"]))
+    before, after = killed["optimizer"]["state"][key]["momentum_buffer"], final["optimizer"]["state"][key]["momentum_buffer"]
+    assert not torch.equal(before, after) and before.abs().sum() > 0
+
+
+def test_torchrun_two_processes(tiny_data, tmp_path):
+    """DDP over gloo: each process takes half of the global batch; every val image is counted once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fusedloss.train", "--data", str(tiny_data), *TINY, "--epochs", "1", "--output", str(tmp_path)]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu, batch 8 (4 per process)" in result.stdout
+    (record,) = read_log(tmp_path)
+    assert record["train_images"] == 24 and record["val_images"] == 8
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert len(ckpt["rng"]) == 2  # one random state per rank, for an exact resume
+
+
+def test_dummy_data(tmp_path):
+    args = ["--dummy", "--num-classes", "10", "--dummy-train-size", "16", "--dummy-val-size", "8", *TINY,
+            "--epochs", "1", "--loss", "focal", "--output", str(tmp_path)]
+    assert main(args) == 0
+    (record,) = read_log(tmp_path)
+    assert record["train_images"] == 16 and record["val_images"] == 8
+    assert load(tmp_path / "checkpoint.pt")["num_classes"] == 10
+
+
+def test_plot_several_runs(ce_run, tmp_path):
+    out = tmp_path / "curves.png"
+    assert main(["--plot", str(ce_run), str(ce_run / "log.jsonl"), "--plot-out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _folder_without(tmp: Path, split: str) -> Path:
+    make_image_folder(tmp / "d", CLASSES, {"train": 1, "val": 1})
+    for name in CLASSES:
+        for f in (tmp / "d" / split / name).iterdir():
+            f.unlink()
+        (tmp / "d" / split / name).rmdir()
+    return tmp / "d"
+
+
+def _empty_class(tmp: Path) -> Path:
+    make_image_folder(tmp / "d", CLASSES, {"train": 1, "val": 1})
+    (tmp / "d" / "val" / "ant" / "0.jpg").unlink()
+    return tmp / "d"
+
+
+def _other_classes(tmp: Path) -> Path:
+    make_image_folder(tmp / "d", CLASSES, {"train": 1, "val": 1})
+    (tmp / "d" / "val" / "cat").rename(tmp / "d" / "val" / "cow")
+    return tmp / "d"
+
+
+BAD_DATA = {
+    "missing folder": (lambda tmp: tmp / "nowhere", "no such directory"),
+    "no val split": (lambda tmp: (make_image_folder(tmp / "d", CLASSES, {"train": 1}), tmp / "d")[1], "no val/ folder"),
+    "no class folders": (lambda tmp: _folder_without(tmp, "train"), "train/ has no class sub-folders"),
+    "class without images": (_empty_class, "Found no valid file"),
+    "train and val differ": (_other_classes, "different classes"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_folder(case, tmp_path, capsys):
+    make, message = BAD_DATA[case]
+    rc = main(["--data", str(make(tmp_path)), *TINY, "--epochs", "1", "--output", str(tmp_path / "out")])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "resnet51"], "not a torchvision classification model; did you mean resnet50"),
+    (["--loss", "crl", "--label-smoothing", "0.1"], "label_smoothing"),
+    (["--dummy"], "exactly one of --data DIR and --dummy"),
+])
+def test_bad_names(args, message, tiny_data, tmp_path, capsys):
+    assert main(["--data", str(tiny_data), *TINY, *args, "--output", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_loss_is_a_usage_error(tiny_data, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices: exit status 2 and the valid names
+        main(["--data", str(tiny_data), "--loss", "hinge"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'hinge'" in capsys.readouterr().err
+
+
+def test_class_count_mismatch_with_checkpoint(ce_run, tmp_path, capsys):
+    three = make_image_folder(tmp_path / "three", CLASSES[:3], {"train": 4, "val": 1})
+    rc = main(["--data", str(three), *TINY, "--epochs", "3", "--output", str(tmp_path / "out"),
+               "--resume", str(ce_run / "checkpoint.pt")])
+    assert rc == 2
+    assert "class count mismatch: the checkpoint's model has 4 classes, the data has 3" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_and_existing_run(ce_run, tiny_data, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(["--data", str(tiny_data), *TINY, "--output", str(tmp_path / "o"), "--resume", str(garbage)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    # Starting without --resume into a directory that holds a run would overwrite it: refused.
+    assert main(["--data", str(tiny_data), *TINY, "--output", str(ce_run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
