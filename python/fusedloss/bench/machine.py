@@ -1,0 +1,80 @@
+"""A description of the machine a result came from, stored with every result file.
+
+Absolute times mean nothing without it; the ratio to the copy row travels
+better, but still depends on the cache sizes and thread count recorded here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """The fusedloss checkout's commit, when it runs from one (editable install)."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def describe(device: torch.device) -> dict[str, object]:
+    """Host, software versions and, on CUDA, the GPU."""
+    info: dict[str, object] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fusedloss": _version("fusedloss"),
+        "fusedloss_commit": _git_commit(),
+        "gpu": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    return info
+
+
+def one_line(info: dict[str, object]) -> str:
+    """Short summary for the terminal header."""
+    where = info["gpu"] or f"{info['cpu']}, {info['torch_threads']} threads"
+    return f"{info['device']} ({where}); torch {info['torch']}, triton {info['triton']}"

@@ -1,0 +1,228 @@
+"""Render results: the rich terminal table, JSON, CSV and markdown.
+
+All four read the same list of result records (dicts made by
+:mod:`fusedloss.bench.sweep`), and the cell formatting lives in one place so
+the terminal and the committed markdown never disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+Record = dict[str, object]
+SCHEMA = 1
+
+# (key in the record, header) in display order.
+COLUMNS: list[tuple[str, str]] = [
+    ("loss", "loss"),
+    ("label", "backend"),
+    ("n", "N"),
+    ("c", "C"),
+    ("dtype", "dtype"),
+    ("median_ms", "median ms"),
+    ("spread", "±"),
+    ("x_copy", "× copy"),
+    ("gbps", "GB/s"),
+    ("peak_extra_mib", "peak MiB"),
+    ("x_logits", "× logits"),
+    ("loss_err", "loss err"),
+    ("grad_err", "grad err"),
+    ("nonfinite", "nan/inf"),
+]
+
+CSV_FIELDS = [
+    "loss", "backend", "kind", "n", "c", "dtype", "mode", "logits", "median_ms", "p25_ms", "p75_ms",
+    "min_ms", "repeats", "copy_ms", "x_copy", "bytes_moved", "gbps", "logits_bytes", "peak_extra_bytes",
+    "peak_extra_mib", "x_logits", "loss_err", "grad_err", "nan", "inf", "error", "memory_error",
+]
+CSV_MACHINE_FIELDS = ["device", "cpu", "torch_threads", "torch", "triton", "gpu"]
+
+
+def _num(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+def _sig(value: float, digits: int = 3) -> str:
+    """Three significant digits without scientific notation for ordinary sizes."""
+    if value == 0 or not math.isfinite(value):
+        return str(value)
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(value)))))
+    return f"{value:.{decimals}f}"
+
+
+def cell(rec: Record, key: str) -> str:
+    """The text of one table cell."""
+    if rec.get("error") and key not in {"loss", "label", "n", "c", "dtype"}:
+        return "error" if key == "median_ms" else ""
+    if key == "spread":
+        med, p25, p75 = (_num(rec.get(k)) for k in ("median_ms", "p25_ms", "p75_ms"))
+        if med and p25 is not None and p75 is not None:
+            return f"{100 * (p75 - p25) / (2 * med):.0f}%"
+        return ""
+    if key == "nonfinite":
+        if "nan" not in rec:
+            return ""
+        return f"{rec['nan']}/{rec['inf']}"
+    value = rec.get(key)
+    if value is None:
+        if key in {"peak_extra_mib", "x_logits"} and rec.get("memory_error"):
+            return "n/a"
+        return ""
+    if key in {"loss_err", "grad_err"}:
+        return f"{float(value):.1e}"  # type: ignore[arg-type]
+    if key in {"x_copy", "x_logits"}:
+        return f"{float(value):.2f}"  # type: ignore[arg-type]
+    if key in {"median_ms", "gbps", "peak_extra_mib"}:
+        return _sig(float(value))  # type: ignore[arg-type]
+    return str(value)
+
+
+def _groups(records: list[Record]) -> Iterable[list[Record]]:
+    """Consecutive records sharing (dtype, N, C): one table section each."""
+    group: list[Record] = []
+    for rec in records:
+        key = (rec["dtype"], rec["n"], rec["c"])
+        if group and (group[0]["dtype"], group[0]["n"], group[0]["c"]) != key:
+            yield group
+            group = []
+        group.append(rec)
+    if group:
+        yield group
+
+
+def rich_table(records: list[Record], title: str) -> Table:
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for key, header in COLUMNS:
+        table.add_column(header, justify="left" if key in {"loss", "label", "dtype"} else "right",
+                         no_wrap=key == "label")
+    for i, group in enumerate(_groups(records)):
+        if i:
+            table.add_section()
+        for rec in group:
+            style = "bold" if rec["backend"] == "copy" else ("red" if rec.get("error") else None)
+            table.add_row(*(cell(rec, k) for k, _ in COLUMNS), style=style)
+    return table
+
+
+def print_table(console: Console, records: list[Record], title: str) -> None:
+    console.print(rich_table(records, title))
+    for rec in records:
+        if rec.get("error"):
+            console.print(f"[red]error[/red] {rec['loss']} {rec['backend']} N={rec['n']} C={rec['c']}: {rec['error']}")
+        elif rec.get("memory_error"):
+            console.print(f"memory n/a for {rec['loss']} {rec['backend']}: {rec['memory_error']}")
+
+
+def write_json(path: Path, document: dict[str, object]) -> None:
+    """``document`` = {schema, command, machine, config, unavailable, results}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def default(obj: object) -> object:
+        return str(obj)
+
+    # allow_nan=False would reject a nan error value; map non-finite floats to
+    # strings instead so the file stays strict JSON.
+    path.write_text(json.dumps(_finite(document), indent=1, default=default) + "\n")
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def read_json(path: Path) -> dict[str, object]:
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or "results" not in doc:
+        raise ValueError(f"{path} is not a fusedloss-bench result file (schema {SCHEMA})")
+    return doc
+
+
+def write_csv(path: Path, records: list[Record], machine: dict[str, object]) -> None:
+    """One row per record; the machine description is repeated on every row so
+    that rows from several files can be concatenated and still be told apart."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + CSV_MACHINE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for rec in records:
+            writer.writerow({**{k: machine.get(k) for k in CSV_MACHINE_FIELDS}, **rec})
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _pivot(records: list[Record], key: str) -> list[str]:
+    """Rows (loss, backend), columns C: one number per cell (e.g. × copy)."""
+    lines: list[str] = []
+    for dtype, n in dict.fromkeys((r["dtype"], r["n"]) for r in records):
+        subset = [r for r in records if r["dtype"] == dtype and r["n"] == n]
+        cs = list(dict.fromkeys(r["c"] for r in subset))
+        rows: dict[tuple[object, object], dict[object, str]] = {}
+        for r in subset:
+            rows.setdefault((r["loss"], r["label"]), {})[r["c"]] = cell(r, key) or "–"
+        lines.append(f"N = {n}, {dtype}:")
+        lines.append("")
+        lines += _md_table(["loss", "backend", *(f"C={c}" for c in cs)],
+                           [[str(loss), str(lab), *(v.get(c, "") for c in cs)] for (loss, lab), v in rows.items()])
+        lines.append("")
+    return lines
+
+
+def markdown(doc: dict[str, object]) -> str:
+    """The committed results page: provenance, two pivots (time and memory), full table."""
+    records: list[Record] = doc["results"]  # type: ignore[assignment]
+    machine: dict[str, object] = doc["machine"]  # type: ignore[assignment]
+    where = machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('torch_threads')} torch threads"
+    mode = records[0]["mode"] if records else ""
+    out = [
+        f"# fusedloss-bench results: {machine.get('device')} ({where})",
+        "",
+        f"Command: `{doc.get('command')}`  ",
+        f"Date: {machine.get('date')}; torch {machine.get('torch')}, triton {machine.get('triton')}, "
+        f"fusedloss {machine.get('fusedloss')} ({machine.get('fusedloss_commit')}); mode {mode}, "
+        f"logits {records[0]['logits'] if records else ''}.",
+        "",
+    ]
+    unavailable = doc.get("unavailable") or {}
+    if unavailable:
+        out.append("Not measured: " + "; ".join(f"`{k}` ({v})" for k, v in unavailable.items()) + ".")  # type: ignore[union-attr]
+        out.append("")
+    out += ["## Time as a multiple of the copy row (`logits.clone()`, same run)", ""]
+    out += _pivot(records, "x_copy")
+    out += ["## Peak extra memory during fwd+bwd, as a multiple of the logits' size", ""]
+    out += _pivot([r for r in records if r["backend"] != "copy"], "x_logits")
+    out += ["## All columns", ""]
+    out += _md_table([h for _, h in COLUMNS], [[cell(r, k) for k, _ in COLUMNS] for r in records])
+    out.append("")
+    out.append("median ms: median of the repeats; ±: half the inter-quartile range; × copy: median / copy "
+               "median; GB/s: minimal bytes of the mode (fwd 1x, bwd 2x, fwd+bwd 3x the logits) / median; "
+               "peak MiB: peak bytes allocated during fwd+bwd over the inputs (includes the gradient); "
+               "errors: max abs error of per-row loss and gradient vs float64; nan/inf: entries the backend "
+               "made non-finite where float64 is finite.")
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(path: Path, doc: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(doc))
