@@ -115,7 +115,10 @@ def _focal(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
     loss = torch.exp(_scaled(g, log_q)) * softplus(d)
     # s = q^g + g p q^(g-1) (-log p): both terms >= 0, summed in log space so the
     # large q^(g-1) (g < 1, q -> 0) times the small -log p ~ q never overflows.
-    second = _log(g) + log_p + _scaled(g - 1.0, log_q) + log_softplus(d)
+    # log(p * (-log p)) = log p + log softplus(d); at p = 0 (d = inf) it is -inf (p log p -> 0),
+    # not the (-inf) + inf = NaN the sum would give.
+    log_p_neglogp = torch.where(d == math.inf, torch.full_like(d, -math.inf), log_p + log_softplus(d))
+    second = _log(g) + _scaled(g - 1.0, log_q) + log_p_neglogp
     log_s = torch.logaddexp(_scaled(g, log_q), second)
     return loss, log_s
 
