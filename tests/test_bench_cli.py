@@ -207,10 +207,13 @@ def test_python_dash_m_entry_point() -> None:
 
 
 @pytest.mark.slow
-def test_compile_baseline_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_baseline_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r.json"
     rc, out, _ = run(["--loss", "ce", "--backend", "compile", "--n", "8", "--c", "5", "--repeat", "2",
-                      "--warmup", "1", "--quiet", "--no-memory"], capsys)
+                      "--warmup", "1", "--quiet", "--no-memory", "--json", str(path)], capsys)
     assert rc == 0 and "compile" in out
+    (row,) = [r for r in json.loads(path.read_text())["results"] if r["backend"] == "compile"]
+    assert row["loss_err"] < 1e-5 and row["grad_err"] < 1e-5
 
 
 @pytest.mark.gpu

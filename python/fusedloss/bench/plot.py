@@ -34,15 +34,20 @@ def write_plot(path: Path, records: list[Record], title: str) -> None:
     import matplotlib.pyplot as plt
 
     losses = [str(x) for x in dict.fromkeys(r["loss"] for r in records if r["backend"] != "copy")]
+    # One colour per line name across all panels, so "reference" is the same
+    # colour in the ce row and the bce row.
+    names = [n for loss in losses for n in _series(records, loss, "median_ms")]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {n: cycle[i % len(cycle)] for i, n in enumerate(dict.fromkeys(names))}
     copies = [r for r in records if r["backend"] == "copy"]
     fig, axes = plt.subplots(max(1, len(losses)), 2, figsize=(11, 3.0 * max(1, len(losses))),
                              squeeze=False, constrained_layout=True)
     for row, loss in enumerate(losses):
         ax_t, ax_m = axes[row]
         for name, (xs, ys) in _series(records, loss, "median_ms").items():
-            ax_t.plot(xs, ys, marker="o", label=name)
+            ax_t.plot(xs, ys, marker="o", label=name, color=colour.get(name))
         for name, (xs, ys) in _series(records, loss, "peak_extra_mib").items():
-            ax_m.plot(xs, ys, marker="o", label=name)
+            ax_m.plot(xs, ys, marker="o", label=name, color=colour.get(name))
         for (n, dtype) in dict.fromkeys((r["n"], r["dtype"]) for r in copies):
             group = [r for r in copies if (r["n"], r["dtype"]) == (n, dtype)]
             cs = [int(r["c"]) for r in group]  # type: ignore[arg-type]
@@ -55,7 +60,8 @@ def write_plot(path: Path, records: list[Record], title: str) -> None:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
-        ax_m.legend(fontsize=7, loc="upper left")
+        for ax in (ax_t, ax_m):
+            ax.legend(fontsize=7, loc="upper left")
     for ax in axes[-1]:
         ax.set_xlabel("C (classes, log scale)")
     fig.suptitle(title, fontsize=10)
