@@ -30,6 +30,9 @@ class Backend:
     bwd: Callable            # fusedloss::<name>_bwd
     supports: Callable[[torch.device], bool]
     fused_grad: bool = False  # forward can return the gradient (compute_grad=True)
+    # inplace_backward=True: (logits, target, weight, <scalars>) -> loss, differentiable; the
+    # forward writes the gradient into the logits' storage (the logits are consumed).
+    fwd_inplace: Callable | None = None
 
 
 class BackendUnavailableError(RuntimeError):

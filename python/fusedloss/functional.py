@@ -27,6 +27,7 @@ def softmax_loss(
     beta: float = 1.0,
     gamma: float = 2.0,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""A softmax classification loss, fused and exact. With ``p = softmax(logits)`` and
     target class ``c``, the loss of a row is
@@ -59,6 +60,10 @@ def softmax_loss(
         gamma: ``"focal"`` exponent ``>= 0`` (``0`` is ``"ce"``, ``1`` is ``"lace"``).
         backend: ``"auto" | "reference" | "cpu" | "triton" | "cuda"``; ``"auto"`` can be
             overridden by the environment variable ``FUSEDLOSS_BACKEND``.
+        inplace_backward: when the logits require grad, write the gradient into the logits'
+            own storage during the forward (no (N, C) buffer is allocated): the logits are
+            **consumed** and hold d loss/d logits afterwards, so nothing else may read them.
+            Backends without it (only ``"triton"`` has it) raise ``NotImplementedError``.
 
     Returns:
         The loss in the logits' dtype: a scalar, or the shape of ``target`` for ``"none"``.
@@ -92,6 +97,14 @@ def softmax_loss(
     be = dispatch.resolve(backend, logits.device)
     x2d, t1d = _rows_view(logits, target)
     compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and be.fwd_inplace is None:
+        raise NotImplementedError(f"inplace_backward=True is not implemented by backend {be.name!r}; use backend='triton'")
+    if inplace_backward and compute_grad:
+        out = be.fwd_inplace(x2d, t1d, weight, int(variant), int(red), ignore_index, float(label_smoothing),
+                             float(alpha), float(beta), float(gamma))
+        if red == Reduction.NONE:
+            out = out.reshape(target.shape)
+        return out.to(logits.dtype)
     out, _, _ = be.fwd(x2d, t1d, weight, int(variant), int(red), ignore_index, float(label_smoothing),
                        float(alpha), float(beta), float(gamma), compute_grad)
     if red == Reduction.NONE:

@@ -1,0 +1,26 @@
+"""Registers the Triton kernels as the ``"triton"`` backend of ``fusedloss``.
+
+Imported lazily by ``fusedloss.dispatch`` on first use; an import error here (no
+triton) makes the backend "unavailable" with the reason. It runs on CUDA tensors,
+and on CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter: how the
+tests run on a machine without a GPU).
+"""
+import os
+
+from fusedloss import dispatch
+
+from . import launch
+
+
+def _supports(device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+dispatch.register(dispatch.Backend(
+    name="triton",
+    fwd=launch.triton_fwd,
+    bwd=launch.triton_bwd,
+    supports=_supports,
+    fused_grad=True,
+    fwd_inplace=launch.forward_inplace,
+))

@@ -1,0 +1,685 @@
+"""Triton kernels of every softmax loss: one kernel family for the target-only
+variants (``ce``, ``nllr``, ``crl``, ``lace``, ``focal``), one for ``bce``, a
+prologue (mean denominator, reduction counter) and the backward scale.
+
+Math (``shared/docs/LOSSES.md``; the PyTorch twin is ``fusedloss/reference.py``).
+Per row with target ``c``, everything comes from ``x_c`` (one scalar load before
+the pass) and ``lse_ex = log sum_{k != c} exp(x_k)``, computed exactly by an
+online pass over column blocks with its own running max and sum over ``k != c``
+(the target is masked to -inf). Then ``lse = logaddexp(lse_ex, x_c)``,
+``d = lse_ex - x_c``, ``log p_c = -softplus(d)``, ``log(1 - p_c) = -softplus(-d)``:
+nothing forms ``1 - p_c`` or ``lse - x_c`` by subtraction, so a target leading by
+1000 gives a finite loss and a gradient with full relative accuracy. The gradient
+``g_j = s (p_j - [j == c])`` is written in log space,
+``g_j = exp(x_j - lse + log s)``, ``g_c = -exp(log(s (1 - p_c)))``, evaluated in
+float32 and rounded once, at the store, to the logits' dtype: the target-class entry is never formed as ``p_c - 1`` in a 16-bit
+buffer (the bf16 bug of Liger-Kernel PR #1329), so it keeps its relative accuracy
+when ``p_c`` is near 1.
+
+Traffic (the figure of merit; ``traffic.py`` counts it per launch). Per row of C
+logits of E bytes, forward+backward of a target-only variant:
+
+* row on chip (``SINGLE``: the whole row is one tile held in registers):
+  read C*E once, write the gradient C*E once, plus O(1) per row
+  (target, weight[c], 4 stats floats, the loss) -- the floor of a copy;
+* row too long for registers: pass 1 (statistics) reads the row, pass 2 reads it
+  again *in reverse block order* and writes the gradient. Reversing makes the
+  blocks read last in pass 1 the first ones re-read, so with one row per
+  program the re-read hits L2 whenever the rows in flight fit in L2
+  (132 SMs x C x E: 33 MB for bf16 C=131072 on an H100 with 50 MB of L2);
+  DRAM sees read + write, the L2 sees one extra read.
+* without grad: read the row once, write O(1) per row.
+
+``bce`` needs a second reduction over the row after ``lse`` (LOSSES.md): on chip
+it is still one read and one write; off chip pass 2 (loss sum and R) runs in
+reverse order and pass 3 (gradient) forward, each starting where the previous
+pass ended (L2-warm).
+
+The whole forward is one launch of the main kernel; reduced losses add one
+launch of the tiny prologue before it (zeroes the completion counter and, for
+'mean', sums the N target weights: O(N) bytes). The main kernel's programs each
+write a partial sum, and the last program to finish (an acq_rel atomic ticket)
+adds them in a fixed order: deterministic, no host synchronization.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Variant ids: the op ABI of fusedloss.variants.Variant (checked by the tests).
+CE: tl.constexpr = tl.constexpr(0)
+BCE: tl.constexpr = tl.constexpr(1)
+NLLR: tl.constexpr = tl.constexpr(2)
+CRL: tl.constexpr = tl.constexpr(3)
+LACE: tl.constexpr = tl.constexpr(4)
+FOCAL: tl.constexpr = tl.constexpr(5)
+# Reductions (fusedloss.variants.Reduction).
+RED_NONE: tl.constexpr = tl.constexpr(0)
+RED_MEAN: tl.constexpr = tl.constexpr(1)
+RED_SUM: tl.constexpr = tl.constexpr(2)
+#: Number of per-program partial denominators the prologue writes at most.
+DENOM_PARTIALS: tl.constexpr = tl.constexpr(64)
+
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
+#: All arithmetic is float32 whatever the logits' dtype (float64 logits go to the reference
+#: backend: Triton passes Python float arguments as float32, too coarse for float64 math).
+ACC: tl.constexpr = tl.float32
+
+
+# ----------------------------------------------------------------------------
+# Scalar helpers (elementwise on per-row vectors or tiles)
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _log1p(x):
+    """``log(1 + x)`` with the rounding of ``u = 1 + x`` corrected (Goldberg):
+    ``log(u) * x / (u - 1)`` is exact to a few ulp for tiny ``x`` where ``log(1 + x)``
+    would return 0. Used on ``x`` in ``[-1, 1]`` only (``x = -1`` gives -inf)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _softplus(t):
+    """``log(1 + e^t)`` for every ``t``, +-inf included (``softplus(-inf) = 0``)."""
+    return tl.maximum(t, 0.0) + _log1p(tl.exp(-tl.abs(t)))
+
+
+@triton.jit
+def _log_softplus(t):
+    """``log(softplus(t))``: below -30, ``softplus(t) = e^t (1 - e^t / 2 + ...)`` so the
+    log is ``t`` to within e^-30, and ``e^t`` itself may underflow (t < -87 in fp32)."""
+    return tl.where(t < -30.0, t, tl.log(_softplus(t)))
+
+
+@triton.jit
+def _logaddexp(a, b):
+    """``log(e^a + e^b)`` without overflow; equal arguments (-inf, -inf included) give
+    ``a + log 2`` (so -inf stays -inf instead of the NaN of ``-inf - -inf``)."""
+    m = tl.maximum(a, b)
+    n = tl.minimum(a, b)
+    return tl.where(a == b, m + LN2, m + _log1p(tl.exp(n - m)))
+
+
+@triton.jit
+def _safe_shift(m):
+    """Shift for ``exp(x - shift)``: the running max, or 0 while it is -inf (all
+    entries so far masked), so that ``exp(-inf - shift) = 0`` rather than NaN."""
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
+def _log_or_neg_inf(v):
+    """``log v`` for a scalar hyper-parameter, -inf for 0 (``log 0``), as a float32."""
+    return tl.where(v > 0.0, tl.log(tl.maximum(v, 1e-38)), NEG_INF)
+
+
+# ----------------------------------------------------------------------------
+# Per-variant math of the target-only family: one function each.
+# In: d = lse_ex - x_c, log_p = log p_c = -softplus(d), log_q = log(1 - p_c) = -softplus(-d).
+# Out: (loss, log s, log(s (1 - p_c))) with dL/dx_j = s (p_j - [j == c]):
+#      g_j = exp(x_j - lse + log s) (j != c), g_c = -exp(log(s (1 - p_c))).
+# log(s (1 - p_c)) is formed directly (not log s + log q) so that it stays
+# finite when 1 - p_c underflows to exactly 0 (C = 1, or every competitor -inf).
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _ce_math(d, log_p, log_q, alpha, beta, gamma):
+    # L = -log p_c = softplus(d); s = 1.
+    return -log_p, tl.zeros_like(d), log_q
+
+
+@triton.jit
+def _nllr_math(d, log_p, log_q, alpha, beta, gamma):
+    # L = log(1 - p_c) - log p_c = lse_ex - x_c = d exactly (unbounded below by definition);
+    # s = 1 / (1 - p_c): g_j = p_j / (1 - p_c) = exp(x_j - lse_ex), g_c = -1.
+    return d, -log_q, tl.zeros_like(d)
+
+
+@triton.jit
+def _crl_math(d, log_p, log_q, alpha, beta, gamma):
+    # L = beta log(alpha + q) - log p, q = 1 - p_c; log(alpha + q) = logaddexp(log alpha, log q)
+    # is exact for alpha = 0 too (then it is log q, -inf when q = 0).
+    log_aq = _logaddexp(_log_or_neg_inf(alpha), log_q)
+    loss = tl.where(beta == 0.0, 0.0, beta * log_aq) - log_p
+    # s = 1 + beta p / (alpha + q): log s = softplus(log beta + log p - log(alpha + q)),
+    # finite for alpha = 0, q -> 0 where beta p / q itself overflows.
+    log_beta = _log_or_neg_inf(beta)
+    log_s = _softplus(tl.where(beta == 0.0, NEG_INF, log_beta + log_p - log_aq))
+    # s q = q + beta p q / (alpha + q); q / (alpha + q) = exp(log q - log(alpha + q)) <= 1,
+    # read as 1 when both logs are -inf (alpha = 0 and q = 0).
+    rq = tl.where(log_q == log_aq, 0.0, log_q - log_aq)
+    log_gc = _logaddexp(log_q, log_beta + log_p + rq)
+    return loss, log_s, log_gc
+
+
+@triton.jit
+def _focal_math(d, log_p, log_q, alpha, beta, gamma):
+    # L = q^g (-log p), q = 1 - p_c, g = gamma; -log p = softplus(d).
+    # s = q^g + g p q^(g-1) (-log p): both terms >= 0, summed in log space so that the
+    # large q^(g-1) (g < 1, q -> 0) times the small -log p ~ q never overflows.
+    # 0 * log q is 0 even when q = 0 ((1 - p)^0 = 1): hence the selects on g.
+    glq = tl.where(gamma == 0.0, 0.0, gamma * log_q)                # log q^g
+    g1lq = tl.where(gamma == 1.0, 0.0, (gamma - 1.0) * log_q)       # log q^(g-1)
+    lsp = _log_softplus(d)                                           # log(-log p)
+    log_g = _log_or_neg_inf(gamma)
+    # d = -inf means q = 0 exactly: the second term g p q^(g-1) (-log p) ~ g q^g -> 0.
+    second = tl.where((gamma == 0.0) | (d == NEG_INF), NEG_INF, log_g + log_p + g1lq + lsp)
+    second_q = tl.where((gamma == 0.0) | (d == NEG_INF), NEG_INF, log_g + log_p + glq + lsp)
+    loss = tl.exp(glq) * (-log_p)
+    log_s = _logaddexp(glq, second)
+    log_gc = _logaddexp(glq + log_q, second_q)
+    return loss, log_s, log_gc
+
+
+@triton.jit
+def _lace_math(d, log_p, log_q, alpha, beta, gamma):
+    # L = -(1 - p_c) log p_c: focal with gamma = 1 (a compile-time 1, so its selects fold).
+    return _focal_math(d, log_p, log_q, alpha, beta, 1.0)
+
+
+@triton.jit
+def _variant_math(VARIANT: tl.constexpr, d, alpha, beta, gamma):
+    log_p = -_softplus(d)
+    log_q = -_softplus(-d)
+    if VARIANT == CE:
+        loss, log_s, log_gc = _ce_math(d, log_p, log_q, alpha, beta, gamma)
+    elif VARIANT == NLLR:
+        loss, log_s, log_gc = _nllr_math(d, log_p, log_q, alpha, beta, gamma)
+    elif VARIANT == CRL:
+        loss, log_s, log_gc = _crl_math(d, log_p, log_q, alpha, beta, gamma)
+    elif VARIANT == LACE:
+        loss, log_s, log_gc = _lace_math(d, log_p, log_q, alpha, beta, gamma)
+    else:
+        tl.static_assert(VARIANT == FOCAL, "target-only kernel: unknown variant")
+        loss, log_s, log_gc = _focal_math(d, log_p, log_q, alpha, beta, gamma)
+    return loss, log_s, log_gc, log_q
+
+
+# ----------------------------------------------------------------------------
+# Row bookkeeping shared by every kernel
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _rows_setup(pid, T, Wt, n_rows, n_cols, ignore_index, BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                ACC: tl.constexpr):
+    """Rows of this program (int64: N x C may exceed 2^31), their clamped targets and
+    weights. A target outside [0, C) that is not ignore_index is never used as an index
+    (clamped to 0) and marks its row ``bad`` (loss and gradient NaN)."""
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    tgt = tl.load(T + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    keep = (tgt != ignore_index) & row_ok
+    in_range = (tgt >= 0) & (tgt < n_cols)
+    tc = tl.where(keep & in_range, tgt, 0)
+    bad = keep & (~in_range)
+    if HAS_WEIGHT:
+        w_c = tl.load(Wt + tc, mask=row_ok, other=0.0).to(ACC)
+    else:
+        w_c = tl.full([BLOCK_N], 1.0, ACC)
+    return rows, row_ok, tc, keep, bad, w_c
+
+
+@triton.jit
+def _mean_denominator(DENOM, n_denom):
+    """Sum of the prologue's per-program partial denominators, in a fixed order."""
+    offs = tl.arange(0, DENOM_PARTIALS)
+    return tl.sum(tl.load(DENOM + offs, mask=offs < n_denom, other=0.0), 0)
+
+
+@triton.jit
+def _reduce_loss(loss_rows, rows, row_ok, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction,
+                 PARTIAL_BLOCK: tl.constexpr):
+    """'none': store the rows' losses. 'sum'/'mean': store this program's partial sum;
+    the last program to take a ticket adds all partials in program order (deterministic)
+    and divides by the mean's denominator. The ticket is an acq_rel atomic at GPU scope:
+    it releases this program's partial and, for the last program, acquires everyone's;
+    the partials are then read with .cg (L2, never a stale L1 line)."""
+    if reduction == RED_NONE:
+        tl.store(LOSS + rows, loss_rows, mask=row_ok)
+    else:
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        tl.store(PARTIAL + pid, tl.sum(tl.where(row_ok, loss_rows, 0.0), 0))
+        tl.debug_barrier()
+        ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")
+        if ticket == nprog - 1:
+            acc = tl.zeros([PARTIAL_BLOCK], loss_rows.dtype)
+            for start in range(0, nprog, PARTIAL_BLOCK):
+                offs = start + tl.arange(0, PARTIAL_BLOCK)
+                acc += tl.load(PARTIAL + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
+            total = tl.sum(acc, 0)
+            if reduction == RED_MEAN:
+                total = total / _mean_denominator(DENOM, n_denom)
+            tl.store(LOSS, total)
+
+
+@triton.jit
+def _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW: tl.constexpr):
+    """d(reduced loss)/d(loss_i) * weight[c_i] for each row: grad_output (a scalar, or
+    per row for 'none'), divided by the denominator for 'mean'; 0 for ignored rows,
+    NaN for bad ones. GO = None means grad_output = 1 (the fused forward)."""
+    if GO is None:
+        go = tl.full(w_c.shape, 1.0, w_c.dtype)
+    elif GO_PER_ROW:
+        go = tl.load(GO + rows, mask=row_ok, other=0.0).to(w_c.dtype)
+    else:
+        go = tl.full(w_c.shape, 1.0, w_c.dtype) * tl.load(GO).to(w_c.dtype)
+    if reduction == RED_MEAN:
+        go = go / _mean_denominator(DENOM, n_denom)
+    go = tl.where(keep, go, 0.0)
+    go = tl.where(bad, float("nan"), go)
+    return go * w_c, go
+
+
+@triton.jit
+def _store_stats(STATS, rows, row_ok, s0, s1, s2, s3):
+    base = STATS + rows * 4
+    tl.store(base + 0, s0, mask=row_ok)
+    tl.store(base + 1, s1, mask=row_ok)
+    tl.store(base + 2, s2, mask=row_ok)
+    tl.store(base + 3, s3, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------
+# Target-only family: statistics and gradient of one tile
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(X, row_off, row_ok, cols, n_cols, ACC: tl.constexpr):
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + row_off[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
+    return x, mask
+
+
+@triton.jit
+def _online_update(m, s, x, is_c):
+    """One column block of the online log-sum-exp over k != c: the block max rescales
+    the running sum once (one exp per element, one per row per block)."""
+    x_ex = tl.where(is_c, float("-inf"), x)
+    m_new = tl.maximum(m, tl.max(x_ex, 1))
+    shift = _safe_shift(m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x_ex - shift[:, None]), 1)
+    return m_new, s
+
+
+@triton.jit
+def _target_grad_tile(x, mask, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
+                      HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Gradient of one tile (float32), rows scaled by r = grad_output weight[c] / denom.
+
+    Without smoothing: g_j = r exp(x_j - lse + log s), g_c = -r exp(log(s (1 - p_c))).
+    CE with label smoothing eps (PyTorch's convention with weights w, W = sum_k w_k):
+      g_j = (1 - eps) r (p_j - [j == c]) + (eps / C) go (W p_j - w_j),  go = grad_output / denom,
+    whose target entry uses 1 - p_c = exp(log q) (log_gc of CE), never p_c - 1."""
+    is_c = cols[None, :] == tc[:, None]
+    if HAS_SMOOTHING:
+        k = eps / n_cols
+        a = (1.0 - eps) * r + k * go_s * w_tot
+        p = tl.exp(x - lse[:, None])
+        if HAS_WEIGHT:
+            w_j = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(x.dtype)
+            g = p * a[:, None] - (k * go_s)[:, None] * w_j[None, :]
+        else:
+            g = p * a[:, None] - (k * go_s)[:, None]
+        # target entry: -(1 - eps) r q + k go (W p_c - w_c), with p_c and w_c read from the tile
+        p_c = tl.sum(tl.where(is_c, p, 0.0), 1)
+        if HAS_WEIGHT:
+            w_c = tl.sum(tl.where(is_c, w_j[None, :], 0.0), 1)
+        else:
+            w_c = tl.full(p_c.shape, 1.0, p_c.dtype)
+        g_c = -(1.0 - eps) * r * tl.exp(log_gc) + k * go_s * (w_tot * p_c - w_c)
+    else:
+        g = tl.exp(x + (log_s - lse)[:, None]) * r[:, None]
+        g_c = -tl.exp(log_gc) * r
+    g = tl.where(is_c, g_c[:, None], g)
+    # where, not a product with r = 0: an ignored row's tile may hold -inf logits.
+    return tl.where(keep[:, None] & mask, g, 0.0)
+
+
+@triton.jit
+def _smoothing_sums(x, mask, cols, n_cols, W, HAS_WEIGHT: tl.constexpr):
+    """Per row: sum_k w_k x_k and W = sum_k w_k over this tile (w = 1 without weight)."""
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(x.dtype)
+        return tl.sum(tl.where(mask, x * w[None, :], 0.0), 1), tl.sum(w, 0)
+    else:
+        return tl.sum(tl.where(mask, x, 0.0), 1), tl.sum((cols < n_cols).to(x.dtype), 0)
+
+
+@triton.jit
+def target_fwd_kernel(
+    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+    n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
+    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr,
+):
+    """Forward of a target-only variant for BLOCK_N rows, and with COMPUTE_GRAD the
+    gradient for grad_output = 1 (written to G, which may be X itself: in-place).
+
+    SINGLE: each row is one tile (BLOCK_C >= C) loaded once and kept in registers for
+    the gradient: traffic = read C*E + write C*E per row. Else: pass 1 over column blocks
+    for the statistics, pass 2 in reverse block order (L2-warm) for the gradient."""
+    pid = tl.program_id(0)
+    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
+                                                    HAS_WEIGHT, ACC)
+    row_off = rows * stride_x
+    x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
+    cols0 = tl.arange(0, BLOCK_C)
+
+    # ---- pass 1: lse_ex (k != c) online; sums for label smoothing ------------------------
+    if SINGLE:
+        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC)
+        m, s = _online_update(tl.full([BLOCK_N], float("-inf"), ACC), tl.zeros([BLOCK_N], ACC), x,
+                              cols0[None, :] == tc[:, None])
+        sum_wx = tl.zeros([BLOCK_N], ACC)
+        w_tot = tl.zeros([BLOCK_N], ACC)
+        if HAS_SMOOTHING:
+            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
+            sum_wx += a_wx
+            w_tot += a_w
+    else:
+        m = tl.full([BLOCK_N], float("-inf"), ACC)
+        s = tl.zeros([BLOCK_N], ACC)
+        sum_wx = tl.zeros([BLOCK_N], ACC)
+        w_tot = tl.zeros([BLOCK_N], ACC)
+        for start in range(0, n_cols, BLOCK_C):
+            cols = start + cols0
+            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+            m, s = _online_update(m, s, xb, cols[None, :] == tc[:, None])
+            if HAS_SMOOTHING:
+                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
+                sum_wx += a_wx
+                w_tot += a_w
+    lse_ex = _safe_shift(m) + tl.log(s)
+    lse = _logaddexp(lse_ex, x_c)
+    d = lse_ex - x_c
+    loss, log_s, log_gc, log_q = _variant_math(VARIANT, d, alpha, beta, gamma)
+
+    # ---- loss rows (select, not product: an ignored row may read a -inf logit) ------------
+    if HAS_SMOOTHING:
+        # L = (1 - eps) w_c (lse - x_c) + (eps / C) (W lse - sum_k w_k x_k)
+        lrow = (1.0 - eps) * w_c * loss + (eps / n_cols) * (w_tot * lse - sum_wx)
+    else:
+        lrow = loss * w_c
+    lrow = tl.where(keep, lrow, 0.0)
+    lrow = tl.where(bad, float("nan"), lrow)
+    zero = tl.zeros([BLOCK_N], ACC)
+    _store_stats(STATS, rows, row_ok, lse, lse_ex, zero, zero)
+    _reduce_loss(lrow, rows, row_ok, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
+
+    # ---- gradient for grad_output = 1 ----------------------------------------------------
+    if COMPUTE_GRAD:
+        r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
+        g_off = rows * stride_g
+        if SINGLE:
+            g = _target_grad_tile(x, mask, cols0, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
+                                  HAS_WEIGHT, HAS_SMOOTHING)
+            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
+        else:
+            nb = tl.cdiv(n_cols, BLOCK_C)
+            for i in range(0, nb):
+                cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
+                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+                g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep,
+                                      eps, HAS_WEIGHT, HAS_SMOOTHING)
+                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+
+
+@triton.jit
+def target_bwd_kernel(
+    GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
+    n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
+    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward from the saved statistics (used when the forward did not fuse it):
+    one pass, read C*E + write C*E per row; the per-variant math is the forward's."""
+    pid = tl.program_id(0)
+    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
+                                                    HAS_WEIGHT, ACC)
+    row_off = rows * stride_x
+    x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
+    lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
+    lse_ex = tl.load(STATS + rows * 4 + 1, mask=row_ok, other=0.0).to(ACC)
+    _, log_s, log_gc, _ = _variant_math(VARIANT, lse_ex - x_c, alpha, beta, gamma)
+    r, go_s = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
+    if HAS_SMOOTHING:
+        w_tot = tl.zeros([BLOCK_N], ACC)
+        if HAS_WEIGHT:
+            for start in range(0, n_cols, BLOCK_C):
+                cols = start + tl.arange(0, BLOCK_C)
+                w_tot += tl.sum(tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC), 0)
+        else:
+            w_tot += n_cols
+    else:
+        w_tot = tl.zeros([BLOCK_N], ACC)
+    g_off = rows * stride_g
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+        g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
+                              HAS_WEIGHT, HAS_SMOOTHING)
+        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+
+
+# ----------------------------------------------------------------------------
+# bce: L = -log p_c - sum_{k != c} log(1 - p_k)   (LOSSES.md, "Gradient of bce")
+# Only the arg-max w can have p_w > 1/2, so the online pass tracks w, its logit M and
+# the log-sum-exp over k != w (its own running max M2 and sum S2: exact when w leads
+# by 1000). Then log(1 - p_w) = lse_ow - lse exactly, and log1p(-p_k) is exact for
+# every k != w. lse_ex (over k != c) is lse_ow when c == w; when c != w, p_c <= 1/2
+# and log(1 - p_c) = log1p(-p_c) has no cancellation, so lse_ex = lse + log1p(-p_c)
+# is exact to an ulp without a third running sum.
+# Stats columns: 0 lse, 1 lse_ex, 2 log(1 - p_w), 3 w (an exact integer in float),
+# as in reference.py, so either backend's backward reads the other's stats.
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _argmax_update(M, Wi, M2, S2, x, cols, start):
+    """Merge a column block into (max M, first arg-max Wi, log-sum-exp (M2, S2) over k != Wi)."""
+    bm, bi = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
+    bi = tl.where(bm == float("-inf"), 0, bi)  # a fully masked block: any index, it never wins
+    is_bi = cols[None, :] == (bi + start)[:, None]
+    xo = tl.where(is_bi, float("-inf"), x)
+    bm2 = tl.max(xo, 1)
+    bs2 = tl.sum(tl.exp(xo - _safe_shift(bm2)[:, None]), 1)
+    # Strictly greater: an earlier column keeps the arg-max on ties (torch.argmax's choice).
+    new_max = bm > M
+    cm = tl.where(new_max, M, bm)     # the one of {old max, block max} that joins the others
+    mm = tl.maximum(tl.maximum(M2, bm2), cm)
+    sh = _safe_shift(mm)
+    S2 = S2 * tl.exp(M2 - sh) + bs2 * tl.exp(bm2 - sh) + tl.exp(cm - sh)
+    Wi = tl.where(new_max, (bi + start).to(tl.int64), Wi)
+    M = tl.where(new_max, bm, M)
+    return M, Wi, mm, S2
+
+
+@triton.jit
+def _bce_sums(x, mask, cols, tc, Wi, lse, log1m_pw):
+    """Per row over this tile: sum_{k != c} log(1 - p_k) and R = sum_{k != w} a_k with
+    a_k = p_k / (1 - p_k) (k != c), a_c = -1. Every k != w has p_k <= 1/2: exact."""
+    p = tl.exp(x - lse[:, None])
+    is_c = cols[None, :] == tc[:, None]
+    is_w = cols[None, :] == Wi[:, None]
+    l1m = tl.where(is_w, log1m_pw[:, None], _log1p(-p))
+    l1m = tl.where(is_c | (~mask), 0.0, l1m)
+    a = tl.where(is_c, -1.0, p / (1.0 - p))
+    a = tl.where(is_w | (~mask), 0.0, a)
+    return tl.sum(l1m, 1), tl.sum(a, 1)
+
+
+@triton.jit
+def _bce_grad_tile(x, mask, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep):
+    """g_j = a_j - p_j R - p_j a_w (j != w), g_w = p_w (1 - R) (w != c) or
+    -(1 - p_c) - p_c R (w == c). a_w = p_w / (1 - p_w) overflows once a wrong class leads
+    by 89 (fp32), so p_j a_w = exp(x_j - lse + log p_w - log(1 - p_w)); a_w = -1 if w == c."""
+    w_is_c = Wi == tc
+    p = tl.exp(x - lse[:, None])
+    is_c = cols[None, :] == tc[:, None]
+    is_w = cols[None, :] == Wi[:, None]
+    a = tl.where(is_c, -1.0, p / (1.0 - p))
+    log_aw = tl.where(w_is_c, 0.0, log_pw - log1m_pw)
+    pa_w = tl.where(w_is_c[:, None], -p, tl.exp(x + (log_aw - lse)[:, None]))
+    g = a - p * R[:, None] - pa_w
+    p_w = tl.exp(log_pw)
+    g_w = tl.where(w_is_c, -tl.exp(log1m_pw) - p_w * R, p_w * (1.0 - R))
+    g = tl.where(is_w, g_w[:, None], g) * r[:, None]
+    return tl.where(keep[:, None] & mask, g, 0.0)
+
+
+@triton.jit
+def bce_fwd_kernel(
+    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+    n_rows, n_cols, ignore_index, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr,
+):
+    """Forward (and fused gradient) of bce. SINGLE: the tile stays in registers for all
+    three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
+    reverse (loss sum, R), pass 3 forward (gradient): each pass starts on the blocks the
+    previous one read last, so re-reads are L2-warm."""
+    pid = tl.program_id(0)
+    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
+                                                    HAS_WEIGHT, ACC)
+    row_off = rows * stride_x
+    x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
+    cols0 = tl.arange(0, BLOCK_C)
+    M = tl.full([BLOCK_N], float("-inf"), ACC)
+    Wi = tl.zeros([BLOCK_N], tl.int64)
+    M2 = tl.full([BLOCK_N], float("-inf"), ACC)
+    S2 = tl.zeros([BLOCK_N], ACC)
+    if SINGLE:
+        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC)
+        M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, x, cols0, 0)
+    else:
+        for start in range(0, n_cols, BLOCK_C):
+            cols = start + cols0
+            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+            M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, xb, cols, start)
+    lse_ow = _safe_shift(M2) + tl.log(S2)
+    lse = _logaddexp(M, lse_ow)
+    log1m_pw = lse_ow - lse
+    lse_ex = tl.where(tc == Wi, lse_ow, lse + _log1p(-tl.exp(x_c - lse)))
+    d = lse_ex - x_c
+
+    if SINGLE:
+        l1m, R = _bce_sums(x, mask, cols0, tc, Wi, lse, log1m_pw)
+    else:
+        l1m = tl.zeros([BLOCK_N], ACC)
+        R = tl.zeros([BLOCK_N], ACC)
+        nb = tl.cdiv(n_cols, BLOCK_C)
+        for i in range(0, nb):
+            cols = (nb - 1 - i) * BLOCK_C + cols0
+            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+            a_l, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
+            l1m += a_l
+            R += a_r
+    lrow = tl.where(keep, (_softplus(d) - l1m) * w_c, 0.0)
+    lrow = tl.where(bad, float("nan"), lrow)
+    _store_stats(STATS, rows, row_ok, lse, lse_ex, log1m_pw, Wi.to(ACC))
+    _reduce_loss(lrow, rows, row_ok, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
+
+    if COMPUTE_GRAD:
+        r, _ = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
+        log_pw = M - lse
+        g_off = rows * stride_g
+        if SINGLE:
+            g = _bce_grad_tile(x, mask, cols0, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
+            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
+        else:
+            for start in range(0, n_cols, BLOCK_C):
+                cols = start + cols0
+                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+                g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
+                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+
+
+@triton.jit
+def bce_bwd_kernel(
+    GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
+    n_rows, n_cols, ignore_index, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of bce from the saved statistics: R needs one pass (R is not among the four
+    stats columns), the gradient another (reverse order, L2-warm)."""
+    pid = tl.program_id(0)
+    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
+                                                    HAS_WEIGHT, ACC)
+    row_off = rows * stride_x
+    lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
+    log1m_pw = tl.load(STATS + rows * 4 + 2, mask=row_ok, other=0.0).to(ACC)
+    Wi = tl.load(STATS + rows * 4 + 3, mask=row_ok, other=0.0).to(tl.int64)
+    Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
+    x_w = tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC)
+    cols0 = tl.arange(0, BLOCK_C)
+    R = tl.zeros([BLOCK_N], ACC)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + cols0
+        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+        _, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
+        R += a_r
+    r, _ = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
+    g_off = rows * stride_g
+    nb = tl.cdiv(n_cols, BLOCK_C)
+    for i in range(0, nb):
+        cols = (nb - 1 - i) * BLOCK_C + cols0
+        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+        g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, x_w - lse, R, r, keep)
+        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+
+
+# ----------------------------------------------------------------------------
+# Prologue and backward scale
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def prologue_kernel(T, W, DENOM, COUNTER, n_rows, n_cols, ignore_index, rows_per_program,
+                    NEED_DENOM: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero the completion counter of the main kernel (program 0) and, for 'mean', write
+    per-program partial denominators: the count of non-ignored rows, or the sum of their
+    class weights (PyTorch's convention), over contiguous chunks of rows. O(N) bytes."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(COUNTER, 0)
+    if NEED_DENOM:
+        acc = tl.zeros([BLOCK], tl.float32)
+        base = pid.to(tl.int64) * rows_per_program
+        for off in range(0, rows_per_program, BLOCK):
+            local = off + tl.arange(0, BLOCK)
+            rows = base + local
+            ok = (rows < n_rows) & (local < rows_per_program)
+            t = tl.load(T + rows, mask=ok, other=ignore_index).to(tl.int64)
+            keep = (t != ignore_index) & ok
+            if HAS_WEIGHT:
+                tcl = tl.minimum(tl.maximum(tl.where(keep, t, 0), 0), n_cols - 1)
+                acc += tl.where(keep, tl.load(W + tcl, mask=keep, other=0.0).to(tl.float32), 0.0)
+            else:
+                acc += keep.to(tl.float32)
+        tl.store(DENOM + pid, tl.sum(acc, 0))
+
+
+@triton.jit
+def scale_grad_kernel(G, stride_g, GO, n_rows, n_cols, GO_PER_ROW: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Backward of a fused gradient: G *= grad_output, in place. grad_output is read on the
+    device; rows whose grad_output is exactly 1 (the usual case: loss.backward()) are
+    skipped, so the backward then costs O(N) bytes and no host synchronization."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    if GO_PER_ROW:
+        go = tl.load(GO + rows, mask=row_ok, other=1.0).to(ACC)
+    else:
+        go = tl.full([BLOCK_N], 1.0, ACC) * tl.load(GO).to(ACC)
+    # NaN != 1 too: a NaN grad_output propagates.
+    if tl.max((go != 1.0).to(tl.int32), 0) > 0:
+        g_off = rows * stride_g
+        for start in range(0, n_cols, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols < n_cols)[None, :]
+            ptr = G + g_off[:, None] + cols[None, :]
+            g = tl.load(ptr, mask=mask, other=0.0)
+            tl.store(ptr, (g.to(ACC) * go[:, None]).to(g.dtype), mask=mask)

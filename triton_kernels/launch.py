@@ -1,0 +1,263 @@
+"""Python launchers of the Triton kernels, registered as ``torch.library.triton_op``s.
+
+``fusedloss::triton_fwd`` / ``fusedloss::triton_bwd`` have exactly the schemas of
+``fusedloss.ops`` (semantics in its docstring). Being ``triton_op``s whose bodies
+call the kernels through ``wrap_triton``, ``torch.compile(fullgraph=True)`` traces
+into the launches (Inductor sees the kernels); in eager they run directly. The
+same bodies are the fake (meta) implementations: they only allocate and compute
+grids from shapes.
+
+The fused gradient's backward is ``fusedloss::triton_scale_grad_``: it multiplies the
+saved gradient by ``grad_output`` in place, reading ``grad_output`` on the device
+and skipping rows where it is exactly 1 (``loss.backward()``), so forward+backward
+stays at one read and one write of the logits with no host synchronization.
+
+``fusedloss::triton_fwd_inplace`` (``inplace_backward=True``) writes the gradient
+into the logits' own storage: the logits are consumed (they hold d loss/d logits
+after the forward), and no (N, C) buffer is allocated at all.
+
+float64 logits run the reference implementation inside these ops (Triton passes
+Python float arguments as float32, too coarse for float64 math): ``backend="triton"``
+accepts them, at the reference's speed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from fusedloss import ops
+from fusedloss.validation import check_target_values, must_check_targets
+from fusedloss.variants import STATS_COLS, Reduction, Variant
+
+from . import kernels
+from .heuristics import bwd_config, fwd_config, scale_config
+
+#: Partial sums the last program of the main kernel adds per loop step.
+PARTIAL_BLOCK = 1024
+#: Rows per prologue program step (the prologue uses at most DENOM_PARTIALS programs).
+PROLOGUE_BLOCK = 1024
+
+
+def _is_traced(t: Tensor) -> bool:
+    """Fake/functional tensors (torch.compile, meta tracing) carry no data to check."""
+    from torch._subclasses.fake_tensor import is_fake
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def _check_targets(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+    if must_check_targets(logits.device) and not _is_traced(target):
+        check_target_values(target, logits.shape[1], ignore_index)
+
+
+def _workspace(logits: Tensor, grid: int, reduction: int, target: Tensor, weight: Tensor | None,
+               ignore_index: int):
+    """Completion counter, per-program partials and mean denominators; for a reduced loss
+    the prologue launch zeroes the counter and writes the denominators."""
+    dev = logits.device
+    counter = torch.empty((1,), dtype=torch.int32, device=dev)
+    denom = torch.empty((kernels.DENOM_PARTIALS.value,), dtype=torch.float32, device=dev)
+    n_denom = 0
+    if reduction == Reduction.NONE:
+        partial = torch.empty((1,), dtype=torch.float32, device=dev)
+        return counter, denom, partial, n_denom
+    partial = torch.empty((grid,), dtype=torch.float32, device=dev)
+    _launch_prologue(target, weight, denom, counter, logits.shape[1], ignore_index,
+                     need_denom=reduction == Reduction.MEAN)
+    if reduction == Reduction.MEAN:
+        n_denom = min(kernels.DENOM_PARTIALS.value, max(1, triton.cdiv(target.shape[0], PROLOGUE_BLOCK)))
+    return counter, denom, partial, n_denom
+
+
+def _launch_prologue(target: Tensor, weight: Tensor | None, denom: Tensor, counter: Tensor, n_cols: int,
+                     ignore_index: int, need_denom: bool) -> None:
+    n = target.shape[0]
+    programs = min(kernels.DENOM_PARTIALS.value, max(1, triton.cdiv(n, PROLOGUE_BLOCK))) if need_denom else 1
+    rows_per_program = triton.cdiv(max(n, 1), programs)
+    w = weight if weight is not None else denom
+    wrap_triton(kernels.prologue_kernel)[(programs,)](
+        target, w, denom, counter, n, n_cols, ignore_index, rows_per_program,
+        NEED_DENOM=need_denom, HAS_WEIGHT=weight is not None, BLOCK=PROLOGUE_BLOCK, num_warps=4)
+
+
+def _empty_loss(logits: Tensor, reduction: int) -> Tensor:
+    """N = 0: an empty 'none', 0 for 'sum', NaN for 'mean' (as PyTorch)."""
+    if reduction == Reduction.NONE:
+        return logits.new_empty((0,), dtype=torch.float32)
+    return torch.full((), 0.0 if reduction == Reduction.SUM else math.nan, dtype=torch.float32,
+                      device=logits.device)
+
+
+def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
+                   ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
+                   grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Run the forward kernel; with ``grad`` (an (N, C) tensor with unit class stride,
+    possibly ``logits`` itself) write d loss/d logits for grad_output = 1 into it."""
+    n, c = logits.shape
+    stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
+    if n == 0:
+        return _empty_loss(logits, reduction), stats
+    cfg = fwd_config(c, logits.element_size())
+    grid = triton.cdiv(n, cfg.block_n)
+    counter, denom, partial, n_denom = _workspace(logits, grid, reduction, target, weight, ignore_index)
+    loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=torch.float32)
+    compute_grad = grad is not None
+    g = grad if compute_grad else logits          # never written when not compute_grad
+    w = weight if weight is not None else denom  # dummy pointer, never read
+    common = dict(PARTIAL_BLOCK=PARTIAL_BLOCK, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, SINGLE=cfg.single,
+                  HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps)
+    if variant == Variant.BCE:
+        wrap_triton(kernels.bce_fwd_kernel)[(grid,)](
+            logits, logits.stride(0), target, w, loss, stats, g, g.stride(0), denom, partial, counter,
+            n, c, ignore_index, reduction, n_denom, **common)
+    else:
+        wrap_triton(kernels.target_fwd_kernel)[(grid,)](
+            logits, logits.stride(0), target, w, loss, stats, g, g.stride(0), denom, partial, counter,
+            n, c, ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma), reduction, n_denom,
+            VARIANT=int(variant), HAS_SMOOTHING=label_smoothing > 0, **common)
+    return loss, stats
+
+
+def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor,
+                    variant: int, reduction: int, ignore_index: int, label_smoothing: float, alpha: float,
+                    beta: float, gamma: float) -> Tensor:
+    n, c = logits.shape
+    grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    cfg = bwd_config(c, logits.element_size())
+    grid = triton.cdiv(n, cfg.block_n)
+    dev = logits.device
+    denom = torch.empty((kernels.DENOM_PARTIALS.value,), dtype=torch.float32, device=dev)
+    n_denom = 0
+    if reduction == Reduction.MEAN:
+        counter = torch.empty((1,), dtype=torch.int32, device=dev)
+        _launch_prologue(target, weight, denom, counter, c, ignore_index, need_denom=True)
+        n_denom = min(kernels.DENOM_PARTIALS.value, max(1, triton.cdiv(n, PROLOGUE_BLOCK)))
+    w = weight if weight is not None else denom
+    common = dict(HAS_WEIGHT=weight is not None, GO_PER_ROW=reduction == Reduction.NONE,
+                  BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    if variant == Variant.BCE:
+        wrap_triton(kernels.bce_bwd_kernel)[(grid,)](
+            grad_loss, logits, logits.stride(0), target, w, stats, grad, grad.stride(0), denom,
+            n, c, ignore_index, reduction, n_denom, **common)
+    else:
+        wrap_triton(kernels.target_bwd_kernel)[(grid,)](
+            grad_loss, logits, logits.stride(0), target, w, stats, grad, grad.stride(0), denom,
+            n, c, ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma), reduction, n_denom,
+            VARIANT=int(variant), HAS_SMOOTHING=label_smoothing > 0, **common)
+    return grad
+
+
+def launch_scale(grad: Tensor, grad_loss: Tensor) -> None:
+    n, c = grad.shape
+    if n == 0:
+        return
+    cfg = scale_config(c)
+    wrap_triton(kernels.scale_grad_kernel)[(triton.cdiv(n, cfg.block_n),)](
+        grad, grad.stride(0), grad_loss, n, c, GO_PER_ROW=grad_loss.dim() > 0,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+
+
+# ----------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------
+
+@triton_op("fusedloss::triton_fwd", mutates_args=(), schema=ops.FWD_SCHEMA)
+def triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
+               ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
+               compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if logits.dtype == torch.float64:
+        return ops.reference_fwd(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
+                                 alpha, beta, gamma, compute_grad)
+    _check_targets(logits, target, ignore_index)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
+    loss, stats = launch_forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
+                                 alpha, beta, gamma, grad)
+    return loss, stats, grad if compute_grad else logits.new_empty((0,))
+
+
+@triton_op("fusedloss::triton_bwd", mutates_args=(), schema=ops.BWD_SCHEMA)
+def triton_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor,
+               variant: int, reduction: int, ignore_index: int, label_smoothing: float, alpha: float,
+               beta: float, gamma: float) -> Tensor:
+    if logits.dtype == torch.float64:
+        return ops.reference_bwd(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
+                                 label_smoothing, alpha, beta, gamma)
+    return launch_backward(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
+                           label_smoothing, alpha, beta, gamma)
+
+
+@triton_op("fusedloss::triton_scale_grad_", mutates_args=("grad",),
+           schema="(Tensor(a!) grad, Tensor grad_loss) -> ()")
+def triton_scale_grad_(grad: Tensor, grad_loss: Tensor) -> None:
+    launch_scale(grad, grad_loss)
+
+
+INPLACE_SCHEMA = ("(Tensor(a!) logits, Tensor target, Tensor? weight, " + ops.SCALARS + ") -> (Tensor, Tensor)")
+
+
+@triton_op("fusedloss::triton_fwd_inplace", mutates_args=("logits",), schema=INPLACE_SCHEMA)
+def triton_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
+                       ignore_index: int, label_smoothing: float, alpha: float, beta: float,
+                       gamma: float) -> tuple[Tensor, Tensor]:
+    """Forward whose gradient (grad_output = 1) overwrites ``logits``."""
+    if logits.dtype == torch.float64:
+        loss, stats, grad = ops.reference_fwd(logits, target, weight, variant, reduction, ignore_index,
+                                              label_smoothing, alpha, beta, gamma, True)
+        logits.copy_(grad)
+        return loss, stats
+    _check_targets(logits, target, ignore_index)
+    return launch_forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
+                          alpha, beta, gamma, logits)
+
+
+_SCALED_ATTR = "_fusedloss_grad_scaled"
+
+
+def scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """``register_autograd``'s hook: ``grad *= grad_output`` in place on the device,
+    skipped where grad_output is 1. In place means the saved gradient is consumed by the
+    first backward: a second backward through the same graph (retain_graph=True) would
+    scale it twice, so eager mode refuses it with an error instead."""
+    if grad.dtype == torch.float64:
+        return ops.scale_fused_grad(grad, grad_loss)
+    if not torch.compiler.is_compiling():
+        if getattr(grad, _SCALED_ATTR, False):
+            raise RuntimeError(
+                "fusedloss (triton backend): the fused gradient of this loss was already used by a "
+                "backward pass (it is scaled in place); backward through the same loss twice "
+                "(retain_graph=True) is not supported: recompute the loss, or use backend='reference'")
+        setattr(grad, _SCALED_ATTR, True)
+    triton_scale_grad_(grad, grad_loss)
+    return grad
+
+
+ops.register_autograd("triton_fwd", triton_bwd, scale_grad=scale_fused_grad)
+
+
+class _InplaceLoss(torch.autograd.Function):
+    """The loss with ``inplace_backward=True``: the forward overwrites the logits with the
+    gradient (grad_output = 1); the backward scales them in place and returns them."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, *scalars):
+        loss, _ = triton_fwd_inplace(logits, target, weight, *scalars)
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (scale_fused_grad(grad, grad_loss),) + (None,) * 9
+
+
+def forward_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
+                    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float) -> Tensor:
+    """``dispatch.Backend.fwd_inplace``: the reduced loss, differentiable, with the logits
+    consumed (they hold the gradient afterwards)."""
+    return _InplaceLoss.apply(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
+                              alpha, beta, gamma)
