@@ -43,6 +43,15 @@ def compute_dtype(logits: Tensor) -> torch.dtype:
 # Row statistics
 # ----------------------------------------------------------------------------
 
+def shifted(x: Tensor, shift: Tensor, cdtype: torch.dtype) -> Tensor:
+    """A new ``(N, C)`` buffer ``x - shift[:, None]`` in the compute dtype. Half logits are
+    upcast first and shifted in place: PyTorch's mixed-dtype subtraction on CPU runs at
+    about half the speed of the upcast plus an in-place subtraction."""
+    if x.dtype == cdtype:
+        return torch.sub(x, shift[:, None])
+    return x.to(cdtype).sub_(shift[:, None])
+
+
 def lse_excluding(x: Tensor, excluded: Tensor, cdtype: torch.dtype) -> Tensor:
     """``log sum_{k != excluded} exp(x_k)`` per row, exactly (no ``lse - x`` cancellation).
 
@@ -57,7 +66,7 @@ def lse_excluding(x: Tensor, excluded: Tensor, cdtype: torch.dtype) -> Tensor:
     m_ex = torch.where(top_i[:, 0] == excluded, top_v[:, 1], top_v[:, 0]).to(cdtype)
     # All competitors -inf: shift by 0 so exp() gives 0, not NaN from (-inf) - (-inf).
     shift = torch.where(torch.isfinite(m_ex), m_ex, torch.zeros_like(m_ex))
-    e = torch.sub(x, shift[:, None], alpha=1).to(cdtype)  # upcasts half logits on the fly
+    e = shifted(x, shift, cdtype)
     e.exp_()
     e.scatter_(1, excluded[:, None], 0.0)
     return shift + e.sum(1).log()
@@ -235,7 +244,7 @@ def backward(
     else:
         _, log_s = TARGET_ONLY_MATH[Variant(variant)](d, Params(alpha, beta, gamma))
         # j != c: g_j = p_j s = exp(x_j - (lse - log s)); j == c: g_c = -s (1 - p_c) = -exp(log s + log(1 - p_c)).
-        g = torch.sub(x, (lse - log_s)[:, None]).to(cdtype)
+        g = shifted(x, lse - log_s, cdtype)
         g.exp_()
         g.scatter_(1, rows.tgt[:, None], (-torch.exp(log_s + (lse_ex - lse)))[:, None])
         if label_smoothing > 0:
@@ -277,7 +286,7 @@ def _smoothing_grad(g, x, lse, rows: _Rows, row_scale, weight, eps, grad_loss, t
     total_w = float(c) if weight is None else weight.to(cdtype).sum()
     g.mul_(((1 - eps) * row_scale)[:, None])
     # + (eps / C) * go * (W p_j - w_j); p_j = exp(x_j - lse)
-    p = torch.sub(x, lse[:, None]).to(cdtype).exp_()
+    p = shifted(x, lse, cdtype).exp_()
     g.add_(p.mul_(((eps / c) * total_w * go)[:, None]))
     w_row = torch.ones(c, dtype=cdtype, device=x.device) if weight is None else weight.to(cdtype)
     g.sub_(((eps / c) * go)[:, None] * w_row[None, :])
@@ -294,7 +303,7 @@ def _bce_loss(x: Tensor, rows: _Rows, lse: Tensor, d: Tensor, stats: Tensor, cdt
     w = x.argmax(1)
     log1m_pw = lse_excluding(x, w, cdtype) - lse
     stats[:, 2], stats[:, 3] = log1m_pw, w.to(cdtype)
-    t = torch.sub(x, lse[:, None]).to(cdtype)
+    t = shifted(x, lse, cdtype)
     t.exp_().neg_().log1p_()                     # log(1 - p_k): exact for k != w since p_k <= 1/2
     t.scatter_(1, w[:, None], log1m_pw[:, None])  # the arg-max from its exact form
     t.scatter_(1, rows.tgt[:, None], 0.0)         # k != c
@@ -306,7 +315,7 @@ def _bce_grad(x: Tensor, rows: _Rows, stats: Tensor, cdtype) -> Tensor:
     w = stats[:, 3].long()
     c = rows.tgt
     w_is_c = w == c
-    p = torch.sub(x, lse[:, None]).to(cdtype).exp_()
+    p = shifted(x, lse, cdtype).exp_()
     # a_k = p_k / (1 - p_k) for k != c, a_c = -1; R = sum_{k != w} a_k (bounded by C).
     a = torch.neg(p).add_(1)
     torch.div(p, a, out=a)
@@ -319,8 +328,7 @@ def _bce_grad(x: Tensor, rows: _Rows, stats: Tensor, cdtype) -> Tensor:
     x_w = x.gather(1, w[:, None])[:, 0].to(cdtype)
     log_pw = x_w - lse
     log_aw = torch.where(w_is_c, torch.zeros_like(lse), log_pw - log1m_pw)
-    torch.sub(x, (lse - log_aw)[:, None], out=p)
-    p.exp_()
+    p.copy_(x).sub_((lse - log_aw)[:, None]).exp_()
     g.addcmul_(p, torch.where(w_is_c, 1.0, -1.0).to(cdtype)[:, None])
     p_w = log_pw.exp()
     g_w = torch.where(w_is_c, -log1m_pw.exp() - p_w * r, p_w * (1 - r))
@@ -367,7 +375,7 @@ def soft_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tens
     grad_x = grad_y = None
     if need_logits:
         wy = _smoothed(probs.to(cdtype), label_smoothing) * w
-        g = torch.sub(logits, lse[:, None]).to(cdtype).exp_()
+        g = shifted(logits, lse, cdtype).exp_()
         g.mul_(wy.sum(1, keepdim=True)).sub_(wy).mul_(go)
         grad_x = g.to(logits.dtype)
     if need_target:
