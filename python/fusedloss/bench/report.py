@@ -59,6 +59,8 @@ def _sig(value: float, digits: int = 3) -> str:
     """Three significant digits without scientific notation for ordinary sizes."""
     if value == 0 or not math.isfinite(value):
         return str(value)
+    if abs(value) < 1e-3:
+        return f"{value:.{digits - 1}e}"
     decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(value)))))
     return f"{value:.{decimals}f}"
 
