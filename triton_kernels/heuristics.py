@@ -1,20 +1,25 @@
-"""Launch configurations: a heuristic keyed on the class count C and the element
-size of the logits, never on N (so one compiled kernel serves every batch size
-and the choice is stable under torch.compile's dynamic shapes).
+"""Launch configurations: a heuristic keyed on the class count C, the element size of
+the logits and the kernel family (target-only or bce), never on N, so one compiled
+kernel serves every batch size and the choice is stable under torch.compile's dynamic
+shapes.
 
 Two regimes:
 
-* the row fits on chip (next_pow2(C) <= SINGLE_MAX[elem]): one tile per row held
-  in registers from the load to the gradient store (traffic = read + write). Small
-  C packs several rows per program so a program still moves >= MIN_TILE elements
-  (ImageNet's C = 1000: 2 rows of 1024 per program);
-* longer rows: column blocks of BLOCK_C streamed twice (stats, then gradient in
+* the row fits on chip (next_pow2(C) <= SINGLE_MAX): one tile per row held in
+  registers from the load to the gradient store (traffic = read + write). Small C
+  packs several rows per program so a program still moves >= MIN_TILE elements
+  (ImageNet's C = 1000: 2 rows of 1024 per program, 4 warps);
+* longer rows: column blocks of STREAM_BLOCK streamed twice (stats, then gradient in
   reverse order, L2-warm), one row per program.
 
-The thresholds keep <= 32 float32 row values per thread (16 warps x 32 lanes x 32 =
-16384 elements), which ptxas fits without spills for every variant on sm_80 and sm_90
-(``python -m fusedloss.triton_kernels.report`` prints the registers; the AOT test
-asserts no spills).
+The numbers keep <= 16 float32 row values per thread for the target-only kernels and
+<= 8 for bce (three reductions, more live temporaries): ptxas then fits every shipped
+specialization without spills on sm_80 and sm_90 and with <= ~128 registers, i.e. at
+least two programs per SM for the 16-warp tiles (``python -m
+fusedloss.triton_kernels.report`` prints them; ``tests/test_triton_aot.py`` asserts no
+spills). On-chip rows stop at 8192 (bce: 4096) elements: beyond that a register-
+resident row leaves one program per SM (no overlap of one program's loads with
+another's arithmetic), while the streamed regime's second read is served by L2.
 """
 from __future__ import annotations
 
@@ -22,15 +27,23 @@ from dataclasses import dataclass
 
 import triton
 
-#: Largest power-of-two row kept whole in registers, per element size of the logits.
-SINGLE_MAX = {2: 16384, 4: 16384}
-#: Column block of the streamed (multi-block) regime.
-STREAM_BLOCK = {2: 4096, 4: 4096}
-STREAM_WARPS = 8
+#: Variant id of bce (fusedloss.variants.Variant.BCE): its kernels hold more per element.
+_BCE = 1
+
+
+@dataclass(frozen=True)
+class Family:
+    single_max: int         # largest power-of-two row kept whole in registers
+    values_per_thread: int  # row values per thread in the on-chip regime
+    stream_block: int       # column block of the streamed regime
+    stream_warps: int
+
+
+TARGET = Family(single_max=8192, values_per_thread=16, stream_block=4096, stream_warps=8)
+BCE = Family(single_max=4096, values_per_thread=8, stream_block=4096, stream_warps=8)
 #: Minimum elements per program in the on-chip regime (several rows for small C).
 MIN_TILE = 2048
-#: Target float32 values per thread in the on-chip regime.
-VALUES_PER_THREAD = 16
+MIN_BLOCK_C = 16
 MAX_WARPS = 16
 
 
@@ -46,41 +59,55 @@ class Config:
         return self.block_n * self.block_c
 
 
-def _warps_for(tile: int) -> int:
-    return max(1, min(MAX_WARPS, tile // (32 * VALUES_PER_THREAD)))
+def family(variant: int) -> Family:
+    return BCE if int(variant) == _BCE else TARGET
 
 
-def fwd_config(n_cols: int, elem_size: int) -> Config:
-    """Configuration of the forward (and fused-gradient) kernels for rows of ``n_cols``
-    logits of ``elem_size`` bytes."""
-    bc = max(16, triton.next_power_of_2(int(n_cols)))
-    if bc <= SINGLE_MAX[elem_size]:
+def _warps_for(tile: int, values_per_thread: int) -> int:
+    return max(1, min(MAX_WARPS, tile // (32 * values_per_thread)))
+
+
+def fwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
+    """Forward (and fused-gradient) kernel configuration for rows of ``n_cols`` logits of
+    ``elem_size`` bytes. (The element size does not change the choice today: the limits
+    are on float32 values held per thread, whatever the storage type.)"""
+    f = family(variant)
+    bc = max(MIN_BLOCK_C, triton.next_power_of_2(int(n_cols)))
+    if bc <= f.single_max:
         tile = max(bc, MIN_TILE)
-        return Config(block_n=tile // bc, block_c=bc, single=True, num_warps=_warps_for(tile))
-    return Config(block_n=1, block_c=STREAM_BLOCK[elem_size], single=False, num_warps=STREAM_WARPS)
+        return Config(block_n=tile // bc, block_c=bc, single=True, num_warps=_warps_for(tile, f.values_per_thread))
+    return Config(block_n=1, block_c=f.stream_block, single=False, num_warps=f.stream_warps)
 
 
-def bwd_config(n_cols: int, elem_size: int) -> Config:
-    """The standalone backward streams the row once (twice for bce): column blocks of at
-    most STREAM_BLOCK, several rows per program for small C."""
-    bc = max(16, min(triton.next_power_of_2(int(n_cols)), STREAM_BLOCK[elem_size]))
+def bwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
+    """The standalone backward (gradient from saved stats) streams column blocks of at
+    most stream_block, several rows per program for small C."""
+    f = family(variant)
+    bc = max(MIN_BLOCK_C, min(triton.next_power_of_2(int(n_cols)), f.stream_block))
     tile = max(bc, MIN_TILE)
-    return Config(block_n=tile // bc, block_c=bc, single=False, num_warps=_warps_for(tile))
+    return Config(block_n=tile // bc, block_c=bc, single=False, num_warps=_warps_for(tile, f.values_per_thread))
 
 
 def scale_config(n_cols: int) -> Config:
-    bc = max(16, min(triton.next_power_of_2(int(n_cols)), 4096))
+    bc = max(MIN_BLOCK_C, min(triton.next_power_of_2(int(n_cols)), 4096))
     tile = max(bc, MIN_TILE)
     return Config(block_n=tile // bc, block_c=bc, single=False, num_warps=4)
 
 
-#: Buckets the heuristic can return, for the AOT compile check: one C per distinct
-#: on-chip tile width, plus one streamed C.
-def config_buckets(elem_size: int) -> list[int]:
-    cs = []
-    c = 16
-    while c <= SINGLE_MAX[elem_size]:
+def fwd_buckets(variant: int) -> list[int]:
+    """One C per distinct forward configuration: each on-chip tile width, and one streamed C."""
+    f = family(variant)
+    cs, c = [], MIN_BLOCK_C
+    while c <= f.single_max:
         cs.append(c)
         c *= 2
-    cs.append(SINGLE_MAX[elem_size] * 2 + 1)
-    return cs
+    return cs + [f.single_max * 2 + 1]
+
+
+def bwd_buckets(variant: int) -> list[int]:
+    f = family(variant)
+    cs, c = [], MIN_BLOCK_C
+    while c <= f.stream_block:
+        cs.append(c)
+        c *= 2
+    return cs + [f.stream_block * 2 + 1]

@@ -111,8 +111,10 @@ def _safe_shift(m):
 
 @triton.jit
 def _log_or_neg_inf(v):
-    """``log v`` for a scalar hyper-parameter, -inf for 0 (``log 0``), as a float32."""
-    return tl.where(v > 0.0, tl.log(tl.maximum(v, 1e-38)), NEG_INF)
+    """``log v`` for a scalar hyper-parameter, -inf for 0 (``log 0``), as a float32. (The clamp
+    constant must be a normal float32: Triton types a literal outside float32's normal range,
+    e.g. 1e-38, as float64, and everything downstream would turn float64.)"""
+    return tl.where(v > 0.0, tl.log(tl.maximum(v, 1e-30)), NEG_INF)
 
 
 # ----------------------------------------------------------------------------
@@ -212,7 +214,9 @@ def _rows_setup(pid, T, Wt, n_rows, n_cols, ignore_index, BLOCK_N: tl.constexpr,
     tgt = tl.load(T + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     keep = (tgt != ignore_index) & row_ok
     in_range = (tgt >= 0) & (tgt < n_cols)
-    tc = tl.where(keep & in_range, tgt, 0)
+    # int32 from here on (C < 2^31): compared against int32 column indices, an int64 target
+    # would widen every column index of the tile to 64 bits (twice the registers).
+    tc = tl.where(keep & in_range, tgt, 0).to(tl.int32)
     bad = keep & (~in_range)
     if HAS_WEIGHT:
         w_c = tl.load(Wt + tc, mask=row_ok, other=0.0).to(ACC)
@@ -305,7 +309,7 @@ def _online_update(m, s, x, is_c):
 
 
 @triton.jit
-def _target_grad_tile(x, mask, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
+def _target_grad_tile(x, mask, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps, x_c, w_c,
                       HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
     """Gradient of one tile (float32), rows scaled by r = grad_output weight[c] / denom.
 
@@ -323,13 +327,8 @@ def _target_grad_tile(x, mask, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_
             g = p * a[:, None] - (k * go_s)[:, None] * w_j[None, :]
         else:
             g = p * a[:, None] - (k * go_s)[:, None]
-        # target entry: -(1 - eps) r q + k go (W p_c - w_c), with p_c and w_c read from the tile
-        p_c = tl.sum(tl.where(is_c, p, 0.0), 1)
-        if HAS_WEIGHT:
-            w_c = tl.sum(tl.where(is_c, w_j[None, :], 0.0), 1)
-        else:
-            w_c = tl.full(p_c.shape, 1.0, p_c.dtype)
-        g_c = -(1.0 - eps) * r * tl.exp(log_gc) + k * go_s * (w_tot * p_c - w_c)
+        # target entry: -(1 - eps) r q + k go (W p_c - w_c), from the row's x_c and w_c
+        g_c = -(1.0 - eps) * r * tl.exp(log_gc) + k * go_s * (w_tot * tl.exp(x_c - lse) - w_c)
     else:
         g = tl.exp(x + (log_s - lse)[:, None]) * r[:, None]
         g_c = -tl.exp(log_gc) * r
@@ -354,7 +353,7 @@ def target_fwd_kernel(
     n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
     VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PARTIAL_BLOCK: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Forward of a target-only variant for BLOCK_N rows, and with COMPUTE_GRAD the
     gradient for grad_output = 1 (written to G, which may be X itself: in-place).
@@ -365,7 +364,9 @@ def target_fwd_kernel(
     pid = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    row_off = rows * stride_x
+    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
+    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
 
@@ -413,10 +414,10 @@ def target_fwd_kernel(
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
         r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
-        g_off = rows * stride_g
+        g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
         if SINGLE:
             g = _target_grad_tile(x, mask, cols0, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
-                                  HAS_WEIGHT, HAS_SMOOTHING)
+                                  x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
         else:
             nb = tl.cdiv(n_cols, BLOCK_C)
@@ -424,7 +425,7 @@ def target_fwd_kernel(
                 cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
                 xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
                 g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep,
-                                      eps, HAS_WEIGHT, HAS_SMOOTHING)
+                                      eps, x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
 
 
@@ -433,14 +434,16 @@ def target_bwd_kernel(
     GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
     n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
     VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Backward from the saved statistics (used when the forward did not fuse it):
     one pass, read C*E + write C*E per row; the per-variant math is the forward's."""
     pid = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    row_off = rows * stride_x
+    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
+    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
     lse_ex = tl.load(STATS + rows * 4 + 1, mask=row_ok, other=0.0).to(ACC)
@@ -456,12 +459,12 @@ def target_bwd_kernel(
             w_tot += n_cols
     else:
         w_tot = tl.zeros([BLOCK_N], ACC)
-    g_off = rows * stride_g
+    g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
         g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
-                              HAS_WEIGHT, HAS_SMOOTHING)
+                              x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
         tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
 
 
@@ -492,7 +495,7 @@ def _argmax_update(M, Wi, M2, S2, x, cols, start):
     mm = tl.maximum(tl.maximum(M2, bm2), cm)
     sh = _safe_shift(mm)
     S2 = S2 * tl.exp(M2 - sh) + bs2 * tl.exp(bm2 - sh) + tl.exp(cm - sh)
-    Wi = tl.where(new_max, (bi + start).to(tl.int64), Wi)
+    Wi = tl.where(new_max, (bi + start).to(tl.int32), Wi)
     M = tl.where(new_max, bm, M)
     return M, Wi, mm, S2
 
@@ -535,7 +538,7 @@ def bce_fwd_kernel(
     X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
     n_rows, n_cols, ignore_index, reduction, n_denom,
     HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Forward (and fused gradient) of bce. SINGLE: the tile stays in registers for all
     three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
@@ -544,11 +547,13 @@ def bce_fwd_kernel(
     pid = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    row_off = rows * stride_x
+    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
+    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
     M = tl.full([BLOCK_N], float("-inf"), ACC)
-    Wi = tl.zeros([BLOCK_N], tl.int64)
+    Wi = tl.zeros([BLOCK_N], tl.int32)
     M2 = tl.full([BLOCK_N], float("-inf"), ACC)
     S2 = tl.zeros([BLOCK_N], ACC)
     if SINGLE:
@@ -585,7 +590,7 @@ def bce_fwd_kernel(
     if COMPUTE_GRAD:
         r, _ = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
         log_pw = M - lse
-        g_off = rows * stride_g
+        g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
         if SINGLE:
             g = _bce_grad_tile(x, mask, cols0, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
@@ -602,16 +607,19 @@ def bce_bwd_kernel(
     GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
     n_rows, n_cols, ignore_index, reduction, n_denom,
     HAS_WEIGHT: tl.constexpr, GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """Backward of bce from the saved statistics: R needs one pass (R is not among the four
     stats columns), the gradient another (reverse order, L2-warm)."""
     pid = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    row_off = rows * stride_x
+    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
+    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
     log1m_pw = tl.load(STATS + rows * 4 + 2, mask=row_ok, other=0.0).to(ACC)
-    Wi = tl.load(STATS + rows * 4 + 3, mask=row_ok, other=0.0).to(tl.int64)
+    Wi = tl.load(STATS + rows * 4 + 3, mask=row_ok, other=0.0).to(tl.int32)
     Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
     x_w = tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
@@ -622,7 +630,7 @@ def bce_bwd_kernel(
         _, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
         R += a_r
     r, _ = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
-    g_off = rows * stride_g
+    g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
     nb = tl.cdiv(n_cols, BLOCK_C)
     for i in range(0, nb):
         cols = (nb - 1 - i) * BLOCK_C + cols0

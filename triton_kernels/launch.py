@@ -42,6 +42,14 @@ PARTIAL_BLOCK = 1024
 PROLOGUE_BLOCK = 1024
 
 
+def row_align(*strides: int) -> int:
+    """Largest power of two (<= 16) dividing every row stride: a compile-time alignment hint."""
+    a = 16
+    for s in strides:
+        a = math.gcd(a, int(s))
+    return max(a, 1)
+
+
 def _is_traced(t: Tensor) -> bool:
     """Fake/functional tensors (torch.compile, meta tracing) carry no data to check."""
     from torch._subclasses.fake_tensor import is_fake
@@ -100,7 +108,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
     if n == 0:
         return _empty_loss(logits, reduction), stats
-    cfg = fwd_config(c, logits.element_size())
+    cfg = fwd_config(c, logits.element_size(), variant)
     grid = triton.cdiv(n, cfg.block_n)
     counter, denom, partial, n_denom = _workspace(logits, grid, reduction, target, weight, ignore_index)
     loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=torch.float32)
@@ -108,7 +116,8 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     g = grad if compute_grad else logits          # never written when not compute_grad
     w = weight if weight is not None else denom  # dummy pointer, never read
     common = dict(PARTIAL_BLOCK=PARTIAL_BLOCK, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, SINGLE=cfg.single,
-                  HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps)
+                  HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps,
+                  ROW_ALIGN=row_align(logits.stride(0), g.stride(0)))
     if variant == Variant.BCE:
         wrap_triton(kernels.bce_fwd_kernel)[(grid,)](
             logits, logits.stride(0), target, w, loss, stats, g, g.stride(0), denom, partial, counter,
@@ -128,7 +137,7 @@ def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: T
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
-    cfg = bwd_config(c, logits.element_size())
+    cfg = bwd_config(c, logits.element_size(), variant)
     grid = triton.cdiv(n, cfg.block_n)
     dev = logits.device
     denom = torch.empty((kernels.DENOM_PARTIALS.value,), dtype=torch.float32, device=dev)
@@ -139,7 +148,8 @@ def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: T
         n_denom = min(kernels.DENOM_PARTIALS.value, max(1, triton.cdiv(n, PROLOGUE_BLOCK)))
     w = weight if weight is not None else denom
     common = dict(HAS_WEIGHT=weight is not None, GO_PER_ROW=reduction == Reduction.NONE,
-                  BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+                  BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+                  ROW_ALIGN=row_align(logits.stride(0), grad.stride(0)))
     if variant == Variant.BCE:
         wrap_triton(kernels.bce_bwd_kernel)[(grid,)](
             grad_loss, logits, logits.stride(0), target, w, stats, grad, grad.stride(0), denom,

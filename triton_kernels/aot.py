@@ -1,0 +1,245 @@
+"""Ahead-of-time compilation of the shipped kernel specializations, without a GPU.
+
+``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", cc, 32))``
+runs the whole pipeline down to a cubin (Triton's bundled ``ptxas``); the resource
+usage then comes from the bundled ``cuobjdump -res-usage`` (registers, local memory:
+LOCAL > 0 means spills) and ``ptxas -v`` on the PTX (spill store/load bytes).
+
+A specialization is (kernel, variant, logits dtype, heuristic config, flags). The
+flags that change the compiled code are HAS_WEIGHT, HAS_SMOOTHING (ce only) and
+COMPUTE_GRAD; :func:`shipped_specs` enumerates, for every variant, dtype and config
+bucket the heuristic can return, the heaviest flags (gradient, weight, and smoothing
+for ce), whose register pressure bounds the lighter ones; ``full=True`` enumerates
+every flag combination too.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fusedloss.variants import Variant
+
+from . import kernels
+from .heuristics import Config, bwd_buckets, bwd_config, fwd_buckets, fwd_config, scale_config
+from .launch import PARTIAL_BLOCK, PROLOGUE_BLOCK
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ARCHS = (80, 90)
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@dataclass(frozen=True)
+class Spec:
+    kernel: str               # "fwd", "bwd", "scale", "prologue"
+    variant: int              # Variant id (BCE selects the bce kernels)
+    dtype: str                # key of DTYPES
+    n_cols: int               # a C the heuristic maps to this config
+    has_weight: bool = True
+    smoothing: bool = False
+    compute_grad: bool = True
+    go_per_row: bool = False
+    row_align: int = 16
+
+    @property
+    def config(self) -> Config:
+        es = DTYPES[self.dtype].itemsize
+        if self.kernel == "fwd":
+            return fwd_config(self.n_cols, es, self.variant)
+        if self.kernel == "bwd":
+            return bwd_config(self.n_cols, es, self.variant)
+        return scale_config(self.n_cols)
+
+    def label(self) -> str:
+        v = Variant(self.variant).name.lower()
+        c = self.config
+        flags = "".join(f for f, on in (("W", self.has_weight), ("S", self.smoothing), ("G", self.compute_grad)) if on)
+        return (f"{self.kernel}:{v}:{self.dtype}:C{self.n_cols}:{c.block_n}x{c.block_c}"
+                f"{'' if c.single else 's'}:w{c.num_warps}:{flags or '-'}")
+
+
+@dataclass
+class Usage:
+    spec: Spec
+    arch: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    local_bytes: int
+    stack_bytes: int
+    shared_bytes: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads + self.local_bytes
+
+
+_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _signature(spec: Spec):
+    """(kernel fn, signature, constexprs, attrs) for ``spec``: types as a launch from
+    ``launch.py`` with int64 targets, float32 weights and 16-byte aligned tensors."""
+    xt = "*" + _TL[DTYPES[spec.dtype]]
+    cfg = spec.config
+    bce = spec.variant == Variant.BCE
+    if spec.kernel == "fwd":
+        fn = kernels.bce_fwd_kernel if bce else kernels.target_fwd_kernel
+        sig = {"X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "LOSS": "*fp32", "STATS": "*fp32",
+               "G": xt, "stride_g": "i32", "DENOM": "*fp32", "PARTIAL": "*fp32", "COUNTER": "*i32",
+               "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
+        if not bce:
+            sig.update({"eps": "fp32", "alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
+        sig.update({"reduction": "i32", "n_denom": "i32"})
+        const = dict(HAS_WEIGHT=spec.has_weight, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
+                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.row_align)
+        if not bce:
+            const.update(VARIANT=spec.variant, HAS_SMOOTHING=spec.smoothing)
+    elif spec.kernel == "bwd":
+        fn = kernels.bce_bwd_kernel if bce else kernels.target_bwd_kernel
+        sig = {"GO": "*fp32", "X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "STATS": "*fp32", "G": xt,
+               "stride_g": "i32", "DENOM": "*fp32", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
+        if not bce:
+            sig.update({"eps": "fp32", "alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
+        sig.update({"reduction": "i32", "n_denom": "i32"})
+        const = dict(HAS_WEIGHT=spec.has_weight, GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n,
+                     BLOCK_C=cfg.block_c, ROW_ALIGN=spec.row_align)
+        if not bce:
+            const.update(VARIANT=spec.variant, HAS_SMOOTHING=spec.smoothing)
+    elif spec.kernel == "scale":
+        fn = kernels.scale_grad_kernel
+        sig = {"G": xt, "stride_g": "i32", "GO": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+        const = dict(GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
+    else:
+        fn = kernels.prologue_kernel
+        sig = {"T": "*i64", "W": "*fp32", "DENOM": "*fp32", "COUNTER": "*i32", "n_rows": "i32", "n_cols": "i32",
+               "ignore_index": "i32", "rows_per_program": "i32"}
+        const = dict(NEED_DENOM=True, HAS_WEIGHT=spec.has_weight, BLOCK=PROLOGUE_BLOCK)
+    for k in const:
+        sig[k] = "constexpr"
+    names = fn.arg_names
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
+    return fn, sig, const, attrs
+
+
+def _num_warps(spec: Spec) -> int:
+    return 4 if spec.kernel == "prologue" else spec.config.num_warps
+
+
+def compile_spec(spec: Spec, arch: int):
+    fn, sig, const, attrs = _signature(spec)
+    src = ASTSource(fn, sig, const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": _num_warps(spec)})
+
+
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _run(args) -> str:
+    p = subprocess.run(args, check=True, capture_output=True, text=True)
+    return p.stdout + p.stderr
+
+
+def resource_usage(spec: Spec, arch: int) -> Usage:
+    """Compile ``spec`` for sm_<arch> and read its registers and spills."""
+    return _resource_usage_cached(spec, arch)
+
+
+@lru_cache(maxsize=None)
+def _resource_usage_cached(spec: Spec, arch: int) -> Usage:
+    ck = compile_spec(spec, arch)
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        ptx = os.path.join(d, "k.ptx")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        with open(ptx, "w") as f:
+            f.write(ck.asm["ptx"])
+        res = _run([os.path.join(_BIN, "cuobjdump"), "-res-usage", cubin])
+        m = _RES.search(res)
+        if m is None:
+            raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{res}")
+        reg, stack, shared, local = map(int, m.groups())
+        ptxas_arch = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        pv = _run([os.path.join(_BIN, "ptxas"), "-v", f"-arch={ptxas_arch}", ptx, "-o", os.path.join(d, "o.cubin")])
+        stores = loads = 0
+        for a, b in _SPILL.findall(pv):
+            stores += int(a)
+            loads += int(b)
+    return Usage(spec, arch, reg, stores, loads, local, stack, shared)
+
+
+def _dedup(specs: list[Spec]) -> list[Spec]:
+    """Drop specs that compile to the same kernel (same config and flags)."""
+    seen, out = set(), []
+    for s in specs:
+        key = (s.kernel, s.variant if s.kernel in ("fwd", "bwd") else 0, s.dtype, s.config, s.has_weight,
+               s.smoothing, s.compute_grad, s.go_per_row)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def _heaviest(kernel: str, v: Variant, dt: str, c: int) -> Spec:
+    return Spec(kernel, int(v), dt, c, has_weight=True, smoothing=v == Variant.CE, compute_grad=True)
+
+
+def shipped_specs(full: bool = False) -> list[Spec]:
+    """Every (kernel, variant, dtype, config bucket) the launchers can pick, at its
+    heaviest flags (``full``: every flag combination of the forward as well)."""
+    specs = []
+    for dt in DTYPES:
+        for v in Variant:
+            for c in fwd_buckets(v):
+                if full:
+                    for w in (False, True):
+                        for sm in ((False, True) if v == Variant.CE else (False,)):
+                            for g in (False, True):
+                                specs.append(Spec("fwd", int(v), dt, c, has_weight=w, smoothing=sm, compute_grad=g))
+                else:
+                    specs.append(_heaviest("fwd", v, dt, c))
+            for c in bwd_buckets(v):
+                specs.append(_heaviest("bwd", v, dt, c))
+        for c in bwd_buckets(Variant.CE):
+            specs.append(Spec("scale", 0, dt, c, go_per_row=True))
+    specs.append(Spec("prologue", 0, "fp32", 1))
+    return _dedup(specs)
+
+
+def ci_specs() -> list[Spec]:
+    """The subset the test suite compiles for both architectures (the full set takes
+    ~10 minutes on two cores; ``report --all`` runs it): per variant the register-
+    heaviest configurations -- the widest on-chip tile and the streamed one in bf16 and
+    fp32, the widest on-chip tile in fp16, ImageNet's C = 1000 -- plus the standalone
+    backward's widest tile, the scale and prologue kernels. The widest tile of a regime
+    holds the most values per thread and so bounds the narrower ones' registers."""
+    specs = []
+    for v in Variant:
+        fb = fwd_buckets(v)
+        widest, streamed = fb[-2], fb[-1]
+        for dt in ("bf16", "fp32"):
+            specs += [_heaviest("fwd", v, dt, widest), _heaviest("fwd", v, dt, streamed)]
+            specs.append(_heaviest("bwd", v, dt, bwd_buckets(v)[-1]))
+        specs += [_heaviest("fwd", v, "fp16", widest), _heaviest("fwd", v, "bf16", 1000)]
+    specs += [Spec("scale", 0, "bf16", 4096, go_per_row=True), Spec("scale", 0, "fp32", 4096, go_per_row=False),
+              Spec("prologue", 0, "fp32", 1)]
+    return _dedup(specs)
+
+
+def as_row(u: Usage) -> dict:
+    d = asdict(u.spec)
+    d.update(label=u.spec.label(), arch=f"sm_{u.arch}", registers=u.registers, spill_stores=u.spill_stores,
+             spill_loads=u.spill_loads, local=u.local_bytes, stack=u.stack_bytes, shared=u.shared_bytes)
+    return d
