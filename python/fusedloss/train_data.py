@@ -154,12 +154,15 @@ def image_folder_loaders(data: str, batch_size: int, workers: int, image_size: i
     # then a function of (seed, epoch) alone, with or without torchrun.
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator()
-    persistent = workers > 0
+    # Training workers are NOT persistent: fresh workers each epoch take their seeds from
+    # `generator`, re-seeded per epoch, so a resumed run replays the same augmentations
+    # (persistent workers would carry RNG state across epochs that no checkpoint holds).
+    # Starting them costs seconds per epoch. Validation has no randomness: its workers persist.
     train = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler, num_workers=workers,
                        pin_memory=pin_memory, drop_last=True,  # a batch of 1 breaks BatchNorm at 1x1 maps
-                       generator=generator, persistent_workers=persistent)
+                       generator=generator, persistent_workers=False)
     val = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), rank, world_size),
-                     num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent)
+                     num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     return Loaders(train, val, classes, train_sampler, generator)
 
 
