@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--md", default=None, help="also write the table as markdown here")
     args = ap.parse_args()
     lines = [f"N={args.n}, C={args.c}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
-             "Command: `python bench/reference_memory.py" + (f" --n {args.n} --c {args.c}`" if args.n != 1024 or args.c != 32000 else "`"),
+             f"Command: `python bench/reference_memory.py --n {args.n} --c {args.c} --repeat {args.repeat}`",
              "", "| dtype | fwd+bwd | peak extra memory (x logits) | time (x copy) |", "|---|---|---|---|"]
     for dname in args.dtype:
         dtype = getattr(torch, dname)

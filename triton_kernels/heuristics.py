@@ -7,7 +7,7 @@ Two regimes:
 
 * the row fits on chip (next_pow2(C) <= SINGLE_MAX): one tile per row held in
   registers from the load to the gradient store (traffic = read + write). Small C
-  packs several rows per program so a program still moves >= MIN_TILE elements
+  packs several rows per program so a program still moves >= min_tile elements
   (ImageNet's C = 1000: 2 rows of 1024 per program, 4 warps);
 * longer rows: column blocks of STREAM_BLOCK streamed twice (stats, then gradient in
   reverse order, L2-warm), one row per program.
@@ -23,7 +23,8 @@ another's arithmetic), while the streamed regime's second read is served by L2.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import triton
 
@@ -37,12 +38,11 @@ class Family:
     values_per_thread: int  # row values per thread in the on-chip regime
     stream_block: int       # column block of the streamed regime
     stream_warps: int
+    min_tile: int = 2048    # minimum elements per program (several rows for small C)
 
 
 TARGET = Family(single_max=8192, values_per_thread=16, stream_block=4096, stream_warps=8)
 BCE = Family(single_max=4096, values_per_thread=8, stream_block=4096, stream_warps=8)
-#: Minimum elements per program in the on-chip regime (several rows for small C).
-MIN_TILE = 2048
 MIN_BLOCK_C = 16
 MAX_WARPS = 16
 
@@ -59,8 +59,25 @@ class Config:
         return self.block_n * self.block_c
 
 
+_FAMILIES = {"target": TARGET, "bce": BCE}
+
+
 def family(variant: int) -> Family:
-    return BCE if int(variant) == _BCE else TARGET
+    return _FAMILIES["bce" if int(variant) == _BCE else "target"]
+
+
+@contextmanager
+def override(**changes):
+    """Temporarily change both families' limits (e.g. ``single_max=32, stream_block=16``):
+    the interpreter tests use it so that rows of a few dozen classes already span several
+    column blocks with a ragged tail, in both regimes, at interpreter speed."""
+    saved = dict(_FAMILIES)
+    try:
+        for k in _FAMILIES:
+            _FAMILIES[k] = replace(_FAMILIES[k], **changes)
+        yield
+    finally:
+        _FAMILIES.update(saved)
 
 
 def _warps_for(tile: int, values_per_thread: int) -> int:
@@ -74,7 +91,7 @@ def fwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
     f = family(variant)
     bc = max(MIN_BLOCK_C, triton.next_power_of_2(int(n_cols)))
     if bc <= f.single_max:
-        tile = max(bc, MIN_TILE)
+        tile = max(bc, f.min_tile)
         return Config(block_n=tile // bc, block_c=bc, single=True, num_warps=_warps_for(tile, f.values_per_thread))
     return Config(block_n=1, block_c=f.stream_block, single=False, num_warps=f.stream_warps)
 
@@ -84,13 +101,13 @@ def bwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
     most stream_block, several rows per program for small C."""
     f = family(variant)
     bc = max(MIN_BLOCK_C, min(triton.next_power_of_2(int(n_cols)), f.stream_block))
-    tile = max(bc, MIN_TILE)
+    tile = max(bc, f.min_tile)
     return Config(block_n=tile // bc, block_c=bc, single=False, num_warps=_warps_for(tile, f.values_per_thread))
 
 
 def scale_config(n_cols: int) -> Config:
     bc = max(MIN_BLOCK_C, min(triton.next_power_of_2(int(n_cols)), 4096))
-    tile = max(bc, MIN_TILE)
+    tile = max(bc, TARGET.min_tile)
     return Config(block_n=tile // bc, block_c=bc, single=False, num_warps=4)
 
 

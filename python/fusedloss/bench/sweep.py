@@ -2,7 +2,8 @@
 
 Per (dtype, N, C) the logits are made once and a ``copy`` row (``logits.clone()``:
 one read and one write of the logits) is timed first, in the same process and
-on the same tensor, so every other row can be given as a ratio to it. Per loss
+on the same tensor. Every other row is given as a ratio to a copy too: one
+sampled alternately with that row's own samples, so both saw the same load. Per loss
 the float64 oracle is computed once and shared by all backends. A backend that
 raises in one cell gets an ``error`` entry for that cell; the sweep goes on.
 """
@@ -87,7 +88,11 @@ def _measure_cell(
 ) -> dict[str, object]:
     out: dict[str, object] = {}
     step = make_step(fn, x, t, mode)
-    out.update(timing.measure(step, cfg.device, cfg.warmup, cfg.repeat).as_dict())
+    # The copy this row is divided by is sampled between this row's own
+    # samples (see timing.measure_interleaved), not only once per shape.
+    own, copy = timing.measure_interleaved([step, x.detach().clone], cfg.device, cfg.warmup, cfg.repeat)
+    out.update(own.as_dict())
+    out["copy_ms"] = copy.median_ms
     del step
     if cfg.check_memory:
         try:
@@ -148,8 +153,12 @@ def run(
 
 
 def _finish(rec: dict[str, object], copy_ms: float) -> dict[str, object]:
-    """Add the derived columns: ratio to copy, GB/s, MiB and multiple of the logits."""
-    rec["copy_ms"] = copy_ms
+    """Add the derived columns: ratio to copy, GB/s, MiB and multiple of the logits.
+
+    ``copy_ms`` (the shape's copy row) is the fallback divisor for a row that
+    has no interleaved copy of its own (one whose measurement failed)."""
+    rec.setdefault("copy_ms", copy_ms)
+    copy_ms = float(rec["copy_ms"])  # type: ignore[arg-type]
     if "median_ms" in rec:
         ms = float(rec["median_ms"])
         rec["x_copy"] = ms / copy_ms if copy_ms > 0 else None

@@ -1,4 +1,4 @@
-"""Wall-clock timing of one callable: warm-up, many repeats, median and spread.
+"""Wall-clock timing: warm-up, many repeats, median and quartiles.
 
 CPU: ``time.perf_counter`` around each call (CPU ops are synchronous), with the
 garbage collector paused so a collection never lands inside a sample.
@@ -10,11 +10,12 @@ its predecessor just wrote would be timed from cache, not from HBM.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -36,11 +37,6 @@ class Timing:
     min_ms: float
     repeats: int
 
-    @property
-    def spread(self) -> float:
-        """Half the inter-quartile range relative to the median (0.05 = +-5%)."""
-        return (self.p75_ms - self.p25_ms) / (2 * self.median_ms) if self.median_ms > 0 else 0.0
-
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
@@ -58,53 +54,74 @@ def _repeats(first_ms: float, device: torch.device, repeat: int | None) -> int:
     return max(lo, min(hi, fit))
 
 
-def _time_cpu(fn: Callable[[], object], warmup: int, repeat: int | None) -> Timing:
-    for _ in range(warmup):
-        fn()
-    # No gc.collect() here: with Dynamo imported the heap is large and one
-    # collection costs ~0.15 s, more than a whole small cell. Pausing the
-    # collector is what keeps it out of the samples.
-    gc.disable()
-    try:
+class _CpuClock:
+    """``time.perf_counter`` around a call: CPU ops return when they are done."""
+
+    def sample(self, fn: Callable[[], object]) -> Callable[[], float]:
         t0 = time.perf_counter()
         fn()
-        samples = [(time.perf_counter() - t0) * 1e3]
-        for _ in range(_repeats(samples[0], torch.device("cpu"), repeat) - 1):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        gc.enable()
-    return _summarise(samples)
+        ms = (time.perf_counter() - t0) * 1e3
+        return lambda: ms
+
+    def sync(self) -> None:
+        pass
 
 
-def _time_cuda(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int | None) -> Timing:
-    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+class _CudaClock:
+    """CUDA events around a call, after overwriting a buffer larger than L2."""
 
-    def sample() -> tuple[torch.cuda.Event, torch.cuda.Event]:
-        flush.zero_()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+    def sample(self, fn: Callable[[], object]) -> Callable[[], float]:
+        self.flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        return start, end
+        # Read only after sync(): an event's time is undefined until it completed.
+        return lambda: start.elapsed_time(end)
 
-    with torch.cuda.device(device):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        s, e = sample()
-        torch.cuda.synchronize()
-        first = s.elapsed_time(e)
-        events = [sample() for _ in range(_repeats(first, device, repeat) - 1)]
-        # One synchronisation for the whole batch: a sync per sample would add
-        # launch gaps but not change the event times; never read events unsynced.
-        torch.cuda.synchronize()
-    return _summarise([first] + [s.elapsed_time(e) for s, e in events])
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeat: int | None
+) -> list[Timing]:
+    """Time several callables with their samples interleaved: f0, f1, f0, f1, ...
+
+    Used to pair each loss with the copy it is divided by: on a shared machine
+    the load changes from second to second, and interleaving makes both see
+    the same conditions, so their ratio stays meaningful when the absolute
+    times do not. The repeat count is chosen from the first round's total.
+    """
+    clock: _CpuClock | _CudaClock = _CudaClock(device) if device.type == "cuda" else _CpuClock()
+    ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        clock.sync()
+        # No gc.collect() here: with Dynamo imported the heap is large and one
+        # collection costs ~0.15 s, more than a whole small cell. Pausing the
+        # collector is what keeps it out of the samples.
+        gc.disable()
+        try:
+            rounds = [[clock.sample(fn) for fn in fns]]
+            clock.sync()
+            first = sum(read() for read in rounds[0])
+            for _ in range(_repeats(first, device, repeat) - 1):
+                rounds.append([clock.sample(fn) for fn in fns])
+            # One synchronisation for the whole batch: a sync per sample would
+            # add launch gaps between samples but not change the event times.
+            clock.sync()
+        finally:
+            gc.enable()
+    return [_summarise([r[i]() for r in rounds]) for i in range(len(fns))]
 
 
 def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int | None) -> Timing:
     """Time ``fn()`` on ``device``; ``repeat=None`` picks the count from the time budget."""
-    if device.type == "cuda":
-        return _time_cuda(fn, device, warmup, repeat)
-    return _time_cpu(fn, warmup, repeat)
+    return measure_interleaved([fn], device, warmup, repeat)[0]
