@@ -217,8 +217,9 @@ def markdown(doc: dict[str, object]) -> str:
     out += ["## All columns", ""]
     out += _md_table([h for _, h in COLUMNS], [[cell(r, k) for k, _ in COLUMNS] for r in records])
     out.append("")
-    out.append("median ms: median of the repeats; ±: half the inter-quartile range; × copy: median / copy "
-               "median; GB/s: minimal bytes of the mode (fwd 1x, bwd 2x, fwd+bwd 3x the logits) / median; "
+    out.append("median ms: median of the repeats; ±: half the inter-quartile range; × copy: median / median "
+               "of the copy (`logits.clone()`) samples taken alternately with this row's own (the copy row "
+               "shows the copy timed alone); GB/s: minimal bytes of the mode (fwd 1x, bwd 2x, fwd+bwd 3x the logits) / median; "
                "peak MiB: peak bytes allocated during fwd+bwd over the inputs (includes the gradient); "
                "errors: max abs error of per-row loss and gradient vs float64; nan/inf: entries the backend "
                "made non-finite where float64 is finite.")
