@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, reason in skipped.items():
         err.print(f"skipped backend {name}: {reason}", markup=False, highlight=False)
     records = _measure(cfg, chosen, err)
+    info["loadavg_1m_end"] = machine.loadavg()
     doc: dict[str, object] = {
         "schema": report.SCHEMA,
         "command": "fusedloss-bench" + (" " + shlex.join(args) if args else ""),

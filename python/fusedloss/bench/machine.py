@@ -47,6 +47,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def loadavg() -> float | None:
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def describe(device: torch.device) -> dict[str, object]:
     """Host, software versions and, on CUDA, the GPU."""
     info: dict[str, object] = {
@@ -62,6 +70,10 @@ def describe(device: torch.device) -> dict[str, object]:
         "fusedloss": _version("fusedloss"),
         "fusedloss_commit": _git_commit(),
         "gpu": None,
+        # Other processes on the same cores inflate every time (and, with
+        # several torch threads, stall parallel regions): the load is part of
+        # the result's provenance.
+        "loadavg_1m": loadavg(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
