@@ -246,3 +246,19 @@ def test_bad_checkpoint_and_existing_run(ce_run, tiny_data, tmp_path, capsys):
     # Starting without --resume into a directory that holds a run would overwrite it: refused.
     assert main(["--data", str(tiny_data), *TINY, "--output", str(ce_run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+def test_dummy_on_gpu_bf16_channels_last(loss, tmp_path):
+    """The throughput configuration (bf16 autocast, channels-last, synthetic data) on one GPU, every loss."""
+    if not torch.cuda.is_available():  # checked here, not at import: test modules must not touch the GPU
+        pytest.skip("needs CUDA")
+    args = ["--dummy", "--device", "cuda", "--amp", "bf16", "--channels-last", "--num-classes", "1000",
+            "--dummy-train-size", "256", "--dummy-val-size", "64", "--arch", "resnet18", "--image-size", "64",
+            "--batch-size", "64", "--workers", "0", "--progress", "none", "--epochs", "1", "--loss", loss,
+            "--output", str(tmp_path)]
+    assert main(args) == 0
+    (record,) = read_log(tmp_path)
+    assert record["train_images"] == 256 and np.isfinite(record["train_loss"])
+    assert load(tmp_path / "checkpoint.pt")["rng"][0]["cuda"] is not None
