@@ -187,6 +187,8 @@ def train(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace, ctx: DistContext) -> int:
     say = print if ctx.is_main else (lambda *a, **k: None)
+    if args.sync_bn and ctx.device.type != "cuda":
+        raise TrainInputError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernels)")
     if args.batch_size % ctx.world_size:
         raise TrainInputError(f"--batch-size {args.batch_size} (global) is not divisible by {ctx.world_size} processes")
     per_rank_batch = args.batch_size // ctx.world_size
