@@ -225,23 +225,16 @@ def triton_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, va
                           alpha, beta, gamma, logits)
 
 
-_SCALED_ATTR = "_fusedloss_grad_scaled"
-
-
 def scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
     """``register_autograd``'s hook: ``grad *= grad_output`` in place on the device,
-    skipped where grad_output is 1. In place means the saved gradient is consumed by the
-    first backward: a second backward through the same graph (retain_graph=True) would
-    scale it twice, so eager mode refuses it with an error instead."""
+    skipped where grad_output is 1 (no extra pass, no host synchronization).
+
+    In place means the saved gradient is consumed by the first backward. The op is
+    declared mutating, so autograd bumps the saved tensor's version: a second backward
+    through the same graph (``retain_graph=True``) raises autograd's "modified by an
+    inplace operation" error instead of scaling twice."""
     if grad.dtype == torch.float64:
         return ops.scale_fused_grad(grad, grad_loss)
-    if not torch.compiler.is_compiling():
-        if getattr(grad, _SCALED_ATTR, False):
-            raise RuntimeError(
-                "fusedloss (triton backend): the fused gradient of this loss was already used by a "
-                "backward pass (it is scaled in place); backward through the same loss twice "
-                "(retain_graph=True) is not supported: recompute the loss, or use backend='reference'")
-        setattr(grad, _SCALED_ATTR, True)
     triton_scale_grad_(grad, grad_loss)
     return grad
 
