@@ -23,9 +23,8 @@ one at run time from ``at::get_cpu_capability()``, as ATen does for its own kern
 import glob
 import os
 import platform
-import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -112,7 +111,9 @@ setup(
     name="fusedloss",
     version="0.1.0",
     description="Fused, exact softmax classification losses (CE, BCE, NLLR, CRL, LACE, focal) for PyTorch",
-    packages=["fusedloss", "fusedloss.triton_kernels"],
+    packages=["fusedloss", "fusedloss.triton_kernels"]
+    + [f"fusedloss.{p}" for p in find_packages("python/fusedloss")]
+    + [f"fusedloss.triton_kernels.{p}" for p in find_packages("triton_kernels")],
     package_dir={"fusedloss": "python/fusedloss", "fusedloss.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],

@@ -1,0 +1,373 @@
+// Fused row kernels for all six losses: forward (+ gradient) and backward.
+//
+// Compiled once per CPU capability by setup.py (-DCPU_CAPABILITY=DEFAULT|AVX2|
+// AVX512 with the matching -m flags); ops_cpu.cpp picks one at run time.
+//
+// Traffic per row of C logits (b bytes each), forward with the gradient:
+//   pass 1: online lse_ex over k != c   read C*b from memory (the only DRAM read)
+//   pass 2: gradient                    read C*b from cache, write C*b
+// so the fused forward+backward moves what a copy of the logits moves; the
+// loss itself is per-row scalar work (losses.h). bce adds one cached pass for
+// its second reduction (R and sum log(1 - p_k) need lse first).
+// Rows longer than the cache (C*b past ~1 MiB of L2 here) reread pass 2's
+// input from L3 instead: still one DRAM read and one write.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "vec_row.h"
+
+namespace fusedloss::cpu::CPU_CAPABILITY {
+namespace {
+
+// Per-thread row buffers, kept between calls (no allocation per row):
+// slot 0: the e_k of the exp pass for half dtypes (float and double rows keep
+// them in their own gradient row); slot 1: the per-block shifts.
+template <typename T>
+T* thread_buffer(int slot, size_t n) {
+  thread_local std::vector<T> buffers[2];
+  auto& v = buffers[slot];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+template <typename scalar_t>
+struct Rows {
+  using RV = RowVec<scalar_t>;
+  using acc_t = typename RV::acc_t;
+  using Vec = typename RV::Vec;
+  using Step = typename RV::Step;
+
+  const RowsProblem& pb;
+  const acc_t* weight;
+
+  explicit Rows(const RowsProblem& p) : pb(p), weight(static_cast<const acc_t*>(p.weight)) {}
+
+  const scalar_t* row(int64_t i) const {
+    return static_cast<const scalar_t*>(pb.logits) + i * pb.row_stride;
+  }
+  scalar_t* grad_row(int64_t i) const {
+    return pb.grad ? static_cast<scalar_t*>(pb.grad) + i * pb.classes : nullptr;
+  }
+  acc_t* stats_row(int64_t i) const { return static_cast<acc_t*>(pb.stats) + i * kStatsCols; }
+  acc_t weight_of(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  // dLoss/dloss_i, without the class weight.
+  acc_t grad_out(int64_t i) const {
+    const auto* rows = static_cast<const acc_t*>(pb.grad_loss_rows);
+    return static_cast<acc_t>(pb.grad_scale) * (rows ? rows[i * pb.grad_loss_stride] : acc_t(1));
+  }
+  // Where the exp pass keeps e_k: the gradient row itself when it has the math
+  // type (rewritten in place by the gradient pass), else a thread buffer.
+  acc_t* e_buffer(scalar_t* g) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return g;
+    } else {
+      return thread_buffer<acc_t>(0, pb.classes);
+    }
+  }
+
+  // Ignored rows: loss 0, gradient 0, stats 0 (never read), and no logit read.
+  void ignore_row(int64_t i, bool forward) const {
+    if (forward) {
+      static_cast<acc_t*>(pb.loss_rows)[i] = acc_t(0);
+      std::fill_n(stats_row(i), kStatsCols, acc_t(0));
+    }
+    if (scalar_t* g = grad_row(i)) std::memset(g, 0, sizeof(scalar_t) * pb.classes);
+  }
+
+  // Forward pass 1: lse_ex over k != c, in blocks; with `e`, also stores the
+  // e_k and the block shifts (see OnlineLse).
+  template <bool kArgmax, bool kXSum>
+  OnlineLse<scalar_t, kArgmax, kXSum> lse_pass(const scalar_t* x, int64_t c, acc_t* e,
+                                               acc_t* shifts) const {
+    OnlineLse<scalar_t, kArgmax, kXSum> acc;
+    int64_t b_idx = 0;
+    for_each_block<scalar_t>(pb.classes, c, [&](int64_t b, int64_t end) {
+      const acc_t shift = acc.add_block(x, b, end, weight, e);
+      if (e) shifts[b_idx++] = shift;
+    });
+    return acc;
+  }
+
+  acc_t* shift_buffer() const {
+    return thread_buffer<acc_t>(1, pb.classes / kBlock<scalar_t> + 2);
+  }
+
+  // ------------------------------------------------------------------------
+  // ce, nllr, crl, lace, focal: one reduction (lse_ex), one gradient pass
+  //   g_j = exp(x_j - K) * scale - smooth * w_j,  K = lse - log s  (losses.h)
+  // Forward: exp(x_j - K) = e_j * exp(shift_b - K) from pass 1's e_j: no exp.
+  // Backward (from stats): the exp itself.
+  // ------------------------------------------------------------------------
+  template <bool kSmooth>
+  FUSEDLOSS_ROW_PASS void target_only(int64_t i, bool forward) const {
+    const int64_t C = pb.classes, c = pb.target[i];
+    const scalar_t* x = row(i);
+    scalar_t* g = grad_row(i);
+    const acc_t x_c = static_cast<acc_t>(x[c]);
+    const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
+    const acc_t W = static_cast<acc_t>(pb.weight_total);
+    const acc_t w_c = weight_of(c);
+    acc_t* st = stats_row(i);
+    acc_t* e = forward && g ? e_buffer(g) : nullptr;
+    acc_t* shifts = e ? shift_buffer() : nullptr;
+    acc_t lse, lse_ex, weighted_x_sum = 0;
+    if (forward) {
+      const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts);
+      lse_ex = acc.lse();
+      lse = logaddexp(lse_ex, x_c);
+      if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_c * x_c;
+    } else {
+      lse = st[0];
+      lse_ex = st[1];
+    }
+    const auto terms = target_only_terms<acc_t>(pb.cfg.variant, lse_ex - x_c, pb.cfg.alpha,
+                                                pb.cfg.beta, pb.cfg.gamma);
+    if (forward) {
+      static_cast<acc_t*>(pb.loss_rows)[i] =
+          target_only_loss<acc_t>(terms.loss, w_c, lse, eps, acc_t(C), W, weighted_x_sum);
+      st[0] = lse;
+      st[1] = lse_ex;
+      st[2] = st[3] = acc_t(0);
+    }
+    if (!g) return;
+    const acc_t go = grad_out(i);
+    const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, w_c * go, go, w_c, eps,
+                                           acc_t(C), W);
+    const Vec smooth(k.smooth);
+    // One step of the gradient: u = exp(x_j - K) * scale, then the smoothing term.
+    auto finish = [&](Step& u, int64_t j, int64_t n) {
+      if constexpr (kSmooth) {
+        Step w;
+        if (weight) w = RV::load_acc(weight + j, n);
+        for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] - (weight ? smooth * w.v[p] : smooth);
+      }
+      RV::store(g + j, n, u);
+    };
+    if (e) {
+      // exp(shift_b - K) <= ~1: shift_b <= max_{k != c} x_k, and K >= that max
+      // for every variant (s p_j <= 1 / (1 - p_c) p_j <= 1).
+      int64_t b_idx = 0;
+      for_each_block<scalar_t>(C, c, [&](int64_t b, int64_t end) {
+        const Vec f(std::exp(shifts[b_idx++] - k.shift) * k.scale);
+        for (int64_t j = b; j < end; j += RV::kWidth) {
+          const int64_t n = std::min(RV::kWidth, end - j);
+          Step u = RV::load_acc(e + j, n);
+          for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] * f;
+          finish(u, j, n);
+        }
+      });
+    } else {
+      const Vec shift(k.shift), scale(k.scale);
+      RV::for_each(x, 0, C, [&](Step u, int64_t j, int64_t n) {
+        for (int p = 0; p < RV::kParts; ++p) u.v[p] = vexp(u.v[p] - shift) * scale;
+        finish(u, j, n);
+      });
+    }
+    g[c] = static_cast<scalar_t>(k.target);
+  }
+
+  // ------------------------------------------------------------------------
+  // bce: lse_ex and the arg-max w in pass 1; the sums over k not in {c, w}
+  // (P = sum p_k, sum log1p(-p_k), sum a_k) in pass 2; the gradient in pass 3.
+  // Passes 2 and 3 take p_k = e_k exp(shift_b - lse) from pass 1's e_k in the
+  // forward, and exp(x_k - lse) in the backward.
+  // ------------------------------------------------------------------------
+  struct PSource {
+    const scalar_t* x;
+    const acc_t* e;  // null: exp from x
+    const acc_t* shifts;
+    acc_t lse;
+
+    // f(p, j, n) over the blocks of the row without c; p is 0 in lanes past n.
+    template <typename F>
+    void for_each(int64_t C, int64_t c, F&& f) const {
+      int64_t b_idx = 0;
+      const Vec vlse(lse);
+      for_each_block<scalar_t>(C, c, [&](int64_t b, int64_t end) {
+        const Vec factor(e ? std::exp(shifts[b_idx++] - lse) : acc_t(0));
+        for (int64_t j = b; j < end; j += RV::kWidth) {
+          const int64_t n = std::min(RV::kWidth, end - j);
+          Step p;
+          if (e) {
+            p = RV::load_acc(e + j, n);  // zero past n
+            for (int q = 0; q < RV::kParts; ++q) p.v[q] = p.v[q] * factor;
+          } else {
+            p = RV::pad(RV::load(x + j, n), n, kNegInf<acc_t>);
+            for (int q = 0; q < RV::kParts; ++q) p.v[q] = vexp(p.v[q] - vlse);
+          }
+          f(p, j, n);
+        }
+      });
+    }
+  };
+
+  struct BceSums {
+    acc_t p, log1m, a;
+  };
+
+  // Pass 2: sums over k not in {c, w} (w's lanes are masked to p = 0).
+  template <bool kLossTerms>
+  FUSEDLOSS_ROW_PASS BceSums bce_sums(const PSource& src, int64_t c, int64_t w) const {
+    Vec sp(acc_t(0)), sl(acc_t(0)), sa(acc_t(0));
+    const Vec one(acc_t(1));
+    src.for_each(pb.classes, c, [&](Step p, int64_t j, int64_t n) {
+      if (w >= j && w < j + n) p = mask_lane(p, w - j);
+      for (int q = 0; q < RV::kParts; ++q) {
+        sa = sa + p.v[q] / (one - p.v[q]);  // p <= 1/2 off the arg-max: exact
+        if constexpr (kLossTerms) {
+          sp = sp + p.v[q];
+          sl = sl + (-p.v[q]).log1p();
+        }
+      }
+    });
+    return {RV::hsum(sp), RV::hsum(sl), RV::hsum(sa)};
+  }
+
+  static Step mask_lane(Step p, int64_t lane) {
+    alignas(64) acc_t buf[RV::kWidth];
+    RV::store_acc(buf, RV::kWidth, p);
+    buf[lane] = acc_t(0);
+    return RV::load_acc(buf, RV::kWidth);
+  }
+
+  // log(1 - p_w) = lse_{k != w} - lse when pass 2's P lost its precision (a
+  // wrong class leads by ~57+ in fp32): a second lse over k not in {c, w}
+  // shifted by its own max. Rare, so a plain extra pass.
+  acc_t bce_log1m_pw_exact(const scalar_t* x, int64_t c, int64_t w, acc_t x_c, acc_t lse) const {
+    OnlineLse<scalar_t> acc;
+    for_ranges_without(pb.classes, c, w, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; j += kBlock<scalar_t>) acc.add_block(x, j, std::min(e, j + kBlock<scalar_t>));
+    });
+    return logaddexp(acc.lse(), x_c) - lse;
+  }
+
+  void bce(int64_t i, bool forward) const {
+    const int64_t C = pb.classes, c = pb.target[i];
+    const scalar_t* x = row(i);
+    scalar_t* g = grad_row(i);
+    const acc_t x_c = static_cast<acc_t>(x[c]);
+    const acc_t w_c = weight_of(c);
+    acc_t* st = stats_row(i);
+    acc_t* e = forward && g ? e_buffer(g) : nullptr;
+    acc_t* shifts = e ? shift_buffer() : nullptr;
+    acc_t lse, lse_ex;
+    int64_t w;
+    if (forward) {
+      const auto acc = lse_pass<true, false>(x, c, e, shifts);
+      lse_ex = acc.lse();
+      lse = logaddexp(lse_ex, x_c);
+      w = acc.max > x_c ? acc.argmax : c;  // ties: c (then p_w <= 1/2 and both forms are exact)
+    } else {
+      lse = st[0];
+      lse_ex = st[1];
+      w = static_cast<int64_t>(st[3]);
+    }
+    const bool w_is_c = w == c;
+    const acc_t x_w = static_cast<acc_t>(x[w]);
+    const PSource src{x, e, shifts, lse};
+    BceRow<acc_t> r;
+    if (forward) {
+      const BceSums s = bce_sums<true>(src, c, w);
+      acc_t log1m_pw = 0;
+      if (!w_is_c) {
+        const acc_t one_minus_pw = s.p + std::exp(x_c - lse);
+        log1m_pw = one_minus_pw >= bce_sum_floor<acc_t>() ? std::log(one_minus_pw)
+                                                          : bce_log1m_pw_exact(x, c, w, x_c, lse);
+      }
+      r = bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, log1m_pw, s.a);
+      const acc_t h = bce_loss<acc_t>(w_is_c, lse_ex - x_c, r.log1m_pw, s.log1m);
+      static_cast<acc_t*>(pb.loss_rows)[i] = w_c == acc_t(0) ? acc_t(0) : h * w_c;
+      st[0] = lse;
+      st[1] = lse_ex;
+      st[2] = r.log1m_pw;
+      st[3] = static_cast<acc_t>(w);
+    } else {
+      r = bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, st[2], bce_sums<false>(src, c, w).a);
+    }
+    if (!g) return;
+    const acc_t rs = w_c * grad_out(i);
+    // p_j a_w: -p_j when w == c; p_j * a_w while a_w is moderate (a subnormal p_j
+    // times a_w <= e^20 is below 1e-29); else exp(x_j - lse + log a_w).
+    if (w_is_c) {
+      bce_grad_pass<0>(src, g, c, r, rs);
+    } else if (r.log_aw <= acc_t(20)) {
+      bce_grad_pass<1>(src, g, c, r, rs);
+    } else {
+      bce_grad_pass<2>(src, g, c, r, rs);
+    }
+    g[w] = static_cast<scalar_t>(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, r.log1m_pw, r.r) * rs);
+    if (!w_is_c) g[c] = static_cast<scalar_t>(bce_grad_target<acc_t>(x_c, lse, r.r, r.log_aw) * rs);
+  }
+
+  // Pass 3: g_j = a_j - p_j R - p_j a_w for every j but c (w is overwritten after).
+  template <int kAwMode>
+  FUSEDLOSS_ROW_PASS void bce_grad_pass(const PSource& src, scalar_t* g, int64_t c, const BceRow<acc_t>& r,
+                     acc_t rs) const {
+    const Vec one(acc_t(1)), vr(r.r), vrs(rs), vlse(src.lse), log_aw(r.log_aw);
+    const Vec aw(kAwMode == 1 ? std::exp(r.log_aw) : acc_t(0));
+    src.for_each(pb.classes, c, [&](Step p, int64_t j, int64_t n) {
+      Step t;
+      if constexpr (kAwMode == 2) t = RV::load(src.x + j, n);
+      for (int q = 0; q < RV::kParts; ++q) {
+        Vec gq = p.v[q] / (one - p.v[q]) - p.v[q] * vr;
+        if constexpr (kAwMode == 0) gq = gq + p.v[q];
+        if constexpr (kAwMode == 1) gq = gq - p.v[q] * aw;
+        if constexpr (kAwMode == 2) gq = gq - vexp(t.v[q] - vlse + log_aw);
+        p.v[q] = gq * vrs;
+      }
+      RV::store(g + j, n, p);
+    });
+  }
+
+  void run(int64_t begin, int64_t end, bool forward) const {
+    const bool smooth = pb.cfg.label_smoothing > 0;
+    for (int64_t i = begin; i < end; ++i) {
+      if (pb.target[i] == pb.cfg.ignore_index) {
+        ignore_row(i, forward);
+      } else if (pb.cfg.variant == kBCE) {
+        bce(i, forward);
+      } else if (smooth) {
+        target_only<true>(i, forward);
+      } else {
+        target_only<false>(i, forward);
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+void run_rows(const RowsProblem& pb, bool forward) {
+  // Rows are independent; a task gets at least 32K elements (ATen's GRAIN_SIZE)
+  // so a small problem stays on one thread instead of paying the fork for nothing.
+  constexpr int64_t kGrainElements = 32768;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / pb.classes);
+  const Rows<scalar_t> rows(pb);
+  at::parallel_for(0, pb.rows, grain, [&](int64_t b, int64_t e) { rows.run(b, e, forward); });
+}
+
+void dispatch(const RowsProblem& pb, bool forward) {
+  switch (pb.dtype) {
+    case c10::ScalarType::Float: return run_rows<float>(pb, forward);
+    case c10::ScalarType::Double: return run_rows<double>(pb, forward);
+    case c10::ScalarType::BFloat16: return run_rows<c10::BFloat16>(pb, forward);
+    case c10::ScalarType::Half: return run_rows<c10::Half>(pb, forward);
+    default: TORCH_CHECK(false, "fusedloss: unsupported logits dtype ", pb.dtype);
+  }
+}
+
+void forward(const RowsProblem& pb) { dispatch(pb, true); }
+void backward(const RowsProblem& pb) { dispatch(pb, false); }
+
+#define FUSEDLOSS_STR2(x) #x
+#define FUSEDLOSS_STR(x) FUSEDLOSS_STR2(x)
+
+}  // namespace
+
+Kernels kernels() { return {&forward, &backward, FUSEDLOSS_STR(CPU_CAPABILITY)}; }
+
+}  // namespace fusedloss::cpu::CPU_CAPABILITY

@@ -1,0 +1,55 @@
+// The interface between the CPU op (ops_cpu.cpp, compiled once) and the row
+// kernels (kernels.cpp, compiled once per CPU capability). Plain pointers and
+// sizes only, so the capability objects need no at::Tensor code of their own.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../losses.h"
+
+namespace fusedloss::cpu {
+
+// One call's rows. "acc" below is the math type: float, or double for double logits.
+struct RowsProblem {
+  c10::ScalarType dtype;  // of logits and grad
+  const void* logits;     // (rows, classes), unit class stride
+  int64_t rows, classes, row_stride;
+  const int64_t* target;  // (rows,), every value checked: in [0, classes) or ignore_index
+  const void* weight;     // (classes,) acc, or nullptr
+  double weight_total;    // sum of the weights, or classes (label smoothing's W)
+  LossConfig cfg;
+
+  void* stats;      // (rows, kStatsCols) acc: written by forward, read by backward
+  void* loss_rows;  // forward: (rows,) acc, weighted row losses (0 for ignored rows)
+  void* grad;       // (rows, classes) dtype, contiguous; nullptr: forward without gradient
+
+  // The gradient written is dLoss/dx for dLoss/dloss_i =
+  //   grad_scale * (grad_loss_rows ? grad_loss_rows[i * grad_loss_stride] : 1)
+  // (grad_scale folds in 'mean''s 1/denominator and a scalar grad_loss).
+  double grad_scale;
+  const void* grad_loss_rows;  // acc, or nullptr
+  int64_t grad_loss_stride;
+};
+
+using RowsFn = void (*)(const RowsProblem&);
+
+struct Kernels {
+  RowsFn forward;   // loss_rows, stats, and grad when non-null
+  RowsFn backward;  // grad from stats
+  const char* capability;
+};
+
+// One definition per capability object; setup.py defines FUSEDLOSS_CPU_AVX2 /
+// FUSEDLOSS_CPU_AVX512 for the ones it built.
+namespace DEFAULT { Kernels kernels(); }
+namespace AVX2 { Kernels kernels(); }
+namespace AVX512 { Kernels kernels(); }
+
+// The best kernels this machine runs, chosen once from at::get_cpu_capability()
+// (which honours ATEN_CPU_CAPABILITY=default|avx2|avx512, as ATen's own kernels do).
+const Kernels& kernels_for_this_cpu();
+
+}  // namespace fusedloss::cpu

@@ -1,0 +1,40 @@
+// The extension module fusedloss._C: the op schemas (one place) and a small
+// Python module whose import runs the TORCH_LIBRARY initializers.
+//
+// The schema text is python/fusedloss/ops.py's FWD_SCHEMA / BWD_SCHEMA, character
+// for character; tests/test_cpu_kernel.py checks that they agree.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(fusedloss, m) {
+  m.def(
+      "ext_fwd(Tensor logits, Tensor target, Tensor? weight, int variant, int reduction, "
+      "int ignore_index, float label_smoothing, float alpha, float beta, float gamma, "
+      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
+      "int variant, int reduction, int ignore_index, float label_smoothing, float alpha, "
+      "float beta, float gamma) -> Tensor");
+}
+
+namespace {
+
+// fusedloss._C.cpu_capability(): the vector kernels this process runs
+// ("AVX512", "AVX2" or "DEFAULT"), for tests and benchmark reports.
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fusedloss::cpu::kernels_for_this_cpu().capability);
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU kernels in use: AVX512, AVX2 or DEFAULT (ATEN_CPU_CAPABILITY lowers it)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,235 @@
+// The per-variant math of docs/LOSSES.md, written once for the CPU and the CUDA
+// kernels: everything a kernel computes per row that is not a pass over the row.
+//
+// A kernel's passes produce the row statistics (lse, lse_ex = log sum_{k != c}
+// exp(x_k), the target logit x_c, and for bce the arg-max w and three sums);
+// the functions here turn them into the row's loss and the coefficients of its
+// gradient. T is float for float/half/bfloat16 logits and double for double.
+//
+// Mirrors python/fusedloss/reference.py function for function; the numerics
+// are explained there and in LOSSES.md, and repeated here where the order of
+// operations matters.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FL_HD __host__ __device__ __forceinline__
+#else
+#define FL_HD inline
+#endif
+
+namespace fusedloss {
+
+// Variant and reduction ids: python/fusedloss/variants.py (part of the op ABI).
+enum Variant : int64_t { kCE = 0, kBCE = 1, kNLLR = 2, kCRL = 3, kLACE = 4, kFocal = 5 };
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+constexpr int64_t kNumVariants = 6;
+constexpr int64_t kStatsCols = 4;  // lse, lse_ex, then bce's log(1 - p_w) and w
+
+// The op's scalar arguments, as the kernels use them.
+struct LossConfig {
+  int64_t variant;
+  int64_t reduction;
+  int64_t ignore_index;
+  double label_smoothing;
+  double alpha, beta, gamma;
+};
+
+template <typename T>
+FL_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// log(e^a + e^b), exact for both signs and for infinite arguments.
+template <typename T>
+FL_HD T logaddexp(T a, T b) {
+  T m = a > b ? a : b;
+  // Both -inf, or one +inf: a - b would be NaN. (Comparisons, not std::isinf,
+  // which is not a device function everywhere.)
+  if (m == neg_inf<T>() || m == -neg_inf<T>()) return m;
+  return m + std::log1p(std::exp(-std::fabs(a - b)));
+}
+
+// log(1 + e^t) = logaddexp(t, 0).
+template <typename T>
+FL_HD T softplus(T t) {
+  return logaddexp(t, T(0));
+}
+
+// log(softplus(t)); below -30, softplus(t) = e^t (1 - e^t / 2 ...) so the
+// answer is t to within e^-30, while e^t itself may already be subnormal.
+template <typename T>
+FL_HD T log_softplus(T t) {
+  return t < T(-30) ? t : std::log(softplus(t));
+}
+
+// k * t with 0 * (-inf) = 0: the factor (1 - p_c)^0 is 1 even when p_c = 1.
+template <typename T>
+FL_HD T scaled(T k, T t) {
+  return k == T(0) ? T(0) : k * t;
+}
+
+template <typename T>
+FL_HD T log_or_neg_inf(T v) {
+  return v > T(0) ? std::log(v) : neg_inf<T>();
+}
+
+// ---------------------------------------------------------------------------
+// The target-only family (ce, nllr, crl, lace, focal): L = h(p_c) and
+// dL/dx_j = s (p_j - [j == c]). Everything comes from d = lse_ex - x_c:
+//   log p_c = -softplus(d),  log(1 - p_c) = -softplus(-d)
+// so neither 1 - p_c nor lse - x_c is ever formed by a subtraction that cancels.
+// ---------------------------------------------------------------------------
+template <typename T>
+struct TargetOnlyTerms {
+  T loss;   // h(p_c), unweighted
+  T log_s;  // log of the gradient factor s
+};
+
+template <typename T>
+FL_HD TargetOnlyTerms<T> target_only_terms(int64_t variant, T d, T alpha, T beta, T gamma) {
+  switch (variant) {
+    case kCE:
+      return {softplus(d), T(0)};
+    case kNLLR:
+      // log(1 - p_c) - log p_c = lse_ex - x_c = d exactly; s = 1 / (1 - p_c).
+      return {d, softplus(-d)};
+    case kCRL: {
+      const T log_p = -softplus(d), log_q = -softplus(-d);
+      // log(alpha + q) as logaddexp(log alpha, log q): exact for alpha = 0 (then log q).
+      const T log_alpha_q = logaddexp(log_or_neg_inf(alpha), log_q);
+      // s = 1 + beta p / (alpha + q): log s = softplus(log beta + log p - log(alpha + q)),
+      // finite for alpha = 0 and q -> 0, where beta p / q overflows.
+      return {scaled(beta, log_alpha_q) + softplus(d),
+              softplus(log_or_neg_inf(beta) + log_p - log_alpha_q)};
+    }
+    default: {  // kLACE (gamma = 1) and kFocal
+      const T g = variant == kLACE ? T(1) : gamma;
+      const T log_p = -softplus(d), log_q = -softplus(-d);
+      const T q_g = scaled(g, log_q);  // log q^g
+      // s = q^g + g p q^(g-1) (-log p): both terms >= 0, summed in log space so a
+      // large q^(g-1) (g < 1, q -> 0) times a small -log p ~ q never overflows.
+      const T second = log_or_neg_inf(g) + log_p + scaled(g - T(1), log_q) + log_softplus(d);
+      return {std::exp(q_g) * softplus(d), logaddexp(q_g, second)};
+    }
+  }
+}
+
+// Coefficients of a row's gradient, for a kernel's last pass:
+//   g_j = exp(x_j - shift) * scale - smooth * w_j   (j != c; w_j = 1 without weights)
+//   g_c = target
+// The pass writes the first expression for every j and then stores g_c over it.
+template <typename T>
+struct GradCoef {
+  T shift, scale, smooth, target;
+};
+
+// Gradient of the target-only family times `rs` = weight[c] * dLoss/dloss_row:
+//   j != c: g_j = p_j s = exp(x_j - (lse - log s))
+//   j == c: g_c = -s (1 - p_c) = -exp(log s + (lse_ex - lse))
+// With label smoothing eps (ce only; PyTorch's convention, see reference.py):
+//   g_j = ((1 - eps) w_c go + (eps / C) W go) p_j - (eps / C) go w_j
+//   g_c = -(1 - eps) w_c go (1 - p_c) + (eps / C) go (W p_c - w_c)
+// where go = dLoss/dloss_row, rs = w_c go and W = sum_k w_k (C without weights).
+template <typename T>
+FL_HD GradCoef<T> target_only_grad(T lse, T lse_ex, T x_c, T log_s, T rs, T go, T w_c,
+                                   T eps, T num_classes, T weight_total) {
+  const T log1m_pc = lse_ex - lse;  // log(1 - p_c), exact
+  if (eps == T(0)) {
+    return {lse - log_s, rs, T(0), -std::exp(log_s + log1m_pc) * rs};
+  }
+  const T per_class = eps / num_classes * go;
+  const T p_c = std::exp(x_c - lse);
+  return {lse, (T(1) - eps) * rs + per_class * weight_total, per_class,
+          -(T(1) - eps) * rs * std::exp(log1m_pc) + per_class * (weight_total * p_c - w_c)};
+}
+
+// Row loss of the target-only family with weight w_c; `weighted_x_sum` is
+// sum_k w_k x_k (sum_k x_k without weights), read only when eps > 0.
+//   (1 - eps) w_c h(p_c) + (eps / C) (W lse - sum_k w_k x_k)
+// A zero weight gives 0 by a select, not a product: h can be inf.
+template <typename T>
+FL_HD T target_only_loss(T h, T w_c, T lse, T eps, T num_classes, T weight_total,
+                         T weighted_x_sum) {
+  T loss = w_c == T(0) ? T(0) : (eps == T(0) ? h : (T(1) - eps) * h) * w_c;
+  if (eps != T(0)) loss += eps / num_classes * (weight_total * lse - weighted_x_sum);
+  return loss;
+}
+
+// ---------------------------------------------------------------------------
+// Multi-class BCE: L = -log p_c - sum_{k != c} log(1 - p_k).
+// Only the arg-max w can have p_w > 1/2, so for k not in {c, w} the kernel sums
+// log1p(-p_k) and a_k = p_k / (1 - p_k) directly (both exact there); w's terms
+// come from log(1 - p_w) = lse_{k != w} - lse. Then, with
+// R = sum_{k != w} a_k (a_c = -1), the gradient (LOSSES.md, "Gradient of bce"):
+//   j not in {c, w}: g_j = a_j - p_j R - p_j a_w   (p_j a_w = -p_j when w == c)
+//   j == w != c:     g_w = p_w (1 - R)
+//   j == c != w:     g_c = -1 - p_c R - p_c a_w
+//   j == w == c:     g_c = -(1 - p_c) - p_c R
+// a_w = p_w / (1 - p_w) overflows once a wrong class leads by ~89 (fp32), so
+// p_j a_w is exp(x_j - lse + log a_w), never a_w times p_j.
+// ---------------------------------------------------------------------------
+template <typename T>
+struct BceRow {
+  T log1m_pw;  // log(1 - p_w)
+  T r;         // R
+  T log_aw;    // log a_w = log p_w - log(1 - p_w) when w != c (unused when w == c)
+};
+
+// log(1 - p_w) from the pass's sum P = sum_{k not in {c, w}} p_k (w != c):
+// 1 - p_w = P + p_c. P is a sum of exp(x_k - lse); it is exact to rounding while
+// its largest term is normal: below kBceSumFloor a kernel recomputes it with the
+// competitors' own max as the shift (bce_log1m_pw_exact) instead.
+template <typename T>
+FL_HD T bce_sum_floor() {
+  return sizeof(T) == 4 ? T(1e-25) : T(1e-280);
+}
+
+template <typename T>
+FL_HD BceRow<T> bce_row(bool w_is_c, T lse, T lse_ex, T x_c, T x_w, T log1m_pw_from_pass,
+                        T sum_a) {
+  BceRow<T> row;
+  if (w_is_c) {
+    row.log1m_pw = lse_ex - lse;
+    row.r = sum_a;  // a_c is excluded with w
+    row.log_aw = T(0);
+  } else {
+    row.log1m_pw = log1m_pw_from_pass;
+    row.r = sum_a - T(1);  // a_c = -1
+    row.log_aw = (x_w - lse) - row.log1m_pw;
+  }
+  return row;
+}
+
+// Row loss (unweighted): -log p_c - sum_{k != c} log(1 - p_k), with
+// sum_log1m = sum_{k not in {c, w}} log1p(-p_k).
+template <typename T>
+FL_HD T bce_loss(bool w_is_c, T d, T log1m_pw, T sum_log1m) {
+  return softplus(d) - (w_is_c ? sum_log1m : sum_log1m + log1m_pw);
+}
+
+// g_j for j not in {c, w} (unscaled): the kernels' vector passes write this form.
+template <typename T>
+FL_HD T bce_grad_other(bool w_is_c, T x_j, T lse, T r, T log_aw) {
+  const T p = std::exp(x_j - lse);
+  const T p_aw = w_is_c ? -p : std::exp(x_j - lse + log_aw);
+  return p / (T(1) - p) - p * r - p_aw;
+}
+
+// g_w (unscaled).
+template <typename T>
+FL_HD T bce_grad_argmax(bool w_is_c, T x_w, T lse, T log1m_pw, T r) {
+  const T p_w = std::exp(x_w - lse);
+  return w_is_c ? -std::exp(log1m_pw) - p_w * r : p_w * (T(1) - r);
+}
+
+// g_c for c != w (unscaled).
+template <typename T>
+FL_HD T bce_grad_target(T x_c, T lse, T r, T log_aw) {
+  return T(-1) - std::exp(x_c - lse) * r - std::exp(x_c - lse + log_aw);
+}
+
+}  // namespace fusedloss

@@ -1,0 +1,53 @@
+"""Registers the C++ extension's ops (``fusedloss._C``) as the "cpu" and "cuda" backends.
+
+Importing ``fusedloss._C`` runs its ``TORCH_LIBRARY`` initializers, which define
+``fusedloss::ext_fwd`` / ``fusedloss::ext_bwd`` (schemas ``ops.FWD_SCHEMA`` /
+``ops.BWD_SCHEMA``) with CPU kernels, and CUDA kernels when they were compiled in.
+If the extension was not built, the import fails and ``dispatch`` falls back to
+the reference backend (with a one-time warning).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import fusedloss._C as _C  # noqa: F401  (ImportError: backend unavailable, handled by dispatch)
+
+from . import dispatch, ops
+
+ops.register_fakes("ext_fwd", "ext_bwd")
+
+
+def _scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """Backward of the fused forward: ``grad * grad_loss``, without a second (N, C)
+    buffer when ``grad_loss`` is one (``loss.backward()``): then the gradient the
+    forward wrote *is* the answer, and autograd hands that very buffer to ``.grad``.
+
+    The shortcut reads ``grad_loss``'s values, so it runs only in eager mode on CPU
+    tensors, where that is a memory read and not a device synchronization. Traced
+    (``torch.compile``: fake or functional tensors) and on GPUs, the product."""
+    if (grad.device.type == "cpu" and type(grad_loss) is Tensor
+            and not torch.compiler.is_compiling() and bool((grad_loss == 1).all())):
+        return grad
+    return ops.scale_fused_grad(grad, grad_loss)
+
+
+ops.register_autograd("ext_fwd", torch.ops.fusedloss.ext_bwd.default, scale_grad=_scale_fused_grad)
+
+_fwd = torch.ops.fusedloss.ext_fwd.default
+_bwd = torch.ops.fusedloss.ext_bwd.default
+
+dispatch.register(dispatch.Backend(
+    name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
+))
+
+
+def cuda_compiled() -> bool:
+    """Whether this build of the extension has the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fusedloss::ext_fwd", "CUDA")
+
+
+if cuda_compiled():
+    dispatch.register(dispatch.Backend(
+        name="cuda", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cuda", fused_grad=True,
+    ))
