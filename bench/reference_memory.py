@@ -11,13 +11,11 @@ the same run: absolute CPU times on a shared machine mean little.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 import fusedloss as fl
+from fusedloss.bench.timing import measure
 from fusedloss.memtrack import PeakMemory
 from fusedloss.reference import naive_loss
 
@@ -48,13 +46,7 @@ def peak_ratio(fn, x, t) -> float:
 
 
 def median_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return measure(fn, torch.device("cpu"), warmup=1, repeat=repeat).median_ms
 
 
 def main() -> None:
