@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="fwd+bwd", help="fwd, bwd or fwd+bwd (default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
     p.add_argument("--repeat", default=None,
-                   help="timed repeats per cell (default: as many as fit in about 1 s, 5..50 on "
-                        "CPU, 20..200 on CUDA)")
+                   help="timed repeats per cell (default: as many as fit in about 1 s on CPU, "
+                        "5..50, or 0.5 s on CUDA, 20..200)")
     p.add_argument("--warmup", default=None, help="untimed calls before timing (default 1 CPU, 10 CUDA)")
     p.add_argument("--logits", default="normal",
                    help="normal: N(0, 1) logits; extreme: rows with huge leads and -inf classes "
