@@ -40,11 +40,16 @@ def _git_commit() -> str | None:
     if not (root / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=False)
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+        # Uncommitted changes to the library's sources mean the numbers belong
+        # to no commit: say so rather than credit HEAD with them.
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc", "python",
+                                "triton_kernels", "setup.py"],
+                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (head + ("-dirty" if dirty else "")) or None
 
 
 def loadavg() -> float | None:
