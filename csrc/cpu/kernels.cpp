@@ -64,10 +64,9 @@ struct Rows {
   // type (rewritten in place by the gradient pass), else a thread buffer.
   acc_t* e_buffer(scalar_t* g) const {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return g;
-    } else {
-      return thread_buffer<acc_t>(0, pb.classes);
+      if (g) return reinterpret_cast<acc_t*>(g);
     }
+    return thread_buffer<acc_t>(0, pb.classes);
   }
 
   // Ignored rows: loss 0, gradient 0, stats 0 (never read), and no logit read.
@@ -253,7 +252,9 @@ struct Rows {
     const acc_t x_c = static_cast<acc_t>(x[c]);
     const acc_t w_c = weight_of(c);
     acc_t* st = stats_row(i);
-    acc_t* e = forward && g ? e_buffer(g) : nullptr;
+    // The forward always keeps the e_k (in a thread buffer without a gradient), so
+    // its loss does not change a bit with compute_grad.
+    acc_t* e = forward ? e_buffer(g) : nullptr;
     acc_t* shifts = e ? shift_buffer() : nullptr;
     acc_t lse, lse_ex;
     int64_t w;
