@@ -102,7 +102,8 @@ def _signature(spec: Spec):
             sig.update({"eps": "fp32", "alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
         sig.update({"reduction": "i32", "n_denom": "i32"})
         const = dict(HAS_WEIGHT=spec.has_weight, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
-                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.row_align)
+                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.row_align,
+                     NUM_STAGES=cfg.num_stages)
         if not bce:
             const.update(VARIANT=spec.variant, HAS_SMOOTHING=spec.smoothing)
     elif spec.kernel == "bwd":

@@ -5,21 +5,22 @@ shapes.
 
 Two regimes:
 
-* the row fits on chip (next_pow2(C) <= SINGLE_MAX): one tile per row held in
+* the row fits on chip (next_pow2(C) <= single_max): one tile per row held in
   registers from the load to the gradient store (traffic = read + write). Small C
   packs several rows per program so a program still moves >= min_tile elements
   (ImageNet's C = 1000: 2 rows of 1024 per program, 4 warps);
-* longer rows: column blocks of STREAM_BLOCK streamed twice (stats, then gradient in
-  reverse order, L2-warm), one row per program.
+* longer rows: column blocks of stream_block streamed twice (stats, then gradient in
+  reverse order, L2-warm; bce three times), one row per program.
 
-The numbers keep <= 16 float32 row values per thread for the target-only kernels and
-<= 8 for bce (three reductions, more live temporaries): ptxas then fits every shipped
-specialization without spills on sm_80 and sm_90 and with <= ~128 registers, i.e. at
-least two programs per SM for the 16-warp tiles (``python -m
-fusedloss.triton_kernels.report`` prints them; ``tests/test_triton_aot.py`` asserts no
-spills). On-chip rows stop at 8192 (bce: 4096) elements: beyond that a register-
-resident row leaves one program per SM (no overlap of one program's loads with
-another's arithmetic), while the streamed regime's second read is served by L2.
+Why these numbers (from the AOT check, ``tests/test_triton_aot.py``): ptxas keeps room
+for two programs per SM, i.e. at most 128 registers at 8 warps and 64 at 16 warps, and
+spills past that rather than lowering occupancy. At 16 warps (8192-element tiles) some
+specializations spilled a few bytes; at 8 warps with <= 16 float32 row values per thread
+(target-only) or <= 8 (bce: three reductions, more live temporaries) every shipped
+specialization compiles without spills on sm_80 and sm_90. Hence on-chip rows up to 4096
+classes (bce 2048), streamed blocks of 4096 (bce 2048), 8 warps. Longer on-chip rows would
+also leave one program per SM, with no overlap of one program's loads and another's
+arithmetic, while the streamed regime's re-read is served by L2.
 """
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ class Family:
     stream_block: int       # column block of the streamed regime
     stream_warps: int
     min_tile: int = 2048    # minimum elements per program (several rows for small C)
+    # Software pipelining (cp.async) of the streamed loops: 1 = off. On, the AOT check showed
+    # +100 registers or spills (the staged tiles live in shared memory *and* registers) and
+    # bf16 loads were not pipelined at all; worth re-measuring on a GPU.
+    stream_stages: int = 1
 
 
-TARGET = Family(single_max=8192, values_per_thread=16, stream_block=4096, stream_warps=8)
-BCE = Family(single_max=4096, values_per_thread=8, stream_block=4096, stream_warps=8)
+TARGET = Family(single_max=4096, values_per_thread=16, stream_block=4096, stream_warps=8)
+BCE = Family(single_max=2048, values_per_thread=8, stream_block=2048, stream_warps=8)
 MIN_BLOCK_C = 16
 MAX_WARPS = 16
 
@@ -53,6 +58,7 @@ class Config:
     block_c: int      # columns per tile
     single: bool      # the whole row is one tile (kept in registers)
     num_warps: int
+    num_stages: int = 1
 
     @property
     def tile(self) -> int:
@@ -93,7 +99,8 @@ def fwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
     if bc <= f.single_max:
         tile = max(bc, f.min_tile)
         return Config(block_n=tile // bc, block_c=bc, single=True, num_warps=_warps_for(tile, f.values_per_thread))
-    return Config(block_n=1, block_c=f.stream_block, single=False, num_warps=f.stream_warps)
+    return Config(block_n=1, block_c=f.stream_block, single=False, num_warps=f.stream_warps,
+                  num_stages=f.stream_stages)
 
 
 def bwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:

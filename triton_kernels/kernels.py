@@ -209,7 +209,8 @@ def _rows_setup(pid, T, Wt, n_rows, n_cols, ignore_index, BLOCK_N: tl.constexpr,
     """Rows of this program (int64: N x C may exceed 2^31), their clamped targets and
     weights. A target outside [0, C) that is not ignore_index is never used as an index
     (clamped to 0) and marks its row ``bad`` (loss and gradient NaN)."""
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # (zeros + pid): int64 whether pid is a tensor (compiled) or a Python int (interpreter loop)
+    rows = (tl.zeros([BLOCK_N], tl.int64) + pid) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     tgt = tl.load(T + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     keep = (tgt != ignore_index) & row_ok
@@ -233,27 +234,24 @@ def _mean_denominator(DENOM, n_denom):
 
 
 @triton.jit
-def _reduce_loss(loss_rows, rows, row_ok, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction,
-                 PARTIAL_BLOCK: tl.constexpr):
-    """'none': store the rows' losses. 'sum'/'mean': store this program's partial sum;
-    the last program to take a ticket adds all partials in program order (deterministic)
-    and divides by the mean's denominator. The ticket is an acq_rel atomic at GPU scope:
-    it releases this program's partial and, for the last program, acquires everyone's;
-    the partials are then read with .cg (L2, never a stale L1 line)."""
-    if reduction == RED_NONE:
-        tl.store(LOSS + rows, loss_rows, mask=row_ok)
-    else:
+def _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK: tl.constexpr):
+    """'sum'/'mean': store this program's partial sum (its rows, in a fixed order); the last
+    program to take a ticket adds all partials in program order (deterministic) and
+    divides by the mean's denominator. The ticket is an acq_rel atomic at GPU scope: it
+    releases this program's partial and, for the last program, acquires everyone's; the
+    partials are then read with .cg (from L2, never a stale L1 line)."""
+    if reduction != RED_NONE:
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
-        tl.store(PARTIAL + pid, tl.sum(tl.where(row_ok, loss_rows, 0.0), 0))
+        tl.store(PARTIAL + pid, acc)
         tl.debug_barrier()
         ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")
         if ticket == nprog - 1:
-            acc = tl.zeros([PARTIAL_BLOCK], loss_rows.dtype)
+            part = tl.zeros([PARTIAL_BLOCK], acc.dtype)
             for start in range(0, nprog, PARTIAL_BLOCK):
                 offs = start + tl.arange(0, PARTIAL_BLOCK)
-                acc += tl.load(PARTIAL + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
-            total = tl.sum(acc, 0)
+                part += tl.load(PARTIAL + offs, mask=offs < nprog, other=0.0, cache_modifier=".cg")
+            total = tl.sum(part, 0)
             if reduction == RED_MEAN:
                 total = total / _mean_denominator(DENOM, n_denom)
             tl.store(LOSS, total)
@@ -292,6 +290,7 @@ def _store_stats(STATS, rows, row_ok, s0, s1, s2, s3):
 
 @triton.jit
 def _load_tile(X, row_off, row_ok, cols, n_cols, ACC: tl.constexpr):
+    """One tile, masked lanes at -inf (they vanish from every max and exp-sum)."""
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
     x = tl.load(X + row_off[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
     return x, mask
@@ -353,7 +352,7 @@ def target_fwd_kernel(
     n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
     VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Forward of a target-only variant for BLOCK_N rows, and with COMPUTE_GRAD the
     gradient for grad_output = 1 (written to G, which may be X itself: in-place).
@@ -361,8 +360,9 @@ def target_fwd_kernel(
     SINGLE: each row is one tile (BLOCK_C >= C) loaded once and kept in registers for
     the gradient: traffic = read C*E + write C*E per row. Else: pass 1 over column blocks
     for the statistics, pass 2 in reverse block order (L2-warm) for the gradient."""
-    pid = tl.program_id(0)
-    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
+    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
+    rb = tl.program_id(0)
+    rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
     # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
     # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
@@ -386,7 +386,7 @@ def target_fwd_kernel(
         s = tl.zeros([BLOCK_N], ACC)
         sum_wx = tl.zeros([BLOCK_N], ACC)
         w_tot = tl.zeros([BLOCK_N], ACC)
-        for start in range(0, n_cols, BLOCK_C):
+        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
             xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
             m, s = _online_update(m, s, xb, cols[None, :] == tc[:, None])
@@ -409,7 +409,10 @@ def target_fwd_kernel(
     lrow = tl.where(bad, float("nan"), lrow)
     zero = tl.zeros([BLOCK_N], ACC)
     _store_stats(STATS, rows, row_ok, lse, lse_ex, zero, zero)
-    _reduce_loss(lrow, rows, row_ok, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
+    if reduction == RED_NONE:
+        tl.store(LOSS + rows, lrow, mask=row_ok)
+    else:
+        acc += tl.sum(tl.where(row_ok, lrow, 0.0), 0)
 
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
@@ -421,12 +424,14 @@ def target_fwd_kernel(
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
         else:
             nb = tl.cdiv(n_cols, BLOCK_C)
-            for i in range(0, nb):
+            for i in tl.range(0, nb, num_stages=NUM_STAGES):
                 cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
                 xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
                 g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep,
                                       eps, x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+
+    _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 
 
 @triton.jit
@@ -539,13 +544,15 @@ def bce_fwd_kernel(
     n_rows, n_cols, ignore_index, reduction, n_denom,
     HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """Forward (and fused gradient) of bce. SINGLE: the tile stays in registers for all
     three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
     reverse (loss sum, R), pass 3 forward (gradient): each pass starts on the blocks the
     previous one read last, so re-reads are L2-warm."""
-    pid = tl.program_id(0)
-    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
+    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
+    rb = tl.program_id(0)
+    rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
     # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
     # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
@@ -560,7 +567,7 @@ def bce_fwd_kernel(
         x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC)
         M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, x, cols0, 0)
     else:
-        for start in range(0, n_cols, BLOCK_C):
+        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
             xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
             M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, xb, cols, start)
@@ -585,7 +592,10 @@ def bce_fwd_kernel(
     lrow = tl.where(keep, (_softplus(d) - l1m) * w_c, 0.0)
     lrow = tl.where(bad, float("nan"), lrow)
     _store_stats(STATS, rows, row_ok, lse, lse_ex, log1m_pw, Wi.to(ACC))
-    _reduce_loss(lrow, rows, row_ok, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
+    if reduction == RED_NONE:
+        tl.store(LOSS + rows, lrow, mask=row_ok)
+    else:
+        acc += tl.sum(tl.where(row_ok, lrow, 0.0), 0)
 
     if COMPUTE_GRAD:
         r, _ = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
@@ -595,11 +605,13 @@ def bce_fwd_kernel(
             g = _bce_grad_tile(x, mask, cols0, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
         else:
-            for start in range(0, n_cols, BLOCK_C):
+            for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
                 cols = start + cols0
                 xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
                 g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+
+    _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 
 
 @triton.jit

@@ -117,7 +117,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     w = weight if weight is not None else denom  # dummy pointer, never read
     common = dict(PARTIAL_BLOCK=PARTIAL_BLOCK, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, SINGLE=cfg.single,
                   HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps,
-                  ROW_ALIGN=row_align(logits.stride(0), g.stride(0)))
+                  ROW_ALIGN=row_align(logits.stride(0), g.stride(0)), NUM_STAGES=cfg.num_stages)
     if variant == Variant.BCE:
         wrap_triton(kernels.bce_fwd_kernel)[(grid,)](
             logits, logits.stride(0), target, w, loss, stats, g, g.stride(0), denom, partial, counter,

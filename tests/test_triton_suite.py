@@ -1,0 +1,30 @@
+"""Runs tests/test_triton_interpreter.py in a subprocess with TRITON_INTERPRET=1.
+
+Triton chooses compiled or interpreted kernels when it is imported, process-wide, so
+the interpreter cases cannot share a process with the compiled ones (the AOT check,
+the GPU tests). A plain ``pytest`` run gets them through this subprocess; running
+``TRITON_INTERPRET=1 pytest tests/test_triton_interpreter.py`` runs them directly.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_interpreter_cases_in_a_subprocess():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 already: tests/test_triton_interpreter.py runs in this process")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+           str(HERE / "test_triton_interpreter.py")]
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1800)
+    out = proc.stdout + proc.stderr
+    print(out[-3000:])
+    assert proc.returncode == 0, f"interpreter cases failed (rc={proc.returncode}):\n{out[-12000:]}"
