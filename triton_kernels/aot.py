@@ -48,7 +48,12 @@ class Spec:
     smoothing: bool = False
     compute_grad: bool = True
     go_per_row: bool = False
-    row_align: int = 16
+    row_align: int | None = None   # None: gcd(C, 16), as a contiguous (N, C) launch
+
+    @property
+    def align(self) -> int:
+        import math
+        return self.row_align if self.row_align is not None else math.gcd(int(self.n_cols), 16)
 
     @property
     def config(self) -> Config:
@@ -102,7 +107,7 @@ def _signature(spec: Spec):
             sig.update({"eps": "fp32", "alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
         sig.update({"reduction": "i32", "n_denom": "i32"})
         const = dict(HAS_WEIGHT=spec.has_weight, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
-                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.row_align,
+                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.align,
                      NUM_STAGES=cfg.num_stages)
         if not bce:
             const.update(VARIANT=spec.variant, HAS_SMOOTHING=spec.smoothing)
@@ -114,7 +119,7 @@ def _signature(spec: Spec):
             sig.update({"eps": "fp32", "alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
         sig.update({"reduction": "i32", "n_denom": "i32"})
         const = dict(HAS_WEIGHT=spec.has_weight, GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n,
-                     BLOCK_C=cfg.block_c, ROW_ALIGN=spec.row_align)
+                     BLOCK_C=cfg.block_c, ROW_ALIGN=spec.align)
         if not bce:
             const.update(VARIANT=spec.variant, HAS_SMOOTHING=spec.smoothing)
     elif spec.kernel == "scale":
@@ -129,7 +134,13 @@ def _signature(spec: Spec):
     for k in const:
         sig[k] = "constexpr"
     names = fn.arg_names
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
+    # What Triton's launcher specializes at run time: 16-byte aligned pointers, and ints
+    # divisible by 16 (a contiguous (N, C) launch: strides = C; N assumed a multiple of 16).
+    div16 = [k for k, v in sig.items() if v.startswith("*")]
+    if spec.align == 16:
+        div16 += [k for k in ("stride_x", "stride_g", "n_cols") if k in sig]
+    div16 += [k for k in ("n_rows",) if k in sig]
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in div16}
     return fn, sig, const, attrs
 
 

@@ -289,10 +289,15 @@ def _store_stats(STATS, rows, row_ok, s0, s1, s2, s3):
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _load_tile(X, row_off, row_ok, cols, n_cols, ACC: tl.constexpr):
-    """One tile, masked lanes at -inf (they vanish from every max and exp-sum)."""
+def _load_tile(X, row_off, row_ok, cols, n_cols, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """One tile, masked lanes at -inf (they vanish from every max and exp-sum).
+
+    EVICT is the L2 eviction priority: "evict_last" on a pass whose data a later pass
+    re-reads (keep it in L2), "evict_first" on the last read of a block (dead afterwards,
+    so it does not displace rows still to be re-read)."""
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(X + row_off[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
+    x = tl.load(X + row_off[:, None] + cols[None, :], mask=mask, other=float("-inf"),
+                eviction_policy=EVICT).to(ACC)
     return x, mask
 
 
@@ -360,19 +365,27 @@ def target_fwd_kernel(
     SINGLE: each row is one tile (BLOCK_C >= C) loaded once and kept in registers for
     the gradient: traffic = read C*E + write C*E per row. Else: pass 1 over column blocks
     for the statistics, pass 2 in reverse block order (L2-warm) for the gradient."""
+    # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
+    # last reads are evict_first, so they do not push them out).
+    P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
     rb = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
-    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
+    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
+    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
+    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
+    # (A divides C): an identity the compiler's alignment analysis can see, which
+    # tl.multiple_of on a scalar argument is not.
+    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
 
     # ---- pass 1: lse_ex (k != c) online; sums for label smoothing ------------------------
     if SINGLE:
-        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC)
+        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC, "evict_first")
         m, s = _online_update(tl.full([BLOCK_N], float("-inf"), ACC), tl.zeros([BLOCK_N], ACC), x,
                               cols0[None, :] == tc[:, None])
         sum_wx = tl.zeros([BLOCK_N], ACC)
@@ -388,7 +401,7 @@ def target_fwd_kernel(
         w_tot = tl.zeros([BLOCK_N], ACC)
         for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
-            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, P1_EVICT)
             m, s = _online_update(m, s, xb, cols[None, :] == tc[:, None])
             if HAS_SMOOTHING:
                 a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
@@ -421,15 +434,17 @@ def target_fwd_kernel(
         if SINGLE:
             g = _target_grad_tile(x, mask, cols0, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
                                   x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
-            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
+            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
+                     eviction_policy="evict_first")
         else:
             nb = tl.cdiv(n_cols, BLOCK_C)
             for i in tl.range(0, nb, num_stages=NUM_STAGES):
                 cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
-                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
                 g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep,
                                       eps, x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
-                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                     eviction_policy="evict_first")
 
     _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 
@@ -446,8 +461,13 @@ def target_bwd_kernel(
     pid = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
-    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
+    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
+    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
+    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
+    # (A divides C): an identity the compiler's alignment analysis can see, which
+    # tl.multiple_of on a scalar argument is not.
+    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
@@ -467,10 +487,11 @@ def target_bwd_kernel(
     g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
         g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
                               x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
-        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                     eviction_policy="evict_first")
 
 
 # ----------------------------------------------------------------------------
@@ -550,12 +571,20 @@ def bce_fwd_kernel(
     three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
     reverse (loss sum, R), pass 3 forward (gradient): each pass starts on the blocks the
     previous one read last, so re-reads are L2-warm."""
+    # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
+    # last reads are evict_first, so they do not push them out).
+    P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
     rb = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
-    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
+    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
+    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
+    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
+    # (A divides C): an identity the compiler's alignment analysis can see, which
+    # tl.multiple_of on a scalar argument is not.
+    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
@@ -564,12 +593,12 @@ def bce_fwd_kernel(
     M2 = tl.full([BLOCK_N], float("-inf"), ACC)
     S2 = tl.zeros([BLOCK_N], ACC)
     if SINGLE:
-        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC)
+        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC, "evict_first")
         M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, x, cols0, 0)
     else:
         for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
-            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_last")
             M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, xb, cols, start)
     lse_ow = _safe_shift(M2) + tl.log(S2)
     lse = _logaddexp(M, lse_ow)
@@ -585,7 +614,7 @@ def bce_fwd_kernel(
         nb = tl.cdiv(n_cols, BLOCK_C)
         for i in range(0, nb):
             cols = (nb - 1 - i) * BLOCK_C + cols0
-            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, P1_EVICT)
             a_l, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
             l1m += a_l
             R += a_r
@@ -603,13 +632,15 @@ def bce_fwd_kernel(
         g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
         if SINGLE:
             g = _bce_grad_tile(x, mask, cols0, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
-            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask)
+            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
+                     eviction_policy="evict_first")
         else:
             for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
                 cols = start + cols0
-                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
                 g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
-                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                     eviction_policy="evict_first")
 
     _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 
@@ -626,8 +657,13 @@ def bce_bwd_kernel(
     pid = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
-    # ROW_ALIGN: power of two dividing both row strides (<= 16), so rows start aligned and
-    # the loads vectorize (C = 1000 rows of bf16 are 16-byte aligned but not 16-element).
+    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
+    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
+    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
+    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
+    # (A divides C): an identity the compiler's alignment analysis can see, which
+    # tl.multiple_of on a scalar argument is not.
+    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
     lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
     log1m_pw = tl.load(STATS + rows * 4 + 2, mask=row_ok, other=0.0).to(ACC)
@@ -638,7 +674,7 @@ def bce_bwd_kernel(
     R = tl.zeros([BLOCK_N], ACC)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + cols0
-        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_last")
         _, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
         R += a_r
     r, _ = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
@@ -646,9 +682,10 @@ def bce_bwd_kernel(
     nb = tl.cdiv(n_cols, BLOCK_C)
     for i in range(0, nb):
         cols = (nb - 1 - i) * BLOCK_C + cols0
-        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC)
+        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
         g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, x_w - lse, R, r, keep)
-        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb)
+        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                     eviction_policy="evict_first")
 
 
 # ----------------------------------------------------------------------------

@@ -42,10 +42,10 @@ PARTIAL_BLOCK = 1024
 PROLOGUE_BLOCK = 1024
 
 
-def row_align(*strides: int) -> int:
-    """Largest power of two (<= 16) dividing every row stride: a compile-time alignment hint."""
+def row_align(*ints: int) -> int:
+    """Largest power of two (<= 16) dividing every row stride and C: a compile-time hint."""
     a = 16
-    for s in strides:
+    for s in ints:
         a = math.gcd(a, int(s))
     return max(a, 1)
 
@@ -117,7 +117,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     w = weight if weight is not None else denom  # dummy pointer, never read
     common = dict(PARTIAL_BLOCK=PARTIAL_BLOCK, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, SINGLE=cfg.single,
                   HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps,
-                  ROW_ALIGN=row_align(logits.stride(0), g.stride(0)), NUM_STAGES=cfg.num_stages)
+                  ROW_ALIGN=row_align(logits.stride(0), g.stride(0), c), NUM_STAGES=cfg.num_stages)
     if variant == Variant.BCE:
         wrap_triton(kernels.bce_fwd_kernel)[(grid,)](
             logits, logits.stride(0), target, w, loss, stats, g, g.stride(0), denom, partial, counter,
@@ -149,7 +149,7 @@ def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: T
     w = weight if weight is not None else denom
     common = dict(HAS_WEIGHT=weight is not None, GO_PER_ROW=reduction == Reduction.NONE,
                   BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
-                  ROW_ALIGN=row_align(logits.stride(0), grad.stride(0)))
+                  ROW_ALIGN=row_align(logits.stride(0), grad.stride(0), c))
     if variant == Variant.BCE:
         wrap_triton(kernels.bce_bwd_kernel)[(grid,)](
             grad_loss, logits, logits.stride(0), target, w, stats, grad, grad.stride(0), denom,

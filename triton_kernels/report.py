@@ -62,8 +62,7 @@ def rows(arch: int = 90):
         for dt_name, dt in DTYPES.items():
             for c, n in SHAPES.items():
                 es = dt.itemsize
-                spec = aot.Spec("fwd", int(v), dt_name, c, has_weight=False, smoothing=False, compute_grad=True,
-                                row_align=16 if c % 16 == 0 else 8)
+                spec = aot.Spec("fwd", int(v), dt_name, c, has_weight=False, smoothing=False, compute_grad=True)
                 u = aot.resource_usage(spec, arch)
                 cfg = fwd_config(c, es, int(v))
                 m = traffic.kernel_traffic(int(v), n, c, es, reduction=Reduction.MEAN)
