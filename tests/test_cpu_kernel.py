@@ -22,7 +22,7 @@ from fusedloss import dispatch, ops
 from fusedloss.memtrack import PeakMemory
 from fusedloss.reference import extreme_logits
 from fusedloss.variants import Reduction, Variant, reduction_id, variant_id
-from oracle import TOLERANCES, assert_close, oracle_loss_and_grad
+from oracle import assert_close, oracle_loss_and_grad
 
 _C = pytest.importorskip("fusedloss._C", reason="C++ extension not built")
 import fusedloss._cpp_backend  # noqa: E402,F401  (registers fakes and autograd)

@@ -246,7 +246,7 @@ struct Rows {
   }
 
   void bce(int64_t i, bool forward) const {
-    const int64_t C = pb.classes, c = pb.target[i];
+    const int64_t c = pb.target[i];
     const scalar_t* x = row(i);
     scalar_t* g = grad_row(i);
     const acc_t x_c = static_cast<acc_t>(x[c]);

@@ -1,0 +1,177 @@
+// CUDA implementations of fusedloss::ext_fwd / ext_bwd: checks on metadata, the
+// 'mean' denominator and label smoothing's weight total as device scalars (no
+// host synchronization), one block per row (row_kernels.cuh) on the current
+// stream, then the reduction of the row losses on the device.
+//
+// Targets: a value outside [0, C) (and not ignore_index) is clamped before any
+// read and its row's loss and gradient are NaN. FUSEDLOSS_STRICT=1 instead
+// checks every target on the host first (one synchronization) and raises
+// IndexError, as the CPU op always does.
+#include <ATen/ATen.h>
+// c10's stream header, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS and
+// cuSPARSE headers, which a minimal toolkit (nvcc + cudart) does not ship.
+// c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream names.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "../op_common.h"
+#include "row_kernels.cuh"
+
+namespace fusedloss::cuda {
+namespace {
+
+bool strict_mode() {
+  const char* v = std::getenv("FUSEDLOSS_STRICT");
+  return v && *v && std::strcmp(v, "0") != 0 && std::strcmp(v, "false") != 0 &&
+         std::strcmp(v, "False") != 0;
+}
+
+void check_targets_synchronously(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const at::Tensor bad = target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(C)));
+  if (bad.any().item<bool>()) {
+    const int64_t value = target.masked_select(bad)[0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, "fusedloss: target ", value, " is out of bounds for C=", C,
+                      " classes: expected 0 <= target < ", C, " or target == ignore_index (",
+                      ignore_index, ")");
+  }
+}
+
+// What 'mean' divides by, on the device: the count of non-ignored rows, or the sum
+// of their weights (a bad target counts with weight[0]; its row is NaN anyway).
+at::Tensor mean_denominator(const at::Tensor& target, const at::Tensor& weight_acc,
+                            int64_t ignore_index, at::ScalarType acc) {
+  const at::Tensor keep = target.ne(ignore_index);
+  if (!weight_acc.defined()) return keep.sum(acc);
+  const at::Tensor safe = at::where(keep, target, at::zeros_like(target)).clamp(0, weight_acc.size(0) - 1);
+  return at::where(keep, weight_acc.index_select(0, safe), at::zeros({}, weight_acc.options())).sum();
+}
+
+template <typename scalar_t, bool kBce>
+void launch_typed(const RowsArgs& a, bool vec, bool forward, int threads, int64_t blocks) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (vec) {
+    rows_kernel<scalar_t, true, kBce><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, forward);
+  } else {
+    rows_kernel<scalar_t, false, kBce><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, forward);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch(const RowsArgs& a, const at::Tensor& logits, bool forward) {
+  if (a.rows == 0) return;
+  const int64_t C = a.classes;
+  const int64_t elem = logits.element_size(), pack = 16 / elem;
+  // 128-bit packs need every row start (logits and gradient) 16-byte aligned.
+  const bool vec = reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && (a.row_stride * elem) % 16 == 0 &&
+                   C % pack == 0 && (!a.grad || reinterpret_cast<uintptr_t>(a.grad) % 16 == 0);
+  // About four packs per thread per pass, in whole warps, at most kMaxThreads.
+  int threads = kWarpSize;
+  while (threads < kMaxThreads && threads * pack * 4 < C) threads *= 2;
+  const int64_t blocks = std::min<int64_t>(a.rows, int64_t(1) << 30);
+  const bool bce = a.cfg.variant == kBCE;
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      return bce ? launch_typed<float, true>(a, vec, forward, threads, blocks)
+                 : launch_typed<float, false>(a, vec, forward, threads, blocks);
+    case at::kDouble:
+      return bce ? launch_typed<double, true>(a, vec, forward, threads, blocks)
+                 : launch_typed<double, false>(a, vec, forward, threads, blocks);
+    case at::kBFloat16:
+      return bce ? launch_typed<c10::BFloat16, true>(a, vec, forward, threads, blocks)
+                 : launch_typed<c10::BFloat16, false>(a, vec, forward, threads, blocks);
+    case at::kHalf:
+      return bce ? launch_typed<c10::Half, true>(a, vec, forward, threads, blocks)
+                 : launch_typed<c10::Half, false>(a, vec, forward, threads, blocks);
+    default:
+      TORCH_CHECK(false, "fusedloss: unsupported logits dtype ", logits.scalar_type());
+  }
+}
+
+// Device tensors a call keeps alive while its kernel runs.
+struct Prepared {
+  at::Tensor target, weight, weight_total, denominator;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, const LossConfig& cfg) {
+  const auto acc = acc_dtype(logits);
+  const int64_t C = logits.size(1);
+  Prepared p;
+  p.target = target.to(at::kLong).contiguous();
+  if (strict_mode()) check_targets_synchronously(p.target, C, cfg.ignore_index);
+  p.weight = weight_in_acc(weight, logits);
+  if (cfg.label_smoothing > 0 && p.weight.defined()) p.weight_total = p.weight.sum();
+  if (cfg.reduction == kMean) p.denominator = mean_denominator(p.target, p.weight, cfg.ignore_index, acc);
+  return p;
+}
+
+RowsArgs make_args(const at::Tensor& logits, const Prepared& p, const LossConfig& cfg) {
+  RowsArgs a{};
+  a.logits = logits.const_data_ptr();
+  a.rows = logits.size(0);
+  a.classes = logits.size(1);
+  a.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  a.target = p.target.const_data_ptr<int64_t>();
+  a.weight = p.weight.defined() ? p.weight.const_data_ptr() : nullptr;
+  a.weight_total = p.weight_total.defined() ? p.weight_total.const_data_ptr() : nullptr;
+  a.denominator = p.denominator.defined() ? p.denominator.const_data_ptr() : nullptr;
+  a.cfg = cfg;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t variant, int64_t reduction, int64_t ignore_index, double label_smoothing, double alpha,
+    double beta, double gamma, bool compute_grad) {
+  check_inputs(logits, target, weight, "fusedloss::ext_fwd");
+  const LossConfig cfg = make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Prepared p = prepare(logits, target, weight, cfg);
+  ForwardOutputs out = allocate_forward(logits, compute_grad);
+  RowsArgs a = make_args(logits, p, cfg);
+  a.stats = out.stats.mutable_data_ptr();
+  a.loss_rows = out.loss_rows.mutable_data_ptr();
+  a.grad = compute_grad ? out.grad.mutable_data_ptr() : nullptr;
+  launch(a, logits, /*forward=*/true);
+  at::Tensor loss = out.loss_rows;
+  if (reduction == kSum) loss = loss.sum();
+  if (reduction == kMean) loss = loss.sum() / p.denominator;  // 0/0 = NaN with no rows, as PyTorch
+  return {loss, out.stats, out.grad};
+}
+
+at::Tensor ext_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t variant,
+                        int64_t reduction, int64_t ignore_index, double label_smoothing, double alpha,
+                        double beta, double gamma) {
+  check_inputs(logits, target, weight, "fusedloss::ext_bwd");
+  const LossConfig cfg = make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma);
+  check_backward_inputs(grad_loss, logits, stats, cfg);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_dtype(logits);
+  const Prepared p = prepare(logits, target, weight, cfg);
+  const at::Tensor st = stats.to(acc).contiguous();
+  const at::Tensor go = grad_loss.to(acc);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  RowsArgs a = make_args(logits, p, cfg);
+  a.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
+  a.grad = grad.mutable_data_ptr();
+  a.grad_loss = go.const_data_ptr();
+  a.grad_loss_stride = go.dim() == 0 ? 0 : go.stride(0);
+  launch(a, logits, /*forward=*/false);
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("ext_fwd", &ext_fwd_cuda);
+  m.impl("ext_bwd", &ext_bwd_cuda);
+}
+
+}  // namespace fusedloss::cuda
