@@ -456,3 +456,14 @@ def test_traffic_inplace_backward_writes_into_the_logits():
     x, t = _data(n=64, seed=27)
     lb, reads, writes, other, tr = _measure("focal", x, t, inplace=True)
     assert reads == lb + 64 * 4 and writes == lb
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduction_in_chunks(reduction, monkeypatch):
+    """The last program sums the partials PARTIAL_BLOCK at a time, the mean's denominator
+    comes in one partial per PROLOGUE_BLOCK rows: shrink both so that 9 programs and rows
+    take 3 chunks each (as > 1024 programs / rows do at the real sizes)."""
+    monkeypatch.setattr(launch, "PARTIAL_BLOCK", 4)
+    monkeypatch.setattr(launch, "PROLOGUE_BLOCK", 4)
+    x, t = _data(seed=28)
+    _check("ce", x, t, "stream", reduction=reduction, weight=_weight())
