@@ -79,6 +79,9 @@ def register_autograd(fwd_name: str, bwd_op: Callable,
         ctx.scalars = tuple(scalars)
         ctx.fused = bool(compute_grad)
         ctx.mark_non_differentiable(stats, grad)
+        # The stats and grad outputs never receive a gradient; without this autograd
+        # would hand backward() an (N, C) tensor of zeros for `grad`, allocated every step.
+        ctx.set_materialize_grads(False)
         if ctx.fused:
             ctx.save_for_backward(grad)
         else:
