@@ -39,8 +39,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on ma
 LOSSES = fl.LOSSES
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Heuristic overrides: "single" = on-chip tile, 2 rows per program; "stream" = 16-column
-#: blocks (C = 37: blocks of 16, 16, 5), one row per program.
-REGIMES = {"single": dict(min_tile=128), "stream": dict(single_max=32, stream_block=16, min_tile=128)}
+#: blocks (C = 37: blocks of 16, 16, 5), a persistent grid of 4 programs looping over rows.
+REGIMES = {"single": dict(min_tile=128),
+           "stream": dict(single_max=32, stream_block=16, min_tile=128, stream_programs=4)}
 N, C = 9, 37
 
 

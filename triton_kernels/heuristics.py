@@ -10,7 +10,8 @@ Two regimes:
   packs several rows per program so a program still moves >= min_tile elements
   (ImageNet's C = 1000: 2 rows of 1024 per program, 4 warps);
 * longer rows: column blocks of stream_block streamed twice (stats, then gradient in
-  reverse order, L2-warm; bce three times), one row per program.
+  reverse order, L2-warm; bce three times) by a persistent grid of stream_programs()
+  programs, each looping over rows, so that the rows in flight fit in L2.
 
 Why these numbers (from the AOT check, ``tests/test_triton_aot.py``): ptxas keeps room
 for two programs per SM, i.e. at most 128 registers at 8 warps and 64 at 16 warps, and
@@ -44,11 +45,17 @@ class Family:
     # +100 registers or spills (the staged tiles live in shared memory *and* registers) and
     # bf16 loads were not pipelined at all; worth re-measuring on a GPU.
     stream_stages: int = 1
+    #: streamed programs: None = from the device (stream_programs()); the tests set it
+    stream_programs: int | None = None
 
 
 TARGET = Family(single_max=4096, values_per_thread=16, stream_block=4096, stream_warps=8)
 BCE = Family(single_max=2048, values_per_thread=8, stream_block=2048, stream_warps=8)
 MIN_BLOCK_C = 16
+#: Streamed regime: the rows in flight (one per program) should fit in this part of L2.
+#: The first pass loads with priority evict_last and the gradient stores / last reads with
+#: evict_first, so most of L2 can hold them.
+L2_FRACTION = 0.75
 MAX_WARPS = 16
 
 
@@ -101,6 +108,23 @@ def fwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
         return Config(block_n=tile // bc, block_c=bc, single=True, num_warps=_warps_for(tile, f.values_per_thread))
     return Config(block_n=1, block_c=f.stream_block, single=False, num_warps=f.stream_warps,
                   num_stages=f.stream_stages)
+
+
+def stream_programs(n_cols: int, elem_size: int, variant: int, sm_count: int, l2_bytes: int) -> int:
+    """Programs of a streamed forward: a persistent grid, each program looping over rows.
+
+    The second (bce: also third) pass re-reads a row from L2 only if the rows in flight,
+    one per program, still sit there: P * C * E <= L2_FRACTION * L2. DRAM also needs bytes
+    in flight (~20 KB per SM on an H100: 3.35 TB/s x ~0.8 us / 132 SMs) and one 8-warp
+    program keeps one block (8 KB bf16, 16 KB fp32) in flight, so P stays within
+    [2, 4] x SMs. Rows up to ~64k bf16 / ~48k fp32 classes then fit; longer rows trade part
+    of the L2 hits for bandwidth (the report predicts how much). Keyed on C, the dtype and
+    the device, never on N."""
+    f = family(variant)
+    if f.stream_programs is not None:
+        return f.stream_programs
+    fit = int(L2_FRACTION * l2_bytes) // max(1, int(n_cols) * elem_size)
+    return max(2 * sm_count, min(4 * sm_count, fit))
 
 
 def bwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:

@@ -352,24 +352,17 @@ def _smoothing_sums(x, mask, cols, n_cols, W, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def target_fwd_kernel(
-    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+def _target_fwd_rows(
+    rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
     n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
     VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Forward of a target-only variant for BLOCK_N rows, and with COMPUTE_GRAD the
-    gradient for grad_output = 1 (written to G, which may be X itself: in-place).
-
-    SINGLE: each row is one tile (BLOCK_C >= C) loaded once and kept in registers for
-    the gradient: traffic = read C*E + write C*E per row. Else: pass 1 over column blocks
-    for the statistics, pass 2 in reverse block order (L2-warm) for the gradient."""
+    """Rows of row block ``rb`` of :func:`target_fwd_kernel`; returns the sum of their losses."""
     # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
     # last reads are evict_first, so they do not push them out).
     P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
-    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
-    rb = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
     # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
@@ -424,8 +417,7 @@ def target_fwd_kernel(
     _store_stats(STATS, rows, row_ok, lse, lse_ex, zero, zero)
     if reduction == RED_NONE:
         tl.store(LOSS + rows, lrow, mask=row_ok)
-    else:
-        acc += tl.sum(tl.where(row_ok, lrow, 0.0), 0)
+    part = tl.sum(tl.where(row_ok, lrow, 0.0), 0)
 
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
@@ -445,6 +437,38 @@ def target_fwd_kernel(
                                       eps, x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                      eviction_policy="evict_first")
+
+    return part
+
+
+@triton.jit
+def target_fwd_kernel(
+    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+    n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
+    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Forward of a target-only variant for BLOCK_N rows, and with COMPUTE_GRAD the
+    gradient for grad_output = 1 (written to G, which may be X itself: in-place).
+
+    SINGLE: each row is one tile (BLOCK_C >= C) loaded once and kept in registers for
+    the gradient: traffic = read C*E + write C*E per row. Else: pass 1 over column blocks
+    for the statistics, pass 2 in reverse block order (L2-warm) for the gradient."""
+    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
+    if SINGLE:
+        acc += _target_fwd_rows(tl.program_id(0), X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM,
+            PARTIAL, COUNTER, n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
+            VARIANT, HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK,
+            ROW_ALIGN, NUM_STAGES)
+    else:
+        # Persistent: program p streams row blocks p, p + P, ... with P (the grid) chosen so
+        # that the rows in flight stay in L2 for the second pass (heuristics.stream_programs).
+        for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
+            acc += _target_fwd_rows(rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+                n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom, VARIANT,
+                HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN,
+                NUM_STAGES)
 
     _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 
@@ -560,22 +584,17 @@ def _bce_grad_tile(x, mask, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep):
 
 
 @triton.jit
-def bce_fwd_kernel(
-    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+def _bce_fwd_rows(
+    rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
     n_rows, n_cols, ignore_index, reduction, n_denom,
     HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """Forward (and fused gradient) of bce. SINGLE: the tile stays in registers for all
-    three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
-    reverse (loss sum, R), pass 3 forward (gradient): each pass starts on the blocks the
-    previous one read last, so re-reads are L2-warm."""
+    """Rows of row block ``rb`` of :func:`bce_fwd_kernel`; returns the sum of their losses."""
     # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
     # last reads are evict_first, so they do not push them out).
     P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
-    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
-    rb = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
     # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
@@ -623,8 +642,7 @@ def bce_fwd_kernel(
     _store_stats(STATS, rows, row_ok, lse, lse_ex, log1m_pw, Wi.to(ACC))
     if reduction == RED_NONE:
         tl.store(LOSS + rows, lrow, mask=row_ok)
-    else:
-        acc += tl.sum(tl.where(row_ok, lrow, 0.0), 0)
+    part = tl.sum(tl.where(row_ok, lrow, 0.0), 0)
 
     if COMPUTE_GRAD:
         r, _ = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
@@ -641,6 +659,34 @@ def bce_fwd_kernel(
                 g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                      eviction_policy="evict_first")
+
+    return part
+
+
+@triton.jit
+def bce_fwd_kernel(
+    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+    n_rows, n_cols, ignore_index, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Forward (and fused gradient) of bce. SINGLE: the tile stays in registers for all
+    three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
+    reverse (loss sum, R), pass 3 forward (gradient): each pass starts on the blocks the
+    previous one read last, so re-reads are L2-warm."""
+    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
+    if SINGLE:
+        acc += _bce_fwd_rows(tl.program_id(0), X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL,
+            COUNTER, n_rows, n_cols, ignore_index, reduction, n_denom, HAS_WEIGHT, COMPUTE_GRAD, SINGLE,
+            BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
+    else:
+        # Persistent: program p streams row blocks p, p + P, ... with P (the grid) chosen so
+        # that the rows in flight stay in L2 for the second pass (heuristics.stream_programs).
+        for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
+            acc += _bce_fwd_rows(rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
+                n_rows, n_cols, ignore_index, reduction, n_denom, HAS_WEIGHT, COMPUTE_GRAD, SINGLE, BLOCK_N,
+                BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
 
     _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 

@@ -22,6 +22,7 @@ accepts them, at the reference's speed.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,7 +35,7 @@ from fusedloss.validation import check_target_values, must_check_targets
 from fusedloss.variants import STATS_COLS, Reduction, Variant
 
 from . import kernels
-from .heuristics import bwd_config, fwd_config, scale_config
+from .heuristics import bwd_config, family, fwd_config, scale_config, stream_programs
 
 #: Partial sums the last program of the main kernel adds per loop step.
 PARTIAL_BLOCK = 1024
@@ -48,6 +49,22 @@ def row_align(*ints: int) -> int:
     for s in ints:
         a = math.gcd(a, int(s))
     return max(a, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, p.L2_cache_size
+
+
+def _stream_grid(n_cols: int, elem: int, variant: int, device: torch.device) -> int:
+    """Programs of the persistent streamed forward (heuristics.stream_programs); on CPU (the
+    interpreter) one per row unless a test sets the family's stream_programs."""
+    fixed = family(variant).stream_programs
+    if fixed is not None or device.type != "cuda":
+        return fixed if fixed is not None else 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return stream_programs(n_cols, elem, variant, *_device_limits(index))
 
 
 def _is_traced(t: Tensor) -> bool:
@@ -110,6 +127,8 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
         return _empty_loss(logits, reduction), stats
     cfg = fwd_config(c, logits.element_size(), variant)
     grid = triton.cdiv(n, cfg.block_n)
+    if not cfg.single:  # persistent: each program loops over rows
+        grid = min(grid, _stream_grid(c, logits.element_size(), variant, logits.device))
     counter, denom, partial, n_denom = _workspace(logits, grid, reduction, target, weight, ignore_index)
     loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=torch.float32)
     compute_grad = grad is not None

@@ -11,10 +11,14 @@ the PyTorch reference's bytes from counting its aten ops on CPU.
 
 "fwd+bwd B/logit B" is DRAM bytes / (N C E) for a training step's loss forward and
 backward with grad_output = 1; a copy of the logits (read + write) is 2.00, the floor
-of any loss that writes its gradient. For streamed rows (C above the on-chip limit)
-the figure is a *prediction*: the second read is counted as an L2 hit when the rows
-in flight fit in L2 (programs resident per SM, from the register count, x SMs x row
-bytes), and as a DRAM read for the part that does not fit.
+of any loss that writes its gradient, and "x copy" is that figure / 2 (the time ratio
+to a copy if both run at DRAM bandwidth). For streamed rows (C above the on-chip limit)
+it is a *prediction*: the first pass loads with L2 priority evict_last, the last pass
+and the gradient stores evict_first, and the second pass runs in reverse, so the part
+of each row still in L2 is its most recently read part. With P rows in flight
+(the persistent grid of heuristics.stream_programs, at most the programs resident per SM
+from the AOT register count x 132 SMs) of R bytes, the
+model counts min(1, L2 / (P R)) of the re-read as L2 hits and the rest as DRAM reads.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 from fusedloss.variants import Reduction, Variant
 
 from . import aot, traffic
-from .heuristics import fwd_config
+from .heuristics import fwd_config, stream_programs
 
 #: The H100 SXM the issue's targets refer to.
 SMS = 132
@@ -45,13 +49,13 @@ def resident_programs(registers: int, num_warps: int) -> int:
     return max(1, min(REGS_PER_SM // regs, THREADS_PER_SM // threads, MAX_CTAS_PER_SM))
 
 
-def predicted_dram_per_logit_byte(m: traffic.KernelTraffic, programs_per_sm: int) -> tuple[float, float]:
-    """(DRAM bytes per logit byte, fraction of the re-reads predicted to miss L2)."""
+def predicted_dram_per_logit_byte(m: traffic.KernelTraffic, programs: int) -> tuple[float, float]:
+    """(DRAM bytes per logit byte, fraction of the re-reads predicted to miss L2) with
+    ``programs`` rows in flight."""
     extra = m.logit_passes - 1
     if extra == 0:
         return m.per_logit_byte, 0.0
-    row_bytes = m.n_cols * m.elem
-    in_flight = SMS * programs_per_sm * row_bytes
+    in_flight = programs * m.n_cols * m.elem
     miss = max(0.0, 1.0 - L2_BYTES / in_flight)
     return m.per_logit_byte + extra * miss, miss
 
@@ -67,28 +71,31 @@ def rows(arch: int = 90):
                 cfg = fwd_config(c, es, int(v))
                 m = traffic.kernel_traffic(int(v), n, c, es, reduction=Reduction.MEAN)
                 progs = resident_programs(u.registers, cfg.num_warps)
-                dram, miss = predicted_dram_per_logit_byte(m, progs)
+                in_flight = SMS * progs
+                if not cfg.single:  # the persistent grid (heuristics.stream_programs)
+                    in_flight = min(in_flight, stream_programs(c, es, int(v), SMS, L2_BYTES))
+                dram, miss = predicted_dram_per_logit_byte(m, in_flight)
                 ref = traffic.reference_traffic(v.name.lower(), 2, c, dt)["per_logit_byte"]
                 out.append(dict(loss=v.name.lower(), dtype=dt_name, C=c, N=n,
                                 config=f"{cfg.block_n}x{cfg.block_c}{'' if cfg.single else ' streamed'}, {cfg.num_warps}w",
                                 registers=u.registers, spills=u.spill_stores + u.spill_loads + u.local_bytes,
-                                programs_per_sm=progs, passes=m.logit_passes, l2_miss=miss,
+                                programs_per_sm=progs, in_flight=in_flight, passes=m.logit_passes, l2_miss=miss,
                                 requested=m.requested_per_logit_byte, dram=dram, reference=ref))
     return out
 
 
 def markdown(table) -> str:
-    head = ("| loss | dtype | C | config | regs | spills | CTAs/SM | row reads | fwd+bwd B/logit B (DRAM, predicted) "
-            "| requested (L1/L2) | PyTorch reference B/logit B |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| loss | dtype | C | config | regs | spills | CTAs/SM | rows in flight | row reads "
+            "| fwd+bwd B/logit B, DRAM (predicted) | x copy | requested (L1/L2) | PyTorch reference B/logit B |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in table:
-        note = "" if r["l2_miss"] == 0 or r["passes"] == 1 else f" ({r['l2_miss']:.0%} of re-reads miss L2)"
-        if r["passes"] > 1 and r["l2_miss"] == 0:
-            note = " (re-reads from L2)"
+        note = ""
+        if r["passes"] > 1:
+            note = " (re-reads from L2)" if r["l2_miss"] == 0 else f" ({r['l2_miss']:.0%} of re-reads from DRAM)"
         lines.append(f"| {r['loss']} | {r['dtype']} | {r['C']} | {r['config']} | {r['registers']} | {r['spills']} "
-                     f"| {r['programs_per_sm']} | {r['passes']} | {r['dram']:.2f}{note} | {r['requested']:.2f} "
-                     f"| {r['reference']:.1f} |")
+                     f"| {r['programs_per_sm']} | {r['in_flight']} | {r['passes']} | {r['dram']:.2f}{note} | {r['dram'] / 2:.2f} "
+                     f"| {r['requested']:.2f} | {r['reference']:.1f} |")
     return head + "\n".join(lines)
 
 
