@@ -18,7 +18,7 @@ from . import dispatch, ops
 ops.register_fakes("ext_fwd", "ext_bwd")
 
 
-def _scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
+def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
     """Backward of the fused forward: ``grad * grad_loss``, without a second (N, C)
     buffer when ``grad_loss`` is one (``loss.backward()``): then the gradient the
     forward wrote *is* the answer, and autograd hands that very buffer to ``.grad``.
@@ -26,6 +26,8 @@ def _scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
     The shortcut reads ``grad_loss``'s values, so it runs only in eager mode on CPU
     tensors, where that is a memory read and not a device synchronization. Traced
     (``torch.compile``: fake or functional tensors) and on GPUs, the product."""
+    if grad_loss is None:  # the loss output got no gradient (grads are not materialized)
+        return None
     if (grad.device.type == "cpu" and type(grad_loss) is Tensor
             and not torch.compiler.is_compiling() and bool((grad_loss == 1).all())):
         return grad

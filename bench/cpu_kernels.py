@@ -1,0 +1,114 @@
+"""The CPU kernel benchmark (issue 5), in one run.
+
+Forward+backward of every loss at (N, C) in {(4096, 1000), (1024, 32000), (256, 131072)},
+float32 and bfloat16, for the fused C++ kernel (backend "cpu"), ``F.cross_entropy``
+(ce only), the reference backend eager, and ``torch.compile`` of the reference. Every
+time is also a ratio to ``logits.clone()``, sampled alternately with it (the machine may
+be shared); peak extra memory comes from ``fusedloss.memtrack.PeakMemory``; errors are
+against float64.
+
+    python bench/cpu_kernels.py                      # writes bench/results/cpu_kernels.{json,md}
+    python bench/cpu_kernels.py --out /tmp/x --repeat 5 --no-accuracy
+
+The measuring is fusedloss-bench's (``fusedloss.bench``: sweep, timing, memory,
+report); this script only fixes the shapes, which are pairs rather than the CLI's
+N x C grid, and adds the summary table for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+import fusedloss as fl
+from fusedloss.bench import backends as bk
+from fusedloss.bench import machine, report, sweep
+from fusedloss.bench.options import parse_args
+
+SHAPES = ((4096, 1000), (1024, 32000), (256, 131072))
+DTYPES = ("float32", "bfloat16")
+BACKENDS = ("cpu", "torch", "reference", "compile")
+# Summary columns: (backend, header).
+SUMMARY = (("cpu", "fused"), ("torch", "F.cross_entropy"), ("reference", "reference"), ("compile", "compiled ref."))
+
+
+def _summary(records: list[dict]) -> str:
+    """One row per (shape, dtype, loss): each backend's time as a multiple of the copy,
+    and the fused kernel's peak extra memory as a multiple of the logits."""
+    cell = {(r["n"], r["c"], r["dtype"], r["loss"], r["backend"]): r for r in records}
+    header = ["N x C", "dtype", "loss", *(h for _, h in SUMMARY), "fused peak mem (x logits)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for n, c in SHAPES:
+        for dtype in DTYPES:
+            for loss in fl.LOSSES:
+                row = [f"{n} x {c}", dtype, loss]
+                for backend, _ in SUMMARY:
+                    r = cell.get((n, c, dtype, loss, backend))
+                    row.append(f"{r['x_copy']:.2f}" if r and r.get("x_copy") is not None else "–")
+                fused = cell.get((n, c, dtype, loss, "cpu"))
+                row.append(f"{fused['x_logits']:.2f}" if fused and fused.get("x_logits") is not None else "–")
+                lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/results/cpu_kernels", help="path prefix of the .json and .md")
+    ap.add_argument("--repeat", help="timed repeats per cell (default: fusedloss-bench's time budget)")
+    ap.add_argument("--threads", help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the float64 error columns")
+    args = ap.parse_args(argv)
+
+    extra = ["--device", "cpu", "--dtype", *DTYPES, "--backend", *BACKENDS, "--loss", "all", "--quiet"]
+    for flag in ("repeat", "threads"):
+        if getattr(args, flag) is not None:
+            extra += [f"--{flag}", getattr(args, flag)]
+    if args.no_accuracy:
+        extra.append("--no-accuracy")
+    configs = [parse_args(["--n", str(n), "--c", str(c), *extra], bk.known_backends()) for n, c in SHAPES]
+    if configs[0].threads is not None:
+        torch.set_num_threads(configs[0].threads)
+    for name in BACKENDS:
+        reason = bk.unavailable_reason(name, torch.device("cpu"))
+        if reason is not None:
+            print(f"cpu_kernels: backend {name} is unavailable: {reason}", file=sys.stderr)
+            return 2
+    chosen = [bk.get_backend(name) for name in BACKENDS]
+
+    info = machine.describe(torch.device("cpu"))
+    from fusedloss import _C  # built, or the "cpu" backend above would be unavailable
+
+    info["cpu_capability"] = _C.cpu_capability()
+    print(f"machine: {machine.one_line(info)}", file=sys.stderr)
+    records: list[dict] = []
+    for cfg in configs:
+        for rec in sweep.run(cfg, chosen, on_cell=lambda label: print(f"  {label}", file=sys.stderr, flush=True)):
+            records.append(rec)
+    info["loadavg_1m_end"] = machine.loadavg()
+
+    doc = {
+        "schema": report.SCHEMA,
+        "command": "python bench/cpu_kernels.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])),
+        "machine": info,
+        "config": {"shapes": [list(s) for s in SHAPES], "dtypes": list(DTYPES), "backends": list(BACKENDS),
+                   "mode": "fwd+bwd", "repeat": args.repeat, "accuracy": not args.no_accuracy},
+        "unavailable": {},
+        "results": records,
+    }
+    out = Path(args.out)
+    report.write_json(out.with_suffix(".json"), doc)
+    summary = _summary(records)
+    full = report.markdown(doc)
+    title, rest = full.split("\n", 1)
+    out.with_suffix(".md").write_text(
+        f"{title}\n\n## Summary: fwd+bwd time as a multiple of `logits.clone()`\n\n{summary}\n{rest}")
+    print(summary)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
