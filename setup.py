@@ -23,6 +23,7 @@ one at run time from ``at::get_cpu_capability()``, as ATen does for its own kern
 import glob
 import os
 import platform
+import sys
 
 from setuptools import find_packages, setup
 
@@ -43,21 +44,40 @@ def _cpu_capabilities():
     return caps
 
 
-def _want_cuda():
-    forced = os.environ.get("FUSEDLOSS_BUILD_CUDA", "")
+def _cuda_toolkit_problem():
+    """Why the CUDA part cannot be built here, or None. A toolkit root is usable when it
+    has nvcc, the runtime headers and libcudart: torch guesses CUDA_HOME from the nvcc on
+    PATH, and a wrapper script there (/usr/local/bin/nvcc) makes it guess /usr/local,
+    where compiling finds no headers and linking no -lcudart."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-    possible = torch.version.cuda is not None and bool(nvcc) and bool(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if torch.version.cuda is None:
+        return "torch is not a CUDA build"
+    if not glob.glob(os.path.join("csrc", "cuda", "*.cu")):
+        return "no CUDA sources"
+    if not CUDA_HOME:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    missing = [what for what, paths in (
+        ("bin/nvcc", [os.path.join(CUDA_HOME, "bin", "nvcc")]),
+        ("include/cuda_runtime.h", [os.path.join(CUDA_HOME, "include", "cuda_runtime.h")]),
+        ("libcudart", glob.glob(os.path.join(CUDA_HOME, "lib*", "libcudart.so*"))),
+    ) if not any(os.path.exists(p) for p in paths)]
+    if missing:
+        return f"CUDA_HOME={CUDA_HOME} lacks {', '.join(missing)} (set CUDA_HOME to the toolkit root, e.g. /usr/local/cuda-13.0)"
+    return None
+
+
+def _want_cuda():
+    forced = os.environ.get("FUSEDLOSS_BUILD_CUDA", "")
     if forced == "0":
         return False
-    if forced == "1" and not possible:
-        raise RuntimeError(
-            "FUSEDLOSS_BUILD_CUDA=1 but the CUDA part cannot be built: needs a CUDA build of torch "
-            f"(torch.version.cuda={torch.version.cuda}) and nvcc under CUDA_HOME ({CUDA_HOME}); "
-            "set CUDA_HOME=/usr/local/cuda-XX.Y")
-    return possible
+    problem = _cuda_toolkit_problem()
+    if problem and forced == "1":
+        raise RuntimeError(f"FUSEDLOSS_BUILD_CUDA=1 but the CUDA part cannot be built: {problem}")
+    if problem:
+        print(f"fusedloss: building the CPU kernels only: {problem}", file=sys.stderr)
+    return problem is None
 
 
 def extension_modules():
