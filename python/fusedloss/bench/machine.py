@@ -93,5 +93,6 @@ def describe(device: torch.device) -> dict[str, object]:
 
 def one_line(info: dict[str, object]) -> str:
     """Short summary for the terminal header."""
-    where = info["gpu"] or f"{info['cpu']}, {info['torch_threads']} threads"
+    threads = info["torch_threads"]
+    where = info["gpu"] or f"{info['cpu']}, {threads} thread{'' if threads == 1 else 's'}"
     return f"{info['device']} ({where}); torch {info['torch']}, triton {info['triton']}"

@@ -195,7 +195,8 @@ def markdown(doc: dict[str, object]) -> str:
     """The committed results page: provenance, two pivots (time and memory), full table."""
     records: list[Record] = doc["results"]  # type: ignore[assignment]
     machine: dict[str, object] = doc["machine"]  # type: ignore[assignment]
-    where = machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('torch_threads')} torch threads"
+    threads = machine.get("torch_threads")
+    where = machine.get("gpu") or f"{machine.get('cpu')}, {threads} torch thread{'' if threads == 1 else 's'}"
     mode = records[0]["mode"] if records else ""
     out = [
         f"# fusedloss-bench results: {machine.get('device')} ({where})",
