@@ -88,6 +88,8 @@ def register_autograd(fwd_name: str, bwd_op: Callable,
             ctx.save_for_backward(logits, target, weight, stats)
 
     def backward(ctx, grad_loss, _grad_stats, _grad_grad):
+        if grad_loss is None:  # the loss itself got no gradient (grads are not materialized)
+            return (None,) * 11
         if ctx.fused:
             (grad,) = ctx.saved_tensors
             grad_logits = scale_grad(grad, grad_loss)
