@@ -180,12 +180,15 @@ struct BceRow {
 };
 
 // log(1 - p_w) from the pass's sum P = sum_{k not in {c, w}} p_k (w != c):
-// 1 - p_w = P + p_c. P is a sum of exp(x_k - lse); it is exact to rounding while
-// its largest term is normal: below kBceSumFloor a kernel recomputes it with the
-// competitors' own max as the shift (bce_log1m_pw_exact) instead.
+// 1 - p_w = P + p_c. P is a sum of positive terms, exact to rounding while it
+// stays far above the absolute error of its terms: an underflowing exp, or on
+// the CPU a term e_k * exp(shift_b - lse) whose factor is subnormal, is off by
+// at most e^30 * 2^-149 < 2e-32 (float). Below bce_sum_floor (float: a wrong
+// class leading by ~41 nats) a kernel recomputes log(1 - p_w) exactly, with
+// the competitors' own max as the shift.
 template <typename T>
 FL_HD T bce_sum_floor() {
-  return sizeof(T) == 4 ? T(1e-25) : T(1e-280);
+  return sizeof(T) == 4 ? T(1e-18) : T(1e-280);
 }
 
 template <typename T>

@@ -45,8 +45,8 @@ def run(x, t, loss="ce", *, weight=None, ignore_index=-100, reduction="mean", ep
     out2, stats2, empty = FWD(x, t, weight, *scalars, False)
     assert empty.shape == (0,)
     # The gradient rides along without changing a bit of the loss or the stats.
-    assert torch.equal(out, out2, ) or (out.isnan().all() and out2.isnan().all())
-    assert torch.equal(stats.nan_to_num(), stats2.nan_to_num())
+    torch.testing.assert_close(out, out2, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(stats, stats2, rtol=0, atol=0, equal_nan=True)
     go = torch.ones_like(out) if grad_output is None else grad_output
     g_bwd = BWD(go, x, t, weight, stats, *scalars)
     assert grad.shape == x.shape and grad.dtype == x.dtype and grad.is_contiguous()
@@ -133,11 +133,37 @@ def test_extreme_logits(loss, dtype):
 @pytest.mark.parametrize("lead", [10.0, 30.0, 60.0, 100.0, 1000.0])
 def test_bce_wrong_class_leading(dtype, lead):
     """A wrong arg-max: a_w = p_w / (1 - p_w) overflows past a lead of ~89 in float32, and
-    past ~57 the kernel's sum for log(1 - p_w) takes its exact second pass."""
+    past ~41 the kernel's sum for log(1 - p_w) takes its exact second pass."""
     x, t = _logits(12, 3000, torch.float32, seed=6, scale=1.0)
     w = (t + 1 + torch.arange(12) * 97) % 3000
     x[torch.arange(12), w] = x.max(1).values + lead
     check_against_oracle(x.to(dtype), t, "bce", reduction="none", msg=f"lead {lead}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_rows_that_move_the_online_shift(loss, dtype):
+    """The online pass exponentiates a block against the running shift and redoes it only
+    when a value lands more than 30 nats above (or, in a row's first block, below) it:
+    rows rising or falling by ~40 nats a block, a first element far below the rest, a
+    first block of -inf."""
+    c = 5 * BLOCK[dtype] + 11
+    x = torch.randn(5, c, generator=torch.Generator().manual_seed(19))
+    x[0] = torch.linspace(-100.0, 100.0, c)
+    x[1] = torch.linspace(100.0, -100.0, c)
+    x[2, 0] = -1e4
+    x[3, : BLOCK[dtype] + 3] = -math.inf
+    x[4, ::997] += 60.0
+    t = torch.tensor([c - 1, 3, 0, 7, 997])
+    check_against_oracle(x.to(dtype), t, loss, reduction="none", msg=f"{loss} {dtype}")
+
+
+def test_nan_logit_gives_nan_row():
+    x = torch.randn(3, 5000)
+    x[1, 4321] = math.nan
+    for loss in LOSSES:
+        out, grad, _ = run(x, torch.tensor([1, 2, 3]), loss, reduction="none")
+        assert out[1].isnan() and not out[[0, 2]].isnan().any()
 
 
 @pytest.mark.parametrize("loss", LOSSES)

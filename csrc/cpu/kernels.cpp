@@ -137,6 +137,9 @@ struct Rows {
     const acc_t go = grad_out(i);
     const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, w_c * go, go, w_c, eps,
                                            acc_t(C), W);
+    // vexp (exp_u20) clamps its argument, so a NaN shift (a NaN row, or a log s that
+    // is undefined at p_c = 0) would not reach the output: the scale carries it.
+    const acc_t scale = std::isnan(k.shift) ? k.shift : k.scale;
     const Vec smooth(k.smooth);
     // One step of the gradient: u = exp(x_j - K) * scale, then the smoothing term.
     auto finish = [&](Step& u, int64_t j, int64_t n) {
@@ -152,7 +155,7 @@ struct Rows {
       // for every variant (s p_j <= 1 / (1 - p_c) p_j <= 1).
       int64_t b_idx = 0;
       for_each_block<scalar_t>(C, c, [&](int64_t b, int64_t end) {
-        const Vec f(std::exp(shifts[b_idx++] - k.shift) * k.scale);
+        const Vec f(std::exp(shifts[b_idx++] - k.shift) * scale);
         for (int64_t j = b; j < end; j += RV::kWidth) {
           const int64_t n = std::min(RV::kWidth, end - j);
           Step u = RV::load_acc(e + j, n);
@@ -161,9 +164,9 @@ struct Rows {
         }
       });
     } else {
-      const Vec shift(k.shift), scale(k.scale);
+      const Vec vshift(k.shift), vscale(scale);
       RV::for_each(x, 0, C, [&](Step u, int64_t j, int64_t n) {
-        for (int p = 0; p < RV::kParts; ++p) u.v[p] = vexp(u.v[p] - shift) * scale;
+        for (int p = 0; p < RV::kParts; ++p) u.v[p] = vexp(u.v[p] - vshift) * vscale;
         finish(u, j, n);
       });
     }
@@ -268,7 +271,7 @@ struct Rows {
   }
 
   // log(1 - p_w) = lse_{k != w} - lse when pass 2's P lost its precision (a
-  // wrong class leads by ~57+ in fp32): a second lse over k not in {c, w}
+  // wrong class leads by ~41+ in fp32): a second lse over k not in {c, w}
   // shifted by its own max. Rare, so a plain extra pass.
   acc_t bce_log1m_pw_exact(const scalar_t* x, int64_t c, int64_t w, acc_t x_c, acc_t lse) const {
     OnlineLse<scalar_t> acc;
@@ -324,7 +327,10 @@ struct Rows {
       r = bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, st[2], bce_sums<false>(src, c, w).a);
     }
     if (!g) return;
-    const acc_t rs = w_c * grad_out(i);
+    // As in target_only: a NaN in the row's scalars reaches the output through rs,
+    // since vexp clamps a NaN argument.
+    const bool nan_row = std::isnan(lse) || std::isnan(r.r) || std::isnan(r.log_aw);
+    const acc_t rs = nan_row ? std::numeric_limits<acc_t>::quiet_NaN() : w_c * grad_out(i);
     // p_j a_w: -p_j when w == c; p_j * a_w while a_w is moderate (a subnormal p_j
     // times a_w <= e^20 is below 1e-29); else exp(x_j - lse + log a_w).
     if (w_is_c) {

@@ -126,23 +126,26 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 // Online log-sum-exp over a row, the target left out (so the sum is lse_ex
 // exactly, never lse minus p_c).
 //
-// The row streams through in blocks of kBlock elements: a max pass reads the
-// block from memory (the row's only trip from DRAM) and leaves it in L1, then
-// the exp pass rereads it from L1 against the running max. The running sum (a
-// vector of lane sums) is rescaled only when a block raises the max: one exp
-// per element, where the per-element online update costs two.
+// One pass, one exp per element, streamed in blocks of kBlock elements. A block
+// is exponentiated against the running shift (the first block: against its first
+// element), not against its own max, so the max and the exps come from a single
+// read: e^(x - shift) stays finite and exact for any x up to kSlack above the
+// shift. Only a block that breaks that bound (a row's first block whose first
+// element was far below the max, a jump of kSlack nats, a NaN) is exponentiated
+// again, from L1, against its own max. The shift only moves up; the running sum
+// (a vector of lane sums) is rescaled when it does.
 //
-// The exp pass can also store its e_k = exp(x_k - shift_b) (shift_b: the
-// running max after block b, returned by add_block): the gradient pass then
-// needs no exp of its own, only e_k * exp(shift_b - K) for the row's constant K.
+// With e_out, the exp pass also stores e_k = exp(x_k - shift_b) (shift_b:
+// returned by add_block): the gradient pass then needs no exp of its own, only
+// e_k * exp(shift_b - K) for the row's constant K.
 //
 // kArgmax also records the first index of the maximum (bce's arg-max w);
 // kXSum accumulates sum_k w_k x_k (label smoothing), w_k = 1 without weights.
 // ---------------------------------------------------------------------------
 
-// 8 KiB blocks: a quarter of a 32 KiB L1d, so a block survives its second read
-// beside the prefetcher's lines; the per-block horizontal max (~20 cycles) is
-// noise next to the block's 2048 (fp32) exps.
+// 8 KiB blocks: a quarter of a 32 KiB L1d, so a block survives a second read
+// beside the prefetcher's lines; the per-block bookkeeping (a horizontal max,
+// ~20 cycles) is noise next to the block's 2048 (fp32) exps.
 template <typename scalar_t>
 constexpr int64_t kBlock = 8192 / sizeof(scalar_t);
 
@@ -168,59 +171,82 @@ struct OnlineLse {
   using Vec = typename RV::Vec;
   static_assert(kBlock<scalar_t> % RV::kWidth == 0, "blocks are whole steps");
 
-  acc_t max = kNegInf<acc_t>;
-  Vec sum = Vec(acc_t(0));
-  Vec xsum = Vec(acc_t(0));
-  int64_t argmax = -1;
+  // e^30 per element, 2048 (fp32) or 1024 (fp64) elements a block: lane sums
+  // stay below 1e17, far from overflow; e_k keeps full relative precision.
+  static constexpr acc_t kSlack = 30;
 
-  // Adds x[b, e); stores exp(x_k - shift) at e_out[k] when e_out is given, and
-  // returns that shift (-inf for a block of only -inf logits, whose e are 0).
-  FUSEDLOSS_ROW_PASS acc_t add_block(const scalar_t* x, int64_t b, int64_t e, const acc_t* weight = nullptr,
-                  acc_t* e_out = nullptr) {
-    Vec vmax = Vec(kNegInf<acc_t>);
-    RV::for_each(x, b, e, [&](typename RV::Step s, int64_t i, int64_t n) {
-      if constexpr (kXSum) {  // before padding: loadu zero-fills the tail
-        const auto w = weight ? RV::load_acc(weight + i, n) : typename RV::Step{};
-        for (int k = 0; k < RV::kParts; ++k) xsum = xsum + (weight ? s.v[k] * w.v[k] : s.v[k]);
-      }
-      s = RV::pad(s, n, kNegInf<acc_t>);
-      for (int k = 0; k < RV::kParts; ++k) vmax = at::vec::maximum(vmax, s.v[k]);
-    });
-    const acc_t bmax = RV::hmax(vmax);
-    // An all -inf block adds exp(-inf) = 0; skipping it also avoids (-inf) - (-inf).
-    if (bmax == kNegInf<acc_t>) {
-      if (e_out) std::fill(e_out + b, e_out + e, acc_t(0));
-      return bmax;
+  acc_t shift = kNegInf<acc_t>;  // every finite value added is <= shift + kSlack
+  Vec sum = Vec(acc_t(0));       // sum_k exp(x_k - shift), lane by lane
+  acc_t max = kNegInf<acc_t>;    // the largest value added (NaN if one was NaN)
+  int64_t argmax = -1;
+  Vec xsum = Vec(acc_t(0));
+
+  // Adds x[b, e); stores exp(x_k - shift_b) at e_out[k] when e_out is given, and
+  // returns shift_b.
+  FUSEDLOSS_ROW_PASS acc_t add_block(const scalar_t* x, int64_t b, int64_t e,
+                                     const acc_t* weight = nullptr, acc_t* e_out = nullptr) {
+    const bool first = shift == kNegInf<acc_t>;
+    acc_t block_shift = shift;
+    if (first) {  // nothing finite yet: start from the block's first element (0 if not finite)
+      const acc_t x0 = static_cast<acc_t>(x[b]);
+      block_shift = std::isfinite(x0) ? x0 : acc_t(0);
     }
-    // Not `bmax > max`: a NaN (in the block or already in max) takes this branch
-    // too, and then poisons `sum` for good, so the row's lse comes out NaN.
-    if (!(bmax <= max)) {
+    Vec vmax(kNegInf<acc_t>);
+    Vec acc = exp_pass<true>(x, b, e, weight, e_out, block_shift, vmax);
+    const acc_t bmax = RV::hmax(vmax);
+    if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0, nothing to add
+    // Too far above the shift (or NaN: the test fails), or, on the first block, so
+    // far below it that every exp could underflow: again, against the block's max.
+    if (!(bmax <= block_shift + kSlack) || (first && bmax < block_shift - kSlack)) {
+      block_shift = bmax;
+      acc = exp_pass<false>(x, b, e, weight, e_out, block_shift, vmax);
+    }
+    if (!(bmax <= max)) {  // a new max (or a NaN, which then stays)
       if constexpr (kArgmax) argmax = first_index_of(x, b, e, bmax);
-      sum = sum * Vec(std::exp(max - bmax));  // exp(-inf) = 0 on the first block
       max = bmax;
     }
-    const Vec shift(max);
-    Vec acc(acc_t(0));
-    RV::for_each(x, b, e, [&](typename RV::Step s, int64_t i, int64_t n) {
-      s = RV::pad(s, n, kNegInf<acc_t>);
-      for (int k = 0; k < RV::kParts; ++k) {
-        s.v[k] = vexp(s.v[k] - shift);
-        acc = acc + s.v[k];
-      }
-      if (e_out) RV::store_acc(e_out + i, n, s);
-    });
-    sum = sum + acc;
-    return max;
+    if (block_shift > shift) {  // exp(-inf) = 0 on the first block
+      sum = sum * Vec(std::exp(shift - block_shift)) + acc;
+      shift = block_shift;
+    } else if (block_shift == shift) {
+      sum = sum + acc;
+    } else {  // below the shift, or NaN (which poisons the sum for good)
+      sum = sum + acc * Vec(std::exp(block_shift - shift));
+    }
+    return block_shift;
   }
 
   // log sum exp over everything added; -inf when nothing (or only -inf) was.
   acc_t lse() const {
-    if (max == kNegInf<acc_t>) return max;
-    return max + std::log(RV::hsum(sum));
+    if (shift == kNegInf<acc_t>) return shift;
+    return shift + std::log(RV::hsum(sum));
   }
   acc_t x_sum() const { return RV::hsum(xsum); }
 
  private:
+  // sum_k exp(x_k - shift) over the block, lane by lane; the first read (kFirst)
+  // also takes the max and the smoothing sum.
+  template <bool kFirst>
+  FUSEDLOSS_ROW_PASS Vec exp_pass(const scalar_t* x, int64_t b, int64_t e, const acc_t* weight,
+                                  acc_t* e_out, acc_t shift_value, Vec& vmax) {
+    const Vec vshift(shift_value);
+    Vec acc(acc_t(0));
+    RV::for_each(x, b, e, [&](typename RV::Step s, int64_t i, int64_t n) {
+      if constexpr (kFirst && kXSum) {  // before padding: loadu zero-fills the tail
+        const auto w = weight ? RV::load_acc(weight + i, n) : typename RV::Step{};
+        for (int k = 0; k < RV::kParts; ++k) xsum = xsum + (weight ? s.v[k] * w.v[k] : s.v[k]);
+      }
+      s = RV::pad(s, n, kNegInf<acc_t>);
+      for (int k = 0; k < RV::kParts; ++k) {
+        if constexpr (kFirst) vmax = at::vec::maximum(vmax, s.v[k]);
+        s.v[k] = vexp(s.v[k] - vshift);
+        acc = acc + s.v[k];
+      }
+      if (e_out) RV::store_acc(e_out + i, n, s);
+    });
+    return acc;
+  }
+
   // Only when a block raises the max (a handful of times per row on ordinary
   // data, every block on sorted rows), so a scalar scan of one L1-resident block.
   static int64_t first_index_of(const scalar_t* x, int64_t b, int64_t e, acc_t value) {

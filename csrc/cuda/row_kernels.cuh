@@ -221,7 +221,7 @@ __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
     if (one_minus_pw >= bce_sum_floor<acc_t>()) {
       log1m_pw = std::log(one_minus_pw);
     } else {
-      // P lost its precision (a wrong class leads by ~57+ in fp32): the exact
+      // P lost its precision (a wrong class leads by ~41+ in fp32): the exact
       // lse over k not in {c, w}, shifted by its own max. Block-uniform branch.
       LseState<acc_t> s = LseState<acc_t>::empty();
       visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
