@@ -199,10 +199,12 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     """``None`` when ``name`` can run on ``device``, else a short reason."""
     backend = get_backend(name)
     if backend.kind == "fused":
-        if name not in fl.available_backends():
-            return _dispatch_reason(name, None) or "not in fl.available_backends()"
-        # Available somewhere is not available on this device (triton on a CPU run).
-        return _dispatch_reason(name, device) or _probe(backend, device)
+        # The library's reason for this device first: "available" somewhere is
+        # not available here (triton on a CPU run).
+        reason = _dispatch_reason(name, device)
+        if reason is None and name not in fl.available_backends():
+            reason = f"not in fl.available_backends() = {fl.available_backends()}"
+        return reason or _probe(backend, device)
     if backend.kind == "peer":
         module, hint = _PEER_MODULES[name]
         try:

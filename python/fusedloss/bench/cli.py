@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("no backend to run")
         _check_fits(cfg)
     except UsageError as exc:
-        err.print(f"fusedloss-bench: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        # One line even when a reason quotes a multi-line exception message.
+        one_line = " ".join(str(exc).split())
+        err.print(f"fusedloss-bench: error: {one_line}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
