@@ -165,11 +165,12 @@ def _run(args) -> str:
 
 def resource_usage(spec: Spec, arch: int) -> Usage:
     """Compile ``spec`` for sm_<arch> and read its registers and spills."""
-    return _resource_usage_cached(spec, arch)
+    # keyed on the config too: a Spec's config follows the heuristics (tests override them)
+    return _resource_usage_cached(spec, spec.config, arch)
 
 
 @lru_cache(maxsize=None)
-def _resource_usage_cached(spec: Spec, arch: int) -> Usage:
+def _resource_usage_cached(spec: Spec, config: Config, arch: int) -> Usage:
     ck = compile_spec(spec, arch)
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")

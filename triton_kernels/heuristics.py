@@ -8,20 +8,23 @@ Two regimes:
 * the row fits on chip (next_pow2(C) <= single_max): one tile per row held in
   registers from the load to the gradient store (traffic = read + write). Small C
   packs several rows per program so a program still moves >= min_tile elements
-  (ImageNet's C = 1000: 2 rows of 1024 per program, 4 warps);
+  (C = 16: 64 rows per program; ImageNet's C = 1000: one row of 1024, 2 warps);
 * longer rows: column blocks of stream_block streamed twice (stats, then gradient in
   reverse order, L2-warm; bce three times) by a persistent grid of stream_programs()
   programs, each looping over rows, so that the rows in flight fit in L2.
 
-Why these numbers (from the AOT check, ``tests/test_triton_aot.py``): ptxas keeps room
-for two programs per SM, i.e. at most 128 registers at 8 warps and 64 at 16 warps, and
-spills past that rather than lowering occupancy. At 16 warps (8192-element tiles) some
-specializations spilled a few bytes; at 8 warps with <= 16 float32 row values per thread
-(target-only) or <= 8 (bce: three reductions, more live temporaries) every shipped
-specialization compiles without spills on sm_80 and sm_90. Hence on-chip rows up to 4096
-classes (bce 2048), streamed blocks of 4096 (bce 2048), 8 warps. Longer on-chip rows would
-also leave one program per SM, with no overlap of one program's loads and another's
-arithmetic, while the streamed regime's re-read is served by L2.
+Why these numbers (from the AOT check, ``tests/test_triton_aot.py`` and ``report --all``):
+ptxas (sm_90 especially) spills a few bytes rather than use more registers in several
+configurations: 16-warp tiles of 8192 elements, small-C tiles holding more than 8 rows
+per warp (the per-row variant math is replicated per row a thread holds), bce streamed
+with 8 warps. The shipped numbers are the ones with which every specialization compiles
+without spills on sm_80 and sm_90: <= 16 float32 row values per thread for the
+target-only kernels and <= 8 for bce on chip (three reductions, more live temporaries);
+on-chip rows up to 4096 classes (bce 2048), >= 1024 elements and <= 8 rows per warp per
+program; streamed
+blocks of 4096 with 8 warps (bce: 2048, 4 warps). Longer on-chip rows would also leave
+one program per SM, with no overlap of one program's loads and another's arithmetic,
+while the streamed regime's re-read is served by L2.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class Family:
     values_per_thread: int  # row values per thread in the on-chip regime
     stream_block: int       # column block of the streamed regime
     stream_warps: int
-    min_tile: int = 2048    # minimum elements per program (several rows for small C)
+    min_tile: int = 1024    # minimum elements per program (several rows for small C)
     # Software pipelining (cp.async) of the streamed loops: 1 = off. On, the AOT check showed
     # +100 registers or spills (the staged tiles live in shared memory *and* registers) and
     # bf16 loads were not pipelined at all; worth re-measuring on a GPU.
@@ -50,8 +53,9 @@ class Family:
 
 
 TARGET = Family(single_max=4096, values_per_thread=16, stream_block=4096, stream_warps=8)
-BCE = Family(single_max=2048, values_per_thread=8, stream_block=2048, stream_warps=8)
+BCE = Family(single_max=2048, values_per_thread=8, stream_block=2048, stream_warps=4)
 MIN_BLOCK_C = 16
+ROWS_PER_WARP = 4
 #: Streamed regime: the rows in flight (one per program) should fit in this part of L2.
 #: The first pass loads with priority evict_last and the gradient stores / last reads with
 #: evict_first, so most of L2 can hold them.
@@ -105,7 +109,11 @@ def fwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
     bc = max(MIN_BLOCK_C, triton.next_power_of_2(int(n_cols)))
     if bc <= f.single_max:
         tile = max(bc, f.min_tile)
-        return Config(block_n=tile // bc, block_c=bc, single=True, num_warps=_warps_for(tile, f.values_per_thread))
+        block_n = tile // bc
+        # at most ROWS_PER_WARP rows per warp (more warps for small C): a thread runs the per-row variant math once for
+        # every row it holds, and more rows per thread made ptxas spill (C = 16..128)
+        warps = max(_warps_for(tile, f.values_per_thread), min(8, block_n // ROWS_PER_WARP))
+        return Config(block_n=block_n, block_c=bc, single=True, num_warps=warps)
     return Config(block_n=1, block_c=f.stream_block, single=False, num_warps=f.stream_warps,
                   num_stages=f.stream_stages)
 

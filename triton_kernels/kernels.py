@@ -12,9 +12,9 @@ nothing forms ``1 - p_c`` or ``lse - x_c`` by subtraction, so a target leading b
 1000 gives a finite loss and a gradient with full relative accuracy. The gradient
 ``g_j = s (p_j - [j == c])`` is written in log space,
 ``g_j = exp(x_j - lse + log s)``, ``g_c = -exp(log(s (1 - p_c)))``, evaluated in
-float32 and rounded once, at the store, to the logits' dtype: the target-class entry is never formed as ``p_c - 1`` in a 16-bit
-buffer (the bf16 bug of Liger-Kernel PR #1329), so it keeps its relative accuracy
-when ``p_c`` is near 1.
+float32 and rounded once, at the store, to the logits' dtype: the target-class entry
+is never formed as ``p_c - 1`` in a 16-bit buffer (the bf16 bug of Liger-Kernel
+PR #1329), so it keeps its relative accuracy when ``p_c`` is near 1.
 
 Traffic (the figure of merit; ``traffic.py`` counts it per launch). Per row of C
 logits of E bytes, forward+backward of a target-only variant:
@@ -24,10 +24,11 @@ logits of E bytes, forward+backward of a target-only variant:
   (target, weight[c], 4 stats floats, the loss) -- the floor of a copy;
 * row too long for registers: pass 1 (statistics) reads the row, pass 2 reads it
   again *in reverse block order* and writes the gradient. Reversing makes the
-  blocks read last in pass 1 the first ones re-read, so with one row per
-  program the re-read hits L2 whenever the rows in flight fit in L2
-  (132 SMs x C x E: 33 MB for bf16 C=131072 on an H100 with 50 MB of L2);
-  DRAM sees read + write, the L2 sees one extra read.
+  blocks read last in pass 1 the first ones re-read; pass 1 loads with L2 priority
+  evict_last, pass 2 and the gradient stores with evict_first; and the grid is
+  persistent, sized (heuristics.stream_programs) so that the rows in flight fit in
+  L2. DRAM then sees read + write, the L2 one extra read; rows too long for that
+  (C >= ~128k) re-read part of the row from DRAM (the report predicts how much).
 * without grad: read the row once, write O(1) per row.
 
 ``bce`` needs a second reduction over the row after ``lse`` (LOSSES.md): on chip
@@ -206,19 +207,23 @@ def _variant_math(VARIANT: tl.constexpr, d, alpha, beta, gamma):
 @triton.jit
 def _rows_setup(pid, T, Wt, n_rows, n_cols, ignore_index, BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                 ACC: tl.constexpr):
-    """Rows of this program (int64: N x C may exceed 2^31), their clamped targets and
-    weights. A target outside [0, C) that is not ignore_index is never used as an index
-    (clamped to 0) and marks its row ``bad`` (loss and gradient NaN)."""
-    # (zeros + pid): int64 whether pid is a tensor (compiled) or a Python int (interpreter loop)
-    rows = (tl.zeros([BLOCK_N], tl.int64) + pid) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Rows of this program, their clamped targets and weights. A target outside [0, C)
+    that is not ignore_index is never used as an index (clamped to 0) and marks its row
+    ``bad`` (loss and gradient NaN)."""
+    # Row indices in int32 (the launcher checks N < 2^31 - 2^16): only element offsets,
+    # rows * stride, need 64 bits, and they are formed where used. Likewise the int64
+    # target is folded at once into one int32 code (the clamped index, -1 ignored, -2 bad):
+    # kept alive as int64 for the later keep/bad tests, it made ptxas spill. And an int32
+    # target compared with int32 column indices keeps the tile's indices 32-bit.
+    # (zeros + pid) works for a tensor pid (compiled) and a Python int (the interpreter).
+    rows = (tl.zeros([BLOCK_N], tl.int32) + pid) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     tgt = tl.load(T + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-    keep = (tgt != ignore_index) & row_ok
-    in_range = (tgt >= 0) & (tgt < n_cols)
-    # int32 from here on (C < 2^31): compared against int32 column indices, an int64 target
-    # would widen every column index of the tile to 64 bits (twice the registers).
-    tc = tl.where(keep & in_range, tgt, 0).to(tl.int32)
-    bad = keep & (~in_range)
+    code = tl.where((tgt >= 0) & (tgt < n_cols), tgt, -2)
+    code = tl.where((tgt == ignore_index) | (~row_ok), -1, code).to(tl.int32)
+    keep = code != -1
+    bad = code == -2
+    tc = tl.maximum(code, 0)
     if HAS_WEIGHT:
         w_c = tl.load(Wt + tc, mask=row_ok, other=0.0).to(ACC)
     else:
@@ -277,7 +282,7 @@ def _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction,
 
 @triton.jit
 def _store_stats(STATS, rows, row_ok, s0, s1, s2, s3):
-    base = STATS + rows * 4
+    base = STATS + rows.to(tl.int64) * 4
     tl.store(base + 0, s0, mask=row_ok)
     tl.store(base + 1, s1, mask=row_ok)
     tl.store(base + 2, s2, mask=row_ok)
@@ -372,7 +377,7 @@ def _target_fwd_rows(
     # (A divides C): an identity the compiler's alignment analysis can see, which
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
+    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
 
@@ -422,7 +427,7 @@ def _target_fwd_rows(
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
         r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
-        g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
+        g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
             g = _target_grad_tile(x, mask, cols0, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
                                   x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
@@ -492,10 +497,10 @@ def target_bwd_kernel(
     # (A divides C): an identity the compiler's alignment analysis can see, which
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
+    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
-    lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
-    lse_ex = tl.load(STATS + rows * 4 + 1, mask=row_ok, other=0.0).to(ACC)
+    lse = tl.load(STATS + rows.to(tl.int64) * 4, mask=row_ok, other=0.0).to(ACC)
+    lse_ex = tl.load(STATS + rows.to(tl.int64) * 4 + 1, mask=row_ok, other=0.0).to(ACC)
     _, log_s, log_gc, _ = _variant_math(VARIANT, lse_ex - x_c, alpha, beta, gamma)
     r, go_s = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
     if HAS_SMOOTHING:
@@ -508,7 +513,7 @@ def target_bwd_kernel(
             w_tot += n_cols
     else:
         w_tot = tl.zeros([BLOCK_N], ACC)
-    g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
+    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
@@ -604,7 +609,7 @@ def _bce_fwd_rows(
     # (A divides C): an identity the compiler's alignment analysis can see, which
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
+    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
     M = tl.full([BLOCK_N], float("-inf"), ACC)
@@ -647,7 +652,7 @@ def _bce_fwd_rows(
     if COMPUTE_GRAD:
         r, _ = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
         log_pw = M - lse
-        g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
+        g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
             g = _bce_grad_tile(x, mask, cols0, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
@@ -710,10 +715,10 @@ def bce_bwd_kernel(
     # (A divides C): an identity the compiler's alignment analysis can see, which
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows * stride_x, ROW_ALIGN)
-    lse = tl.load(STATS + rows * 4, mask=row_ok, other=0.0).to(ACC)
-    log1m_pw = tl.load(STATS + rows * 4 + 2, mask=row_ok, other=0.0).to(ACC)
-    Wi = tl.load(STATS + rows * 4 + 3, mask=row_ok, other=0.0).to(tl.int32)
+    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
+    lse = tl.load(STATS + rows.to(tl.int64) * 4, mask=row_ok, other=0.0).to(ACC)
+    log1m_pw = tl.load(STATS + rows.to(tl.int64) * 4 + 2, mask=row_ok, other=0.0).to(ACC)
+    Wi = tl.load(STATS + rows.to(tl.int64) * 4 + 3, mask=row_ok, other=0.0).to(tl.int32)
     Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
     x_w = tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC)
     cols0 = tl.arange(0, BLOCK_C)
@@ -724,7 +729,7 @@ def bce_bwd_kernel(
         _, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
         R += a_r
     r, _ = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
-    g_off = tl.multiple_of(rows * stride_g, ROW_ALIGN)
+    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
     nb = tl.cdiv(n_cols, BLOCK_C)
     for i in range(0, nb):
         cols = (nb - 1 - i) * BLOCK_C + cols0

@@ -67,6 +67,15 @@ def _stream_grid(n_cols: int, elem: int, variant: int, device: torch.device) -> 
     return stream_programs(n_cols, elem, variant, *_device_limits(index))
 
 
+#: Row indices are int32 in the kernels (element offsets are int64).
+MAX_ROWS = 2 ** 31 - 2 ** 16
+
+
+def _check_rows(n) -> None:
+    if isinstance(n, int) and n > MAX_ROWS:
+        raise ValueError(f"fusedloss triton backend: at most {MAX_ROWS} rows (N x d1 x ...); got {n}")
+
+
 def _is_traced(t: Tensor) -> bool:
     """Fake/functional tensors (torch.compile, meta tracing) carry no data to check."""
     from torch._subclasses.fake_tensor import is_fake
@@ -122,6 +131,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     """Run the forward kernel; with ``grad`` (an (N, C) tensor with unit class stride,
     possibly ``logits`` itself) write d loss/d logits for grad_output = 1 into it."""
     n, c = logits.shape
+    _check_rows(n)
     stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
     if n == 0:
         return _empty_loss(logits, reduction), stats
@@ -153,6 +163,7 @@ def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: T
                     variant: int, reduction: int, ignore_index: int, label_smoothing: float, alpha: float,
                     beta: float, gamma: float) -> Tensor:
     n, c = logits.shape
+    _check_rows(n)
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
@@ -252,6 +263,8 @@ def scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
     declared mutating, so autograd bumps the saved tensor's version: a second backward
     through the same graph (``retain_graph=True``) raises autograd's "modified by an
     inplace operation" error instead of scaling twice."""
+    if grad_loss is None:  # the loss received no gradient (autograd does not materialize zeros)
+        return None
     if grad.dtype == torch.float64:
         return ops.scale_fused_grad(grad, grad_loss)
     triton_scale_grad_(grad, grad_loss)
