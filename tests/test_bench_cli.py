@@ -22,7 +22,9 @@ from fusedloss.bench import backends as bk
 from fusedloss.bench.cli import main
 from fusedloss.bench.options import UsageError, parse_args
 
-TINY = ["--n", "8", "--c", "5", "17", "--repeat", "3", "--warmup", "1", "--quiet"]
+# "system": the in-process runs must not retune malloc for the rest of the
+# pytest process; the default ("warm") is exercised in a subprocess below.
+TINY = ["--n", "8", "--c", "5", "17", "--repeat", "3", "--warmup", "1", "--quiet", "--cpu-allocator", "system"]
 MACHINE_KEYS = {"cpu", "cpu_count", "torch_threads", "torch", "triton", "gpu", "device", "date"}
 
 
@@ -36,6 +38,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(["--help"], capsys)
     assert rc == 0
     for option in ("--loss", "--backend", "--n", "--c", "--dtype", "--mode", "--device", "--repeat", "--threads",
+                   "--cpu-allocator",
                    "--logits", "--json", "--csv", "--plot", "--markdown", "--from-json"):
         assert option in out
 
@@ -44,7 +47,7 @@ def test_every_option_parses(tmp_path: Path) -> None:
     cfg = parse_args(
         ["--loss", "ce,bce", "focal", "--backend", "reference", "naive", "torch", "--n", "3", "1_024",
          "--c", "imagenet", "llm", "77", "1000", "--dtype", "fp32", "bf16", "float16", "--mode", "fwd",
-         "--device", "cpu", "--repeat", "4", "--warmup", "0", "--logits", "extreme", "--seed", "3", "--threads", "1",
+         "--device", "cpu", "--repeat", "4", "--warmup", "0", "--logits", "extreme", "--seed", "3", "--threads", "1", "--cpu-allocator", "system",
          "--json", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.csv"), "--plot", str(tmp_path / "a.png"),
          "--markdown", str(tmp_path / "a.md"), "--no-accuracy", "--no-memory", "--quiet"],
         bk.known_backends(),
@@ -55,7 +58,7 @@ def test_every_option_parses(tmp_path: Path) -> None:
     assert cfg.cs == (1000, 32000, 128256, 262144, 77)  # presets expanded, duplicate dropped
     assert cfg.dtypes == (torch.float32, torch.bfloat16, torch.float16)
     assert (cfg.mode, cfg.device.type, cfg.repeat, cfg.warmup, cfg.logits, cfg.seed) == ("fwd", "cpu", 4, 0, "extreme", 3)
-    assert cfg.threads == 1 and not cfg.check_accuracy and not cfg.check_memory and cfg.quiet
+    assert cfg.threads == 1 and cfg.cpu_allocator == "system" and not cfg.check_accuracy and not cfg.check_memory and cfg.quiet
     assert cfg.json_path == tmp_path / "a.json" and cfg.plot_path == tmp_path / "a.png"
     assert parse_args(["--c", "imagenet21k"], bk.known_backends()).cs == (21841,)
     assert parse_args(["--loss", "all"], bk.known_backends()).losses == ("ce", "bce", "nllr", "crl", "lace", "focal")
@@ -71,6 +74,7 @@ def test_every_option_parses(tmp_path: Path) -> None:
         (["--dtype", "float8"], "unknown dtype 'float8'"),
         (["--mode", "sideways"], "unknown mode 'sideways'"),
         (["--logits", "weird"], "unknown kind 'weird'"),
+        (["--cpu-allocator", "jemalloc"], "unknown choice 'jemalloc'"),
         (["--c", "lots"], "not a positive integer"),
         (["--repeat", "0"], "at least 1"),
         (["--bogus-flag"], "unrecognized arguments"),
@@ -191,7 +195,8 @@ def test_bwd_mode_and_default_backends_report_unavailable(tmp_path: Path, capsys
 def test_extreme_logits_show_naive_nonfinite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "r.json"
     rc, _, _ = run(["--logits", "extreme", "--loss", "nllr", "--backend", "reference", "naive", "--n", "14",
-                    "--c", "9", "--repeat", "2", "--warmup", "0", "--no-memory", "--quiet", "--json", str(path)],
+                    "--c", "9", "--repeat", "2", "--warmup", "0", "--no-memory", "--quiet", "--json", str(path),
+                    "--cpu-allocator", "system"],
                    capsys)
     assert rc == 0
     rows = {r["backend"]: r for r in json.loads(path.read_text())["results"]}
@@ -206,11 +211,24 @@ def test_python_dash_m_entry_point() -> None:
     assert proc.stderr.strip() == "fusedloss-bench: error: --dtype: unknown dtype 'int3' (choose from float32, float16, bfloat16)"
 
 
+def test_python_dash_m_default_allocator_run(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "fusedloss.bench", "--device", "cpu", "--loss", "ce", "--backend",
+                           "reference", "--n", "4", "--c", "3", "--repeat", "2", "--json", str(path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "× copy" in proc.stdout
+    doc = json.loads(path.read_text())
+    if sys.platform == "linux":
+        assert doc["machine"]["cpu_allocator"].startswith(("warm", "system (mallopt"))
+
+
 @pytest.mark.slow
 def test_compile_baseline_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "r.json"
     rc, out, _ = run(["--loss", "ce", "--backend", "compile", "--n", "8", "--c", "5", "--repeat", "2",
-                      "--warmup", "1", "--quiet", "--no-memory", "--json", str(path)], capsys)
+                      "--warmup", "1", "--quiet", "--no-memory", "--json", str(path), "--cpu-allocator", "system"],
+                     capsys)
     assert rc == 0 and "compile" in out
     (row,) = [r for r in json.loads(path.read_text())["results"] if r["backend"] == "compile"]
     assert row["loss_err"] < 1e-5 and row["grad_err"] < 1e-5

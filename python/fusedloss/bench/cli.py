@@ -144,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    allocator = "system"
+    if cfg.device.type == "cpu" and cfg.cpu_allocator == "warm":
+        from .allocator import keep_freed_memory
+
+        allocator = keep_freed_memory()
     info = machine.describe(cfg.device)
+    info["cpu_allocator"] = allocator
     err.print(f"machine: {machine.one_line(info)}", markup=False, highlight=False)
     for name, reason in skipped.items():
         err.print(f"skipped backend {name}: {reason}", markup=False, highlight=False)

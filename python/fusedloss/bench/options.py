@@ -18,6 +18,7 @@ import fusedloss as fl
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 LOGITS_KINDS = ("normal", "extreme")
+CPU_ALLOCATORS = ("warm", "system")
 
 # Class-count presets named after the workloads they stand for.
 C_PRESETS: dict[str, tuple[int, ...]] = {
@@ -99,6 +100,7 @@ class BenchConfig:
     logits: str
     seed: int
     threads: int | None
+    cpu_allocator: str
     check_accuracy: bool
     check_memory: bool
     json_path: Path | None = None
@@ -168,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fusedloss.reference.extreme_logits)")
     p.add_argument("--threads", default=None,
                    help="CPU threads for torch (torch.set_num_threads; default: torch's choice, reported)")
+    p.add_argument("--cpu-allocator", default="warm",
+                   help="warm (default): freed CPU memory is kept and reused, as CUDA's caching allocator "
+                        "does, so times exclude page faults; system: glibc's defaults (see "
+                        "fusedloss/bench/allocator.py)")
     p.add_argument("--seed", default="0", help="random seed for the inputs (default 0)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -247,6 +253,8 @@ def parse_args(argv: list[str] | None, known_backends: tuple[str, ...]) -> Bench
 
     if a.mode not in MODES:
         raise UsageError(f"--mode: unknown mode '{a.mode}' (choose from {', '.join(MODES)})")
+    if a.cpu_allocator not in CPU_ALLOCATORS:
+        raise UsageError(f"--cpu-allocator: unknown choice '{a.cpu_allocator}' (choose from {', '.join(CPU_ALLOCATORS)})")
     if a.logits not in LOGITS_KINDS:
         raise UsageError(f"--logits: unknown kind '{a.logits}' (choose from {', '.join(LOGITS_KINDS)})")
 
@@ -272,6 +280,7 @@ def parse_args(argv: list[str] | None, known_backends: tuple[str, ...]) -> Bench
         logits=a.logits,
         seed=_int_option(a.seed, "seed", 0) or 0,
         threads=_int_option(a.threads, "threads", 1),
+        cpu_allocator=a.cpu_allocator,
         check_accuracy=not a.no_accuracy,
         check_memory=not a.no_memory,
         json_path=a.json,

@@ -205,7 +205,7 @@ def markdown(doc: dict[str, object]) -> str:
         f"Date: {machine.get('date')}; torch {machine.get('torch')}, triton {machine.get('triton')}, "
         f"fusedloss {machine.get('fusedloss')} ({machine.get('fusedloss_commit')}); mode {mode}, "
         f"logits {records[0]['logits'] if records else ''}; load average (1 min) {machine.get('loadavg_1m')} "
-        f"at the start, {machine.get('loadavg_1m_end')} at the end, on {machine.get('cpu_count')} logical CPUs.",
+        f"at the start, {machine.get('loadavg_1m_end')} at the end, on {machine.get('cpu_count')} logical CPUs; CPU allocator {machine.get('cpu_allocator')}.",
         "",
     ]
     unavailable = doc.get("unavailable") or {}
