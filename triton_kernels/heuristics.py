@@ -141,7 +141,9 @@ def bwd_config(n_cols: int, elem_size: int, variant: int = 0) -> Config:
     f = family(variant)
     bc = max(MIN_BLOCK_C, min(triton.next_power_of_2(int(n_cols)), f.stream_block))
     tile = max(bc, f.min_tile)
-    return Config(block_n=tile // bc, block_c=bc, single=False, num_warps=_warps_for(tile, f.values_per_thread))
+    # >= 4 warps: with 2 (fp16, C = 256, weights + smoothing) ptxas spilled 4 bytes on sm_80
+    return Config(block_n=tile // bc, block_c=bc, single=False,
+                  num_warps=max(4, _warps_for(tile, f.values_per_thread)))
 
 
 def scale_config(n_cols: int) -> Config:
