@@ -89,16 +89,21 @@ def extension_modules():
     caps = _cpu_capabilities()
     sources = sorted(p for p in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
                      if p != CPU_KERNEL_SOURCE and not p.startswith(os.path.join("csrc", "cuda", "")))
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template whose threads are OpenMP pragmas
+    # (torch is built with AT_PARALLEL_OPENMP); without the flag it runs on one thread.
+    # The libgomp.so.1 it links resolves at run time to the copy torch already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", *openmp]
     macros = [(f"FUSEDLOSS_CPU_{cap}", None) for cap in caps if cap != "DEFAULT"]
     with_cuda = _want_cuda()
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         ext = CUDAExtension("fusedloss._C", sources, define_macros=macros + [("FUSEDLOSS_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=openmp)
     else:
-        ext = CppExtension("fusedloss._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fusedloss._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                           extra_link_args=openmp)
 
     class BuildWithCpuCapabilities(BuildExtension):
         """Compiles CPU_KERNEL_SOURCE once per capability and links the objects in.
