@@ -1,0 +1,23 @@
+"""Collection rules for tests that only make sense inside a subprocess that sets up their
+environment; their parent tests run them there, so in the parent they are not collected
+(rather than reported as skipped)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+collect_ignore: list[str] = []
+if os.environ.get("TRITON_INTERPRET") != "1":
+    # Triton fixes interpreted vs compiled mode when it is first imported; test_triton_suite.py
+    # runs this file in a subprocess with TRITON_INTERPRET=1.
+    collect_ignore.append("test_triton_interpreter.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Checks the kernel capability a subprocess of test_other_capability_builds forced.
+    if os.environ.get("FUSEDLOSS_TEST_CAPABILITY") is None:
+        dropped = [i for i in items if i.name == "test_capability_in_subprocess"]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [i for i in items if i not in dropped]
