@@ -36,22 +36,38 @@ SUMMARY = (("cpu", "fused"), ("torch", "F.cross_entropy"), ("reference", "refere
 
 
 def _summary(records: list[dict]) -> str:
-    """One row per (shape, dtype, loss): each backend's time as a multiple of the copy,
-    and the fused kernel's peak extra memory as a multiple of the logits."""
+    """One row per (shape, dtype, loss): the fused kernel's median time and the copy it
+    was sampled with, then each backend's time as a multiple of its copy, and the fused
+    kernel's peak extra memory as a multiple of the logits."""
     cell = {(r["n"], r["c"], r["dtype"], r["loss"], r["backend"]): r for r in records}
-    header = ["N x C", "dtype", "loss", *(h for _, h in SUMMARY), "fused peak mem (x logits)"]
+    header = ["N x C", "dtype", "loss", "fused ms", "its copy ms", *(f"{h} (x copy)" for _, h in SUMMARY),
+              "fused peak mem (x logits)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for n, c in SHAPES:
         for dtype in DTYPES:
             for loss in fl.LOSSES:
-                row = [f"{n} x {c}", dtype, loss]
+                fused = cell.get((n, c, dtype, loss, "cpu")) or {}
+                row = [f"{n} x {c}", dtype, loss, _fmt(fused.get("median_ms")), _fmt(fused.get("copy_ms"))]
                 for backend, _ in SUMMARY:
-                    r = cell.get((n, c, dtype, loss, backend))
-                    row.append(f"{r['x_copy']:.2f}" if r and r.get("x_copy") is not None else "–")
-                fused = cell.get((n, c, dtype, loss, "cpu"))
-                row.append(f"{fused['x_logits']:.2f}" if fused and fused.get("x_logits") is not None else "–")
+                    row.append(_fmt((cell.get((n, c, dtype, loss, backend)) or {}).get("x_copy")))
+                row.append(_fmt(fused.get("x_logits")))
                 lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else (f"{value:.2f}" if value < 100 else f"{value:.0f}")
+
+
+def _write(doc: dict, out: Path) -> str:
+    report.write_json(out.with_suffix(".json"), doc)
+    summary = _summary(doc["results"])
+    full = report.markdown(doc)
+    title, rest = full.split("\n", 1)
+    out.with_suffix(".md").write_text(
+        f"{title}\n\n## Summary: fwd+bwd time, and as a multiple of `logits.clone()` sampled alternately with it"
+        f"\n\n{summary}\n{rest}")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", help="timed repeats per cell (default: fusedloss-bench's time budget)")
     ap.add_argument("--threads", help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the float64 error columns")
+    ap.add_argument("--from-json", help="measure nothing: re-render a previous run's .json to --out")
     args = ap.parse_args(argv)
+    if args.from_json:
+        print(_write(report.read_json(Path(args.from_json)), Path(args.out)))
+        return 0
 
     extra = ["--device", "cpu", "--dtype", *DTYPES, "--backend", *BACKENDS, "--loss", "all", "--quiet"]
     for flag in ("repeat", "threads"):
@@ -99,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": records,
     }
     out = Path(args.out)
-    report.write_json(out.with_suffix(".json"), doc)
-    summary = _summary(records)
-    full = report.markdown(doc)
-    title, rest = full.split("\n", 1)
-    out.with_suffix(".md").write_text(
-        f"{title}\n\n## Summary: fwd+bwd time as a multiple of `logits.clone()`\n\n{summary}\n{rest}")
-    print(summary)
+    print(_write(doc, out))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
     return 1 if any("error" in r for r in records) else 0
 
