@@ -5,7 +5,9 @@ float32 and bfloat16, for the fused C++ kernel (backend "cpu"), ``F.cross_entrop
 (ce only), the reference backend eager, and ``torch.compile`` of the reference. Every
 time is also a ratio to ``logits.clone()``, sampled alternately with it (the machine may
 be shared); peak extra memory comes from ``fusedloss.memtrack.PeakMemory``; errors are
-against float64.
+against float64. As fusedloss-bench does by default, freed memory is kept for reuse
+(``--cpu-allocator warm``), so neither the copy nor a loss pays page faults for its
+outputs and the ratios compare compute and memory traffic.
 
     python bench/cpu_kernels.py                      # writes bench/results/cpu_kernels.{json,md}
     python bench/cpu_kernels.py --out /tmp/x --repeat 5 --no-accuracy
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", help="timed repeats per cell (default: fusedloss-bench's time budget)")
     ap.add_argument("--threads", help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the float64 error columns")
+    ap.add_argument("--cpu-allocator", choices=("warm", "system"), default="warm",
+                    help="warm (default, as fusedloss-bench): freed memory is reused, so no call pays page "
+                         "faults for its outputs; system: glibc's default (fresh pages above 32 MiB)")
     ap.add_argument("--from-json", help="measure nothing: re-render a previous run's .json to --out")
     args = ap.parse_args(argv)
     if args.from_json:
@@ -98,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     chosen = [bk.get_backend(name) for name in BACKENDS]
 
+    allocator = "system"
+    if args.cpu_allocator == "warm":
+        from fusedloss.bench.allocator import keep_freed_memory
+
+        allocator = keep_freed_memory()
     info = machine.describe(torch.device("cpu"))
+    info["cpu_allocator"] = allocator
     from fusedloss import _C  # built, or the "cpu" backend above would be unavailable
 
     info["cpu_capability"] = _C.cpu_capability()
@@ -114,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/cpu_kernels.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])),
         "machine": info,
         "config": {"shapes": [list(s) for s in SHAPES], "dtypes": list(DTYPES), "backends": list(BACKENDS),
-                   "mode": "fwd+bwd", "repeat": args.repeat, "accuracy": not args.no_accuracy},
+                   "mode": "fwd+bwd", "repeat": args.repeat, "accuracy": not args.no_accuracy,
+                   "cpu_allocator": args.cpu_allocator},
         "unavailable": {},
         "results": records,
     }
