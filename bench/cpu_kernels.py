@@ -62,11 +62,13 @@ def _fmt(value) -> str:
 
 
 def _write(doc: dict, out: Path) -> str:
-    report.write_json(out.with_suffix(".json"), doc)
+    """Writes ``<out>.json`` and ``<out>.md`` (``out`` is a prefix: it may contain dots)."""
+    json_path, md_path = out.parent / f"{out.name}.json", out.parent / f"{out.name}.md"
+    report.write_json(json_path, doc)
     summary = _summary(doc["results"])
     full = report.markdown(doc)
     title, rest = full.split("\n", 1)
-    out.with_suffix(".md").write_text(
+    md_path.write_text(
         f"{title}\n\n## Summary: fwd+bwd time, and as a multiple of `logits.clone()` sampled alternately with it"
         f"\n\n{summary}\n{rest}")
     return summary
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     print(_write(doc, out))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    print(f"wrote {out}.json and {out}.md", file=sys.stderr)
     return 1 if any("error" in r for r in records) else 0
 
 
