@@ -99,14 +99,11 @@ def softmax_loss(
     compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
     if inplace_backward and be.fwd_inplace is None:
         raise NotImplementedError(f"inplace_backward=True is not implemented by backend {be.name!r}; use backend='triton'")
+    scalars = (int(variant), int(red), ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma))
     if inplace_backward and compute_grad:
-        out = be.fwd_inplace(x2d, t1d, weight, int(variant), int(red), ignore_index, float(label_smoothing),
-                             float(alpha), float(beta), float(gamma))
-        if red == Reduction.NONE:
-            out = out.reshape(target.shape)
-        return out.to(logits.dtype)
-    out, _, _ = be.fwd(x2d, t1d, weight, int(variant), int(red), ignore_index, float(label_smoothing),
-                       float(alpha), float(beta), float(gamma), compute_grad)
+        out = be.fwd_inplace(x2d, t1d, weight, *scalars)
+    else:
+        out, _, _ = be.fwd(x2d, t1d, weight, *scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
     return out.to(logits.dtype)
