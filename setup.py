@@ -1,16 +1,22 @@
 """Build fusedloss: the Python package, plus the C++/CUDA extension ``fusedloss._C``.
 
-The extension is optional: without sources in ``csrc/`` (or with
-``FUSEDLOSS_BUILD_EXT=0``) the package still installs and the pure-PyTorch
-reference backend runs everything.
+The extension is optional: without sources in ``csrc/``, with ``FUSEDLOSS_BUILD_EXT=0``
+or without torch at build time, the package still installs and the pure-PyTorch
+reference backend runs everything. ``pip install .`` builds in an isolated environment
+that pyproject.toml gives torch; ``pip install --no-build-isolation .`` builds against the
+torch already installed.
 
 Environment:
   FUSEDLOSS_BUILD_EXT=0      skip the extension entirely
   FUSEDLOSS_BUILD_CUDA=0|1   force the CUDA kernels off / on (default: on when torch is a
-                             CUDA build and nvcc is found under CUDA_HOME)
+                             CUDA build and a usable toolkit is found, see CUDA_HOME; else
+                             the CPU part alone, with the reason printed)
   TORCH_CUDA_ARCH_LIST       GPU architectures (default "8.0;9.0+PTX": A100, H100, and PTX
                              that newer GPUs compile at load time)
-  CUDA_HOME                  the toolkit root, e.g. /usr/local/cuda-13.0
+  CUDA_HOME                  the toolkit root; unset, setup.py finds it: the nvcc on PATH
+                             (symlinks and `exec .../nvcc` wrapper scripts followed), then
+                             /usr/local/cuda, /usr/local/cuda-* (newest first); the first root
+                             with bin/nvcc, include/cuda_runtime.h and lib*/libcudart.so* wins
   MAX_JOBS                   parallel compile jobs (ninja)
 
 CPU vector code: ``at::vec::Vectorized`` only uses real vector instructions when a file
@@ -23,6 +29,9 @@ one at run time from ``at::get_cpu_capability()``, as ATen does for its own kern
 import glob
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -44,28 +53,125 @@ def _cpu_capabilities():
     return caps
 
 
+# --- Finding the CUDA toolkit -------------------------------------------------------------
+# torch.utils.cpp_extension guesses CUDA_HOME at import time from the nvcc on PATH (the
+# folder above its bin/). Where that nvcc is a wrapper script (/usr/local/bin/nvcc doing
+# `exec /usr/local/cuda-13.0/bin/nvcc "$@"`) the guess is /usr/local, which has neither the
+# runtime headers nor libcudart, and the build dies at the link (-lcudart). So setup.py
+# looks for the root itself, follows such wrappers, and hands torch the first usable one.
+
+STANDARD_CUDA_ROOTS = ("/usr/local/cuda", "/usr/local/cuda-*")
+_EXEC_NVCC = re.compile(r"""^\s*exec\s+["']?([^\s"']*/nvcc)["']?(\s|$)""", re.MULTILINE)
+
+
+def cuda_root_problem(root):
+    """What a toolkit root lacks for building the extension ("lacks bin/nvcc, ..."), or None."""
+    checks = (
+        ("bin/nvcc", [os.path.join(root, "bin", "nvcc")]),
+        ("include/cuda_runtime.h", [os.path.join(root, "include", "cuda_runtime.h")]),
+        ("lib*/libcudart.so*", glob.glob(os.path.join(root, "lib*", "libcudart.so*"))),
+    )
+    missing = [what for what, paths in checks if not any(os.path.isfile(p) for p in paths)]
+    return f"lacks {', '.join(missing)}" if missing else None
+
+
+def real_nvcc(path, _depth=0):
+    """The nvcc binary that ``path`` runs: symlinks resolved, and a shell wrapper whose
+    line ``exec <dir>/nvcc ...`` hands over to another nvcc followed (recursively)."""
+    path = os.path.realpath(path)
+    if _depth < 8:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(65536)
+        except OSError:
+            return path
+        if head.startswith(b"#!"):
+            match = _EXEC_NVCC.search(head.decode("utf-8", "replace"))
+            if match and os.path.realpath(match.group(1)) != path:
+                return real_nvcc(match.group(1), _depth + 1)
+    return path
+
+
+def _version_key(root):
+    """Sort key of /usr/local/cuda-X.Y: newest first."""
+    nums = re.findall(r"\d+", os.path.basename(root))
+    return [-int(n) for n in nums]
+
+
+def cuda_toolkit_candidates(environ=None, standard_roots=STANDARD_CUDA_ROOTS):
+    """(root, where it came from) in the order they are tried: the nvcc on PATH (through
+    symlinks and wrappers), then the standard install folders, newest version first."""
+    environ = os.environ if environ is None else environ
+    found = []
+    nvcc = shutil.which("nvcc", path=environ.get("PATH", os.defpath))
+    if nvcc:
+        real = real_nvcc(nvcc)
+        found.append((os.path.dirname(os.path.dirname(real)), f"nvcc on PATH ({nvcc} -> {real})"))
+    for pattern in standard_roots:
+        found += [(root, "standard location") for root in sorted(glob.glob(pattern), key=_version_key)]
+    seen = set()
+    for root, how in found:
+        if os.path.realpath(root) not in seen:
+            seen.add(os.path.realpath(root))
+            yield root, how
+
+
+def find_cuda_toolkit(environ=None, standard_roots=STANDARD_CUDA_ROOTS):
+    """``(root, None)`` for the toolkit to build with, or ``(None, why none is usable)``.
+
+    An explicit ``CUDA_HOME`` (or ``CUDA_PATH``) is the user's choice: it is used or
+    reported, never silently replaced. Otherwise the first candidate with bin/nvcc,
+    include/cuda_runtime.h and lib*/libcudart.so* wins."""
+    environ = os.environ if environ is None else environ
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if environ.get(var):
+            problem = cuda_root_problem(environ[var])
+            return (environ[var], None) if problem is None else (None, f"{var}={environ[var]} {problem}")
+    rejected = []
+    for root, how in cuda_toolkit_candidates(environ, standard_roots):
+        problem = cuda_root_problem(root)
+        if problem is None:
+            return root, None
+        rejected.append(f"{root} ({how}) {problem}")
+    if not rejected:
+        return None, "no CUDA toolkit found (no nvcc on PATH, nothing in /usr/local/cuda*; set CUDA_HOME)"
+    return None, "no usable CUDA toolkit: " + "; ".join(rejected) + " (set CUDA_HOME to the toolkit root)"
+
+
 def _cuda_toolkit_problem():
-    """Why the CUDA part cannot be built here, or None. A toolkit root is usable when it
-    has nvcc, the runtime headers and libcudart: torch guesses CUDA_HOME from the nvcc on
-    PATH, and a wrapper script there (/usr/local/bin/nvcc) makes it guess /usr/local,
-    where compiling finds no headers and linking no -lcudart."""
+    """Why the CUDA part cannot be built here, or None; when it can, CUDA_HOME (the
+    environment variable and torch's copy of it, computed when torch was imported) is
+    set to the toolkit found."""
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
+    import torch.utils.cpp_extension as cpp_extension
 
     if torch.version.cuda is None:
         return "torch is not a CUDA build"
     if not glob.glob(os.path.join("csrc", "cuda", "*.cu")):
         return "no CUDA sources"
-    if not CUDA_HOME:
-        return "no CUDA toolkit found (set CUDA_HOME)"
-    missing = [what for what, paths in (
-        ("bin/nvcc", [os.path.join(CUDA_HOME, "bin", "nvcc")]),
-        ("include/cuda_runtime.h", [os.path.join(CUDA_HOME, "include", "cuda_runtime.h")]),
-        ("libcudart", glob.glob(os.path.join(CUDA_HOME, "lib*", "libcudart.so*"))),
-    ) if not any(os.path.exists(p) for p in paths)]
-    if missing:
-        return f"CUDA_HOME={CUDA_HOME} lacks {', '.join(missing)} (set CUDA_HOME to the toolkit root, e.g. /usr/local/cuda-13.0)"
+    root, problem = find_cuda_toolkit()
+    if problem:
+        return problem
+    # torch refuses (RuntimeError, mid-build) a toolkit whose major version differs from its own.
+    release = _nvcc_release(os.path.join(root, "bin", "nvcc"))
+    if release and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return f"the CUDA toolkit at {root} is {release}, torch was built with CUDA {torch.version.cuda}"
+    if cpp_extension.CUDA_HOME != root:
+        print(f"fusedloss: using the CUDA toolkit at {root} (torch guessed {cpp_extension.CUDA_HOME})",
+              file=sys.stderr)
+    os.environ["CUDA_HOME"] = root
+    cpp_extension.CUDA_HOME = root
     return None
+
+
+def _nvcc_release(nvcc):
+    """"13.0" from ``nvcc --version``, or None when it does not say."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
 
 
 def _want_cuda():
@@ -83,8 +189,14 @@ def _want_cuda():
 def extension_modules():
     if os.environ.get("FUSEDLOSS_BUILD_EXT", "1") == "0" or not os.path.exists(os.path.join("csrc", "fusedloss.cpp")):
         return [], {}
-    # Imported lazily: a plain `pip install` of the Python part needs no torch at build time.
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    # Imported here, not at the top: without torch (a build front end that ignores
+    # pyproject's build requirements) the Python part still builds, and says so.
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as err:
+        print(f"fusedloss: building without the C++/CUDA extension (the reference backend runs everything): "
+              f"torch is not importable at build time ({err})", file=sys.stderr)
+        return [], {}
 
     caps = _cpu_capabilities()
     sources = sorted(p for p in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
@@ -130,19 +242,40 @@ def extension_modules():
     return [ext], {"build_ext": BuildWithCpuCapabilities.with_options(no_python_abi_suffix=True)}
 
 
-ext_modules, cmdclass = extension_modules()
+def torch_requirement(ext_modules):
+    """The extension is compiled against one torch's C++ ABI, which changes between minor
+    releases: with it, require the torch minor it was built with (under pip's build
+    isolation that is the torch the build environment got); without it, any torch >= 2.6."""
+    if not ext_modules:
+        return "torch>=2.6"
+    import torch
 
-setup(
-    name="fusedloss",
-    version="0.1.0",
-    description="Fused, exact softmax classification losses (CE, BCE, NLLR, CRL, LACE, focal) for PyTorch",
-    packages=["fusedloss", "fusedloss.triton_kernels"]
-    + [f"fusedloss.{p}" for p in find_packages("python/fusedloss")]
-    + [f"fusedloss.triton_kernels.{p}" for p in find_packages("triton_kernels")],
-    package_dir={"fusedloss": "python/fusedloss", "fusedloss.triton_kernels": "triton_kernels"},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fusedloss-bench=fusedloss.bench.cli:main"]},
-)
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
+
+
+# What each entry point needs beyond the core (``import fusedloss``, ``fusedloss-bench``):
+# a missing one makes the command stop with one line naming the extra (fusedloss/_extras.py).
+EXTRAS = {
+    "bench": ["matplotlib>=3.7"],                                             # fusedloss-bench --plot
+    "train": ["torchvision>=0.21", "pillow>=9", "tqdm>=4.60", "matplotlib>=3.7"],  # python -m fusedloss.train
+}
+
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for its functions
+    ext_modules, cmdclass = extension_modules()
+    setup(
+        name="fusedloss",
+        version="0.1.0",
+        description="Fused, exact softmax classification losses (CE, BCE, NLLR, CRL, LACE, focal) for PyTorch",
+        packages=["fusedloss", "fusedloss.triton_kernels"]
+        + [f"fusedloss.{p}" for p in find_packages("python/fusedloss")]
+        + [f"fusedloss.triton_kernels.{p}" for p in find_packages("triton_kernels")],
+        package_dir={"fusedloss": "python/fusedloss", "fusedloss.triton_kernels": "triton_kernels"},
+        python_requires=">=3.10",
+        # rich: fusedloss-bench's table and progress bar (the CLI ships with the package).
+        install_requires=[torch_requirement(ext_modules), "numpy", "rich>=13"],
+        extras_require={**EXTRAS, "all": sorted({r for reqs in EXTRAS.values() for r in reqs})},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        entry_points={"console_scripts": ["fusedloss-bench=fusedloss.bench.cli:main"]},
+    )

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import fusedloss as fl
+from fusedloss._extras import MissingExtraError, require_extra
 from fusedloss.train_ckpt import (BEST, FORMAT, LAST, capture_rng, check_resume_compatible, load_checkpoint,
                                   restore_rng, save_atomic)
 from fusedloss.train_data import Loaders, TrainInputError, image_folder_loaders, synthetic_loaders
@@ -45,7 +46,9 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fusedloss.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Needs the train extra (torchvision, pillow, tqdm, matplotlib): "
+                                       "pip install 'fusedloss[train]'.")
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/")
     data.add_argument("--dummy", action="store_true", help="synthetic data of ImageNet's shapes instead of --data")
@@ -313,11 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        # Before any work: training needs the whole [train] extra, --plot only its matplotlib.
+        if args.plot:
+            require_extra("train", "--plot", ("matplotlib",))
+        else:
+            require_extra("train", "python -m fusedloss.train")
         if args.plot:
             print(f"wrote {plot_runs(args.plot, args.plot_out)}")
             return 0
         return train(args)
-    except TrainInputError as err:
+    except (TrainInputError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 

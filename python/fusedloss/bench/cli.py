@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .._extras import MissingExtraError, require_extra
 from . import backends as bk
 from . import machine, memory, report, sweep
 from .options import BenchConfig, UsageError, dtype_name, parse_args
@@ -122,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         cfg = parse_args(args, bk.known_backends())
+        if cfg.plot_path:  # checked now, not after a sweep of minutes
+            try:
+                require_extra("bench", "--plot")
+            except MissingExtraError as exc:
+                raise UsageError(str(exc)) from None
         if cfg.from_json is not None:
             try:
                 doc = report.read_json(cfg.from_json)

@@ -1,0 +1,144 @@
+"""Packaging: setup.py's CUDA toolkit finder and the one-line messages of missing extras.
+
+Cheap checks only: no build, no virtual environment (the plain `pip install .` into a
+new venv is checked by hand; see docs/install.md)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py as a module: its functions, without running setup() (guarded by __main__)."""
+    spec = importlib.util.spec_from_file_location("fusedloss_setup_py", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_toolkit(root: Path, *, lib: bool = True, include: bool = True) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("\x7fELF not really\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    if include:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("/* fake */\n")
+    if lib:
+        (root / "lib64").mkdir()
+        (root / "lib64" / "libcudart.so.13").write_text("")
+    return root
+
+
+def wrapper(bindir: Path, target: Path) -> None:
+    """A PATH nvcc that is a shell script handing over to ``target`` (like /usr/local/bin/nvcc)."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    (bindir / "nvcc").write_text(f'#!/bin/sh\n# a wrapper\nexec {target} "$@"\n')
+    (bindir / "nvcc").chmod(0o755)
+
+
+def test_wrapper_script_resolves_to_the_toolkit_root(setup_py, tmp_path):
+    root = fake_toolkit(tmp_path / "opt" / "cuda-99.1")
+    wrapper(tmp_path / "bin", root / "bin" / "nvcc")
+    env = {"PATH": str(tmp_path / "bin")}
+    assert setup_py.real_nvcc(str(tmp_path / "bin" / "nvcc")) == str(root / "bin" / "nvcc")
+    # torch's own guess would be tmp_path (the folder above the wrapper's bin/), which lacks the headers.
+    assert setup_py.cuda_root_problem(str(tmp_path)) == "lacks include/cuda_runtime.h, lib*/libcudart.so*"
+    assert setup_py.find_cuda_toolkit(env, standard_roots=()) == (str(root), None)
+
+
+def test_symlink_and_nested_wrappers(setup_py, tmp_path):
+    root = fake_toolkit(tmp_path / "cuda-99.1")
+    wrapper(tmp_path / "inner", root / "bin" / "nvcc")       # wrapper -> real nvcc
+    wrapper(tmp_path / "outer", tmp_path / "inner" / "nvcc")  # wrapper -> wrapper
+    (tmp_path / "bin").mkdir()
+    os.symlink(tmp_path / "outer" / "nvcc", tmp_path / "bin" / "nvcc")  # symlink -> wrapper
+    found, problem = setup_py.find_cuda_toolkit({"PATH": str(tmp_path / "bin")}, standard_roots=())
+    assert (found, problem) == (str(root), None)
+
+
+def test_unusable_roots_are_skipped_and_reported(setup_py, tmp_path):
+    no_lib = fake_toolkit(tmp_path / "cuda-99.2", lib=False)   # newest, but no libcudart
+    good = fake_toolkit(tmp_path / "cuda-99.1")
+    pattern = (str(tmp_path / "cuda-*"),)
+    assert setup_py.find_cuda_toolkit({"PATH": ""}, standard_roots=pattern) == (str(good), None)
+    good_lib = good / "lib64" / "libcudart.so.13"
+    good_lib.unlink()
+    found, problem = setup_py.find_cuda_toolkit({"PATH": ""}, standard_roots=pattern)
+    assert found is None
+    assert str(no_lib) in problem and "lacks lib*/libcudart.so*" in problem and "set CUDA_HOME" in problem
+
+
+def test_explicit_cuda_home_is_used_or_reported_never_replaced(setup_py, tmp_path):
+    good = fake_toolkit(tmp_path / "cuda-99.1")
+    bad = fake_toolkit(tmp_path / "cuda-99.2", include=False)
+    env = {"PATH": "", "CUDA_HOME": str(good)}
+    assert setup_py.find_cuda_toolkit(env, standard_roots=()) == (str(good), None)
+    env["CUDA_HOME"] = str(bad)
+    assert setup_py.find_cuda_toolkit(env, standard_roots=(str(tmp_path / "cuda-*"),)) == (
+        None, f"CUDA_HOME={bad} lacks include/cuda_runtime.h")
+
+
+def test_no_toolkit_at_all(setup_py, tmp_path):
+    found, problem = setup_py.find_cuda_toolkit({"PATH": str(tmp_path)}, standard_roots=())
+    assert found is None and problem.startswith("no CUDA toolkit found")
+
+
+def test_declared_dependencies_cover_the_entry_points(setup_py):
+    assert setup_py.torch_requirement([]) == "torch>=2.6"
+    import torch
+
+    major, minor = torch.__version__.split(".")[:2]
+    assert setup_py.torch_requirement(["an extension"]) == f"torch=={major}.{minor}.*"
+    from fusedloss import _extras
+
+    declared = {extra: {re.split(r"[<>=!~ ]", r)[0] for r in reqs} for extra, reqs in setup_py.EXTRAS.items()}
+    for extra, modules in _extras.EXTRAS.items():
+        assert declared[extra] == {_extras.DISTRIBUTIONS.get(m, m).lower() for m in modules}
+    # The requirements files a developer installs name the same packages.
+    for extra, path in (("bench", "requirements-bench.txt"), ("train", "requirements-train.txt")):
+        listed = {re.split(r"[<>=!~ #]", line)[0].lower() for line in (ROOT / path).read_text().splitlines()
+                  if line.strip() and not line.startswith(("#", "-r"))}
+        assert declared[extra] <= listed, (path, declared[extra] - listed)
+
+
+def test_missing_extra_is_one_line_naming_it(monkeypatch):
+    from fusedloss._extras import MissingExtraError, require_extra
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import of matplotlib now fails
+    with pytest.raises(MissingExtraError) as info:
+        require_extra("bench", "--plot")
+    assert str(info.value) == "--plot needs matplotlib, not installed: pip install 'fusedloss[bench]'"
+    require_extra("train", "x", ("numpy",))  # present: no error
+
+
+def test_bench_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys, tmp_path):
+    from fusedloss.bench import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(cli, "_measure", lambda *a, **k: pytest.fail("measured despite the missing extra"))
+    status = cli.main(["--loss", "ce", "--backend", "reference", "--n", "4", "--c", "8",
+                       "--plot", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err == "fusedloss-bench: error: --plot needs matplotlib, not installed: pip install 'fusedloss[bench]'"
+
+
+def test_train_without_the_extra(monkeypatch, capsys):
+    from fusedloss import train
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    assert train.main(["--dummy", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: python -m fusedloss.train needs torchvision, not installed: pip install 'fusedloss[train]'"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert train.main(["--plot", "some-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --plot needs matplotlib, not installed: pip install 'fusedloss[train]'")
