@@ -13,8 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+try:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+except ImportError:  # a machine without rich (bench/gpu/check.sh on an offline GPU box): plain text
+    from ._plain import BarColumn, Console, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # type: ignore[assignment]
 
 from .._extras import MissingExtraError, require_extra
 from . import backends as bk
@@ -36,7 +40,7 @@ def _resolve_backends(cfg: BenchConfig) -> tuple[list[bk.Backend], dict[str, str
     for name in cfg.backends:
         reason = bk.unavailable_reason(name, cfg.device)
         if reason is not None:
-            if cfg.backends_explicit:
+            if cfg.backends_explicit and not cfg.skip_unavailable:
                 raise UsageError(f"backend '{name}' is unavailable: {reason}")
             skipped[name] = reason
             continue

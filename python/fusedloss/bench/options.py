@@ -109,6 +109,7 @@ class BenchConfig:
     markdown_path: Path | None = None
     from_json: Path | None = None
     quiet: bool = False
+    skip_unavailable: bool = False  # a named backend that cannot run here is listed, not an error
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", type=Path, metavar="PATH",
                    help="measure nothing: re-render a previous --json file (table, csv, plot, markdown)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="skip (and list) a backend named in --backend that cannot run here instead of "
+                        "stopping with exit status 2 (scripted runs on machines of unknown content)")
     return p
 
 
@@ -289,4 +293,5 @@ def parse_args(argv: list[str] | None, known_backends: tuple[str, ...]) -> Bench
         markdown_path=a.markdown,
         from_json=a.from_json,
         quiet=a.quiet,
+        skip_unavailable=a.skip_unavailable,
     )

@@ -13,8 +13,11 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from rich.console import Console
-from rich.table import Table
+try:
+    from rich.console import Console
+    from rich.table import Table
+except ImportError:  # no rich: print_table writes the markdown table (see bench/_plain.py)
+    Console = Table = None  # type: ignore[assignment,misc]
 
 Record = dict[str, object]
 SCHEMA = 1
@@ -120,7 +123,12 @@ def rich_table(records: list[Record], title: str) -> Table:
 
 
 def print_table(console: Console, records: list[Record], title: str) -> None:
-    console.print(rich_table(records, title))
+    if Table is None:
+        console.print("\n".join([title, "", *_md_table([h for _, h in COLUMNS],
+                                                       [[cell(r, k) for k, _ in COLUMNS] for r in records])]),
+                      markup=False)
+    else:
+        console.print(rich_table(records, title))
     for rec in records:
         if rec.get("error"):
             console.print(f"[red]error[/red] {rec['loss']} {rec['backend']} N={rec['n']} C={rec['c']}: {rec['error']}")
