@@ -103,8 +103,9 @@ FL_HD TargetOnlyTerms<T> target_only_terms(int64_t variant, T d, T alpha, T beta
       const T log_alpha_q = logaddexp(log_or_neg_inf(alpha), log_q);
       // s = 1 + beta p / (alpha + q): log s = softplus(log beta + log p - log(alpha + q)),
       // finite for alpha = 0 and q -> 0, where beta p / q overflows.
+      // beta = 0 is ce (s = 1), also where alpha = 0 and q = 0 make the argument (-inf) + inf.
       return {scaled(beta, log_alpha_q) + softplus(d),
-              softplus(log_or_neg_inf(beta) + log_p - log_alpha_q)};
+              beta == T(0) ? T(0) : softplus(log_or_neg_inf(beta) + log_p - log_alpha_q)};
     }
     default: {  // kLACE (gamma = 1) and kFocal
       const T g = variant == kLACE ? T(1) : gamma;
@@ -112,7 +113,11 @@ FL_HD TargetOnlyTerms<T> target_only_terms(int64_t variant, T d, T alpha, T beta
       const T q_g = scaled(g, log_q);  // log q^g
       // s = q^g + g p q^(g-1) (-log p): both terms >= 0, summed in log space so a
       // large q^(g-1) (g < 1, q -> 0) times a small -log p ~ q never overflows.
-      const T second = log_or_neg_inf(g) + log_p + scaled(g - T(1), log_q) + log_softplus(d);
+      // g = 0, or d = -inf (no competitor: q = 0 exactly, g p q^(g-1) (-log p) ~ g q^g -> 0):
+      // the second term is 0, where the sum would be (-inf) + inf = NaN.
+      const T second = (g == T(0) || d == neg_inf<T>())
+                           ? neg_inf<T>()
+                           : log_or_neg_inf(g) + log_p + scaled(g - T(1), log_q) + log_softplus(d);
       return {std::exp(q_g) * softplus(d), logaddexp(q_g, second)};
     }
   }

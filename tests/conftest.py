@@ -21,3 +21,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = [i for i in items if i not in dropped]
+
+
+# Hypothesis budgets: CI runs a fixed, derandomized set of examples (same every run);
+# HYPOTHESIS_PROFILE=thorough draws many more, at random.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in requirements-dev.txt; tests that need it import it themselves
+    pass
+else:
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
+                              suppress_health_check=_slow_ok, print_blob=True)
+    settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=_slow_ok,
+                              print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -138,6 +138,19 @@ def test_tiny_class_counts(c):
             assert (gx == 0).all()
 
 
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in fl.available_backends()])
+@pytest.mark.parametrize("loss,kw", [("focal", dict(gamma=0.0)), ("focal", dict(gamma=0.5)), ("lace", {}),
+                                     ("crl", dict(alpha=0.0, beta=0.0))])
+def test_single_class_bounded_losses_have_zero_gradient(backend, loss, kw):
+    """C = 1 (p_c = 1, q = 0 exactly): these losses are the constant 0, so is their gradient.
+    focal(gamma=0) and crl(beta=0) are ce there too. (Found by the layout property test:
+    the second term of focal's s and crl's log s were (-inf) + inf = NaN.)"""
+    x = torch.randn(4, 1, requires_grad=True)
+    out = fl.softmax_loss(x, torch.zeros(4, dtype=torch.long), loss, reduction="none", backend=backend, **kw)
+    out.sum().backward()
+    assert (out == 0).all() and (x.grad == 0).all(), (out, x.grad)
+
+
 # ---------------------------------------------------------------------------
 # Identities and properties (LOSSES.md)
 # ---------------------------------------------------------------------------

@@ -117,6 +117,19 @@ def _launch_prologue(target: Tensor, weight: Tensor | None, denom: Tensor, count
         NEED_DENOM=need_denom, HAS_WEIGHT=weight is not None, BLOCK=PROLOGUE_BLOCK, num_warps=4)
 
 
+def _dense(t: Tensor | None) -> Tensor | None:
+    """The kernels index target, weight, stats and grad_output as dense arrays (``T + rows``),
+    so every O(N) or O(C) input is made contiguous here, whatever view the caller made:
+    ``L.sum()`` hands the backward an expanded grad_output of stride 0, ``t[::2]`` a strided
+    target. A no-op (no copy) for tensors already contiguous."""
+    return None if t is None else t.contiguous()
+
+
+def _unit_class_stride(logits: Tensor) -> Tensor:
+    """Rows of any stride are read in place; the class dimension must be dense."""
+    return logits if logits.shape[1] <= 1 or logits.stride(1) == 1 else logits.contiguous()
+
+
 def _empty_loss(logits: Tensor, reduction: int) -> Tensor:
     """N = 0: an empty 'none', 0 for 'sum', NaN for 'mean' (as PyTorch)."""
     if reduction == Reduction.NONE:
@@ -132,6 +145,9 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     possibly ``logits`` itself) write d loss/d logits for grad_output = 1 into it."""
     n, c = logits.shape
     _check_rows(n)
+    if grad is not logits:  # in place, the caller guarantees a unit class stride
+        logits = _unit_class_stride(logits)
+    target, weight = _dense(target), _dense(weight)
     stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
     if n == 0:
         return _empty_loss(logits, reduction), stats
@@ -164,6 +180,8 @@ def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: T
                     beta: float, gamma: float) -> Tensor:
     n, c = logits.shape
     _check_rows(n)
+    logits = _unit_class_stride(logits)
+    grad_loss, target, weight, stats = _dense(grad_loss), _dense(target), _dense(weight), _dense(stats)
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
@@ -197,6 +215,7 @@ def launch_scale(grad: Tensor, grad_loss: Tensor) -> None:
     if n == 0:
         return
     cfg = scale_config(c)
+    grad_loss = _dense(grad_loss)
     wrap_triton(kernels.scale_grad_kernel)[(triton.cdiv(n, cfg.block_n),)](
         grad, grad.stride(0), grad_loss, n, c, GO_PER_ROW=grad_loss.dim() > 0,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
@@ -245,6 +264,9 @@ def triton_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, va
                        ignore_index: int, label_smoothing: float, alpha: float, beta: float,
                        gamma: float) -> tuple[Tensor, Tensor]:
     """Forward whose gradient (grad_output = 1) overwrites ``logits``."""
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        raise ValueError(f"inplace_backward=True needs logits with unit class stride (the gradient is written "
+                         f"into their storage); got strides {tuple(logits.stride())}")
     if logits.dtype == torch.float64:
         loss, stats, grad = ops.reference_fwd(logits, target, weight, variant, reduction, ignore_index,
                                               label_smoothing, alpha, beta, gamma, True)

@@ -113,11 +113,11 @@ def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``(N, C, d...)`` -> ``(N * prod(d), C)`` rows with unit class stride (kernels read rows
     of any stride, so an ``(N, C)`` slice is not copied; extra dims are moved last and copied)."""
     if logits.dim() == 1:
-        return logits[None, :], target.reshape(1)
-    if logits.dim() > 2:
+        logits, target = logits[None, :], target.reshape(1)
+    elif logits.dim() > 2:
         logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])
         target = target.reshape(-1)
-    if logits.stride(1) != 1:
+    if logits.shape[1] > 1 and logits.stride(1) != 1:  # e.g. a transposed (C, N) buffer: one copy
         logits = logits.contiguous()
     return logits, target
 

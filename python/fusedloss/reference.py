@@ -110,7 +110,8 @@ def _crl(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
     loss = _scaled(p.beta, log_alpha_q) + softplus(d)
     # s = 1 + beta p / (alpha + q): log s = softplus(log beta + log p - log(alpha + q)),
     # finite even for alpha = 0, q -> 0 where beta p / q overflows.
-    log_s = softplus(_log(p.beta) + log_p - log_alpha_q)
+    # beta = 0 is ce (s = 1), also where alpha = 0 and q = 0 make the argument (-inf) + inf.
+    log_s = torch.zeros_like(d) if p.beta == 0 else softplus(_log(p.beta) + log_p - log_alpha_q)
     return loss, log_s
 
 
@@ -127,7 +128,10 @@ def _focal(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
     # log(p * (-log p)) = log p + log softplus(d); at p = 0 (d = inf) it is -inf (p log p -> 0),
     # not the (-inf) + inf = NaN the sum would give.
     log_p_neglogp = torch.where(d == math.inf, torch.full_like(d, -math.inf), log_p + log_softplus(d))
+    # g = 0, or d = -inf (no competitor: q = 0 exactly, g p q^(g-1) (-log p) ~ g q^g -> 0):
+    # the second term is 0, where the sum below would be (-inf) + inf = NaN.
     second = _log(g) + _scaled(g - 1.0, log_q) + log_p_neglogp
+    second = torch.where(d == -math.inf, torch.full_like(d, -math.inf), second) if g > 0 else torch.full_like(d, -math.inf)
     log_s = torch.logaddexp(_scaled(g, log_q), second)
     return loss, log_s
 

@@ -1,0 +1,177 @@
+"""Every backend right for every input layout users make, loss and gradient against float64.
+
+Two kinds of test over the same builders (``layouts.py``):
+
+* one explicit case per layout of each input (logits, target, weight, grad_output),
+  per backend, so a regression names the layout it broke;
+* a property-based test (hypothesis) drawing N, C (1..300), dtype, loss, reduction,
+  weight, ignore_index, label smoothing, the layout of every input and how the loss
+  reaches the scalar. CI runs a fixed, derandomized budget; ``HYPOTHESIS_PROFILE=thorough``
+  runs many more examples (profiles: ``conftest.py``).
+
+Backends: those this process can run on CPU tensors: ``reference`` and ``cpu`` here;
+``triton`` when the file runs under ``TRITON_INTERPRET=1`` (``test_triton_suite.py``
+runs ``-k triton`` in such a subprocess), with its launch heuristics drawn too, so that
+rows span several column blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import fusedloss as fl
+from layouts import (LOGIT_LAYOUTS, REACH_NONE, REACH_REDUCED, TARGET_LAYOUTS, WEIGHT_LAYOUTS, Case, logits_view,
+                     reach_scalar, rows_of)
+from oracle import assert_close, oracle_loss
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in fl.available_backends()
+            and (b != "triton" or INTERPRETED)]
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: Triton launch regimes: heuristics overrides ("stream": 16-column blocks, persistent grid).
+REGIMES = {"default": {}, "single": dict(min_tile=128),
+           "stream": dict(single_max=32, stream_block=16, min_tile=128, stream_programs=3)}
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on masked lanes (interpreter)
+
+
+def _regime(backend: str, regime: str):
+    if backend != "triton":
+        return contextlib.nullcontext()
+    from fusedloss.triton_kernels import heuristics
+    return heuristics.override(**REGIMES[regime])
+
+
+def run_case(case: Case, backend: str, regime: str = "default") -> None:
+    """fl.softmax_loss on the case's views vs the float64 oracle on the same views."""
+    base, target, weight = case.build()
+    leaf = base.clone().requires_grad_(True)
+    # inplace_backward consumes the logits: hand it a model-output-like non-leaf view.
+    src = leaf * 1.0 if case.inplace else leaf
+    logits = logits_view(case.layout, src, case.n)
+    with _regime(backend, regime):
+        out = fl.softmax_loss(logits, target, case.loss, weight=weight, backend=backend,
+                              inplace_backward=case.inplace, **case.kwargs())
+        reach_scalar(out, case.reach, case.seed).backward()
+
+    base64 = base.detach().double().requires_grad_(True)
+    view64 = logits_view(case.layout, base64, case.n)
+    rows64, trows = rows_of(view64, target)
+    ref = oracle_loss(rows64, trows, case.loss, weight=weight, **case.kwargs())
+    if case.reduction == "none":
+        ref = ref.reshape(target.shape)
+    (gref,) = torch.autograd.grad(reach_scalar(ref, case.reach, case.seed), base64)
+
+    msg = f"{backend} {regime} {case}"
+    assert out.dtype == case.dtype and out.shape == ref.shape, msg
+    assert_close(out.detach(), ref.detach(), case.dtype, "loss", msg)
+    assert leaf.grad is not None and leaf.grad.shape == base.shape, msg
+    assert_close(leaf.grad, gref, case.dtype, "grad", msg)
+
+
+# ----------------------------------------------------------------------------
+# One explicit case per layout
+# ----------------------------------------------------------------------------
+
+def _plain(**kw) -> Case:
+    base = dict(loss="crl", dtype=torch.float32, reduction="none", layout="contiguous", target_layout="contiguous",
+                weight_layout=None, reach="sum", n=6, c=37, d=3, n_ignored=1, seed=3)
+    base.update(kw)
+    return Case(**base)
+
+
+EXPLICIT = (
+    [pytest.param(_plain(layout=lay), id=f"logits-{lay}") for lay in LOGIT_LAYOUTS]
+    + [pytest.param(_plain(target_layout=tl, n_ignored=0), id=f"target-{tl}") for tl in TARGET_LAYOUTS]
+    + [pytest.param(_plain(layout="ncd", target_layout=tl), id=f"ncd-target-{tl}") for tl in TARGET_LAYOUTS]
+    + [pytest.param(_plain(weight_layout=wl, reduction="mean", reach="backward"), id=f"weight-{wl}")
+       for wl in WEIGHT_LAYOUTS if wl]
+    + [pytest.param(_plain(reach=r), id=f"none-{r}") for r in REACH_NONE]
+    + [pytest.param(_plain(reduction=red, reach=r), id=f"{red}-{r}") for red in ("mean", "sum") for r in REACH_REDUCED]
+    + [pytest.param(_plain(loss=lo, reach="mean", weight_layout="strided", target_layout="int32_strided"),
+                    id=f"loss-{lo}") for lo in fl.LOSSES]
+    + [pytest.param(_plain(loss="ce", label_smoothing=0.2, weight_layout="strided", target_layout="strided"),
+                    id="ce-smoothing-strided")]
+    + [pytest.param(_plain(n=0, reduction=red, reach=r), id=f"empty-{red}")
+       for red, r in (("none", "sum"), ("sum", "backward"))]
+    + [pytest.param(_plain(layout="ncd", d=0, reduction="sum", reach="backward"), id="ncd-zero-d")]
+)
+
+
+INPLACE = [pytest.param(_plain(layout=lay, reach=r, inplace=True), id=f"inplace-{lay}-{r}")
+           for lay in ("contiguous", "row_sliced", "col_offset", "ncd") for r in ("sum", "mean", "subset")]
+#: (backend, case): inplace_backward only exists on triton.
+EXPLICIT_RUNS = [pytest.param(b, *p.values, id=f"{b}-{p.id}") for b in BACKENDS
+                 for p in EXPLICIT + (INPLACE if b == "triton" else [])]
+
+
+@pytest.mark.parametrize("backend,case", EXPLICIT_RUNS)
+def test_layout(backend, case):
+    run_case(case, backend, "stream")
+
+
+# ----------------------------------------------------------------------------
+# The property: any combination
+# ----------------------------------------------------------------------------
+
+@st.composite
+def cases(draw, backend: str):
+    loss = draw(st.sampled_from(fl.LOSSES))
+    layout = draw(st.sampled_from(sorted(LOGIT_LAYOUTS)))
+    reduction = draw(st.sampled_from(("none", "mean", "sum")))
+    n = 1 if layout.startswith("vector") else draw(st.integers(0, 12))
+    d = draw(st.integers(0, 3)) if layout.startswith("ncd") else 0
+    rows = n * (d if layout.startswith("ncd") else 1)
+    ignore_index = draw(st.sampled_from((-100, 0, 2)))
+    case = Case(
+        loss=loss,
+        dtype=draw(st.sampled_from(DTYPES)),
+        reduction=reduction,
+        layout=layout,
+        target_layout=draw(st.sampled_from(TARGET_LAYOUTS)),
+        weight_layout=draw(st.sampled_from(WEIGHT_LAYOUTS)),
+        reach=draw(st.sampled_from(REACH_NONE if reduction == "none" else REACH_REDUCED)),
+        n=n, d=d,
+        c=draw(st.one_of(st.integers(1, 40), st.integers(41, 300))),
+        scale=draw(st.sampled_from((0.1, 3.0, 30.0))),
+        ignore_index=ignore_index,
+        n_ignored=draw(st.integers(0, rows)),
+        label_smoothing=draw(st.sampled_from((0.0, 0.1, 1.0))) if loss == "ce" else 0.0,
+        alpha=draw(st.sampled_from((0.0, 1.5))), beta=draw(st.sampled_from((0.0, 1.0))),
+        gamma=draw(st.sampled_from((0.0, 0.5, 2.0))),
+        inplace=backend == "triton" and layout in ("contiguous", "row_sliced", "col_offset", "ncd")
+        and draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    regime = draw(st.sampled_from(sorted(REGIMES))) if backend == "triton" else "default"
+    return case, regime
+
+
+def _degenerate(case: Case) -> bool:
+    """Cases whose answer is a convention, not a layout question (tested in test_reference.py):
+    'mean' over no counted row is 0/0 = NaN, as PyTorch; with C = 1, nllr (and crl with
+    alpha = 0, where log(alpha + 1 - p_c) = log(0)) is the constant -inf (beta * -inf), whose
+    gradient is undefined."""
+    unbounded = case.loss == "nllr" or (case.loss == "crl" and case.alpha == 0 and case.beta > 0)
+    if case.c == 1 and unbounded:
+        return True
+    if case.reduction != "mean":
+        return False
+    _, target, _ = case.build()
+    return target.numel() == 0 or bool((target == case.ignore_index).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_layout_matches_float64(backend):
+    @given(cases(backend))
+    def check(drawn):
+        case, regime = drawn
+        assume(not _degenerate(case))
+        run_case(case, backend, regime)
+
+    check()
