@@ -35,7 +35,7 @@ except ImportError:  # a source checkout without `pip install -e .`
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "digits_losses"
-# Hyper-parameters of the losses that have them: the papers' defaults (see docs/LOSSES.md).
+# Hyper-parameters of the losses that have them: the papers' defaults (see docs/losses.md).
 LOSS_KWARGS = {"crl": {"alpha": 1.5, "beta": 1.0}, "focal": {"gamma": 2.0}}
 
 

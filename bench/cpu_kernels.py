@@ -14,7 +14,7 @@ outputs and the ratios compare compute and memory traffic.
 
 The measuring is fusedloss-bench's (``fusedloss.bench``: sweep, timing, memory,
 report); this script only fixes the shapes, which are pairs rather than the CLI's
-N x C grid, and adds the summary table for the README.
+N x C grid, and adds the summary table for docs/cpp_cuda.md.
 """
 from __future__ import annotations
 
