@@ -51,7 +51,8 @@ def per_row_loss(x: torch.Tensor, t: torch.Tensor, loss: str, alpha=1.5, beta=1.
     if loss == "nllr":
         return log_q - log_p
     if loss == "crl":
-        return beta * torch.log(alpha + torch.exp(log_q)) - log_p
+        # beta = 0 is ce, also at C = 1 with alpha = 0, where beta * log(0) would read 0 * -inf.
+        return (beta * torch.log(alpha + torch.exp(log_q)) if beta else 0.0) - log_p
     if loss == "lace":
         return -torch.exp(log_q) * log_p
     if loss == "focal":
