@@ -68,6 +68,13 @@ def softmax_loss(
     Returns:
         The loss in the logits' dtype: a scalar, or the shape of ``target`` for ``"none"``.
 
+    Layouts: rows of any stride are read in place (``x[:, :C]`` of a wider tensor, ``x[::2]``,
+    rows expanded with stride 0). Logits whose class dimension is not dense are copied once
+    into rows of unit class stride: a transposed ``(C, N)`` buffer, and ``(N, C, d1, ...)``
+    inputs unless their classes are the innermost dimension in memory (channels-last).
+    ``target``, ``weight`` and the backward's ``grad_output`` may have any strides (an
+    expanded ``grad_output`` from ``L.sum()`` or ``L.mean()`` included).
+
     Target values outside ``[0, C)`` (other than ``ignore_index``) raise ``IndexError`` on
     CPU. On a GPU that check would synchronize with the host every step, so there the
     row's loss is NaN instead (no memory is read with the bad index) unless
