@@ -1,0 +1,401 @@
+"""The LLM head: ``linear_softmax_loss(hidden, weight, target)``, any of the six losses of
+``hidden @ weight.T + bias`` without ever holding the ``(N, V)`` logits.
+
+Design (docs/llm_head.md has the numbers):
+
+* Two ``torch.library`` custom ops, ``fusedloss::linear_loss_fwd`` / ``fusedloss::linear_loss_bwd``,
+  with fake and autograd registrations, so ``torch.compile(fullgraph=True)`` traces the head
+  as one opaque node (no graph break).
+* The forward walks blocks of rows. For each block it writes the block's logits into one
+  reused buffer with torch's own GEMM (``addmm(bias, h, W.T, out=buf)``), runs the chosen
+  backend's fused loss op on it (forward + gradient for grad_output = 1 in one call), and
+  folds the block's gradient ``g`` at once: ``d_hidden[block] = g @ W``,
+  ``d_weight += g.T @ h[block]``, ``d_bias += g.sum(0)``. Only one block of logits and its
+  gradient are ever alive (the Triton backend writes the gradient over the logits block
+  itself, so there only one block).
+* ``reduction="mean"`` divides by a GLOBAL denominator (the number of non-ignored rows, or
+  the sum of their class weights): every block runs with ``reduction="sum"`` and the sums,
+  ``d_hidden``, ``d_weight`` and ``d_bias`` are divided once at the end by the denominator,
+  computed on the device (no host synchronization).
+* For ``"mean"``/``"sum"`` the forward returns the gradients for grad_output = 1 and the
+  backward scales them by the scalar grad_output (in place in eager mode, not at all when it
+  is exactly 1 on CPU). For ``"none"`` a per-row grad_output must weight the rows of ``g``
+  before they are folded into ``d_weight``, so the forward computes only the loss (and keeps
+  the ``(N, 4)`` row statistics) and the backward runs the GEMM pass again: per block the
+  logits, the backend's backward op from the saved statistics, and the same fold.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import dispatch, validation
+from .ops import NAMESPACE, SCALARS, stats_dtype
+from .validation import check_target_values, must_check_targets
+from .variants import STATS_COLS, Reduction, Variant, reduction_id, variant_id
+
+#: The largest logits block (logits + its gradient), and its share of the full logits.
+CHUNK_BUDGET_BYTES = 32 * 2**20
+CHUNK_SHARE = 1 / 16
+#: Problems whose logits block budget is below this run in one block anyway.
+MIN_CHUNK_BYTES = 2 * 2**20
+
+_NEEDS = "int chunk_rows, bool need_hidden, bool need_weight, bool need_bias"
+FWD_SCHEMA = (f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, str backend, "
+              f"{SCALARS}, {_NEEDS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+BWD_SCHEMA = (f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+              f"Tensor? class_weight, Tensor stats, str backend, {SCALARS}, {_NEEDS}) -> (Tensor, Tensor, Tensor)")
+
+
+def default_chunk_rows(n: int, v: int, element_size: int) -> int:
+    """Rows per block: the block's logits and gradient within ``CHUNK_SHARE`` of the full logits
+    and ``CHUNK_BUDGET_BYTES`` (whichever is smaller; at least ``MIN_CHUNK_BYTES``), a multiple
+    of 64 rows when that is at least 64."""
+    per_row = 2 * max(v, 1) * element_size
+    budget = min(CHUNK_BUDGET_BYTES, max(MIN_CHUNK_BYTES, int(n * per_row * CHUNK_SHARE)))
+    rows = max(1, budget // per_row)
+    if rows >= 64:
+        rows -= rows % 64
+    return int(min(rows, max(n, 1)))
+
+
+def _blocks(n: int, rows: int):
+    for s in range(0, n, rows):
+        yield s, min(n, s + rows)
+
+
+def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return torch.mm(h, weight.t(), out=buf)
+    return torch.addmm(bias, h, weight.t(), out=buf)
+
+
+def _fold(g: Tensor, h: Tensor, weight: Tensor, dh: Tensor | None, dw: Tensor | None, db: Tensor | None) -> None:
+    """Fold one block's logits gradient into the parameter and input gradients."""
+    if dh is not None:
+        torch.mm(g, weight, out=dh)
+    if dw is not None:
+        dw.addmm_(g.t(), h)
+    if db is not None:
+        db.add_(g.sum(0, dtype=db.dtype))
+
+
+def mean_denominator(target: Tensor, class_weight: Tensor | None, ignore_index: int, v: int,
+                     dtype: torch.dtype) -> Tensor:
+    """Number of non-ignored rows, or the sum of their class weights, on the device."""
+    keep = target != ignore_index
+    if class_weight is None:
+        return keep.sum(dtype=dtype)
+    t = torch.where(keep, target, torch.zeros_like(target)).clamp(0, max(v - 1, 0))  # never out of bounds
+    return torch.where(keep, class_weight.to(dtype)[t], torch.zeros((), dtype=dtype, device=target.device)).sum()
+
+
+def _inplace_triton(be) -> bool:
+    return be.name == "triton" and be.fwd_inplace is not None
+
+
+def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                     class_weight: Tensor | None, backend: str, variant: int, reduction: int, ignore_index: int,
+                     label_smoothing: float, alpha: float, beta: float, gamma: float, chunk_rows: int,
+                     need_hidden: bool, need_weight: bool, need_bias: bool):
+    be = dispatch.resolve(backend, hidden.device)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = stats_dtype(hidden)
+    if must_check_targets(hidden.device):
+        check_target_values(target, v, ignore_index)
+    need_any = need_hidden or need_weight or need_bias
+    fused = reduction != Reduction.NONE and need_any
+    keep_stats = reduction == Reduction.NONE and need_any
+    def empty():  # distinct tensors: an op's outputs may not alias each other
+        return hidden.new_empty((0,))
+
+    loss_rows = hidden.new_empty((n,), dtype=acc) if reduction == Reduction.NONE else None
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    lse = hidden.new_empty((n,), dtype=acc)
+    stats = hidden.new_empty((n, STATS_COLS), dtype=acc) if keep_stats else hidden.new_empty((0,), dtype=acc)
+    dh = hidden.new_empty((n, d)) if fused and need_hidden else None
+    dw = torch.zeros_like(weight) if fused and need_weight else None
+    db = torch.zeros((v,), dtype=acc, device=hidden.device) if fused and need_bias else None
+    red = Reduction.NONE if reduction == Reduction.NONE else Reduction.SUM
+    scalars = (variant, int(red), ignore_index, label_smoothing, alpha, beta, gamma)
+    rows = max(1, min(chunk_rows, n))
+    buf = hidden.new_empty((rows, v)) if n else None
+    inplace = fused and _inplace_triton(be)
+    for s, e in _blocks(n, rows):
+        x = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
+        t = target[s:e]
+        if inplace:  # the gradient overwrites the logits block: one (rows, V) buffer in all
+            loss_c, st = torch.ops.fusedloss.triton_fwd_inplace(x, t, class_weight, *scalars)
+            g = x
+        else:
+            loss_c, st, g = be.fwd(x, t, class_weight, *scalars, fused)
+        lse[s:e] = st[:, 0]
+        if keep_stats:
+            stats[s:e] = st
+        if loss_rows is not None:
+            loss_rows[s:e] = loss_c
+        else:
+            total += loss_c
+        if fused:
+            _fold(g, hidden[s:e], weight, dh[s:e] if dh is not None else None, dw, db)
+        del g, st, loss_c
+    lse = torch.where(target != ignore_index, lse, torch.zeros((), dtype=acc, device=hidden.device))
+    if reduction == Reduction.NONE:
+        loss = loss_rows
+    elif reduction == Reduction.MEAN:
+        denom = mean_denominator(target, class_weight, ignore_index, v, acc)
+        loss = total / denom
+        for t_ in (dh, dw, db):
+            if t_ is not None:
+                t_.div_(denom)
+    else:
+        loss = total
+    if n == 0 and reduction == Reduction.MEAN:
+        loss = torch.full((), math.nan, dtype=acc, device=hidden.device)
+    db_out = db.to(bias.dtype) if db is not None and bias is not None else db
+    return (loss, lse, stats, dh if dh is not None else empty(), dw if dw is not None else empty(),
+            db_out if db_out is not None else empty())
+
+
+def _linear_loss_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                     class_weight: Tensor | None, stats: Tensor, backend: str, variant: int, reduction: int,
+                     ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
+                     chunk_rows: int, need_hidden: bool, need_weight: bool, need_bias: bool):
+    """Backward of ``reduction="none"``: the GEMM pass again, the backend's backward op per block."""
+    be = dispatch.resolve(backend, hidden.device)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = stats_dtype(hidden)
+    def empty():  # distinct tensors: an op's outputs may not alias each other
+        return hidden.new_empty((0,))
+
+    dh = hidden.new_empty((n, d)) if need_hidden else None
+    dw = torch.zeros_like(weight) if need_weight else None
+    db = torch.zeros((v,), dtype=acc, device=hidden.device) if need_bias else None
+    scalars = (variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma)
+    rows = max(1, min(chunk_rows, n))
+    buf = hidden.new_empty((rows, v)) if n else None
+    grad_loss = grad_loss.contiguous()
+    for s, e in _blocks(n, rows):
+        x = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
+        g = be.bwd(grad_loss[s:e], x, target[s:e], class_weight, stats[s:e], *scalars)
+        _fold(g, hidden[s:e], weight, dh[s:e] if dh is not None else None, dw, db)
+        del g
+    db_out = db.to(bias.dtype) if db is not None and bias is not None else db
+    return (dh if dh is not None else empty(), dw if dw is not None else empty(),
+            db_out if db_out is not None else empty())
+
+
+linear_loss_fwd = torch.library.custom_op(f"{NAMESPACE}::linear_loss_fwd", _linear_loss_fwd, mutates_args=(),
+                                          schema=FWD_SCHEMA)
+linear_loss_bwd = torch.library.custom_op(f"{NAMESPACE}::linear_loss_bwd", _linear_loss_bwd, mutates_args=(),
+                                          schema=BWD_SCHEMA)
+
+
+@linear_loss_fwd.register_fake
+def _(hidden, weight, bias, target, class_weight, backend, variant, reduction, ignore_index, label_smoothing,
+      alpha, beta, gamma, chunk_rows, need_hidden, need_weight, need_bias):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = stats_dtype(hidden)
+    need_any = need_hidden or need_weight or need_bias
+    fused = reduction != Reduction.NONE and need_any
+    keep_stats = reduction == Reduction.NONE and need_any
+    loss = hidden.new_empty((n,) if reduction == Reduction.NONE else (), dtype=acc)
+    lse = hidden.new_empty((n,), dtype=acc)
+    stats = hidden.new_empty((n, STATS_COLS) if keep_stats else (0,), dtype=acc)
+    dh = hidden.new_empty((n, d) if fused and need_hidden else (0,))
+    dw = weight.new_empty((v, d) if fused and need_weight else (0,))
+    if fused and need_bias:
+        db = hidden.new_empty((v,), dtype=bias.dtype if bias is not None else acc)
+    else:
+        db = hidden.new_empty((0,))
+    return loss, lse, stats, dh, dw, db
+
+
+@linear_loss_bwd.register_fake
+def _(grad_loss, hidden, weight, bias, target, class_weight, stats, backend, variant, reduction, ignore_index,
+      label_smoothing, alpha, beta, gamma, chunk_rows, need_hidden, need_weight, need_bias):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dh = hidden.new_empty((n, d) if need_hidden else (0,))
+    dw = weight.new_empty((v, d) if need_weight else (0,))
+    if need_bias:
+        db = hidden.new_empty((v,), dtype=bias.dtype if bias is not None else stats_dtype(hidden))
+    else:
+        db = hidden.new_empty((0,))
+    return dh, dw, db
+
+
+def _setup(ctx, inputs, output):
+    (hidden, weight, bias, target, class_weight, backend, variant, reduction, ignore_index, label_smoothing,
+     alpha, beta, gamma, chunk_rows, need_hidden, need_weight, need_bias) = inputs
+    _loss, lse, stats, dh, dw, db = output
+    ctx.mark_non_differentiable(lse, stats, dh, dw, db)
+    ctx.set_materialize_grads(False)
+    ctx.none = reduction == Reduction.NONE
+    ctx.needs = (need_hidden, need_weight, need_bias)
+    if ctx.none:
+        ctx.args = (backend, variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, chunk_rows)
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, stats)
+    else:
+        ctx.save_for_backward(dh, dw, db)
+
+
+def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """``grad * grad_output`` for a scalar grad_output. Eager: in place on the saved gradient
+    (no second V x D buffer), skipped when grad_output is exactly 1 on CPU (a memory read, not
+    a device synchronization). Traced: the product."""
+    if torch.compiler.is_compiling() or type(grad_loss) is not Tensor or type(grad) is not Tensor:
+        return (grad * grad_loss).to(grad.dtype)
+    if grad.device.type == "cpu" and bool(grad_loss == 1):
+        return grad
+    return grad.mul_(grad_loss.to(grad.dtype) if grad.dtype != torch.float64 else grad_loss)
+
+
+def _backward(ctx, grad_loss, *_):
+    nones = (None,) * 14
+    if grad_loss is None:
+        return (None, None, None) + nones
+    need = tuple(n and ctx.needs_input_grad[i] for i, n in enumerate(ctx.needs))
+    if ctx.none:
+        hidden, weight, bias, target, class_weight, stats = ctx.saved_tensors
+        dh, dw, db = linear_loss_bwd(grad_loss, hidden, weight, bias, target, class_weight, stats, *ctx.args,
+                                     *need)
+    else:
+        dh, dw, db = ctx.saved_tensors
+        dh, dw, db = (_scale(t, grad_loss) if n else None for t, n in zip((dh, dw, db), need))
+    return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + nones
+
+
+linear_loss_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------
+# The functional API
+# ----------------------------------------------------------------------------
+
+Z_LOSS_SOFTCAP_TODO = ("z_loss and softcap change the per-row math of every loss kernel (issue 11's kernel "
+                       "follow-up: the C++ CPU kernel, the CUDA and Triton kernels and the reference); until it "
+                       "lands only z_loss=0.0 and softcap=None are implemented")
+
+
+def check_z_loss_softcap(z_loss: float, softcap: float | None) -> None:
+    if not isinstance(z_loss, (int, float)) or isinstance(z_loss, bool) or not z_loss >= 0:
+        raise ValueError(f"z_loss must be a float >= 0; got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+                                or not softcap > 0):
+        raise ValueError(f"softcap must be None or a float > 0; got {softcap!r}")
+    if z_loss != 0 or softcap is not None:
+        raise NotImplementedError(Z_LOSS_SOFTCAP_TODO)
+
+
+def linear_softmax_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    loss: str = "ce",
+    *,
+    bias: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    alpha: float = 1.5,
+    beta: float = 1.0,
+    gamma: float = 2.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``softmax_loss(hidden @ weight.T + bias, target, loss, ...)`` without the ``(N, V)`` logits.
+
+    The value and the gradients w.r.t. ``hidden``, ``weight`` and ``bias`` are those of
+    :func:`fusedloss.softmax_loss` on the logits ``hidden @ weight.T + bias``; the logits are
+    computed, used and dropped one block of rows at a time, so the extra memory is one block
+    (``chunk_rows`` x V, at most ``CHUNK_BUDGET_BYTES`` for the block and its gradient by
+    default) plus the gradients themselves.
+
+    Args:
+        hidden: ``(N, D)`` or ``(B, T, D)`` (any leading dims), float32/bfloat16/float16/float64.
+        weight: ``(V, D)``, the output projection as in ``nn.Linear`` (the model's, e.g.
+            ``lm_head.weight``), same dtype and device as ``hidden``.
+        target: int64/int32 class indices of shape ``hidden.shape[:-1]``.
+        loss: one of ``"ce", "bce", "nllr", "crl", "lace", "focal"``.
+        bias: optional ``(V,)``.
+        class_weight: optional ``(V,)`` class weights: ``softmax_loss``'s ``weight`` (renamed:
+            ``weight`` is the projection here).
+        ignore_index, reduction, label_smoothing, alpha, beta, gamma, backend: as
+            :func:`fusedloss.softmax_loss`.
+        z_loss, softcap: PaLM's z-loss and Gemma's logit soft-capping; only the defaults
+            (0.0, None) until the kernels implement them (``NotImplementedError`` otherwise).
+        return_lse: also return the per-row ``logsumexp`` of the logits (float32, float64 for
+            float64 inputs; 0 on ignored rows; no gradient flows through it).
+        chunk_rows: rows per block (default: ``default_chunk_rows``).
+
+    Returns:
+        The loss in ``hidden``'s dtype (a scalar, or ``hidden.shape[:-1]`` for ``"none"``),
+        and with ``return_lse`` the pair ``(loss, lse)``.
+    """
+    variant = variant_id(loss)
+    red = reduction_id(reduction)
+    check_z_loss_softcap(z_loss, softcap)
+    validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
+    ignore_index = validation.check_ignore_index(ignore_index)
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not hidden.is_floating_point() or hidden.dim() < 1:
+        raise TypeError(f"hidden must be a floating tensor (..., D); got {hidden.dtype} of shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}; "
+                         f"got {tuple(weight.shape)}")
+    v = weight.shape[0]
+    if v < 1:
+        raise ValueError("weight must have at least one class (row)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}; got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move them to one device")
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape ({v},); got {tuple(bias.shape)}")
+    if target.is_floating_point():
+        raise NotImplementedError("linear_softmax_loss takes class-index targets only")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be int64 or int32 class indices; got {target.dtype}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's without D); "
+                         f"got {tuple(target.shape)}")
+    if target.device != hidden.device:
+        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}; move them to one device")
+    class_weight = validation.check_weight(class_weight, v, hidden)
+    if label_smoothing > 0 and variant != Variant.CE:
+        raise NotImplementedError(f"label_smoothing is defined for loss='ce' only; got loss={loss!r}")
+    be = dispatch.resolve(backend, hidden.device)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(hidden.numel() // max(hidden.shape[-1], 1), v, hidden.element_size())
+    elif not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}")
+
+    h2d = hidden.reshape(-1, hidden.shape[-1])
+    t1d = target.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+    out, lse, *_ = linear_loss_fwd(h2d, weight, bias, t1d, class_weight, be.name, int(variant), int(red),
+                                   ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma),
+                                   int(chunk_rows), *need)
+    if red == Reduction.NONE:
+        out = out.reshape(target.shape)
+    out = out.to(hidden.dtype)
+    if return_lse:
+        return out, lse.reshape(target.shape)
+    return out
