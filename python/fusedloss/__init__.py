@@ -8,8 +8,9 @@ from . import ops  # noqa: F401  (registers the torch.library ops)
 from .dispatch import BackendUnavailableError, available_backends
 from .functional import (competing_ratio, cross_entropy, focal, linearly_adaptive, multiclass_bce, nllr,
                          softmax_loss)
+from .head import linear_softmax_loss
 from .modules import (CompetingRatioLoss, CrossEntropyLoss, FocalLoss, LinearlyAdaptiveLoss,
-                      MultiClassBCELoss, NLLRLoss, SoftmaxLoss)
+                      LinearSoftmaxLoss, MultiClassBCELoss, NLLRLoss, SoftmaxLoss)
 from .variants import LOSSES
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __all__ = [
     "LOSSES", "available_backends", "BackendUnavailableError",
     "softmax_loss", "cross_entropy", "multiclass_bce", "nllr", "competing_ratio", "linearly_adaptive", "focal",
     "SoftmaxLoss", "CrossEntropyLoss", "MultiClassBCELoss", "NLLRLoss", "CompetingRatioLoss",
-    "LinearlyAdaptiveLoss", "FocalLoss",
+    "LinearlyAdaptiveLoss", "FocalLoss", "linear_softmax_loss", "LinearSoftmaxLoss",
 ]

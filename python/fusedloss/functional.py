@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, ops, validation
+from .head import check_z_loss_softcap
 from .variants import Reduction, Variant, reduction_id, variant_id
 
 
@@ -28,7 +29,10 @@ def softmax_loss(
     gamma: float = 2.0,
     backend: str = "auto",
     inplace_backward: bool = False,
-) -> Tensor:
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""A softmax classification loss, fused and exact. With ``p = softmax(logits)`` and
     target class ``c``, the loss of a row is
 
@@ -64,9 +68,14 @@ def softmax_loss(
             own storage during the forward (no (N, C) buffer is allocated): the logits are
             **consumed** and hold d loss/d logits afterwards, so nothing else may read them.
             Backends without it (only ``"triton"`` has it) raise ``NotImplementedError``.
+        z_loss, softcap: PaLM's z-loss and Gemma's logit soft-capping (docs/llm_head.md); only
+            the defaults (0.0, None) until the kernels implement them (``NotImplementedError``).
+        return_lse: also return each row's ``logsumexp`` of the logits (float32, float64 for
+            float64 logits; 0 on ignored rows; no gradient flows through it).
 
     Returns:
-        The loss in the logits' dtype: a scalar, or the shape of ``target`` for ``"none"``.
+        The loss in the logits' dtype: a scalar, or the shape of ``target`` for ``"none"``;
+        with ``return_lse``, the pair ``(loss, lse)``, ``lse`` of the shape of ``target``.
 
     Layouts: rows of any stride are read in place (``x[:, :C]`` of a wider tensor, ``x[::2]``,
     rows expanded with stride 0). Logits whose class dimension is not dense are copied once
@@ -82,6 +91,7 @@ def softmax_loss(
     """
     variant = variant_id(loss)
     red = reduction_id(reduction)
+    check_z_loss_softcap(z_loss, softcap)
     validation.check_logits(logits)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)
@@ -98,7 +108,7 @@ def softmax_loss(
                 f"class-probability (soft) targets are defined for loss='ce' only; got loss={loss!r}")
         validation.check_prob_target(logits, target)
         dispatch.resolve(backend, logits.device)  # validate the backend name all the same
-        return _soft_cross_entropy(logits, target, weight, red, label_smoothing)
+        return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse)
 
     validation.check_class_target(logits, target)
     be = dispatch.resolve(backend, logits.device)
@@ -108,12 +118,18 @@ def softmax_loss(
         raise NotImplementedError(f"inplace_backward=True is not implemented by backend {be.name!r}; use backend='triton'")
     scalars = (int(variant), int(red), ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma))
     if inplace_backward and compute_grad:
+        if return_lse:
+            raise NotImplementedError("return_lse=True with inplace_backward=True is not implemented")
         out = be.fwd_inplace(x2d, t1d, weight, *scalars)
     else:
-        out, _, _ = be.fwd(x2d, t1d, weight, *scalars, compute_grad)
+        out, stats, _ = be.fwd(x2d, t1d, weight, *scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
-    return out.to(logits.dtype)
+    out = out.to(logits.dtype)
+    if return_lse:
+        lse = torch.where(t1d != ignore_index, stats[:, 0], torch.zeros((), dtype=stats.dtype, device=stats.device))
+        return out, lse.reshape(target.shape)
+    return out
 
 
 def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,15 +145,19 @@ def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return logits, target
 
 
-def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float) -> Tensor:
+def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float,
+                        return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     if logits.dim() == 1:
         x, y = logits[None, :], probs[None, :]
     else:
         x = logits.movedim(1, -1).reshape(-1, logits.shape[1])
         y = probs.movedim(1, -1).reshape(-1, logits.shape[1])
-    out, _ = ops.soft_ce_fwd(x, y, weight, int(red), float(eps))
+    out, lse = ops.soft_ce_fwd(x, y, weight, int(red), float(eps))
+    row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
     if red == Reduction.NONE:
-        out = out.reshape(logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ())
+        out = out.reshape(row_shape)
+    if return_lse:
+        return out.to(logits.dtype), lse.reshape(row_shape)
     return out.to(logits.dtype)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .functional import softmax_loss
+from .head import check_z_loss_softcap, linear_softmax_loss
 from .variants import variant_id
 
 
@@ -64,3 +65,51 @@ NLLRLoss = _named("NLLRLoss", "nllr", "log(1 - p_c) - log p_c")
 CompetingRatioLoss = _named("CompetingRatioLoss", "crl", "beta * log(alpha + 1 - p_c) - log p_c")
 LinearlyAdaptiveLoss = _named("LinearlyAdaptiveLoss", "lace", "-(1 - p_c) log p_c")
 FocalLoss = _named("FocalLoss", "focal", "-(1 - p_c)^gamma log p_c")
+
+
+class LinearSoftmaxLoss(nn.Module):
+    """Module form of :func:`fusedloss.linear_softmax_loss`, the LLM head without the logits:
+    ``LinearSoftmaxLoss("crl")(hidden, lm_head.weight, target, bias=None)``.
+
+    It owns only the loss options (``class_weight`` as a buffer); the projection weight and
+    bias belong to the model and are passed at each call."""
+
+    def __init__(self, loss: str = "ce", class_weight: Tensor | None = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, alpha: float = 1.5, beta: float = 1.0,
+                 gamma: float = 2.0, z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
+                 backend: str = "auto", chunk_rows: int | None = None) -> None:
+        super().__init__()
+        variant_id(loss)
+        check_z_loss_softcap(z_loss, softcap)
+        self.loss = loss
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.z_loss, self.softcap, self.return_lse = z_loss, softcap, return_lse
+        self.backend = backend
+        self.chunk_rows = chunk_rows
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None):
+        return linear_softmax_loss(hidden, weight, target, self.loss, bias=bias, class_weight=self.class_weight,
+                                   ignore_index=self.ignore_index, reduction=self.reduction,
+                                   label_smoothing=self.label_smoothing, alpha=self.alpha, beta=self.beta,
+                                   gamma=self.gamma, z_loss=self.z_loss, softcap=self.softcap,
+                                   return_lse=self.return_lse, backend=self.backend, chunk_rows=self.chunk_rows)
+
+    def extra_repr(self) -> str:
+        parts = [f"loss={self.loss!r}", f"reduction={self.reduction!r}"]
+        if self.ignore_index != -100:
+            parts.append(f"ignore_index={self.ignore_index}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.loss == "crl":
+            parts.append(f"alpha={self.alpha}, beta={self.beta}")
+        if self.loss == "focal":
+            parts.append(f"gamma={self.gamma}")
+        if self.return_lse:
+            parts.append("return_lse=True")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
