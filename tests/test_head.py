@@ -1,0 +1,277 @@
+"""linear_softmax_loss (the LLM head without the logits) against float64
+``oracle_loss(hidden64 @ W64.T + b64)``: loss and gradients w.r.t. hidden, weight and bias,
+every loss, class weights, ignore_index, every reduction, float32/bfloat16, several blocks
+with a ragged last one; gradcheck, opcheck, torch.compile(fullgraph=True), peak memory.
+
+Backends: ``reference`` and ``cpu`` here; ``triton`` when this file runs under
+``TRITON_INTERPRET=1`` (``test_triton_suite.py`` runs ``-k triton`` in such a subprocess).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fusedloss as fl
+from fusedloss import head
+from fusedloss.memtrack import PeakMemory
+from oracle import assert_close, oracle_loss
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in fl.available_backends()
+            and (b != "triton" or INTERPRETED)]
+#: bf16 logits are themselves rounded (8 bits), then d weight sums N rows of bf16 products:
+#: the bf16 tolerance is the oracle's, doubled.
+LOOSEN = {torch.float32: 1.0, torch.bfloat16: 2.0, torch.float64: 1.0}
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on masked lanes (interpreter)
+
+
+def _problem(n=37, d=16, v=50, dtype=torch.float32, bias=True, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * 0.4
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::7] = -100  # ignored rows
+    cw = torch.rand(v, generator=g) + 0.5
+    if lead is not None:
+        h, t = h.reshape(*lead, d), t.reshape(lead)
+    cast = [x.to(dtype) if x is not None else None for x in (h, w, b)]
+    return cast, t, cw
+
+
+def _check(backend, loss, reduction, dtype, *, class_weight=True, bias=True, lead=None, chunk_rows=8,
+           label_smoothing=0.0, seed=0, n=37):
+    (h, w, b), t, cw = _problem(n=n, dtype=dtype, bias=bias, seed=seed, lead=lead)
+    cw = cw if class_weight else None
+    leaves = [x.clone().requires_grad_(True) if x is not None else None for x in (h, w, b)]
+    out = fl.linear_softmax_loss(leaves[0], leaves[1], t, loss, bias=leaves[2], class_weight=cw,
+                                 reduction=reduction, label_smoothing=label_smoothing, backend=backend,
+                                 chunk_rows=chunk_rows)
+    assert out.dtype == dtype
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(go)
+
+    ref_leaves = [x.detach().double().requires_grad_(True) if x is not None else None for x in (h, w, b)]
+    h64, w64, b64 = ref_leaves
+    logits = h64.reshape(-1, h64.shape[-1]) @ w64.T + (b64 if b64 is not None else 0)
+    ref = oracle_loss(logits, t.reshape(-1), loss, weight=cw, reduction=reduction, label_smoothing=label_smoothing)
+    if reduction == "none":
+        ref = ref.reshape(t.shape)
+    ref.backward(go.double())
+    k = LOOSEN[dtype]
+    tag = f"{backend} {loss} {reduction} {dtype}"
+    _assert(out.detach(), ref.detach(), dtype, "loss", k, tag + " loss")
+    for name, a, r in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
+        if a is not None:
+            _assert(a.grad, r.grad, dtype, "grad", k, f"{tag} d {name}")
+
+
+def _assert(actual, expected, dtype, kind, k, msg):
+    from oracle import TOLERANCES
+    rtol, atol = TOLERANCES[dtype][kind]
+    expected, actual = expected.double(), actual.double()
+    if kind == "grad":
+        atol = atol * max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rtol * k, atol=atol * k, msg=lambda m: f"{msg}\n{m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", fl.LOSSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_float64_oracle(backend, loss, reduction, dtype):
+    """Class weights, ignored rows, bias, 5 blocks of 8 rows with a ragged last one (37 rows)."""
+    _check(backend, loss, reduction, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "focal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_weight_no_bias_one_row_blocks(backend, loss, reduction):
+    _check(backend, loss, reduction, torch.float32, class_weight=False, bias=False, chunk_rows=1, n=9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_time_hidden(backend):
+    """(B, T, D) hidden and (B, T) targets; 'none' comes back (B, T)."""
+    for reduction in ("mean", "none"):
+        _check(backend, "crl", reduction, torch.float32, lead=(3, 11), chunk_rows=5, n=33)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_smoothing(backend, reduction):
+    _check(backend, "ce", reduction, torch.float32, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_block_equals_many(backend):
+    """The block size changes nothing but rounding."""
+    (h, w, b), t, cw = _problem()
+    outs = [fl.linear_softmax_loss(h, w, t, "focal", bias=b, class_weight=cw, backend=backend, chunk_rows=r)
+            for r in (1, 8, 37, 1000)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_lse(backend):
+    (h, w, b), t, _ = _problem()
+    out, lse = fl.linear_softmax_loss(h, w, t, "nllr", bias=b, backend=backend, return_lse=True, chunk_rows=8)
+    ref = torch.logsumexp((h.double() @ w.double().T + b.double()), 1)
+    ref = torch.where(t != -100, ref, torch.zeros_like(ref))
+    assert lse.shape == t.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), ref, rtol=2e-5, atol=1e-5)
+    out2, lse2 = fl.softmax_loss(h @ w.T + b, t, "nllr", backend=backend, return_lse=True)
+    torch.testing.assert_close(lse2.double(), ref, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(out, out2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_no_grad(backend):
+    """Only the inputs that require grad get one (no d weight GEMM for a frozen head);
+    under no_grad the forward computes the loss only."""
+    (h, w, b), t, _ = _problem()
+    hl = h.clone().requires_grad_(True)
+    fl.linear_softmax_loss(hl, w, t, "lace", bias=b, backend=backend, chunk_rows=8).backward()
+    assert hl.grad is not None and w.grad is None
+    with torch.no_grad():
+        a = fl.linear_softmax_loss(h, w, t, "lace", bias=b, backend=backend, chunk_rows=8)
+    torch.testing.assert_close(a, fl.softmax_loss(h @ w.T + b, t, "lace", backend=backend))
+
+
+def test_module_owns_only_loss_options():
+    m = fl.LinearSoftmaxLoss("focal", gamma=1.5, backend="cpu", chunk_rows=8)
+    assert list(m.parameters()) == []
+    (h, w, b), t, _ = _problem()
+    torch.testing.assert_close(m(h, w, t, bias=b), fl.softmax_loss(h @ w.T + b, t, "focal", gamma=1.5))
+
+
+def test_z_loss_and_softcap_not_yet():
+    (h, w, b), t, _ = _problem()
+    with pytest.raises(NotImplementedError, match="z_loss and softcap"):
+        fl.linear_softmax_loss(h, w, t, z_loss=1e-4)
+    with pytest.raises(NotImplementedError, match="z_loss and softcap"):
+        fl.softmax_loss(h @ w.T, t, softcap=30.0)
+    with pytest.raises(ValueError):
+        fl.linear_softmax_loss(h, w, t, z_loss=-1.0)
+    fl.linear_softmax_loss(h, w, t, z_loss=0.0, softcap=None)  # the defaults run
+
+
+def test_bad_arguments():
+    (h, w, b), t, _ = _problem()
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fl.linear_softmax_loss(h, w[:, :3], t)
+    with pytest.raises(ValueError, match="target must have shape"):
+        fl.linear_softmax_loss(h, w, t[:-1])
+    with pytest.raises(TypeError, match="dtype"):
+        fl.linear_softmax_loss(h, w.double(), t)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fl.linear_softmax_loss(h, w, t, chunk_rows=0)
+    with pytest.raises(IndexError):
+        fl.linear_softmax_loss(h, w, torch.full_like(t, 50), backend="cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", fl.LOSSES)
+def test_gradcheck_float64(loss, reduction):
+    torch.manual_seed(0)
+    h = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    w = (0.5 * torch.randn(6, 4, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 5, -100, 2, 3, 1, 4])
+    cw = torch.rand(6, dtype=torch.float64) + 0.5
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+
+    def f(h, w, b):
+        return fl.linear_softmax_loss(h, w, t, loss, bias=b, class_weight=cw, reduction=reduction,
+                                      backend=backend, chunk_rows=3)
+
+    assert torch.autograd.gradcheck(f, (h, w, b))
+
+
+@pytest.mark.parametrize("reduction", [1, 0])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_opcheck(backend, reduction):
+    torch.manual_seed(0)
+    h = torch.randn(9, 4, requires_grad=True)
+    w = torch.randn(6, 4, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    t = torch.tensor([0, 5, -100, 2, 3, 1, 4, 4, 0])
+    args = (h, w, b, t, torch.rand(6) + 0.5, backend, 3, reduction, -100, 0.0, 1.5, 1.0, 2.0, 4, True, True, True)
+    torch.library.opcheck(head.linear_loss_fwd, args)
+    if reduction == 0:
+        _, _, stats, *_ = head.linear_loss_fwd(*args)
+        # no double backward: the backward op itself takes no gradient
+        hd, wd, bd = h.detach(), w.detach(), b.detach()
+        torch.library.opcheck(head.linear_loss_bwd, (torch.randn(9), hd, wd, bd, t, None, stats, backend, 3, 0, -100,
+                                                     0.0, 1.5, 1.0, 2.0, 4, True, True, True))
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, loss, reduction, backend):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 16)
+        self.lm_head = torch.nn.Linear(16, 40)
+        self.crit = fl.LinearSoftmaxLoss(loss, reduction=reduction, backend=backend, chunk_rows=8)
+
+    def forward(self, x, t):
+        out = self.crit(torch.tanh(self.body(x)), self.lm_head.weight, t, bias=self.lm_head.bias)
+        return out if out.dim() == 0 else (out * torch.linspace(0, 1, out.numel())).sum()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "crl"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend, loss, reduction):
+    """fullgraph=True fails on any graph break; aot_eager traces through the fake and autograd
+    registrations without inductor's C++ compile."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = _Head(loss, reduction, backend)
+    x, t = torch.randn(21, 8), torch.randint(0, 40, (21,))
+    net(x, t).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    out = torch.compile(net, fullgraph=True, backend="aot_eager")(x, t)
+    out.backward()
+    torch.testing.assert_close(out, net(x, t))
+    for p, g in zip(net.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "focal"])
+def test_peak_memory_below_quarter_of_logits(loss, reduction):
+    """Forward + backward, everything counted (d weight and d hidden included): below a quarter
+    of the (N, V) logits' bytes with the default block size."""
+    torch.manual_seed(0)
+    n, d, v = 2048, 64, 4000
+    h = torch.randn(n, d, requires_grad=True)
+    w = (0.1 * torch.randn(v, d)).requires_grad_(True)
+    t = torch.randint(0, v, (n,))
+    with PeakMemory() as m:
+        out = fl.linear_softmax_loss(h, w, t, loss, reduction=reduction, backend="cpu")
+        (out if out.dim() == 0 else out.sum()).backward()
+    logits_bytes = n * v * 4
+    assert m.peak_bytes < logits_bytes / 4, f"peak {m.peak_bytes / logits_bytes:.3f}x the logits"
+
+
+def test_second_backward_with_scaled_grad_raises_not_wrong():
+    """The saved gradients are scaled in place (no second V x D buffer): a second backward
+    through the same graph after a grad_output != 1 raises instead of scaling twice."""
+    (h, w, b), t, _ = _problem()
+    h.requires_grad_(True)
+    out = fl.linear_softmax_loss(h, w, t, backend="cpu", chunk_rows=8)
+    (2 * out).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (2 * out).backward()
+
+
+def test_default_chunk_rows():
+    assert head.default_chunk_rows(4096, 32000, 4) == 128  # 32 MiB for the block and its gradient
+    assert head.default_chunk_rows(16, 1000, 4) == 16       # small problems: one block
+    assert head.default_chunk_rows(1, 10 ** 7, 4) == 1
