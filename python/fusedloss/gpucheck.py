@@ -1,0 +1,873 @@
+"""GPU proof: build, test, sanitize and benchmark every GPU path in one command, on a budget.
+
+    bash bench/gpu/check.sh RESULTS [--budget 480] [--dry-run] [--steps ...] [--cap STEP=SECONDS]
+    python python/fusedloss/gpucheck.py RESULTS ...        # the same (check.sh only picks python3)
+
+Steps, in order (``build`` and ``pytest-triton`` run at the same time: the Triton tests
+need no extension, and the GPU idles while nvcc compiles):
+
+  env            versions of python, torch, triton, nvcc, compute-sanitizer, pytest, liger...
+  nvidia-smi     ``nvidia-smi -q`` (again at the end of the run, after the load)
+  build          ``setup.py build_ext --inplace`` for this GPU's arch (TORCH_CUDA_ARCH_LIST)
+  pytest-triton  ``pytest -m gpu tests/test_triton_gpu.py``
+  pytest-ext     ``pytest -m gpu`` on the CUDA extension, the bench CLI and the training script
+  sanitize       ``compute-sanitizer --tool memcheck`` on ``bench/gpu/sanitize_drive.py``
+  sweep          ``fusedloss-bench`` over every loss, bf16/fp32, C in {1000, 32000, 128256, 262144}
+  report         sweep.md/sweep.png, the summary
+
+Every step runs in its own process group with a timeout cut from one wall-clock budget
+(``--budget``, default 480 s): a step that overruns gets SIGINT (pytest then still writes
+its JUnit XML), then SIGTERM, then SIGKILL; a failed step never stops the later ones;
+``summary.json``/``summary.md``/``gpucheck.junit.xml`` are rewritten after every step, so
+a run killed from outside still leaves what it had. ``--dry-run`` runs the same steps on a
+CPU machine (Triton's interpreter, tiny shapes, no build, no sanitizer) to prove the script.
+
+This file imports only the standard library: it must run before the extension is built
+and report even when the device's torch cannot be imported. The package is put on the
+children's ``PYTHONPATH`` through a temporary folder of symbolic links (``fusedloss`` with
+``triton_kernels`` inside, as ``setup.py``'s ``package_dir`` maps it), so nothing needs
+``pip install``; ``.carry/site-packages`` (``bench/gpu/vendor.sh``: Liger-Kernel) is added
+when present.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "sanitize", "sweep", "report")
+#: Longest a step may take (seconds); the budget may cut it shorter.
+CAPS = {"env": 90, "nvidia-smi": 30, "build": 240, "pytest-triton": 240, "pytest-ext": 120,
+        "sanitize": 90, "sweep": 600, "report": 60}
+#: Time kept back for a step while earlier ones run, so every step gets a turn.
+RESERVE = {"pytest-ext": 30, "sanitize": 30, "sweep": 60, "report": 10}
+GRACE_S = 15  # SIGINT -> SIGTERM -> SIGKILL spacing is GRACE_S, then 5 s
+LOSSES = ("ce", "bce", "nllr", "crl", "lace", "focal")
+GPU_CS = (1000, 32000, 128256, 262144)
+GPU_ELEMENTS = 1 << 27     # N = 2^27 // C: 256 MiB of bf16 logits, 512 MiB of fp32, per shape
+DRY_CS = (64, 5000)        # 5000 > 4096: the streamed kernels
+DRY_ELEMENTS = 1 << 13
+SOURCE_DIRS = ("csrc", "python/fusedloss", "triton_kernels", "tests", "bench/gpu")
+SOURCE_FILES = ("setup.py", "pyproject.toml")
+SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".toml"}
+
+
+# ---------------------------------------------------------------------------
+# Small pure helpers (unit-tested)
+# ---------------------------------------------------------------------------
+
+def source_digest(root: Path = REPO) -> str:
+    """sha256 (12 hex) of the sources a GPU run exercises, as laid out in the work tree.
+
+    The device machine gets a copy of the work tree without ``.git``; the same digest
+    computed here (``python python/fusedloss/gpucheck.py --digest``) tells which tree a
+    result came from."""
+    h = hashlib.sha256()
+    paths = [root / f for f in SOURCE_FILES if (root / f).is_file()]
+    for d in SOURCE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(root / d):
+            dirnames[:] = sorted(x for x in dirnames if x != "__pycache__")
+            paths += [Path(dirpath) / f for f in filenames if Path(f).suffix in SOURCE_SUFFIXES]
+    for p in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def parse_nvidia_smi(text: str) -> dict[str, str]:
+    """A few fields of ``nvidia-smi -q``, keyed ``Section/Field`` (first GPU only)."""
+    wanted = {
+        "Driver Version", "CUDA Version", "Product Name", "Product Architecture", "Persistence Mode",
+        "MIG Mode/Current", "Performance State", "FB Memory Usage/Total", "FB Memory Usage/Used",
+        "Temperature/GPU Current Temp", "GPU Power Readings/Power Draw", "GPU Power Readings/Average Power Draw",
+        "GPU Power Readings/Current Power Limit", "Clocks/Graphics", "Clocks/SM", "Clocks/Memory",
+        "Max Clocks/SM", "Max Clocks/Memory", "ECC Mode/Current", "Clocks Event Reasons/HW Slowdown",
+        "Clocks Event Reasons/SW Thermal Slowdown", "Clocks Event Reasons/SW Power Cap",
+        "Clocks Throttle Reasons/HW Slowdown", "Clocks Throttle Reasons/SW Power Cap",
+    }
+    out: dict[str, str] = {}
+    section = ""
+    gpus = 0
+    for line in text.splitlines():
+        if line.startswith("GPU "):
+            gpus += 1
+            if gpus > 1:
+                break
+            continue
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if ":" not in line:
+            if indent <= 4:
+                section = line.strip()
+            continue
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if indent <= 4:
+            section = "" if value else key
+        for name in (key, f"{section}/{key}"):
+            if name in wanted and name not in out and value:
+                out[name] = value
+    return out
+
+
+def parse_sanitizer_log(text: str) -> dict[str, object]:
+    """Error count and the first reports of a ``compute-sanitizer`` log."""
+    m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    reports = [ln.strip("= ").strip() for ln in text.splitlines()
+               if re.match(r"=+\s+(Invalid|Out of range|Misaligned|Address|Program hit|Malloc|Cuda API|Race)", ln)]
+    return {"errors": int(m[-1]) if m else None, "first_reports": reports[:20]}
+
+
+def parse_junit(path: Path) -> dict[str, object]:
+    """Totals and failing test ids of a pytest JUnit XML file."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    bad = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            bad.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+    tot["passed"] = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
+    tot["failed_ids"] = bad[:30]
+    tot["time_s"] = round(sum(float(s.get("time", 0) or 0) for s in suites), 1)
+    return tot
+
+
+def step_timeout(step: str, now: float, deadline: float, later: list[str], caps: dict[str, float]) -> float:
+    """The time ``step`` gets: its cap, but never eating what the ``later`` steps keep back."""
+    keep = sum(RESERVE.get(s, 0) for s in later)
+    return max(0.0, min(caps[step], deadline - now - keep - GRACE_S))
+
+
+def sweep_plan(dry_run: bool, results: Path, with_compile: bool = True) -> list[dict[str, object]]:
+    """The benchmark, as ``fusedloss-bench`` invocations in order of importance.
+
+    One invocation per (dtype, C), every loss, the fused backends beside PyTorch, the
+    reference and Liger (CE); N = elements // C so each shape moves the same bytes.
+    ``torch.compile`` compiles per shape, dtype and loss (tens of seconds each), so it
+    comes last and for CE only; the budget cuts whatever does not fit."""
+    cs, elements = (DRY_CS, DRY_ELEMENTS) if dry_run else (GPU_CS, GPU_ELEMENTS)
+    device = "cpu" if dry_run else "cuda"
+    fused = ["triton", "cpu"] if dry_run else ["triton", "cuda"]
+    timing = ["--repeat", "2", "--warmup", "1"] if dry_run else ["--repeat", "15", "--warmup", "3"]
+    chunks = []
+
+    def add(name: str, dtype: str, c: int, losses: list[str], backends: list[str]) -> None:
+        n = max(2, elements // c)
+        argv = ["--device", device, "--loss", *losses, "--backend", *backends, "--n", str(n), "--c", str(c),
+                "--dtype", dtype, *timing, "--skip-unavailable", "--quiet"]
+        if dry_run:
+            argv += ["--threads", "1", "--cpu-allocator", "system"]
+        chunks.append({"name": name, "argv": argv,
+                       "json": str(results / "sweep" / f"chunk-{len(chunks):02d}-{name}.json")})
+
+    for dtype in ("bf16", "fp32"):
+        for c in cs:
+            add(f"{dtype}-C{c}", dtype, c, list(LOSSES), [*fused, "torch", "liger", "reference"])
+    if with_compile and not dry_run:
+        for dtype in ("bf16", "fp32"):
+            for c in cs:
+                add(f"compile-{dtype}-C{c}", dtype, c, ["ce"], ["compile"])
+    return chunks
+
+
+# ---------------------------------------------------------------------------
+# Sweep: the child process (imports torch) and the renderer
+# ---------------------------------------------------------------------------
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def merge_sweeps(docs: list[dict], chunks: list[dict]) -> dict:
+    """One ``fusedloss-bench`` result document (schema 1) from several."""
+    machine = dict(docs[0]["machine"])
+    machine["loadavg_1m_end"] = docs[-1]["machine"].get("loadavg_1m_end")
+    unavailable: dict[str, str] = {}
+    for d in docs:
+        unavailable.update(d.get("unavailable") or {})
+    return {"schema": docs[0]["schema"], "command": "gpucheck sweep: " + " ; ".join(d["command"] for d in docs),
+            "machine": machine, "config": {"chunks": chunks}, "unavailable": unavailable,
+            "results": [r for d in docs for r in d["results"]]}
+
+
+def sweep_child(plan_path: Path) -> int:
+    """Run the plan's chunks in this one process (torch, Triton and Inductor caches stay
+    warm across chunks), rewriting the merged JSON and markdown after each."""
+    plan = json.loads(plan_path.read_text())
+    from fusedloss.bench import report
+    from fusedloss.bench.cli import main as bench_main
+
+    status: list[dict[str, object]] = []
+    worst = 0
+    for i, chunk in enumerate(plan["chunks"]):
+        t0 = time.time()
+        print(f"[sweep {i + 1}/{len(plan['chunks'])}] fusedloss-bench {' '.join(chunk['argv'])}", flush=True)
+        out = Path(chunk["json"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            rc = bench_main([*chunk["argv"], "--json", str(out)])
+        except Exception as exc:  # noqa: BLE001 - the next chunk still runs
+            print(f"[sweep] chunk {chunk['name']} raised {type(exc).__name__}: {exc}", flush=True)
+            rc = 1
+        worst = max(worst, rc)
+        status.append({"name": chunk["name"], "rc": rc, "seconds": round(time.time() - t0, 1),
+                       "argv": chunk["argv"], "json": out.name if out.exists() else None})
+        print(f"[sweep {i + 1}/{len(plan['chunks'])}] rc={rc} in {time.time() - t0:.1f} s", flush=True)
+        docs = [json.loads((out.parent / s["json"]).read_text()) for s in status if s["json"]]
+        if docs:
+            merged = merge_sweeps(docs, status)
+            _write_atomic(Path(plan["merged"]), json.dumps(merged, indent=1) + "\n")
+            _write_atomic(Path(plan["markdown"]), report.markdown(merged))
+    return worst
+
+
+def _num(rec: dict, key: str, fmt: str) -> str | None:
+    v = rec.get(key)
+    try:
+        return fmt.format(float(v)) if v is not None else None
+    except (TypeError, ValueError):
+        return str(v)
+
+
+_BACKEND_ORDER = ("copy", "triton", "cuda", "cpu", "torch", "liger", "quack", "compile", "reference", "naive")
+
+
+def _pivot(records: list[dict], fmt) -> list[str]:
+    """Markdown tables per dtype: rows (loss, backend), columns (C, N), cells ``fmt(record)``."""
+    lines: list[str] = []
+    for dtype in dict.fromkeys(r["dtype"] for r in records):
+        sub = [r for r in records if r["dtype"] == dtype]
+        cols = sorted({(int(r["c"]), int(r["n"])) for r in sub})
+        rows: dict[tuple[str, str], dict[tuple[int, int], str]] = {}
+        for r in sub:
+            cellv = "error" if r.get("error") else (fmt(r) or "–")
+            rows.setdefault((r["loss"], r["label"]), {}).setdefault((int(r["c"]), int(r["n"])), cellv)
+
+        def order(k: tuple[str, str]) -> tuple[int, int]:
+            loss, label = k
+            b = label.split(" ")[0]
+            return ((LOSSES.index(loss) + 1) if loss in LOSSES else 0,
+                    _BACKEND_ORDER.index(b) if b in _BACKEND_ORDER else len(_BACKEND_ORDER))
+
+        lines += [f"**{dtype}**", "", "| loss | backend | " + " | ".join(f"C={c} (N={n})" for c, n in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for k in sorted(rows, key=order):
+            lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(rows[k].get(col, "") for col in cols) + " |")
+        lines.append("")
+    return lines
+
+
+def render_sweep(results: Path) -> list[str]:
+    """sweep.md (headline pivots of sweep.json) and, with matplotlib, sweep.png."""
+    doc = json.loads((results / "sweep.json").read_text())
+    recs = doc["results"]
+    m = doc["machine"]
+    head = [f"# Sweep: {m.get('gpu') or m.get('cpu')} ({m.get('device')})", "",
+            f"torch {m.get('torch')}, triton {m.get('triton')}, cuda {m.get('cuda')}, fusedloss "
+            f"{m.get('fusedloss_commit')}, {m.get('date')}. Forward+backward, reduction mean, N(0, 1) logits; "
+            "every shape has about the same number of logits (N = elements // C). Full table, per-row "
+            "spreads and GB/s: sweep_full.md; raw data: sweep.json.", ""]
+    if doc.get("unavailable"):
+        head += ["Not measured: " + "; ".join(f"`{k}` ({v})" for k, v in doc["unavailable"].items()), ""]
+    time_tab = ["## Time as a multiple of a copy of the logits (same run, interleaved)", "",
+                *_pivot(recs, lambda r: _num(r, "x_copy", "{:.2f}"))]
+    mem = ["## Peak memory of fwd+bwd as a multiple of the logits (the gradient alone is 1.00)", "",
+           *_pivot([r for r in recs if r["backend"] != "copy"], lambda r: _num(r, "x_logits", "{:.2f}"))]
+    acc = ["## Largest error against float64 (loss / gradient) and nan+inf entries", "",
+           *_pivot([r for r in recs if r["backend"] != "copy"],
+                   lambda r: (f"{_num(r, 'loss_err', '{:.1e}')} / {_num(r, 'grad_err', '{:.1e}')} / "
+                              f"{int(r.get('nan') or 0) + int(r.get('inf') or 0)}") if "loss_err" in r else None)]
+    errs = [f"- {r['loss']} {r['backend']} {r['dtype']} C={r['c']}: {r['error']}" for r in recs if r.get("error")]
+    if errs:
+        acc += ["Errors:", "", *errs, ""]
+    _write_atomic(results / "sweep.md", "\n".join(head + time_tab + mem + acc) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001 - the PNG is optional
+        return time_tab + [f"(no sweep.png: matplotlib unavailable: {type(exc).__name__})"]
+    losses = [x for x in LOSSES if any(r["loss"] == x for r in recs)]
+    fig, axes = plt.subplots(len(losses), 2, figsize=(12, 3.2 * len(losses)), squeeze=False)
+    for row, loss in enumerate(losses):
+        for col, (key, ylabel) in enumerate((("x_copy", "time / copy"), ("x_logits", "peak mem / logits"))):
+            ax = axes[row][col]
+            series: dict[str, list[tuple[int, float]]] = {}
+            for r in recs:
+                if r["loss"] == loss and r.get(key) is not None and not r.get("error"):
+                    series.setdefault(f"{r['label']} {r['dtype']}", []).append((int(r["c"]), float(r[key])))
+            for name, pts in sorted(series.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linestyle="--" if "float32" in name else "-", label=name)
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{loss}: {ylabel}")
+            ax.set_xlabel("C")
+            if series:
+                ax.legend(fontsize=6)
+    fig.suptitle(head[0][2:])
+    fig.tight_layout()
+    fig.savefig(results / "sweep.png", dpi=90)
+    return time_tab
+
+
+# ---------------------------------------------------------------------------
+# The parent: steps, budget, processes
+# ---------------------------------------------------------------------------
+
+class Stop(Exception):
+    """SIGTERM/SIGINT/SIGHUP reached the parent."""
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dry = bool(args.dry_run)
+        self.results = Path(args.results).resolve()
+        self.logs = self.results / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.py = args.python or sys.executable
+        self.t0 = time.time()
+        self.deadline = self.t0 + args.budget
+        self.caps = dict(CAPS)
+        for item in args.cap or []:
+            name, _, sec = item.partition("=")
+            if name not in CAPS:
+                raise SystemExit(f"gpucheck: --cap: unknown step '{name}'")
+            self.caps[name] = float(sec)
+        self.selected = [s for s in STEPS if s in (args.steps.split(",") if args.steps else STEPS)]
+        self.steps: list[dict[str, object]] = []
+        self.info: dict[str, object] = {}
+        self.running: list[dict] = []  # jobs started and not finished
+        self.stopping = False
+        self.site = Path(tempfile.mkdtemp(prefix="gpucheck-site-"))
+        self.cuda_home = self._cuda_home()
+
+    # -- environment ---------------------------------------------------------
+    def log(self, msg: str) -> None:
+        print(f"[gpucheck +{time.time() - self.t0:5.1f}s] {msg}", flush=True)
+
+    @staticmethod
+    def _cuda_home() -> str | None:
+        cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            cands.append(str(Path(nvcc).resolve().parent.parent))
+        cands += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+        for c in cands:
+            if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+                return c
+        return None
+
+    def refresh_site(self) -> None:
+        """``<site>/fusedloss``: a link per entry of python/fusedloss, plus triton_kernels
+        (re-run after the build so the new ``_C.so`` is linked too)."""
+        pkg = self.site / "fusedloss"
+        pkg.mkdir(exist_ok=True)
+        for entry in (REPO / "python" / "fusedloss").iterdir():
+            link = pkg / entry.name
+            if entry.name != "__pycache__" and not link.is_symlink():
+                link.symlink_to(entry)
+        if not (pkg / "triton_kernels").is_symlink():
+            (pkg / "triton_kernels").symlink_to(REPO / "triton_kernels")
+
+    def child_env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [str(self.site)]
+        carry = REPO / ".carry" / "site-packages"
+        if carry.is_dir():
+            paths.append(str(carry))
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", MPLBACKEND="Agg",
+                   PYTHONDONTWRITEBYTECODE="1")
+        if self.dry:
+            env["TRITON_INTERPRET"] = "1"
+        else:
+            env.pop("TRITON_INTERPRET", None)
+        if self.cuda_home:
+            env["CUDA_HOME"] = self.cuda_home
+        env.update(extra)
+        return env
+
+    # -- processes -----------------------------------------------------------
+    def start(self, name: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict:
+        logf = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed in finish()
+        logf.write(f"$ {' '.join(cmd)}\n# timeout {timeout:.0f} s\n")
+        logf.flush()
+        self.log(f"{name}: start (timeout {timeout:.0f} s)")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.child_env(), stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        job = {"name": name, "proc": proc, "logf": logf, "t0": time.time(), "timeout": timeout,
+               "timed_out": False, "cmd": cmd}
+        self.running.append(job)
+        return job
+
+    def _signal(self, proc: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _stop(self, proc: subprocess.Popen) -> None:
+        """SIGINT (pytest writes its XML, the sweep keeps its finished chunks), then
+        SIGTERM, then SIGKILL, to the whole process group."""
+        for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            if proc.poll() is not None:
+                return
+            self._signal(proc, sig)
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait(self, jobs: list[dict]) -> None:
+        pending = list(jobs)
+        while pending:
+            for job in list(pending):
+                proc = job["proc"]
+                if proc.poll() is not None:
+                    pending.remove(job)
+                elif self.stopping or time.time() - job["t0"] > job["timeout"]:
+                    job["timed_out"] = not self.stopping
+                    self.log(f"{job['name']}: {'stopping' if self.stopping else 'timeout'}, interrupting")
+                    self._stop(proc)
+                    pending.remove(job)
+            time.sleep(0.2)
+
+    def finish(self, job: dict, status: str | None = None, detail: str = "", **more: object) -> dict:
+        proc = job["proc"]
+        job["logf"].close()
+        if job in self.running:
+            self.running.remove(job)
+        rc = proc.returncode
+        if status is None:
+            status = "timeout" if job["timed_out"] else ("stopped" if self.stopping else ("pass" if rc == 0 else "fail"))
+        rec = {"name": job["name"], "status": status, "rc": rc, "seconds": round(time.time() - job["t0"], 1),
+               "timeout_s": round(job["timeout"]), "log": f"logs/{job['name']}.log", "detail": detail, **more}
+        self.record(rec)
+        return rec
+
+    def record(self, rec: dict) -> None:
+        self.steps.append(rec)
+        self.log(f"{rec['name']}: {rec['status']}" + (f" ({rec['detail']})" if rec.get("detail") else ""))
+        if rec["status"] in ("fail", "timeout", "error") and rec.get("log"):
+            tail = (self.results / rec["log"]).read_text(errors="replace").splitlines()[-25:]
+            print("\n".join("    | " + ln[:220] for ln in tail), flush=True)
+        self.write_summary()
+
+    def skip(self, name: str, why: str) -> None:
+        self.record({"name": name, "status": "skipped", "rc": None, "seconds": 0, "timeout_s": None,
+                     "log": None, "detail": why})
+
+    def run(self, name: str, cmd: list[str], later: list[str], env: dict[str, str] | None = None) -> dict:
+        return self.finish(self.wait_one(self.start(name, cmd, self.timeout(name, later), env)))
+
+    def wait_one(self, job: dict) -> dict:
+        self.wait([job])
+        return job
+
+    def timeout(self, step: str, later: list[str]) -> float:
+        return step_timeout(step, time.time(), self.deadline, [s for s in later if s in self.selected], self.caps)
+
+    def later(self, step: str) -> list[str]:
+        return list(STEPS[STEPS.index(step) + 1:])
+
+    def enough_time(self, step: str, later: list[str] | None = None) -> bool:
+        if self.stopping:
+            self.skip(step, "stopped by a signal")
+            return False
+        t = self.timeout(step, self.later(step) if later is None else later)
+        if t < 5:
+            self.skip(step, f"budget spent ({self.args.budget:.0f} s)")
+            return False
+        return True
+
+    # -- the steps -----------------------------------------------------------
+    def step_env(self) -> None:
+        script = r"""
+import importlib, importlib.metadata as md, importlib.util, json, platform, sys
+out = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform()}
+for mod, dist in [("torch", "torch"), ("triton", "triton"), ("numpy", "numpy"), ("pytest", "pytest"),
+                  ("liger_kernel", "liger-kernel"), ("quack", "quack-kernels"), ("rich", "rich"),
+                  ("matplotlib", "matplotlib"), ("torchvision", "torchvision"), ("setuptools", "setuptools"),
+                  ("ninja", "ninja"), ("hypothesis", "hypothesis")]:
+    if importlib.util.find_spec(mod) is None:
+        out[mod] = None
+        continue
+    try:
+        out[mod] = md.version(dist)
+    except md.PackageNotFoundError:
+        out[mod] = "present"
+import torch
+out["torch_cuda"] = torch.version.cuda
+out["cuda_available"] = torch.cuda.is_available()
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    out.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
+               sm_count=p.multi_processor_count, device_count=torch.cuda.device_count(),
+               cudnn=torch.backends.cudnn.version())
+print("GPUCHECK_ENV " + json.dumps(out))
+"""
+        job = self.wait_one(self.start("env", [self.py, "-c", script], self.timeout("env", self.later("env"))))
+        text = (self.logs / "env.log").read_text(errors="replace")
+        found = [ln for ln in text.splitlines() if ln.startswith("GPUCHECK_ENV ")]
+        if found:
+            self.info.update(json.loads(found[-1][len("GPUCHECK_ENV "):]))
+        tools = {"nvcc": [str(Path(self.cuda_home) / "bin" / "nvcc") if self.cuda_home else "nvcc", "--version"],
+                 "compute-sanitizer": [self.sanitizer() or "compute-sanitizer", "--version"],
+                 "gcc": ["gcc", "--version"], "nvidia-smi-driver": ["nvidia-smi", "--query-gpu=driver_version",
+                                                                    "--format=csv,noheader"]}
+        for name, cmd in tools.items():
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+                self.info[name] = next((ln for ln in reversed(out) if ln.strip()), None) if name != "gcc" else out[0]
+            except (OSError, subprocess.SubprocessError, IndexError):
+                self.info[name] = None
+        self.info.update(cuda_home=self.cuda_home)
+        (self.results / "env.json").write_text(json.dumps(self.info, indent=1) + "\n")
+        keys = ("python", "torch", "torch_cuda", "triton", "gpu", "capability", "nvcc", "compute-sanitizer",
+                "nvidia-smi-driver", "pytest", "liger_kernel", "rich", "matplotlib", "ninja", "cuda_home")
+        self.log("versions: " + ", ".join(f"{k}={self.info.get(k)}" for k in keys))
+        self.finish(job, detail=f"torch {self.info.get('torch')}, triton {self.info.get('triton')}, "
+                                f"gpu {self.info.get('gpu')}" if found else "no version report (torch import?)",
+                    status=None if found else "fail")
+
+    def provenance(self) -> dict[str, object]:
+        out: dict[str, object] = {"commit_arg": self.args.commit}
+        src = REPO / ".carry" / "source.txt"
+        if src.is_file():
+            for ln in src.read_text().splitlines():
+                k, _, v = ln.partition(" ")
+                out[f"vendored_{k}"] = v.strip()
+        if (REPO / ".git").exists():
+            try:
+                out["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                                 text=True, timeout=10).stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                pass
+        return out
+
+    def step_nvidia_smi(self, name: str = "nvidia-smi", fname: str = "nvidia-smi.txt") -> None:
+        if shutil.which("nvidia-smi") is None:
+            self.skip(name, "nvidia-smi not found")
+            return
+        job = self.wait_one(self.start(name, ["nvidia-smi", "-q"], min(self.caps["nvidia-smi"], 30)))
+        text = (self.logs / f"{name}.log").read_text(errors="replace")
+        (self.results / fname).write_text(text)
+        self.info[fname.replace(".txt", "").replace("-", "_")] = parse_nvidia_smi(text)
+        self.finish(job, detail=parse_nvidia_smi(text).get("Product Name", ""))
+
+    def sanitizer(self) -> str | None:
+        cands = [shutil.which("compute-sanitizer")]
+        for home in filter(None, [self.cuda_home, "/usr/local/cuda", *glob.glob("/usr/local/cuda-*")]):
+            cands += [str(Path(home) / "bin" / "compute-sanitizer"),
+                      str(Path(home) / "compute-sanitizer" / "compute-sanitizer")]
+        return next((c for c in cands if c and os.access(c, os.X_OK)), None)
+
+    def build_job(self, later: list[str]) -> dict:
+        cap = self.info.get("capability")
+        env = self.child_env(FUSEDLOSS_BUILD_CUDA="1", MAX_JOBS=str(max(1, (os.cpu_count() or 2) - 2)),
+                             **({"TORCH_CUDA_ARCH_LIST": str(cap)} if cap else {}))
+        return self.start("build", [self.py, "setup.py", "build_ext", "--inplace"], self.timeout("build", later), env)
+
+    def pytest_cmd(self, name: str, files: list[str]) -> list[str]:
+        return [self.py, "-m", "pytest", "-m", "gpu", *files, f"--junitxml={self.results / f'junit-{name}.xml'}",
+                "-q", "-rfEs", "--tb=short", "--durations=15", "-p", "no:cacheprovider",
+                "--continue-on-collection-errors"]
+
+    def finish_pytest(self, job: dict) -> None:
+        junit = self.results / f"junit-{job['name']}.xml"
+        detail, counts = "no JUnit XML", {}
+        if junit.exists():
+            try:
+                counts = parse_junit(junit)
+                detail = (f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
+                          f"{counts['skipped']} skipped")
+            except ET.ParseError as exc:
+                detail = f"unreadable JUnit XML: {exc}"
+        status = None
+        if not job["timed_out"] and job["proc"].returncode == 0 and counts and counts.get("passed", 0) == 0 \
+                and not self.dry:
+            status, detail = "fail", detail + " (nothing ran on the GPU)"
+        self.finish(job, status=status, detail=detail, junit=junit.name if junit.exists() else None, counts=counts)
+
+    def step_build_and_triton_tests(self) -> None:
+        """build || pytest-triton: the Triton tests need no extension, and the GPU idles
+        while nvcc compiles."""
+        later = self.later("pytest-triton")
+        jobs = []
+        if "build" in self.selected:
+            if self.dry:
+                self.skip("build", "dry run: no build (the installed extension is used)")
+            elif self.enough_time("build", later):
+                jobs.append(self.build_job(later))
+        if "pytest-triton" in self.selected and self.enough_time("pytest-triton", later):
+            jobs.append(self.start("pytest-triton", self.pytest_cmd("pytest-triton", ["tests/test_triton_gpu.py"]),
+                                   self.timeout("pytest-triton", later)))
+        self.wait(jobs)
+        for job in jobs:
+            if job["name"] == "build":
+                self.refresh_site()
+                so = list((REPO / "python" / "fusedloss").glob("_C*.so"))
+                self.finish(job, detail=f"TORCH_CUDA_ARCH_LIST={self.info.get('capability')}, "
+                                        f"{'_C built' if so else 'no _C'}")
+            else:
+                self.finish_pytest(job)
+
+    def step_pytest_ext(self) -> None:
+        files = ["tests/test_cuda_ext.py", "tests/test_bench_cli.py", "tests/test_train.py"]
+        env = self.child_env() if self.dry else self.child_env(FUSEDLOSS_BUILD_CUDA="1")
+        job = self.start("pytest-ext", self.pytest_cmd("pytest-ext", files),
+                         self.timeout("pytest-ext", self.later("pytest-ext")), env)
+        self.finish_pytest(self.wait_one(job))
+
+    def step_sanitize(self) -> None:
+        drive_json = self.results / "sanitize_drive.json"
+        drive = [self.py, "bench/gpu/sanitize_drive.py", "--json", str(drive_json)]
+        later = self.later("sanitize")
+        if self.dry:
+            job = self.start("sanitize", [*drive, "--device", "cpu", "--tiny"], self.timeout("sanitize", later))
+            self.finish(self.wait_one(job), detail=self._drive_detail(drive_json) + "; dry run: no sanitizer")
+            return
+        drive += ["--device", "cuda", "--require", "triton,cuda"]
+        san = self.sanitizer()
+        if san is None:
+            job = self.start("sanitize", drive, self.timeout("sanitize", later))
+            self.finish(self.wait_one(job), detail=self._drive_detail(drive_json)
+                        + "; compute-sanitizer NOT FOUND: the driver ran without memcheck")
+            return
+        log = self.results / "sanitizer.log"
+        env = self.child_env(PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one allocation per tensor: exact bounds
+        base = [san, "--tool", "memcheck", "--leak-check", "no", "--error-exitcode", "99", "--log-file", str(log)]
+        job = self.wait_one(self.start("sanitize", [*base, "--report-api-errors", "no", *drive],
+                                       self.timeout("sanitize", later), env))
+        if (job["proc"].returncode not in (0, 1, 99) and not drive_json.exists() and not job["timed_out"]
+                and time.time() - job["t0"] < 20):
+            self.log("sanitize: retrying without --report-api-errors (older compute-sanitizer?)")
+            job["logf"].close()
+            job = self.wait_one(self.start("sanitize", [*base, *drive], self.timeout("sanitize", later), env))
+        parsed = parse_sanitizer_log(log.read_text(errors="replace")) if log.exists() else {"errors": None}
+        rc = job["proc"].returncode
+        status = None
+        if not job["timed_out"] and not self.stopping:
+            status = "pass" if rc == 0 and parsed["errors"] == 0 else "fail"
+        self.finish(job, status=status, sanitizer=parsed,
+                    detail=f"memcheck errors: {parsed['errors']}; " + self._drive_detail(drive_json))
+
+    @staticmethod
+    def _drive_detail(path: Path) -> str:
+        if not path.exists():
+            return "driver wrote no JSON"
+        d = json.loads(path.read_text())
+        skipped = f", skipped {sorted(d['skipped'])}" if d.get("skipped") else ""
+        return f"driver: {d['cases']} cases, {d['failed']} failed{skipped}"
+
+    def step_sweep(self) -> None:
+        plan = {"chunks": sweep_plan(self.dry, self.results, with_compile=not self.args.no_compile),
+                "merged": str(self.results / "sweep.json"), "markdown": str(self.results / "sweep_full.md")}
+        (self.results / "sweep").mkdir(exist_ok=True)
+        plan_path = self.results / "sweep" / "plan.json"
+        plan_path.write_text(json.dumps(plan, indent=1) + "\n")
+        job = self.wait_one(self.start("sweep", [self.py, str(Path(__file__).resolve()), "--sweep-child",
+                                                 str(plan_path)], self.timeout("sweep", self.later("sweep"))))
+        n_done = len(list((self.results / "sweep").glob("chunk-*.json")))
+        status = None
+        if job["timed_out"] and n_done:
+            status = "timeout"
+        self.finish(job, status=status, detail=f"{n_done}/{len(plan['chunks'])} chunks measured",
+                    chunks_done=n_done, chunks=len(plan["chunks"]))
+
+    def step_report(self) -> None:
+        if (self.results / "sweep.json").exists():
+            job = self.wait_one(self.start("report", [self.py, str(Path(__file__).resolve()), "--render",
+                                                      str(self.results)], self.timeout("report", [])))
+            self.finish(job, detail="sweep.md" + (", sweep.png" if (self.results / "sweep.png").exists() else ""))
+        else:
+            self.skip("report", "no sweep.json to render")
+        if not self.dry and shutil.which("nvidia-smi"):
+            self.step_nvidia_smi("nvidia-smi-end", "nvidia-smi-end.txt")
+
+    # -- driver ----------------------------------------------------------------
+    def main(self) -> int:
+        def on_signal(signum: int, _frame: object) -> None:
+            if self.stopping:
+                return
+            self.stopping = True
+            raise Stop(signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        self.log(f"results in {self.results}; budget {self.args.budget:.0f} s; "
+                 f"{'DRY RUN (CPU, interpreter)' if self.dry else 'GPU run'}; steps {','.join(self.selected)}")
+        self.refresh_site()
+        self.info.update(source_digest=source_digest(), cpu_count=os.cpu_count(), **self.provenance())
+        self.write_summary()
+        try:
+            if "env" in self.selected:
+                self.step_env()
+            gpu_ok = self.dry or bool(self.info.get("cuda_available"))
+            if not gpu_ok:
+                self.log("torch sees no CUDA device: the GPU steps cannot run (use --dry-run on a CPU machine)")
+            if "nvidia-smi" in self.selected and not self.dry:
+                self.step_nvidia_smi()
+            for name, fn in (("build+triton", self.step_build_and_triton_tests), ("pytest-ext", self.step_pytest_ext),
+                             ("sanitize", self.step_sanitize), ("sweep", self.step_sweep)):
+                names = ["build", "pytest-triton"] if name == "build+triton" else [name]
+                wanted = [n for n in names if n in self.selected]
+                if not wanted:
+                    continue
+                if not gpu_ok:
+                    for n in wanted:
+                        self.skip(n, "no CUDA device visible to torch")
+                    continue
+                if name == "build+triton" or self.enough_time(name):
+                    fn()
+            if "report" in self.selected:
+                self.step_report()
+        except Stop as exc:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the write-up short
+            self.log(f"stopped by {exc}: interrupting the running steps, writing what there is")
+            for job in list(self.running):
+                self._stop(job["proc"])
+                job["proc"].poll()
+                self.finish(job, status="stopped", detail=f"stopped by {exc}")
+            done = {s["name"] for s in self.steps}
+            for name in self.selected:
+                if name not in done:
+                    self.skip(name, f"not started: stopped by {exc}")
+        finally:
+            self.write_summary(final=True)
+            shutil.rmtree(self.site, ignore_errors=True)
+        return 0 if self.outcome() == "pass" else 1
+
+    def outcome(self) -> str:
+        bad = [s for s in self.steps if s["status"] in ("fail", "timeout", "error", "stopped")]
+        if self.stopping:
+            return "fail"
+        if not self.dry and not self.info.get("cuda_available"):
+            return "fail"
+        return "fail" if bad else "pass"
+
+    # -- summary -----------------------------------------------------------------
+    def write_summary(self, final: bool = False) -> None:
+        elapsed = round(time.time() - self.t0, 1)
+        doc = {"tool": "fusedloss gpucheck", "dry_run": self.dry, "final": final, "outcome": self.outcome(),
+               "budget_s": self.args.budget, "elapsed_s": elapsed, "argv": sys.argv[1:],
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
+               "env": self.info, "steps": self.steps}
+        _write_atomic(self.results / "summary.json", json.dumps(doc, indent=1, default=str) + "\n")
+        self._write_junit()
+        i = self.info
+        title = "dry run on CPU (Triton interpreter)" if self.dry else f"{i.get('gpu')} (sm {i.get('capability')})"
+        md = [f"# gpucheck: {title}: {doc['outcome'].upper()}{'' if final else ' (in progress)'}", "",
+              f"Started {doc['started']}, {elapsed} s of a {self.args.budget:.0f} s budget. Source digest "
+              f"{i.get('source_digest')} (`python python/fusedloss/gpucheck.py --digest` in a checkout); "
+              f"commit {i.get('commit_arg') or i.get('vendored_commit') or i.get('git_head') or 'unknown'}"
+              + (f" (vendor.sh saw {i.get('vendored_dirty')} uncommitted source files)"
+                 if i.get("vendored_dirty") not in (None, "0") else "") + ".", "",
+              f"python {i.get('python')}, torch {i.get('torch')} (CUDA {i.get('torch_cuda')}), triton "
+              f"{i.get('triton')}, nvcc: {i.get('nvcc')}, compute-sanitizer: {i.get('compute-sanitizer')}, "
+              f"driver {i.get('nvidia-smi-driver')}, pytest {i.get('pytest')}, liger-kernel {i.get('liger_kernel')}, "
+              f"rich {i.get('rich')}, matplotlib {i.get('matplotlib')}, ninja {i.get('ninja')}, "
+              f"{i.get('cpu_count')} CPUs.", "",
+              "| step | status | seconds | timeout | detail |", "|---|---|---|---|---|"]
+        md += [f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('timeout_s') or ''} | {s.get('detail', '')} |"
+               for s in self.steps]
+        for s in self.steps:
+            failed = (s.get("counts") or {}).get("failed_ids")
+            if failed:
+                md += ["", f"{s['name']} failures:", "", *[f"- `{f}`" for f in failed]]
+            reports = (s.get("sanitizer") or {}).get("first_reports")
+            if reports:
+                md += ["", "memcheck reports (first):", "", *[f"- {r}" for r in reports[:10]]]
+        smi = i.get("nvidia_smi") or {}
+        if smi:
+            md += ["", "nvidia-smi: " + "; ".join(f"{k} {v}" for k, v in smi.items())]
+        sweep_md = self.results / "sweep.md"
+        if final and sweep_md.exists():
+            text = sweep_md.read_text()
+            start = text.find("## Time as a multiple")
+            end = text.find("## Peak memory")
+            if start >= 0:
+                md += ["", text[start:end if end > start else None].rstrip(), "",
+                       "Memory, accuracy and every column: sweep.md, sweep_full.md, sweep.json."]
+        _write_atomic(self.results / "summary.md", "\n".join(md) + "\n")
+        if final:
+            print("\n".join(md), flush=True)
+
+    def _write_junit(self) -> None:
+        suite = ET.Element("testsuite", name="gpucheck", tests=str(len(self.steps)),
+                           failures=str(sum(s["status"] in ("fail", "timeout", "stopped") for s in self.steps)),
+                           errors=str(sum(s["status"] == "error" for s in self.steps)),
+                           skipped=str(sum(s["status"] == "skipped" for s in self.steps)))
+        for s in self.steps:
+            case = ET.SubElement(suite, "testcase", classname="gpucheck", name=str(s["name"]), time=str(s["seconds"]))
+            if s["status"] in ("fail", "timeout", "stopped", "error"):
+                ET.SubElement(case, "failure", message=f"{s['status']}: {s.get('detail', '')}")
+            elif s["status"] == "skipped":
+                ET.SubElement(case, "skipped", message=str(s.get("detail", "")))
+        ET.ElementTree(suite).write(self.results / "gpucheck.junit.xml", encoding="utf-8", xml_declaration=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpucheck", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="?", help="folder for the results (created)")
+    p.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for everything (default 480)")
+    p.add_argument("--dry-run", action="store_true", help="CPU: Triton interpreter, tiny shapes, no build/sanitizer")
+    p.add_argument("--steps", default=None, help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--cap", action="append", metavar="STEP=SECONDS", help="change a step's longest time")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the sweep")
+    p.add_argument("--commit", default=None, help="the commit being measured (recorded in the summary)")
+    p.add_argument("--python", default=None, help="interpreter for the steps (default: this one)")
+    p.add_argument("--digest", action="store_true", help="print the source digest of this tree and exit")
+    p.add_argument("--sweep-child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--render", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if not (a.results or a.digest or a.sweep_child or a.render):
+        p.error("the results folder is required")
+    if a.steps and (bad := set(a.steps.split(",")) - set(STEPS)):
+        p.error(f"--steps: unknown {sorted(bad)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.digest:
+        print(source_digest())
+        return 0
+    if a.sweep_child:
+        return sweep_child(a.sweep_child)
+    if a.render:
+        for line in render_sweep(a.render):
+            print(line)
+        return 0
+    return Check(a).main()
+
+
+if __name__ == "__main__":
+    # Run as a script, Python puts python/fusedloss/ itself first on sys.path, which would
+    # make the package's modules importable as top-level names; the package comes from
+    # PYTHONPATH instead.
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The GPU proof script (bench/gpu/check.sh -> fusedloss.gpucheck) on this CPU machine.
+
+``--dry-run`` runs every step the GPU run has (Triton's interpreter, tiny shapes, no
+build, no sanitizer): this proves the script, its budget handling and its outputs, so
+that the minutes a GPU is lent go to the GPU. The run itself is in bench/gpu/README.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from fusedloss import gpucheck
+from fusedloss.bench import backends as bk
+from fusedloss.bench.cli import main as bench_main
+from fusedloss.bench.options import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "bench" / "gpu" / "check.sh"
+
+
+def _check(results: Path, *args: str, timeout: float = 280) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets it itself
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(CHECK), str(results), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    return proc, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, float]:
+    results = tmp_path_factory.mktemp("gpucheck") / "results"
+    proc, seconds = _check(results, "--dry-run", "--budget", "240")
+    return results, proc, seconds
+
+
+def test_dry_run_passes_every_step(dry_run) -> None:
+    results, proc, seconds = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((results / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert status == {"env": "pass", "build": "skipped", "pytest-triton": "pass", "pytest-ext": "pass",
+                      "sanitize": "pass", "sweep": "pass", "report": "pass"}, summary["steps"]
+    assert summary["final"] and summary["outcome"] == "pass" and summary["dry_run"]
+    # (the digest of this tree may have moved on since: other work shares it)
+    assert summary["env"]["torch"] and len(summary["env"]["source_digest"]) == 12
+    assert seconds < 240
+    assert "# gpucheck: dry run on CPU" in proc.stdout  # the summary is the last thing printed
+
+
+def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
+    results, _, _ = dry_run
+    for name in ("junit-pytest-triton.xml", "junit-pytest-ext.xml", "gpucheck.junit.xml"):
+        root = ET.parse(results / name).getroot()
+        assert root.iter("testcase"), name
+    counts = gpucheck.parse_junit(results / "junit-pytest-triton.xml")
+    assert counts["tests"] > 50 and counts["failures"] == counts["errors"] == 0  # every gpu test seen, skipped here
+    steps = ET.parse(results / "gpucheck.junit.xml").getroot()
+    assert steps.get("name") == "gpucheck" and steps.get("failures") == "0"
+
+    doc = json.loads((results / "sweep.json").read_text())
+    assert doc["schema"] == 1 and len(doc["config"]["chunks"]) == 4
+    seen = {(r["backend"], r["loss"], r["dtype"], r["c"]) for r in doc["results"]}
+    for dtype in ("bfloat16", "float32"):
+        for c in gpucheck.DRY_CS:
+            assert ("copy", "-", dtype, c) in seen and ("torch", "ce", dtype, c) in seen
+            for loss in gpucheck.LOSSES:
+                assert {("triton", loss, dtype, c), ("cpu", loss, dtype, c), ("reference", loss, dtype, c)} <= seen
+    assert not [r for r in doc["results"] if r.get("error")]
+    assert "liger" in doc["unavailable"]  # no GPU here: listed, not fatal
+    md = (results / "sweep.md").read_text()
+    assert "## Time as a multiple of a copy" in md and "| ce | triton |" in md and "C=5000 (N=2)" in md
+    assert "| loss | backend | N | C |" in (results / "sweep_full.md").read_text()
+    drive = json.loads((results / "sanitize_drive.json").read_text())
+    assert drive["failed"] == 0 and drive["cases"] > 100
+    assert {r["backend"] for r in drive["results"]} == {"triton", "cpu"}
+    summary_md = (results / "summary.md").read_text()
+    assert "| sweep | pass |" in summary_md and "## Time as a multiple" in summary_md
+
+
+def test_budget_cuts_a_step_and_still_writes_the_summary(tmp_path: Path) -> None:
+    proc, seconds = _check(tmp_path / "r", "--dry-run", "--steps", "env,sweep,report", "--budget", "60",
+                           "--cap", "sweep=6", timeout=120)
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert status["sweep"] == "timeout" and summary["final"] and summary["outcome"] == "fail"
+    assert seconds < 60
+    assert (tmp_path / "r" / "gpucheck.junit.xml").exists() and (tmp_path / "r" / "logs" / "sweep.log").exists()
+
+
+def test_sigterm_stops_the_steps_and_writes_the_summary(tmp_path: Path) -> None:
+    results = tmp_path / "r"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "python" / "fusedloss" / "gpucheck.py"), str(results),
+                             "--dry-run", "--steps", "sweep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    deadline = time.time() + 60
+    while not (results / "logs" / "sweep.log").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["final"] and summary["outcome"] == "fail"
+    assert [(s["name"], s["status"]) for s in summary["steps"]] == [("sweep", "stopped")]
+    assert "stopped by SIGTERM" in out
+
+
+def test_gpu_sweep_plan_covers_the_issue_and_parses() -> None:
+    chunks = gpucheck.sweep_plan(False, Path("/r"))
+    main = [c for c in chunks if not c["name"].startswith("compile")]
+    assert len(main) == 8 and chunks[:8] == main  # torch.compile last: the budget cuts it first
+    for chunk in chunks:
+        argv = chunk["argv"]
+        c, n = int(argv[argv.index("--c") + 1]), int(argv[argv.index("--n") + 1])
+        assert c in (1000, 32000, 128256, 262144) and 2**27 - c < n * c <= 2**27
+        on_cpu = list(argv)
+        on_cpu[argv.index("--device") + 1] = "cpu"  # parse_args refuses cuda without CUDA
+        cfg = parse_args(on_cpu, bk.known_backends())
+        assert cfg.skip_unavailable and cfg.quiet and cfg.repeat == 15
+        if chunk in main:
+            assert set(cfg.losses) == set(gpucheck.LOSSES)
+            assert cfg.backends == ("triton", "cuda", "torch", "liger", "reference")
+        else:
+            assert cfg.losses == ("ce",) and cfg.backends == ("compile",)
+    assert {parse_args(c["argv"][2:], bk.known_backends()).dtypes[0].itemsize for c in chunks} == {2, 4}
+
+
+def test_step_timeouts_keep_time_for_later_steps() -> None:
+    caps = dict(gpucheck.CAPS)
+    later = ["pytest-ext", "sanitize", "sweep", "report"]
+    keep = sum(gpucheck.RESERVE[s] for s in later)
+    assert gpucheck.step_timeout("build", 0, 1000, later, caps) == caps["build"]
+    assert gpucheck.step_timeout("build", 0, 200, later, caps) == 200 - keep - gpucheck.GRACE_S
+    assert gpucheck.step_timeout("sweep", 0, 50, ["report"], caps) == 50 - 10 - gpucheck.GRACE_S
+    assert gpucheck.step_timeout("sweep", 0, 10, ["report"], caps) == 0
+
+
+NVIDIA_SMI = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Mon Dec  1 10:00:00 2026
+Driver Version                            : 570.86.15
+CUDA Version                              : 12.8
+
+Attached GPUs                             : 1
+GPU 00000000:19:00.0
+    Product Name                          : NVIDIA H200
+    Product Architecture                  : Hopper
+    Persistence Mode                      : Enabled
+    MIG Mode
+        Current                           : Disabled
+        Pending                           : Disabled
+    FB Memory Usage
+        Total                             : 143771 MiB
+        Used                              : 0 MiB
+    Performance State                     : P0
+    Clocks Event Reasons
+        SW Power Cap                      : Not Active
+        HW Slowdown                       : Not Active
+    Temperature
+        GPU Current Temp                  : 30 C
+    GPU Power Readings
+        Current Power Limit               : 700.00 W
+    Clocks
+        SM                                : 345 MHz
+        Memory                            : 3201 MHz
+    Max Clocks
+        SM                                : 1980 MHz
+"""
+
+
+def test_parse_nvidia_smi() -> None:
+    got = gpucheck.parse_nvidia_smi(NVIDIA_SMI)
+    assert got["Product Name"] == "NVIDIA H200" and got["Driver Version"] == "570.86.15"
+    assert got["MIG Mode/Current"] == "Disabled" and got["FB Memory Usage/Total"] == "143771 MiB"
+    assert got["Clocks/SM"] == "345 MHz" and got["Max Clocks/SM"] == "1980 MHz"
+    assert got["Clocks Event Reasons/HW Slowdown"] == "Not Active"
+    assert got["GPU Power Readings/Current Power Limit"] == "700.00 W"
+
+
+def test_parse_sanitizer_log() -> None:
+    log = ("========= COMPUTE-SANITIZER\n========= Invalid __global__ read of size 4 bytes\n"
+           "=========     at scale_grad_kernel+0x1a0\n=========     Address 0x7f00 is out of bounds\n"
+           "========= ERROR SUMMARY: 1 error\n")
+    got = gpucheck.parse_sanitizer_log(log)
+    assert got["errors"] == 1 and got["first_reports"][0].startswith("Invalid __global__ read")
+    assert gpucheck.parse_sanitizer_log("========= ERROR SUMMARY: 0 errors\n")["errors"] == 0
+    assert gpucheck.parse_sanitizer_log("killed")["errors"] is None
+
+
+def test_source_digest_follows_the_sources(tmp_path: Path) -> None:
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "a.cu").write_text("x")
+    (tmp_path / "setup.py").write_text("y")
+    first = gpucheck.source_digest(tmp_path)
+    (tmp_path / "csrc" / "__pycache__").mkdir()
+    (tmp_path / "csrc" / "__pycache__" / "a.pyc").write_text("z")
+    (tmp_path / "csrc" / "notes.txt").write_text("z")
+    assert gpucheck.source_digest(tmp_path) == first
+    (tmp_path / "csrc" / "a.cu").write_text("x2")
+    assert gpucheck.source_digest(tmp_path) != first
+
+
+def test_bench_skip_unavailable_lists_instead_of_failing(capsys: pytest.CaptureFixture[str]) -> None:
+    if bk.unavailable_reason("quack", __import__("torch").device("cpu")) is None:
+        pytest.skip("quack runs here")
+    rc = bench_main(["--device", "cpu", "--loss", "ce", "--backend", "reference", "quack", "--skip-unavailable",
+                     "--n", "4", "--c", "7", "--repeat", "2", "--warmup", "1", "--quiet", "--cpu-allocator", "system"])
+    assert rc == 0 and "skipped backend quack" in capsys.readouterr().err
+
+
+def test_bench_runs_without_rich(tmp_path: Path) -> None:
+    """An offline GPU machine may lack rich: the bench prints a plain markdown table."""
+    code = ("import sys; sys.modules['rich'] = None\n"
+            "from fusedloss.bench.cli import main\n"
+            f"rc = main(['--device', 'cpu', '--loss', 'ce', '--backend', 'reference', '--n', '4', '--c', '7', "
+            f"'--repeat', '2', '--warmup', '1', '--cpu-allocator', 'system', '--json', {str(tmp_path / 'r.json')!r}])\n"
+            f"rc = rc or main(['--from-json', {str(tmp_path / 'r.json')!r}, '--markdown', {str(tmp_path / 'r.md')!r}])\n"
+            "assert 'rich' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+            "raise SystemExit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| loss | backend | N | C |" in proc.stdout and "| ce | reference | 4 | 7 |" in proc.stdout
+    assert (tmp_path / "r.md").exists()
