@@ -55,7 +55,7 @@ def make_target(values: torch.Tensor, layout: str) -> torch.Tensor:
     """``values`` (int64, the wanted target) in the given memory layout; equal values."""
     if layout in ("int32", "int32_strided"):
         values = values.int()
-    if values.dim() == 0:
+    if values.dim() == 0 or values.numel() == 0:
         return values
     if layout in ("strided", "int32_strided"):
         big = torch.full(values.shape[:-1] + (2 * values.shape[-1],), -12345, dtype=values.dtype)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import fusedloss as fl
 from layouts import (LOGIT_LAYOUTS, REACH_NONE, REACH_REDUCED, TARGET_LAYOUTS, WEIGHT_LAYOUTS, Case, logits_view,
                      reach_scalar, rows_of)
-from oracle import assert_close, oracle_loss
+from oracle import TOLERANCES, assert_close, oracle_loss
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = [b for b in ("reference", "cpu", "triton") if b in fl.available_backends()
@@ -71,7 +71,13 @@ def run_case(case: Case, backend: str, regime: str = "default") -> None:
     assert out.dtype == case.dtype and out.shape == ref.shape, msg
     assert_close(out.detach(), ref.detach(), case.dtype, "loss", msg)
     assert leaf.grad is not None and leaf.grad.shape == base.shape, msg
-    assert_close(leaf.grad, gref, case.dtype, "grad", msg)
+    if gref.numel() and bool((gref == 0).all()):
+        # C = 1 (or every row ignored): the gradient is exactly 0, but a kernel forms it from
+        # O(weight) terms (p_c - 1, label smoothing's eps/C (W p - w)); allow their rounding.
+        bound = TOLERANCES[case.dtype]["grad"][1]
+        assert leaf.grad.abs().max().item() <= bound, f"{msg}\nnonzero gradient {leaf.grad}"
+    else:
+        assert_close(leaf.grad, gref, case.dtype, "grad", msg)
 
 
 # ----------------------------------------------------------------------------
