@@ -1,4 +1,4 @@
-// The per-variant math of docs/LOSSES.md, written once for the CPU and the CUDA
+// The per-variant math of docs/losses.md, written once for the CPU and the CUDA
 // kernels: everything a kernel computes per row that is not a pass over the row.
 //
 // A kernel's passes produce the row statistics (lse, lse_ex = log sum_{k != c}
@@ -7,7 +7,7 @@
 // gradient. T is float for float/half/bfloat16 logits and double for double.
 //
 // Mirrors python/fusedloss/reference.py function for function; the numerics
-// are explained there and in LOSSES.md, and repeated here where the order of
+// are explained there and in docs/losses.md, and repeated here where the order of
 // operations matters.
 #pragma once
 
@@ -169,7 +169,7 @@ FL_HD T target_only_loss(T h, T w_c, T lse, T eps, T num_classes, T weight_total
 // Only the arg-max w can have p_w > 1/2, so for k not in {c, w} the kernel sums
 // log1p(-p_k) and a_k = p_k / (1 - p_k) directly (both exact there); w's terms
 // come from log(1 - p_w) = lse_{k != w} - lse. Then, with
-// R = sum_{k != w} a_k (a_c = -1), the gradient (LOSSES.md, "Gradient of bce"):
+// R = sum_{k != w} a_k (a_c = -1), the gradient (docs/losses.md, "bce"):
 //   j not in {c, w}: g_j = a_j - p_j R - p_j a_w   (p_j a_w = -p_j when w == c)
 //   j == w != c:     g_w = p_w (1 - R)
 //   j == c != w:     g_c = -1 - p_c R - p_c a_w

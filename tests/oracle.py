@@ -1,4 +1,4 @@
-"""The float64 oracle every test compares with: LOSSES.md's closed forms, written here
+"""The float64 oracle every test compares with: docs/losses.md's closed forms, written here
 independently of the code under test (masked log-sum-exp, no memory tricks), and
 gradients from float64 autograd of those forms.
 
@@ -20,7 +20,7 @@ TOLERANCES = {
 
 
 def _row_terms(x: torch.Tensor, t: torch.Tensor):
-    """log p_c = x_c - lse and log(1 - p_c) = lse_ex - lse (LOSSES.md, "Row statistics")."""
+    """log p_c = x_c - lse and log(1 - p_c) = lse_ex - lse (docs/losses.md, "Four numbers per row")."""
     lse = torch.logsumexp(x, 1)
     masked = x.scatter(1, t[:, None], -math.inf)
     lse_ex = torch.logsumexp(masked, 1) if x.shape[1] > 1 else torch.full_like(lse, -math.inf)
@@ -30,7 +30,7 @@ def _row_terms(x: torch.Tensor, t: torch.Tensor):
 
 def _bce_log1m(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """log(1 - p_k) for every k: log1p(-p_k) except at the arg-max, whose value comes from
-    the log-sum-exp over the other classes (LOSSES.md, "Gradient of bce", stability)."""
+    the log-sum-exp over the other classes (docs/losses.md, "bce", stability)."""
     w = x.argmax(1)
     # Zero p_w before log1p: log1p(-1) = -inf would make autograd's 0 * inf a NaN.
     p_others = torch.exp(x - lse[:, None]).scatter(1, w[:, None], 0.0)

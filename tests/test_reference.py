@@ -1,5 +1,5 @@
 """The reference backend against the float64 oracle: every variant, dtype and option,
-on ordinary and extreme logits, plus the identities and properties of LOSSES.md."""
+on ordinary and extreme logits, plus the identities and properties of docs/losses.md."""
 from __future__ import annotations
 
 import math
@@ -152,7 +152,7 @@ def test_single_class_bounded_losses_have_zero_gradient(backend, loss, kw):
 
 
 # ---------------------------------------------------------------------------
-# Identities and properties (LOSSES.md)
+# Identities and properties (docs/losses.md)
 # ---------------------------------------------------------------------------
 
 IDENTITIES = [

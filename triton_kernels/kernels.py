@@ -2,7 +2,7 @@
 variants (``ce``, ``nllr``, ``crl``, ``lace``, ``focal``), one for ``bce``, a
 prologue (mean denominator, reduction counter) and the backward scale.
 
-Math (``shared/docs/LOSSES.md``; the PyTorch twin is ``fusedloss/reference.py``).
+Math (``docs/losses.md``; the PyTorch twin is ``fusedloss/reference.py``).
 Per row with target ``c``, everything comes from ``x_c`` (one scalar load before
 the pass) and ``lse_ex = log sum_{k != c} exp(x_k)``, computed exactly by an
 online pass over column blocks with its own running max and sum over ``k != c``
@@ -31,7 +31,7 @@ logits of E bytes, forward+backward of a target-only variant:
   (C >= ~128k) re-read part of the row from DRAM (the report predicts how much).
 * without grad: read the row once, write O(1) per row.
 
-``bce`` needs a second reduction over the row after ``lse`` (LOSSES.md): on chip
+``bce`` needs a second reduction over the row after ``lse`` (docs/losses.md): on chip
 it is still one read and one write; off chip pass 2 (loss sum and R) runs in
 reverse order and pass 3 (gradient) forward, each starting where the previous
 pass ended (L2-warm).
@@ -524,7 +524,7 @@ def target_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------
-# bce: L = -log p_c - sum_{k != c} log(1 - p_k)   (LOSSES.md, "Gradient of bce")
+# bce: L = -log p_c - sum_{k != c} log(1 - p_k)   (docs/losses.md, "bce")
 # Only the arg-max w can have p_w > 1/2, so the online pass tracks w, its logit M and
 # the log-sum-exp over k != w (its own running max M2 and sum S2: exact when w leads
 # by 1000). Then log(1 - p_w) = lse_ow - lse exactly, and log1p(-p_k) is exact for

@@ -1,4 +1,4 @@
-"""The exact reference: every loss of LOSSES.md in plain PyTorch, in its stable form.
+"""The exact reference: every loss of docs/losses.md in plain PyTorch, in its stable form.
 
 This is the backend wherever no kernel is built and the baseline the benchmarks
 compare against. It is written for two things at once:
@@ -91,7 +91,7 @@ def _scaled(k: float, t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------
 # Per-variant math of the target-only family: one function each.
 # Input d = lse_ex - x_c (per row). Output (loss, log s) where the gradient is
-# dL/dx_j = s * (p_j - [j == c])  (LOSSES.md, "Gradients of the target-only family").
+# dL/dx_j = s * (p_j - [j == c])  (docs/losses.md, "Gradients of ce, nllr, crl, lace, focal").
 # ----------------------------------------------------------------------------
 
 def _ce(d: Tensor, p: Params) -> tuple[Tensor, Tensor]:
@@ -298,7 +298,7 @@ def _smoothing_grad(g, x, lse, rows: _Rows, row_scale, weight, eps, grad_loss, t
 
 
 # ----------------------------------------------------------------------------
-# Multi-class BCE: L = -log p_c - sum_{k != c} log(1 - p_k)   (LOSSES.md, "Gradient of bce")
+# Multi-class BCE: L = -log p_c - sum_{k != c} log(1 - p_k)   (docs/losses.md, "bce")
 # Only the arg-max w can have p_w > 1/2: log(1 - p_w) comes from lse over k != w.
 # Stats columns: 2 = log(1 - p_w), 3 = w (an exact integer in float).
 # ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import fusedloss.dispatch as _dispatch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 
-# The losses' hyper-parameters, fixed at the defaults of docs/LOSSES.md so that
+# The losses' hyper-parameters, fixed at the defaults of docs/losses.md so that
 # every backend computes the same function.
 HYPER = {"alpha": 1.5, "beta": 1.0, "gamma": 2.0}
 
