@@ -272,6 +272,6 @@ def test_second_backward_with_scaled_grad_raises_not_wrong():
 
 
 def test_default_chunk_rows():
-    assert head.default_chunk_rows(4096, 32000, 4) == 128  # 32 MiB for the block and its gradient
+    assert head.default_chunk_rows(4096, 32000, 4) == 192  # 48 MiB for the block and its gradient
     assert head.default_chunk_rows(16, 1000, 4) == 16       # small problems: one block
     assert head.default_chunk_rows(1, 10 ** 7, 4) == 1

@@ -36,9 +36,13 @@ from .ops import NAMESPACE, SCALARS, stats_dtype
 from .validation import check_target_values, must_check_targets
 from .variants import STATS_COLS, Reduction, Variant, reduction_id, variant_id
 
-#: The largest logits block (logits + its gradient), and its share of the full logits.
-CHUNK_BUDGET_BYTES = 32 * 2**20
-CHUNK_SHARE = 1 / 16
+#: The largest logits block (logits + its gradient), and its largest share of the full logits.
+#: Blocks of fewer than ~128 rows make the d weight update (a rank-rows update of the whole
+#: V x D gradient per block) and the GEMMs memory-bound; 48 MiB is 192 rows at V = 32000 fp32,
+#: which keeps N 4096, D 512, V 32000 within a quarter of the logits with d weight (an eighth
+#: of them there) and d hidden counted.
+CHUNK_BUDGET_BYTES = 48 * 2**20
+CHUNK_SHARE = 1 / 10
 #: Problems whose logits block budget is below this run in one block anyway.
 MIN_CHUNK_BYTES = 2 * 2**20
 
@@ -52,12 +56,12 @@ BWD_SCHEMA = (f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, T
 def default_chunk_rows(n: int, v: int, element_size: int) -> int:
     """Rows per block: the block's logits and gradient within ``CHUNK_SHARE`` of the full logits
     and ``CHUNK_BUDGET_BYTES`` (whichever is smaller; at least ``MIN_CHUNK_BYTES``), a multiple
-    of 64 rows when that is at least 64."""
-    per_row = 2 * max(v, 1) * element_size
-    budget = min(CHUNK_BUDGET_BYTES, max(MIN_CHUNK_BYTES, int(n * per_row * CHUNK_SHARE)))
+    of 32 rows when that is at least 32."""
+    per_row = 2 * max(v, 1) * element_size  # the block's logits and their gradient
+    budget = min(CHUNK_BUDGET_BYTES, max(MIN_CHUNK_BYTES, int(n * v * element_size * CHUNK_SHARE)))
     rows = max(1, budget // per_row)
-    if rows >= 64:
-        rows -= rows % 64
+    if rows >= 32:
+        rows -= rows % 32
     return int(min(rows, max(n, 1)))
 
 

@@ -121,6 +121,10 @@ def _measure(cfg: BenchConfig, chosen: list[bk.Backend], err: Console) -> list[d
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--head" in args:  # the LLM head benchmark has its own options (bench/head.py)
+        from .head import main as head_main
+
+        return head_main([a for a in args if a != "--head"])
     # Rich falls back to 80 columns when not on a terminal (CI logs, pipes),
     # which would truncate the 14-column table into ellipses; 200 keeps it whole.
     out = Console(width=max(Console().width, 200))
