@@ -19,13 +19,21 @@ TOLERANCES = {
 }
 
 
+def _softplus(t: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^t), exact for every t (torch's softplus is linear past its threshold)."""
+    return torch.logaddexp(t, torch.zeros_like(t))
+
+
 def _row_terms(x: torch.Tensor, t: torch.Tensor):
-    """log p_c = x_c - lse and log(1 - p_c) = lse_ex - lse (docs/losses.md, "Four numbers per row")."""
+    """log p_c and log(1 - p_c) from x_c and lse_ex, the log-sum-exp over the competitors
+    (docs/losses.md, "Four numbers per row"). Not ``x_c - lse``: when the target leads by
+    more than ~37, lse - x_c = log1p(e^-37) is below float64's resolution of lse and would
+    read 0 (likewise lse_ex - lse when the target trails)."""
     lse = torch.logsumexp(x, 1)
     masked = x.scatter(1, t[:, None], -math.inf)
     lse_ex = torch.logsumexp(masked, 1) if x.shape[1] > 1 else torch.full_like(lse, -math.inf)
     x_c = x.gather(1, t[:, None])[:, 0]
-    return x_c - lse, lse_ex - lse, lse
+    return -_softplus(lse_ex - x_c), -_softplus(x_c - lse_ex), lse
 
 
 def _bce_log1m(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -39,7 +47,7 @@ def _bce_log1m(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         lse_exw = torch.logsumexp(x.scatter(1, w[:, None], -math.inf), 1)
     else:
         lse_exw = torch.full_like(lse, -math.inf)
-    return out.scatter(1, w[:, None], (lse_exw - lse)[:, None])
+    return out.scatter(1, w[:, None], -_softplus(x.gather(1, w[:, None])[:, 0] - lse_exw)[:, None])
 
 
 def per_row_loss(x: torch.Tensor, t: torch.Tensor, loss: str, alpha=1.5, beta=1.0, gamma=2.0):
