@@ -52,7 +52,10 @@ STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "sanitize"
 CAPS = {"env": 90, "nvidia-smi": 30, "build": 240, "pytest-triton": 240, "pytest-ext": 120,
         "sanitize": 90, "sweep": 600, "report": 60}
 #: Time kept back for a step while earlier ones run, so every step gets a turn.
-RESERVE = {"pytest-ext": 30, "sanitize": 30, "sweep": 60, "report": 10}
+RESERVE = {"pytest-ext": 45, "sanitize": 40, "sweep": 90, "report": 10}
+#: pytest-triton runs as parallel shards (``-k``): its time is mostly Triton and Inductor
+#: compiling on the CPU, one core per process, while the machine has many.
+TRITON_SHARDS = ("real_shapes", "not real_shapes")
 GRACE_S = 15  # SIGINT -> SIGTERM -> SIGKILL spacing is GRACE_S, then 5 s
 LOSSES = ("ce", "bce", "nllr", "crl", "lace", "focal")
 GPU_CS = (1000, 32000, 128256, 262144)
@@ -589,8 +592,9 @@ print("GPUCHECK_ENV " + json.dumps(out))
                              **({"TORCH_CUDA_ARCH_LIST": str(cap)} if cap else {}))
         return self.start("build", [self.py, "setup.py", "build_ext", "--inplace"], self.timeout("build", later), env)
 
-    def pytest_cmd(self, name: str, files: list[str]) -> list[str]:
-        return [self.py, "-m", "pytest", "-m", "gpu", *files, f"--junitxml={self.results / f'junit-{name}.xml'}",
+    def pytest_cmd(self, name: str, files: list[str], select: str | None = None) -> list[str]:
+        return [self.py, "-m", "pytest", "-m", "gpu", *files, *(["-k", select] if select else []),
+                f"--junitxml={self.results / f'junit-{name}.xml'}",
                 "-q", "-rfEs", "--tb=short", "--durations=15", "-p", "no:cacheprovider",
                 "--continue-on-collection-errors"]
 
@@ -621,8 +625,10 @@ print("GPUCHECK_ENV " + json.dumps(out))
             elif self.enough_time("build", later):
                 jobs.append(self.build_job(later))
         if "pytest-triton" in self.selected and self.enough_time("pytest-triton", later):
-            jobs.append(self.start("pytest-triton", self.pytest_cmd("pytest-triton", ["tests/test_triton_gpu.py"]),
-                                   self.timeout("pytest-triton", later)))
+            for k, select in enumerate(TRITON_SHARDS, 1):
+                name = f"pytest-triton-{k}"
+                jobs.append(self.start(name, self.pytest_cmd(name, ["tests/test_triton_gpu.py"], select),
+                                       self.timeout("pytest-triton", later)))
         self.wait(jobs)
         for job in jobs:
             if job["name"] == "build":
@@ -751,7 +757,7 @@ print("GPUCHECK_ENV " + json.dumps(out))
                 self._stop(job["proc"])
                 job["proc"].poll()
                 self.finish(job, status="stopped", detail=f"stopped by {exc}")
-            done = {s["name"] for s in self.steps}
+            done = {re.sub(r"^pytest-triton-\d+$", "pytest-triton", str(s["name"])) for s in self.steps}
             for name in self.selected:
                 if name not in done:
                     self.skip(name, f"not started: stopped by {exc}")
