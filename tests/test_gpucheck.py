@@ -143,9 +143,12 @@ def test_step_timeouts_keep_time_for_later_steps() -> None:
     later = ["pytest-ext", "sanitize", "sweep", "report"]
     keep = sum(gpucheck.RESERVE[s] for s in later)
     assert gpucheck.step_timeout("build", 0, 1000, later, caps) == caps["build"]
-    assert gpucheck.step_timeout("build", 0, 200, later, caps) == 200 - keep - gpucheck.GRACE_S
+    assert gpucheck.step_timeout("build", 0, 300, later, caps) == 300 - keep - gpucheck.GRACE_S
     assert gpucheck.step_timeout("sweep", 0, 50, ["report"], caps) == 50 - 10 - gpucheck.GRACE_S
     assert gpucheck.step_timeout("sweep", 0, 10, ["report"], caps) == 0
+    # a small budget: the early steps still run (at least MIN_STEP_S), never past the budget
+    assert gpucheck.step_timeout("env", 0, 120, ["build", *later], caps) == gpucheck.MIN_STEP_S
+    assert gpucheck.step_timeout("env", 0, 30, ["build", *later], caps) == 30 - gpucheck.GRACE_S
 
 
 NVIDIA_SMI = """
@@ -235,3 +238,91 @@ def test_bench_runs_without_rich(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| loss | backend | N | C |" in proc.stdout and "| ce | reference | 4 | 7 |" in proc.stdout
     assert (tmp_path / "r.md").exists()
+
+
+FAKE_PY = r'''
+import json, os, sys
+from pathlib import Path
+argv = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({"argv": argv, "env": {k: os.environ.get(k) for k in (
+        "TORCH_CUDA_ARCH_LIST", "FUSEDLOSS_BUILD_CUDA", "MAX_JOBS", "PYTORCH_NO_CUDA_MEMORY_CACHING",
+        "TRITON_INTERPRET", "PYTHONPATH")}}) + "\n")
+if argv[0] == "-c":
+    print("GPUCHECK_ENV " + json.dumps({"python": "3.x", "torch": "9.9", "triton": "9.9", "cuda_available": True,
+                                        "capability": "9.0", "gpu": "Fake H200", "torchvision": None}))
+elif argv[:2] == ["-m", "pytest"]:
+    junit = next(a.split("=", 1)[1] for a in argv if a.startswith("--junitxml="))
+    Path(junit).write_text('<testsuites><testsuite tests="2" failures="0" errors="0" skipped="1" time="1">'
+                           '<testcase classname="t" name="a"/><testcase classname="t" name="b"><skipped/></testcase>'
+                           '</testsuite></testsuites>')
+elif argv[0].endswith("sanitize_drive.py"):
+    Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"cases": 3, "failed": 0, "skipped": {}}))
+elif "--sweep-child" in argv:
+    plan = json.loads(Path(argv[argv.index("--sweep-child") + 1]).read_text())
+    recs = []
+    for ch in plan["chunks"]:
+        a = ch["argv"]
+        n, c, dt = int(a[a.index("--n") + 1]), int(a[a.index("--c") + 1]), a[a.index("--dtype") + 1]
+        dt = {"bf16": "bfloat16", "fp32": "float32"}[dt]
+        for loss, be in (("-", "copy"), ("ce", a[a.index("--backend") + 1])):
+            recs.append({"loss": loss, "backend": be, "label": be, "n": n, "c": c, "dtype": dt, "x_copy": 1.5,
+                         "x_logits": 1.0, "loss_err": 1e-6, "grad_err": 1e-7, "nan": 0, "inf": 0})
+        Path(ch["json"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(ch["json"]).write_text("{}")
+    Path(plan["merged"]).write_text(json.dumps({"schema": 1, "machine": {"gpu": "Fake H200", "device": "cuda:0"},
+                                                "unavailable": {}, "results": recs}))
+elif argv[0] == "setup.py":
+    pass
+else:
+    os.execv(sys.argv[0].replace("fake.py", "real"), [sys.argv[0]] + argv)  # not reached
+'''
+
+
+def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
+    """The non-dry path (build, shards, sanitizer, cuda sweep plan, nvidia-smi) with fake
+    tools standing in for the GPU machine's: proves the commands and environments the
+    steps get, which otherwise only a GPU session would."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (tmp_path / "fake.py").write_text(FAKE_PY)
+    (bin_ / "fakepy").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'fake.py'} \"$@\"\n")
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\ncat <<'X'\n" + NVIDIA_SMI + "X\n")
+    (bin_ / "compute-sanitizer").write_text(
+        "#!/bin/sh\nwhile [ \"$1\" != \"${1#-}\" ]; do if [ \"$1\" = --log-file ]; then LOG=$2; fi;"
+        " case $1 in --tool|--leak-check|--error-exitcode|--log-file|--report-api-errors) shift;; esac; shift; done\n"
+        "echo '========= ERROR SUMMARY: 0 errors' > \"$LOG\"\nexec \"$@\"\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PATH=f"{bin_}:{env['PATH']}", FAKE_LOG=str(log))
+    results = tmp_path / "r"
+    # --render (the report step) must use the real interpreter: the fake has no matplotlib path
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / "fusedloss" / "gpucheck.py"), str(results),
+                           "--python", str(bin_ / "fakepy"), "--budget", "120", "--commit", "abc123"],
+                          capture_output=True, text=True, env=env, timeout=150)
+    summary = json.loads((results / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert status == {"env": "pass", "nvidia-smi": "pass", "build": "pass", "pytest-triton-1": "pass",
+                      "pytest-triton-2": "pass", "pytest-ext": "pass", "sanitize": "pass", "sweep": "pass",
+                      "report": "fail", "nvidia-smi-end": "pass"}, proc.stdout[-3000:]
+    # (report fails: the fake interpreter renders nothing; the real render is tested by the dry run)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    build = next(c for c in calls if c["argv"][0] == "setup.py")
+    assert build["argv"] == ["setup.py", "build_ext", "--inplace"]
+    assert build["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0" and build["env"]["FUSEDLOSS_BUILD_CUDA"] == "1"
+    assert int(build["env"]["MAX_JOBS"]) >= 1 and build["env"]["TRITON_INTERPRET"] is None
+    shards = [c["argv"] for c in calls if c["argv"][:2] == ["-m", "pytest"] and "tests/test_triton_gpu.py" in c["argv"]]
+    assert sorted(a[a.index("-k") + 1] for a in shards) == sorted(gpucheck.TRITON_SHARDS)
+    ext = next(c for c in calls if "tests/test_cuda_ext.py" in c["argv"])
+    assert ext["env"]["FUSEDLOSS_BUILD_CUDA"] == "1" and "gpu" in ext["argv"]
+    drive = next(c for c in calls if c["argv"][0].endswith("sanitize_drive.py"))
+    assert drive["env"]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    assert drive["argv"][drive["argv"].index("--device") + 1] == "cuda" and "triton,cuda" in drive["argv"]
+    plan = json.loads((results / "sweep" / "plan.json").read_text())
+    assert len(plan["chunks"]) == 16 and all(ch["argv"][1] == "cuda" for ch in plan["chunks"])
+    assert summary["env"]["gpu"] == "Fake H200" and summary["env"]["commit_arg"] == "abc123"
+    assert summary["env"]["nvidia_smi"]["Product Name"] == "NVIDIA H200"
+    assert (results / "nvidia-smi.txt").exists() and (results / "nvidia-smi-end.txt").exists()
+    assert "# gpucheck: Fake H200 (sm 9.0): FAIL" in (results / "summary.md").read_text()
