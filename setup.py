@@ -43,7 +43,13 @@ CPU_KERNEL_SOURCE = os.path.join("csrc", "cpu", "kernels.cpp")
 X86_CAPABILITIES = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    # Not an ATen capability: AVX512 plus the bfloat16 conversion instructions
+    # (Cooper Lake, Sapphire Rapids, Zen 4), for the bfloat16 kernels only; ATen's
+    # vector code in it is its AVX512 code (CPU_CAPABILITY_AVX512).
+    "AVX512_BF16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx512bf16"],
 }
+# Which ATen vector implementation a capability object compiles (its own name by default).
+ATEN_CAPABILITY = {"AVX512_BF16": "AVX512"}
 
 
 def _cpu_capabilities():
@@ -230,7 +236,8 @@ def extension_modules():
                 objects += self.compiler.compile(
                     [CPU_KERNEL_SOURCE],
                     output_dir=os.path.join(self.build_temp, f"cpu_{cap.lower()}"),
-                    macros=list(extension.define_macros) + [("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)],
+                    macros=list(extension.define_macros)
+                    + [("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{ATEN_CAPABILITY.get(cap, cap)}", None)],
                     include_dirs=extension.include_dirs,
                     extra_postargs={"cxx": extension.extra_compile_args["cxx"] + flags,
                                     "nvcc": extension.extra_compile_args.get("nvcc", [])},

@@ -315,7 +315,7 @@ def test_cpu_backend_registered_and_auto():
     assert "cpu" in fl.available_backends()
     be = dispatch.resolve("auto", torch.device("cpu"))
     assert be.name == "cpu" and be.fused_grad and be.fwd is FWD and be.bwd is BWD
-    assert _C.cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
+    assert _C.cpu_capability() in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
 
 
 def _opcheck_args(variant, reduction, compute_grad):
@@ -413,12 +413,16 @@ _ORDER = ["DEFAULT", "AVX2", "AVX512"]
 
 
 @pytest.mark.skipif(os.environ.get("FUSEDLOSS_TEST_CAPABILITY") is not None, reason="already in a subprocess")
-@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
 def test_other_capability_builds(capability):
     machine = torch.backends.cpu.get_cpu_capability()
     if machine not in _ORDER or _ORDER.index(machine) < _ORDER.index(capability):
         pytest.skip(f"this CPU runs {machine}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(), FUSEDLOSS_TEST_CAPABILITY=capability)
+    if capability == "AVX512" and _C.cpu_capability() != "AVX512_BF16":
+        pytest.skip("AVX512 is what this process runs")
+    # AVX512 here: the plain AVX-512 kernels on a CPU that also has AVX512_BF16.
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(), FUSEDLOSS_TEST_CAPABILITY=capability,
+               FUSEDLOSS_CPU_AVX512_BF16="0")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
            "-k", "test_capability_in_subprocess or test_extreme_logits or test_long_rows or test_label_smoothing"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -444,7 +448,7 @@ def test_code_outside_the_avx_objects_has_no_avx_instructions():
             func = m.group(1)
             continue
         parts = line.split("\t")
-        if func is None or len(parts) < 2 or "::AVX2::" in func or "::AVX512::" in func:
+        if func is None or len(parts) < 2 or any(f"::{cap}::" in func for cap in ("AVX2", "AVX512", "AVX512_BF16")):
             continue
         ins = parts[1].strip()
         # VEX/EVEX-encoded instructions all print with a "v" prefix (vmovss, vaddps, ...).

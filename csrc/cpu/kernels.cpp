@@ -21,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -50,8 +51,10 @@ struct Rows {
 
   const RowsProblem& pb;
   const acc_t* weight;
+  bool stream;  // gradient rows written with streaming stores (see run_rows)
 
-  explicit Rows(const RowsProblem& p) : pb(p), weight(static_cast<const acc_t*>(p.weight)) {}
+  Rows(const RowsProblem& p, bool stream_grad)
+      : pb(p), weight(static_cast<const acc_t*>(p.weight)), stream(stream_grad) {}
 
   const scalar_t* row(int64_t i) const {
     return static_cast<const scalar_t*>(pb.logits) + i * pb.row_stride;
@@ -66,13 +69,16 @@ struct Rows {
     const auto* rows = static_cast<const acc_t*>(pb.grad_loss_rows);
     return static_cast<acc_t>(pb.grad_scale) * (rows ? rows[i * pb.grad_loss_stride] : acc_t(1));
   }
-  // Where the exp pass keeps e_k: the gradient row itself when it has the math
-  // type (rewritten in place by the gradient pass), else a thread buffer.
-  acc_t* e_buffer(scalar_t* g) const {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (g) return reinterpret_cast<acc_t*>(g);
-    }
-    return thread_buffer<acc_t>(0, pb.classes);
+  // Where the exp pass keeps e_k: a per-thread row of the math type (4 bytes per
+  // class for float: 128 KiB at C = 32000, in L2), never the gradient row, so the
+  // gradient pass can write its row with streaming stores that skip reading it.
+  struct Buffers {
+    acc_t* e;       // (classes,): the e_k of the exp pass
+    acc_t* shifts;  // a shift per block
+  };
+  // Looked up once per task, not per row (a thread_local in a shared library is a call).
+  Buffers buffers() const {
+    return {thread_buffer<acc_t>(0, pb.classes), thread_buffer<acc_t>(1, pb.classes / kBlock<scalar_t> + 2)};
   }
 
   // Ignored rows: loss 0, gradient 0, stats 0 (never read), and no logit read.
@@ -91,16 +97,13 @@ struct Rows {
                                                acc_t* shifts) const {
     OnlineLse<scalar_t, kArgmax, kXSum> acc;
     int64_t b_idx = 0;
-    for_each_block<scalar_t>(pb.classes, c, [&](int64_t b, int64_t end) {
-      const acc_t shift = acc.add_block(x, b, end, weight, e);
+    for_each_block<scalar_t>(pb.classes, [&](int64_t b, int64_t end) {
+      const acc_t shift = acc.add_block(x, b, end, weight, e, c);
       if (e) shifts[b_idx++] = shift;
     });
     return acc;
   }
 
-  acc_t* shift_buffer() const {
-    return thread_buffer<acc_t>(1, pb.classes / kBlock<scalar_t> + 2);
-  }
 
   // ------------------------------------------------------------------------
   // ce, nllr, crl, lace, focal: one reduction (lse_ex), one gradient pass
@@ -109,7 +112,7 @@ struct Rows {
   // Backward (from stats): the exp itself.
   // ------------------------------------------------------------------------
   template <bool kSmooth>
-  FUSEDLOSS_ROW_PASS void target_only(int64_t i, bool forward) const {
+  FUSEDLOSS_ROW_PASS void target_only(int64_t i, bool forward, const Buffers& buf) const {
     const int64_t C = pb.classes, c = pb.target[i];
     const scalar_t* x = row(i);
     scalar_t* g = grad_row(i);
@@ -118,8 +121,8 @@ struct Rows {
     const acc_t W = static_cast<acc_t>(pb.weight_total);
     const acc_t w_c = weight_of(c);
     acc_t* st = stats_row(i);
-    acc_t* e = forward && g ? e_buffer(g) : nullptr;
-    acc_t* shifts = e ? shift_buffer() : nullptr;
+    acc_t* e = forward && g ? buf.e : nullptr;
+    acc_t* shifts = buf.shifts;
     acc_t lse, lse_ex, weighted_x_sum = 0;
     if (forward) {
       const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts);
@@ -154,26 +157,29 @@ struct Rows {
         if (weight) w = RV::load_acc(weight + j, n);
         for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] - (weight ? smooth * w.v[p] : smooth);
       }
-      RV::store(g + j, n, u);
+      return u;
     };
     if (e) {
       // exp(shift_b - K) <= ~1: shift_b <= max_{k != c} x_k, and K >= that max
       // for every variant (s p_j <= 1 / (1 - p_c) p_j <= 1).
       int64_t b_idx = 0;
-      for_each_block<scalar_t>(C, c, [&](int64_t b, int64_t end) {
+      // e_c is 0 (g[c] is stored after the pass).
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t end) {
         const Vec f(std::exp(shifts[b_idx++] - k.shift) * scale);
-        for (int64_t j = b; j < end; j += RV::kWidth) {
-          const int64_t n = std::min(RV::kWidth, end - j);
+        RV::write(g, b, end, stream, [&](int64_t j, int64_t n) {
           Step u = RV::load_acc(e + j, n);
           for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] * f;
-          finish(u, j, n);
-        }
+          return finish(u, j, n);
+        });
       });
     } else {
+      // The backward op: the row's only read, with the exp.
       const Vec vshift(k.shift), vscale(scale);
-      RV::for_each(x, 0, C, [&](Step u, int64_t j, int64_t n) {
+      RV::write(g, 0, C, stream, [&](int64_t j, int64_t n) {
+        RV::prefetch(x + j);
+        Step u = RV::load(x + j, n);
         for (int p = 0; p < RV::kParts; ++p) u.v[p] = vexp(u.v[p] - vshift) * vscale;
-        finish(u, j, n);
+        return finish(u, j, n);
       });
     }
     g[c] = static_cast<scalar_t>(k.target);
@@ -190,26 +196,45 @@ struct Rows {
     const acc_t* e;  // null: exp from x
     const acc_t* shifts;
     acc_t lse;
+    int64_t c;  // the target: p_c reads as 0 (e_c is 0; from x, its lane is masked)
 
-    // f(p, j, n) over the blocks of the row without c; p is 0 in lanes past n.
+    // p_j for the n <= kWidth lanes at j of a block with `factor`; 0 in lanes past n.
+    Step at(int64_t j, int64_t n, const Vec& factor, const Vec& vlse) const {
+      Step p;
+      if (e) {
+        p = RV::load_acc(e + j, n);  // zero past n
+        for (int q = 0; q < RV::kParts; ++q) p.v[q] = p.v[q] * factor;
+      } else {
+        RV::prefetch(x + j);
+        p = RV::pad(RV::load(x + j, n), n, kNegInf<acc_t>);
+        if (static_cast<uint64_t>(c - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, c - j, kNegInf<acc_t>);
+        for (int q = 0; q < RV::kParts; ++q) p.v[q] = vexp(p.v[q] - vlse);
+      }
+      return p;
+    }
+
+    // f(p, j, n) over the blocks of the row; p is 0 at c and in lanes past n.
     template <typename F>
-    void for_each(int64_t C, int64_t c, F&& f) const {
+    void for_each(int64_t C, F&& f) const {
       int64_t b_idx = 0;
       const Vec vlse(lse);
-      for_each_block<scalar_t>(C, c, [&](int64_t b, int64_t end) {
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t end) {
         const Vec factor(e ? std::exp(shifts[b_idx++] - lse) : acc_t(0));
         for (int64_t j = b; j < end; j += RV::kWidth) {
           const int64_t n = std::min(RV::kWidth, end - j);
-          Step p;
-          if (e) {
-            p = RV::load_acc(e + j, n);  // zero past n
-            for (int q = 0; q < RV::kParts; ++q) p.v[q] = p.v[q] * factor;
-          } else {
-            p = RV::pad(RV::load(x + j, n), n, kNegInf<acc_t>);
-            for (int q = 0; q < RV::kParts; ++q) p.v[q] = vexp(p.v[q] - vlse);
-          }
-          f(p, j, n);
+          f(at(j, n, factor, vlse), j, n);
         }
+      });
+    }
+
+    // g[j] = f(p, j, n) over the same blocks (RowVec::write: streaming stores or not).
+    template <typename F>
+    void write(scalar_t* g, int64_t C, bool stream, F&& f) const {
+      int64_t b_idx = 0;
+      const Vec vlse(lse);
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t end) {
+        const Vec factor(e ? std::exp(shifts[b_idx++] - lse) : acc_t(0));
+        RV::write(g, b, end, stream, [&](int64_t j, int64_t n) { return f(at(j, n, factor, vlse), j, n); });
       });
     }
   };
@@ -255,8 +280,8 @@ struct Rows {
   template <bool kLossTerms>
   FUSEDLOSS_ROW_PASS BceSums bce_sums(const PSource& src, int64_t c, int64_t w) const {
     Vec sp(acc_t(0)), sl(acc_t(0)), sa(acc_t(0));
-    src.for_each(pb.classes, c, [&](Step p, int64_t j, int64_t n) {
-      if (w >= j && w < j + n) p = mask_lane(p, w - j);
+    src.for_each(pb.classes, [&](Step p, int64_t j, int64_t n) {
+      if (static_cast<uint64_t>(w - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, w - j, acc_t(0));
       const bool small = all_small(p);
       for (int q = 0; q < RV::kParts; ++q) {
         sa = sa + odds(p.v[q], small);
@@ -267,13 +292,6 @@ struct Rows {
       }
     });
     return {RV::hsum(sp), RV::hsum(sl), RV::hsum(sa)};
-  }
-
-  static Step mask_lane(Step p, int64_t lane) {
-    alignas(64) acc_t buf[RV::kWidth];
-    RV::store_acc(buf, RV::kWidth, p);
-    buf[lane] = acc_t(0);
-    return RV::load_acc(buf, RV::kWidth);
   }
 
   // log(1 - p_w) = lse_{k != w} - lse when pass 2's P lost its precision (a
@@ -287,7 +305,7 @@ struct Rows {
     return logaddexp(acc.lse(), x_c) - lse;
   }
 
-  void bce(int64_t i, bool forward) const {
+  void bce(int64_t i, bool forward, const Buffers& buf) const {
     const int64_t c = pb.target[i];
     const scalar_t* x = row(i);
     scalar_t* g = grad_row(i);
@@ -296,8 +314,8 @@ struct Rows {
     acc_t* st = stats_row(i);
     // The forward always keeps the e_k (in a thread buffer without a gradient), so
     // its loss does not change a bit with compute_grad.
-    acc_t* e = forward ? e_buffer(g) : nullptr;
-    acc_t* shifts = e ? shift_buffer() : nullptr;
+    acc_t* e = forward ? buf.e : nullptr;
+    acc_t* shifts = buf.shifts;
     acc_t lse, lse_ex;
     int64_t w;
     if (forward) {
@@ -312,7 +330,7 @@ struct Rows {
     }
     const bool w_is_c = w == c;
     const acc_t x_w = static_cast<acc_t>(x[w]);
-    const PSource src{x, e, shifts, lse};
+    const PSource src{x, e, shifts, lse, c};
     BceRow<acc_t> r;
     if (forward) {
       const BceSums s = bce_sums<true>(src, c, w);
@@ -356,7 +374,7 @@ struct Rows {
                      acc_t rs) const {
     const Vec vr(r.r), vrs(rs), vlse(src.lse), log_aw(r.log_aw);
     const Vec aw(kAwMode == 1 ? std::exp(r.log_aw) : acc_t(0));
-    src.for_each(pb.classes, c, [&](Step p, int64_t j, int64_t n) {
+    src.write(g, pb.classes, stream, [&](Step p, int64_t j, int64_t n) {
       Step t;
       if constexpr (kAwMode == 2) t = RV::load(src.x + j, n);
       const bool small = all_small(p);
@@ -367,25 +385,43 @@ struct Rows {
         if constexpr (kAwMode == 2) gq = gq - vexp(t.v[q] - vlse + log_aw);
         p.v[q] = gq * vrs;
       }
-      RV::store(g + j, n, p);
+      return p;
     });
   }
 
   void run(int64_t begin, int64_t end, bool forward) const {
     const bool smooth = pb.cfg.label_smoothing > 0;
+    const Buffers buf = buffers();
     for (int64_t i = begin; i < end; ++i) {
       if (pb.target[i] == pb.cfg.ignore_index) {
         ignore_row(i, forward);
       } else if (pb.cfg.variant == kBCE) {
-        bce(i, forward);
+        bce(i, forward, buf);
       } else if (smooth) {
-        target_only<true>(i, forward);
+        target_only<true>(i, forward, buf);
       } else {
-        target_only<false>(i, forward);
+        target_only<false>(i, forward, buf);
       }
     }
   }
 };
+
+// Gradients of at least this many bytes are written with streaming
+// (non-temporal) stores: a plain store first reads the line it writes (1.5x the
+// traffic of the write), and a gradient this large leaves the cache before its
+// next reader comes anyway. Smaller ones are written with plain stores and stay
+// in cache for the layer that reads them next. FUSEDLOSS_CPU_STREAM_BYTES
+// overrides it (0: always stream; a huge value: never), e.g. for a CPU whose
+// last-level cache is far from this one's; docs/cpu_kernel.md has the numbers.
+constexpr int64_t kStreamGradBytes = int64_t(48) << 20;
+
+int64_t stream_grad_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("FUSEDLOSS_CPU_STREAM_BYTES");
+    return env && *env ? std::atoll(env) : kStreamGradBytes;
+  }();
+  return bytes;
+}
 
 template <typename scalar_t>
 void run_rows(const RowsProblem& pb, bool forward) {
@@ -393,11 +429,27 @@ void run_rows(const RowsProblem& pb, bool forward) {
   // so a small problem stays on one thread instead of paying the fork for nothing.
   constexpr int64_t kGrainElements = 32768;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / pb.classes);
-  const Rows<scalar_t> rows(pb);
-  at::parallel_for(0, pb.rows, grain, [&](int64_t b, int64_t e) { rows.run(b, e, forward); });
+  const bool stream = pb.grad && pb.rows * pb.classes * int64_t(sizeof(scalar_t)) >= stream_grad_bytes();
+  const Rows<scalar_t> rows(pb, stream);
+  at::parallel_for(0, pb.rows, grain, [&](int64_t b, int64_t e) {
+    rows.run(b, e, forward);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    // Streaming stores are weakly ordered: drain them before the task ends, so
+    // whatever the caller does next with the gradient sees them.
+    if (stream) _mm_sfence();
+#endif
+  });
 }
 
 void dispatch(const RowsProblem& pb, bool forward) {
+#if defined(__AVX512BF16__)
+  // This object exists for its bfloat16 stores (vec_row.h); every other dtype
+  // runs the AVX512 object's kernels.
+  if (pb.dtype != c10::ScalarType::BFloat16) {
+    const Kernels k = AVX512::kernels();
+    return forward ? k.forward(pb) : k.backward(pb);
+  }
+#endif
   switch (pb.dtype) {
     case c10::ScalarType::Float: return run_rows<float>(pb, forward);
     case c10::ScalarType::Double: return run_rows<double>(pb, forward);

@@ -47,9 +47,13 @@ struct Kernels {
 namespace DEFAULT { Kernels kernels(); }
 namespace AVX2 { Kernels kernels(); }
 namespace AVX512 { Kernels kernels(); }
+// AVX512 plus AVX512_BF16's conversions, for bfloat16 logits (other dtypes: AVX512's).
+namespace AVX512_BF16 { Kernels kernels(); }
 
 // The best kernels this machine runs, chosen once from at::get_cpu_capability()
-// (which honours ATEN_CPU_CAPABILITY=default|avx2|avx512, as ATen's own kernels do).
+// (which honours ATEN_CPU_CAPABILITY=default|avx2|avx512, as ATen's own kernels do);
+// AVX512_BF16 where ATen says AVX512 and the CPU has AVX512_BF16, unless
+// FUSEDLOSS_CPU_AVX512_BF16=0.
 const Kernels& kernels_for_this_cpu();
 
 }  // namespace fusedloss::cpu

@@ -5,6 +5,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "../op_common.h"
@@ -17,6 +18,12 @@ const Kernels& kernels_for_this_cpu() {
     // at::get_cpu_capability() is what ATen's own kernels run with: cpuinfo's
     // answer, lowered by ATEN_CPU_CAPABILITY (so tests can force DEFAULT).
     const std::string cap = at::get_cpu_capability();
+#if defined(FUSEDLOSS_CPU_AVX512_BF16) && defined(FUSEDLOSS_CPU_AVX512) && defined(__GNUC__)
+    const char* bf16 = std::getenv("FUSEDLOSS_CPU_AVX512_BF16");
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512bf16") && !(bf16 && std::string(bf16) == "0")) {
+      return AVX512_BF16::kernels();
+    }
+#endif
 #ifdef FUSEDLOSS_CPU_AVX512
     if (cap == "AVX512") return AVX512::kernels();
 #endif

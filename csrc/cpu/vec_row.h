@@ -12,6 +12,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#endif
 
 // On a row pass: inline everything it calls. Without it GCC -O3 keeps
 // Vectorized<float>::exp_u20 and the load/pad helpers out of line (calls through
@@ -76,13 +82,97 @@ struct RowVec {
     }
   }
 
+  // The two float vectors of a reduced step, rounded to scalar_t (to nearest even).
+  // bfloat16 with AVX512_BF16: one vcvtne2ps2bf16 for the 32 lanes, where ATen's
+  // integer rounding takes ~16 instructions; the same result except that float
+  // subnormals (< 1.2e-38) become zero and a NaN keeps its payload.
+  static Vectorized<scalar_t> narrow(const Step& s) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return Vectorized<scalar_t>((__m512i)_mm512_cvtne2ps_pbh(__m512(s.v[1]), __m512(s.v[0])));
+    }
+#endif
+    return at::vec::convert_from_float<scalar_t>(s.v[0], s.v[1]);
+  }
+
   static void store(scalar_t* p, int64_t n, const Step& s) {
     if constexpr (kReduced) {
-      const auto raw = at::vec::convert_from_float<scalar_t>(s.v[0], s.v[1]);
-      raw.store(p, static_cast<int>(n));
+      narrow(s).store(p, static_cast<int>(n));
     } else {
       s.v[0].store(p, n);
     }
+  }
+
+  // A full step (kWidth elements, 64 bytes on AVX-512 for every dtype) stored
+  // with a non-temporal store at a 64-byte aligned p: the line goes to memory
+  // without being read first (a plain store reads every line it writes: 1.5x
+  // the traffic of the write). Where the capability has no such store of a
+  // whole line, a plain store.
+  static void store_stream(scalar_t* p, const Step& s) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kReduced) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(narrow(s)));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, __m512(s.v[0]));
+    } else {
+      _mm512_stream_pd(p, __m512d(s.v[0]));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    // 32 bytes a step for float/double, two halves for the reduced types.
+    if constexpr (kReduced) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(narrow(s)));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, __m256(s.v[0]));
+    } else {
+      _mm256_stream_pd(p, __m256d(s.v[0]));
+    }
+#else
+    store(p, kWidth, s);
+#endif
+  }
+
+  // Writes f(j, n) (a Step) to g[j, j + n) for the steps of [b, e). With `stream`,
+  // the steps that cover whole aligned vectors go out as non-temporal stores and
+  // the unaligned head and the tail as plain ones; a cache line is thus written
+  // either only by streaming stores or only by plain ones.
+  template <typename F>
+  static void write(scalar_t* g, int64_t b, int64_t e, bool stream, F&& f) {
+    int64_t j = b;
+    if (stream && e - b >= 2 * kWidth) {
+      constexpr uintptr_t kAlign = kWidth * sizeof(scalar_t);
+      const uintptr_t addr = reinterpret_cast<uintptr_t>(g + b);
+      if (addr % sizeof(scalar_t) == 0) {
+        const int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(scalar_t));
+        if (head > 0) {
+          store(g + j, head, f(j, head));
+          j += head;
+        }
+        for (; j + kWidth <= e; j += kWidth) store_stream(g + j, f(j, kWidth));
+      }
+    }
+    for (; j < e; j += kWidth) {
+      const int64_t n = std::min(kWidth, e - j);
+      store(g + j, n, f(j, n));
+    }
+  }
+
+  // Asks for the cache line kPrefetchBytes ahead of p. A pass that does ~20
+  // vector instructions per 64-byte line (the exp) fills the out-of-order window
+  // long before enough loads are in flight to cover memory latency; without
+  // this, a single thread read a DRAM-resident row at ~half the rate a copy does.
+  static constexpr int64_t kPrefetchBytes = 4096;
+  static void prefetch(const scalar_t* p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 3);
+#endif
+  }
+
+  // Lane `lane` (< kWidth) replaced by `value`.
+  static Step set_lane(Step s, int64_t lane, acc_t value) {
+    const int k = static_cast<int>(lane / kLanes);
+    const Vec hit = Vec::arange(acc_t(0), acc_t(1)) == Vec(static_cast<acc_t>(lane % kLanes));
+    s.v[k] = Vec::blendv(s.v[k], Vec(value), hit);
+    return s;
   }
 
   // Lanes at and past n replaced by `fill` (-inf for the max and exp-sums).
@@ -95,10 +185,18 @@ struct RowVec {
   }
 
   // f(step, offset, count) over [begin, end), in steps of kWidth and one short tail.
-  template <typename F>
+  // kPrefetch: the pass is a row's first read (from memory): prefetch ahead.
+  template <bool kPrefetch = false, typename F>
   static void for_each(const scalar_t* x, int64_t begin, int64_t end, F&& f) {
     int64_t i = begin;
-    for (; i + kWidth <= end; i += kWidth) f(load(x + i, kWidth), i, kWidth);
+    for (; i + kWidth <= end; i += kWidth) {
+      if constexpr (kPrefetch) {
+        // One prefetch per 64-byte line.
+        static_assert(kWidth * sizeof(scalar_t) >= 32, "one prefetch per step covers the line");
+        prefetch(x + i);
+      }
+      f(load(x + i, kWidth), i, kWidth);
+    }
     if (i < end) f(load(x + i, end - i), i, end - i);
   }
 
@@ -111,17 +209,63 @@ struct RowVec {
   }
 };
 
-// exp of a vector: at::vec's exp_u20, an inlined degree-5 polynomial on
-// [-ln2/2, ln2/2] (approximation error 1.0e-7 relative, a few float ulps after
-// rounding) instead of Sleef's 1-ulp exp, which is an out-of-line call per
-// vector. The row passes are bound by vector instructions (see kernels.cpp),
-// and the exp is most of them. It returns 0 below ln(FLT_MIN) (no subnormals:
-// such a term is < 1e-38 of the row's max) and clamps NaN to a finite value,
-// which the kernels account for (a NaN row carries its NaN in a scalar).
-// For double it is Sleef's exp.
+// exp of a vector, and the running max of a row's first read.
+//
+// float on AVX-512: vexp_avx512 below, 13 vector instructions (ATen's exp_u20
+// is 19), and a plain vmaxps (at::vec::maximum adds a NaN test: 3). Its
+// polynomial is exp_u20's (degree 5 on [-ln2/2, ln2/2]); the argument is
+// reduced with ln 2 in two parts and the result scaled by vscalefps, so the
+// relative error is at most 1.6e-7 (measured on a grid of 1.6e8 points over
+// [-87, 30] against double: about 2 float ulps). It returns 0 below ln(FLT_MIN)
+// (no subnormals: such a term is < 1e-38 of the row's max), inf above
+// ln(FLT_MAX), and NaN for NaN: a NaN logit reaches its row's sum and so every
+// statistic of the row, which is why the max may ignore NaN here.
+//
+// Elsewhere (AVX2, DEFAULT): at::vec's exp_u20, an inlined degree-5 polynomial
+// (approximation error 1.0e-7 relative, a few float ulps after rounding)
+// instead of Sleef's 1-ulp exp, which is an out-of-line call per vector. It
+// clamps NaN to a finite value, so there the max is at::vec::maximum, which
+// keeps a NaN, and the kernels carry a NaN row's NaN in a scalar.
+// For double, Sleef's exp and at::vec::maximum.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 vexp_avx512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654475f);  // ln(FLT_MIN)
+  const __m512 hi = _mm512_set1_ps(88.72283905f);   // ln(FLT_MAX)
+  // Lanes at or above ln(FLT_MIN), and NaN lanes (unordered): kept; the rest are 0.
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+  // Operand order: vminps/vmaxps return the second operand when one is NaN.
+  const __m512 v = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+  // v = n ln2 + r, |r| <= ln2 / 2: n rounded to nearest, ln 2 in two parts
+  // (ln2_hi has 16 significant bits, so n ln2_hi is exact for |n| <= 128).
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  // exp_u20's coefficients (ATen vec512_float.h), Horner.
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(keep, p, n);  // p 2^n, exact
+}
+#endif
+
 template <typename Vec>
 inline Vec vexp(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(vexp_avx512(v));
+#endif
   return v.exp_u20();
+}
+
+// max(m, v) for the running max of a first read (see vexp: whether NaN is kept).
+template <typename Vec>
+inline Vec vmax_first_read(const Vec& m, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(_mm512_max_ps(v, m));  // NaN v: m
+#endif
+  return at::vec::maximum(m, v);
 }
 
 template <typename T>
@@ -154,19 +298,14 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 template <typename scalar_t>
 constexpr int64_t kBlock = 8192 / sizeof(scalar_t);
 
-// f(begin, end) for the blocks of [0, C) without index `skip` (-1: none), in
-// the same order every time, so a later pass can pair block b with shift_b.
+// f(begin, end) for the blocks of [0, C), in the same order every time, so a
+// later pass can pair block b with shift_b. The target is not cut out of the
+// blocks (that made two short ranges of every row, each with its own partial
+// steps and bookkeeping: at C = 1000 a row's overhead was half its exps); the
+// passes mask its lane instead (OnlineLse's `skip`).
 template <typename scalar_t, typename F>
-inline void for_each_block(int64_t C, int64_t skip, F&& f) {
-  auto range = [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; b += kBlock<scalar_t>) f(b, std::min(end, b + kBlock<scalar_t>));
-  };
-  if (skip >= 0) {
-    range(0, skip);
-    range(skip + 1, C);
-  } else {
-    range(0, C);
-  }
+inline void for_each_block(int64_t C, F&& f) {
+  for (int64_t b = 0; b < C; b += kBlock<scalar_t>) f(b, std::min(C, b + kBlock<scalar_t>));
 }
 
 template <typename scalar_t, bool kArgmax = false, bool kXSum = false>
@@ -186,25 +325,27 @@ struct OnlineLse {
   int64_t argmax = -1;
   Vec xsum = Vec(acc_t(0));
 
-  // Adds x[b, e); stores exp(x_k - shift_b) at e_out[k] when e_out is given, and
-  // returns shift_b.
+  // Adds x[b, e) without x[skip] (skip outside [b, e): none); stores
+  // exp(x_k - shift_b) at e_out[k] when e_out is given (0 at skip), and returns
+  // shift_b.
   FUSEDLOSS_ROW_PASS acc_t add_block(const scalar_t* x, int64_t b, int64_t e,
-                                     const acc_t* weight = nullptr, acc_t* e_out = nullptr) {
+                                     const acc_t* weight = nullptr, acc_t* e_out = nullptr,
+                                     int64_t skip = -1) {
     const bool first = shift == kNegInf<acc_t>;
     acc_t block_shift = shift;
     if (first) {  // nothing finite yet: start from the block's first element (0 if not finite)
-      const acc_t x0 = static_cast<acc_t>(x[b]);
+      const acc_t x0 = static_cast<acc_t>(x[b == skip && b + 1 < e ? b + 1 : b]);
       block_shift = std::isfinite(x0) ? x0 : acc_t(0);
     }
     Vec vmax(kNegInf<acc_t>);
-    Vec acc = exp_pass<true>(x, b, e, weight, e_out, block_shift, vmax);
+    Vec acc = exp_pass<true>(x, b, e, weight, e_out, block_shift, vmax, skip);
     const acc_t bmax = RV::hmax(vmax);
     if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0, nothing to add
     // Too far above the shift (or NaN: the test fails), or, on the first block, so
     // far below it that every exp could underflow: again, against the block's max.
     if (!(bmax <= block_shift + kSlack) || (first && bmax < block_shift - kSlack)) {
       block_shift = bmax;
-      acc = exp_pass<false>(x, b, e, weight, e_out, block_shift, vmax);
+      acc = exp_pass<false>(x, b, e, weight, e_out, block_shift, vmax, skip);
     }
     if (!(bmax <= max)) {  // a new max (or a NaN, which then stays)
       if constexpr (kArgmax) argmax = first_index_of(x, b, e, bmax);
@@ -233,17 +374,21 @@ struct OnlineLse {
   // also takes the max and the smoothing sum.
   template <bool kFirst>
   FUSEDLOSS_ROW_PASS Vec exp_pass(const scalar_t* x, int64_t b, int64_t e, const acc_t* weight,
-                                  acc_t* e_out, acc_t shift_value, Vec& vmax) {
+                                  acc_t* e_out, acc_t shift_value, Vec& vmax, int64_t skip) {
     const Vec vshift(shift_value);
     Vec acc(acc_t(0));
-    RV::for_each(x, b, e, [&](typename RV::Step s, int64_t i, int64_t n) {
+    RV::template for_each<kFirst>(x, b, e, [&](typename RV::Step s, int64_t i, int64_t n) {
+      // One step in a block holds the skipped index (unsigned compare: skip < 0 never does).
+      const bool has_skip = static_cast<uint64_t>(skip - i) < static_cast<uint64_t>(n);
       if constexpr (kFirst && kXSum) {  // before padding: loadu zero-fills the tail
         const auto w = weight ? RV::load_acc(weight + i, n) : typename RV::Step{};
-        for (int k = 0; k < RV::kParts; ++k) xsum = xsum + (weight ? s.v[k] * w.v[k] : s.v[k]);
+        const auto sx = has_skip ? RV::set_lane(s, skip - i, acc_t(0)) : s;
+        for (int k = 0; k < RV::kParts; ++k) xsum = xsum + (weight ? sx.v[k] * w.v[k] : sx.v[k]);
       }
       s = RV::pad(s, n, kNegInf<acc_t>);
+      if (has_skip) s = RV::set_lane(s, skip - i, kNegInf<acc_t>);
       for (int k = 0; k < RV::kParts; ++k) {
-        if constexpr (kFirst) vmax = at::vec::maximum(vmax, s.v[k]);
+        if constexpr (kFirst) vmax = vmax_first_read(vmax, s.v[k]);
         s.v[k] = vexp(s.v[k] - vshift);
         acc = acc + s.v[k];
       }
