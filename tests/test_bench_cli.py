@@ -134,6 +134,7 @@ def test_json_is_well_formed(sweep_files: dict[str, Path]) -> None:
         assert "error" not in r, r
         assert r["repeats"] == 3 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
         assert r["copy_ms"] > 0 and math.isclose(r["x_copy"], r["median_ms"] / r["copy_ms"])
+        assert math.isclose(r["copy_bw_pct"], 100 / r["x_copy"])
         assert r["peak_extra_bytes"] > 0 and r["x_logits"] > 0
         if r["backend"] == "copy":
             # One logits-sized output: the tracker must see exactly that much.
@@ -149,7 +150,7 @@ def test_csv_is_well_formed(sweep_files: dict[str, Path]) -> None:
     with sweep_files["csv"].open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(doc["results"])
-    assert {"loss", "backend", "median_ms", "x_copy", "peak_extra_bytes", "loss_err", "cpu", "torch", "triton"} <= rows[0].keys()
+    assert {"loss", "backend", "median_ms", "x_copy", "copy_bw_pct", "peak_extra_bytes", "loss_err", "cpu", "torch", "triton"} <= rows[0].keys()
     assert all(float(r["median_ms"]) > 0 for r in rows)
     assert {r["torch"] for r in rows} == {torch.__version__}
 
@@ -177,6 +178,7 @@ def test_table_shows_copy_row_and_ratios(capsys: pytest.CaptureFixture[str]) -> 
                       "--no-memory", *TINY], capsys)
     assert rc == 0
     assert "× copy" in out and "copy" in out and "bfloat16" in out and "float16" in out
+    assert "% copy BW" in out
 
 
 def test_bwd_mode_and_default_backends_report_unavailable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("median_ms", "median ms"),
     ("spread", "±"),
     ("x_copy", "× copy"),
+    ("copy_bw_pct", "% copy BW"),
     ("gbps", "GB/s"),
     ("peak_extra_mib", "peak MiB"),
     ("x_logits", "× logits"),
@@ -42,7 +43,7 @@ COLUMNS: list[tuple[str, str]] = [
 
 CSV_FIELDS = [
     "loss", "backend", "kind", "n", "c", "dtype", "mode", "logits", "median_ms", "p25_ms", "p75_ms",
-    "min_ms", "repeats", "copy_ms", "x_copy", "bytes_moved", "gbps", "logits_bytes", "peak_extra_bytes",
+    "min_ms", "repeats", "copy_ms", "x_copy", "copy_bw_pct", "bytes_moved", "gbps", "logits_bytes", "peak_extra_bytes",
     "peak_extra_mib", "x_logits", "loss_err", "grad_err", "nan", "inf", "error", "memory_error",
 ]
 CSV_MACHINE_FIELDS = ["device", "cpu", "torch_threads", "torch", "triton", "gpu"]
@@ -90,6 +91,8 @@ def cell(rec: Record, key: str) -> str:
         return f"{float(value):.1e}"  # type: ignore[arg-type]
     if key in {"x_copy", "x_logits"}:
         return f"{float(value):.2f}"  # type: ignore[arg-type]
+    if key == "copy_bw_pct":
+        return f"{float(value):.0f}%"  # type: ignore[arg-type]
     if key in {"median_ms", "gbps", "peak_extra_mib"}:
         return _sig(float(value))  # type: ignore[arg-type]
     return str(value)
@@ -229,7 +232,8 @@ def markdown(doc: dict[str, object]) -> str:
     out.append("")
     out.append("median ms: median of the repeats; ±: half the inter-quartile range; × copy: median / median "
                "of the copy (`logits.clone()`) samples taken alternately with this row's own (the copy row "
-               "shows the copy timed alone); GB/s: minimal bytes of the mode (fwd 1x, bwd 2x, fwd+bwd 3x the logits) / median; "
+               "shows the copy timed alone); % copy BW: 100 / × copy, the fraction of the copy's bandwidth "
+               "the row reaches if it moves the copy's bytes (one read of the logits, one write of the gradient); GB/s: minimal bytes of the mode (fwd 1x, bwd 2x, fwd+bwd 3x the logits) / median; "
                "peak MiB: peak bytes allocated during fwd+bwd over the inputs (includes the gradient); "
                "errors: max abs error of per-row loss and gradient vs float64; nan/inf: entries the backend "
                "made non-finite where float64 is finite.")

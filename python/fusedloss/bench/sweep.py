@@ -162,6 +162,9 @@ def _finish(rec: dict[str, object], copy_ms: float) -> dict[str, object]:
     if "median_ms" in rec:
         ms = float(rec["median_ms"])
         rec["x_copy"] = ms / copy_ms if copy_ms > 0 else None
+        # The fraction of the copy's bandwidth this row reaches if it moves the copy's
+        # bytes (one read of the logits, one write of the gradient: the floor of fwd+bwd).
+        rec["copy_bw_pct"] = 100 * copy_ms / ms if ms > 0 else None
         rec["gbps"] = int(rec["bytes_moved"]) / (ms * 1e-3) / 1e9 if ms > 0 else None
     if rec.get("peak_extra_bytes") is not None:
         peak = int(rec["peak_extra_bytes"])
