@@ -289,7 +289,8 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     (bin_ / "fakepy").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'fake.py'} \"$@\"\n")
     (bin_ / "nvidia-smi").write_text("#!/bin/sh\ncat <<'X'\n" + NVIDIA_SMI + "X\n")
     (bin_ / "compute-sanitizer").write_text(
-        "#!/bin/sh\nwhile [ \"$1\" != \"${1#-}\" ]; do if [ \"$1\" = --log-file ]; then LOG=$2; fi;"
+        "#!/bin/sh\ncase \"$*\" in *--report-api-errors*) echo 'unrecognized option' >&2; exit 1;; esac\n"
+        "while [ \"$1\" != \"${1#-}\" ]; do if [ \"$1\" = --log-file ]; then LOG=$2; fi;"
         " case $1 in --tool|--leak-check|--error-exitcode|--log-file|--report-api-errors) shift;; esac; shift; done\n"
         "echo '========= ERROR SUMMARY: 0 errors' > \"$LOG\"\nexec \"$@\"\n")
     for f in bin_.iterdir():
@@ -319,6 +320,8 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     assert ext["env"]["FUSEDLOSS_BUILD_CUDA"] == "1" and "gpu" in ext["argv"]
     drive = next(c for c in calls if c["argv"][0].endswith("sanitize_drive.py"))
     assert drive["env"]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    # the fake sanitizer is an "old" one that refuses --report-api-errors: one retry without it
+    assert "unrecognized option" in (results / "logs" / "sanitize-first-try.log").read_text()
     assert drive["argv"][drive["argv"].index("--device") + 1] == "cuda" and "triton,cuda" in drive["argv"]
     plan = json.loads((results / "sweep" / "plan.json").read_text())
     assert len(plan["chunks"]) == 16 and all(ch["argv"][1] == "cuda" for ch in plan["chunks"])
@@ -326,3 +329,16 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     assert summary["env"]["nvidia_smi"]["Product Name"] == "NVIDIA H200"
     assert (results / "nvidia-smi.txt").exists() and (results / "nvidia-smi-end.txt").exists()
     assert "# gpucheck: Fake H200 (sm 9.0): FAIL" in (results / "summary.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+def test_sanitize_drive_on_cuda(tmp_path: Path) -> None:
+    """The sanitizer's driver without the sanitizer: every kernel family of both GPU
+    backends against the reference (``pytest -m gpu``; gpucheck runs it under memcheck)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "sanitize_drive.py"), "--device", "cuda",
+                           "--require", "triton,cuda", "--json", str(tmp_path / "d.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert json.loads((tmp_path / "d.json").read_text())["failed"] == 0

@@ -677,10 +677,11 @@ print("GPUCHECK_ENV " + json.dumps(out))
         base = [san, "--tool", "memcheck", "--leak-check", "no", "--error-exitcode", "99", "--log-file", str(log)]
         job = self.wait_one(self.start("sanitize", [*base, "--report-api-errors", "no", *drive],
                                        self.timeout("sanitize", later), env))
-        if (job["proc"].returncode not in (0, 1, 99) and not drive_json.exists() and not job["timed_out"]
-                and time.time() - job["t0"] < 20):
+        if not drive_json.exists() and not job["timed_out"] and not self.stopping and time.time() - job["t0"] < 20:
             self.log("sanitize: retrying without --report-api-errors (older compute-sanitizer?)")
             job["logf"].close()
+            self.running.remove(job)
+            (self.logs / "sanitize.log").rename(self.logs / "sanitize-first-try.log")
             job = self.wait_one(self.start("sanitize", [*base, *drive], self.timeout("sanitize", later), env))
         parsed = parse_sanitizer_log(log.read_text(errors="replace")) if log.exists() else {"errors": None}
         rc = job["proc"].returncode
