@@ -149,7 +149,10 @@ def cases(draw, backend: str):
         scale=draw(st.sampled_from((0.1, 3.0, 30.0))),
         ignore_index=ignore_index,
         n_ignored=draw(st.integers(0, rows)),
-        label_smoothing=draw(st.sampled_from((0.0, 0.1, 1.0))) if loss == "ce" else 0.0,
+        # Not eps = 1: there every gradient entry is p_j - 1/C, a difference of O(1/C) terms whose
+        # float32 rounding (~1e-8, F.cross_entropy's too) exceeds a tolerance relative to the
+        # tiny result; test_pytorch_parity.py checks eps = 1 against PyTorch.
+        label_smoothing=draw(st.sampled_from((0.0, 0.1, 0.5))) if loss == "ce" else 0.0,
         alpha=draw(st.sampled_from((0.0, 1.5))), beta=draw(st.sampled_from((0.0, 1.0))),
         gamma=draw(st.sampled_from((0.0, 0.5, 2.0))),
         inplace=backend == "triton" and layout in ("contiguous", "row_sliced", "col_offset", "ncd")
