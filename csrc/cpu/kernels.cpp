@@ -91,14 +91,16 @@ struct Rows {
   }
 
   // Forward pass 1: lse_ex over k != c, in blocks; with `e`, also stores the
-  // e_k and the block shifts (see OnlineLse).
+  // e_k and the block shifts (see OnlineLse). With g (and plain stores), the
+  // gradient row is prefetched for writing (see add_block).
   template <bool kArgmax, bool kXSum>
   OnlineLse<scalar_t, kArgmax, kXSum> lse_pass(const scalar_t* x, int64_t c, acc_t* e,
-                                               acc_t* shifts) const {
+                                               acc_t* shifts, const scalar_t* g = nullptr) const {
     OnlineLse<scalar_t, kArgmax, kXSum> acc;
     int64_t b_idx = 0;
+    const scalar_t* g_ahead = stream ? nullptr : g;
     for_each_block<scalar_t>(pb.classes, [&](int64_t b, int64_t end) {
-      const acc_t shift = acc.add_block(x, b, end, weight, e, c);
+      const acc_t shift = acc.add_block(x, b, end, weight, e, c, g_ahead);
       if (e) shifts[b_idx++] = shift;
     });
     return acc;
@@ -125,7 +127,7 @@ struct Rows {
     acc_t* shifts = buf.shifts;
     acc_t lse, lse_ex, weighted_x_sum = 0;
     if (forward) {
-      const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts);
+      const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts, g);
       lse_ex = acc.lse();
       lse = logaddexp(lse_ex, x_c);
       if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_c * x_c;
@@ -319,7 +321,7 @@ struct Rows {
     acc_t lse, lse_ex;
     int64_t w;
     if (forward) {
-      const auto acc = lse_pass<true, false>(x, c, e, shifts);
+      const auto acc = lse_pass<true, false>(x, c, e, shifts, g);
       lse_ex = acc.lse();
       lse = logaddexp(lse_ex, x_c);
       w = acc.max > x_c ? acc.argmax : c;  // ties: c (then p_w <= 1/2 and both forms are exact)

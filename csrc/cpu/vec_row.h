@@ -328,9 +328,14 @@ struct OnlineLse {
   // Adds x[b, e) without x[skip] (skip outside [b, e): none); stores
   // exp(x_k - shift_b) at e_out[k] when e_out is given (0 at skip), and returns
   // shift_b.
+  //
+  // With `g_ahead`, the first read also asks for the lines of g_ahead[b, e) for
+  // writing (prefetchw), so the gradient pass that later stores there finds them
+  // in cache, owned: their reads for ownership overlap the exps instead of
+  // stalling the stores.
   FUSEDLOSS_ROW_PASS acc_t add_block(const scalar_t* x, int64_t b, int64_t e,
                                      const acc_t* weight = nullptr, acc_t* e_out = nullptr,
-                                     int64_t skip = -1) {
+                                     int64_t skip = -1, const scalar_t* g_ahead = nullptr) {
     const bool first = shift == kNegInf<acc_t>;
     acc_t block_shift = shift;
     if (first) {  // nothing finite yet: start from the block's first element (0 if not finite)
@@ -338,7 +343,7 @@ struct OnlineLse {
       block_shift = std::isfinite(x0) ? x0 : acc_t(0);
     }
     Vec vmax(kNegInf<acc_t>);
-    Vec acc = exp_pass<true>(x, b, e, weight, e_out, block_shift, vmax, skip);
+    Vec acc = exp_pass<true>(x, b, e, weight, e_out, block_shift, vmax, skip, g_ahead);
     const acc_t bmax = RV::hmax(vmax);
     if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0, nothing to add
     // Too far above the shift (or NaN: the test fails), or, on the first block, so
@@ -351,7 +356,10 @@ struct OnlineLse {
       if constexpr (kArgmax) argmax = first_index_of(x, b, e, bmax);
       max = bmax;
     }
-    if (block_shift > shift) {  // exp(-inf) = 0 on the first block
+    if (first) {
+      sum = acc;
+      shift = block_shift;
+    } else if (block_shift > shift) {
       sum = sum * Vec(std::exp(shift - block_shift)) + acc;
       shift = block_shift;
     } else if (block_shift == shift) {
@@ -374,12 +382,16 @@ struct OnlineLse {
   // also takes the max and the smoothing sum.
   template <bool kFirst>
   FUSEDLOSS_ROW_PASS Vec exp_pass(const scalar_t* x, int64_t b, int64_t e, const acc_t* weight,
-                                  acc_t* e_out, acc_t shift_value, Vec& vmax, int64_t skip) {
+                                  acc_t* e_out, acc_t shift_value, Vec& vmax, int64_t skip,
+                                  const scalar_t* g_ahead = nullptr) {
     const Vec vshift(shift_value);
     Vec acc(acc_t(0));
     RV::template for_each<kFirst>(x, b, e, [&](typename RV::Step s, int64_t i, int64_t n) {
       // One step in a block holds the skipped index (unsigned compare: skip < 0 never does).
       const bool has_skip = static_cast<uint64_t>(skip - i) < static_cast<uint64_t>(n);
+#if defined(__GNUC__)
+      if (kFirst && g_ahead) __builtin_prefetch(g_ahead + i, 1, 3);
+#endif
       if constexpr (kFirst && kXSum) {  // before padding: loadu zero-fills the tail
         const auto w = weight ? RV::load_acc(weight + i, n) : typename RV::Step{};
         const auto sx = has_skip ? RV::set_lane(s, skip - i, acc_t(0)) : s;
