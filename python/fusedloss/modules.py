@@ -33,18 +33,24 @@ class SoftmaxLoss(nn.Module):
                             alpha=self.alpha, beta=self.beta, gamma=self.gamma, backend=self.backend)
 
     def extra_repr(self) -> str:
-        parts = [f"loss={self.loss!r}", f"reduction={self.reduction!r}"]
-        if self.ignore_index != -100:
-            parts.append(f"ignore_index={self.ignore_index}")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        if self.loss == "crl":
-            parts.append(f"alpha={self.alpha}, beta={self.beta}")
-        if self.loss == "focal":
-            parts.append(f"gamma={self.gamma}")
-        if self.backend != "auto":
-            parts.append(f"backend={self.backend!r}")
-        return ", ".join(parts)
+        return _options_repr(self)
+
+
+def _options_repr(module: nn.Module, *extra: str) -> str:
+    """The loss options that differ from their defaults, for both modules' ``extra_repr``."""
+    parts = [f"loss={module.loss!r}", f"reduction={module.reduction!r}"]
+    if module.ignore_index != -100:
+        parts.append(f"ignore_index={module.ignore_index}")
+    if module.label_smoothing:
+        parts.append(f"label_smoothing={module.label_smoothing}")
+    if module.loss == "crl":
+        parts.append(f"alpha={module.alpha}, beta={module.beta}")
+    if module.loss == "focal":
+        parts.append(f"gamma={module.gamma}")
+    parts += extra
+    if module.backend != "auto":
+        parts.append(f"backend={module.backend!r}")
+    return ", ".join(parts)
 
 
 def _named(name: str, loss: str, formula: str) -> type[SoftmaxLoss]:
@@ -99,17 +105,4 @@ class LinearSoftmaxLoss(nn.Module):
                                    return_lse=self.return_lse, backend=self.backend, chunk_rows=self.chunk_rows)
 
     def extra_repr(self) -> str:
-        parts = [f"loss={self.loss!r}", f"reduction={self.reduction!r}"]
-        if self.ignore_index != -100:
-            parts.append(f"ignore_index={self.ignore_index}")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        if self.loss == "crl":
-            parts.append(f"alpha={self.alpha}, beta={self.beta}")
-        if self.loss == "focal":
-            parts.append(f"gamma={self.gamma}")
-        if self.return_lse:
-            parts.append("return_lse=True")
-        if self.backend != "auto":
-            parts.append(f"backend={self.backend!r}")
-        return ", ".join(parts)
+        return _options_repr(self, *(["return_lse=True"] if self.return_lse else []))
