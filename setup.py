@@ -48,6 +48,10 @@ X86_CAPABILITIES = {
     # vector code in it is its AVX512 code (CPU_CAPABILITY_AVX512).
     "AVX512_BF16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx512bf16"],
 }
+# The row kernels' scalar math (a row's exp/log/log1p calls, ~8 in a dependent chain) may be
+# treated as pure functions: the compiler then merges the ones a row computes twice (lse and
+# the loss both take log1p(exp(-|lse_ex - x_c|))). errno is the only thing it changes.
+KERNEL_FLAGS = ["-fno-math-errno"]
 # Which ATen vector implementation a capability object compiles (its own name by default).
 ATEN_CAPABILITY = {"AVX512_BF16": "AVX512"}
 
@@ -239,7 +243,7 @@ def extension_modules():
                     macros=list(extension.define_macros)
                     + [("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{ATEN_CAPABILITY.get(cap, cap)}", None)],
                     include_dirs=extension.include_dirs,
-                    extra_postargs={"cxx": extension.extra_compile_args["cxx"] + flags,
+                    extra_postargs={"cxx": extension.extra_compile_args["cxx"] + KERNEL_FLAGS + flags,
                                     "nvcc": extension.extra_compile_args.get("nvcc", [])},
                     depends=extension.depends,
                 )

@@ -415,7 +415,7 @@ struct Rows {
 // in cache for the layer that reads them next. FUSEDLOSS_CPU_STREAM_BYTES
 // overrides it (0: always stream; a huge value: never), e.g. for a CPU whose
 // last-level cache is far from this one's; docs/cpu_kernel.md has the numbers.
-constexpr int64_t kStreamGradBytes = int64_t(48) << 20;
+constexpr int64_t kStreamGradBytes = int64_t(24) << 20;
 
 int64_t stream_grad_bytes() {
   static const int64_t bytes = [] {
