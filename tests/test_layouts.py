@@ -94,7 +94,9 @@ def _plain(**kw) -> Case:
 
 
 EXPLICIT = (
-    [pytest.param(_plain(layout=lay), id=f"logits-{lay}") for lay in LOGIT_LAYOUTS]
+    # (C,) logits are one row: ignoring it would make the case vacuous.
+    [pytest.param(_plain(layout=lay, n_ignored=0 if lay.startswith("vector") else 1), id=f"logits-{lay}")
+     for lay in LOGIT_LAYOUTS]
     + [pytest.param(_plain(target_layout=tl, n_ignored=0), id=f"target-{tl}") for tl in TARGET_LAYOUTS]
     + [pytest.param(_plain(layout="ncd", target_layout=tl), id=f"ncd-target-{tl}") for tl in TARGET_LAYOUTS]
     + [pytest.param(_plain(weight_layout=wl, reduction="mean", reach="backward"), id=f"weight-{wl}")
@@ -121,6 +123,27 @@ EXPLICIT_RUNS = [pytest.param(b, *p.values, id=f"{b}-{p.id}") for b in BACKENDS
 @pytest.mark.parametrize("backend,case", EXPLICIT_RUNS)
 def test_layout(backend, case):
     run_case(case, backend, "stream")
+
+
+@pytest.mark.parametrize("loss", fl.LOSSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_over_no_counted_row(backend, loss):
+    """Every row ignored, 'mean': 0/0 = NaN loss and a zero gradient, as F.cross_entropy
+    (the property test leaves this convention out: autograd of 0/0 in the oracle is NaN)."""
+    x = torch.randn(4, 7, requires_grad=True)
+    target = torch.full((4,), -100)
+    out = fl.softmax_loss(x, target, loss, reduction="mean", backend=backend)
+    out.backward()
+    x_torch = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(x_torch, target).backward()
+    assert torch.isnan(out) and torch.equal(x.grad, x_torch.grad) and not x.grad.any()
+
+
+if "triton" in BACKENDS:  # inplace_backward is triton's; defined only where it runs (no skipped test)
+    def test_triton_inplace_refuses_overlapping_rows():
+        logits = (torch.randn(1, 9, requires_grad=True) * 1.0).expand(4, 9)
+        with pytest.raises(ValueError, match="rows do not overlap"):
+            fl.softmax_loss(logits, torch.zeros(4, dtype=torch.long), backend="triton", inplace_backward=True)
 
 
 # ----------------------------------------------------------------------------

@@ -267,6 +267,10 @@ def triton_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, va
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError(f"inplace_backward=True needs logits with unit class stride (the gradient is written "
                          f"into their storage); got strides {tuple(logits.stride())}")
+    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
+        raise ValueError(f"inplace_backward=True needs logits whose rows do not overlap in memory (the gradient "
+                         f"is written over them); got shape {tuple(logits.shape)} with strides "
+                         f"{tuple(logits.stride())}, e.g. rows expanded from one row")
     if logits.dtype == torch.float64:
         loss, stats, grad = ops.reference_fwd(logits, target, weight, variant, reduction, ignore_index,
                                               label_smoothing, alpha, beta, gamma, True)

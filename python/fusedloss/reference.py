@@ -200,7 +200,10 @@ def _row_grad_scale(grad_loss: Tensor, rows: _Rows, reduction: int, target, weig
     g = grad_loss.to(rows.scale.dtype)
     if reduction == Reduction.MEAN:
         g = g / mean_denominator(target, weight, ignore_index, g.dtype)
-    return rows.scale * g  # broadcasts a scalar, or the (N,) grad of 'none'
+    # Ignored rows get exactly 0, also when every row is ignored and 'mean' divides by 0
+    # (PyTorch: NaN loss, zero gradient); a zero weight sum still gives 0/0 = NaN, as PyTorch.
+    keep = target != ignore_index
+    return torch.where(keep, rows.scale * g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
 def forward(
