@@ -107,6 +107,33 @@ def test_label_smoothing(backend, reduction):
     _check(backend, "ce", reduction, torch.float32, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("class_weight", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("n", [9, 0], ids=["all-ignored", "N=0"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "focal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_over_no_counted_row(backend, loss, n, class_weight):
+    """reduction="mean" with every row ignored, or no row: the denominator is 0, the loss is
+    0 / 0 = NaN (the oracle's, F.cross_entropy's), but the gradients are the oracle's zeros
+    (every row's gradient is 0), not NaN."""
+    g = torch.Generator().manual_seed(0)
+    h, w, b = torch.randn(n, 6, generator=g), 0.4 * torch.randn(11, 6, generator=g), torch.randn(11, generator=g)
+    t = torch.full((n,), -100)
+    cw = torch.rand(11, generator=g) + 0.5 if class_weight else None
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    out = fl.linear_softmax_loss(leaves[0], leaves[1], t, loss, bias=leaves[2], class_weight=cw, backend=backend,
+                                 chunk_rows=4)
+    out.backward()
+    refs = [x.double().requires_grad_(True) for x in (h, w, b)]
+    ref = oracle_loss(refs[0] @ refs[1].T + refs[2], t, loss, weight=cw)
+    ref.backward()
+    assert torch.isnan(ref) and torch.isnan(out)
+    if loss == "ce":
+        torch.testing.assert_close(out, torch.nn.functional.cross_entropy(h @ w.T + b, t, weight=cw), equal_nan=True)
+    for name, a, r in zip(("hidden", "weight", "bias"), leaves, refs):
+        assert a.grad.shape == r.grad.shape and not r.grad.any()
+        assert_close(a.grad, r.grad, torch.float32, "grad", f"{backend} {loss} d {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_block_equals_many(backend):
     """The block size changes nothing but rounding."""

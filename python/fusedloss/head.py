@@ -151,10 +151,12 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
         loss = loss_rows
     elif reduction == Reduction.MEAN:
         denom = mean_denominator(target, class_weight, ignore_index, v, acc)
-        loss = total / denom
+        loss = total / denom  # 0 / 0 = NaN when no row counts (every row ignored, or N = 0), as PyTorch
+        # ... but then every row's gradient is 0, and so are the sums (F.cross_entropy's too), not 0 / 0
+        nonzero = torch.where(denom > 0, denom, torch.ones_like(denom))
         for t_ in (dh, dw, db):
             if t_ is not None:
-                t_.div_(denom)
+                t_.div_(nonzero)
     else:
         loss = total
     if n == 0 and reduction == Reduction.MEAN:
