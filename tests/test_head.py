@@ -220,12 +220,20 @@ def test_gradcheck_float64(loss, reduction):
     assert torch.autograd.gradcheck(f, (h, w, b))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("reduction", [1, 0])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_opcheck(backend, reduction):
+def test_opcheck(backend, reduction, layout):
+    """"transposed": hidden and weight are transposes of (D, N) / (D, V) buffers (a tied
+    embedding's ``w.t()``, say); the real gradients must have the fake's (contiguous) strides."""
     torch.manual_seed(0)
-    h = torch.randn(9, 4, requires_grad=True)
-    w = torch.randn(6, 4, requires_grad=True)
+    if layout == "contiguous":
+        h = torch.randn(9, 4, requires_grad=True)
+        w = torch.randn(6, 4, requires_grad=True)
+    else:
+        h = torch.randn(4, 9).t().requires_grad_(True)
+        w = torch.randn(4, 6).t().requires_grad_(True)
+        assert not h.is_contiguous() and not w.is_contiguous()
     b = torch.randn(6, requires_grad=True)
     t = torch.tensor([0, 5, -100, 2, 3, 1, 4, 4, 0])
     args = (h, w, b, t, torch.rand(6) + 0.5, backend, 3, reduction, -100, 0.0, 1.5, 1.0, 2.0, 4, True, True, True)

@@ -76,6 +76,12 @@ def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) ->
     return torch.addmm(bias, h, weight.t(), out=buf)
 
 
+def _zeros_like_contiguous(weight: Tensor) -> Tensor:
+    """d weight's buffer: contiguous whatever the weight's strides (``zeros_like`` would copy
+    a transposed weight's), as the fake's ``new_empty``."""
+    return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
 def _fold(g: Tensor, h: Tensor, weight: Tensor, dh: Tensor | None, dw: Tensor | None, db: Tensor | None) -> None:
     """Fold one block's logits gradient into the parameter and input gradients."""
     if dh is not None:
@@ -121,7 +127,7 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
     lse = hidden.new_empty((n,), dtype=acc)
     stats = hidden.new_empty((n, STATS_COLS), dtype=acc) if keep_stats else hidden.new_empty((0,), dtype=acc)
     dh = hidden.new_empty((n, d)) if fused and need_hidden else None
-    dw = torch.zeros_like(weight) if fused and need_weight else None
+    dw = _zeros_like_contiguous(weight) if fused and need_weight else None
     db = torch.zeros((v,), dtype=acc, device=hidden.device) if fused and need_bias else None
     red = Reduction.NONE if reduction == Reduction.NONE else Reduction.SUM
     scalars = (variant, int(red), ignore_index, label_smoothing, alpha, beta, gamma)
@@ -179,7 +185,7 @@ def _linear_loss_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Te
         return hidden.new_empty((0,))
 
     dh = hidden.new_empty((n, d)) if need_hidden else None
-    dw = torch.zeros_like(weight) if need_weight else None
+    dw = _zeros_like_contiguous(weight) if need_weight else None
     db = torch.zeros((v,), dtype=acc, device=hidden.device) if need_bias else None
     scalars = (variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma)
     rows = max(1, min(chunk_rows, n))
