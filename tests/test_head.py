@@ -21,9 +21,9 @@ from oracle import assert_close, oracle_loss
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = [b for b in ("reference", "cpu", "triton") if b in fl.available_backends()
             and (b != "triton" or INTERPRETED)]
-#: bf16 logits are themselves rounded (8 bits), then d weight sums N rows of bf16 products:
-#: the bf16 tolerance is the oracle's, doubled.
-LOOSEN = {torch.float32: 1.0, torch.bfloat16: 2.0, torch.float64: 1.0}
+#: Multiples of the oracle's tolerances: 1 (bfloat16 had 2 while d weight was summed over the
+#: blocks in bfloat16; it is summed in float32 now, and every test here holds at 1).
+LOOSEN = {torch.float32: 1.0, torch.bfloat16: 1.0, torch.float64: 1.0}
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on masked lanes (interpreter)
 
@@ -43,7 +43,7 @@ def _problem(n=37, d=16, v=50, dtype=torch.float32, bias=True, seed=0, lead=None
 
 
 def _check(backend, loss, reduction, dtype, *, class_weight=True, bias=True, lead=None, chunk_rows=8,
-           label_smoothing=0.0, seed=0, n=37):
+           label_smoothing=0.0, seed=0, n=37, loosen=None):
     (h, w, b), t, cw = _problem(n=n, dtype=dtype, bias=bias, seed=seed, lead=lead)
     cw = cw if class_weight else None
     leaves = [x.clone().requires_grad_(True) if x is not None else None for x in (h, w, b)]
@@ -61,7 +61,7 @@ def _check(backend, loss, reduction, dtype, *, class_weight=True, bias=True, lea
     if reduction == "none":
         ref = ref.reshape(t.shape)
     ref.backward(go.double())
-    k = LOOSEN[dtype]
+    k = LOOSEN[dtype] if loosen is None else loosen
     tag = f"{backend} {loss} {reduction} {dtype}"
     _assert(out.detach(), ref.detach(), dtype, "loss", k, tag + " loss")
     for name, a, r in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
@@ -92,6 +92,16 @@ def test_matches_float64_oracle(backend, loss, reduction, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_weight_no_bias_one_row_blocks(backend, loss, reduction):
     _check(backend, loss, reduction, torch.float32, class_weight=False, bias=False, chunk_rows=1, n=9)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend,loss", [(b, loss) for b in BACKENDS for loss in ("ce", "bce", "focal")
+                                          if b != "triton" or loss == "ce"])  # the interpreter: 5-10 s each
+def test_bfloat16_weight_grad_over_256_blocks(backend, loss, reduction):
+    """1024 rows in 256 blocks of 4, bfloat16, at the oracle's bfloat16 tolerance: d weight is
+    summed over the blocks in float32. Summed in bfloat16 it was off by 1.2-1.7x that
+    tolerance here (each of the 256 additions rounds the running sum)."""
+    _check(backend, loss, reduction, torch.bfloat16, chunk_rows=4, n=1024, loosen=1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
