@@ -305,15 +305,38 @@ def test_peak_memory_below_quarter_of_logits(loss, reduction):
     assert m.peak_bytes < logits_bytes / 4, f"peak {m.peak_bytes / logits_bytes:.3f}x the logits"
 
 
-def test_second_backward_with_scaled_grad_raises_not_wrong():
-    """The saved gradients are scaled in place (no second V x D buffer): a second backward
-    through the same graph after a grad_output != 1 raises instead of scaling twice."""
+@pytest.mark.parametrize("grad_output", [1.0, 2.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_through_the_same_graph_again(backend, reduction, grad_output):
+    """retain_graph=True, then a second and a third backward through the same graph: each adds
+    the same gradients, on every device and for every grad_output ("mean"/"sum": the first
+    backward hands out the forward's gradients, scaled in place; a later one recomputes them
+    from the saved inputs). It used to depend on the device and grad_output: autograd's
+    in-place error, or on CPU for grad_output 1 the saved gradients handed out again."""
+    (h, w, b), t, _ = _problem()
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    out = fl.linear_softmax_loss(*leaves[:2], t, bias=leaves[2], reduction=reduction, backend=backend, chunk_rows=8)
+    go = grad_output * torch.ones_like(out)
+    out.backward(go, retain_graph=True)
+    first = [x.grad.clone() for x in leaves]
+    out.backward(go, retain_graph=True)
+    out.backward(go)
+    for name, a, f in zip(("hidden", "weight", "bias"), leaves, first):
+        torch.testing.assert_close(a.grad, 3 * f, msg=lambda m: f"{backend} {reduction} d {name}: {m}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_raises(reduction):
+    """The backward is once differentiable (the saved gradients carry no graph back to hidden
+    and weight): differentiating the gradient raises instead of dropping those terms."""
     (h, w, b), t, _ = _problem()
     h.requires_grad_(True)
-    out = fl.linear_softmax_loss(h, w, t, backend="cpu", chunk_rows=8)
-    (2 * out).backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        (2 * out).backward()
+    s = torch.tensor(1.5, requires_grad=True)
+    out = fl.linear_softmax_loss(h, w, t, bias=b, reduction=reduction, backend=BACKENDS[-1], chunk_rows=8)
+    (gh,) = torch.autograd.grad((s * out).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        gh.sum().backward()
 
 
 def test_default_chunk_rows():

@@ -19,10 +19,13 @@ Design (docs/llm_head.md has the numbers):
   computed on the device (no host synchronization).
 * For ``"mean"``/``"sum"`` the forward returns the gradients for grad_output = 1 and the
   backward scales them by the scalar grad_output (in place in eager mode, not at all when it
-  is exactly 1 on CPU). For ``"none"`` a per-row grad_output must weight the rows of ``g``
-  before they are folded into ``d_weight``, so the forward computes only the loss (and keeps
-  the ``(N, 4)`` row statistics) and the backward runs the GEMM pass again: per block the
-  logits, the backend's backward op from the saved statistics, and the same fold.
+  is exactly 1 on CPU) and hands them out; a later backward through the same graph
+  (``retain_graph=True``) recomputes them from the saved inputs (one more forward pass).
+  The backward is once differentiable. For ``"none"`` a per-row grad_output must weight the
+  rows of ``g`` before they are folded into ``d_weight``, so the forward computes only the
+  loss (and keeps the ``(N, 4)`` row statistics) and the backward runs the GEMM pass again:
+  per block the logits, the backend's backward op from the saved statistics, and the same
+  fold.
 """
 from __future__ import annotations
 
@@ -272,11 +275,17 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.none = reduction == Reduction.NONE
     ctx.needs = (need_hidden, need_weight, need_bias)
+    ctx.args = (backend, variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, chunk_rows)
     if ctx.none:
-        ctx.args = (backend, variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, chunk_rows)
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, stats)
     else:
-        ctx.save_for_backward(dh, dw, db)
+        # The gradients for grad_output = 1, which the first backward hands out (scaled in place)
+        # and drops; the inputs, from which a later backward through the same graph
+        # (retain_graph=True) recomputes them. Not saved tensors: the first backward must not
+        # check the versions of inputs it does not read, nor a later one those of the handed out
+        # (and scaled) gradients; none of them has a grad_fn, so no reference cycle.
+        ctx.grads = (dh, dw, db)
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight)
 
 
 def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
@@ -290,6 +299,7 @@ def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
     return grad.mul_(grad_loss.to(grad.dtype) if grad.dtype != torch.float64 else grad_loss)
 
 
+@torch.autograd.function.once_differentiable  # the gradients carry no graph back to the inputs
 def _backward(ctx, grad_loss, *_):
     nones = (None,) * 14
     if grad_loss is None:
@@ -300,8 +310,11 @@ def _backward(ctx, grad_loss, *_):
         dh, dw, db = linear_loss_bwd(grad_loss, hidden, weight, bias, target, class_weight, stats, *ctx.args,
                                      *need)
     else:
-        dh, dw, db = ctx.saved_tensors
-        dh, dw, db = (_scale(t, grad_loss) if n else None for t, n in zip((dh, dw, db), need))
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a second backward through the same graph: the first handed them out
+            hidden, weight, bias, target, class_weight = ctx.saved_tensors
+            _, _, _, *grads = linear_loss_fwd(hidden, weight, bias, target, class_weight, *ctx.args, *need)
+        dh, dw, db = (_scale(t, grad_loss) if n else None for t, n in zip(grads, need))
     return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + nones
 
 
