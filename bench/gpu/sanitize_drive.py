@@ -20,7 +20,9 @@ The numbers are checked loosely (max abs difference over the reference's
 largest magnitude: 1e-4 for float32, 3e-2 for 16-bit): the precise checks are
 the test suite's; this script exists so that every kernel runs under the
 sanitizer. Exit status 0 when every case passed, 1 otherwise; ``--json``
-writes one record per case.
+writes one record per case, rewritten (atomically) after every case, so a run
+cut short (gpucheck's budget) still leaves what it did: ``"complete": false``
+until the end.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2, torch.flo
 
 
 class Driver:
-    def __init__(self, device: torch.device, tiny: bool) -> None:
+    def __init__(self, device: torch.device, tiny: bool, json_path: Path | None = None) -> None:
         self.device = device
         self.tiny = tiny
+        self.json_path = json_path
+        self.skipped: dict[str, str] = {}
         self.results: list[dict[str, object]] = []
         self.gen = torch.Generator().manual_seed(0)
         self.shapes = [(8, 100), (3, 5000)] if tiny else [(64, 1000), (8, 40000)]
@@ -63,6 +67,19 @@ class Driver:
         self.results.append({"case": name, "backend": backend, "ok": bool(ok), "err": err, "detail": detail})
         if not ok:
             print(f"FAIL {backend} {name}: err={err} {detail}", flush=True)
+        self.save()
+
+    def save(self, complete: bool = False) -> None:
+        """The JSON so far (``--json``), replaced atomically: a reader never sees half a file."""
+        if self.json_path is None:
+            return
+        doc = {"device": str(self.device), "tiny": self.tiny, "complete": complete, "skipped": self.skipped,
+               "cases": len(self.results), "failed": sum(not r["ok"] for r in self.results),
+               "results": self.results}
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.json_path.with_name(self.json_path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        os.replace(tmp, self.json_path)
 
     @staticmethod
     def rel_err(a: torch.Tensor, b: torch.Tensor, finite_rows: torch.Tensor | None = None) -> float:
@@ -242,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     wanted = (a.backends or ("triton,cuda" if device.type == "cuda" else "triton,cpu")).split(",")
     required = {b for b in a.require.split(",") if b}
-    drv = Driver(device, a.tiny)
+    drv = Driver(device, a.tiny, a.json)
     print(f"fusedloss from {Path(fl.__file__).parent}; available backends {fl.available_backends()}", flush=True)
     t0 = time.perf_counter()
-    skipped: dict[str, str] = {}
+    skipped = drv.skipped
+    drv.save()
     for backend in wanted:
         reason = dispatch.unavailable_reason(backend, device)
         if reason is not None:
@@ -267,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in drv.results if not r["ok"]]
     print(f"sanitize_drive: {len(drv.results)} cases, {len(failed)} failed, "
           f"{time.perf_counter() - t0:.1f} s, device {device}, torch {torch.__version__}", flush=True)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"device": str(device), "tiny": a.tiny, "skipped": skipped,
-                                      "cases": len(drv.results), "failed": len(failed),
-                                      "results": drv.results}, indent=1, default=str) + "\n")
+    drv.save(complete=True)
     return 1 if failed or not drv.results else 0
 
 
