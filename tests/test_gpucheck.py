@@ -69,7 +69,7 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
     assert steps.get("name") == "gpucheck" and steps.get("failures") == "0"
 
     doc = json.loads((results / "sweep.json").read_text())
-    assert doc["schema"] == 1 and len(doc["config"]["chunks"]) == 4
+    assert doc["schema"] == 1 and len(doc["config"]["chunks"]) == 8  # fused+torch+liger, then reference
     seen = {(r["backend"], r["loss"], r["dtype"], r["c"]) for r in doc["results"]}
     for dtype in ("bfloat16", "float32"):
         for c in gpucheck.DRY_CS:
@@ -82,21 +82,26 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
     assert "## Time as a multiple of a copy" in md and "| ce | triton |" in md and "C=5000 (N=2)" in md
     assert "| loss | backend | N | C |" in (results / "sweep_full.md").read_text()
     drive = json.loads((results / "sanitize_drive.json").read_text())
-    assert drive["failed"] == 0 and drive["cases"] > 100
+    assert drive["failed"] == 0 and drive["cases"] > 100 and drive["complete"]
     assert {r["backend"] for r in drive["results"]} == {"triton", "cpu"}
     summary_md = (results / "summary.md").read_text()
     assert "| sweep | pass |" in summary_md and "## Time as a multiple" in summary_md
+    assert not list(results.rglob("*.tmp"))  # every file written through a temporary and a rename
 
 
-def test_budget_cuts_a_step_and_still_writes_the_summary(tmp_path: Path) -> None:
-    proc, seconds = _check(tmp_path / "r", "--dry-run", "--steps", "env,sweep,report", "--budget", "60",
-                           "--cap", "sweep=6", timeout=120)
-    assert proc.returncode == 1
+def test_tiny_budget_ends_within_the_budget_and_still_writes_the_summary(tmp_path: Path) -> None:
+    """Every step with a 25 s budget: what runs is cut (SIGINT...) or skipped, and the whole
+    run, write-up included, ends within budget + MARGIN_S."""
+    budget = 25
+    proc, seconds = _check(tmp_path / "r", "--dry-run", "--budget", str(budget), timeout=120)
+    assert seconds <= budget + gpucheck.MARGIN_S, proc.stdout[-3000:]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["final"] and proc.returncode == (0 if summary["outcome"] == "pass" else 1)
     status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert status["sweep"] == "timeout" and summary["final"] and summary["outcome"] == "fail"
-    assert seconds < 60
-    assert (tmp_path / "r" / "gpucheck.junit.xml").exists() and (tmp_path / "r" / "logs" / "sweep.log").exists()
+    assert status["env"] == "pass" and set(status.values()) <= {"pass", "timeout", "skipped"}, status
+    detail = {s["name"]: s["detail"] for s in summary["steps"]}
+    assert status["sweep"] == "skipped" and "budget spent" in detail["sweep"]
+    assert (tmp_path / "r" / "gpucheck.junit.xml").exists()
 
 
 def test_sigterm_stops_the_steps_and_writes_the_summary(tmp_path: Path) -> None:
@@ -114,14 +119,20 @@ def test_sigterm_stops_the_steps_and_writes_the_summary(tmp_path: Path) -> None:
     assert proc.returncode == 1, out
     summary = json.loads((results / "summary.json").read_text())
     assert summary["final"] and summary["outcome"] == "fail"
-    assert [(s["name"], s["status"]) for s in summary["steps"]] == [("sweep", "stopped")]
+    # env (the device probe) always runs, whatever --steps says
+    assert [(s["name"], s["status"]) for s in summary["steps"]] == [("env", "pass"), ("sweep", "stopped")]
     assert "stopped by SIGTERM" in out
 
 
-def test_gpu_sweep_plan_covers_the_issue_and_parses() -> None:
+def test_gpu_sweep_plan_orders_by_value_and_parses() -> None:
+    """The budget cuts the tail: the fused backends beside torch and liger (bf16, then fp32)
+    first, the reference next, torch.compile (ce, two C) last."""
     chunks = gpucheck.sweep_plan(False, Path("/r"))
-    main = [c for c in chunks if not c["name"].startswith("compile")]
-    assert len(main) == 8 and chunks[:8] == main  # torch.compile last: the budget cuts it first
+    dtypes, cs = ("bf16", "fp32"), gpucheck.GPU_CS
+    assert [c["name"] for c in chunks] == ([f"{d}-C{c}" for d in dtypes for c in cs]
+                                           + [f"reference-{d}-C{c}" for d in dtypes for c in cs]
+                                           + [f"compile-{d}-C{c}" for d in dtypes for c in gpucheck.COMPILE_CS])
+    assert gpucheck.sweep_plan(False, Path("/r"), with_compile=False) == chunks[:16]
     for chunk in chunks:
         argv = chunk["argv"]
         c, n = int(argv[argv.index("--c") + 1]), int(argv[argv.index("--n") + 1])
@@ -129,13 +140,15 @@ def test_gpu_sweep_plan_covers_the_issue_and_parses() -> None:
         on_cpu = list(argv)
         on_cpu[argv.index("--device") + 1] = "cpu"  # parse_args refuses cuda without CUDA
         cfg = parse_args(on_cpu, bk.known_backends())
-        assert cfg.skip_unavailable and cfg.quiet and cfg.repeat == 15
-        if chunk in main:
-            assert set(cfg.losses) == set(gpucheck.LOSSES)
-            assert cfg.backends == ("triton", "cuda", "torch", "liger", "reference")
-        else:
+        assert cfg.skip_unavailable and cfg.quiet and cfg.repeat == 10 and cfg.warmup == 2
+        assert cfg.dtypes[0].itemsize == (2 if "bf16" in chunk["name"] else 4)
+        if chunk["name"].startswith("compile"):
             assert cfg.losses == ("ce",) and cfg.backends == ("compile",)
-    assert {parse_args(c["argv"][2:], bk.known_backends()).dtypes[0].itemsize for c in chunks} == {2, 4}
+        elif chunk["name"].startswith("reference"):
+            assert set(cfg.losses) == set(gpucheck.LOSSES) and cfg.backends == ("reference",)
+        else:
+            assert set(cfg.losses) == set(gpucheck.LOSSES)
+            assert cfg.backends == ("triton", "cuda", "torch", "liger")
 
 
 def test_step_timeouts_keep_time_for_later_steps() -> None:
@@ -240,15 +253,26 @@ def test_bench_runs_without_rich(tmp_path: Path) -> None:
     assert (tmp_path / "r.md").exists()
 
 
-FAKE_PY = r'''
-import json, os, sys
+FAKE_PY = r"""
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 argv = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({"argv": argv, "env": {k: os.environ.get(k) for k in (
         "TORCH_CUDA_ARCH_LIST", "FUSEDLOSS_BUILD_CUDA", "MAX_JOBS", "PYTORCH_NO_CUDA_MEMORY_CACHING",
         "TRITON_INTERPRET", "PYTHONPATH")}}) + "\n")
-if argv[0] == "-c":
+hang = os.environ.get("FAKE_HANG")
+if hang and (argv[0] == "setup.py" or argv[:2] == ["-m", "pytest"]):
+    # a grandchild in the step's process group that ignores SIGINT and SIGTERM
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, "
+                              "signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)", hang])
+    with open(os.environ["FAKE_LOG"] + ".pids", "a") as f:
+        f.write(f"{child.pid}\n")
+    if argv[0] == "setup.py":  # the build ignores them too: only SIGKILL ends it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)  # pytest: KeyboardInterrupt at SIGINT, its grandchild left running
+elif argv[0] == "-c":
     print("GPUCHECK_ENV " + json.dumps({"python": "3.x", "torch": "9.9", "triton": "9.9", "cuda_available": True,
                                         "capability": "9.0", "gpu": "Fake H200", "torchvision": None}))
 elif argv[:2] == ["-m", "pytest"]:
@@ -259,9 +283,13 @@ elif argv[:2] == ["-m", "pytest"]:
 elif argv[0].endswith("sanitize_drive.py"):
     Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"cases": 3, "failed": 0, "skipped": {}}))
 elif "--sweep-child" in argv:
+    # FAKE_SWEEP: all (every chunk), first (one chunk, then hangs), none (hangs at once)
     plan = json.loads(Path(argv[argv.index("--sweep-child") + 1]).read_text())
-    recs = []
-    for ch in plan["chunks"]:
+    mode = os.environ.get("FAKE_SWEEP", "all")
+    recs, status = [], []
+    for i, ch in enumerate(plan["chunks"]):
+        if mode == "none" or (mode == "first" and i == 1):
+            time.sleep(120)
         a = ch["argv"]
         n, c, dt = int(a[a.index("--n") + 1]), int(a[a.index("--c") + 1]), a[a.index("--dtype") + 1]
         dt = {"bf16": "bfloat16", "fp32": "float32"}[dt]
@@ -270,19 +298,22 @@ elif "--sweep-child" in argv:
                          "x_logits": 1.0, "loss_err": 1e-6, "grad_err": 1e-7, "nan": 0, "inf": 0})
         Path(ch["json"]).parent.mkdir(parents=True, exist_ok=True)
         Path(ch["json"]).write_text("{}")
-    Path(plan["merged"]).write_text(json.dumps({"schema": 1, "machine": {"gpu": "Fake H200", "device": "cuda:0"},
-                                                "unavailable": {}, "results": recs}))
+        status.append({"name": ch["name"], "rc": 0, "json": Path(ch["json"]).name})
+        Path(plan["merged"]).write_text(json.dumps({"schema": 1, "machine": {"gpu": "Fake H200", "device": "cuda:0"},
+                                                    "unavailable": {}, "results": recs}))
+        Path(plan["status"]).write_text(json.dumps(status))
+elif "--render" in argv:
+    os.execv(sys.executable, [sys.executable, *argv])  # the real renderer, this interpreter
 elif argv[0] == "setup.py":
     pass
 else:
-    os.execv(sys.argv[0].replace("fake.py", "real"), [sys.argv[0]] + argv)  # not reached
-'''
+    sys.exit(f"fake python: unexpected {argv}")
+"""
 
 
-def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
-    """The non-dry path (build, shards, sanitizer, cuda sweep plan, nvidia-smi) with fake
-    tools standing in for the GPU machine's: proves the commands and environments the
-    steps get, which otherwise only a GPU session would."""
+def _fake_gpu(tmp_path: Path, *args: str, timeout: float = 150, **env_extra: str):
+    """gpucheck's GPU path (no --dry-run) with fake tools standing in for the GPU
+    machine's: nvidia-smi, compute-sanitizer, and an interpreter that logs its calls."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (tmp_path / "fake.py").write_text(FAKE_PY)
@@ -297,19 +328,37 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
         f.chmod(0o755)
     log = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PATH=f"{bin_}:{env['PATH']}", FAKE_LOG=str(log))
+    env.update(PATH=f"{bin_}:{env['PATH']}", FAKE_LOG=str(log), **env_extra)
     results = tmp_path / "r"
-    # --render (the report step) must use the real interpreter: the fake has no matplotlib path
+    t0 = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "python" / "fusedloss" / "gpucheck.py"), str(results),
-                           "--python", str(bin_ / "fakepy"), "--budget", "120", "--commit", "abc123"],
-                          capture_output=True, text=True, env=env, timeout=150)
+                           "--python", str(bin_ / "fakepy"), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    seconds = time.time() - t0
     summary = json.loads((results / "summary.json").read_text())
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    return proc, seconds, results, summary, calls
+
+
+def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
+    """The non-dry path (build, shards, sanitizer, cuda sweep plan, nvidia-smi) with fake
+    tools: proves the commands and environments the steps get, which otherwise only a GPU
+    session would. A sweep the budget cuts after its first chunk is ``partial``, which fails
+    nothing (exit 0). ``--steps`` without env: env runs anyway (the device probe: CUDA
+    visible, the capability the build compiles for)."""
+    steps = ",".join(s for s in gpucheck.STEPS if s != "env")
+    proc, _, results, summary, calls = _fake_gpu(tmp_path, "--budget", "120", "--commit", "abc123", "--steps", steps,
+                                                 "--cap", "sweep=5", FAKE_SWEEP="first")
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"env": "pass", "nvidia-smi": "pass", "build": "pass", "pytest-triton-1": "pass",
-                      "pytest-triton-2": "pass", "pytest-ext": "pass", "sanitize": "pass", "sweep": "pass",
-                      "report": "fail", "nvidia-smi-end": "pass"}, proc.stdout[-3000:]
-    # (report fails: the fake interpreter renders nothing; the real render is tested by the dry run)
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
+                      "pytest-triton-2": "pass", "pytest-ext": "pass", "sanitize": "pass", "sweep": "partial",
+                      "report": "pass", "nvidia-smi-end": "pass"}, proc.stdout[-3000:]
+    assert proc.returncode == 0 and summary["outcome"] == "pass" and summary["partial"] == ["sweep"]
+    sweep = next(s for s in summary["steps"] if s["name"] == "sweep")
+    assert sweep["chunks_done"] == 1 and sweep["detail"].startswith("1/20 chunks measured")
+    assert "not measured: bf16-C32000" in sweep["detail"]
+    junit = ET.parse(results / "gpucheck.junit.xml").getroot()
+    assert junit.get("failures") == "0" and junit.get("errors") == "0"
     build = next(c for c in calls if c["argv"][0] == "setup.py")
     assert build["argv"] == ["setup.py", "build_ext", "--inplace"]
     assert build["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0" and build["env"]["FUSEDLOSS_BUILD_CUDA"] == "1"
@@ -318,17 +367,71 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     assert sorted(a[a.index("-k") + 1] for a in shards) == sorted(gpucheck.TRITON_SHARDS)
     ext = next(c for c in calls if "tests/test_cuda_ext.py" in c["argv"])
     assert ext["env"]["FUSEDLOSS_BUILD_CUDA"] == "1" and "gpu" in ext["argv"]
+    assert {"tests/test_train.py", "tests/test_head.py", "tests/test_bench_cli.py"} <= set(ext["argv"])
     drive = next(c for c in calls if c["argv"][0].endswith("sanitize_drive.py"))
     assert drive["env"]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
     # the fake sanitizer is an "old" one that refuses --report-api-errors: one retry without it
     assert "unrecognized option" in (results / "logs" / "sanitize-first-try.log").read_text()
     assert drive["argv"][drive["argv"].index("--device") + 1] == "cuda" and "triton,cuda" in drive["argv"]
     plan = json.loads((results / "sweep" / "plan.json").read_text())
-    assert len(plan["chunks"]) == 16 and all(ch["argv"][1] == "cuda" for ch in plan["chunks"])
+    assert len(plan["chunks"]) == 20 and all(ch["argv"][1] == "cuda" for ch in plan["chunks"])
     assert summary["env"]["gpu"] == "Fake H200" and summary["env"]["commit_arg"] == "abc123"
     assert summary["env"]["nvidia_smi"]["Product Name"] == "NVIDIA H200"
     assert (results / "nvidia-smi.txt").exists() and (results / "nvidia-smi-end.txt").exists()
-    assert "# gpucheck: Fake H200 (sm 9.0): FAIL" in (results / "summary.md").read_text()
+    assert "# gpucheck: Fake H200 (sm 9.0): PASS (partial: sweep)" in (results / "summary.md").read_text()
+    assert "| ce | triton |" in (results / "sweep.md").read_text()  # the finished chunk, rendered
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_hung_steps_are_stopped_together_within_the_budget(tmp_path: Path) -> None:
+    """build and both Triton shards hang, each with a grandchild that ignores SIGINT and
+    SIGTERM (the build too): all three are stopped at once, their whole process groups
+    killed, and the run ends within budget + MARGIN_S (one after another would take
+    3 x ~14 s of stopping)."""
+    budget = 22
+    marker = f"gpucheck-hang-{os.getpid()}"
+    try:
+        proc, seconds, _, summary, _ = _fake_gpu(tmp_path, "--budget", str(budget), FAKE_HANG=marker, timeout=120)
+        steps = {s["name"]: s for s in summary["steps"]}
+        assert {n: steps[n]["status"] for n in ("build", "pytest-triton-1", "pytest-triton-2")} == {
+            "build": "timeout", "pytest-triton-1": "timeout", "pytest-triton-2": "timeout"}, proc.stdout[-3000:]
+        assert seconds <= budget + gpucheck.MARGIN_S, proc.stdout[-3000:]
+        for n in ("build", "pytest-triton-1", "pytest-triton-2"):
+            assert steps[n]["seconds"] <= steps[n]["timeout_s"] + gpucheck.GRACE_S + 1
+        assert steps["sweep"]["status"] == "skipped" and "budget spent" in steps["sweep"]["detail"]
+        assert summary["final"] and summary["outcome"] == "fail" and proc.returncode == 1
+    finally:
+        pids = [int(x) for x in Path(str(tmp_path / "calls.jsonl") + ".pids").read_text().split()]
+        alive = [pid for pid in pids if _running(pid)]
+        for pid in alive:  # the test's own grandchildren, should gpucheck have left any
+            os.kill(pid, signal.SIGKILL)
+    assert len(pids) == 3 and not alive
+
+
+def test_sanitize_drive_writes_its_json_after_every_case(tmp_path: Path) -> None:
+    """A driver cut by the budget leaves the cases it ran (atomically rewritten JSON)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sanitize_drive", ROOT / "bench" / "gpu" / "sanitize_drive.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "d.json"
+    drv = mod.Driver(__import__("torch").device("cpu"), True, out)
+    drv.record("a", "triton", True, 0.0)
+    drv.record("b", "triton", False, 1.0, "bad")
+    doc = json.loads(out.read_text())
+    assert (doc["cases"], doc["failed"], doc["complete"]) == (2, 1, False)
+    assert [r["case"] for r in doc["results"]] == ["a", "b"] and not list(tmp_path.glob("*.tmp"))
+    drv.save(complete=True)
+    assert json.loads(out.read_text())["complete"] is True
 
 
 @pytest.mark.gpu

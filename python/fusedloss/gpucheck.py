@@ -6,18 +6,22 @@
 Steps, in order (``build`` and ``pytest-triton`` run at the same time: the Triton tests
 need no extension, and the GPU idles while nvcc compiles):
 
-  env            versions of python, torch, triton, nvcc, compute-sanitizer, pytest, liger...
+  env            versions of python, torch, triton, nvcc, compute-sanitizer, pytest, liger...;
+                 the device probe: always runs, whatever ``--steps`` says
   nvidia-smi     ``nvidia-smi -q`` (again at the end of the run, after the load)
   build          ``setup.py build_ext --inplace`` for this GPU's arch (TORCH_CUDA_ARCH_LIST)
   pytest-triton  ``pytest -m gpu tests/test_triton_gpu.py``
-  pytest-ext     ``pytest -m gpu`` on the CUDA extension, the bench CLI and the training script
+  pytest-ext     ``pytest -m gpu`` on the CUDA extension, the bench CLI, the training script, the LLM head
   sanitize       ``compute-sanitizer --tool memcheck`` on ``bench/gpu/sanitize_drive.py``
-  sweep          ``fusedloss-bench`` over every loss, bf16/fp32, C in {1000, 32000, 128256, 262144}
+  sweep          ``fusedloss-bench`` over every loss, bf16/fp32, C in {1000, 32000, 128256, 262144},
+                 in order of value; cut by the budget after one chunk or more it is ``partial``
   report         sweep.md/sweep.png, the summary
 
 Every step runs in its own process group with a timeout cut from one wall-clock budget
 (``--budget``, default 480 s): a step that overruns gets SIGINT (pytest then still writes
-its JUnit XML), then SIGTERM, then SIGKILL; a failed step never stops the later ones;
+its JUnit XML), then SIGTERM, then SIGKILL, to its whole group, every running step at once,
+within the GRACE_S its timeout kept back, so the run ends within the budget + MARGIN_S (10 s,
+the write-up); a failed step never stops the later ones;
 ``summary.json``/``summary.md``/``gpucheck.junit.xml`` are rewritten after every step, so
 a run killed from outside still leaves what it had. ``--dry-run`` runs the same steps on a
 CPU machine (Triton's interpreter, tiny shapes, no build, no sanitizer) to prove the script.
@@ -53,16 +57,27 @@ CAPS = {"env": 90, "nvidia-smi": 30, "build": 300, "pytest-triton": 270, "pytest
         "sanitize": 90, "sweep": 600, "report": 60}
 #: Time kept back for a step while earlier ones run, so every step gets a turn.
 RESERVE = {"pytest-ext": 45, "sanitize": 40, "sweep": 90, "report": 10}
+#: How a step is stopped (its timeout, or a signal to this script): SIGINT (pytest still
+#: writes its JUnit XML, the sweep keeps its finished chunks), then SIGTERM, then SIGKILL,
+#: each to the step's whole process group, every running step at once; (signal, seconds
+#: to wait for the group to be gone before the next).
+STOP_WAITS = ((signal.SIGINT, 9.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
+#: Every step's timeout keeps this much of the budget back for its stop (>= the waits above).
+GRACE_S = 15
+#: The whole run ends within ``--budget`` + MARGIN_S seconds (the write-up after the last step).
+MARGIN_S = 10
+TOOL_PROBE_S = 20  # each version probe (nvcc, compute-sanitizer, gcc, the driver), within the env step
 #: pytest-triton runs as parallel shards (``-k``): its time is mostly Triton and Inductor
 #: compiling on the CPU, one core per process, while the machine has many.
 TRITON_SHARDS = ("real_shapes", "not real_shapes")
 MIN_STEP_S = 20  # a step squeezed by the reserves still gets this much, budget permitting
-GRACE_S = 15  # SIGINT -> SIGTERM -> SIGKILL spacing is GRACE_S, then 5 s
 LOSSES = ("ce", "bce", "nllr", "crl", "lace", "focal")
 GPU_CS = (1000, 32000, 128256, 262144)
 GPU_ELEMENTS = 1 << 27     # N = 2^27 // C: 256 MiB of bf16 logits, 512 MiB of fp32, per shape
+GPU_TIMING = ("--repeat", "10", "--warmup", "2")  # a GPU sample is ~1 ms: the repeats cost little
+COMPILE_CS = (32000, 128256)  # torch.compile (ce): tens of seconds of Inductor per (dtype, C)
 DRY_CS = (64, 5000)        # 5000 > 4096: the streamed kernels
-DRY_ELEMENTS = 1 << 13
+DRY_ELEMENTS = 1 << 11     # the interpreter runs a program per row: few rows, the same plumbing
 SOURCE_DIRS = ("csrc", "python/fusedloss", "triton_kernels", "tests", "bench/gpu")
 SOURCE_FILES = ("setup.py", "pyproject.toml")
 SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".toml"}
@@ -161,16 +176,20 @@ def step_timeout(step: str, now: float, deadline: float, later: list[str], caps:
 
 
 def sweep_plan(dry_run: bool, results: Path, with_compile: bool = True) -> list[dict[str, object]]:
-    """The benchmark, as ``fusedloss-bench`` invocations in order of importance.
+    """The benchmark, as ``fusedloss-bench`` invocations in order of value: the budget
+    cuts the tail (a sweep cut after one chunk or more is ``partial``, not a failure).
 
-    One invocation per (dtype, C), every loss, the fused backends beside PyTorch, the
-    reference and Liger (CE); N = elements // C so each shape moves the same bytes.
-    ``torch.compile`` compiles per shape, dtype and loss (tens of seconds each), so it
-    comes last and for CE only; the budget cuts whatever does not fit."""
+    One invocation per (dtype, C) and tier, every loss; N = elements // C so each shape
+    moves the same bytes. Tiers, each bf16 then fp32, C ascending:
+
+    1. the fused backends beside PyTorch and Liger (CE), every C: the comparison itself;
+    2. the reference backend (pure PyTorch, the correctness oracle's twin), every C;
+    3. ``torch.compile``, CE only, at COMPILE_CS: it compiles per shape, dtype and loss
+       (tens of seconds each), so it comes last."""
     cs, elements = (DRY_CS, DRY_ELEMENTS) if dry_run else (GPU_CS, GPU_ELEMENTS)
     device = "cpu" if dry_run else "cuda"
     fused = ["triton", "cpu"] if dry_run else ["triton", "cuda"]
-    timing = ["--repeat", "2", "--warmup", "1"] if dry_run else ["--repeat", "15", "--warmup", "3"]
+    timing = ["--repeat", "2", "--warmup", "1"] if dry_run else list(GPU_TIMING)
     chunks = []
 
     def add(name: str, dtype: str, c: int, losses: list[str], backends: list[str]) -> None:
@@ -184,10 +203,13 @@ def sweep_plan(dry_run: bool, results: Path, with_compile: bool = True) -> list[
 
     for dtype in ("bf16", "fp32"):
         for c in cs:
-            add(f"{dtype}-C{c}", dtype, c, list(LOSSES), [*fused, "torch", "liger", "reference"])
+            add(f"{dtype}-C{c}", dtype, c, list(LOSSES), [*fused, "torch", "liger"])
+    for dtype in ("bf16", "fp32"):
+        for c in cs:
+            add(f"reference-{dtype}-C{c}", dtype, c, list(LOSSES), ["reference"])
     if with_compile and not dry_run:
         for dtype in ("bf16", "fp32"):
-            for c in cs:
+            for c in COMPILE_CS:
                 add(f"compile-{dtype}-C{c}", dtype, c, ["ce"], ["compile"])
     return chunks
 
@@ -216,7 +238,8 @@ def merge_sweeps(docs: list[dict], chunks: list[dict]) -> dict:
 
 def sweep_child(plan_path: Path) -> int:
     """Run the plan's chunks in this one process (torch, Triton and Inductor caches stay
-    warm across chunks), rewriting the merged JSON and markdown after each."""
+    warm across chunks), rewriting the merged JSON and markdown, and the chunks' status
+    (``plan["status"]``: what the parent reads), after each."""
     plan = json.loads(plan_path.read_text())
     from fusedloss.bench import report
     from fusedloss.bench.cli import main as bench_main
@@ -242,6 +265,8 @@ def sweep_child(plan_path: Path) -> int:
             merged = merge_sweeps(docs, status)
             _write_atomic(Path(plan["merged"]), json.dumps(merged, indent=1) + "\n")
             _write_atomic(Path(plan["markdown"]), report.markdown(merged))
+        if plan.get("status"):
+            _write_atomic(Path(plan["status"]), json.dumps(status, indent=1) + "\n")
     return worst
 
 
@@ -341,6 +366,31 @@ def render_sweep(results: Path) -> list[str]:
 # The parent: steps, budget, processes
 # ---------------------------------------------------------------------------
 
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs; zombies (exited, not yet reaped by
+    whoever inherited them) do not count."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        pids = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return True  # no /proc: trust killpg
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 class Stop(Exception):
     """SIGTERM/SIGINT/SIGHUP reached the parent."""
 
@@ -361,7 +411,9 @@ class Check:
             if name not in CAPS:
                 raise SystemExit(f"gpucheck: --cap: unknown step '{name}'")
             self.caps[name] = float(sec)
-        self.selected = [s for s in STEPS if s in (args.steps.split(",") if args.steps else STEPS)]
+        # env always runs: it is the device probe (is CUDA visible; the capability the build
+        # compiles for), which every GPU step depends on
+        self.selected = [s for s in STEPS if s == "env" or s in (args.steps.split(",") if args.steps else STEPS)]
         self.steps: list[dict[str, object]] = []
         self.info: dict[str, object] = {}
         self.running: list[dict] = []  # jobs started and not finished
@@ -429,38 +481,51 @@ class Check:
         self.running.append(job)
         return job
 
-    def _signal(self, proc: subprocess.Popen, sig: int) -> None:
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int) -> None:
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, sig)  # start_new_session: the group's id is the leader's pid
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _stop(self, proc: subprocess.Popen) -> None:
-        """SIGINT (pytest writes its XML, the sweep keeps its finished chunks), then
-        SIGTERM, then SIGKILL, to the whole process group."""
-        for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            if proc.poll() is not None:
-                return
-            self._signal(proc, sig)
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
     def wait(self, jobs: list[dict]) -> None:
+        """Until every job and its whole process group are gone, stopping the jobs past
+        their timeout (every job, once ``self.stopping``): all at once, never one after
+        another, so a stop takes at most GRACE_S whatever the number of jobs."""
         pending = list(jobs)
         while pending:
-            for job in list(pending):
-                proc = job["proc"]
-                if proc.poll() is not None:
-                    pending.remove(job)
-                elif self.stopping or time.time() - job["t0"] > job["timeout"]:
-                    job["timed_out"] = not self.stopping
-                    self.log(f"{job['name']}: {'stopping' if self.stopping else 'timeout'}, interrupting")
-                    self._stop(proc)
-                    pending.remove(job)
-            time.sleep(0.2)
+            now = time.time()
+            pending = [job for job in pending if not self._advance(job, now)]
+            if pending:
+                time.sleep(0.1)
+
+    def _advance(self, job: dict, now: float) -> bool:
+        """One look at a job; True once it is over (its group gone, or given up on)."""
+        proc = job["proc"]
+        leader_done = proc.poll() is not None
+        stop = job.get("stop")  # [index into STOP_WAITS, when that signal was sent]
+        if stop is None:
+            if leader_done:
+                self._signal(proc, signal.SIGKILL)  # anything the step left behind in its group
+                return True
+            if not (self.stopping or now - job["t0"] > job["timeout"]):
+                return False
+            job["timed_out"] = not self.stopping
+            self.log(f"{job['name']}: {'stopping' if self.stopping else 'timeout'}, interrupting its process group")
+            job["stop"] = [0, now]
+            self._signal(proc, STOP_WAITS[0][0])
+            return False
+        if leader_done and not group_alive(proc.pid):
+            return True
+        k, since = stop
+        if now - since < STOP_WAITS[k][1]:
+            return False
+        if k + 1 == len(STOP_WAITS):
+            self.log(f"{job['name']}: process group {proc.pid} outlived SIGKILL; left behind")
+            return True
+        job["stop"] = [k + 1, now]
+        self._signal(proc, STOP_WAITS[k + 1][0])
+        return False
 
     def finish(self, job: dict, status: str | None = None, detail: str = "", **more: object) -> dict:
         proc = job["proc"]
@@ -500,13 +565,14 @@ class Check:
     def later(self, step: str) -> list[str]:
         return list(STEPS[STEPS.index(step) + 1:])
 
-    def enough_time(self, step: str, later: list[str] | None = None) -> bool:
+    def enough_time(self, step: str, later: list[str] | None = None, name: str | None = None) -> bool:
+        """Whether ``step`` (recorded as ``name``) still gets 5 s or more; else skip it."""
         if self.stopping:
-            self.skip(step, "stopped by a signal")
+            self.skip(name or step, "stopped by a signal")
             return False
         t = self.timeout(step, self.later(step) if later is None else later)
         if t < 5:
-            self.skip(step, f"budget spent ({self.args.budget:.0f} s)")
+            self.skip(name or step, f"budget spent ({self.args.budget:.0f} s)")
             return False
         return True
 
@@ -536,23 +602,28 @@ if torch.cuda.is_available():
                cudnn=torch.backends.cudnn.version())
 print("GPUCHECK_ENV " + json.dumps(out))
 """
-        job = self.wait_one(self.start("env", [self.py, "-c", script], self.timeout("env", self.later("env"))))
-        text = (self.logs / "env.log").read_text(errors="replace")
-        found = [ln for ln in text.splitlines() if ln.startswith("GPUCHECK_ENV ")]
-        if found:
-            self.info.update(json.loads(found[-1][len("GPUCHECK_ENV "):]))
+        timeout = self.timeout("env", self.later("env"))
+        job = self.start("env", [self.py, "-c", script], timeout)
         tools = {"nvcc": [str(Path(self.cuda_home) / "bin" / "nvcc") if self.cuda_home else "nvcc", "--version"],
                  "compute-sanitizer": [self.sanitizer() or "compute-sanitizer", "--version"],
                  "gcc": ["gcc", "--version"], "nvidia-smi-driver": ["nvidia-smi", "--query-gpu=driver_version",
                                                                     "--format=csv,noheader"]}
-        for name, cmd in tools.items():
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-                lines = [ln.strip() for ln in out if ln.strip()]
+        # the version probes run beside the torch import, within the env step's timeout
+        probes = self._start_probes(tools)
+        self.info.update(dict.fromkeys(tools))
+        try:
+            self.wait_one(job)
+            for name, out in self._collect_probes(probes, min(job["t0"] + timeout, time.time() + TOOL_PROBE_S)).items():
+                lines = [ln.strip() for ln in (out or "").splitlines() if ln.strip()]
                 # nvcc and compute-sanitizer end with their version; gcc and the query start with it
-                self.info[name] = lines[-1] if name in ("nvcc", "compute-sanitizer") else lines[0]
-            except (OSError, subprocess.SubprocessError, IndexError):
-                self.info[name] = None
+                self.info[name] = (lines[-1] if name in ("nvcc", "compute-sanitizer") else lines[0]) if lines else None
+        finally:
+            for proc, _ in probes.values():
+                self._signal(proc, signal.SIGKILL)
+        text = (self.logs / "env.log").read_text(errors="replace")
+        found = [ln for ln in text.splitlines() if ln.startswith("GPUCHECK_ENV ")]
+        if found:
+            self.info.update(json.loads(found[-1][len("GPUCHECK_ENV "):]))
         self.info.update(cuda_home=self.cuda_home)
         (self.results / "env.json").write_text(json.dumps(self.info, indent=1) + "\n")
         keys = ("python", "torch", "torch_cuda", "triton", "gpu", "capability", "nvcc", "compute-sanitizer",
@@ -561,6 +632,36 @@ print("GPUCHECK_ENV " + json.dumps(out))
         self.finish(job, detail=f"torch {self.info.get('torch')}, triton {self.info.get('triton')}, "
                                 f"gpu {self.info.get('gpu')}" if found else "no version report (torch import?)",
                     status=None if found else "fail")
+
+    @staticmethod
+    def _start_probes(cmds: dict[str, list[str]]) -> dict[str, tuple[subprocess.Popen, object]]:
+        started = {}
+        for name, cmd in cmds.items():
+            out = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _collect_probes
+            try:
+                started[name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                                  start_new_session=True), out)
+            except OSError:
+                out.close()
+        return started
+
+    def _collect_probes(self, probes: dict[str, tuple[subprocess.Popen, object]],
+                        until: float) -> dict[str, str | None]:
+        """Each probe's output, or None (not found, failed, or still running at ``until``:
+        then its process group is killed)."""
+        got: dict[str, str | None] = {}
+        for name, (proc, out) in probes.items():
+            try:
+                proc.wait(max(0.0, until - time.time()))
+                out.seek(0)
+                got[name] = out.read().decode(errors="replace") if proc.returncode == 0 else None
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                self.log(f"env: {name} probe still running after {TOOL_PROBE_S} s or the env step's time, killed")
+                got[name] = None
+            finally:
+                out.close()
+        return got
 
     def provenance(self) -> dict[str, object]:
         out: dict[str, object] = {"commit_arg": self.args.commit}
@@ -572,7 +673,7 @@ print("GPUCHECK_ENV " + json.dumps(out))
         if (REPO / ".git").exists():
             try:
                 out["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                                 text=True, timeout=10).stdout.strip() or None
+                                                 text=True, timeout=5).stdout.strip() or None
             except (OSError, subprocess.SubprocessError):
                 pass
         return out
@@ -581,7 +682,10 @@ print("GPUCHECK_ENV " + json.dumps(out))
         if shutil.which("nvidia-smi") is None:
             self.skip(name, "nvidia-smi not found")
             return
-        job = self.wait_one(self.start(name, ["nvidia-smi", "-q"], min(self.caps["nvidia-smi"], 30)))
+        later = self.later("nvidia-smi") if name == "nvidia-smi" else []
+        if not self.enough_time("nvidia-smi", later, name=name):
+            return
+        job = self.wait_one(self.start(name, ["nvidia-smi", "-q"], self.timeout("nvidia-smi", later)))
         text = (self.logs / f"{name}.log").read_text(errors="replace")
         (self.results / fname).write_text(text)
         self.info[fname.replace(".txt", "").replace("-", "_")] = parse_nvidia_smi(text)
@@ -649,8 +753,9 @@ print("GPUCHECK_ENV " + json.dumps(out))
                 self.finish_pytest(job)
 
     def step_pytest_ext(self) -> None:
-        # test_train.py skips itself without torchvision (importorskip)
-        files = ["tests/test_cuda_ext.py", "tests/test_bench_cli.py", "tests/test_train.py"]
+        # test_train.py skips itself without torchvision (importorskip); test_head.py: the LLM
+        # head (its gpu-marked tests; a file with none just collects nothing under -m gpu)
+        files = ["tests/test_cuda_ext.py", "tests/test_bench_cli.py", "tests/test_train.py", "tests/test_head.py"]
         # FUSEDLOSS_BUILD_CUDA=1: a missing CUDA part fails the build tests instead of skipping them
         env = self.child_env() if self.dry else self.child_env(FUSEDLOSS_BUILD_CUDA="1")
         job = self.start("pytest-ext", self.pytest_cmd("pytest-ext", files),
@@ -695,32 +800,49 @@ print("GPUCHECK_ENV " + json.dumps(out))
     def _drive_detail(path: Path) -> str:
         if not path.exists():
             return "driver wrote no JSON"
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except ValueError as exc:
+            return f"driver JSON unreadable: {exc}"
         skipped = f", skipped {sorted(d['skipped'])}" if d.get("skipped") else ""
-        return f"driver: {d['cases']} cases, {d['failed']} failed{skipped}"
+        cut = "" if d.get("complete", True) else " (incomplete: the driver did not finish)"
+        return f"driver: {d['cases']} cases, {d['failed']} failed{skipped}{cut}"
 
     def step_sweep(self) -> None:
+        status_path = self.results / "sweep" / "status.json"
         plan = {"chunks": sweep_plan(self.dry, self.results, with_compile=not self.args.no_compile),
-                "merged": str(self.results / "sweep.json"), "markdown": str(self.results / "sweep_full.md")}
+                "merged": str(self.results / "sweep.json"), "markdown": str(self.results / "sweep_full.md"),
+                "status": str(status_path)}
         (self.results / "sweep").mkdir(exist_ok=True)
         plan_path = self.results / "sweep" / "plan.json"
-        plan_path.write_text(json.dumps(plan, indent=1) + "\n")
+        _write_atomic(plan_path, json.dumps(plan, indent=1) + "\n")
         job = self.wait_one(self.start("sweep", [self.py, str(Path(__file__).resolve()), "--sweep-child",
                                                  str(plan_path)], self.timeout("sweep", self.later("sweep"))))
-        n_done = len(list((self.results / "sweep").glob("chunk-*.json")))
+        try:
+            done = json.loads(status_path.read_text()) if status_path.exists() else []
+        except ValueError:
+            done = []
+        measured = sum(1 for d in done if d.get("json"))
+        bad = [str(d["name"]) for d in done if d.get("rc")]
+        detail = f"{measured}/{len(plan['chunks'])} chunks measured"
+        if bad:
+            detail += f"; chunks that failed: {', '.join(bad)}"
         status = None
-        if job["timed_out"] and n_done:
-            status = "timeout"
-        self.finish(job, status=status, detail=f"{n_done}/{len(plan['chunks'])} chunks measured",
-                    chunks_done=n_done, chunks=len(plan["chunks"]))
+        cut = [str(c["name"]) for c in plan["chunks"][len(done):]]
+        if job["timed_out"] and measured and not bad:
+            # the budget cut the tail of a plan ordered by value: what finished stands
+            status = "partial" if cut else "pass"
+            if cut:
+                detail += f" (the step's {job['timeout']:.0f} s ran out; not measured: {', '.join(cut)})"
+        self.finish(job, status=status, detail=detail, chunks_done=measured, chunks=len(plan["chunks"]))
 
     def step_report(self) -> None:
-        if (self.results / "sweep.json").exists():
+        if not (self.results / "sweep.json").exists():
+            self.skip("report", "no sweep.json to render")
+        elif self.enough_time("report", []):
             job = self.wait_one(self.start("report", [self.py, str(Path(__file__).resolve()), "--render",
                                                       str(self.results)], self.timeout("report", [])))
             self.finish(job, detail="sweep.md" + (", sweep.png" if (self.results / "sweep.png").exists() else ""))
-        else:
-            self.skip("report", "no sweep.json to render")
         if not self.dry and shutil.which("nvidia-smi"):
             self.step_nvidia_smi("nvidia-smi-end", "nvidia-smi-end.txt")
 
@@ -740,8 +862,7 @@ print("GPUCHECK_ENV " + json.dumps(out))
         self.info.update(source_digest=source_digest(), cpu_count=os.cpu_count(), **self.provenance())
         self.write_summary()
         try:
-            if "env" in self.selected:
-                self.step_env()
+            self.step_env()
             gpu_ok = self.dry or bool(self.info.get("cuda_available"))
             if not gpu_ok:
                 self.log("torch sees no CUDA device: the GPU steps cannot run (use --dry-run on a CPU machine)")
@@ -765,9 +886,9 @@ print("GPUCHECK_ENV " + json.dumps(out))
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the write-up short
             self.log(f"stopped by {exc}: interrupting the running steps, writing what there is")
-            for job in list(self.running):
-                self._stop(job["proc"])
-                job["proc"].poll()
+            jobs = list(self.running)
+            self.wait(jobs)  # self.stopping: every job at once
+            for job in jobs:
                 self.finish(job, status="stopped", detail=f"stopped by {exc}")
             done = {re.sub(r"^pytest-triton-\d+$", "pytest-triton", str(s["name"])) for s in self.steps}
             for name in self.selected:
@@ -779,6 +900,8 @@ print("GPUCHECK_ENV " + json.dumps(out))
         return 0 if self.outcome() == "pass" else 1
 
     def outcome(self) -> str:
+        """``pass`` or ``fail``; a ``partial`` step (a sweep the budget cut after one chunk
+        or more) is not a failure."""
         bad = [s for s in self.steps if s["status"] in ("fail", "timeout", "error", "stopped")]
         if self.stopping:
             return "fail"
@@ -789,15 +912,18 @@ print("GPUCHECK_ENV " + json.dumps(out))
     # -- summary -----------------------------------------------------------------
     def write_summary(self, final: bool = False) -> None:
         elapsed = round(time.time() - self.t0, 1)
+        partial = [str(s["name"]) for s in self.steps if s["status"] == "partial"]
         doc = {"tool": "fusedloss gpucheck", "dry_run": self.dry, "final": final, "outcome": self.outcome(),
-               "budget_s": self.args.budget, "elapsed_s": elapsed, "argv": sys.argv[1:],
+               "partial": partial, "budget_s": self.args.budget, "margin_s": MARGIN_S, "elapsed_s": elapsed,
+               "argv": sys.argv[1:],
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
                "env": self.info, "steps": self.steps}
         _write_atomic(self.results / "summary.json", json.dumps(doc, indent=1, default=str) + "\n")
         self._write_junit()
         i = self.info
         title = "dry run on CPU (Triton interpreter)" if self.dry else f"{i.get('gpu')} (sm {i.get('capability')})"
-        md = [f"# gpucheck: {title}: {doc['outcome'].upper()}{'' if final else ' (in progress)'}", "",
+        md = [f"# gpucheck: {title}: {doc['outcome'].upper()}"
+              f"{' (partial: ' + ', '.join(partial) + ')' if partial else ''}{'' if final else ' (in progress)'}", "",
               f"Started {doc['started']}, {elapsed} s of a {self.args.budget:.0f} s budget. Source digest "
               f"{i.get('source_digest')} (`python python/fusedloss/gpucheck.py --digest` in a checkout); "
               f"commit {i.get('commit_arg') or i.get('vendored_commit') or i.get('git_head') or 'unknown'}"
@@ -844,15 +970,22 @@ print("GPUCHECK_ENV " + json.dumps(out))
                 ET.SubElement(case, "failure", message=f"{s['status']}: {s.get('detail', '')}")
             elif s["status"] == "skipped":
                 ET.SubElement(case, "skipped", message=str(s.get("detail", "")))
-        ET.ElementTree(suite).write(self.results / "gpucheck.junit.xml", encoding="utf-8", xml_declaration=True)
+            elif s["status"] == "partial":
+                ET.SubElement(case, "system-out").text = f"partial: {s.get('detail', '')}"
+        path = self.results / "gpucheck.junit.xml"
+        tmp = path.with_name(path.name + ".tmp")
+        ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True)
+        os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", help="folder for the results (created)")
-    p.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for everything (default 480)")
+    p.add_argument("--budget", type=float, default=480.0,
+                   help=f"wall-clock seconds for everything (default 480; the run ends within it + {MARGIN_S} s)")
     p.add_argument("--dry-run", action="store_true", help="CPU: Triton interpreter, tiny shapes, no build/sanitizer")
-    p.add_argument("--steps", default=None, help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--steps", default=None,
+                   help=f"comma-separated subset of {','.join(STEPS)} (env, the device probe, always runs)")
     p.add_argument("--cap", action="append", metavar="STEP=SECONDS", help="change a step's longest time")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the sweep")
     p.add_argument("--commit", default=None, help="the commit being measured (recorded in the summary)")
