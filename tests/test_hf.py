@@ -51,6 +51,30 @@ def test_ce_equals_stock_model(num_items):
         torch.testing.assert_close(g_out[name], g_ref[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("num_items", [None, 41])
+def test_bfloat16_model_loss_is_float32_as_stock(num_items):
+    """A bfloat16 model: transformers computes the loss from ``logits.float()``, so it is
+    float32 (the sum and the division by num_items_in_batch too); so is the fused one. The two
+    differ only by the logits' rounding: each is a bfloat16 product (8 significant bits,
+    relative error <= 2^-8 each, so <= 2^-7 * max|logit| apart), and the row loss moves by at
+    most twice the largest logit change (lse and the target logit each by at most that), so
+    the mean, or the sum over num_items_in_batch, by at most 2^-6 * max|logit| times
+    max(1, counted tokens / num_items_in_batch); plus float32 rounding."""
+    stock = _tiny_llama().to(torch.bfloat16)
+    fused = patch_causal_lm(copy.deepcopy(stock), "ce", backend="cpu", chunk_rows=16)
+    ids, labels = _batch()
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    ref = stock(input_ids=ids, labels=labels, **kw)
+    out = fused(input_ids=ids, labels=labels, **kw)
+    assert ref.loss.dtype == torch.float32
+    assert out.loss.dtype == torch.float32
+    counted = (labels[:, 1:] != -100).sum().item()
+    bound = 2.0 ** -6 * ref.logits.float().abs().max().item() * max(1.0, counted / (num_items or counted))
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=bound)
+    out.loss.backward()
+    assert fused.lm_head.weight.grad.dtype == torch.bfloat16
+
+
 def test_without_labels_runs_the_stock_forward_and_unpatch():
     model = _tiny_llama()
     ids, _ = _batch()

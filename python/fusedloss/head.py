@@ -389,6 +389,39 @@ def linear_softmax_loss(
         The loss in ``hidden``'s dtype (a scalar, or ``hidden.shape[:-1]`` for ``"none"``),
         and with ``return_lse`` the pair ``(loss, lse)``.
     """
+    out, lse = linear_softmax_loss_float(hidden, weight, target, loss, bias=bias, class_weight=class_weight,
+                                         ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing, alpha=alpha, beta=beta, gamma=gamma,
+                                         z_loss=z_loss, softcap=softcap, backend=backend, chunk_rows=chunk_rows)
+    out = out.to(hidden.dtype)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def linear_softmax_loss_float(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    loss: str = "ce",
+    *,
+    bias: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    alpha: float = 1.5,
+    beta: float = 1.0,
+    gamma: float = 2.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`linear_softmax_loss` (same arguments but ``return_lse``), returning ``(loss, lse)``
+    with the loss as the kernels compute it: float32 (float64 for float64 inputs), not rounded
+    to ``hidden``'s dtype. A bfloat16 model's loss in float32, as transformers computes it
+    from ``logits.float()``; ``fusedloss.hf`` uses it."""
     variant = variant_id(loss)
     red = reduction_id(reduction)
     check_z_loss_softcap(z_loss, softcap)
@@ -442,7 +475,4 @@ def linear_softmax_loss(
                                    int(chunk_rows), *need)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
-    out = out.to(hidden.dtype)
-    if return_lse:
-        return out, lse.reshape(target.shape)
-    return out
+    return out, lse.reshape(target.shape)

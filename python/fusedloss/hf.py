@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .head import linear_softmax_loss
+from .head import linear_softmax_loss_float
 
 
 def causal_lm_loss(hidden_states: Tensor, lm_head: nn.Linear, labels: Tensor | None = None, loss: str = "ce", *,
@@ -24,7 +24,9 @@ def causal_lm_loss(hidden_states: Tensor, lm_head: nn.Linear, labels: Tensor | N
 
     ``hidden_states (B, T, D)``, ``labels (B, T)`` (predicting token t+1 from position t),
     or already shifted ``shift_labels (B, T)``. ``opts``: any keyword of
-    :func:`fusedloss.linear_softmax_loss` (``class_weight``, ``alpha``, ``gamma``, ``backend``, ...).
+    :func:`fusedloss.linear_softmax_loss` but ``return_lse`` (``class_weight``, ``alpha``,
+    ``gamma``, ``backend``, ...). The loss is float32 for 16-bit models (the sum and the
+    division by ``num_items_in_batch`` too), as transformers' loss of ``logits.float()``.
     """
     if shift_labels is None:
         if labels is None:
@@ -32,14 +34,14 @@ def causal_lm_loss(hidden_states: Tensor, lm_head: nn.Linear, labels: Tensor | N
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(hidden_states.device)
     bias = getattr(lm_head, "bias", None)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    value, _ = linear_softmax_loss_float(hidden_states, lm_head.weight, shift_labels, loss, bias=bias,
+                                         ignore_index=ignore_index, reduction=reduction, **opts)
     if num_items_in_batch is None:
-        return linear_softmax_loss(hidden_states, lm_head.weight, shift_labels, loss, bias=bias,
-                                   ignore_index=ignore_index, reduction="mean", **opts)
-    total = linear_softmax_loss(hidden_states, lm_head.weight, shift_labels, loss, bias=bias,
-                                ignore_index=ignore_index, reduction="sum", **opts)
+        return value
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        num_items_in_batch = num_items_in_batch.to(value.device)
+    return value / num_items_in_batch
 
 
 def patch_causal_lm(model: nn.Module, loss: str = "ce", **opts) -> nn.Module:
