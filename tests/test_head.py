@@ -5,16 +5,20 @@ with a ragged last one; gradcheck, opcheck, torch.compile(fullgraph=True), peak 
 
 Backends: ``reference`` and ``cpu`` here; ``triton`` when this file runs under
 ``TRITON_INTERPRET=1`` (``test_triton_suite.py`` runs ``-k triton`` in such a subprocess).
+On a CUDA GPU, ``python -m pytest -m gpu tests/test_head.py`` runs the ``gpu`` tests at the end
+(``triton`` and ``cuda`` backends, 32k vocabulary, ``torch.cuda.max_memory_allocated``); CI
+deselects them (``-m "not gpu"``), and they skip themselves without CUDA.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss import head
+from fusedloss import dispatch, head
 from fusedloss.memtrack import PeakMemory
 from oracle import assert_close, oracle_loss
 
@@ -343,3 +347,123 @@ def test_default_chunk_rows():
     assert head.default_chunk_rows(4096, 32000, 4) == 192  # 48 MiB for the block and its gradient
     assert head.default_chunk_rows(16, 1000, 4) == 16       # small problems: one block
     assert head.default_chunk_rows(1, 10 ** 7, 4) == 1
+
+
+# ----------------------------------------------------------------------------
+# On a CUDA GPU: python -m pytest -m gpu tests/test_head.py
+# ----------------------------------------------------------------------------
+
+GPU_BACKENDS = ("triton", "cuda")
+#: (N, D, V) against the float64 oracle: a 32k vocabulary, blocks of the default size.
+GPU_SHAPE = (512, 256, 32000)
+#: Peak memory: d weight (V x D; in bfloat16 x 3 with its float32 sum) has to be small beside a
+#: quarter of the (N, V) logits, so N is 8192 here (at N = 512 d weight alone is half the
+#: float32 logits). Expected: about 0.09x the logits in float32, 0.2x in bfloat16.
+GPU_MEMORY_SHAPE = (8192, 256, 32000)
+
+
+def _gpu(test):
+    """The gpu mark, and skips evaluated when the test runs (no CUDA query at import)."""
+    for mark in (pytest.mark.gpu,
+                 pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device"),
+                 pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 interprets every Triton kernel")):
+        test = mark(test)
+    return test
+
+
+def _gpu_backend(backend):
+    reason = dispatch.unavailable_reason(backend, torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _large_problem(n, d, v, dtype, seed=0):
+    """CPU tensors: logits of standard deviation ~1 (W scaled by 1/sqrt(D)), every 7th row ignored."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) / d ** 0.5
+    b = 0.5 * torch.randn(v, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::7] = -100
+    cw = torch.rand(v, generator=g) + 0.5
+    return [x.to(dtype) for x in (h, w, b)], t, cw
+
+
+def _large_grad_output(reduction, n):
+    g = torch.Generator().manual_seed(1)
+    return torch.tensor(0.8) if reduction != "none" else torch.rand(n, generator=g) + 0.5
+
+
+@functools.lru_cache(maxsize=None)
+def _large_oracle(loss, reduction, dtype, shape):
+    """Float64 loss and gradients (hidden, weight, bias) on the CPU, shared by the backends."""
+    (h, w, b), t, cw = _large_problem(*shape, dtype)
+    leaves = [x.double().requires_grad_(True) for x in (h, w, b)]
+    out = oracle_loss(leaves[0] @ leaves[1].T + leaves[2], t, loss, weight=cw, reduction=reduction)
+    out.backward(_large_grad_output(reduction, shape[0]).double())
+    return out.detach(), [x.grad for x in leaves]
+
+
+def check_large_against_oracle(device, backend, loss, reduction, dtype, shape=GPU_SHAPE):
+    """linear_softmax_loss on ``device`` (default block size) against the float64 oracle, at the
+    oracle's tolerances for ``dtype``."""
+    (h, w, b), t, cw = _large_problem(*shape, dtype)
+    leaves = [x.to(device).requires_grad_(True) for x in (h, w, b)]
+    out = fl.linear_softmax_loss(leaves[0], leaves[1], t.to(device), loss, bias=leaves[2],
+                                 class_weight=cw.to(device), reduction=reduction, backend=backend)
+    assert out.dtype == dtype and out.device.type == torch.device(device).type
+    out.backward(_large_grad_output(reduction, shape[0]).to(device=device, dtype=dtype))
+    ref, ref_grads = _large_oracle(loss, reduction, dtype, shape)
+    tag = f"{backend} {loss} {reduction} {dtype} {shape}"
+    _assert(out.detach().cpu(), ref, dtype, "loss", LOOSEN[dtype], tag + " loss")
+    for name, a, r in zip(("hidden", "weight", "bias"), leaves, ref_grads):
+        assert a.grad.dtype == dtype and a.grad.is_contiguous()
+        _assert(a.grad.cpu(), r, dtype, "grad", LOOSEN[dtype], f"{tag} d {name}")
+
+
+@_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss", fl.LOSSES)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_matches_float64_oracle(backend, loss, reduction, dtype):
+    """512 x 256 x 32000, class weights, bias, ignored rows, the default blocks (~20 of them)."""
+    _gpu_backend(backend)
+    check_large_against_oracle("cuda", backend, loss, reduction, dtype)
+
+
+def measure_peak_extra_bytes(device, backend, loss, reduction, dtype, shape=GPU_MEMORY_SHAPE):
+    """Forward + backward (gradients w.r.t. hidden and weight included) after a warm-up run
+    (Triton compilation, cuBLAS workspaces): the CUDA allocator's peak above what was
+    allocated before. Returns (peak bytes, the logits' bytes)."""
+    n, d, v = shape
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+
+    def step():
+        out = fl.linear_softmax_loss(h, w, t, loss, reduction=reduction, backend=backend)
+        (out if out.dim() == 0 else out.sum()).backward()
+
+    step()
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, n * v * torch.empty((), dtype=dtype).element_size()
+
+
+@_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "focal"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_peak_memory_below_quarter_of_logits(backend, loss, reduction, dtype):
+    """8192 x 256 x 32000, default blocks: everything the forward and backward allocate (d weight
+    and d hidden included) stays below a quarter of the (N, V) logits' bytes."""
+    _gpu_backend(backend)
+    peak, logits_bytes = measure_peak_extra_bytes("cuda", backend, loss, reduction, dtype)
+    assert peak < logits_bytes / 4, f"peak {peak / logits_bytes:.3f}x the logits ({peak / 2**20:.0f} MiB)"
