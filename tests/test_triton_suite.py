@@ -23,7 +23,7 @@ def test_interpreter_cases_in_a_subprocess():
         pytest.skip("TRITON_INTERPRET=1 already: tests/test_triton_interpreter.py runs in this process")
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", "-m", "not gpu",
            str(HERE / "test_triton_interpreter.py"), str(HERE / "test_layouts.py"),
            str(HERE / "test_head.py"),
            "-k", "triton"]  # every test of the first file (its module name), the triton ones of the others
