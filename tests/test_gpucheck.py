@@ -101,6 +101,7 @@ def test_tiny_budget_ends_within_the_budget_and_still_writes_the_summary(tmp_pat
     assert status["env"] == "pass" and set(status.values()) <= {"pass", "timeout", "skipped"}, status
     detail = {s["name"]: s["detail"] for s in summary["steps"]}
     assert status["sweep"] == "skipped" and "budget spent" in detail["sweep"]
+    assert "sweep" in summary["partial"]  # not run for lack of budget: shown, not a failure
     assert (tmp_path / "r" / "gpucheck.junit.xml").exists()
 
 

@@ -912,7 +912,9 @@ print("GPUCHECK_ENV " + json.dumps(out))
     # -- summary -----------------------------------------------------------------
     def write_summary(self, final: bool = False) -> None:
         elapsed = round(time.time() - self.t0, 1)
-        partial = [str(s["name"]) for s in self.steps if s["status"] == "partial"]
+        # Cut by the budget, or never started for lack of it: not failures, but not the whole run.
+        partial = [str(s["name"]) for s in self.steps if s["status"] == "partial"
+                   or (s["status"] == "skipped" and str(s.get("detail", "")).startswith("budget spent"))]
         doc = {"tool": "fusedloss gpucheck", "dry_run": self.dry, "final": final, "outcome": self.outcome(),
                "partial": partial, "budget_s": self.args.budget, "margin_s": MARGIN_S, "elapsed_s": elapsed,
                "argv": sys.argv[1:],
