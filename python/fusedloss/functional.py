@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from . import dispatch, ops, validation
-from .head import check_z_loss_softcap
 from .variants import Reduction, Variant, reduction_id, variant_id
 
 
@@ -91,7 +90,7 @@ def softmax_loss(
     """
     variant = variant_id(loss)
     red = reduction_id(reduction)
-    check_z_loss_softcap(z_loss, softcap)
+    validation.check_z_loss_softcap(z_loss, softcap)
     validation.check_logits(logits)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)

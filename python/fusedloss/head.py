@@ -29,12 +29,10 @@ Design (docs/llm_head.md has the numbers):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from . import dispatch, validation
+from . import dispatch, reference, validation
 from .ops import NAMESPACE, SCALARS, stats_dtype
 from .validation import check_target_values, must_check_targets
 from .variants import STATS_COLS, Reduction, Variant, reduction_id, variant_id
@@ -117,16 +115,6 @@ def _fold(g: Tensor, h: Tensor, weight: Tensor, dh: Tensor | None, dw: _WeightGr
         db.add_(g.sum(0, dtype=db.dtype))
 
 
-def mean_denominator(target: Tensor, class_weight: Tensor | None, ignore_index: int, v: int,
-                     dtype: torch.dtype) -> Tensor:
-    """Number of non-ignored rows, or the sum of their class weights, on the device."""
-    keep = target != ignore_index
-    if class_weight is None:
-        return keep.sum(dtype=dtype)
-    t = torch.where(keep, target, torch.zeros_like(target)).clamp(0, max(v - 1, 0))  # never out of bounds
-    return torch.where(keep, class_weight.to(dtype)[t], torch.zeros((), dtype=dtype, device=target.device)).sum()
-
-
 def _inplace_triton(be) -> bool:
     return be.name == "triton" and be.fwd_inplace is not None
 
@@ -181,7 +169,7 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
     if reduction == Reduction.NONE:
         loss = loss_rows
     elif reduction == Reduction.MEAN:
-        denom = mean_denominator(target, class_weight, ignore_index, v, acc)
+        denom = reference.mean_denominator(target, class_weight, ignore_index, acc)
         loss = total / denom  # 0 / 0 = NaN when no row counts (every row ignored, or N = 0), as PyTorch
         # ... but then every row's gradient is 0, and so are the sums (F.cross_entropy's too), not 0 / 0
         nonzero = torch.where(denom > 0, denom, torch.ones_like(denom))
@@ -190,8 +178,6 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
                 t_.div_(nonzero)
     else:
         loss = total
-    if n == 0 and reduction == Reduction.MEAN:
-        loss = torch.full((), math.nan, dtype=acc, device=hidden.device)
     db_out = db.to(bias.dtype) if db is not None and bias is not None else db
     return (loss, lse, stats, dh if dh is not None else empty(), dw.result() if dw is not None else empty(),
             db_out if db_out is not None else empty())
@@ -325,21 +311,6 @@ linear_loss_fwd.register_autograd(_backward, setup_context=_setup)
 # The functional API
 # ----------------------------------------------------------------------------
 
-Z_LOSS_SOFTCAP_TODO = ("z_loss and softcap change the per-row math of every loss kernel (issue 11's kernel "
-                       "follow-up: the C++ CPU kernel, the CUDA and Triton kernels and the reference); until it "
-                       "lands only z_loss=0.0 and softcap=None are implemented")
-
-
-def check_z_loss_softcap(z_loss: float, softcap: float | None) -> None:
-    if not isinstance(z_loss, (int, float)) or isinstance(z_loss, bool) or not z_loss >= 0:
-        raise ValueError(f"z_loss must be a float >= 0; got {z_loss!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
-                                or not softcap > 0):
-        raise ValueError(f"softcap must be None or a float > 0; got {softcap!r}")
-    if z_loss != 0 or softcap is not None:
-        raise NotImplementedError(Z_LOSS_SOFTCAP_TODO)
-
-
 def linear_softmax_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -424,7 +395,7 @@ def linear_softmax_loss_float(
     from ``logits.float()``; ``fusedloss.hf`` uses it."""
     variant = variant_id(loss)
     red = reduction_id(reduction)
-    check_z_loss_softcap(z_loss, softcap)
+    validation.check_z_loss_softcap(z_loss, softcap)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):

@@ -4,7 +4,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .functional import softmax_loss
-from .head import check_z_loss_softcap, linear_softmax_loss
+from .head import linear_softmax_loss
+from .validation import check_z_loss_softcap
 from .variants import variant_id
 
 

@@ -54,6 +54,21 @@ def check_hyperparameters(alpha: float, beta: float, gamma: float, label_smoothi
         raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
 
 
+Z_LOSS_SOFTCAP_TODO = ("z_loss and softcap change the per-row math of every loss kernel (issue 11's kernel "
+                       "follow-up: the C++ CPU kernel, the CUDA and Triton kernels and the reference); until it "
+                       "lands only z_loss=0.0 and softcap=None are implemented")
+
+
+def check_z_loss_softcap(z_loss: float, softcap: float | None) -> None:
+    if not isinstance(z_loss, (int, float)) or isinstance(z_loss, bool) or not z_loss >= 0:
+        raise ValueError(f"z_loss must be a float >= 0; got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+                                or not softcap > 0):
+        raise ValueError(f"softcap must be None or a float > 0; got {softcap!r}")
+    if z_loss != 0 or softcap is not None:
+        raise NotImplementedError(Z_LOSS_SOFTCAP_TODO)
+
+
 def check_logits(logits: object) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor; got {type(logits).__name__}")
