@@ -12,11 +12,11 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "ext_fwd(Tensor logits, Tensor target, Tensor? weight, int variant, int reduction, "
       "int ignore_index, float label_smoothing, float alpha, float beta, float gamma, "
-      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "float z_loss, float softcap, bool compute_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "ext_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "int variant, int reduction, int ignore_index, float label_smoothing, float alpha, "
-      "float beta, float gamma) -> Tensor");
+      "float beta, float gamma, float z_loss, float softcap) -> Tensor");
 }
 
 namespace {

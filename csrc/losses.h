@@ -36,6 +36,8 @@ struct LossConfig {
   int64_t ignore_index;
   double label_smoothing;
   double alpha, beta, gamma;
+  double z_loss;   // PaLM's z * lse^2 (0: off)
+  double softcap;  // Gemma's s tanh(x / s) on every logit (0: off)
 };
 
 template <typename T>
@@ -123,6 +125,44 @@ FL_HD TargetOnlyTerms<T> target_only_terms(int64_t variant, T d, T alpha, T beta
   }
 }
 
+// Gemma's soft cap: every logit x is read as s tanh(x / s) (s = 0: no cap), and the
+// gradient w.r.t. x is the one w.r.t. the capped logit times the cap's slope
+// 1 - tanh^2(x / s). Both from e = exp(-2|x / s|): tanh|u| = (1 - e) / (1 + e) and
+// slope = 4 e / (1 + e)^2, which keeps its relative accuracy where the cap
+// saturates (1 - t^2 would cancel to 0 or to rounding noise there).
+template <typename T>
+struct Capped {
+  T value, slope;
+};
+
+template <typename T>
+FL_HD Capped<T> soft_capped(T x, T s) {
+  const T u = x / s;
+  const T e = std::exp(T(-2) * std::fabs(u));
+  const T t = (T(1) - e) / (T(1) + e);
+  const T one_e = T(1) + e;
+  // NaN stays NaN (u < 0 is false for NaN, and t is NaN).
+  return {s * (u < T(0) ? -t : t), T(4) * e / (one_e * one_e)};
+}
+
+// What label smoothing (eps) and z-loss (z) add to every loss's gradient, beside the
+// loss's own gradient dh/dx_j (docs/losses.md, "label smoothing", "z-loss"):
+//   g_j = own * dh/dx_j + extra * p_j - per_class * w_j
+//   own = (1 - eps) rs,  per_class = (eps / C) go,  extra = per_class W + 2 z lse rs
+// with rs = w_c go, go = dLoss/dloss_row and W = sum_k w_k (C without weights).
+template <typename T>
+struct ExtraTerms {
+  T own, extra, per_class;
+};
+
+template <typename T>
+FL_HD ExtraTerms<T> extra_terms(T rs, T go, T lse, T eps, T num_classes, T weight_total, T z) {
+  const T per_class = eps / num_classes * go;
+  // z = 0 adds nothing, also where lse or rs is not finite (0 * inf would be NaN).
+  const T z_term = z == T(0) ? T(0) : T(2) * z * lse * rs;
+  return {(T(1) - eps) * rs, per_class * weight_total + z_term, per_class};
+}
+
 // Coefficients of a row's gradient, for a kernel's last pass:
 //   g_j = exp(x_j - shift) * scale - smooth * w_j   (j != c; w_j = 1 without weights)
 //   g_c = target
@@ -132,34 +172,33 @@ struct GradCoef {
   T shift, scale, smooth, target;
 };
 
-// Gradient of the target-only family times `rs` = weight[c] * dLoss/dloss_row:
-//   j != c: g_j = p_j s = exp(x_j - (lse - log s))
-//   j == c: g_c = -s (1 - p_c) = -exp(log s + (lse_ex - lse))
-// With label smoothing eps (ce only; PyTorch's convention, see reference.py):
-//   g_j = ((1 - eps) w_c go + (eps / C) W go) p_j - (eps / C) go w_j
-//   g_c = -(1 - eps) w_c go (1 - p_c) + (eps / C) go (W p_c - w_c)
-// where go = dLoss/dloss_row, rs = w_c go and W = sum_k w_k (C without weights).
+// Gradient of the target-only family, dh/dx_j = s (p_j - [j == c]), with the terms above:
+//   j != c: g_j = p_j (own s + extra) - per_class w_j
+//   j == c: g_c = -own s (1 - p_c) + extra p_c - per_class w_c
+// s (1 - p_c) = exp(log s + (lse_ex - lse)) exactly, never p_c - 1. Without smoothing and
+// z-loss, p_j own s = exp(x_j - (lse - log s)) * rs. Otherwise s may be huge (nllr near
+// p_c = 1) or tiny (focal), so the shift is lse - m with m = max(log s, 0): both parts of
+// the scale are then a coefficient times a number <= 1 (own s + extra may be negative, so
+// it cannot go into the log).
 template <typename T>
-FL_HD GradCoef<T> target_only_grad(T lse, T lse_ex, T x_c, T log_s, T rs, T go, T w_c,
-                                   T eps, T num_classes, T weight_total) {
+FL_HD GradCoef<T> target_only_grad(T lse, T lse_ex, T x_c, T log_s, T w_c, const ExtraTerms<T>& t) {
   const T log1m_pc = lse_ex - lse;  // log(1 - p_c), exact
-  if (eps == T(0)) {
-    return {lse - log_s, rs, T(0), -std::exp(log_s + log1m_pc) * rs};
-  }
-  const T per_class = eps / num_classes * go;
-  const T p_c = std::exp(x_c - lse);
-  return {lse, (T(1) - eps) * rs + per_class * weight_total, per_class,
-          -(T(1) - eps) * rs * std::exp(log1m_pc) + per_class * (weight_total * p_c - w_c)};
+  const T own_target = -std::exp(log_s + log1m_pc) * t.own;
+  if (t.extra == T(0) && t.per_class == T(0)) return {lse - log_s, t.own, T(0), own_target};
+  const T m = log_s > T(0) ? log_s : T(0);  // a NaN log s gives m = 0 and a NaN scale
+  return {lse - m, t.own * std::exp(log_s - m) + t.extra * std::exp(-m), t.per_class,
+          own_target + t.extra * std::exp(x_c - lse) - t.per_class * w_c};
 }
 
-// Row loss of the target-only family with weight w_c; `weighted_x_sum` is
-// sum_k w_k x_k (sum_k x_k without weights), read only when eps > 0.
-//   (1 - eps) w_c h(p_c) + (eps / C) (W lse - sum_k w_k x_k)
+// Row loss of any variant from its own unweighted term h:
+//   (1 - eps) w_c h + w_c z lse^2 + (eps / C) (W lse - sum_k w_k x_k)
+// `weighted_x_sum` is sum_k w_k x_k (sum_k x_k without weights), read only when eps > 0.
 // A zero weight gives 0 by a select, not a product: h can be inf.
 template <typename T>
-FL_HD T target_only_loss(T h, T w_c, T lse, T eps, T num_classes, T weight_total,
-                         T weighted_x_sum) {
-  T loss = w_c == T(0) ? T(0) : (eps == T(0) ? h : (T(1) - eps) * h) * w_c;
+FL_HD T row_loss(T h, T w_c, T lse, T eps, T num_classes, T weight_total, T weighted_x_sum, T z) {
+  T own = eps == T(0) ? h : (T(1) - eps) * h;
+  if (z != T(0)) own += z * lse * lse;
+  T loss = w_c == T(0) ? T(0) : own * w_c;
   if (eps != T(0)) loss += eps / num_classes * (weight_total * lse - weighted_x_sum);
   return loss;
 }

@@ -2,20 +2,24 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace fusedloss {
 
 LossConfig make_config(int64_t variant, int64_t reduction, int64_t ignore_index,
-                       double label_smoothing, double alpha, double beta, double gamma) {
+                       double label_smoothing, double alpha, double beta, double gamma,
+                       double z_loss, double softcap) {
   TORCH_CHECK(variant >= 0 && variant < kNumVariants, "fusedloss: unknown variant id ", variant,
               " (0..", kNumVariants - 1, ", see fusedloss.variants.Variant)");
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "fusedloss: unknown reduction id ",
               reduction, " (0 none, 1 mean, 2 sum)");
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "fusedloss: label_smoothing must be in [0, 1]; got ", label_smoothing);
-  TORCH_CHECK(label_smoothing == 0.0 || variant == kCE,
-              "fusedloss: label_smoothing is defined for ce (variant 0) only; got variant ",
-              variant);
-  return {variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma};
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, "fusedloss: z_loss must be finite and >= 0; got ",
+              z_loss);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "fusedloss: softcap must be finite and > 0 (0 for no cap); got ", softcap);
+  return {variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap};
 }
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& target,

@@ -13,7 +13,8 @@ namespace fusedloss {
 
 // Validates the scalar arguments and returns them as the kernels take them.
 LossConfig make_config(int64_t variant, int64_t reduction, int64_t ignore_index,
-                       double label_smoothing, double alpha, double beta, double gamma);
+                       double label_smoothing, double alpha, double beta, double gamma,
+                       double z_loss, double softcap);
 
 // logits (N, C) with unit class stride (any row stride), target (N,) int64/int32,
 // weight (C,) floating or absent, all on logits' device.

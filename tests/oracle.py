@@ -70,10 +70,15 @@ def per_row_loss(x: torch.Tensor, t: torch.Tensor, loss: str, alpha=1.5, beta=1.
 
 
 def oracle_loss(x, target, loss="ce", weight=None, ignore_index=-100, reduction="mean",
-                label_smoothing=0.0, alpha=1.5, beta=1.0, gamma=2.0):
+                label_smoothing=0.0, alpha=1.5, beta=1.0, gamma=2.0, z_loss=0.0, softcap=None):
     """Float64 loss of (N, C) logits with PyTorch's weight / ignore_index / reduction semantics.
-    ``x`` must be float64 (pass ``requires_grad`` to get the gradient by autograd)."""
+    ``x`` must be float64 (pass ``requires_grad`` to get the gradient by autograd).
+
+    ``softcap``: the loss of ``softcap * tanh(x / softcap)``; ``z_loss``: ``z_loss * lse^2`` added
+    to each counted row's loss, times its class weight (docs/losses.md)."""
     assert x.dtype == torch.float64
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
     c = x.shape[1]
     target = target.long()
     keep = target != ignore_index
@@ -86,6 +91,8 @@ def oracle_loss(x, target, loss="ce", weight=None, ignore_index=-100, reduction=
         lse = torch.logsumexp(x, 1)
         smooth = ((lse[:, None] - x) * w[None, :]).sum(1)
         rows = (1 - label_smoothing) * rows + torch.where(keep, label_smoothing / c * smooth, torch.zeros_like(smooth))
+    if z_loss:
+        rows = rows + torch.where(keep, z_loss * torch.logsumexp(x, 1).square() * w_row, torch.zeros_like(rows))
     if reduction == "none":
         return rows
     if reduction == "sum":

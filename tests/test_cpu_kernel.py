@@ -37,10 +37,11 @@ BLOCK = {torch.float32: 2048, torch.bfloat16: 4096, torch.float16: 4096, torch.f
 
 
 def run(x, t, loss="ce", *, weight=None, ignore_index=-100, reduction="mean", eps=0.0,
-        alpha=1.5, beta=1.0, gamma=2.0, grad_output=None):
+        alpha=1.5, beta=1.0, gamma=2.0, z_loss=0.0, softcap=0.0, grad_output=None):
     """The op three ways: forward with the fused gradient, forward without it, and the
     backward op from the stats. Returns (loss, fused grad, backward-op grad for grad_output)."""
-    scalars = (int(variant_id(loss)), int(reduction_id(reduction)), ignore_index, eps, alpha, beta, gamma)
+    scalars = (int(variant_id(loss)), int(reduction_id(reduction)), ignore_index, eps, alpha, beta, gamma,
+               z_loss, softcap)
     out, stats, grad = FWD(x, t, weight, *scalars, True)
     out2, stats2, empty = FWD(x, t, weight, *scalars, False)
     assert empty.shape == (0,)
@@ -282,10 +283,10 @@ def test_out_of_range_target_raises_index_error(bad):
     t = torch.tensor([0, 6, bad, -100])
     for compute_grad in (False, True):
         with pytest.raises(IndexError, match=rf"target {bad}\b.*C=7"):
-            FWD(x, t, None, 0, 1, -100, 0.0, 1.5, 1.0, 2.0, compute_grad)
+            FWD(x, t, None, 0, 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, compute_grad)
     stats = torch.zeros(4, 4)
     with pytest.raises(IndexError, match=rf"target {bad}\b.*C=7"):
-        BWD(torch.tensor(1.0), x, t, None, stats, 0, 1, -100, 0.0, 1.5, 1.0, 2.0)
+        BWD(torch.tensor(1.0), x, t, None, stats, 0, 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0)
     with pytest.raises(IndexError, match=rf"{bad}"):
         fl.softmax_loss(x, t, "focal", backend="cpu")
 
@@ -293,13 +294,17 @@ def test_out_of_range_target_raises_index_error(bad):
 def test_bad_arguments_raise():
     x, t = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
     with pytest.raises(RuntimeError, match="unit stride"):
-        FWD(x.t().contiguous().t(), t, None, 0, 1, -100, 0.0, 1.5, 1.0, 2.0, False)
+        FWD(x.t().contiguous().t(), t, None, 0, 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match="label_smoothing"):
-        FWD(x, t, None, int(Variant.FOCAL), 1, -100, 0.1, 1.5, 1.0, 2.0, False)
+        FWD(x, t, None, int(Variant.FOCAL), 1, -100, 1.5, 1.5, 1.0, 2.0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="z_loss"):
+        FWD(x, t, None, int(Variant.FOCAL), 1, -100, 0.0, 1.5, 1.0, 2.0, -1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="softcap"):
+        FWD(x, t, None, int(Variant.FOCAL), 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0, -3.0, False)
     with pytest.raises(RuntimeError, match="variant"):
-        FWD(x, t, None, 6, 1, -100, 0.0, 1.5, 1.0, 2.0, False)
+        FWD(x, t, None, 6, 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match="weight"):
-        FWD(x, t, torch.ones(6), 0, 1, -100, 0.0, 1.5, 1.0, 2.0, False)
+        FWD(x, t, torch.ones(6), 0, 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, False)
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +329,7 @@ def _opcheck_args(variant, reduction, compute_grad):
     t = torch.tensor([0, -100, 4, 2, 1, 3])
     w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
     eps = 0.1 if variant == Variant.CE else 0.0
-    return (x, t, w, int(variant), int(reduction), -100, eps, 1.5, 1.0, 2.0, compute_grad)
+    return (x, t, w, int(variant), int(reduction), -100, eps, 1.5, 1.0, 2.0, 0.0, 0.0, compute_grad)
 
 
 @pytest.mark.parametrize("compute_grad", [False, True])
@@ -359,7 +364,7 @@ def test_functional_gradient_and_gradcheck(loss):
     # check_undefined_grad=False: a None grad_loss is ops.register_autograd's to handle,
     # not the kernel's.
     assert torch.autograd.gradcheck(lambda v: FWD(v, t, w, int(variant_id(loss)), 2, -100,
-                                                  kw["label_smoothing"], 1.5, 1.0, 2.0, False)[0],
+                                                  kw["label_smoothing"], 1.5, 1.0, 2.0, 0.0, 0.0, False)[0],
                                     (x.clone().requires_grad_(True),), check_undefined_grad=False)
 
 
@@ -469,7 +474,7 @@ def test_past_2_pow_31_elements_bf16():
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1])
     t = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(18))
     t[rows] = torch.tensor([0, c - 1, 12345, c - 1, 7])
-    out, stats, grad = FWD(x, t, None, int(Variant.FOCAL), int(Reduction.NONE), -100, 0.0, 1.5, 1.0, 2.0, True)
+    out, stats, grad = FWD(x, t, None, int(Variant.FOCAL), int(Reduction.NONE), -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, True)
     ref, ref_g = oracle_loss_and_grad(x[rows], t[rows], "focal", reduction="none")
     assert_close(out[rows], ref, torch.float32, "loss")
     assert_close(grad[rows], ref_g, torch.bfloat16, "grad")

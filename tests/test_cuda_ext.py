@@ -86,7 +86,7 @@ def test_kernels_do_not_spill():
 # ----------------------------------------------------------------------------
 
 def _run(x, t, loss, *, weight=None, reduction="mean", eps=0.0, grad_output=None, ignore_index=-100):
-    scalars = (int(variant_id(loss)), int(reduction_id(reduction)), ignore_index, eps, 1.5, 1.0, 2.0)
+    scalars = (int(variant_id(loss)), int(reduction_id(reduction)), ignore_index, eps, 1.5, 1.0, 2.0, 0.0, 0.0)
     out, stats, grad = FWD(x, t, weight, *scalars, True)
     out2, _, empty = FWD(x, t, weight, *scalars, False)
     assert empty.shape == (0,)
@@ -175,7 +175,7 @@ def test_bad_target_marks_row_nan_or_raises_in_strict_mode(monkeypatch):
     assert torch.isfinite(out[[0, 3]]).all() and out[2] == 0 and (grad[2] == 0).all()
     monkeypatch.setenv("FUSEDLOSS_STRICT", "1")
     with pytest.raises(IndexError, match=r"target 9\b.*C=7"):
-        FWD(x, t, None, int(Variant.CE), int(Reduction.MEAN), -100, 0.0, 1.5, 1.0, 2.0, True)
+        FWD(x, t, None, int(Variant.CE), int(Reduction.MEAN), -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, True)
 
 
 @gpu
@@ -188,7 +188,7 @@ def test_opcheck_on_cuda():
     for variant in Variant:
         for red in Reduction:
             eps = 0.1 if variant == Variant.CE else 0.0
-            args = (x, t, w, int(variant), int(red), -100, eps, 1.5, 1.0, 2.0)
+            args = (x, t, w, int(variant), int(red), -100, eps, 1.5, 1.0, 2.0, 0.0, 0.0)
             torch.library.opcheck(FWD, args + (True,))
             loss, stats, _ = FWD(x.detach(), t, w, *args[3:], False)
             torch.library.opcheck(BWD, (torch.rand_like(loss) + 0.5, x.detach(), t, w, stats) + args[3:])
@@ -216,7 +216,7 @@ def test_past_2_pow_31_elements_bf16_gpu():
     x = torch.empty(n, c, dtype=torch.bfloat16, device="cuda").uniform_(-4, 4)
     t = torch.randint(0, c, (n,), device="cuda")
     rows = torch.tensor([0, n // 2, n - 1], device="cuda")
-    out, _, grad = FWD(x, t, None, int(Variant.FOCAL), int(Reduction.NONE), -100, 0.0, 1.5, 1.0, 2.0, True)
+    out, _, grad = FWD(x, t, None, int(Variant.FOCAL), int(Reduction.NONE), -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, True)
     ref, ref_g = oracle_loss_and_grad(x[rows].cpu(), t[rows].cpu(), "focal", reduction="none")
     assert_close(out[rows].cpu(), ref, torch.float32, "loss")
     assert_close(grad[rows].cpu(), ref_g, torch.bfloat16, "grad")

@@ -191,14 +191,14 @@ def test_module_owns_only_loss_options():
     torch.testing.assert_close(m(h, w, t, bias=b), fl.softmax_loss(h @ w.T + b, t, "focal", gamma=1.5))
 
 
-def test_z_loss_and_softcap_not_yet():
+def test_z_loss_and_softcap_arguments():
+    """Bad values raise naming the argument (the math itself: test_loss_options.py)."""
     (h, w, b), t, _ = _problem()
-    with pytest.raises(NotImplementedError, match="z_loss and softcap"):
-        fl.linear_softmax_loss(h, w, t, z_loss=1e-4)
-    with pytest.raises(NotImplementedError, match="z_loss and softcap"):
-        fl.softmax_loss(h @ w.T, t, softcap=30.0)
-    with pytest.raises(ValueError):
-        fl.linear_softmax_loss(h, w, t, z_loss=-1.0)
+    for bad in (dict(z_loss=-1.0), dict(softcap=0.0), dict(softcap=float("inf"))):
+        with pytest.raises(ValueError, match="z_loss|softcap"):
+            fl.linear_softmax_loss(h, w, t, **bad)
+    with pytest.raises(ValueError, match="z_loss|softcap"):
+        fl.LinearSoftmaxLoss(softcap=-1.0)
     fl.linear_softmax_loss(h, w, t, z_loss=0.0, softcap=None)  # the defaults run
 
 
@@ -250,14 +250,14 @@ def test_opcheck(backend, reduction, layout):
         assert not h.is_contiguous() and not w.is_contiguous()
     b = torch.randn(6, requires_grad=True)
     t = torch.tensor([0, 5, -100, 2, 3, 1, 4, 4, 0])
-    args = (h, w, b, t, torch.rand(6) + 0.5, backend, 3, reduction, -100, 0.0, 1.5, 1.0, 2.0, 4, True, True, True)
+    args = (h, w, b, t, torch.rand(6) + 0.5, backend, 3, reduction, -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, 4, True, True, True)
     torch.library.opcheck(head.linear_loss_fwd, args)
     if reduction == 0:
         _, _, stats, *_ = head.linear_loss_fwd(*args)
         # no double backward: the backward op itself takes no gradient
         hd, wd, bd = h.detach(), w.detach(), b.detach()
         torch.library.opcheck(head.linear_loss_bwd, (torch.randn(9), hd, wd, bd, t, None, stats, backend, 3, 0, -100,
-                                                     0.0, 1.5, 1.0, 2.0, 4, True, True, True))
+                                                     0.0, 1.5, 1.0, 2.0, 0.0, 0.0, 4, True, True, True))
 
 
 class _Head(torch.nn.Module):

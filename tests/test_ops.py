@@ -19,7 +19,7 @@ def _args(variant, reduction, *, n=6, c=5, weight=True, eps=0.0, compute_grad=Fa
     t = torch.randint(0, c, (n,), generator=g)
     t[1] = -100
     w = torch.rand(c, generator=g, dtype=dtype) + 0.5 if weight else None
-    return (x, t, w, int(variant), int(reduction), -100, eps, 1.5, 1.0, 2.0, compute_grad)
+    return (x, t, w, int(variant), int(reduction), -100, eps, 1.5, 1.0, 2.0, 0.0, 0.0, compute_grad)
 
 
 @pytest.mark.parametrize("loss", fl.LOSSES)
@@ -58,7 +58,7 @@ def test_opcheck_reference_bwd(reduction):
         args = _args(variant, reduction)
         loss, stats, _ = ops.reference_fwd(*args)
         x, t, w = args[:3]
-        torch.library.opcheck(ops.reference_bwd, (torch.ones_like(loss), x, t, w, stats) + args[3:10])
+        torch.library.opcheck(ops.reference_bwd, (torch.ones_like(loss), x, t, w, stats) + args[3:12])
 
 
 def test_opcheck_soft_ce():
@@ -75,10 +75,10 @@ def test_fused_gradient_path_matches_recomputed_backward():
         for red in Reduction:
             args = _args(variant, red)
             x = args[0].requires_grad_(True)
-            loss, _, _ = ops.reference_fwd(x, *args[1:10], False)
+            loss, _, _ = ops.reference_fwd(x, *args[1:12], False)
             go = torch.rand_like(loss) + 0.5
             (g_recomputed,) = torch.autograd.grad(loss, x, go)
-            loss2, _, grad = ops.reference_fwd(x, *args[1:10], True)
+            loss2, _, grad = ops.reference_fwd(x, *args[1:12], True)
             (g_fused,) = torch.autograd.grad(loss2, x, go)
             assert grad.shape == x.shape
             torch.testing.assert_close(g_fused, g_recomputed)

@@ -168,7 +168,7 @@ class Driver:
             for loss in ("ce", "bce"):
                 for red in ("none", "mean"):
                     args = (int(variant_id(loss)), int(reduction_id(red)), -100, 0.0,
-                            HYPER["alpha"], HYPER["beta"], HYPER["gamma"])
+                            HYPER["alpha"], HYPER["beta"], HYPER["gamma"], 0.0, 0.0)
                     grads = []
                     for b in (be, ref):
                         out, stats, _ = b.fwd(x, t, w, *args, False)

@@ -32,11 +32,11 @@ namespace fusedloss::cpu::CPU_CAPABILITY {
 namespace {
 
 // Per-thread row buffers, kept between calls (no allocation per row):
-// slot 0: the e_k of the exp pass for half dtypes (float and double rows keep
-// them in their own gradient row); slot 1: the per-block shifts.
+// slot 0: the e_k of the exp pass; slot 1: the per-block shifts; slots 2-4: a
+// soft-capped row, its slopes and its gradient (see capped_row).
 template <typename T>
 T* thread_buffer(int slot, size_t n) {
-  thread_local std::vector<T> buffers[2];
+  thread_local std::vector<T> buffers[5];
   auto& v = buffers[slot];
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -137,17 +137,18 @@ struct Rows {
     }
     const auto terms = target_only_terms<acc_t>(pb.cfg.variant, lse_ex - x_c, pb.cfg.alpha,
                                                 pb.cfg.beta, pb.cfg.gamma);
+    const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
     if (forward) {
       static_cast<acc_t*>(pb.loss_rows)[i] =
-          target_only_loss<acc_t>(terms.loss, w_c, lse, eps, acc_t(C), W, weighted_x_sum);
+          row_loss<acc_t>(terms.loss, w_c, lse, eps, acc_t(C), W, weighted_x_sum, z);
       st[0] = lse;
       st[1] = lse_ex;
       st[2] = st[3] = acc_t(0);
     }
     if (!g) return;
     const acc_t go = grad_out(i);
-    const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, w_c * go, go, w_c, eps,
-                                           acc_t(C), W);
+    const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, w_c,
+                                           extra_terms<acc_t>(w_c * go, go, lse, eps, acc_t(C), W, z));
     // vexp (exp_u20) clamps its argument, so a NaN shift (a NaN row, or a log s that
     // is undefined at p_c = 0) would not reach the output: the scale carries it.
     const acc_t scale = std::isnan(k.shift) ? k.shift : k.scale;
@@ -307,6 +308,7 @@ struct Rows {
     return logaddexp(acc.lse(), x_c) - lse;
   }
 
+  template <bool kSmooth>
   void bce(int64_t i, bool forward, const Buffers& buf) const {
     const int64_t c = pb.target[i];
     const scalar_t* x = row(i);
@@ -318,13 +320,17 @@ struct Rows {
     // its loss does not change a bit with compute_grad.
     acc_t* e = forward ? buf.e : nullptr;
     acc_t* shifts = buf.shifts;
-    acc_t lse, lse_ex;
+    acc_t lse, lse_ex, weighted_x_sum = 0;
     int64_t w;
+    const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
+    const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
+    const acc_t W = static_cast<acc_t>(pb.weight_total);
     if (forward) {
-      const auto acc = lse_pass<true, false>(x, c, e, shifts, g);
+      const auto acc = lse_pass<true, kSmooth>(x, c, e, shifts, g);
       lse_ex = acc.lse();
       lse = logaddexp(lse_ex, x_c);
       w = acc.max > x_c ? acc.argmax : c;  // ties: c (then p_w <= 1/2 and both forms are exact)
+      if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_c * x_c;
     } else {
       lse = st[0];
       lse_ex = st[1];
@@ -344,7 +350,8 @@ struct Rows {
       }
       r = bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, log1m_pw, s.a);
       const acc_t h = bce_loss<acc_t>(w_is_c, lse_ex - x_c, r.log1m_pw, s.log1m);
-      static_cast<acc_t*>(pb.loss_rows)[i] = w_c == acc_t(0) ? acc_t(0) : h * w_c;
+      static_cast<acc_t*>(pb.loss_rows)[i] =
+          row_loss<acc_t>(h, w_c, lse, eps, acc_t(pb.classes), W, weighted_x_sum, z);
       st[0] = lse;
       st[1] = lse_ex;
       st[2] = r.log1m_pw;
@@ -356,38 +363,111 @@ struct Rows {
     // As in target_only: a NaN in the row's scalars reaches the output through rs,
     // since vexp clamps a NaN argument.
     const bool nan_row = std::isnan(lse) || std::isnan(r.r) || std::isnan(r.log_aw);
-    const acc_t rs = nan_row ? std::numeric_limits<acc_t>::quiet_NaN() : w_c * grad_out(i);
+    const acc_t go = grad_out(i);
+    ExtraTerms<acc_t> t = extra_terms<acc_t>(w_c * go, go, lse, eps, acc_t(pb.classes), W, z);
+    if (nan_row) t.own = std::numeric_limits<acc_t>::quiet_NaN();
     // p_j a_w: -p_j when w == c; p_j * a_w while a_w is moderate (a subnormal p_j
     // times a_w <= e^20 is below 1e-29); else exp(x_j - lse + log a_w).
-    if (w_is_c) {
-      bce_grad_pass<0>(src, g, c, r, rs);
-    } else if (r.log_aw <= acc_t(20)) {
-      bce_grad_pass<1>(src, g, c, r, rs);
+    const bool extra = t.extra != acc_t(0) || t.per_class != acc_t(0);
+    const int mode = w_is_c ? 0 : (r.log_aw <= acc_t(20) ? 1 : 2);
+    if (extra) {
+      if (mode == 0) bce_grad_pass<0, true>(src, g, r, t);
+      if (mode == 1) bce_grad_pass<1, true>(src, g, r, t);
+      if (mode == 2) bce_grad_pass<2, true>(src, g, r, t);
     } else {
-      bce_grad_pass<2>(src, g, c, r, rs);
+      if (mode == 0) bce_grad_pass<0, false>(src, g, r, t);
+      if (mode == 1) bce_grad_pass<1, false>(src, g, r, t);
+      if (mode == 2) bce_grad_pass<2, false>(src, g, r, t);
     }
-    g[w] = static_cast<scalar_t>(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, r.log1m_pw, r.r) * rs);
-    if (!w_is_c) g[c] = static_cast<scalar_t>(bce_grad_target<acc_t>(x_c, lse, r.r, r.log_aw) * rs);
+    // The arg-max and the target: their own forms, plus extra p_j - per_class w_j.
+    auto with_extra = [&](acc_t own_g, int64_t j, acc_t x_j) {
+      acc_t v = own_g * t.own;
+      if (extra) v += t.extra * std::exp(x_j - lse) - t.per_class * weight_of(j);
+      return static_cast<scalar_t>(v);
+    };
+    g[w] = with_extra(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, r.log1m_pw, r.r), w, x_w);
+    if (!w_is_c) g[c] = with_extra(bce_grad_target<acc_t>(x_c, lse, r.r, r.log_aw), c, x_c);
   }
 
-  // Pass 3: g_j = a_j - p_j R - p_j a_w for every j but c (w is overwritten after).
-  template <int kAwMode>
-  FUSEDLOSS_ROW_PASS void bce_grad_pass(const PSource& src, scalar_t* g, int64_t c, const BceRow<acc_t>& r,
-                     acc_t rs) const {
-    const Vec vr(r.r), vrs(rs), vlse(src.lse), log_aw(r.log_aw);
+  // Pass 3: g_j = (a_j - p_j R - p_j a_w) own [+ extra p_j - per_class w_j] for every j
+  // but c (w is overwritten after).
+  template <int kAwMode, bool kExtra>
+  FUSEDLOSS_ROW_PASS void bce_grad_pass(const PSource& src, scalar_t* g, const BceRow<acc_t>& r,
+                                        const ExtraTerms<acc_t>& terms) const {
+    const Vec vr(r.r), vrs(terms.own), vlse(src.lse), log_aw(r.log_aw);
+    const Vec vextra(terms.extra), vpc(terms.per_class);
     const Vec aw(kAwMode == 1 ? std::exp(r.log_aw) : acc_t(0));
     src.write(g, pb.classes, stream, [&](Step p, int64_t j, int64_t n) {
-      Step t;
+      Step t, w;
       if constexpr (kAwMode == 2) t = RV::load(src.x + j, n);
+      if (kExtra && weight) w = RV::load_acc(weight + j, n);
       const bool small = all_small(p);
       for (int q = 0; q < RV::kParts; ++q) {
         Vec gq = odds(p.v[q], small) - p.v[q] * vr;
         if constexpr (kAwMode == 0) gq = gq + p.v[q];
         if constexpr (kAwMode == 1) gq = gq - p.v[q] * aw;
         if constexpr (kAwMode == 2) gq = gq - vexp(t.v[q] - vlse + log_aw);
-        p.v[q] = gq * vrs;
+        gq = gq * vrs;
+        if constexpr (kExtra) gq = gq + p.v[q] * vextra - (weight ? vpc * w.v[q] : vpc);
+        p.v[q] = gq;
       }
       return p;
+    });
+  }
+
+  // ------------------------------------------------------------------------
+  // Soft cap (losses.h, soft_capped): the row is capped once into a thread buffer of
+  // the math type, with the cap's slopes beside it; the kernels of the math type run on
+  // that one row (into a gradient buffer), and the gradient w.r.t. the logits is their
+  // gradient times the slopes. Two extra passes over an in-cache row and one exp per
+  // element on top of the uncapped loss.
+  // ------------------------------------------------------------------------
+  void capped_row(int64_t i, bool forward) const {
+    const int64_t C = pb.classes;
+    acc_t* y = thread_buffer<acc_t>(2, C);
+    acc_t* slope = thread_buffer<acc_t>(3, C);
+    acc_t* gy = pb.grad ? thread_buffer<acc_t>(4, C) : nullptr;
+    const scalar_t* x = row(i);
+    const acc_t cap = static_cast<acc_t>(pb.cfg.softcap);
+    const Vec vcap(cap), vinv(acc_t(1) / cap), one(acc_t(1)), zero(acc_t(0));
+    RV::for_each(x, 0, C, [&](Step s, int64_t j, int64_t n) {
+      Step yv = s, sl = s;
+      for (int q = 0; q < RV::kParts; ++q) {
+        const Vec u = s.v[q] * vinv;
+        const Vec e = vexp(Vec(acc_t(-2)) * u.abs());
+        const Vec t = (one - e) / (one + e);
+        yv.v[q] = vcap * Vec::blendv(t, -t, u < zero);
+        sl.v[q] = Vec(acc_t(4)) * e / ((one + e) * (one + e));
+        // vexp clamps its argument: a NaN logit must stay NaN in the capped row.
+        yv.v[q] = Vec::blendv(yv.v[q], s.v[q], s.v[q] != s.v[q]);
+      }
+      RV::store_acc(y + j, n, yv);
+      RV::store_acc(slope + j, n, sl);
+    });
+    RowsProblem one_row = pb;
+    one_row.dtype = std::is_same_v<acc_t, double> ? c10::ScalarType::Double : c10::ScalarType::Float;
+    one_row.logits = y;
+    one_row.rows = 1;
+    one_row.row_stride = C;
+    one_row.target = pb.target + i;
+    one_row.cfg.softcap = 0;
+    one_row.stats = stats_row(i);
+    one_row.loss_rows = forward ? static_cast<acc_t*>(pb.loss_rows) + i : nullptr;
+    one_row.grad = gy;
+    if (pb.grad_loss_rows) {
+      one_row.grad_loss_rows = static_cast<const acc_t*>(pb.grad_loss_rows) + i * pb.grad_loss_stride;
+    }
+    Rows<acc_t>(one_row, false).run(0, 1, forward);
+    if (!gy) return;
+    using AV = RowVec<acc_t>;
+    RV::write(grad_row(i), 0, C, stream, [&](int64_t j, int64_t n) {
+      Step out;
+      for (int q = 0; q < RV::kParts; ++q) {
+        const int64_t off = j + q * RV::kLanes;
+        const int64_t nq = std::clamp<int64_t>(n - q * RV::kLanes, 0, RV::kLanes);
+        out.v[q] = nq == 0 ? zero : AV::load_acc(gy + off, nq).v[0] * AV::load_acc(slope + off, nq).v[0];
+      }
+      return out;
     });
   }
 
@@ -397,8 +477,10 @@ struct Rows {
     for (int64_t i = begin; i < end; ++i) {
       if (pb.target[i] == pb.cfg.ignore_index) {
         ignore_row(i, forward);
+      } else if (pb.cfg.softcap > 0) {
+        capped_row(i, forward);
       } else if (pb.cfg.variant == kBCE) {
-        bce(i, forward, buf);
+        smooth ? bce<true>(i, forward, buf) : bce<false>(i, forward, buf);
       } else if (smooth) {
         target_only<true>(i, forward, buf);
       } else {

@@ -101,10 +101,11 @@ void check_bce_classes(const LossConfig& cfg, const at::Tensor& logits) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t variant, int64_t reduction, int64_t ignore_index, double label_smoothing,
-    double alpha, double beta, double gamma, bool compute_grad) {
+    double alpha, double beta, double gamma, double z_loss, double softcap, bool compute_grad) {
   check_inputs(logits, target, weight, "fusedloss::ext_fwd");
   const LossConfig cfg =
-      make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma);
+      make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss,
+                  softcap);
   check_bce_classes(cfg, logits);
   const at::Tensor w = weight_in_acc(weight, logits);
   const CheckedTargets checked = check_targets(target, w, logits.size(1), ignore_index);
@@ -138,10 +139,11 @@ at::Tensor ext_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                        const at::Tensor& target, const std::optional<at::Tensor>& weight,
                        const at::Tensor& stats, int64_t variant, int64_t reduction,
                        int64_t ignore_index, double label_smoothing, double alpha, double beta,
-                       double gamma) {
+                       double gamma, double z_loss, double softcap) {
   check_inputs(logits, target, weight, "fusedloss::ext_bwd");
   const LossConfig cfg =
-      make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma);
+      make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss,
+                  softcap);
   check_backward_inputs(grad_loss, logits, stats, cfg);
   check_bce_classes(cfg, logits);
   const auto acc = acc_dtype(logits);

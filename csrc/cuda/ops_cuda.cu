@@ -128,9 +128,10 @@ RowsArgs make_args(const at::Tensor& logits, const Prepared& p, const LossConfig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t variant, int64_t reduction, int64_t ignore_index, double label_smoothing, double alpha,
-    double beta, double gamma, bool compute_grad) {
+    double beta, double gamma, double z_loss, double softcap, bool compute_grad) {
   check_inputs(logits, target, weight, "fusedloss::ext_fwd");
-  const LossConfig cfg = make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma);
+  const LossConfig cfg = make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss,
+                  softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight, cfg);
   ForwardOutputs out = allocate_forward(logits, compute_grad);
@@ -148,9 +149,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_fwd_cuda(
 at::Tensor ext_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t variant,
                         int64_t reduction, int64_t ignore_index, double label_smoothing, double alpha,
-                        double beta, double gamma) {
+                        double beta,
+                       double gamma, double z_loss, double softcap) {
   check_inputs(logits, target, weight, "fusedloss::ext_bwd");
-  const LossConfig cfg = make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma);
+  const LossConfig cfg = make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss,
+                  softcap);
   check_backward_inputs(grad_loss, logits, stats, cfg);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto acc = acc_dtype(logits);

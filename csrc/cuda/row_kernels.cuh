@@ -109,6 +109,18 @@ struct RowView {
   }
 };
 
+// A logit as the loss reads it: soft-capped when cfg.softcap > 0 (losses.h).
+template <typename acc_t>
+__device__ __forceinline__ acc_t loss_logit(const RowsArgs& a, acc_t v) {
+  return a.cfg.softcap > 0 ? soft_capped<acc_t>(v, static_cast<acc_t>(a.cfg.softcap)).value : v;
+}
+
+// The gradient w.r.t. the raw logit v from the one w.r.t. the capped logit.
+template <typename acc_t>
+__device__ __forceinline__ acc_t raw_grad(const RowsArgs& a, acc_t g, acc_t v) {
+  return a.cfg.softcap > 0 ? g * soft_capped<acc_t>(v, static_cast<acc_t>(a.cfg.softcap)).slope : g;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t weight_total(const RowsArgs& a) {
   return a.weight_total ? *static_cast<const acc_t*>(a.weight_total) : acc_t(a.classes);
@@ -134,13 +146,15 @@ __device__ void target_only_row(const RowsArgs& a, int64_t i, bool forward) {
   acc_t* st = static_cast<acc_t*>(a.stats) + i * kStatsCols;
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
   const acc_t eps = static_cast<acc_t>(a.cfg.label_smoothing);
-  const acc_t x_c = static_cast<acc_t>(r.x[r.c]);
+  const acc_t x_c = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[r.c]));
+  const acc_t z = static_cast<acc_t>(a.cfg.z_loss);
   acc_t lse, lse_ex, x_sum = 0;
   if (forward) {
     LseState<acc_t> s = LseState<acc_t>::empty();
     acc_t xs[1] = {acc_t(0)};
     visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
       if (j == r.c) return;
+      v = loss_logit<acc_t>(a, v);
       s.add(v, j);
       if (eps != acc_t(0)) xs[0] += weight ? weight[j] * v : v;
     });
@@ -158,7 +172,7 @@ __device__ void target_only_row(const RowsArgs& a, int64_t i, bool forward) {
   const auto terms = target_only_terms<acc_t>(a.cfg.variant, lse_ex - x_c, a.cfg.alpha, a.cfg.beta, a.cfg.gamma);
   const acc_t W = weight_total<acc_t>(a);
   if (forward && threadIdx.x == 0) {
-    const acc_t loss = target_only_loss<acc_t>(terms.loss, r.w_c, lse, eps, acc_t(C), W, x_sum);
+    const acc_t loss = row_loss<acc_t>(terms.loss, r.w_c, lse, eps, acc_t(C), W, x_sum, z);
     static_cast<acc_t*>(a.loss_rows)[i] = r.bad ? nan_value<acc_t>() : loss;
     st[0] = lse;
     st[1] = lse_ex;
@@ -166,13 +180,14 @@ __device__ void target_only_row(const RowsArgs& a, int64_t i, bool forward) {
   }
   if (!r.g) return;
   const acc_t go = grad_out<acc_t>(a, i);
-  const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, r.w_c * go, go, r.w_c, eps, acc_t(C), W);
+  const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, r.w_c,
+                                         extra_terms<acc_t>(r.w_c * go, go, lse, eps, acc_t(C), W, z));
   map_row<scalar_t, kVec>(r.x, r.g, C, [&](int64_t j, acc_t v) {
     if (r.bad) return nan_value<acc_t>();
-    if (j == r.c) return k.target;
-    acc_t gj = std::exp(v - k.shift) * k.scale;
+    if (j == r.c) return raw_grad<acc_t>(a, k.target, v);
+    acc_t gj = std::exp(loss_logit<acc_t>(a, v) - k.shift) * k.scale;
     if (eps != acc_t(0)) gj -= k.smooth * (weight ? weight[j] : acc_t(1));
-    return gj;
+    return raw_grad<acc_t>(a, gj, v);
   });
 }
 
@@ -185,15 +200,26 @@ __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
   const RowView<scalar_t> r(a, i);
   const int64_t C = a.classes, c = r.c;
   acc_t* st = static_cast<acc_t*>(a.stats) + i * kStatsCols;
-  const acc_t x_c = static_cast<acc_t>(r.x[c]);
-  acc_t lse, lse_ex;
+  const acc_t x_c = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[c]));
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t eps = static_cast<acc_t>(a.cfg.label_smoothing);
+  const acc_t z = static_cast<acc_t>(a.cfg.z_loss);
+  acc_t lse, lse_ex, x_sum = 0;
   int64_t w;
   if (forward) {
     LseState<acc_t> s = LseState<acc_t>::empty();
+    acc_t xs[1] = {acc_t(0)};
     visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
-      if (j != c) s.add(v, j);
+      if (j == c) return;
+      v = loss_logit<acc_t>(a, v);
+      s.add(v, j);
+      if (eps != acc_t(0)) xs[0] += weight ? weight[j] * v : v;
     });
     s = block_merge(s);
+    if (eps != acc_t(0)) {
+      block_sum(xs);
+      x_sum = xs[0] + r.w_c * x_c;
+    }
     lse_ex = s.lse();
     lse = logaddexp(lse_ex, x_c);
     w = s.max > x_c ? s.arg : c;  // ties: c (then p_w <= 1/2 and both forms are exact)
@@ -204,12 +230,12 @@ __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
     if (w < 0 || w >= C) w = c;  // stats from elsewhere: never index with them unchecked
   }
   const bool w_is_c = w == c;
-  const acc_t x_w = static_cast<acc_t>(r.x[w]);
+  const acc_t x_w = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[w]));
   // Sums over k not in {c, w}: P = sum p_k, sum log1p(-p_k), sum a_k (p_k <= 1/2: exact).
   acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};
   visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
     if (j == c || j == w) return;
-    const acc_t p = std::exp(v - lse);
+    const acc_t p = std::exp(loss_logit<acc_t>(a, v) - lse);
     sums[0] += p;
     sums[1] += ::log1p(-p);
     sums[2] += p / (acc_t(1) - p);
@@ -225,7 +251,7 @@ __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
       // lse over k not in {c, w}, shifted by its own max. Block-uniform branch.
       LseState<acc_t> s = LseState<acc_t>::empty();
       visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
-        if (j != c && j != w) s.add(v, j);
+        if (j != c && j != w) s.add(loss_logit<acc_t>(a, v), j);
       });
       s = block_merge(s);
       log1m_pw = logaddexp(s.lse(), x_c) - lse;
@@ -234,21 +260,38 @@ __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
   const BceRow<acc_t> row = fusedloss::bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, log1m_pw, sums[2]);
   if (forward && threadIdx.x == 0) {
     const acc_t h = bce_loss<acc_t>(w_is_c, lse_ex - x_c, row.log1m_pw, sums[1]);
-    static_cast<acc_t*>(a.loss_rows)[i] = r.bad ? nan_value<acc_t>() : (r.w_c == acc_t(0) ? acc_t(0) : h * r.w_c);
+    const acc_t loss = row_loss<acc_t>(h, r.w_c, lse, eps, acc_t(C), weight_total<acc_t>(a), x_sum, z);
+    static_cast<acc_t*>(a.loss_rows)[i] = r.bad ? nan_value<acc_t>() : loss;
     st[0] = lse;
     st[1] = lse_ex;
     st[2] = row.log1m_pw;
     st[3] = static_cast<acc_t>(w);
   }
   if (!r.g) return;
-  const acc_t rs = r.w_c * grad_out<acc_t>(a, i);
-  const acc_t g_w = bce_grad_argmax<acc_t>(w_is_c, x_w, lse, row.log1m_pw, row.r) * rs;
-  const acc_t g_c = w_is_c ? g_w : bce_grad_target<acc_t>(x_c, lse, row.r, row.log_aw) * rs;
+  const acc_t go = grad_out<acc_t>(a, i);
+  const ExtraTerms<acc_t> t =
+      extra_terms<acc_t>(r.w_c * go, go, lse, eps, acc_t(C), weight_total<acc_t>(a), z);
+  // g_j = own dh/dx_j + extra p_j - per_class w_j (losses.h, extra_terms).
+  auto with_extra = [&](acc_t own_g, int64_t j, acc_t y) {
+    acc_t v = own_g * t.own;
+    if (t.extra != acc_t(0)) v += t.extra * std::exp(y - lse);
+    if (t.per_class != acc_t(0)) v -= t.per_class * (weight ? weight[j] : acc_t(1));
+    return v;
+  };
+  const acc_t g_w = with_extra(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, row.log1m_pw, row.r), w, x_w);
+  const acc_t g_c = w_is_c ? g_w : with_extra(bce_grad_target<acc_t>(x_c, lse, row.r, row.log_aw), c, x_c);
   map_row<scalar_t, kVec>(r.x, r.g, C, [&](int64_t j, acc_t v) {
     if (r.bad) return nan_value<acc_t>();
-    if (j == w) return g_w;
-    if (j == c) return g_c;
-    return bce_grad_other<acc_t>(w_is_c, v, lse, row.r, row.log_aw) * rs;
+    const acc_t y = loss_logit<acc_t>(a, v);
+    acc_t gj;
+    if (j == w) {
+      gj = g_w;
+    } else if (j == c) {
+      gj = g_c;
+    } else {
+      gj = with_extra(bce_grad_other<acc_t>(w_is_c, y, lse, row.r, row.log_aw), j, y);
+    }
+    return raw_grad<acc_t>(a, gj, v);
   });
 }
 

@@ -57,7 +57,9 @@ def softmax_loss(
         weight: optional ``(C,)`` class weights.
         ignore_index: target value whose rows are ignored (class-index targets only).
         reduction: ``"none" | "mean" | "sum"``.
-        label_smoothing: ``eps`` in ``[0, 1]``, ``"ce"`` only (PyTorch's definition).
+        label_smoothing: ``eps`` in ``[0, 1]``: the row loss becomes ``(1 - eps) L`` plus ``eps`` times
+            the smoothed cross-entropy term ``(1 / C) sum_k w_k (lse - x_k)`` (PyTorch's definition
+            for ``"ce"``; the same term beside every other loss, docs/losses.md).
         alpha, beta: ``"crl"`` parameters (the paper's; the CRL authors' code uses
             ``alpha_code = alpha + 1``), both ``>= 0``.
         gamma: ``"focal"`` exponent ``>= 0`` (``0`` is ``"ce"``, ``1`` is ``"lace"``).
@@ -67,9 +69,11 @@ def softmax_loss(
             own storage during the forward (no (N, C) buffer is allocated): the logits are
             **consumed** and hold d loss/d logits afterwards, so nothing else may read them.
             Backends without it (only ``"triton"`` has it) raise ``NotImplementedError``.
-        z_loss, softcap: PaLM's z-loss and Gemma's logit soft-capping (docs/llm_head.md); only
-            the defaults (0.0, None) until the kernels implement them (``NotImplementedError``).
-        return_lse: also return each row's ``logsumexp`` of the logits (float32, float64 for
+        z_loss: PaLM's z-loss: ``z_loss * lse^2`` is added to each row's loss (then weighted by
+            ``weight[c]`` and reduced with it), with ``lse`` the row's log-sum-exp.
+        softcap: Gemma's logit soft-capping: every logit ``x`` is replaced by
+            ``softcap * tanh(x / softcap)`` before the softmax (``None``: no cap), gradient included.
+        return_lse: also return each row's ``logsumexp`` of the (capped) logits (float32, float64 for
             float64 logits; 0 on ignored rows; no gradient flows through it).
 
     Returns:
@@ -90,7 +94,7 @@ def softmax_loss(
     """
     variant = variant_id(loss)
     red = reduction_id(reduction)
-    validation.check_z_loss_softcap(z_loss, softcap)
+    cap = validation.check_z_loss_softcap(z_loss, softcap)
     validation.check_logits(logits)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)
@@ -98,14 +102,14 @@ def softmax_loss(
         raise TypeError(f"target must be a torch.Tensor; got {type(target).__name__}")
     num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
     weight = validation.check_weight(weight, num_classes, logits)
-    if label_smoothing > 0 and variant != Variant.CE:
-        raise NotImplementedError(f"label_smoothing is defined for loss='ce' only; got loss={loss!r}")
 
     if target.is_floating_point():
         if variant != Variant.CE:
             raise NotImplementedError(
                 f"class-probability (soft) targets are defined for loss='ce' only; got loss={loss!r}")
         validation.check_prob_target(logits, target)
+        if z_loss or softcap is not None:
+            raise NotImplementedError("z_loss and softcap with class-probability (soft) targets are not implemented")
         dispatch.resolve(backend, logits.device)  # validate the backend name all the same
         return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse)
 
@@ -115,7 +119,8 @@ def softmax_loss(
     compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
     if inplace_backward and be.fwd_inplace is None:
         raise NotImplementedError(f"inplace_backward=True is not implemented by backend {be.name!r}; use backend='triton'")
-    scalars = (int(variant), int(red), ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma))
+    scalars = (int(variant), int(red), ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma),
+               float(z_loss), cap)
     if inplace_backward and compute_grad:
         if return_lse:
             raise NotImplementedError("return_lse=True with inplace_backward=True is not implemented")

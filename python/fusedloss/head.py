@@ -121,7 +121,8 @@ def _inplace_triton(be) -> bool:
 
 def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                      class_weight: Tensor | None, backend: str, variant: int, reduction: int, ignore_index: int,
-                     label_smoothing: float, alpha: float, beta: float, gamma: float, chunk_rows: int,
+                     label_smoothing: float, alpha: float, beta: float, gamma: float, z_loss: float,
+                     softcap: float, chunk_rows: int,
                      need_hidden: bool, need_weight: bool, need_bias: bool):
     be = dispatch.resolve(backend, hidden.device)
     n, d = hidden.shape
@@ -143,7 +144,7 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
     dw = _WeightGrad(weight) if fused and need_weight else None
     db = torch.zeros((v,), dtype=acc, device=hidden.device) if fused and need_bias else None
     red = Reduction.NONE if reduction == Reduction.NONE else Reduction.SUM
-    scalars = (variant, int(red), ignore_index, label_smoothing, alpha, beta, gamma)
+    scalars = (variant, int(red), ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)
     rows = max(1, min(chunk_rows, n))
     buf = hidden.new_empty((rows, v)) if n else None
     inplace = fused and _inplace_triton(be)
@@ -186,7 +187,7 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
 def _linear_loss_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                      class_weight: Tensor | None, stats: Tensor, backend: str, variant: int, reduction: int,
                      ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
-                     chunk_rows: int, need_hidden: bool, need_weight: bool, need_bias: bool):
+                     z_loss: float, softcap: float, chunk_rows: int, need_hidden: bool, need_weight: bool, need_bias: bool):
     """Backward of ``reduction="none"``: the GEMM pass again, the backend's backward op per block."""
     be = dispatch.resolve(backend, hidden.device)
     n, d = hidden.shape
@@ -198,7 +199,7 @@ def _linear_loss_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Te
     dh = hidden.new_empty((n, d)) if need_hidden else None
     dw = _WeightGrad(weight) if need_weight else None
     db = torch.zeros((v,), dtype=acc, device=hidden.device) if need_bias else None
-    scalars = (variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma)
+    scalars = (variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)
     rows = max(1, min(chunk_rows, n))
     buf = hidden.new_empty((rows, v)) if n else None
     grad_loss = grad_loss.contiguous()
@@ -220,7 +221,7 @@ linear_loss_bwd = torch.library.custom_op(f"{NAMESPACE}::linear_loss_bwd", _line
 
 @linear_loss_fwd.register_fake
 def _(hidden, weight, bias, target, class_weight, backend, variant, reduction, ignore_index, label_smoothing,
-      alpha, beta, gamma, chunk_rows, need_hidden, need_weight, need_bias):
+      alpha, beta, gamma, z_loss, softcap, chunk_rows, need_hidden, need_weight, need_bias):
     n, d = hidden.shape
     v = weight.shape[0]
     acc = stats_dtype(hidden)
@@ -241,7 +242,7 @@ def _(hidden, weight, bias, target, class_weight, backend, variant, reduction, i
 
 @linear_loss_bwd.register_fake
 def _(grad_loss, hidden, weight, bias, target, class_weight, stats, backend, variant, reduction, ignore_index,
-      label_smoothing, alpha, beta, gamma, chunk_rows, need_hidden, need_weight, need_bias):
+      label_smoothing, alpha, beta, gamma, z_loss, softcap, chunk_rows, need_hidden, need_weight, need_bias):
     n, d = hidden.shape
     v = weight.shape[0]
     dh = hidden.new_empty((n, d) if need_hidden else (0,))
@@ -255,13 +256,14 @@ def _(grad_loss, hidden, weight, bias, target, class_weight, stats, backend, var
 
 def _setup(ctx, inputs, output):
     (hidden, weight, bias, target, class_weight, backend, variant, reduction, ignore_index, label_smoothing,
-     alpha, beta, gamma, chunk_rows, need_hidden, need_weight, need_bias) = inputs
+     alpha, beta, gamma, z_loss, softcap, chunk_rows, need_hidden, need_weight, need_bias) = inputs
     _loss, lse, stats, dh, dw, db = output
     ctx.mark_non_differentiable(lse, stats, dh, dw, db)
     ctx.set_materialize_grads(False)
     ctx.none = reduction == Reduction.NONE
     ctx.needs = (need_hidden, need_weight, need_bias)
-    ctx.args = (backend, variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, chunk_rows)
+    ctx.args = (backend, variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap,
+                chunk_rows)
     if ctx.none:
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, stats)
     else:
@@ -287,7 +289,7 @@ def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
 
 @torch.autograd.function.once_differentiable  # the gradients carry no graph back to the inputs
 def _backward(ctx, grad_loss, *_):
-    nones = (None,) * 14
+    nones = (None,) * 16
     if grad_loss is None:
         return (None, None, None) + nones
     need = tuple(n and ctx.needs_input_grad[i] for i, n in enumerate(ctx.needs))
@@ -350,8 +352,9 @@ def linear_softmax_loss(
             ``weight`` is the projection here).
         ignore_index, reduction, label_smoothing, alpha, beta, gamma, backend: as
             :func:`fusedloss.softmax_loss`.
-        z_loss, softcap: PaLM's z-loss and Gemma's logit soft-capping; only the defaults
-            (0.0, None) until the kernels implement them (``NotImplementedError`` otherwise).
+        z_loss, softcap: PaLM's z-loss ``z_loss * lse^2`` added to each row's loss, and Gemma's
+            logit soft-capping ``softcap * tanh(x / softcap)`` before the softmax (None: no cap),
+            as :func:`fusedloss.softmax_loss`.
         return_lse: also return the per-row ``logsumexp`` of the logits (float32, float64 for
             float64 inputs; 0 on ignored rows; no gradient flows through it).
         chunk_rows: rows per block (default: ``default_chunk_rows``).
@@ -395,7 +398,7 @@ def linear_softmax_loss_float(
     from ``logits.float()``; ``fusedloss.hf`` uses it."""
     variant = variant_id(loss)
     red = reduction_id(reduction)
-    validation.check_z_loss_softcap(z_loss, softcap)
+    cap = validation.check_z_loss_softcap(z_loss, softcap)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
@@ -428,8 +431,6 @@ def linear_softmax_loss_float(
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}; move them to one device")
     class_weight = validation.check_weight(class_weight, v, hidden)
-    if label_smoothing > 0 and variant != Variant.CE:
-        raise NotImplementedError(f"label_smoothing is defined for loss='ce' only; got loss={loss!r}")
     be = dispatch.resolve(backend, hidden.device)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(hidden.numel() // max(hidden.shape[-1], 1), v, hidden.element_size())
@@ -443,7 +444,7 @@ def linear_softmax_loss_float(
             grad_on and bias is not None and bias.requires_grad)
     out, lse, *_ = linear_loss_fwd(h2d, weight, bias, t1d, class_weight, be.name, int(variant), int(red),
                                    ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma),
-                                   int(chunk_rows), *need)
+                                   float(z_loss), cap, int(chunk_rows), *need)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
     return out, lse.reshape(target.shape)

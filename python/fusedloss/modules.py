@@ -17,9 +17,11 @@ class SoftmaxLoss(nn.Module):
 
     def __init__(self, loss: str = "ce", weight: Tensor | None = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, alpha: float = 1.5,
-                 beta: float = 1.0, gamma: float = 2.0, backend: str = "auto") -> None:
+                 beta: float = 1.0, gamma: float = 2.0, backend: str = "auto", z_loss: float = 0.0,
+                 softcap: float | None = None) -> None:
         super().__init__()
         variant_id(loss)  # fail at construction, not at the first step
+        check_z_loss_softcap(z_loss, softcap)
         self.loss = loss
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -27,11 +29,13 @@ class SoftmaxLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.backend = backend
+        self.z_loss, self.softcap = z_loss, softcap
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return softmax_loss(logits, target, self.loss, weight=self.weight, ignore_index=self.ignore_index,
                             reduction=self.reduction, label_smoothing=self.label_smoothing,
-                            alpha=self.alpha, beta=self.beta, gamma=self.gamma, backend=self.backend)
+                            alpha=self.alpha, beta=self.beta, gamma=self.gamma, backend=self.backend,
+                            z_loss=self.z_loss, softcap=self.softcap)
 
     def extra_repr(self) -> str:
         return _options_repr(self)
@@ -48,6 +52,10 @@ def _options_repr(module: nn.Module, *extra: str) -> str:
         parts.append(f"alpha={module.alpha}, beta={module.beta}")
     if module.loss == "focal":
         parts.append(f"gamma={module.gamma}")
+    if module.z_loss:
+        parts.append(f"z_loss={module.z_loss}")
+    if module.softcap is not None:
+        parts.append(f"softcap={module.softcap}")
     parts += extra
     if module.backend != "auto":
         parts.append(f"backend={module.backend!r}")
@@ -57,9 +65,9 @@ def _options_repr(module: nn.Module, *extra: str) -> str:
 def _named(name: str, loss: str, formula: str) -> type[SoftmaxLoss]:
     def __init__(self, weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, alpha: float = 1.5, beta: float = 1.0, gamma: float = 2.0,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", z_loss: float = 0.0, softcap: float | None = None) -> None:
         SoftmaxLoss.__init__(self, loss, weight, ignore_index, reduction, label_smoothing,
-                             alpha, beta, gamma, backend)
+                             alpha, beta, gamma, backend, z_loss, softcap)
 
     doc = (f"``{loss}``: ``L = {formula}``. Arguments as :class:`torch.nn.CrossEntropyLoss` "
            f"(``weight``, ``ignore_index``, ``reduction``) plus those of :func:`fusedloss.softmax_loss`.")

@@ -8,7 +8,8 @@ so ``torch.compile(fullgraph=True)`` traces any backend without graph breaks.
 Forward contract::
 
     fwd(logits (N, C) with unit class stride, target (N,) int64/int32, weight (C,)?,
-        variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, compute_grad)
+        variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap,
+        compute_grad)   (softcap 0.0: no cap)
       -> (loss:  ()  for mean/sum or (N,) for none, float32 (float64 for float64 logits),
           stats: (N, STATS_COLS) same dtype, per-row statistics for the backward,
           grad:  (N, C) in the logits' dtype = d loss / d logits for grad_output = 1,
@@ -33,7 +34,7 @@ from .variants import STATS_COLS, Reduction
 NAMESPACE = "fusedloss"
 
 SCALARS = ("int variant, int reduction, int ignore_index, float label_smoothing, "
-           "float alpha, float beta, float gamma")
+           "float alpha, float beta, float gamma, float z_loss, float softcap")
 FWD_SCHEMA = (f"(Tensor logits, Tensor target, Tensor? weight, {SCALARS}, bool compute_grad) "
               "-> (Tensor, Tensor, Tensor)")
 BWD_SCHEMA = (f"(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
@@ -45,7 +46,7 @@ def stats_dtype(logits: Tensor) -> torch.dtype:
 
 
 def fake_forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
-                 alpha, beta, gamma, compute_grad):
+                 alpha, beta, gamma, z_loss, softcap, compute_grad):
     n = logits.shape[0]
     dt = stats_dtype(logits)
     loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=dt)
@@ -55,7 +56,7 @@ def fake_forward(logits, target, weight, variant, reduction, ignore_index, label
 
 
 def fake_backward(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
-                  label_smoothing, alpha, beta, gamma):
+                  label_smoothing, alpha, beta, gamma, z_loss, softcap):
     return logits.new_empty(logits.shape)
 
 
@@ -89,14 +90,14 @@ def register_autograd(fwd_name: str, bwd_op: Callable,
 
     def backward(ctx, grad_loss, _grad_stats, _grad_grad):
         if grad_loss is None:  # the loss itself got no gradient (grads are not materialized)
-            return (None,) * 11
+            return (None,) * 13
         if ctx.fused:
             (grad,) = ctx.saved_tensors
             grad_logits = scale_grad(grad, grad_loss)
         else:
             logits, target, weight, stats = ctx.saved_tensors
             grad_logits = bwd_op(grad_loss, logits, target, weight, stats, *ctx.scalars)
-        return (grad_logits,) + (None,) * 10
+        return (grad_logits,) + (None,) * 12
 
     torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
 
@@ -126,24 +127,24 @@ def define_python_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, devi
 # ----------------------------------------------------------------------------
 
 def _reference_fwd(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
-                   alpha, beta, gamma, compute_grad):
+                   alpha, beta, gamma, z_loss, softcap, compute_grad):
     if must_check_targets(logits.device):
         check_target_values(target, logits.shape[1], ignore_index)
     loss, stats = reference.forward(logits, target, weight, variant, reduction, ignore_index,
-                                    label_smoothing, alpha, beta, gamma)
+                                    label_smoothing, alpha, beta, gamma, z_loss, softcap)
     if compute_grad:
         ones = torch.ones_like(loss)
         grad = reference.backward(ones, logits, target, weight, stats, variant, reduction,
-                                  ignore_index, label_smoothing, alpha, beta, gamma)
+                                  ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)
     else:
         grad = logits.new_empty((0,))
     return loss, stats, grad
 
 
 def _reference_bwd(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
-                   label_smoothing, alpha, beta, gamma):
+                   label_smoothing, alpha, beta, gamma, z_loss, softcap):
     return reference.backward(grad_loss, logits, target, weight, stats, variant, reduction,
-                              ignore_index, label_smoothing, alpha, beta, gamma)
+                              ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)
 
 
 reference_fwd, reference_bwd = define_python_ops("reference", _reference_fwd, _reference_bwd)

@@ -206,12 +206,29 @@ def _row_grad_scale(grad_loss: Tensor, rows: _Rows, reduction: int, target, weig
     return torch.where(keep, rows.scale * g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
+def capped(logits: Tensor, softcap: float) -> Tensor:
+    """Gemma's soft cap ``s tanh(x / s)`` in the compute dtype, or the logits themselves for
+    ``softcap = 0`` (no cap)."""
+    if not softcap:
+        return logits
+    return torch.tanh(logits.to(compute_dtype(logits)) / softcap).mul_(softcap)
+
+
+def softcap_slope(logits: Tensor, softcap: float, cdtype) -> Tensor:
+    """``d(s tanh(x / s))/dx = 1 - tanh^2(x / s) = 4 e / (1 + e)^2`` with ``e = exp(-2|x / s|)``:
+    no ``1 - t^2`` that cancels when the cap saturates (``t -> 1``)."""
+    e = (logits.to(cdtype) / softcap).abs_().mul_(-2.0).exp_()
+    return e.mul(4.0).div_((1.0 + e).square_())
+
+
 def forward(
     logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
     ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
+    z_loss: float = 0.0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Loss (reduced as asked, compute dtype) and the per-row stats ``(N, STATS_COLS)``."""
-    x = logits
+    """Loss (reduced as asked, compute dtype) and the per-row stats ``(N, STATS_COLS)``
+    (of the capped logits when ``softcap``)."""
+    x = capped(logits, softcap)
     cdtype = compute_dtype(x)
     rows = _rows(x, target, weight, ignore_index, cdtype)
     lse_ex = lse_excluding(x, rows.tgt, cdtype)
@@ -224,8 +241,10 @@ def forward(
         per_row = _bce_loss(x, rows, lse, d, stats, cdtype)
     else:
         per_row, _ = TARGET_ONLY_MATH[Variant(variant)](d, Params(alpha, beta, gamma))
-        if label_smoothing > 0:
-            per_row = (1 - label_smoothing) * per_row
+    if label_smoothing > 0:
+        per_row = (1 - label_smoothing) * per_row
+    if z_loss:
+        per_row = per_row + z_loss * lse.square()
     # where, not a product: an ignored row's clamped index may point at a -inf logit (inf * 0 = NaN).
     loss_rows = torch.where(rows.scale == 0, torch.zeros_like(per_row), per_row * rows.scale)
     if label_smoothing > 0:
@@ -236,11 +255,11 @@ def forward(
 def backward(
     grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor,
     variant: int, reduction: int, ignore_index: int, label_smoothing: float,
-    alpha: float, beta: float, gamma: float,
+    alpha: float, beta: float, gamma: float, z_loss: float = 0.0, softcap: float = 0.0,
 ) -> Tensor:
     """Gradient w.r.t. the logits, contiguous ``(N, C)`` in the logits' dtype, in one expression
     per variant from the saved row statistics."""
-    x = logits
+    x = capped(logits, softcap)
     cdtype = compute_dtype(x)
     rows = _rows(x, target, weight, ignore_index, cdtype)
     row_scale = _row_grad_scale(grad_loss, rows, reduction, target, weight, ignore_index)
@@ -254,17 +273,25 @@ def backward(
         g = shifted(x, lse - log_s, cdtype)
         g.exp_()
         g.scatter_(1, rows.tgt[:, None], (-torch.exp(log_s + (lse_ex - lse)))[:, None])
-        if label_smoothing > 0:
-            return _smoothing_grad(g, x, lse, rows, row_scale, weight, label_smoothing, grad_loss,
-                                   target, ignore_index, reduction).to(x.dtype)
-    g.mul_(row_scale[:, None])
-    return g.to(x.dtype)
+    if label_smoothing > 0:
+        g = _smoothing_grad(g, x, lse, rows, row_scale, weight, label_smoothing, grad_loss,
+                            target, ignore_index, reduction)
+    else:
+        g.mul_(row_scale[:, None])
+    if z_loss:
+        # d(z lse^2)/dx_j = 2 z lse p_j, times the row's weight and grad_output: its own term,
+        # since s + 2 z lse may be negative and has no log (docs/losses.md).
+        g.add_(shifted(x, lse, cdtype).exp_().mul_((2 * z_loss * lse * row_scale)[:, None]))
+    if softcap:
+        g.mul_(softcap_slope(logits, softcap, cdtype))
+    return g.to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------
-# Label smoothing (CE only), PyTorch's convention with weights:
-#   L_i = (1 - eps) w_c (lse - x_c) + (eps / C) sum_k w_k (lse - x_k)
-#   dL_i/dx_j = (1 - eps) w_c (p_j - [j == c]) + (eps / C) (W p_j - w_j),  W = sum_k w_k
+# Label smoothing, every loss: the loss's own term times (1 - eps) beside the smoothed CE
+# term (for ce, PyTorch's convention with weights):
+#   L_i = (1 - eps) w_c h_i + (eps / C) sum_k w_k (lse - x_k)
+#   dL_i/dx_j = (1 - eps) w_c dh_i/dx_j + (eps / C) (W p_j - w_j),  W = sum_k w_k
 # 'mean' divides both parts by the same sum of target weights.
 # ----------------------------------------------------------------------------
 
@@ -282,7 +309,7 @@ def _smoothing_loss(x, lse, rows: _Rows, weight, target, ignore_index, eps) -> T
 
 
 def _smoothing_grad(g, x, lse, rows: _Rows, row_scale, weight, eps, grad_loss, target, ignore_index, reduction):
-    """``g`` holds the CE gradient without scale; add the smoothing part in place."""
+    """``g`` holds the loss's own gradient without scale; add the smoothing part in place."""
     c = x.shape[1]
     cdtype = g.dtype
     keep = (target != ignore_index)

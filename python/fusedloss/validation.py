@@ -54,19 +54,16 @@ def check_hyperparameters(alpha: float, beta: float, gamma: float, label_smoothi
         raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
 
 
-Z_LOSS_SOFTCAP_TODO = ("z_loss and softcap change the per-row math of every loss kernel (issue 11's kernel "
-                       "follow-up: the C++ CPU kernel, the CUDA and Triton kernels and the reference); until it "
-                       "lands only z_loss=0.0 and softcap=None are implemented")
-
-
-def check_z_loss_softcap(z_loss: float, softcap: float | None) -> None:
+def check_z_loss_softcap(z_loss: float, softcap: float | None) -> float:
+    """Check PaLM's z-loss weight and Gemma's cap; returns the cap as the ops take it (0.0: none)."""
     if not isinstance(z_loss, (int, float)) or isinstance(z_loss, bool) or not z_loss >= 0:
         raise ValueError(f"z_loss must be a float >= 0; got {z_loss!r}")
     if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
                                 or not softcap > 0):
         raise ValueError(f"softcap must be None or a float > 0; got {softcap!r}")
-    if z_loss != 0 or softcap is not None:
-        raise NotImplementedError(Z_LOSS_SOFTCAP_TODO)
+    if not math.isfinite(z_loss) or (softcap is not None and not math.isfinite(softcap)):
+        raise ValueError(f"z_loss and softcap must be finite; got z_loss={z_loss!r}, softcap={softcap!r}")
+    return 0.0 if softcap is None else float(softcap)
 
 
 def check_logits(logits: object) -> torch.Tensor:
