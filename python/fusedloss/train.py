@@ -10,7 +10,10 @@ Several GPUs or nodes (DistributedDataParallel; ``--batch-size`` is the global b
 
 Defaults follow the recipe of the CRL paper's ImageNet runs (the PyTorch
 reference recipe): 90 epochs, SGD momentum 0.9, weight decay 1e-4, batch 256,
-lr 0.1 x batch/256 divided by 10 at epochs 30 and 60. Each epoch writes
+lr 0.1 x batch/256 divided by 10 at epochs 30 and 60. ``--recipe torchvision-v2`` switches
+to torchvision's ResNet-50 v2 recipe (mixup, cutmix, label smoothing, TrivialAugment, random
+erasing, warmup + cosine, EMA; the flags have the names and defaults of torchvision's
+``references/classification/train.py``; flags given override the recipe). Each epoch writes
 ``checkpoint.pt`` (atomically), ``best.pt`` when top-1 improves, and a line of
 ``log.jsonl``; ``--resume`` continues exactly where the checkpoint left off.
 ``--plot RUN...`` draws the curves of one or several runs.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import os
 import random
@@ -35,13 +39,16 @@ from torch import nn
 import fusedloss as fl
 from fusedloss._extras import MissingExtraError, require_extra
 from fusedloss.train_ckpt import (BEST, FORMAT, LAST, capture_rng, check_resume_compatible, load_checkpoint,
-                                  restore_rng, save_atomic)
-from fusedloss.train_data import Loaders, TrainInputError, image_folder_loaders, synthetic_loaders
+                                  load_training_state, restore_rng, save_atomic)
+from fusedloss.train_data import Augment, Loaders, TrainInputError, image_folder_loaders, synthetic_loaders
 from fusedloss.train_dist import DistContext, all_agree, all_gather_objects, init_distributed, shutdown
 from fusedloss.train_loop import StepConfig, evaluate, train_one_epoch
 from fusedloss.train_plot import LOG_NAME, append_record, plot_runs, rewrite_log
+from fusedloss.train_recipe import (LR_SCHEDULERS, RECIPES, BatchMix, MixedTarget, ModelEma, TrainLoss,
+                                    lr_schedule_alias, make_scheduler, param_groups, resolve_args)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dummy-train-size", type=int, default=1_281_167, help="--dummy: training images per epoch")
     data.add_argument("--dummy-val-size", type=int, default=50_000, help="--dummy: validation images")
     data.add_argument("--num-classes", type=int, default=1000, help="--dummy: number of classes")
-    data.add_argument("--image-size", type=int, default=224, help="training and validation crop size")
-    data.add_argument("--val-resize", type=int, default=None,
-                      help="validation resize before the center crop (default: image-size x 256/224)")
     data.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+
+    aug = p.add_argument_group("augmentation (torchvision reference names and defaults)")
+    aug.add_argument("--train-crop-size", type=int, default=224, help="random-resized crop size for training")
+    aug.add_argument("--val-resize-size", "--val-resize", dest="val_resize_size", type=int, default=256,
+                     help="validation resize before the center crop (--val-resize: old name)")
+    aug.add_argument("--val-crop-size", type=int, default=224, help="validation center-crop size")
+    aug.add_argument("--image-size", type=int, default=None,
+                     help="old single size, kept as an alias: sets --train-crop-size and --val-crop-size, "
+                          "and --val-resize-size to round(size x 256/224), wherever those are not given")
+    aug.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic"), default="bilinear")
+    aug.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None, help="auto-augment policy")
+    aug.add_argument("--ra-magnitude", type=int, default=9, help="--auto-augment ra: magnitude")
+    aug.add_argument("--augmix-severity", type=int, default=3, help="--auto-augment augmix: severity")
+    aug.add_argument("--random-erase", type=float, default=0.0, help="random-erasing probability")
+    aug.add_argument("--mixup-alpha", type=float, default=0.0, help="mixup alpha (0: off)")
+    aug.add_argument("--cutmix-alpha", type=float, default=0.0,
+                     help="cutmix alpha (0: off); with both, each batch gets one of the two at random")
 
     model = p.add_argument_group("model and loss")
     model.add_argument("--arch", default="resnet50", help="any torchvision classification model name")
@@ -66,17 +87,37 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--alpha", type=float, default=1.5, help="crl: alpha (paper parameterization)")
     model.add_argument("--beta", type=float, default=1.0, help="crl: beta")
     model.add_argument("--gamma", type=float, default=2.0, help="focal: gamma")
-    model.add_argument("--label-smoothing", type=float, default=0.0, help="ce only")
+    model.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="applied inside the loss, as the reference does (every loss the library defines it for)")
+    model.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
+                       help="track an exponential moving average of the weights, evaluated each epoch")
+    model.add_argument("--model-ema-steps", type=int, default=32, help="optimizer steps between EMA updates")
+    model.add_argument("--model-ema-decay", type=float, default=0.99998,
+                       help="EMA decay (adjusted for batch, steps and epochs as the reference does)")
 
     opt = p.add_argument_group("optimization")
+    opt.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                     help="fill in a published recipe's settings; flags given on the command line override it")
     opt.add_argument("--epochs", type=int, default=90)
     opt.add_argument("--batch-size", type=int, default=256, help="global batch, split over all processes")
     opt.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 x batch-size/256)")
     opt.add_argument("--momentum", type=float, default=0.9)
     opt.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
-    opt.add_argument("--lr-schedule", choices=("step", "cosine"), default="step")
-    opt.add_argument("--lr-steps", type=int, nargs="+", default=[30, 60], help="step: epochs where lr is multiplied by --lr-gamma")
-    opt.add_argument("--lr-gamma", type=float, default=0.1, help="step: lr factor at each of --lr-steps")
+    opt.add_argument("--norm-weight-decay", type=float, default=None,
+                     help="weight decay of normalization layers (default: same as --wd)")
+    opt.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="multisteplr",
+                     help="multisteplr: x --lr-gamma at each of --lr-steps (torchvision's default is steplr, "
+                          "every --lr-step-size epochs: the same lr over 90 epochs)")
+    opt.add_argument("--lr-schedule", dest="lr_scheduler", type=lr_schedule_alias, metavar="{step,cosine}",
+                     default=argparse.SUPPRESS,
+                     help="old name: step = multisteplr, cosine = cosineannealinglr")
+    opt.add_argument("--lr-steps", type=int, nargs="+", default=[30, 60], help="multisteplr: its milestones")
+    opt.add_argument("--lr-step-size", type=int, default=30, help="steplr: epochs between lr steps")
+    opt.add_argument("--lr-gamma", type=float, default=0.1, help="steplr, multisteplr, exponentiallr: lr factor")
+    opt.add_argument("--lr-min", type=float, default=0.0, help="cosineannealinglr: final lr")
+    opt.add_argument("--lr-warmup-epochs", type=int, default=0, help="epochs of warmup before the scheduler")
+    opt.add_argument("--lr-warmup-method", choices=("linear", "constant"), default="constant")
+    opt.add_argument("--lr-warmup-decay", type=float, default=0.01, help="warmup starts at lr x this")
 
     run = p.add_argument_group("execution")
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -110,20 +151,35 @@ def check_args(args: argparse.Namespace) -> None:
         close = difflib.get_close_matches(args.arch, archs, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(archs)}"
         raise TrainInputError(f"--arch {args.arch!r}: not a torchvision classification model{hint}")
-    for name in ("epochs", "batch_size", "print_freq", "image_size", "num_classes"):
+    for name in ("epochs", "batch_size", "print_freq", "train_crop_size", "val_crop_size", "val_resize_size",
+                 "num_classes", "model_ema_steps"):
         if getattr(args, name) < 1:
             raise TrainInputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers < 0:
         raise TrainInputError("--workers must be >= 0")
-    make_criterion(args)  # the loss library's own checks (e.g. label smoothing is for ce only)
+    for name in ("mixup_alpha", "cutmix_alpha", "lr_warmup_epochs"):
+        if getattr(args, name) < 0:
+            raise TrainInputError(f"--{name.replace('_', '-')} must be >= 0")
+    if not 0.0 <= args.random_erase <= 1.0:
+        raise TrainInputError("--random-erase is a probability: it must be in [0, 1]")
+    if args.lr_warmup_epochs >= args.epochs:
+        raise TrainInputError(f"--lr-warmup-epochs {args.lr_warmup_epochs} must be below --epochs {args.epochs}")
+    make_criterion(args)  # the loss library's own checks (e.g. label smoothing for a loss without it)
 
 
-def make_criterion(args: argparse.Namespace) -> nn.Module:
-    """The chosen loss, probed once on a 1x2 batch so that bad options fail now, not at step one."""
+def make_criterion(args: argparse.Namespace, num_classes: int = 2) -> TrainLoss:
+    """The chosen loss, probed once on a 2-row batch so that bad options fail now, not at step one.
+
+    With mixup/cutmix the probe includes a mixed batch, through the same route training takes.
+    """
     try:
-        criterion = fl.SoftmaxLoss(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
-                                   label_smoothing=args.label_smoothing)
-        criterion(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+        inner = fl.SoftmaxLoss(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                               label_smoothing=args.label_smoothing)
+        criterion = TrainLoss(inner, num_classes)
+        logits, labels = torch.zeros(2, num_classes), torch.arange(2) % num_classes
+        criterion(logits, labels)
+        if args.mixup_alpha > 0 or args.cutmix_alpha > 0:
+            criterion(logits, MixedTarget(labels, labels.flip(0), torch.tensor([0.25, 0.75], dtype=torch.float64)))
     except (ValueError, NotImplementedError) as err:
         raise TrainInputError(f"--loss {args.loss}: {err}") from None
     return criterion
@@ -152,10 +208,12 @@ def seed_all(seed: int, *streams: int) -> None:
 def make_loaders(args: argparse.Namespace, ctx: DistContext, per_rank_batch: int) -> Loaders:
     if args.dummy:
         return synthetic_loaders(args.dummy_train_size, args.dummy_val_size, args.num_classes, per_rank_batch,
-                                 args.image_size, ctx.world_size, ctx.device, args.seed, ctx.rank)
-    val_resize = args.val_resize or round(args.image_size * 256 / 224)
-    return image_folder_loaders(args.data, per_rank_batch, args.workers, args.image_size, val_resize,
-                                ctx.rank, ctx.world_size, args.seed, pin_memory=ctx.device.type == "cuda")
+                                 args.train_crop_size, args.val_crop_size, ctx.world_size, ctx.device, args.seed,
+                                 ctx.rank)
+    aug = Augment(args.train_crop_size, args.val_resize_size, args.val_crop_size, args.interpolation,
+                  args.auto_augment, args.random_erase, args.ra_magnitude, args.augmix_severity)
+    return image_folder_loaders(args.data, per_rank_batch, args.workers, aug, ctx.rank, ctx.world_size, args.seed,
+                                pin_memory=ctx.device.type == "cuda")
 
 
 def resolve_resume(args: argparse.Namespace, output: str) -> str | None:
@@ -175,7 +233,9 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
             f"top5 {record['train_top5']:.2f} {record['train_img_s']:.0f} img/s | "
             f"val loss {record['val_loss']:.4f} nll {record['val_nll']:.4f} "
             f"top1 {record['val_top1']:.2f} top5 {record['val_top5']:.2f} | "
-            f"{record['train_seconds'] + record['val_seconds']:.1f} s" + (" *best*" if record["is_best"] else ""))
+            + (f"EMA top1 {record['ema_val_top1']:.2f} top5 {record['ema_val_top5']:.2f} | " if "ema_val_top1" in record
+               else "")
+            + f"{record['train_seconds'] + record['val_seconds']:.1f} s" + (" *best*" if record["is_best"] else ""))
 
 
 def train(args: argparse.Namespace) -> int:
@@ -219,21 +279,27 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
     if args.sync_bn and ctx.distributed:
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    criterion = make_criterion(args).to(ctx.device)
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
-    if args.lr_schedule == "step":
-        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=args.lr_steps, gamma=args.lr_gamma)
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    criterion = make_criterion(args, num_classes).to(ctx.device)
+    optimizer = torch.optim.SGD(param_groups(raw_model, args.wd, args.norm_weight_decay), lr=lr,
+                                momentum=args.momentum, weight_decay=args.wd)
+    scheduler = make_scheduler(optimizer, args)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
+    ema = ModelEma(raw_model, args.model_ema_decay, args.model_ema_steps, args.batch_size, args.epochs,
+                   args.lr_warmup_epochs, ctx.device) if args.model_ema else None
+    mix = BatchMix(args.mixup_alpha, args.cutmix_alpha) if args.mixup_alpha > 0 or args.cutmix_alpha > 0 else None
 
     start_epoch, best_top1, history = 0, 0.0, []
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        load_training_state(ckpt, resume_path, optimizer, scheduler, ema)  # type: ignore[arg-type]
         scaler.load_state_dict(ckpt["scaler"])
+        saved_epochs = ckpt.get("args", {}).get("epochs", args.epochs)
+        if saved_epochs != args.epochs and args.lr_scheduler == "cosineannealinglr":
+            say(f"note: the LR schedule is restored as the checkpoint built it, for --epochs {saved_epochs} "
+                f"(a cosine schedule does not stretch to --epochs {args.epochs})", flush=True)
+        if ema is not None and "model_ema" not in ckpt:
+            say("note: the checkpoint has no EMA weights (trained without --model-ema): the EMA starts from "
+                "the resumed weights", flush=True)
         start_epoch, best_top1, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
         rng = ckpt["rng"]
         if len(rng) == ctx.world_size:
@@ -266,9 +332,14 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
                       num_classes=num_classes, device=str(ctx.device), output=output)
         with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
+    extras = []
+    if mix is not None:
+        extras.append(f"mixup {args.mixup_alpha:g} / cutmix {args.cutmix_alpha:g} -> {criterion.mixed_path}")
+    if ema is not None:
+        extras.append(f"EMA decay {ema.decay:.6g} every {args.model_ema_steps} steps")
     say(f"{args.arch} with --loss {args.loss} on {num_classes} classes: {ctx.world_size} process(es) on "
         f"{ctx.device.type}, batch {args.batch_size} ({per_rank_batch} per process), lr {lr:g}, "
-        f"{len(loaders.train)} steps/epoch, output {output}", flush=True)
+        f"{len(loaders.train)} steps/epoch, output {output}" + "".join(f"; {e}" for e in extras), flush=True)
     if start_epoch >= args.epochs:
         say(f"nothing to do: the checkpoint already has {start_epoch} of --epochs {args.epochs}", flush=True)
         return 0
@@ -278,8 +349,9 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
     for epoch in range(start_epoch, args.epochs):
         loaders.seed_epoch(args.seed, epoch, ctx.rank)
         epoch_lr = optimizer.param_groups[0]["lr"]
+        after_step = functools.partial(ema.after_step, epoch=epoch) if ema is not None else None
         tr = train_one_epoch(train_model, criterion, optimizer, scaler, loaders.train,
-                             f"train {epoch + 1}/{args.epochs}", step_cfg, ctx)
+                             f"train {epoch + 1}/{args.epochs}", step_cfg, ctx, mix=mix, after_step=after_step)
         va = evaluate(eval_model, criterion, loaders.val, f"val {epoch + 1}/{args.epochs}", step_cfg, ctx)
         scheduler.step()
         is_best = va["top1"] > best_top1 or not history
@@ -290,6 +362,9 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
                   "val_loss": va["loss"], "val_nll": va["nll"], "val_top1": va["top1"], "val_top5": va["top5"],
                   "val_seconds": va["seconds"], "val_images": va["images"], "best_top1": best_top1, "is_best": is_best,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if ema is not None:
+            ev = evaluate(ema.averaged, criterion, loaders.val, f"val EMA {epoch + 1}/{args.epochs}", step_cfg, ctx)
+            record.update({f"ema_val_{k}": ev[k] for k in ("loss", "nll", "top1", "top5")})
         history = history + [record]
         rng_states = all_gather_objects(capture_rng(ctx.device), ctx)  # every rank takes part
         if ctx.is_main:
@@ -298,6 +373,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
                         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "best_top1": best_top1, "history": history, "rng": rng_states}
+            if ema is not None:
+                ckpt_out["model_ema"] = ema.averaged.state_dict()
             # Checkpoint first, log line second: if killed in between, resume rewrites the log from history.
             save_atomic(ckpt_out, os.path.join(output, LAST))
             if is_best:
@@ -314,7 +391,7 @@ def json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = resolve_args(build_parser(), argv)
     try:
         # Before any work: training needs the whole [train] extra, --plot only its matplotlib.
         if args.plot:

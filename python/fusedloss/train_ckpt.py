@@ -87,3 +87,24 @@ def check_resume_compatible(ckpt: dict[str, Any], path: str, arch: str, classes:
         raise TrainInputError(
             f"--resume {path!r}: the data's class folders differ from the checkpoint's "
             f"(same count, {len(classes)}, but different names or order)")
+
+
+def load_training_state(ckpt: dict[str, Any], path: str, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, ema: Any | None) -> None:
+    """Restore the optimizer, the LR scheduler and the EMA weights (when both sides have them).
+
+    The optimizer's parameter groups (``--norm-weight-decay``) and the scheduler's kind
+    (``--lr-scheduler``, ``--lr-warmup-epochs``) must be those the checkpoint was written with;
+    a mismatch is an input error naming the flags, not a traceback.
+    """
+    saved = ckpt.get("args", {})
+    flags = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in ("norm_weight_decay", "lr_scheduler",
+                                                                    "lr_warmup_epochs") if k in saved)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise TrainInputError(f"--resume {path!r}: the optimizer or LR schedule differs from the checkpoint's "
+                              f"({flags or 'older flags'}): {err}") from None
+    if ema is not None and "model_ema" in ckpt:
+        ema.averaged.load_state_dict(ckpt["model_ema"])

@@ -121,23 +121,54 @@ def check_image_folder(data: str) -> list[str]:
     return classes["train"]
 
 
-def image_transforms(image_size: int, val_resize: int) -> tuple[object, object]:
-    """The reference ImageNet transforms: random-resized crop + flip for training, resize + center crop for val."""
+@dataclass(frozen=True)
+class Augment:
+    """The image pipeline's settings, named after torchvision's reference flags."""
+
+    train_crop_size: int = 224
+    val_resize_size: int = 256
+    val_crop_size: int = 224
+    interpolation: str = "bilinear"
+    auto_augment: str | None = None  # ra, ta_wide, augmix, or an AutoAugmentPolicy (imagenet, cifar10, svhn)
+    random_erase: float = 0.0
+    ra_magnitude: int = 9
+    augmix_severity: int = 3
+
+
+def image_transforms(aug: Augment) -> tuple[object, object]:
+    """torchvision's ClassificationPresetTrain / ClassificationPresetEval (PIL backend, v1 transforms).
+
+    Training: random-resized crop, horizontal flip, the auto-augment policy if any, to tensor,
+    normalize, random erasing if any. Validation: resize, center crop, to tensor, normalize.
+    """
     from torchvision import transforms as T
 
+    interpolation = T.InterpolationMode(aug.interpolation)
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    val = T.Compose([T.Resize(val_resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
-    return train, val
+    train = [T.RandomResizedCrop(aug.train_crop_size, interpolation=interpolation), T.RandomHorizontalFlip()]
+    if aug.auto_augment == "ra":
+        train.append(T.RandAugment(interpolation=interpolation, magnitude=aug.ra_magnitude))
+    elif aug.auto_augment == "ta_wide":
+        train.append(T.TrivialAugmentWide(interpolation=interpolation))
+    elif aug.auto_augment == "augmix":
+        train.append(T.AugMix(interpolation=interpolation, severity=aug.augmix_severity))
+    elif aug.auto_augment is not None:
+        train.append(T.AutoAugment(T.AutoAugmentPolicy(aug.auto_augment), interpolation=interpolation))
+    train += [T.ToTensor(), normalize]
+    if aug.random_erase > 0:
+        train.append(T.RandomErasing(p=aug.random_erase))
+    val = [T.Resize(aug.val_resize_size, interpolation=interpolation), T.CenterCrop(aug.val_crop_size),
+           T.ToTensor(), normalize]
+    return T.Compose(train), T.Compose(val)
 
 
-def image_folder_loaders(data: str, batch_size: int, workers: int, image_size: int, val_resize: int,
+def image_folder_loaders(data: str, batch_size: int, workers: int, aug: Augment,
                          rank: int, world_size: int, seed: int, pin_memory: bool) -> Loaders:
     """Loaders over ``data/train`` and ``data/val``; ``batch_size`` is per process."""
     from torchvision.datasets import ImageFolder
 
     classes = check_image_folder(data)
-    train_tf, val_tf = image_transforms(image_size, val_resize)
+    train_tf, val_tf = image_transforms(aug)
     datasets: dict[str, Dataset] = {}
     for split, tf in (("train", train_tf), ("val", val_tf)):
         try:
@@ -166,14 +197,17 @@ def image_folder_loaders(data: str, batch_size: int, workers: int, image_size: i
     return Loaders(train, val, classes, train_sampler, generator)
 
 
-def synthetic_loaders(train_size: int, val_size: int, num_classes: int, batch_size: int, image_size: int,
-                      world_size: int, device: torch.device, seed: int, rank: int) -> Loaders:
-    """Synthetic data of ImageNet's shapes; sizes are global sample counts, split evenly over the ranks."""
+def synthetic_loaders(train_size: int, val_size: int, num_classes: int, batch_size: int, train_crop_size: int,
+                      val_crop_size: int, world_size: int, device: torch.device, seed: int, rank: int) -> Loaders:
+    """Synthetic data of ImageNet's shapes; sizes are global sample counts, split evenly over the ranks.
+
+    The images are tensors already: the per-image augmentations do not apply (mixup/cutmix do).
+    """
     global_batch = batch_size * world_size
     train_steps = max(1, train_size // global_batch)
     val_steps = max(1, math.ceil(val_size / global_batch))
     classes = [f"class{k:04d}" for k in range(num_classes)]
     return Loaders(
-        SyntheticBatches(train_steps, batch_size, num_classes, image_size, device, seed + rank),
-        SyntheticBatches(val_steps, batch_size, num_classes, image_size, device, seed + rank + 10_000),
+        SyntheticBatches(train_steps, batch_size, num_classes, train_crop_size, device, seed + rank),
+        SyntheticBatches(val_steps, batch_size, num_classes, val_crop_size, device, seed + rank + 10_000),
         classes, None, None)

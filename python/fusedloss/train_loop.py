@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedloss.train_dist import DistContext, all_reduce_sum
+from fusedloss.train_recipe import MixedTarget
 
 
 @dataclass(frozen=True)
@@ -111,22 +112,34 @@ def to_device(images: torch.Tensor, target: torch.Tensor, cfg: StepConfig) -> tu
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, loader: Iterable, desc: str, cfg: StepConfig,
-                    ctx: DistContext) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's means over all ranks."""
+                    ctx: DistContext, mix: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
+                    after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's means over all ranks.
+
+    ``mix(images, labels) -> (images, MixedTarget)`` (mixup/cutmix) runs on the device before the
+    forward; top-1/top-5 are then scored against each row's dominant class, as torchvision's
+    reference does. ``after_step(i)`` runs after optimizer step ``i`` (the model EMA).
+    """
     model.train()
     meters = Meters(cfg.device)
     progress = Progress(len(loader), desc, cfg, ctx)  # type: ignore[arg-type]
     for i, (images, target) in enumerate(loader):
         images, target = to_device(images, target, cfg)
+        loss_target: torch.Tensor | MixedTarget = target
+        if mix is not None:
+            images, loss_target = mix(images, target)
         with autocast(cfg):
             logits = model(images)
-            loss = criterion(logits, target)
+            loss = criterion(logits, loss_target)
         optimizer.zero_grad(set_to_none=True)
         # The scaler is a pass-through unless --amp fp16.
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        meters.update(logits.detach(), target, loss)
+        if after_step is not None:
+            after_step(i)
+        scored = loss_target.dominant() if isinstance(loss_target, MixedTarget) else target
+        meters.update(logits.detach(), scored, loss)
         progress.step(i, meters, ctx.world_size)
     progress.close()
     return meters.read(ctx)
