@@ -23,8 +23,9 @@ from torchvision.transforms import v2  # noqa: E402
 import fusedloss as fl  # noqa: E402
 from fusedloss import LOSSES  # noqa: E402
 from fusedloss.train import build_parser, main  # noqa: E402
-from fusedloss.train_recipe import (RECIPES, BatchMix, MixedTarget, ModelEma, TrainLoss,  # noqa: E402
-                                    has_two_target_form, make_scheduler, param_groups, resolve_args)
+from fusedloss.train_recipe import (RECIPES, BatchMix, MixedTarget, MixedTargetLoss, ModelEma,  # noqa: E402
+                                    has_two_target_form, make_scheduler, param_groups, resolve_args,
+                                    split_soft_targets)
 
 SMALL = ["--arch", "resnet18", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
          "--batch-size", "8", "--workers", "0", "--progress", "none"]
@@ -146,6 +147,31 @@ def test_mix_reproduces_torchvision_exactly(mixup_alpha, cutmix_alpha, size):
         assert bool((lam == 1).any())  # the no-partner rows were exercised
 
 
+def test_split_soft_targets_of_a_reference_collate():
+    """A script that keeps torchvision's collate hands the criterion soft targets: they split back into
+    the same pairs, with lam to one float32 ulp, and the crl loss agrees with the exact split."""
+    C = 5
+    labels = torch.tensor([2, 0, 2, 4, 1, 2, 3])
+    images = torch.randn(len(labels), 3, 7, 7, generator=torch.Generator().manual_seed(1))
+    ours, ref = BatchMix(0.2, 1.0), reference_mix(0.2, 1.0, C)
+    crit = MixedTargetLoss(fl.SoftmaxLoss("crl"), C, fused_two_target=False)
+    logits = torch.randn(len(labels), C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        _, soft = ref(images.clone(), labels.clone())
+        torch.manual_seed(seed)
+        _, exact = ours(images.clone(), labels.clone())
+        split = split_soft_targets(soft)
+        big = exact.lam >= 0.5
+        same = exact.y_a == exact.y_b
+        torch.testing.assert_close(split.y_a, torch.where(big | same, exact.y_a, exact.y_b))
+        torch.testing.assert_close(split.y_b, torch.where(big | same, exact.y_b, exact.y_a))
+        share = torch.where(big | same, exact.lam, 1 - exact.lam)
+        share = torch.where(same, torch.ones_like(share), share)
+        torch.testing.assert_close(split.lam, share, rtol=0, atol=2.0 ** -24)
+        torch.testing.assert_close(crit(logits, soft), crit(logits, exact), rtol=1e-6, atol=1e-7)
+
+
 def per_row_loss64(logits: torch.Tensor, target: torch.Tensor, loss: str, eps: float = 0.0) -> torch.Tensor:
     """Each loss's row value in float64 from its definition (docs/losses.md), plus, with label
     smoothing eps, only for ce: PyTorch's (1 - eps) * nll + eps * mean_k(-log p_k)."""
@@ -184,7 +210,7 @@ ROUTES = ["two calls", "fused"]
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_mixed_loss_is_lam_weighted_pair(loss, route):
-    """TrainLoss on a MixedTarget = mean_i lam_i L(x_i, y_a_i) + (1 - lam_i) L(x_i, y_b_i), float64 oracle;
+    """MixedTargetLoss on a MixedTarget = mean_i lam_i L(x_i, y_a_i) + (1 - lam_i) L(x_i, y_b_i), float64 oracle;
     for ce also F.cross_entropy with the soft targets. Irregular shape: 13 rows, 37 classes."""
     if loss == "ce" and route == "fused":
         pytest.skip("ce always takes the soft targets")
@@ -193,7 +219,7 @@ def test_mixed_loss_is_lam_weighted_pair(loss, route):
     n, C = 13, 37
     logits = torch.randn(n, C, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
     target = mixed_target(n, C, 1)
-    crit = TrainLoss(fl.SoftmaxLoss(loss), C, fused_two_target=route == "fused")
+    crit = MixedTargetLoss(fl.SoftmaxLoss(loss), C, fused_two_target=route == "fused")
     x = logits.clone().requires_grad_()
     got = crit(x, target)
     lam = target.lam
@@ -213,7 +239,7 @@ def test_mixed_ce_label_smoothing_matches_torch():
     n, C = 9, 11
     logits = torch.randn(n, C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     target = mixed_target(n, C, 3)
-    crit = TrainLoss(fl.SoftmaxLoss("ce", label_smoothing=0.1), C, fused_two_target=False)
+    crit = MixedTargetLoss(fl.SoftmaxLoss("ce", label_smoothing=0.1), C, fused_two_target=False)
     want = F.cross_entropy(logits, target.soft(C).double(), label_smoothing=0.1)
     torch.testing.assert_close(crit(logits, target), want, rtol=1e-6, atol=1e-7)
     lam = target.lam

@@ -44,7 +44,7 @@ from fusedloss.train_data import Augment, Loaders, TrainInputError, image_folder
 from fusedloss.train_dist import DistContext, all_agree, all_gather_objects, init_distributed, shutdown
 from fusedloss.train_loop import StepConfig, evaluate, train_one_epoch
 from fusedloss.train_plot import LOG_NAME, append_record, plot_runs, rewrite_log
-from fusedloss.train_recipe import (LR_SCHEDULERS, RECIPES, BatchMix, MixedTarget, ModelEma, TrainLoss,
+from fusedloss.train_recipe import (LR_SCHEDULERS, RECIPES, BatchMix, MixedTarget, MixedTargetLoss, ModelEma,
                                     lr_schedule_alias, make_scheduler, param_groups, resolve_args)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -167,7 +167,7 @@ def check_args(args: argparse.Namespace) -> None:
     make_criterion(args)  # the loss library's own checks (e.g. label smoothing for a loss without it)
 
 
-def make_criterion(args: argparse.Namespace, num_classes: int = 2) -> TrainLoss:
+def make_criterion(args: argparse.Namespace, num_classes: int = 2) -> MixedTargetLoss:
     """The chosen loss, probed once on a 2-row batch so that bad options fail now, not at step one.
 
     With mixup/cutmix the probe includes a mixed batch, through the same route training takes.
@@ -175,7 +175,7 @@ def make_criterion(args: argparse.Namespace, num_classes: int = 2) -> TrainLoss:
     try:
         inner = fl.SoftmaxLoss(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                                label_smoothing=args.label_smoothing)
-        criterion = TrainLoss(inner, num_classes)
+        criterion = MixedTargetLoss(inner, num_classes)
         logits, labels = torch.zeros(2, num_classes), torch.arange(2) % num_classes
         criterion(logits, labels)
         if args.mixup_alpha > 0 or args.cutmix_alpha > 0:

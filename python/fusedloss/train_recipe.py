@@ -180,14 +180,31 @@ def two_target_by_two_calls(logits: Tensor, target: MixedTarget, criterion: fl.S
     return rows.mean().to(logits.dtype)
 
 
-class TrainLoss(nn.Module):
-    """The training criterion: class indices as usual, and a :class:`MixedTarget` routed by loss.
+def split_soft_targets(soft: Tensor) -> MixedTarget:
+    """(y_a, y_b, lam) from mixup/cutmix class probabilities with at most two nonzero classes a row
+    (what torchvision's MixUp/CutMix, v1 or v2, return): ``y_a`` the larger share, ``lam`` its value,
+    ``y_b`` the other class, or ``y_a`` again when the row is one-hot (both images of one class).
 
-    ``ce`` gets torchvision's soft targets (class probabilities; ``F.cross_entropy`` semantics,
-    label smoothing applied inside the loss as the reference does). Every other loss has no
-    soft-target definition and gets the two-target form ``(y_a, y_b, lam)``, which means
+    For a training script that keeps the reference's collate function. ``lam`` is the float32 target
+    value, so ``1 - lam`` may differ from the row's second value by one float32 ulp (2**-24 at most).
+    Rows with more than two nonzero classes (label smoothing folded into the targets, several mixes)
+    are not of this form and are not detected here: keep those on ``ce``.
+    """
+    share, cls = soft.topk(2, dim=1)
+    y_b = torch.where(share[:, 1] > 0, cls[:, 1], cls[:, 0])
+    return MixedTarget(cls[:, 0], y_b, share[:, 0].to(torch.float64))
+
+
+class MixedTargetLoss(nn.Module):
+    """A fusedloss criterion that also takes mixup/cutmix targets, routed by loss.
+
+    ``target`` may be class indices (passed through), a :class:`MixedTarget`, or mixup/cutmix class
+    probabilities (N, C). ``ce`` gets class probabilities (``F.cross_entropy`` semantics, label
+    smoothing applied inside the loss as torchvision's reference does). Every other loss has no
+    soft-target definition and gets the two-target form ``(y_a, y_b, lam)``, meaning
     ``lam * L(x, y_a) + (1 - lam) * L(x, y_b)`` (the original mixup code's form; for ``ce`` the two
-    agree, since CE is linear in the target distribution).
+    agree, since CE is linear in the target distribution). Drop-in for a reference script's
+    criterion: ``MixedTargetLoss(fl.CompetingRatioLoss(label_smoothing=0.1), num_classes)``.
     """
 
     def __init__(self, criterion: fl.SoftmaxLoss, num_classes: int, fused_two_target: bool | None = None) -> None:
@@ -203,6 +220,10 @@ class TrainLoss(nn.Module):
         return "two-target (fused)" if self.fused_two_target else "two-target (two calls)"
 
     def forward(self, logits: Tensor, target: Tensor | MixedTarget) -> Tensor:
+        if isinstance(target, Tensor) and target.is_floating_point() and target.dim() == 2:
+            if self.criterion.loss == "ce":
+                return self.criterion(logits, target)
+            target = split_soft_targets(target)
         if not isinstance(target, MixedTarget):
             return self.criterion(logits, target)
         if self.criterion.loss == "ce":
@@ -228,7 +249,8 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
     other: list[nn.Parameter] = []
     norm: list[nn.Parameter] = []
     for module in model.modules():
-        (norm if isinstance(module, NORM_LAYERS) else other).extend(module.parameters(recurse=False))
+        group = norm if isinstance(module, NORM_LAYERS) else other
+        group.extend(p for p in module.parameters(recurse=False) if p.requires_grad)
     groups = [{"params": other, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_weight_decay}]
     return [g for g in groups if g["params"]]
 
