@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--image-size", type=int, default=None,
                      help="old single size, kept as an alias: sets --train-crop-size and --val-crop-size, "
                           "and --val-resize-size to round(size x 256/224), wherever those are not given")
-    aug.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic"), default="bilinear")
+    aug.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic"), default="bilinear",
+                     help="resampling of the crops and the resize")
     aug.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None, help="auto-augment policy")
     aug.add_argument("--ra-magnitude", type=int, default=9, help="--auto-augment ra: magnitude")
     aug.add_argument("--augmix-severity", type=int, default=3, help="--auto-augment augmix: severity")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--momentum", type=float, default=0.9)
     opt.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
     opt.add_argument("--norm-weight-decay", type=float, default=None,
-                     help="weight decay of normalization layers (default: same as --wd)")
+                     help="weight decay of normalization layers' parameters (None: --wd)")
     opt.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="multisteplr",
                      help="multisteplr: x --lr-gamma at each of --lr-steps (torchvision's default is steplr, "
                           "every --lr-step-size epochs: the same lr over 90 epochs)")
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr-gamma", type=float, default=0.1, help="steplr, multisteplr, exponentiallr: lr factor")
     opt.add_argument("--lr-min", type=float, default=0.0, help="cosineannealinglr: final lr")
     opt.add_argument("--lr-warmup-epochs", type=int, default=0, help="epochs of warmup before the scheduler")
-    opt.add_argument("--lr-warmup-method", choices=("linear", "constant"), default="constant")
+    opt.add_argument("--lr-warmup-method", choices=("linear", "constant"), default="constant",
+                     help="linear: from lr x decay up to lr; constant: lr x decay throughout the warmup")
     opt.add_argument("--lr-warmup-decay", type=float, default=0.01, help="warmup starts at lr x this")
 
     run = p.add_argument_group("execution")

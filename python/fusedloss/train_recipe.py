@@ -150,6 +150,9 @@ def loss_kwargs(criterion: fl.SoftmaxLoss, **override: Any) -> dict[str, Any]:
     kw = dict(weight=criterion.weight, ignore_index=criterion.ignore_index, reduction=criterion.reduction,
               label_smoothing=criterion.label_smoothing, alpha=criterion.alpha, beta=criterion.beta,
               gamma=criterion.gamma, backend=criterion.backend)
+    for name in ("z_loss", "softcap"):  # options newer versions of the module carry
+        if hasattr(criterion, name):
+            kw[name] = getattr(criterion, name)
     kw.update(override)
     return kw
 
