@@ -17,6 +17,13 @@ TORCH_LIBRARY(fusedloss, m) {
       "ext_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "int variant, int reduction, int ignore_index, float label_smoothing, float alpha, "
       "float beta, float gamma, float z_loss, float softcap) -> Tensor");
+  // Class-probability targets (ce): ops.SOFT_FWD_SCHEMA / ops.SOFT_BWD_SCHEMA.
+  m.def(
+      "ext_soft_fwd(Tensor logits, Tensor probs, Tensor? weight, int reduction, "
+      "float label_smoothing, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_soft_bwd(Tensor grad_loss, Tensor logits, Tensor probs, Tensor? weight, Tensor stats, "
+      "int reduction, float label_smoothing) -> Tensor");
 }
 
 namespace {

@@ -22,23 +22,20 @@ LossConfig make_config(int64_t variant, int64_t reduction, int64_t ignore_index,
   return {variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap};
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& target,
-                  const std::optional<at::Tensor>& weight, const char* op) {
+namespace {
+
+// logits (N, C) with unit class stride (any row stride), weight (C,) floating or absent.
+void check_logits_and_weight(const at::Tensor& logits, const std::optional<at::Tensor>& weight,
+                             const char* op) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be (N, C); got ", logits.dim(), " dims");
   const auto dt = logits.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
               op, ": logits must be float32, float64, bfloat16 or float16; got ", dt);
-  const int64_t n = logits.size(0), c = logits.size(1);
+  const int64_t c = logits.size(1);
   TORCH_CHECK(c > 0, op, ": logits need at least one class");
   // Rows of any stride are read in place; the class dimension must be dense.
   TORCH_CHECK(logits.stride(1) == 1 || c == 1, op,
               ": logits must have unit stride along classes; got strides ", logits.strides());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == n, op, ": target must be (", n,
-              ",); got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
-              ": target must be int64 or int32; got ", target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
-              " but logits are on ", logits.device());
   if (weight.has_value()) {
     const auto& w = *weight;
     TORCH_CHECK(w.dim() == 1 && w.size(0) == c, op, ": weight must be (", c, ",); got ",
@@ -47,6 +44,32 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target,
     TORCH_CHECK(w.device() == logits.device(), op, ": weight is on ", w.device(),
                 " but logits are on ", logits.device());
   }
+}
+
+}  // namespace
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const char* op) {
+  check_logits_and_weight(logits, weight, op);
+  const int64_t n = logits.size(0);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == n, op, ": target must be (", n,
+              ",); got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+              ": target must be int64 or int32; got ", target.scalar_type());
+  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
+              " but logits are on ", logits.device());
+}
+
+at::Tensor check_soft_inputs(const at::Tensor& logits, const at::Tensor& probs,
+                             const std::optional<at::Tensor>& weight, const char* op) {
+  check_logits_and_weight(logits, weight, op);
+  TORCH_CHECK(probs.sizes() == logits.sizes(), op, ": probs must have the logits' shape ", logits.sizes(),
+              "; got ", probs.sizes());
+  TORCH_CHECK(probs.scalar_type() == logits.scalar_type(), op, ": probs must have the logits' dtype ",
+              logits.scalar_type(), "; got ", probs.scalar_type());
+  TORCH_CHECK(probs.device() == logits.device(), op, ": probs are on ", probs.device(),
+              " but logits are on ", logits.device());
+  return probs.size(1) > 1 && probs.stride(1) != 1 ? probs.contiguous() : probs;
 }
 
 void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,

@@ -21,6 +21,11 @@ LossConfig make_config(int64_t variant, int64_t reduction, int64_t ignore_index,
 void check_inputs(const at::Tensor& logits, const at::Tensor& target,
                   const std::optional<at::Tensor>& weight, const char* op);
 
+// Class-probability targets: logits as check_inputs, probs (N, C) of the logits' dtype
+// and device. Returns probs with unit class stride (a copy only if they had none).
+at::Tensor check_soft_inputs(const at::Tensor& logits, const at::Tensor& probs,
+                             const std::optional<at::Tensor>& weight, const char* op);
+
 // grad_loss () or (N,) as the reduction's loss, stats (N, kStatsCols).
 void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,
                            const at::Tensor& stats, const LossConfig& cfg);

@@ -65,7 +65,11 @@ def test_opcheck_soft_ce():
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     y = torch.softmax(torch.randn(4, 5, dtype=torch.float64), 1)
     for red in Reduction:
-        torch.library.opcheck(ops.soft_ce_fwd, (x, y, None, int(red), 0.1))
+        for cg in (False, True):
+            torch.library.opcheck(ops.reference_soft_fwd, (x, y, None, int(red), 0.1, cg))
+        _, stats, _ = ops.reference_soft_fwd(x, y, None, int(red), 0.1, False)
+        go = torch.rand(()) if red != Reduction.NONE else torch.rand(4)
+        torch.library.opcheck(ops.reference_soft_bwd, (go.double(), x.detach(), y, None, stats, int(red), 0.1))
 
 
 def test_fused_gradient_path_matches_recomputed_backward():

@@ -471,11 +471,109 @@ struct Rows {
     });
   }
 
+  // ------------------------------------------------------------------------
+  // Class-probability targets (ce): with y' = (1 - eps) y + eps / C and wy = w y',
+  //   L = sum_k wy_k (lse - x_k),   g_j = S p_j - wy_j,   S = sum_k wy_k
+  // Pass 1: lse over the row (the e_k kept, as for the other losses) and S over the
+  // targets (their only DRAM read). Pass 2: the gradient from the e_k, and the loss
+  // from x and y, both now in cache: every term wy_k (lse - x_k) is >= 0 once lse is
+  // known, so the sum has no cancellation (S lse - sum wy x would, for large logits).
+  // ------------------------------------------------------------------------
+  const scalar_t* probs_row(int64_t i) const {
+    return static_cast<const scalar_t*>(pb.probs) + i * pb.probs_stride;
+  }
+
+  // w_k y'_k for the n lanes at j, 0 in the lanes past n.
+  Step smoothed_wy(const scalar_t* y, int64_t j, int64_t n) const {
+    const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
+    Step v = RV::load(y + j, n);
+    Step w;
+    if (weight) w = RV::load_acc(weight + j, n);
+    for (int q = 0; q < RV::kParts; ++q) {
+      if (eps != acc_t(0)) v.v[q] = at::vec::fmadd(v.v[q], Vec(acc_t(1) - eps), Vec(eps / acc_t(pb.classes)));
+      if (weight) v.v[q] = v.v[q] * w.v[q];
+    }
+    return RV::pad(v, n, acc_t(0));
+  }
+
+  // sum_k wy_k (lse - x_k) over the n lanes at j; 0 where wy_k = 0 (a -inf logit with no mass).
+  static Vec loss_terms(const Step& wy, const Step& x, const Vec& vlse) {
+    Vec sum(acc_t(0));
+    for (int q = 0; q < RV::kParts; ++q) {
+      const Vec term = wy.v[q] * (vlse - x.v[q]);
+      sum = sum + Vec::blendv(term, Vec(acc_t(0)), wy.v[q] == Vec(acc_t(0)));
+    }
+    return sum;
+  }
+
+  FUSEDLOSS_ROW_PASS void soft_ce(int64_t i, bool forward, const Buffers& buf) const {
+    const int64_t C = pb.classes;
+    const scalar_t* x = row(i);
+    const scalar_t* y = probs_row(i);
+    scalar_t* g = grad_row(i);
+    acc_t* st = stats_row(i);
+    acc_t* e = forward && g ? buf.e : nullptr;
+    acc_t lse, S;
+    if (forward) {
+      lse = lse_pass<false, false>(x, -1, e, buf.shifts, g).lse();
+      Vec s(acc_t(0));
+      for (int64_t j = 0; j < C; j += RV::kWidth) {
+        const Step v = smoothed_wy(y, j, std::min(RV::kWidth, C - j));
+        for (int q = 0; q < RV::kParts; ++q) s = s + v.v[q];
+      }
+      S = RV::hsum(s);
+      st[0] = lse;
+      st[1] = S;
+      st[2] = st[3] = acc_t(0);
+    } else {
+      lse = st[0];
+      S = st[1];
+    }
+    const Vec vlse(lse);
+    Vec loss(acc_t(0));
+    if (!g) {  // forward without the gradient: the loss pass alone
+      for (int64_t j = 0; j < C; j += RV::kWidth) {
+        const int64_t n = std::min(RV::kWidth, C - j);
+        loss = loss + loss_terms(smoothed_wy(y, j, n), RV::load(x + j, n), vlse);
+      }
+      static_cast<acc_t*>(pb.loss_rows)[i] = RV::hsum(loss);
+      return;
+    }
+    const acc_t go = grad_out(i);
+    const Vec vgo(go);
+    if (e) {
+      int64_t b_idx = 0;
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t end) {
+        // exp(shift_b - lse) <= 1: the block's shift is at most the row's max.
+        const Vec f(std::exp(buf.shifts[b_idx++] - lse) * S * go);
+        RV::write(g, b, end, stream, [&](int64_t j, int64_t n) {
+          const Step wy = smoothed_wy(y, j, n);
+          loss = loss + loss_terms(wy, RV::load(x + j, n), vlse);
+          Step u = RV::load_acc(e + j, n);
+          for (int q = 0; q < RV::kParts; ++q) u.v[q] = u.v[q] * f - wy.v[q] * vgo;
+          return u;
+        });
+      });
+      static_cast<acc_t*>(pb.loss_rows)[i] = RV::hsum(loss);
+    } else {  // the backward op: one pass with the exp (vexp clamps a NaN: the scale carries it)
+      const Vec scale(std::isnan(lse) ? lse : S * go);
+      RV::write(g, 0, C, stream, [&](int64_t j, int64_t n) {
+        RV::prefetch(x + j);
+        Step u = RV::load(x + j, n);
+        const Step wy = smoothed_wy(y, j, n);
+        for (int q = 0; q < RV::kParts; ++q) u.v[q] = vexp(u.v[q] - vlse) * scale - wy.v[q] * vgo;
+        return u;
+      });
+    }
+  }
+
   void run(int64_t begin, int64_t end, bool forward) const {
     const bool smooth = pb.cfg.label_smoothing > 0;
     const Buffers buf = buffers();
     for (int64_t i = begin; i < end; ++i) {
-      if (pb.target[i] == pb.cfg.ignore_index) {
+      if (pb.probs) {
+        soft_ce(i, forward, buf);
+      } else if (pb.target[i] == pb.cfg.ignore_index) {
         ignore_row(i, forward);
       } else if (pb.cfg.softcap > 0) {
         capped_row(i, forward);

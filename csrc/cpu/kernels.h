@@ -18,6 +18,10 @@ struct RowsProblem {
   const void* logits;     // (rows, classes), unit class stride
   int64_t rows, classes, row_stride;
   const int64_t* target;  // (rows,), every value checked: in [0, classes) or ignore_index
+  // Class-probability targets (ce only) instead of `target`: (rows, classes) of dtype with
+  // unit class stride; stats are then (lse, sum_k w_k y'_k, 0, 0) with y' the smoothed targets.
+  const void* probs;
+  int64_t probs_stride;
   const void* weight;     // (classes,) acc, or nullptr
   double weight_total;    // sum of the weights, or classes (label smoothing's W)
   LossConfig cfg;

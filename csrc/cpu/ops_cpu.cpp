@@ -10,6 +10,7 @@
 
 #include "../op_common.h"
 #include "kernels.h"
+#include "row_sum.h"
 
 namespace fusedloss::cpu {
 
@@ -121,13 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_fwd_cpu(
 
   at::Tensor loss = out.loss_rows;
   if (reduction != kNone) {
-    // In row order, in double: the same bits for any thread count.
-    double total = 0;
-    if (loss.scalar_type() == at::kDouble) {
-      for (const double v : c10::ArrayRef<double>(loss.const_data_ptr<double>(), loss.numel())) total += v;
-    } else {
-      for (const float v : c10::ArrayRef<float>(loss.const_data_ptr<float>(), loss.numel())) total += v;
-    }
+    double total = sum_in_row_order(loss);
     // 0/0 = NaN for 'mean' over no rows, as PyTorch.
     if (reduction == kMean) total /= checked.denominator;
     loss = at::scalar_tensor(total, loss.options());

@@ -52,15 +52,22 @@ at::Tensor mean_denominator(const at::Tensor& target, const at::Tensor& weight_a
   return at::where(keep, weight_acc.index_select(0, safe), at::zeros({}, weight_acc.options())).sum();
 }
 
-template <typename scalar_t, bool kBce>
-void launch_typed(const RowsArgs& a, bool vec, bool forward, int threads, int64_t blocks) {
+template <typename scalar_t, int kKind>
+void launch_kind(const RowsArgs& a, bool vec, bool forward, int threads, int64_t blocks) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
-    rows_kernel<scalar_t, true, kBce><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, forward);
+    rows_kernel<scalar_t, true, kKind><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, forward);
   } else {
-    rows_kernel<scalar_t, false, kBce><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, forward);
+    rows_kernel<scalar_t, false, kKind><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, forward);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_typed(const RowsArgs& a, bool vec, bool forward, int threads, int64_t blocks) {
+  if (a.probs) return launch_kind<scalar_t, kSoftRows>(a, vec, forward, threads, blocks);
+  if (a.cfg.variant == kBCE) return launch_kind<scalar_t, kBceRows>(a, vec, forward, threads, blocks);
+  launch_kind<scalar_t, kTargetOnlyRows>(a, vec, forward, threads, blocks);
 }
 
 void launch(const RowsArgs& a, const at::Tensor& logits, bool forward) {
@@ -70,24 +77,20 @@ void launch(const RowsArgs& a, const at::Tensor& logits, bool forward) {
   // 128-bit packs need every row start (logits and gradient) 16-byte aligned.
   const bool vec = reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && (a.row_stride * elem) % 16 == 0 &&
                    C % pack == 0 && (!a.grad || reinterpret_cast<uintptr_t>(a.grad) % 16 == 0);
+  // (The probabilities are read element by element: no alignment needed.)
   // About four packs per thread per pass, in whole warps, at most kMaxThreads.
   int threads = kWarpSize;
   while (threads < kMaxThreads && threads * pack * 4 < C) threads *= 2;
   const int64_t blocks = std::min<int64_t>(a.rows, int64_t(1) << 30);
-  const bool bce = a.cfg.variant == kBCE;
   switch (logits.scalar_type()) {
     case at::kFloat:
-      return bce ? launch_typed<float, true>(a, vec, forward, threads, blocks)
-                 : launch_typed<float, false>(a, vec, forward, threads, blocks);
+      return launch_typed<float>(a, vec, forward, threads, blocks);
     case at::kDouble:
-      return bce ? launch_typed<double, true>(a, vec, forward, threads, blocks)
-                 : launch_typed<double, false>(a, vec, forward, threads, blocks);
+      return launch_typed<double>(a, vec, forward, threads, blocks);
     case at::kBFloat16:
-      return bce ? launch_typed<c10::BFloat16, true>(a, vec, forward, threads, blocks)
-                 : launch_typed<c10::BFloat16, false>(a, vec, forward, threads, blocks);
+      return launch_typed<c10::BFloat16>(a, vec, forward, threads, blocks);
     case at::kHalf:
-      return bce ? launch_typed<c10::Half, true>(a, vec, forward, threads, blocks)
-                 : launch_typed<c10::Half, false>(a, vec, forward, threads, blocks);
+      return launch_typed<c10::Half>(a, vec, forward, threads, blocks);
     default:
       TORCH_CHECK(false, "fusedloss: unsupported logits dtype ", logits.scalar_type());
   }
@@ -170,11 +173,72 @@ at::Tensor ext_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, c
   return grad;
 }
 
+// Class-probability targets (ce): PyTorch's 'mean' divides by the number of rows N, a
+// device scalar here like the class-index mean's denominator.
+RowsArgs soft_args(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& weight_acc,
+                   const at::Tensor& rows_count, int64_t reduction, double label_smoothing) {
+  RowsArgs a{};
+  a.logits = logits.const_data_ptr();
+  a.rows = logits.size(0);
+  a.classes = logits.size(1);
+  a.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  a.probs = probs.const_data_ptr();
+  a.probs_stride = probs.size(0) > 1 ? probs.stride(0) : probs.size(1);
+  a.weight = weight_acc.defined() ? weight_acc.const_data_ptr() : nullptr;
+  a.denominator = reduction == kMean ? rows_count.const_data_ptr() : nullptr;
+  a.cfg = make_config(kCE, reduction, -100, label_smoothing, 0.0, 0.0, 0.0, 0.0, 0.0);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_soft_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& weight,
+    int64_t reduction, double label_smoothing, bool compute_grad) {
+  const at::Tensor y = check_soft_inputs(logits, probs, weight, "fusedloss::ext_soft_fwd");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_dtype(logits);
+  const at::Tensor w = weight_in_acc(weight, logits);
+  const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
+  ForwardOutputs out = allocate_forward(logits, compute_grad);
+  RowsArgs a = soft_args(logits, y, w, n, reduction, label_smoothing);
+  a.stats = out.stats.mutable_data_ptr();
+  a.loss_rows = out.loss_rows.mutable_data_ptr();
+  a.grad = compute_grad ? out.grad.mutable_data_ptr() : nullptr;
+  launch(a, logits, /*forward=*/true);
+  at::Tensor loss = out.loss_rows;
+  if (reduction == kSum) loss = loss.sum();
+  if (reduction == kMean) loss = loss.sum() / n;
+  return {loss, out.stats, out.grad};
+}
+
+at::Tensor ext_soft_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& probs,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t reduction,
+                             double label_smoothing) {
+  const at::Tensor y = check_soft_inputs(logits, probs, weight, "fusedloss::ext_soft_bwd");
+  const LossConfig cfg = make_config(kCE, reduction, -100, label_smoothing, 0.0, 0.0, 0.0, 0.0, 0.0);
+  check_backward_inputs(grad_loss, logits, stats, cfg);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_dtype(logits);
+  const at::Tensor w = weight_in_acc(weight, logits);
+  const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
+  const at::Tensor st = stats.to(acc).contiguous();
+  const at::Tensor go = grad_loss.to(acc);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  RowsArgs a = soft_args(logits, y, w, n, reduction, label_smoothing);
+  a.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
+  a.grad = grad.mutable_data_ptr();
+  a.grad_loss = go.const_data_ptr();
+  a.grad_loss_stride = go.dim() == 0 ? 0 : go.stride(0);
+  launch(a, logits, /*forward=*/false);
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("ext_fwd", &ext_fwd_cuda);
   m.impl("ext_bwd", &ext_bwd_cuda);
+  m.impl("ext_soft_fwd", &ext_soft_fwd_cuda);
+  m.impl("ext_soft_bwd", &ext_soft_bwd_cuda);
 }
 
 }  // namespace fusedloss::cuda

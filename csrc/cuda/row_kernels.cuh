@@ -26,6 +26,8 @@ struct RowsArgs {
   const void* logits;  // (N, C), unit class stride, row_stride between rows
   int64_t rows, classes, row_stride;
   const int64_t* target;       // (N,); out-of-range values are clamped and the row marked NaN
+  const void* probs;           // class-probability targets (ce) instead of target: (N, C), unit class stride
+  int64_t probs_stride;
   const void* weight;          // (C,) acc, or nullptr
   const void* weight_total;    // device scalar acc: sum of weights (label smoothing), or nullptr: C
   const void* denominator;     // device scalar acc: what 'mean' divides by, or nullptr
@@ -295,11 +297,70 @@ __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
   });
 }
 
+// ---------------------------------------------------------------------------
+// Class-probability targets (ce): y' = (1 - eps) y + eps / C, wy = w y',
+//   L = sum_k wy_k (lse - x_k) (terms >= 0: no cancellation), g_j = go (S p_j - wy_j),
+//   S = sum_k wy_k; stats (lse, S, 0, 0). 'mean''s 1/N arrives as the denominator.
+// ---------------------------------------------------------------------------
+template <typename scalar_t, bool kVec>
+__device__ void soft_row(const RowsArgs& a, int64_t i, bool forward) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = a.classes;
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + i * a.row_stride;
+  const scalar_t* y = static_cast<const scalar_t*>(a.probs) + i * a.probs_stride;
+  scalar_t* g = a.grad ? static_cast<scalar_t*>(a.grad) + i * C : nullptr;
+  acc_t* st = static_cast<acc_t*>(a.stats) + i * kStatsCols;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t eps = static_cast<acc_t>(a.cfg.label_smoothing);
+  auto wy = [&](int64_t j) {
+    acc_t v = static_cast<acc_t>(y[j]);
+    if (eps != acc_t(0)) v = (acc_t(1) - eps) * v + eps / acc_t(C);
+    return weight ? v * weight[j] : v;
+  };
+  acc_t lse, S;
+  if (forward) {
+    LseState<acc_t> s = LseState<acc_t>::empty();
+    acc_t sums[1] = {acc_t(0)};
+    visit_row<scalar_t, kVec>(x, C, [&](int64_t j, acc_t v) {
+      s.add(v, j);
+      sums[0] += wy(j);
+    });
+    s = block_merge(s);
+    block_sum(sums);
+    lse = s.lse();
+    S = sums[0];
+    acc_t loss[1] = {acc_t(0)};
+    visit_row<scalar_t, kVec>(x, C, [&](int64_t j, acc_t v) {
+      const acc_t w = wy(j);
+      if (w != acc_t(0)) loss[0] += w * (lse - v);  // a -inf logit without mass adds 0
+    });
+    block_sum(loss);
+    if (threadIdx.x == 0) {
+      static_cast<acc_t*>(a.loss_rows)[i] = loss[0];
+      st[0] = lse;
+      st[1] = S;
+      st[2] = st[3] = acc_t(0);
+    }
+  } else {
+    lse = st[0];
+    S = st[1];
+  }
+  if (!g) return;
+  const acc_t go = grad_out<acc_t>(a, i);
+  map_row<scalar_t, kVec>(x, g, C, [&](int64_t j, acc_t v) { return (std::exp(v - lse) * S - wy(j)) * go; });
+}
+
+enum RowKind { kTargetOnlyRows = 0, kBceRows = 1, kSoftRows = 2 };
+
 // One block per row (grid-stride over rows). Ignored rows: loss 0, gradient 0.
-template <typename scalar_t, bool kVec, bool kBce>
+template <typename scalar_t, bool kVec, int kKind>
 __global__ void __launch_bounds__(kMaxThreads, 1) rows_kernel(const RowsArgs a, bool forward) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x; i < a.rows; i += gridDim.x) {
+    if constexpr (kKind == kSoftRows) {
+      soft_row<scalar_t, kVec>(a, i, forward);
+      continue;
+    }
     if (a.target[i] == a.cfg.ignore_index) {  // block-uniform
       if (forward && threadIdx.x == 0) {
         static_cast<acc_t*>(a.loss_rows)[i] = acc_t(0);
@@ -312,7 +373,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rows_kernel(const RowsArgs a, 
       }
       continue;
     }
-    if constexpr (kBce) {
+    if constexpr (kKind == kBceRows) {
       bce_row<scalar_t, kVec>(a, i, forward);
     } else {
       target_only_row<scalar_t, kVec>(a, i, forward);

@@ -16,6 +16,7 @@ import fusedloss._C as _C  # noqa: F401  (ImportError: backend unavailable, hand
 from . import dispatch, ops
 
 ops.register_fakes("ext_fwd", "ext_bwd")
+ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
 
 
 def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
@@ -36,11 +37,15 @@ def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
 
 ops.register_autograd("ext_fwd", torch.ops.fusedloss.ext_bwd.default, scale_grad=_scale_fused_grad)
 
+ops.register_soft_autograd("ext_soft_fwd", torch.ops.fusedloss.ext_soft_bwd.default, scale_grad=_scale_fused_grad)
+
 _fwd = torch.ops.fusedloss.ext_fwd.default
 _bwd = torch.ops.fusedloss.ext_bwd.default
+_soft_fwd = torch.ops.fusedloss.ext_soft_fwd.default
 
 dispatch.register(dispatch.Backend(
     name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
+    soft_fwd=_soft_fwd,
 ))
 
 
@@ -52,4 +57,5 @@ def cuda_compiled() -> bool:
 if cuda_compiled():
     dispatch.register(dispatch.Backend(
         name="cuda", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cuda", fused_grad=True,
+        soft_fwd=_soft_fwd,
     ))

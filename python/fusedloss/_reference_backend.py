@@ -7,4 +7,5 @@ dispatch.register(dispatch.Backend(
     bwd=ops.reference_bwd,
     supports=lambda device: True,
     fused_grad=False,
+    soft_fwd=ops.reference_soft_fwd,
 ))

@@ -33,6 +33,9 @@ class Backend:
     # inplace_backward=True: (logits, target, weight, <scalars>) -> loss, differentiable; the
     # forward writes the gradient into the logits' storage (the logits are consumed).
     fwd_inplace: Callable | None = None
+    # Class-probability targets (ce): fusedloss::<name>_soft_fwd / _soft_bwd (ops.SOFT_*_SCHEMA);
+    # None: the functional runs the reference's on this device.
+    soft_fwd: Callable | None = None
 
 
 class BackendUnavailableError(RuntimeError):

@@ -110,8 +110,8 @@ def softmax_loss(
         validation.check_prob_target(logits, target)
         if z_loss or softcap is not None:
             raise NotImplementedError("z_loss and softcap with class-probability (soft) targets are not implemented")
-        dispatch.resolve(backend, logits.device)  # validate the backend name all the same
-        return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse)
+        be = dispatch.resolve(backend, logits.device)
+        return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse, be)
 
     validation.check_class_target(logits, target)
     be = dispatch.resolve(backend, logits.device)
@@ -150,13 +150,23 @@ def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float,
-                        return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                        return_lse: bool, be: dispatch.Backend) -> Tensor | tuple[Tensor, Tensor]:
     if logits.dim() == 1:
         x, y = logits[None, :], probs[None, :]
     else:
         x = logits.movedim(1, -1).reshape(-1, logits.shape[1])
         y = probs.movedim(1, -1).reshape(-1, logits.shape[1])
-    out, lse = ops.soft_ce_fwd(x, y, weight, int(red), float(eps))
+    # One dtype for both (the kernels read them side by side); a differentiable cast.
+    y = y.to(x.dtype)
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    if be.soft_fwd is not None:
+        fwd, fused = be.soft_fwd, be.fused_grad
+    else:  # no soft-target kernel in this backend: the reference's, on the same device
+        fwd, fused = ops.reference_soft_fwd, False
+    compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
+    out, stats, _ = fwd(x, y, weight, int(red), float(eps), compute_grad)
+    lse = stats[:, 0]
     row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
     if red == Reduction.NONE:
         out = out.reshape(row_shape)

@@ -151,52 +151,78 @@ reference_fwd, reference_bwd = define_python_ops("reference", _reference_fwd, _r
 
 
 # ----------------------------------------------------------------------------
-# Soft (class-probability) targets, CE only: always the reference.
+# Class-probability (soft) targets, ce only: a second op family with its own schema.
+#   soft_fwd(logits (N, C), probs (N, C) in the logits' dtype, weight (C,)?, reduction,
+#            label_smoothing, compute_grad) -> (loss, stats (N, STATS_COLS): lse, S = sum_k w_k y'_k, grad)
+#   soft_bwd(grad_loss, logits, probs, weight, stats, reduction, label_smoothing) -> d loss / d logits
+# The targets' own gradient, (1 - eps) w_j (lse - x_j) per unit of the row's grad_output, is
+# one elementwise expression on the saved lse: PyTorch's, on every backend (soft_target_grad).
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{NAMESPACE}::soft_ce_fwd", mutates_args=())
-def soft_ce_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, reduction: int,
-                label_smoothing: float) -> tuple[Tensor, Tensor]:
-    return reference.soft_forward(logits, target, weight, reduction, label_smoothing)
+SOFT_FWD_SCHEMA = ("(Tensor logits, Tensor probs, Tensor? weight, int reduction, float label_smoothing, "
+                   "bool compute_grad) -> (Tensor, Tensor, Tensor)")
+SOFT_BWD_SCHEMA = ("(Tensor grad_loss, Tensor logits, Tensor probs, Tensor? weight, Tensor stats, int reduction, "
+                   "float label_smoothing) -> Tensor")
 
 
-@soft_ce_fwd.register_fake
-def _(logits, target, weight, reduction, label_smoothing):
-    n = logits.shape[0]
-    dt = stats_dtype(logits)
-    loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=dt)
-    return loss, logits.new_empty((n,), dtype=dt)
+def fake_soft_forward(logits, probs, weight, reduction, label_smoothing, compute_grad):
+    return fake_forward(logits, None, weight, 0, reduction, 0, label_smoothing, 0.0, 0.0, 0.0, 0.0, 0.0,
+                        compute_grad)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::soft_ce_bwd", mutates_args=())
-def soft_ce_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
-                reduction: int, label_smoothing: float, need_logits: bool,
-                need_target: bool) -> tuple[Tensor, Tensor]:
-    gx, gy = reference.soft_backward(grad_loss, logits, target, weight, lse, reduction, label_smoothing,
-                                     need_logits, need_target)
-    # An op returns tensors, not None: empty stands for "not asked for".
-    return (gx if gx is not None else logits.new_empty((0,)),
-            gy if gy is not None else target.new_empty((0,)))
+def fake_soft_backward(grad_loss, logits, probs, weight, stats, reduction, label_smoothing):
+    return logits.new_empty(logits.shape)
 
 
-@soft_ce_bwd.register_fake
-def _(grad_loss, logits, target, weight, lse, reduction, label_smoothing, need_logits, need_target):
-    return (logits.new_empty(logits.shape if need_logits else (0,)),
-            target.new_empty(target.shape if need_target else (0,)))
+def register_soft_autograd(fwd_name: str, bwd_op: Callable,
+                           scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
+    """The autograd formula of ``fusedloss::<fwd_name>`` (a soft_fwd op): the logits' gradient
+    from the fused forward or ``bwd_op``, the targets' from :func:`reference.soft_target_grad`."""
+
+    def setup_context(ctx, inputs, output):
+        logits, probs, weight, reduction, label_smoothing, compute_grad = inputs
+        _, stats, grad = output
+        ctx.args = (reduction, label_smoothing)
+        ctx.fused = bool(compute_grad)
+        ctx.mark_non_differentiable(stats, grad)
+        ctx.set_materialize_grads(False)
+        # The logits are saved in both cases: the targets' gradient reads them.
+        ctx.save_for_backward(logits, probs, weight, stats, grad if ctx.fused else None)
+
+    def backward(ctx, grad_loss, _grad_stats, _grad_grad):
+        if grad_loss is None:
+            return (None,) * 6
+        logits, probs, weight, stats, grad = ctx.saved_tensors
+        gx = gy = None
+        if ctx.needs_input_grad[0]:
+            gx = scale_grad(grad, grad_loss) if ctx.fused else bwd_op(grad_loss, logits, probs, weight, stats,
+                                                                      *ctx.args)
+        if ctx.needs_input_grad[1]:
+            gy = reference.soft_target_grad(grad_loss, logits, probs, weight, stats, *ctx.args)
+        return (gx, gy) + (None,) * 4
+
+    torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
 
 
-def _soft_setup(ctx, inputs, output):
-    logits, target, weight, reduction, label_smoothing = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.args = (reduction, label_smoothing)
-    ctx.save_for_backward(logits, target, weight, output[1])
+def register_soft_fakes(fwd_name: str, bwd_name: str) -> None:
+    torch.library.register_fake(f"{NAMESPACE}::{fwd_name}")(fake_soft_forward)
+    torch.library.register_fake(f"{NAMESPACE}::{bwd_name}")(fake_soft_backward)
 
 
-def _soft_backward(ctx, grad_loss, _grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
-    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx, gy = soft_ce_bwd(grad_loss, logits, target, weight, lse, *ctx.args, need_x, need_y)
-    return (gx if need_x else None, gy if need_y else None, None, None, None)
+def _reference_soft_fwd(logits, probs, weight, reduction, label_smoothing, compute_grad):
+    loss, stats = reference.soft_forward(logits, probs, weight, reduction, label_smoothing)
+    if compute_grad:
+        grad = reference.soft_backward(torch.ones_like(loss), logits, probs, weight, stats, reduction,
+                                       label_smoothing)
+    else:
+        grad = logits.new_empty((0,))
+    return loss, stats, grad
 
 
-soft_ce_fwd.register_autograd(_soft_backward, setup_context=_soft_setup)
+reference_soft_fwd = torch.library.custom_op(f"{NAMESPACE}::reference_soft_fwd", _reference_soft_fwd,
+                                             mutates_args=(), schema=SOFT_FWD_SCHEMA)
+reference_soft_bwd = torch.library.custom_op(f"{NAMESPACE}::reference_soft_bwd", reference.soft_backward,
+                                             mutates_args=(), schema=SOFT_BWD_SCHEMA)
+reference_soft_fwd.register_fake(fake_soft_forward)
+reference_soft_bwd.register_fake(fake_soft_backward)
+register_soft_autograd("reference_soft_fwd", reference_soft_bwd)

@@ -383,39 +383,53 @@ def _smoothed(y: Tensor, eps: float) -> Tensor:
 
 def soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction: int,
                  label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """Loss and the stats ``(N, STATS_COLS)``: ``lse``, ``S = sum_k w_k y'_k``, 0, 0."""
     cdtype = compute_dtype(logits)
     x = logits.to(cdtype)
     lse = torch.logsumexp(x, 1)
     wy = _smoothed(probs.to(cdtype), label_smoothing)
     if weight is not None:
         wy = wy * weight.to(cdtype)
-    # sum_k wy_k (lse - x_k), written so a -inf logit with zero target mass gives 0, not NaN.
-    per_row = lse * wy.sum(1) - torch.where(wy == 0, torch.zeros_like(x), wy * x).sum(1)
+    # sum_k wy_k (lse - x_k): every term >= 0 (no cancellation for large logits), and a -inf
+    # logit with zero target mass gives 0, not NaN.
+    per_row = torch.where(wy == 0, torch.zeros_like(x), wy * (lse[:, None] - x)).sum(1)
+    stats = torch.zeros((x.shape[0], STATS_COLS), dtype=cdtype, device=x.device)
+    stats[:, 0], stats[:, 1] = lse, wy.sum(1)
     if reduction == Reduction.NONE:
-        return per_row, lse
+        return per_row, stats
     total = per_row.sum()
-    return (total if reduction == Reduction.SUM else total / x.shape[0]), lse
+    return (total if reduction == Reduction.SUM else total / x.shape[0]), stats
 
 
-def soft_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, lse: Tensor,
-                  reduction: int, label_smoothing: float, need_logits: bool, need_target: bool):
-    cdtype = lse.dtype
-    n, c = logits.shape
+def _soft_row_grad_output(grad_loss: Tensor, n: int, reduction: int, cdtype) -> Tensor:
     go = grad_loss.to(cdtype)
     if reduction == Reduction.MEAN:
         go = go / n
-    go = go[:, None] if go.dim() else go
-    w = torch.ones(c, dtype=cdtype, device=logits.device) if weight is None else weight.to(cdtype)
-    grad_x = grad_y = None
-    if need_logits:
-        wy = _smoothed(probs.to(cdtype), label_smoothing) * w
-        g = shifted(logits, lse, cdtype).exp_()
-        g.mul_(wy.sum(1, keepdim=True)).sub_(wy).mul_(go)
-        grad_x = g.to(logits.dtype)
-    if need_target:
-        neg_logp = torch.sub(lse[:, None], logits).to(cdtype)
-        grad_y = (neg_logp.mul_(w).mul_((1 - label_smoothing) * go)).to(probs.dtype)
-    return grad_x, grad_y
+    return go[:, None] if go.dim() else go
+
+
+def soft_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, stats: Tensor,
+                  reduction: int, label_smoothing: float) -> Tensor:
+    """``d loss / d logits = go (S p_j - w_j y'_j)``."""
+    cdtype = stats.dtype
+    go = _soft_row_grad_output(grad_loss, logits.shape[0], reduction, cdtype)
+    wy = _smoothed(probs.to(cdtype), label_smoothing)
+    if weight is not None:
+        wy = wy * weight.to(cdtype)
+    g = shifted(logits, stats[:, 0], cdtype).exp_()
+    g.mul_(stats[:, 1:2]).sub_(wy).mul_(go)
+    return g.to(logits.dtype)
+
+
+def soft_target_grad(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, stats: Tensor,
+                     reduction: int, label_smoothing: float) -> Tensor:
+    """``d loss / d y_j = go (1 - eps) w_j (lse - x_j)`` in the targets' dtype."""
+    cdtype = stats.dtype
+    go = _soft_row_grad_output(grad_loss, logits.shape[0], reduction, cdtype)
+    g = torch.sub(stats[:, 0:1], logits.to(cdtype))
+    if weight is not None:
+        g.mul_(weight.to(cdtype))
+    return g.mul_((1 - label_smoothing) * go).to(probs.dtype)
 
 
 # ----------------------------------------------------------------------------
