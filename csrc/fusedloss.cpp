@@ -17,6 +17,15 @@ TORCH_LIBRARY(fusedloss, m) {
       "ext_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "int variant, int reduction, int ignore_index, float label_smoothing, float alpha, "
       "float beta, float gamma, float z_loss, float softcap) -> Tensor");
+  // Mixup's two targets: ops_mix.MIX_FWD_SCHEMA / MIX_BWD_SCHEMA.
+  m.def(
+      "ext_mix_fwd(Tensor logits, Tensor target_a, Tensor target_b, Tensor lam, Tensor? weight, "
+      "int variant, int reduction, int ignore_index, float label_smoothing, float alpha, float beta, "
+      "float gamma, float z_loss, float softcap, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_mix_bwd(Tensor grad_loss, Tensor logits, Tensor target_a, Tensor target_b, Tensor lam, "
+      "Tensor? weight, Tensor stats, int variant, int reduction, int ignore_index, float label_smoothing, "
+      "float alpha, float beta, float gamma, float z_loss, float softcap) -> Tensor");
   // Class-probability targets (ce): ops.SOFT_FWD_SCHEMA / ops.SOFT_BWD_SCHEMA.
   m.def(
       "ext_soft_fwd(Tensor logits, Tensor probs, Tensor? weight, int reduction, "

@@ -190,6 +190,34 @@ FL_HD GradCoef<T> target_only_grad(T lse, T lse_ex, T x_c, T log_s, T w_c, const
           own_target + t.extra * std::exp(x_c - lse) - t.per_class * w_c};
 }
 
+// Mixup's two targets a != b (lam and 1 - lam folded into each part's terms ta, tb; a part
+// whose target is ignored has go = 0): the gradient is the sum of the parts' gradients,
+//   j not in {a, b}: g_j = p_j (own_a s_a + own_b s_b + extra) - per_class w_j
+//   j == a:          g_a = -own_a s_a (1 - p_a) + p_a (own_b s_b + extra) - per_class w_a
+// (b likewise), extra and per_class the sums of the parts'. Scaled as target_only_grad,
+// with m = max(log s_a, log s_b, 0); p_a s_b = exp(x_a - lse + log s_b) stays <= 1 + beta
+// for every variant (s_b grows like 1 / (1 - p_b) at most, and p_a <= 1 - p_b).
+template <typename T>
+struct MixCoef {
+  T shift, scale, smooth, target_a, target_b;
+};
+
+template <typename T>
+FL_HD MixCoef<T> mix_grad(T lse, T lse_ex_a, T lse_ex_b, T x_a, T x_b, T log_s_a, T log_s_b, T w_a, T w_b,
+                          const ExtraTerms<T>& ta, const ExtraTerms<T>& tb) {
+  const T extra = ta.extra + tb.extra, per_class = ta.per_class + tb.per_class;
+  T m = log_s_a > log_s_b ? log_s_a : log_s_b;
+  if (!(m > T(0))) m = T(0);  // also for a NaN log s: then the scale is NaN
+  const T p_a = std::exp(x_a - lse), p_b = std::exp(x_b - lse);
+  return {lse - m,
+          ta.own * std::exp(log_s_a - m) + tb.own * std::exp(log_s_b - m) + extra * std::exp(-m),
+          per_class,
+          -ta.own * std::exp(log_s_a + lse_ex_a - lse) + tb.own * std::exp(x_a - lse + log_s_b) + extra * p_a -
+              per_class * w_a,
+          -tb.own * std::exp(log_s_b + lse_ex_b - lse) + ta.own * std::exp(x_b - lse + log_s_a) + extra * p_b -
+              per_class * w_b};
+}
+
 // Row loss of any variant from its own unweighted term h:
 //   (1 - eps) w_c h + w_c z lse^2 + (eps / C) (W lse - sum_k w_k x_k)
 // `weighted_x_sum` is sum_k w_k x_k (sum_k x_k without weights), read only when eps > 0.

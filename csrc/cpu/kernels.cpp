@@ -95,8 +95,10 @@ struct Rows {
   // gradient row is prefetched for writing (see add_block).
   template <bool kArgmax, bool kXSum>
   OnlineLse<scalar_t, kArgmax, kXSum> lse_pass(const scalar_t* x, int64_t c, acc_t* e,
-                                               acc_t* shifts, const scalar_t* g = nullptr) const {
+                                               acc_t* shifts, const scalar_t* g = nullptr,
+                                               int64_t c2 = -1) const {
     OnlineLse<scalar_t, kArgmax, kXSum> acc;
+    acc.skip2 = c2;
     int64_t b_idx = 0;
     const scalar_t* g_ahead = stream ? nullptr : g;
     for_each_block<scalar_t>(pb.classes, [&](int64_t b, int64_t end) {
@@ -106,6 +108,52 @@ struct Rows {
     return acc;
   }
 
+
+  // The gradient pass of the target-only family (and mixup's):
+  //   g_j = exp(x_j - shift) * scale - smooth * w_j   for every j,
+  // the target entries stored over it afterwards. Forward (e): exp(x_j - shift) =
+  // e_j * exp(shift_b - shift) from pass 1's e_j, no exp; the backward op: the exp.
+  template <bool kSmooth>
+  FUSEDLOSS_ROW_PASS void write_scaled_exp(scalar_t* g, const scalar_t* x, const acc_t* e, const acc_t* shifts,
+                                           acc_t shift, acc_t scale_in, acc_t smooth_in) const {
+    const int64_t C = pb.classes;
+    // vexp (exp_u20) clamps its argument, so a NaN shift (a NaN row, or a log s that
+    // is undefined at p_c = 0) would not reach the output: the scale carries it.
+    const acc_t scale = std::isnan(shift) ? shift : scale_in;
+    const Vec smooth(smooth_in);
+    // One step of the gradient: u = exp(x_j - shift) * scale, then the smoothing term.
+    auto finish = [&](Step& u, int64_t j, int64_t n) {
+      if constexpr (kSmooth) {
+        Step w;
+        if (weight) w = RV::load_acc(weight + j, n);
+        for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] - (weight ? smooth * w.v[p] : smooth);
+      }
+      return u;
+    };
+    if (e) {
+      // exp(shift_b - shift) <= ~1: shift_b <= max_{k != c} x_k, and shift >= that max
+      // for every variant (s p_j <= 1 / (1 - p_c) p_j <= 1).
+      int64_t b_idx = 0;
+      // e_c is 0 (g[c] is stored after the pass).
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t end) {
+        const Vec f(std::exp(shifts[b_idx++] - shift) * scale);
+        RV::write(g, b, end, stream, [&](int64_t j, int64_t n) {
+          Step u = RV::load_acc(e + j, n);
+          for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] * f;
+          return finish(u, j, n);
+        });
+      });
+    } else {
+      // The backward op: the row's only read, with the exp.
+      const Vec vshift(shift), vscale(scale);
+      RV::write(g, 0, C, stream, [&](int64_t j, int64_t n) {
+        RV::prefetch(x + j);
+        Step u = RV::load(x + j, n);
+        for (int p = 0; p < RV::kParts; ++p) u.v[p] = vexp(u.v[p] - vshift) * vscale;
+        return finish(u, j, n);
+      });
+    }
+  }
 
   // ------------------------------------------------------------------------
   // ce, nllr, crl, lace, focal: one reduction (lse_ex), one gradient pass
@@ -149,43 +197,77 @@ struct Rows {
     const acc_t go = grad_out(i);
     const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, w_c,
                                            extra_terms<acc_t>(w_c * go, go, lse, eps, acc_t(C), W, z));
-    // vexp (exp_u20) clamps its argument, so a NaN shift (a NaN row, or a log s that
-    // is undefined at p_c = 0) would not reach the output: the scale carries it.
-    const acc_t scale = std::isnan(k.shift) ? k.shift : k.scale;
-    const Vec smooth(k.smooth);
-    // One step of the gradient: u = exp(x_j - K) * scale, then the smoothing term.
-    auto finish = [&](Step& u, int64_t j, int64_t n) {
-      if constexpr (kSmooth) {
-        Step w;
-        if (weight) w = RV::load_acc(weight + j, n);
-        for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] - (weight ? smooth * w.v[p] : smooth);
-      }
-      return u;
-    };
-    if (e) {
-      // exp(shift_b - K) <= ~1: shift_b <= max_{k != c} x_k, and K >= that max
-      // for every variant (s p_j <= 1 / (1 - p_c) p_j <= 1).
-      int64_t b_idx = 0;
-      // e_c is 0 (g[c] is stored after the pass).
-      for_each_block<scalar_t>(C, [&](int64_t b, int64_t end) {
-        const Vec f(std::exp(shifts[b_idx++] - k.shift) * scale);
-        RV::write(g, b, end, stream, [&](int64_t j, int64_t n) {
-          Step u = RV::load_acc(e + j, n);
-          for (int p = 0; p < RV::kParts; ++p) u.v[p] = u.v[p] * f;
-          return finish(u, j, n);
-        });
-      });
-    } else {
-      // The backward op: the row's only read, with the exp.
-      const Vec vshift(k.shift), vscale(scale);
-      RV::write(g, 0, C, stream, [&](int64_t j, int64_t n) {
-        RV::prefetch(x + j);
-        Step u = RV::load(x + j, n);
-        for (int p = 0; p < RV::kParts; ++p) u.v[p] = vexp(u.v[p] - vshift) * vscale;
-        return finish(u, j, n);
-      });
-    }
+    write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
     g[c] = static_cast<scalar_t>(k.target);
+  }
+
+  // ------------------------------------------------------------------------
+  // Mixup, target-only family: lam L(a) + (1 - lam) L(b) with one read of the row.
+  // Pass 1 leaves both targets out: L2 = lse over k not in {a, b}; then
+  //   lse_ex_a = logaddexp(L2, x_b), lse_ex_b = logaddexp(L2, x_a)   (a != b)
+  // exact as for one target. The gradient is one pass (losses.h, mix_grad).
+  // A part whose target is ignored counts 0 (its target is set to the other's).
+  // ------------------------------------------------------------------------
+  template <bool kSmooth>
+  FUSEDLOSS_ROW_PASS void mix_target_only(int64_t i, bool forward, const Buffers& buf) const {
+    const int64_t C = pb.classes;
+    int64_t a = pb.target[i], b = pb.target_b[i];
+    const acc_t lam = static_cast<const acc_t*>(pb.lam)[i];
+    acc_t k_a = lam * static_cast<acc_t>(pb.mix_scale_a);
+    acc_t k_b = (acc_t(1) - lam) * static_cast<acc_t>(pb.mix_scale_b);
+    if (a == pb.cfg.ignore_index) a = b, k_a = acc_t(0);
+    if (b == pb.cfg.ignore_index) b = a, k_b = acc_t(0);
+    const bool same = a == b;
+    const scalar_t* x = row(i);
+    scalar_t* g = grad_row(i);
+    const acc_t x_a = static_cast<acc_t>(x[a]), x_b = static_cast<acc_t>(x[b]);
+    const acc_t w_a = weight_of(a), w_b = weight_of(b);
+    const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
+    const acc_t W = static_cast<acc_t>(pb.weight_total);
+    const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
+    acc_t* st = stats_row(i);
+    acc_t* e = forward && g ? buf.e : nullptr;
+    acc_t lse, lse_ex_a, lse_ex_b, weighted_x_sum = 0;
+    if (forward) {
+      const auto acc = lse_pass<false, kSmooth>(x, a, e, buf.shifts, g, same ? -1 : b);
+      const acc_t rest = acc.lse();
+      lse_ex_a = same ? rest : logaddexp(rest, x_b);
+      lse_ex_b = same ? rest : logaddexp(rest, x_a);
+      lse = logaddexp(lse_ex_a, x_a);
+      if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_a * x_a + (same ? acc_t(0) : w_b * x_b);
+    } else {
+      lse = st[0];
+      lse_ex_a = st[1];
+      lse_ex_b = st[2];
+    }
+    const auto& cfg = pb.cfg;
+    const auto ta = target_only_terms<acc_t>(cfg.variant, lse_ex_a - x_a, cfg.alpha, cfg.beta, cfg.gamma);
+    const auto tb = target_only_terms<acc_t>(cfg.variant, lse_ex_b - x_b, cfg.alpha, cfg.beta, cfg.gamma);
+    if (forward) {
+      // A part with k = 0 adds 0 by a select (its loss may be inf).
+      const acc_t la = k_a == acc_t(0) ? acc_t(0) : k_a * row_loss<acc_t>(ta.loss, w_a, lse, eps, acc_t(C), W, weighted_x_sum, z);
+      const acc_t lb = k_b == acc_t(0) ? acc_t(0) : k_b * row_loss<acc_t>(tb.loss, w_b, lse, eps, acc_t(C), W, weighted_x_sum, z);
+      static_cast<acc_t*>(pb.loss_rows)[i] = la + lb;
+      st[0] = lse;
+      st[1] = lse_ex_a;
+      st[2] = lse_ex_b;
+      st[3] = acc_t(0);
+    }
+    if (!g) return;
+    const acc_t go = grad_out(i);
+    const auto ea = extra_terms<acc_t>(w_a * go * k_a, go * k_a, lse, eps, acc_t(C), W, z);
+    const auto eb = extra_terms<acc_t>(w_b * go * k_b, go * k_b, lse, eps, acc_t(C), W, z);
+    if (same) {
+      const ExtraTerms<acc_t> both{ea.own + eb.own, ea.extra + eb.extra, ea.per_class + eb.per_class};
+      const auto k = target_only_grad<acc_t>(lse, lse_ex_a, x_a, ta.log_s, w_a, both);
+      write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
+      g[a] = static_cast<scalar_t>(k.target);
+      return;
+    }
+    const auto k = mix_grad<acc_t>(lse, lse_ex_a, lse_ex_b, x_a, x_b, ta.log_s, tb.log_s, w_a, w_b, ea, eb);
+    write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
+    g[a] = static_cast<scalar_t>(k.target_a);
+    g[b] = static_cast<scalar_t>(k.target_b);
   }
 
   // ------------------------------------------------------------------------
@@ -573,6 +655,12 @@ struct Rows {
     for (int64_t i = begin; i < end; ++i) {
       if (pb.probs) {
         soft_ce(i, forward, buf);
+      } else if (pb.target_b) {
+        if (pb.target[i] == pb.cfg.ignore_index && pb.target_b[i] == pb.cfg.ignore_index) {
+          ignore_row(i, forward);
+        } else {
+          smooth ? mix_target_only<true>(i, forward, buf) : mix_target_only<false>(i, forward, buf);
+        }
       } else if (pb.target[i] == pb.cfg.ignore_index) {
         ignore_row(i, forward);
       } else if (pb.cfg.softcap > 0) {

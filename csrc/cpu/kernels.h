@@ -22,6 +22,12 @@ struct RowsProblem {
   // unit class stride; stats are then (lse, sum_k w_k y'_k, 0, 0) with y' the smoothed targets.
   const void* probs;
   int64_t probs_stride;
+  // Mixup's second target (rows,) and lam (rows,) acc, or nullptr: the row loss is then
+  // lam L(target) * mix_scale_a + (1 - lam) L(target_b) * mix_scale_b (the scales: 'mean''s
+  // 1 / denominator of each part, else 1), stats (lse, lse_ex_a, lse_ex_b, 0).
+  const int64_t* target_b;
+  const void* lam;
+  double mix_scale_a, mix_scale_b;
   const void* weight;     // (classes,) acc, or nullptr
   double weight_total;    // sum of the weights, or classes (label smoothing's W)
   LossConfig cfg;

@@ -324,6 +324,8 @@ struct OnlineLse {
   acc_t max = kNegInf<acc_t>;    // the largest value added (NaN if one was NaN)
   int64_t argmax = -1;
   Vec xsum = Vec(acc_t(0));
+  // A second index left out like `skip` (mixup's second target), or -1.
+  int64_t skip2 = -1;
 
   // Adds x[b, e) without x[skip] (skip outside [b, e): none); stores
   // exp(x_k - shift_b) at e_out[k] when e_out is given (0 at skip), and returns
@@ -389,16 +391,19 @@ struct OnlineLse {
     RV::template for_each<kFirst>(x, b, e, [&](typename RV::Step s, int64_t i, int64_t n) {
       // One step in a block holds the skipped index (unsigned compare: skip < 0 never does).
       const bool has_skip = static_cast<uint64_t>(skip - i) < static_cast<uint64_t>(n);
+      const bool has_skip2 = static_cast<uint64_t>(skip2 - i) < static_cast<uint64_t>(n);
 #if defined(__GNUC__)
       if (kFirst && g_ahead) __builtin_prefetch(g_ahead + i, 1, 3);
 #endif
       if constexpr (kFirst && kXSum) {  // before padding: loadu zero-fills the tail
         const auto w = weight ? RV::load_acc(weight + i, n) : typename RV::Step{};
-        const auto sx = has_skip ? RV::set_lane(s, skip - i, acc_t(0)) : s;
+        auto sx = has_skip ? RV::set_lane(s, skip - i, acc_t(0)) : s;
+        if (has_skip2) sx = RV::set_lane(sx, skip2 - i, acc_t(0));
         for (int k = 0; k < RV::kParts; ++k) xsum = xsum + (weight ? sx.v[k] * w.v[k] : sx.v[k]);
       }
       s = RV::pad(s, n, kNegInf<acc_t>);
       if (has_skip) s = RV::set_lane(s, skip - i, kNegInf<acc_t>);
+      if (has_skip2) s = RV::set_lane(s, skip2 - i, kNegInf<acc_t>);
       for (int k = 0; k < RV::kParts; ++k) {
         if constexpr (kFirst) vmax = vmax_first_read(vmax, s.v[k]);
         s.v[k] = vexp(s.v[k] - vshift);

@@ -13,7 +13,7 @@ from torch import Tensor
 
 import fusedloss._C as _C  # noqa: F401  (ImportError: backend unavailable, handled by dispatch)
 
-from . import dispatch, ops
+from . import dispatch, mixup, ops
 
 ops.register_fakes("ext_fwd", "ext_bwd")
 ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
@@ -43,9 +43,12 @@ _fwd = torch.ops.fusedloss.ext_fwd.default
 _bwd = torch.ops.fusedloss.ext_bwd.default
 _soft_fwd = torch.ops.fusedloss.ext_soft_fwd.default
 
+mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, scale_grad=_scale_fused_grad)
+_mix_fwd = torch.ops.fusedloss.ext_mix_fwd.default
+
 dispatch.register(dispatch.Backend(
     name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
-    soft_fwd=_soft_fwd,
+    soft_fwd=_soft_fwd, mix_fwd=_mix_fwd,
 ))
 
 

@@ -36,6 +36,8 @@ class Backend:
     # Class-probability targets (ce): fusedloss::<name>_soft_fwd / _soft_bwd (ops.SOFT_*_SCHEMA);
     # None: the functional runs the reference's on this device.
     soft_fwd: Callable | None = None
+    # Mixup's two targets: fusedloss::<name>_mix_fwd (mixup.MIX_FWD_SCHEMA); None: two passes.
+    mix_fwd: Callable | None = None
 
 
 class BackendUnavailableError(RuntimeError):

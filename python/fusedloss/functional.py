@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import dispatch, ops, validation
+from . import dispatch, mixup, ops, validation
 from .variants import Reduction, Variant, reduction_id, variant_id
 
 
@@ -52,7 +52,10 @@ def softmax_loss(
         logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``, float16/bfloat16/float32 (computed
             in float32) or float64 (computed in float64).
         target: int64/int32 class indices of shape ``logits.shape`` without dim 1; for
-            ``loss="ce"`` also class probabilities of the logits' shape (soft targets).
+            ``loss="ce"`` also class probabilities of the logits' shape (soft targets); for every
+            loss a mixup tuple ``(y_a, y_b, lam)`` of two such index targets and ``lam`` (a float,
+            or a tensor of the targets' shape), meaning ``lam * L(y_a) + (1 - lam) * L(y_b)``
+            with each part reduced on its own (``fusedloss.mixup``).
         loss: one of ``"ce", "bce", "nllr", "crl", "lace", "focal"``.
         weight: optional ``(C,)`` class weights.
         ignore_index: target value whose rows are ignored (class-index targets only).
@@ -98,8 +101,12 @@ def softmax_loss(
     validation.check_logits(logits)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)
+    if isinstance(target, tuple):
+        return _mixed(logits, target, weight, variant, red, ignore_index, label_smoothing, alpha, beta, gamma,
+                      float(z_loss), cap, backend, inplace_backward, return_lse)
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor; got {type(target).__name__}")
+        raise TypeError(f"target must be a torch.Tensor or a mixup tuple (y_a, y_b, lam); got "
+                        f"{type(target).__name__}")
     num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
     weight = validation.check_weight(weight, num_classes, logits)
 
@@ -134,6 +141,25 @@ def softmax_loss(
         lse = torch.where(t1d != ignore_index, stats[:, 0], torch.zeros((), dtype=stats.dtype, device=stats.device))
         return out, lse.reshape(target.shape)
     return out
+
+
+def _mixed(logits: Tensor, target: tuple, weight, variant, red, ignore_index, eps, alpha, beta, gamma, z_loss,
+           cap, backend, inplace_backward, return_lse) -> Tensor:
+    """``target = (y_a, y_b, lam)``: ``lam * L(y_a) + (1 - lam) * L(y_b)`` (fusedloss.mixup)."""
+    if inplace_backward or return_lse:
+        raise NotImplementedError("inplace_backward and return_lse are not implemented for mixed targets")
+    ya, yb, lam = mixup.check_mixed_target(logits, target)
+    be = dispatch.resolve(backend, logits.device)
+    x2d, ta = _rows_view(logits, ya)
+    tb = yb.reshape(ta.shape)
+    lam_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lam = mixup.lam_rows(lam, ta.shape[0], x2d, lam_dtype)
+    compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
+    scalars = (int(variant), int(red), ignore_index, float(eps), float(alpha), float(beta), float(gamma), z_loss, cap)
+    out = mixup.mixed_loss(be, x2d, ta, tb, lam, weight, scalars, compute_grad)
+    if red == Reduction.NONE:
+        out = out.reshape(ya.shape)
+    return out.to(logits.dtype)
 
 
 def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,124 @@
+"""Mixup's two targets for every loss: ``target=(y_a, y_b, lam)`` means
+
+    lam * L(x, y_a) + (1 - lam) * L(x, y_b)
+
+with each part reduced as the loss alone would be (``'mean'`` divides part a by its own
+denominator and part b by its own, as the original mixup code's
+``lam * criterion(out, y_a) + (1 - lam) * criterion(out, y_b)`` does); ``lam`` a float or a
+per-row tensor (then ``lam_i`` weighs row i's parts). Defined for every loss, where a
+class-probability target has no meaning for nllr/crl/lace/focal/bce.
+
+Two implementations:
+
+* fused (the C++ CPU kernel, ``fusedloss::ext_mix_fwd/bwd``, target-only losses): one read
+  of each row for both targets' statistics and one gradient write;
+* two passes (everything else: bce, whose second reduction depends on the target; softcap;
+  the backends without a two-target kernel): the backend's one-target op twice, with
+  ``reduction='none'``, combined here. Same values, twice the logits' traffic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import dispatch, reference
+from .ops import NAMESPACE, SCALARS, fake_backward, fake_forward, scale_fused_grad
+from .validation import check_class_target
+from .variants import Reduction, Variant
+
+MIX_FWD_SCHEMA = (f"(Tensor logits, Tensor target_a, Tensor target_b, Tensor lam, Tensor? weight, {SCALARS}, "
+                  "bool compute_grad) -> (Tensor, Tensor, Tensor)")
+MIX_BWD_SCHEMA = (f"(Tensor grad_loss, Tensor logits, Tensor target_a, Tensor target_b, Tensor lam, Tensor? weight, "
+                  f"Tensor stats, {SCALARS}) -> Tensor")
+
+
+def register_mix_op(fwd_name: str, bwd_op: Callable,
+                    scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
+    """Fake implementations and the autograd formula of a two-target op pair (``lam`` and the
+    targets get no gradient)."""
+    torch.library.register_fake(f"{NAMESPACE}::{fwd_name}")(
+        lambda x, ta, tb, lam, w, *rest: fake_forward(x, ta, w, *rest))
+    torch.library.register_fake(f"{NAMESPACE}::{fwd_name.replace('_fwd', '_bwd')}")(
+        lambda go, x, ta, tb, lam, w, st, *scalars: fake_backward(go, x, ta, w, st, *scalars))
+
+    def setup_context(ctx, inputs, output):
+        logits, ta, tb, lam, weight, *scalars, compute_grad = inputs
+        _, stats, grad = output
+        ctx.scalars = tuple(scalars)
+        ctx.fused = bool(compute_grad)
+        ctx.mark_non_differentiable(stats, grad)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad if ctx.fused else logits, ta, tb, lam, weight, stats)
+
+    def backward(ctx, grad_loss, _grad_stats, _grad_grad):
+        nones = (None,) * 14
+        if grad_loss is None:
+            return (None,) + nones
+        saved, ta, tb, lam, weight, stats = ctx.saved_tensors
+        if ctx.fused:
+            return (scale_grad(saved, grad_loss),) + nones
+        return (bwd_op(grad_loss, saved, ta, tb, lam, weight, stats, *ctx.scalars),) + nones
+
+    torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+
+
+def check_mixed_target(logits: Tensor, target: tuple) -> tuple[Tensor, Tensor, float | Tensor]:
+    """``(y_a, y_b, lam)``: two class-index targets of the usual shape, ``lam`` a float in
+    [0, 1] or a floating tensor of the targets' shape (or a scalar tensor). Tensor values of
+    ``lam`` are not range-checked (that would read device memory)."""
+    if len(target) != 3:
+        raise ValueError(f"a mixed target is (y_a, y_b, lam); got a tuple of {len(target)} items")
+    ya, yb, lam = target
+    for name, t in (("y_a", ya), ("y_b", yb)):
+        if not isinstance(t, Tensor) or t.is_floating_point():
+            raise TypeError(f"mixed target {name} must be a tensor of class indices (int64/int32); got "
+                            f"{type(t).__name__ if not isinstance(t, Tensor) else t.dtype}")
+    check_class_target(logits, ya)
+    check_class_target(logits, yb)
+    if isinstance(lam, Tensor):
+        if not lam.is_floating_point():
+            raise TypeError(f"mixed target lam must be floating; got {lam.dtype}")
+        if lam.dim() != 0 and tuple(lam.shape) != tuple(ya.shape):
+            raise ValueError(f"mixed target lam must be a scalar or have the targets' shape {tuple(ya.shape)}; "
+                             f"got {tuple(lam.shape)}")
+        if lam.device != logits.device:
+            raise ValueError(f"lam is on {lam.device} but logits are on {logits.device}; move them to one device")
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        if not (math.isfinite(lam) and 0.0 <= lam <= 1.0):
+            raise ValueError(f"mixed target lam must be in [0, 1]; got {lam}")
+    else:
+        raise TypeError(f"mixed target lam must be a float or a tensor; got {type(lam).__name__}")
+    return ya, yb, lam
+
+
+def lam_rows(lam: float | Tensor, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """``lam`` as an (N,) tensor of the math type (no gradient flows into it)."""
+    if isinstance(lam, Tensor):
+        return lam.detach().to(dtype).reshape(-1).expand(n) if lam.dim() == 0 else lam.detach().reshape(-1).to(dtype)
+    return torch.full((n,), float(lam), dtype=dtype, device=like.device)
+
+
+def mixed_loss(be: dispatch.Backend, x: Tensor, ta: Tensor, tb: Tensor, lam: Tensor, weight: Tensor | None,
+               scalars: tuple, compute_grad: bool) -> Tensor:
+    """The reduced (or per-row) two-target loss of ``(N, C)`` rows, fused where the backend
+    has a two-target kernel for this loss, else two passes."""
+    variant, red, ignore_index, eps, alpha, beta, gamma, z_loss, softcap = scalars
+    if be.mix_fwd is not None and variant != Variant.BCE and not softcap:
+        out, _, _ = be.mix_fwd(x, ta, tb, lam, weight, *scalars, compute_grad)
+        return out
+    parts = []
+    none_scalars = (variant, int(Reduction.NONE)) + tuple(scalars[2:])
+    for t, k in ((ta, lam), (tb, 1.0 - lam)):
+        rows, _, _ = be.fwd(x, t, weight, *none_scalars, compute_grad)
+        # where, not a product: a row whose part counts 0 adds 0 even when its loss is inf
+        parts.append(torch.where(k == 0, torch.zeros_like(rows), k * rows))
+    if red == Reduction.NONE:
+        return parts[0] + parts[1]
+    if red == Reduction.SUM:
+        return parts[0].sum() + parts[1].sum()
+    dt = parts[0].dtype
+    return (parts[0].sum() / reference.mean_denominator(ta, weight, ignore_index, dt)
+            + parts[1].sum() / reference.mean_denominator(tb, weight, ignore_index, dt))
