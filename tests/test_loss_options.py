@@ -6,6 +6,7 @@ head with them. The Triton kernels' twin tests are in test_triton_interpreter.py
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -216,3 +217,79 @@ def test_head_with_options(backend, loss):
     assert_close(out, ref.detach(), torch.float32, "loss")
     for got, want in ((hr.grad, h64.grad), (wr.grad, w64.grad), (br.grad, b64.grad)):
         assert_close(got, want, torch.float32, "grad")
+
+
+# ----------------------------------------------------------------------------
+# On a CUDA GPU (python -m pytest -m gpu tests/test_loss_options.py; bench/gpu/check.sh runs
+# it): the options, soft targets and mixup on the triton and cuda backends, rows long enough
+# for the streamed (multi-block) Triton regime, against float64.
+# ----------------------------------------------------------------------------
+
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def _gpu(test):
+    for mark in (pytest.mark.gpu,
+                 pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA device"),
+                 pytest.mark.skipif("os.environ.get('TRITON_INTERPRET') == '1'",
+                                    reason="TRITON_INTERPRET=1 interprets every Triton kernel")):
+        test = mark(test)
+    return test
+
+
+def _on_gpu(backend):
+    reason = dispatch.unavailable_reason(backend, torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+# Few combinations: every new constexpr combination is a Triton compile, and the GPU check's
+# budget is minutes. "all" turns on every option at once; bf16 is the dtype that rounds most.
+@_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("loss", ["ce", "bce", "focal"])
+@pytest.mark.parametrize("c", [1000, 40000])
+def test_gpu_options_match_float64(backend, loss, c):
+    _on_gpu(backend)
+    dtype = torch.bfloat16
+    x, t, w = _data(32, c, dtype, seed=11)
+    x, t, w = x.cuda(), t.cuda(), w.cuda()
+    for opts in (OPTIONS["all"],):
+        for red in ("mean",):
+            xr = x.clone().requires_grad_(True)
+            out = fl.softmax_loss(xr, t, loss, weight=w, reduction=red, backend=backend, **opts)
+            out.sum().backward()
+            ref, ref_g = oracle_loss_and_grad(x.cpu(), t.cpu(), loss, weight=w.cpu(), reduction=red, **opts)
+            assert_close(out.cpu(), ref, dtype, "loss", f"{opts} {red}")
+            assert_close(xr.grad.cpu(), ref_g, dtype, "grad", f"{opts} {red}")
+
+
+@_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_soft_targets_and_mixup(backend):
+    _on_gpu(backend)
+    dtype = torch.bfloat16
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(12)
+    x = (3 * torch.randn(64, 5000, generator=g)).to(dtype)
+    y = torch.softmax(torch.randn(64, 5000, generator=g), 1).to(dtype)
+    xr = x.cuda().requires_grad_(True)
+    out = fl.cross_entropy(xr, y.cuda(), label_smoothing=0.1, backend=backend)
+    out.backward()
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(x64, y.double(), label_smoothing=0.1)
+    ref.backward()
+    assert_close(out.cpu(), ref.detach(), dtype, "loss", "soft")
+    assert_close(xr.grad.cpu(), x64.grad, dtype, "grad", "soft")
+    ya, yb = torch.randint(0, 5000, (64,), generator=g), torch.randint(0, 5000, (64,), generator=g)
+    lam = torch.rand(64, generator=g)
+    for loss in ("ce", "crl", "bce"):
+        xr = x.cuda().requires_grad_(True)
+        out = fl.softmax_loss(xr, (ya.cuda(), yb.cuda(), lam.cuda()), loss, backend=backend)
+        out.backward()
+        x64 = x.double().requires_grad_(True)
+        ref = (lam.double() * oracle_loss(x64, ya, loss, reduction="none")).mean() + \
+            ((1 - lam.double()) * oracle_loss(x64, yb, loss, reduction="none")).mean()
+        ref.backward()
+        assert_close(out.cpu(), ref.detach(), dtype, "loss", f"mixup {loss}")
+        assert_close(xr.grad.cpu(), x64.grad, dtype, "grad", f"mixup {loss}")

@@ -755,7 +755,8 @@ print("GPUCHECK_ENV " + json.dumps(out))
     def step_pytest_ext(self) -> None:
         # test_train.py skips itself without torchvision (importorskip); test_head.py: the LLM
         # head (its gpu-marked tests; a file with none just collects nothing under -m gpu)
-        files = ["tests/test_cuda_ext.py", "tests/test_bench_cli.py", "tests/test_train.py", "tests/test_head.py"]
+        files = ["tests/test_cuda_ext.py", "tests/test_bench_cli.py", "tests/test_train.py", "tests/test_head.py",
+                 "tests/test_loss_options.py"]
         # FUSEDLOSS_BUILD_CUDA=1: a missing CUDA part fails the build tests instead of skipping them
         env = self.child_env() if self.dry else self.child_env(FUSEDLOSS_BUILD_CUDA="1")
         job = self.start("pytest-ext", self.pytest_cmd("pytest-ext", files),
