@@ -293,3 +293,30 @@ def test_gpu_soft_targets_and_mixup(backend):
         ref.backward()
         assert_close(out.cpu(), ref.detach(), dtype, "loss", f"mixup {loss}")
         assert_close(xr.grad.cpu(), x64.grad, dtype, "grad", f"mixup {loss}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_with_options(backend):
+    """z-loss, softcap and smoothing through torch.compile(fullgraph=True) (aot_eager: the fake
+    and autograd registrations, without inductor's C++ compile), the functional and the head."""
+    torch._dynamo.reset()
+    x, t, w = _data(7, 12, torch.float32, seed=9)
+    g = torch.Generator().manual_seed(10)
+    h, wt = torch.randn(7, 5, generator=g), torch.randn(12, 5, generator=g)
+    opts = OPTIONS["all"]
+
+    def f(x, h, wt):
+        a = fl.softmax_loss(x, t, "focal", weight=w, backend=backend, **opts)
+        b = fl.linear_softmax_loss(h, wt, t, "crl", backend=backend, chunk_rows=3, **opts)
+        return a + b
+
+    args = [a.clone().requires_grad_(True) for a in (x, h, wt)]
+    ref = f(*args)
+    ref.backward()
+    want = [a.grad for a in args]
+    args = [a.clone().requires_grad_(True) for a in (x, h, wt)]
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    out.backward()
+    torch.testing.assert_close(out, ref)
+    for a, gw in zip(args, want):
+        torch.testing.assert_close(a.grad, gw)
