@@ -15,6 +15,16 @@ from .variants import LOSSES
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # fusedloss.parallel (vocabulary-parallel losses over torch.distributed) on first use, so that
+    # importing fusedloss never imports torch.distributed.
+    if name == "parallel":
+        import importlib
+
+        return importlib.import_module(".parallel", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "LOSSES", "available_backends", "BackendUnavailableError",
     "softmax_loss", "cross_entropy", "multiclass_bce", "nllr", "competing_ratio", "linearly_adaptive", "focal",
