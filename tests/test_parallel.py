@@ -267,3 +267,21 @@ def test_case_table_covers_the_issue():
         assert any(f"-{red}-" in n for n in names)
     for split in ("even", "uneven", "reversed"):
         assert sum(n.endswith(split) for n in names) >= 10
+
+
+def test_training_smoke_under_torchrun(tmp_path):
+    """bench/parallel_smoke.py under torchrun (2 gloo processes), a few steps: the split and the
+    unsplit loss curves agree (the script exits 1 otherwise) and the report is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "parallel_smoke.py"
+    out = tmp_path / "smoke.md"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), "--steps", "4", "--classes", "37", "--time-rows", "16", "--time-classes", "64",
+           "--repeat", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Largest difference over 4 steps" in text and ": OK." in text
