@@ -60,6 +60,8 @@ def _cases(world: int) -> list[dict]:
                     backend="reference", weight=True, label_smoothing=0.1, z_loss=1e-2, softcap=5.0))
     out.append(dict(name="crl-reference-plain-mean-uneven", loss="crl", reduction="mean", split="uneven",
                     backend="reference"))
+    out.append(dict(name="lace-view-all-mean-uneven", loss="lace", reduction="mean", split="uneven", view=True,
+                    weight=True, label_smoothing=0.1, softcap=5.0))
     out.append(dict(name="ce-1d-sum-uneven", loss="ce", reduction="sum", split="uneven", one_row=True))
     return out
 
@@ -119,10 +121,20 @@ def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
     go = torch.rand(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(ref.dtype)
     ref.backward(go)
 
-    local = x[..., start:start + size].clone().requires_grad_()
+    if case.get("view"):  # the slice as a strided view of a wider tensor (rows of stride V), not a copy
+        wide = x.clone().requires_grad_()
+        local = wide[..., start:start + size]
+    else:
+        local = x[..., start:start + size].clone().requires_grad_()
     out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=case["reduction"], backend=backend,
                            class_start=start if reverse else None, **kw)
     out.backward(go)
+    if case.get("view"):
+        outside = torch.ones(x.shape[-1], dtype=torch.bool)
+        outside[start:start + size] = False
+        assert not wide.grad[..., outside].any(), "gradient outside the rank's slice"
+        local = wide[..., start:start + size]
+        local.grad = wide.grad[..., start:start + size]
     tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2}[dtype]
     try:
         assert out.dtype == ref.dtype and out.shape == ref.shape, (out.dtype, out.shape, ref.dtype, ref.shape)

@@ -380,13 +380,13 @@ class _VocabParallelSoftmaxLoss(torch.autograd.Function):
         stats_g = torch.zeros((n, 4), dtype=cdtype, device=x.device)
         stats_g[:, 0] = lse
         stats_g[:, 1] = torch.where(owner, lse_ex, torch.where(keep & (local_t >= 0), d + x_t, zero))
-        ctx.save_for_backward(x, t, local_t, weight, stats_g, d, log_s, x_t)
+        ctx.save_for_backward(x, t, local_t, weight, stats_g, log_s, x_t)
         ctx.plan, ctx.be, ctx.cfg, ctx.w_total = plan, be, cfg, w_total
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        x, t, local_t, weight, stats_g, d, log_s, x_t = ctx.saved_tensors
+        x, t, local_t, weight, stats_g, log_s, x_t = ctx.saved_tensors
         cfg, be, plan = ctx.cfg, ctx.be, ctx.plan
         n, vl = x.shape
         cs = plan.class_start
