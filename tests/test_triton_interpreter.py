@@ -243,7 +243,7 @@ def test_standalone_backward_and_stats(loss, reduction, regime):
     x, t = _data(seed=13)
     v = int(variant_id(loss))
     w = _weight()
-    scal = (v, int(reduction), -100, 0.0, 1.5, 1.0, 2.0)
+    scal = (v, int(reduction), -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0)
     with heuristics.override(**REGIMES[regime]):
         out, stats, g0 = launch.triton_fwd(x, t, w, *scal, False)
         go = _grad_output(out)
@@ -338,7 +338,7 @@ def test_kernel_clamps_bad_targets_to_nan_rows():
     grad = torch.empty_like(x)
     with heuristics.override(**REGIMES["stream"]):
         loss, _ = launch.launch_forward(x, t, None, int(Variant.FOCAL), int(Reduction.NONE), -100, 0.0, 1.5, 1.0,
-                                        2.0, grad)
+                                        2.0, 0.0, 0.0, grad)
     bad = torch.zeros(N, dtype=torch.bool)
     bad[[2, 5]] = True
     assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
@@ -468,3 +468,173 @@ def test_reduction_in_chunks(reduction, monkeypatch):
     monkeypatch.setattr(launch, "PROLOGUE_BLOCK", 4)
     x, t = _data(seed=28)
     _check("ce", x, t, "stream", reduction=reduction, weight=_weight())
+
+
+# ----------------------------------------------------------------------------
+# z-loss, soft cap and label smoothing for every loss (docs/losses.md, "z-loss,
+# soft-capping and lse"): the oracle applies them to its own closed forms
+# ----------------------------------------------------------------------------
+
+OPTIONS = {
+    "z": dict(z_loss=1e-2),
+    "cap": dict(softcap=4.0),
+    "smooth": dict(label_smoothing=0.15),
+    "all": dict(z_loss=3e-2, softcap=6.0, label_smoothing=0.1),
+}
+ALL_OPTIONS = OPTIONS["all"]
+
+
+def _op_scalars(loss, reduction, opts):
+    """The ops' scalar arguments for ``opts`` (alpha, beta, gamma at the functional's defaults)."""
+    return (int(variant_id(loss)), int(reduction), -100, float(opts.get("label_smoothing", 0.0)), 1.5, 1.0, 2.0,
+            float(opts.get("z_loss", 0.0)), float(opts.get("softcap") or 0.0))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_options_match_float64(loss, option, dtype, regime):
+    """Each option alone and all three together, with class weights and ignored rows: the
+    fused gradient through autograd, scaled by a grad_output != 1 ('mean': a scalar; 'none':
+    one per row). float32 runs 'mean', bfloat16 'none' (interpreter time)."""
+    x, t = _data(dtype=dtype, seed=40)
+    w = _weight(seed=41)
+    reduction = "mean" if dtype == torch.float32 else "none"
+    go = _grad_output(torch.empty(()) if reduction == "mean" else torch.empty(N), seed=42)
+    _check(loss, x, t, regime, go=go, msg=f"{loss} {option}", weight=w, reduction=reduction, **OPTIONS[option])
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("reduction", [Reduction.NONE, Reduction.MEAN])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_options_standalone_backward(loss, reduction, regime):
+    """compute_grad=False with all three options: the stats are those of the capped logits,
+    and triton_bwd (its own kernels, a non-unit grad_output) recomputes the gradient from
+    them; the reference backward reads the same stats."""
+    x, t = _data(seed=43)
+    w = _weight(seed=44)
+    scal = _op_scalars(loss, reduction, ALL_OPTIONS)
+    with heuristics.override(**REGIMES[regime]):
+        out, stats, _ = launch.triton_fwd(x, t, w, *scal, False)
+        go = _grad_output(out, seed=45)
+        grad = launch.triton_bwd(go, x, t, w, stats, *scal)
+    red = {Reduction.NONE: "none", Reduction.MEAN: "mean"}[reduction]
+    ref, gref = oracle_loss_and_grad(x, t, loss, grad_output=go.double(), weight=w, reduction=red, **ALL_OPTIONS)
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(grad, gref, torch.float32, "grad")
+    cap = ALL_OPTIONS["softcap"]
+    y = cap * torch.tanh(x.double() / cap)
+    assert_close(stats[:, 0], torch.logsumexp(y, 1), torch.float32, "loss")
+    if loss == "bce":
+        assert torch.equal(stats[:, 3].long(), y.argmax(1))
+    assert_close(ops.reference_bwd(go, x, t, w, stats, *scal), gref, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("loss", ["ce", "bce", "focal"])
+def test_options_inplace_backward(loss, regime):
+    """inplace_backward=True with all three options: the gradient overwrites the logits."""
+    x0, t = _data(seed=46)
+    w = _weight(seed=47)
+    leaf = x0.clone().requires_grad_(True)
+    logits = leaf * 1.0
+    go = torch.tensor(0.7)
+    with heuristics.override(**REGIMES[regime]):
+        out = fl.softmax_loss(logits, t, loss, backend="triton", weight=w, inplace_backward=True, **ALL_OPTIONS)
+        out.backward(go)
+    ref, gref = oracle_loss_and_grad(x0, t, loss, grad_output=go.double(), weight=w, **ALL_OPTIONS)
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(leaf.grad, gref, torch.float32, "grad")
+    assert_close(logits.detach(), gref, torch.float32, "grad")
+
+
+def _extreme_rows(c=C, seed=48):
+    """Rows that saturate a cap of 30 and overflow the textbook forms: |x| ~ 1e3, the target
+    leading by 100 and by 1000, a wrong class leading by 1000, all-equal logits, a -inf class."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, c, generator=g)
+    t = torch.randint(0, c, (7,), generator=g)
+    x[0] = 1e3 * torch.randn(c, generator=g)
+    x[1, t[1]] = x[1].max() + 100.0
+    x[2, t[2]] = x[2].max() + 1000.0
+    x[3, (t[3] + 1) % c] = x[3].max() + 1000.0
+    x[4] = 0.5
+    x[5, (t[5] + 2) % c] = -math.inf
+    x[6] = 1e3 * torch.randn(c, generator=g)
+    t[6] = -100
+    return x, t
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("opts", [dict(softcap=30.0, z_loss=1e-3, label_smoothing=0.1), dict(softcap=30.0),
+                                  dict(z_loss=1e-3, label_smoothing=0.1)], ids=["all", "cap", "z+smooth"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_options_extreme_logits(loss, opts, regime):
+    """Saturated caps (slope exp(-2|x| / s) ~ 1e-29, exact: no 1 - t^2), a target leading by
+    100 / 1000 with z-loss and smoothing (s of nllr overflows, focal's underflows), a -inf
+    logit (capped: -s; uncapped with smoothing: an infinite loss, as the oracle's)."""
+    x, t = _extreme_rows()
+    w = _weight(seed=49)
+    out, grad = _check(loss, x, t, regime, go=_grad_output(torch.empty(7), seed=50), msg=f"{loss} {opts}",
+                       weight=w, reduction="none", **opts)
+    assert torch.isfinite(grad).all()
+    finite = torch.ones(7, dtype=torch.bool)
+    if "softcap" not in opts and opts.get("label_smoothing"):
+        finite[5] = False          # sum_k w_k x_k = -inf: the smoothing term is +inf
+    assert torch.isfinite(out[finite]).all() and (out[6] == 0)
+    if "softcap" in opts:
+        assert (grad[0].abs() < 1e-20).sum() > 0    # saturated entries: the slope, not 0 * inf
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("loss", ["ce", "focal", "bce"])
+def test_softcap_slope_exact_where_saturated(loss, regime):
+    """Where the cap saturates (x / s ~ 25-35) the slope 4 e / (1 + e)^2 ~ 1e-22..1e-30 keeps
+    its relative accuracy (1 - t^2 would give exactly 0, and so does float64 autograd of
+    tanh): each entry is dL/dy (the oracle on the capped logits) times the exact slope."""
+    g = torch.Generator().manual_seed(52)
+    x = 3 * torch.randn(4, C, generator=g)
+    t = torch.tensor([2, 7, 11, 30])
+    x[:, 2:12] = 750.0 + 300.0 * torch.rand(4, 10, generator=g)   # ten tied near +s, targets among them
+    x[:, 20:25] = -750.0 - 300.0 * torch.rand(4, 5, generator=g)
+    cap, opts = 30.0, dict(z_loss=1e-3, label_smoothing=0.1)
+    w = _weight(seed=53)
+    _, grad = _run(loss, x, t, regime=regime, reduction="sum", weight=w, softcap=cap, **opts)
+    x64 = x.double()
+    y = cap * torch.tanh(x64 / cap)
+    _, g_y = oracle_loss_and_grad(y, t, loss, weight=w, reduction="sum", **opts)
+    e = torch.exp(-2.0 * x64.abs() / cap)
+    expected = g_y * (4.0 * e / (1.0 + e) ** 2)
+    sat = (e < 1e-20) & (expected.abs() > 1e-36)
+    assert sat[:, 2:12].all()
+    rel = ((grad.double() - expected) / expected)[sat].abs()
+    assert rel.max() < 1e-4, rel.max()
+    assert_close(grad, expected, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_softcap_keeps_nan_logits_nan(regime):
+    """A NaN logit is not capped to +-s: its row's loss and its own gradient entry are NaN,
+    as without the cap (the kernels' max and logaddexp skip a NaN, so the row's other
+    entries are not NaN, with or without the cap); the other rows are exact."""
+    x, t = _data(seed=51, ignore=())
+    x[3, 5] = math.nan
+    out, grad = _run("ce", x, t, regime=regime, reduction="none", softcap=5.0, z_loss=1e-2)
+    out0, grad0 = _run("ce", x, t, regime=regime, reduction="none")
+    assert torch.isnan(out[3]) and torch.isnan(grad[3, 5])
+    assert torch.equal(torch.isnan(grad), torch.isnan(grad0)) and torch.isnan(out0[3])
+    keep = torch.arange(N) != 3
+    ref, gref = oracle_loss_and_grad(x[keep], t[keep], "ce", reduction="none", softcap=5.0, z_loss=1e-2)
+    assert_close(out[keep], ref, torch.float32, "loss")
+    assert_close(grad[keep], gref, torch.float32, "grad")
+
+
+def test_option_flags_leave_the_plain_kernel():
+    """The options are compile-time flags only when on: label_smoothing=0, z_loss=0 and
+    softcap=0 give the flags of the plain loss (the kernel compiled before the options)."""
+    assert launch._option_flags(0.0, 0.0, 0.0) == dict(HAS_SMOOTHING=False, HAS_ZLOSS=False, SOFTCAP=False)
+    assert launch._option_flags(0.1, 1e-4, 30.0) == dict(HAS_SMOOTHING=True, HAS_ZLOSS=True, SOFTCAP=True)
+    own, per_class, z, cap, cap_k = launch._option_scalars(0.1, 1e-4, 30.0, 37)
+    assert (own, per_class, z, cap) == (0.9, 0.1 / 37, 1e-4, 30.0)
+    assert math.isclose(2.0 ** (5.0 * cap_k), math.exp(-2 * 5.0 / 30.0), rel_tol=1e-12)

@@ -16,6 +16,20 @@ float32 and rounded once, at the store, to the logits' dtype: the target-class e
 is never formed as ``p_c - 1`` in a 16-bit buffer (the bf16 bug of Liger-Kernel
 PR #1329), so it keeps its relative accuracy when ``p_c`` is near 1.
 
+Options (docs/losses.md, "z-loss, soft-capping and lse"), each a constexpr flag so that
+without them the kernels compile to the plain loss's code, with runtime values:
+
+* SOFTCAP: every logit is read as ``y = s tanh(x / s)`` in the tile load
+  (:func:`_load_tile`; ``x_c`` and bce's ``x_w`` likewise), so every pass and statistic is
+  that of ``y``; the gradient tile is ``dL/dy`` times the cap's slope, recomputed from the
+  raw tile when a pass re-reads it (kept in registers with the on-chip tile): no extra
+  traffic, one exp2 and one division per element per pass.
+* HAS_SMOOTHING (every loss) and HAS_ZLOSS: the row loss becomes
+  ``(1 - eps) w_c h + w_c z lse^2 + (eps / C) (W lse - sum_k w_k y_k)`` and the gradient
+  ``own dh/dy_j + extra p_j - per_class w_j`` (:func:`_extra_terms`); the target-only
+  family writes ``p_j (own s + extra)`` with one exp per element, shifted by
+  ``m = max(log s, 0)`` (:func:`_target_grad_coefs`).
+
 Traffic (the figure of merit; ``traffic.py`` counts it per launch). Per row of C
 logits of E bytes, forward+backward of a target-only variant:
 
@@ -116,6 +130,30 @@ def _log_or_neg_inf(v):
     constant must be a normal float32: Triton types a literal outside float32's normal range,
     e.g. 1e-38, as float64, and everything downstream would turn float64.)"""
     return tl.where(v > 0.0, tl.log(tl.maximum(v, 1e-30)), NEG_INF)
+
+
+@triton.jit
+def _soft_cap(x, cap, cap_k):
+    """Gemma's soft cap ``y = cap tanh(x / cap)`` and its slope ``dy/dx = 1 - tanh^2(x / cap)``,
+    both from ``e = exp(-2 |x / cap|) = exp2(|x| cap_k)`` (``cap_k = -2 log2(e) / cap``, formed
+    on the host): ``t = tanh|u| = (1 - e) / (1 + e)`` and ``slope = 4 e / (1 + e)^2 = e (1 + t)^2``
+    (``1 + t = 2 / (1 + e)`` has no cancellation): one exp2 and one division per element.
+    ``1 - t^2`` would cancel to 0 or to rounding noise where the cap saturates (|x| >> cap),
+    while ``e (1 + t)^2`` keeps its relative accuracy down to e's underflow (then y = +-cap and
+    the slope is 0, both exact). The division, not a product with 1 / (1 + e): y feeds
+    differences such as nllr's lse_ex - x_c, where its error is the loss's. NaN stays NaN
+    (e is NaN); -inf reads -cap."""
+    e = tl.exp2(tl.abs(x) * cap_k)
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(x < 0.0, -t, t), e * ((1.0 + t) * (1.0 + t))
+
+
+@triton.jit
+def _capped(x, cap, cap_k, SOFTCAP: tl.constexpr):
+    """A logit as every statistic reads it: soft-capped with SOFTCAP, else itself."""
+    if SOFTCAP:
+        x, _ = _soft_cap(x, cap, cap_k)
+    return x
 
 
 # ----------------------------------------------------------------------------
@@ -294,8 +332,14 @@ def _store_stats(STATS, rows, row_ok, s0, s1, s2, s3):
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _load_tile(X, row_off, row_ok, cols, n_cols, ACC: tl.constexpr, EVICT: tl.constexpr):
-    """One tile, masked lanes at -inf (they vanish from every max and exp-sum).
+def _load_tile(X, row_off, row_ok, cols, n_cols, cap, cap_k, ACC: tl.constexpr, EVICT: tl.constexpr,
+               SOFTCAP: tl.constexpr):
+    """One tile as the loss reads it (soft-capped with SOFTCAP), masked lanes at -inf (they
+    vanish from every max and exp-sum), and the cap's slope dy/dx for the gradient (1.0, a
+    constant that compiles to nothing, without SOFTCAP). Capping here, at the load, makes
+    every pass and statistic (lse, lse_ex, bce's arg-max, smoothing sums) those of the
+    capped logits; a gradient pass re-reads the raw tile and recomputes the slope, so no
+    (N, C) slope buffer exists.
 
     EVICT is the L2 eviction priority: "evict_last" on a pass whose data a later pass
     re-reads (keep it in L2), "evict_first" on the last read of a block (dead afterwards,
@@ -303,7 +347,13 @@ def _load_tile(X, row_off, row_ok, cols, n_cols, ACC: tl.constexpr, EVICT: tl.co
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
     x = tl.load(X + row_off[:, None] + cols[None, :], mask=mask, other=float("-inf"),
                 eviction_policy=EVICT).to(ACC)
-    return x, mask
+    if SOFTCAP:
+        x, slope = _soft_cap(x, cap, cap_k)
+        # masked lanes back to -inf: capped they would read -cap, a class like any other
+        x = tl.where(mask, x, float("-inf"))
+    else:
+        slope = 1.0
+    return x, mask, slope
 
 
 @triton.jit
@@ -318,31 +368,77 @@ def _online_update(m, s, x, is_c):
 
 
 @triton.jit
-def _target_grad_tile(x, mask, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps, x_c, w_c,
-                      HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """Gradient of one tile (float32), rows scaled by r = grad_output weight[c] / denom.
-
-    Without smoothing: g_j = r exp(x_j - lse + log s), g_c = -r exp(log(s (1 - p_c))).
-    CE with label smoothing eps (PyTorch's convention with weights w, W = sum_k w_k):
-      g_j = (1 - eps) r (p_j - [j == c]) + (eps / C) go (W p_j - w_j),  go = grad_output / denom,
-    whose target entry uses 1 - p_c = exp(log q) (log_gc of CE), never p_c - 1."""
-    is_c = cols[None, :] == tc[:, None]
+def _extra_terms(r, go_s, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING: tl.constexpr,
+                 HAS_ZLOSS: tl.constexpr):
+    """What label smoothing (eps) and z-loss (z) add to every loss's gradient, beside the
+    loss's own dh/dx_j (docs/losses.md; the C++ twin is losses.h, extra_terms):
+        g_j = own dh/dx_j + extra p_j - per_class w_j
+        own = (1 - eps) r,  per_class = (eps / C) go,  extra = per_class W + 2 z lse r
+    with r = w_c go, go = d(reduced loss)/d(row loss) (/ denominator for 'mean') and
+    W = sum_k w_k (C without weights). Without either option: own = r, the rest 0.
+    smooth_own = 1 - eps and smooth_class = eps / C come from the host, and z enters through
+    a per-row product first: no scalar derived from the arguments stays alive across the
+    persistent loop (ptxas spilled such values; arguments it re-reads from constant memory)."""
     if HAS_SMOOTHING:
-        k = eps / n_cols
-        a = (1.0 - eps) * r + k * go_s * w_tot
-        p = tl.exp(x - lse[:, None])
+        per_class = smooth_class * go_s
+        own = smooth_own * r
+        extra = per_class * w_tot
+    else:
+        per_class = tl.zeros_like(r)
+        own = r
+        extra = tl.zeros_like(r)
+    if HAS_ZLOSS:
+        extra = extra + z_loss * lse * r * 2.0
+    return own, extra, per_class
+
+
+@triton.jit
+def _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own, smooth_class, z_loss,
+                       HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
+    """Per-row coefficients of the target-only gradient, dh/dx_j = s (p_j - [j == c]):
+        j != c: g_j = exp(x_j + off) scale - per_class w_j,     j == c: g_c.
+
+    Without smoothing and z-loss (the fast path, unchanged): off = log s - lse, scale = r,
+    g_c = -r exp(log(s (1 - p_c))). With them g_j = p_j (own s + extra) - per_class w_j, and
+    s may overflow (nllr near p_c = 1) or underflow (focal) while own s + extra may be
+    negative (no log). So, with m = max(log s, 0):
+        p_j (own s + extra) = exp(x_j - lse + m) (own exp(log s - m) + extra exp(-m)),
+    both parts of the scale a coefficient times a number <= 1, one exp per element. The
+    target's entry keeps -own s (1 - p_c) = -own exp(log(s (1 - p_c))), never p_c - 1:
+        g_c = -own exp(log(s (1 - p_c))) + extra p_c - per_class w_c."""
+    if HAS_SMOOTHING or HAS_ZLOSS:
+        own, extra, per_class = _extra_terms(r, go_s, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
+                                             HAS_ZLOSS)
+        m = tl.maximum(log_s, 0.0)
+        off = m - lse
+        scale = own * tl.exp(log_s - m) + extra * tl.exp(-m)
+        g_c = -own * tl.exp(log_gc) + extra * tl.exp(x_c - lse) - per_class * w_c
+    else:
+        per_class = tl.zeros_like(r)
+        off = log_s - lse
+        scale = r
+        g_c = -tl.exp(log_gc) * r
+    return off, scale, per_class, g_c
+
+
+@triton.jit
+def _target_grad_tile(x, mask, slope, cols, tc, n_cols, off, scale, per_class, g_c, W, keep,
+                      HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Gradient of one tile (float32) from the row coefficients of :func:`_target_grad_coefs`:
+    g_j = exp(x_j + off) scale - per_class w_j, g_c at the target; with SOFTCAP, x is the
+    capped tile and the gradient w.r.t. the raw logits is that times the cap's slope."""
+    is_c = cols[None, :] == tc[:, None]
+    g = tl.exp(x + off[:, None]) * scale[:, None]
+    if HAS_SMOOTHING:
         if HAS_WEIGHT:
             w_j = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(x.dtype)
-            g = p * a[:, None] - (k * go_s)[:, None] * w_j[None, :]
+            g = g - per_class[:, None] * w_j[None, :]
         else:
-            g = p * a[:, None] - (k * go_s)[:, None]
-        # target entry: -(1 - eps) r q + k go (W p_c - w_c), from the row's x_c and w_c
-        g_c = -(1.0 - eps) * r * tl.exp(log_gc) + k * go_s * (w_tot * tl.exp(x_c - lse) - w_c)
-    else:
-        g = tl.exp(x + (log_s - lse)[:, None]) * r[:, None]
-        g_c = -tl.exp(log_gc) * r
+            g = g - per_class[:, None]
     g = tl.where(is_c, g_c[:, None], g)
-    # where, not a product with r = 0: an ignored row's tile may hold -inf logits.
+    if SOFTCAP:
+        g = g * slope
+    # where, not a product with r = 0: an ignored row's tile may hold -inf (or NaN) logits.
     return tl.where(keep[:, None] & mask, g, 0.0)
 
 
@@ -357,12 +453,46 @@ def _smoothing_sums(x, mask, cols, n_cols, W, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _weight_total(W, n_cols, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """W = sum_k w_k (C without weights), per row, for a backward that does not read the
+    whole row in a statistics pass."""
+    w_tot = tl.zeros([BLOCK_N], ACC)
+    if HAS_WEIGHT:
+        for start in range(0, n_cols, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            w_tot += tl.sum(tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC), 0)
+    else:
+        w_tot += n_cols
+    return w_tot
+
+
+@triton.jit
+def _row_loss(h, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad,
+              HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
+    """Row loss of any variant from its own unweighted term h (losses.h, row_loss):
+        (1 - eps) w_c h + w_c z lse^2 + (eps / C) (W lse - sum_k w_k x_k),
+    0 on ignored rows, NaN on bad ones (selects, not products: an ignored row may read a
+    -inf logit). smooth_own = 1 - eps, smooth_class = eps / C."""
+    if HAS_SMOOTHING:
+        lrow = smooth_own * w_c * h
+    else:
+        lrow = h * w_c
+    if HAS_ZLOSS:
+        lrow = lrow + w_c * (z_loss * lse * lse)
+    if HAS_SMOOTHING:
+        lrow = lrow + smooth_class * (w_tot * lse - sum_wx)
+    lrow = tl.where(keep, lrow, 0.0)
+    return tl.where(bad, float("nan"), lrow)
+
+
+@triton.jit
 def _target_fwd_rows(
     rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
-    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k,
+    reduction, n_denom,
+    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Rows of row block ``rb`` of :func:`target_fwd_kernel`; returns the sum of their losses."""
     # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
@@ -378,12 +508,12 @@ def _target_fwd_rows(
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
+    x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
     cols0 = tl.arange(0, BLOCK_C)
 
     # ---- pass 1: lse_ex (k != c) online; sums for label smoothing ------------------------
     if SINGLE:
-        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC, "evict_first")
+        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
         m, s = _online_update(tl.full([BLOCK_N], float("-inf"), ACC), tl.zeros([BLOCK_N], ACC), x,
                               cols0[None, :] == tc[:, None])
         sum_wx = tl.zeros([BLOCK_N], ACC)
@@ -399,7 +529,7 @@ def _target_fwd_rows(
         w_tot = tl.zeros([BLOCK_N], ACC)
         for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
-            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, P1_EVICT)
+            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P1_EVICT, SOFTCAP)
             m, s = _online_update(m, s, xb, cols[None, :] == tc[:, None])
             if HAS_SMOOTHING:
                 a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
@@ -410,14 +540,9 @@ def _target_fwd_rows(
     d = lse_ex - x_c
     loss, log_s, log_gc, log_q = _variant_math(VARIANT, d, alpha, beta, gamma)
 
-    # ---- loss rows (select, not product: an ignored row may read a -inf logit) ------------
-    if HAS_SMOOTHING:
-        # L = (1 - eps) w_c (lse - x_c) + (eps / C) (W lse - sum_k w_k x_k)
-        lrow = (1.0 - eps) * w_c * loss + (eps / n_cols) * (w_tot * lse - sum_wx)
-    else:
-        lrow = loss * w_c
-    lrow = tl.where(keep, lrow, 0.0)
-    lrow = tl.where(bad, float("nan"), lrow)
+    # ---- loss rows ------------------------------------------------------------------------
+    lrow = _row_loss(loss, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad, HAS_SMOOTHING,
+                     HAS_ZLOSS)
     zero = tl.zeros([BLOCK_N], ACC)
     _store_stats(STATS, rows, row_ok, lse, lse_ex, zero, zero)
     if reduction == RED_NONE:
@@ -427,19 +552,22 @@ def _target_fwd_rows(
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
         r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
+        off, scale, per_class, g_c = _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own,
+                                                        smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
-            g = _target_grad_tile(x, mask, cols0, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
-                                  x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
+            g = _target_grad_tile(x, mask, slope, cols0, tc, n_cols, off, scale, per_class, g_c, W, keep,
+                                  HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
                      eviction_policy="evict_first")
         else:
             nb = tl.cdiv(n_cols, BLOCK_C)
             for i in tl.range(0, nb, num_stages=NUM_STAGES):
                 cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
-                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
-                g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep,
-                                      eps, x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
+                xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
+                                            SOFTCAP)
+                g = _target_grad_tile(xb, maskb, slb, cols, tc, n_cols, off, scale, per_class, g_c, W, keep,
+                                      HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                      eviction_policy="evict_first")
 
@@ -449,31 +577,34 @@ def _target_fwd_rows(
 @triton.jit
 def target_fwd_kernel(
     X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
-    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k,
+    reduction, n_denom,
+    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Forward of a target-only variant for BLOCK_N rows, and with COMPUTE_GRAD the
     gradient for grad_output = 1 (written to G, which may be X itself: in-place).
 
     SINGLE: each row is one tile (BLOCK_C >= C) loaded once and kept in registers for
     the gradient: traffic = read C*E + write C*E per row. Else: pass 1 over column blocks
-    for the statistics, pass 2 in reverse block order (L2-warm) for the gradient."""
+    for the statistics, pass 2 in reverse block order (L2-warm) for the gradient.
+    HAS_SMOOTHING / HAS_ZLOSS / SOFTCAP (label smoothing > 0, z_loss != 0, softcap > 0) compile the
+    options in; without them the kernel is the plain loss's."""
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
     if SINGLE:
         acc += _target_fwd_rows(tl.program_id(0), X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM,
-            PARTIAL, COUNTER, n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
-            VARIANT, HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK,
-            ROW_ALIGN, NUM_STAGES)
+            PARTIAL, COUNTER, n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss,
+            softcap, softcap_k, reduction, n_denom, VARIANT, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP,
+            COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
     else:
         # Persistent: program p streams row blocks p, p + P, ... with P (the grid) chosen so
         # that the rows in flight stay in L2 for the second pass (heuristics.stream_programs).
         for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
             acc += _target_fwd_rows(rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-                n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom, VARIANT,
-                HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN,
-                NUM_STAGES)
+                n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap,
+                softcap_k, reduction, n_denom, VARIANT, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, COMPUTE_GRAD,
+                SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
 
     _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 
@@ -481,12 +612,15 @@ def target_fwd_kernel(
 @triton.jit
 def target_bwd_kernel(
     GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
-    n_rows, n_cols, ignore_index, eps, alpha, beta, gamma, reduction, n_denom,
-    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k,
+    reduction, n_denom,
+    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr, GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """Backward from the saved statistics (used when the forward did not fuse it):
-    one pass, read C*E + write C*E per row; the per-variant math is the forward's."""
+    one pass, read C*E + write C*E per row; the per-variant math is the forward's.
+    With SOFTCAP the stats are those of the capped logits (as the forward wrote them)."""
     pid = tl.program_id(0)
     rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                     HAS_WEIGHT, ACC)
@@ -498,27 +632,23 @@ def target_bwd_kernel(
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
+    x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
     lse = tl.load(STATS + rows.to(tl.int64) * 4, mask=row_ok, other=0.0).to(ACC)
     lse_ex = tl.load(STATS + rows.to(tl.int64) * 4 + 1, mask=row_ok, other=0.0).to(ACC)
     _, log_s, log_gc, _ = _variant_math(VARIANT, lse_ex - x_c, alpha, beta, gamma)
     r, go_s = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
     if HAS_SMOOTHING:
-        w_tot = tl.zeros([BLOCK_N], ACC)
-        if HAS_WEIGHT:
-            for start in range(0, n_cols, BLOCK_C):
-                cols = start + tl.arange(0, BLOCK_C)
-                w_tot += tl.sum(tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC), 0)
-        else:
-            w_tot += n_cols
+        w_tot = _weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT)
     else:
         w_tot = tl.zeros([BLOCK_N], ACC)
+    off, scale, per_class, g_c = _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own,
+                                                    smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
     g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
-        g = _target_grad_tile(xb, maskb, cols, tc, n_cols, lse, log_s, log_gc, r, go_s, w_tot, W, keep, eps,
-                              x_c, w_c, HAS_WEIGHT, HAS_SMOOTHING)
+        xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
+        g = _target_grad_tile(xb, maskb, slb, cols, tc, n_cols, off, scale, per_class, g_c, W, keep,
+                              HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
         tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                      eviction_policy="evict_first")
 
@@ -570,10 +700,15 @@ def _bce_sums(x, mask, cols, tc, Wi, lse, log1m_pw):
 
 
 @triton.jit
-def _bce_grad_tile(x, mask, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep):
+def _bce_grad_tile(x, mask, slope, cols, n_cols, tc, Wi, lse, log1m_pw, log_pw, R, own, extra, per_class, W, keep,
+                   HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     """g_j = a_j - p_j R - p_j a_w (j != w), g_w = p_w (1 - R) (w != c) or
     -(1 - p_c) - p_c R (w == c). a_w = p_w / (1 - p_w) overflows once a wrong class leads
-    by 89 (fp32), so p_j a_w = exp(x_j - lse + log p_w - log(1 - p_w)); a_w = -1 if w == c."""
+    by 89 (fp32), so p_j a_w = exp(x_j - lse + log p_w - log(1 - p_w)); a_w = -1 if w == c.
+    That is bce's own gradient, scaled by own = (1 - eps) r; label smoothing and z-loss add
+    extra p_j - per_class w_j to every entry, w and c included (_extra_terms; p_j <= 1, so
+    no log form is needed). With SOFTCAP, times the cap's slope."""
     w_is_c = Wi == tc
     p = tl.exp(x - lse[:, None])
     is_c = cols[None, :] == tc[:, None]
@@ -584,17 +719,27 @@ def _bce_grad_tile(x, mask, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep):
     g = a - p * R[:, None] - pa_w
     p_w = tl.exp(log_pw)
     g_w = tl.where(w_is_c, -tl.exp(log1m_pw) - p_w * R, p_w * (1.0 - R))
-    g = tl.where(is_w, g_w[:, None], g) * r[:, None]
+    g = tl.where(is_w, g_w[:, None], g) * own[:, None]
+    if HAS_SMOOTHING or HAS_ZLOSS:
+        g = g + p * extra[:, None]
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w_j = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(x.dtype)
+            g = g - per_class[:, None] * w_j[None, :]
+        else:
+            g = g - per_class[:, None]
+    if SOFTCAP:
+        g = g * slope
     return tl.where(keep[:, None] & mask, g, 0.0)
 
 
 @triton.jit
 def _bce_fwd_rows(
     rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, reduction, n_denom,
-    HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Rows of row block ``rb`` of :func:`bce_fwd_kernel`; returns the sum of their losses."""
     # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
@@ -610,20 +755,30 @@ def _bce_fwd_rows(
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    x_c = tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC)
+    x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
     cols0 = tl.arange(0, BLOCK_C)
     M = tl.full([BLOCK_N], float("-inf"), ACC)
     Wi = tl.zeros([BLOCK_N], tl.int32)
     M2 = tl.full([BLOCK_N], float("-inf"), ACC)
     S2 = tl.zeros([BLOCK_N], ACC)
+    sum_wx = tl.zeros([BLOCK_N], ACC)
+    w_tot = tl.zeros([BLOCK_N], ACC)
     if SINGLE:
-        x, mask = _load_tile(X, row_off, row_ok, cols0, n_cols, ACC, "evict_first")
+        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
         M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, x, cols0, 0)
+        if HAS_SMOOTHING:
+            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
+            sum_wx += a_wx
+            w_tot += a_w
     else:
         for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
-            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_last")
+            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
             M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, xb, cols, start)
+            if HAS_SMOOTHING:
+                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
+                sum_wx += a_wx
+                w_tot += a_w
     lse_ow = _safe_shift(M2) + tl.log(S2)
     lse = _logaddexp(M, lse_ow)
     log1m_pw = lse_ow - lse
@@ -638,30 +793,35 @@ def _bce_fwd_rows(
         nb = tl.cdiv(n_cols, BLOCK_C)
         for i in range(0, nb):
             cols = (nb - 1 - i) * BLOCK_C + cols0
-            xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, P1_EVICT)
+            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P1_EVICT, SOFTCAP)
             a_l, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
             l1m += a_l
             R += a_r
-    lrow = tl.where(keep, (_softplus(d) - l1m) * w_c, 0.0)
-    lrow = tl.where(bad, float("nan"), lrow)
+    lrow = _row_loss(_softplus(d) - l1m, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad,
+                     HAS_SMOOTHING, HAS_ZLOSS)
     _store_stats(STATS, rows, row_ok, lse, lse_ex, log1m_pw, Wi.to(ACC))
     if reduction == RED_NONE:
         tl.store(LOSS + rows, lrow, mask=row_ok)
     part = tl.sum(tl.where(row_ok, lrow, 0.0), 0)
 
     if COMPUTE_GRAD:
-        r, _ = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
+        r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
+        own, extra, per_class = _extra_terms(r, go_s, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
+                                             HAS_ZLOSS)
         log_pw = M - lse
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
-            g = _bce_grad_tile(x, mask, cols0, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
+            g = _bce_grad_tile(x, mask, slope, cols0, n_cols, tc, Wi, lse, log1m_pw, log_pw, R, own, extra,
+                               per_class, W, keep, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
                      eviction_policy="evict_first")
         else:
             for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
                 cols = start + cols0
-                xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
-                g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, log_pw, R, r, keep)
+                xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
+                                            SOFTCAP)
+                g = _bce_grad_tile(xb, maskb, slb, cols, n_cols, tc, Wi, lse, log1m_pw, log_pw, R, own, extra,
+                                   per_class, W, keep, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                      eviction_policy="evict_first")
 
@@ -671,27 +831,29 @@ def _bce_fwd_rows(
 @triton.jit
 def bce_fwd_kernel(
     X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, reduction, n_denom,
-    HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Forward (and fused gradient) of bce. SINGLE: the tile stays in registers for all
     three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
     reverse (loss sum, R), pass 3 forward (gradient): each pass starts on the blocks the
-    previous one read last, so re-reads are L2-warm."""
+    previous one read last, so re-reads are L2-warm. The options as in target_fwd_kernel."""
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
     if SINGLE:
         acc += _bce_fwd_rows(tl.program_id(0), X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL,
-            COUNTER, n_rows, n_cols, ignore_index, reduction, n_denom, HAS_WEIGHT, COMPUTE_GRAD, SINGLE,
-            BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
+            COUNTER, n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction,
+            n_denom, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C,
+            PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
     else:
         # Persistent: program p streams row blocks p, p + P, ... with P (the grid) chosen so
         # that the rows in flight stay in L2 for the second pass (heuristics.stream_programs).
         for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
             acc += _bce_fwd_rows(rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-                n_rows, n_cols, ignore_index, reduction, n_denom, HAS_WEIGHT, COMPUTE_GRAD, SINGLE, BLOCK_N,
-                BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
+                n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction,
+                n_denom, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C,
+                PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
 
     _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
 
@@ -699,9 +861,9 @@ def bce_fwd_kernel(
 @triton.jit
 def bce_bwd_kernel(
     GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
-    n_rows, n_cols, ignore_index, reduction, n_denom,
-    HAS_WEIGHT: tl.constexpr, GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    ROW_ALIGN: tl.constexpr,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Backward of bce from the saved statistics: R needs one pass (R is not among the four
     stats columns), the gradient another (reverse order, L2-warm)."""
@@ -720,21 +882,28 @@ def bce_bwd_kernel(
     log1m_pw = tl.load(STATS + rows.to(tl.int64) * 4 + 2, mask=row_ok, other=0.0).to(ACC)
     Wi = tl.load(STATS + rows.to(tl.int64) * 4 + 3, mask=row_ok, other=0.0).to(tl.int32)
     Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
-    x_w = tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC)
+    x_w = _capped(tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
     cols0 = tl.arange(0, BLOCK_C)
     R = tl.zeros([BLOCK_N], ACC)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + cols0
-        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_last")
+        xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
         _, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
         R += a_r
-    r, _ = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
+    r, go_s = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
+    if HAS_SMOOTHING:
+        w_tot = _weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT)
+    else:
+        w_tot = tl.zeros([BLOCK_N], ACC)
+    own, extra, per_class = _extra_terms(r, go_s, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
+                                             HAS_ZLOSS)
     g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
     nb = tl.cdiv(n_cols, BLOCK_C)
     for i in range(0, nb):
         cols = (nb - 1 - i) * BLOCK_C + cols0
-        xb, maskb = _load_tile(X, row_off, row_ok, cols, n_cols, ACC, "evict_first")
-        g = _bce_grad_tile(xb, maskb, cols, tc, Wi, lse, log1m_pw, x_w - lse, R, r, keep)
+        xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
+        g = _bce_grad_tile(xb, maskb, slb, cols, n_cols, tc, Wi, lse, log1m_pw, x_w - lse, R, own, extra, per_class,
+                           W, keep, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
         tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                      eviction_policy="evict_first")
 

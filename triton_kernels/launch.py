@@ -138,9 +138,26 @@ def _empty_loss(logits: Tensor, reduction: int) -> Tensor:
                       device=logits.device)
 
 
+def _option_flags(label_smoothing: float, z_loss: float, softcap: float) -> dict:
+    """The options' compile-time flags: off, they compile to the plain loss's kernel (the values
+    themselves are runtime arguments: one compiled kernel serves every eps, z and cap)."""
+    return dict(HAS_SMOOTHING=label_smoothing > 0, HAS_ZLOSS=z_loss != 0, SOFTCAP=softcap > 0)
+
+
+def _option_scalars(label_smoothing: float, z_loss: float, softcap: float, n_cols: int) -> tuple:
+    """The kernels' option arguments, in their order: (1 - eps, eps / C, z, cap, -2 log2(e) / cap).
+    The kernels never derive a scalar from their arguments: such a value would stay in a
+    register across the persistent loop (ptxas spilled them), an argument is re-read from
+    constant memory. (Formed in float64, rounded once to the kernels' float32.)"""
+    eps = float(label_smoothing)
+    cap = float(softcap)
+    cap_k = -2.0 / (math.log(2.0) * cap) if cap > 0 else 0.0
+    return 1.0 - eps, eps / max(int(n_cols), 1), float(z_loss), cap, cap_k
+
+
 def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
                    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
-                   grad: Tensor | None) -> tuple[Tensor, Tensor]:
+                   z_loss: float, softcap: float, grad: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run the forward kernel; with ``grad`` (an (N, C) tensor with unit class stride,
     possibly ``logits`` itself) write d loss/d logits for grad_output = 1 into it."""
     n, c = logits.shape
@@ -162,22 +179,24 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     w = weight if weight is not None else denom  # dummy pointer, never read
     common = dict(PARTIAL_BLOCK=PARTIAL_BLOCK, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, SINGLE=cfg.single,
                   HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps,
-                  ROW_ALIGN=row_align(logits.stride(0), g.stride(0), c), NUM_STAGES=cfg.num_stages)
+                  ROW_ALIGN=row_align(logits.stride(0), g.stride(0), c), NUM_STAGES=cfg.num_stages,
+                  **_option_flags(label_smoothing, z_loss, softcap))
+    own, per_class, z, cap, cap_k = _option_scalars(label_smoothing, z_loss, softcap, c)
     if variant == Variant.BCE:
         wrap_triton(kernels.bce_fwd_kernel)[(grid,)](
             logits, logits.stride(0), target, w, loss, stats, g, g.stride(0), denom, partial, counter,
-            n, c, ignore_index, reduction, n_denom, **common)
+            n, c, ignore_index, own, per_class, z, cap, cap_k, reduction, n_denom, **common)
     else:
         wrap_triton(kernels.target_fwd_kernel)[(grid,)](
             logits, logits.stride(0), target, w, loss, stats, g, g.stride(0), denom, partial, counter,
-            n, c, ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma), reduction, n_denom,
-            VARIANT=int(variant), HAS_SMOOTHING=label_smoothing > 0, **common)
+            n, c, ignore_index, own, per_class, float(alpha), float(beta), float(gamma), z, cap, cap_k,
+            reduction, n_denom, VARIANT=int(variant), **common)
     return loss, stats
 
 
 def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor,
                     variant: int, reduction: int, ignore_index: int, label_smoothing: float, alpha: float,
-                    beta: float, gamma: float) -> Tensor:
+                    beta: float, gamma: float, z_loss: float, softcap: float) -> Tensor:
     n, c = logits.shape
     _check_rows(n)
     logits = _unit_class_stride(logits)
@@ -197,16 +216,18 @@ def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: T
     w = weight if weight is not None else denom
     common = dict(HAS_WEIGHT=weight is not None, GO_PER_ROW=reduction == Reduction.NONE,
                   BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
-                  ROW_ALIGN=row_align(logits.stride(0), grad.stride(0), c))
+                  ROW_ALIGN=row_align(logits.stride(0), grad.stride(0), c),
+                  **_option_flags(label_smoothing, z_loss, softcap))
+    own, per_class, z, cap, cap_k = _option_scalars(label_smoothing, z_loss, softcap, c)
     if variant == Variant.BCE:
         wrap_triton(kernels.bce_bwd_kernel)[(grid,)](
             grad_loss, logits, logits.stride(0), target, w, stats, grad, grad.stride(0), denom,
-            n, c, ignore_index, reduction, n_denom, **common)
+            n, c, ignore_index, own, per_class, z, cap, cap_k, reduction, n_denom, **common)
     else:
         wrap_triton(kernels.target_bwd_kernel)[(grid,)](
             grad_loss, logits, logits.stride(0), target, w, stats, grad, grad.stride(0), denom,
-            n, c, ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma), reduction, n_denom,
-            VARIANT=int(variant), HAS_SMOOTHING=label_smoothing > 0, **common)
+            n, c, ignore_index, own, per_class, float(alpha), float(beta), float(gamma), z, cap, cap_k,
+            reduction, n_denom, VARIANT=int(variant), **common)
     return grad
 
 
@@ -228,26 +249,26 @@ def launch_scale(grad: Tensor, grad_loss: Tensor) -> None:
 @triton_op("fusedloss::triton_fwd", mutates_args=(), schema=ops.FWD_SCHEMA)
 def triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
                ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
-               compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+               z_loss: float, softcap: float, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     if logits.dtype == torch.float64:
         return ops.reference_fwd(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
-                                 alpha, beta, gamma, compute_grad)
+                                 alpha, beta, gamma, z_loss, softcap, compute_grad)
     _check_targets(logits, target, ignore_index)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
     loss, stats = launch_forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
-                                 alpha, beta, gamma, grad)
+                                 alpha, beta, gamma, z_loss, softcap, grad)
     return loss, stats, grad if compute_grad else logits.new_empty((0,))
 
 
 @triton_op("fusedloss::triton_bwd", mutates_args=(), schema=ops.BWD_SCHEMA)
 def triton_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor,
                variant: int, reduction: int, ignore_index: int, label_smoothing: float, alpha: float,
-               beta: float, gamma: float) -> Tensor:
+               beta: float, gamma: float, z_loss: float, softcap: float) -> Tensor:
     if logits.dtype == torch.float64:
         return ops.reference_bwd(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
-                                 label_smoothing, alpha, beta, gamma)
+                                 label_smoothing, alpha, beta, gamma, z_loss, softcap)
     return launch_backward(grad_loss, logits, target, weight, stats, variant, reduction, ignore_index,
-                           label_smoothing, alpha, beta, gamma)
+                           label_smoothing, alpha, beta, gamma, z_loss, softcap)
 
 
 @triton_op("fusedloss::triton_scale_grad_", mutates_args=("grad",),
@@ -262,7 +283,7 @@ INPLACE_SCHEMA = ("(Tensor(a!) logits, Tensor target, Tensor? weight, " + ops.SC
 @triton_op("fusedloss::triton_fwd_inplace", mutates_args=("logits",), schema=INPLACE_SCHEMA)
 def triton_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
                        ignore_index: int, label_smoothing: float, alpha: float, beta: float,
-                       gamma: float) -> tuple[Tensor, Tensor]:
+                       gamma: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
     """Forward whose gradient (grad_output = 1) overwrites ``logits``."""
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError(f"inplace_backward=True needs logits with unit class stride (the gradient is written "
@@ -273,12 +294,12 @@ def triton_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, va
                          f"{tuple(logits.stride())}, e.g. rows expanded from one row")
     if logits.dtype == torch.float64:
         loss, stats, grad = ops.reference_fwd(logits, target, weight, variant, reduction, ignore_index,
-                                              label_smoothing, alpha, beta, gamma, True)
+                                              label_smoothing, alpha, beta, gamma, z_loss, softcap, True)
         logits.copy_(grad)
         return loss, stats
     _check_targets(logits, target, ignore_index)
     return launch_forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
-                          alpha, beta, gamma, logits)
+                          alpha, beta, gamma, z_loss, softcap, logits)
 
 
 def scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
@@ -313,12 +334,13 @@ class _InplaceLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return (scale_fused_grad(grad, grad_loss),) + (None,) * 9
+        return (scale_fused_grad(grad, grad_loss),) + (None,) * 11
 
 
 def forward_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
-                    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float) -> Tensor:
+                    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
+                    z_loss: float, softcap: float) -> Tensor:
     """``dispatch.Backend.fwd_inplace``: the reduced loss, differentiable, with the logits
     consumed (they hold the gradient afterwards)."""
     return _InplaceLoss.apply(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
-                              alpha, beta, gamma)
+                              alpha, beta, gamma, z_loss, softcap)
