@@ -40,3 +40,40 @@ def test_compare_losses_smoke(tmp_path):
     # After 2 epochs (14 steps) every loss already predicts better than uniform (cross-entropy log 10).
     assert all(r["test_nll"][-1] < math.log(10) for r in runs)
     assert (tmp_path / "digits_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_losses_recipe_flags(tmp_path):
+    """--mixup-alpha/--cutmix-alpha/--label-smoothing with --with-plain: both recipes in one run, routed
+    as fusedloss.train routes them (ce soft targets, the others the two-target form), a paired table."""
+    threads = torch.get_num_threads()
+    argv = ["--seeds", "1", "--epochs", "1", "--losses", "ce", "crl", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
+            "--label-smoothing", "0.1", "--with-plain", "--out", str(tmp_path)]
+    try:
+        assert load_script().main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads((tmp_path / "digits_losses_mixup.json").read_text())
+    recipe = "mixup 0.2 / cutmix 1 / ls 0.1"
+    assert list(doc["recipes"]) == ["plain", recipe]
+    assert doc["recipes"][recipe]["label_smoothing"] == 0.1 and doc["recipes"]["plain"]["mixup_alpha"] == 0.0
+    runs = {(r["recipe"], r["loss"]): r for r in doc["runs"]}
+    assert set(runs) == {(rec, loss) for rec in ("plain", recipe) for loss in ("ce", "crl")}
+    assert runs[(recipe, "ce")]["target_path"] == "soft targets"
+    assert runs[(recipe, "crl")]["target_path"].startswith("two-target")
+    assert runs[("plain", "crl")]["target_path"] == "-"
+    # Same seed, same initial weights and batch order: the flags are what changed the training loss.
+    assert runs[(recipe, "crl")]["train_loss"] != runs[("plain", "crl")]["train_loss"]
+    assert all(0 <= r["test_ece"][-1] <= 100 for r in doc["runs"])
+    table = (tmp_path / "digits_losses_mixup.md").read_text()
+    assert f"## plain against {recipe}, paired by seed" in table
+    assert "--mixup-alpha 0.2 --cutmix-alpha 1.0 --label-smoothing 0.1" in table
+    assert (tmp_path / "digits_losses_mixup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_expected_calibration_error_by_hand():
+    """Two classes, confidences 0.75 (right), 0.75 (wrong), 0.95 (right), 0.55 (wrong): three of the 15
+    bins hold samples; ECE = (2 |1/2 - 0.75| + |1 - 0.95| + |0 - 0.55|) / 4 = 27.5 %."""
+    conf = torch.tensor([0.75, 0.75, 0.95, 0.55], dtype=torch.float64)
+    logits = torch.stack([torch.log(conf / (1 - conf)), torch.zeros(4, dtype=torch.float64)], 1)  # class 0 wins
+    y = torch.tensor([0, 1, 0, 1])
+    assert load_script().expected_calibration_error(logits, y) == pytest.approx(27.5, abs=1e-9)
