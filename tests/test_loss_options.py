@@ -17,6 +17,8 @@ from fusedloss.variants import Reduction, Variant, variant_id
 from oracle import assert_close, oracle_loss, oracle_loss_and_grad
 
 BACKENDS = [b for b in ("reference", "cpu") if b in fl.available_backends()]
+if os.environ.get("TRITON_INTERPRET") == "1" and dispatch.unavailable_reason("triton", torch.device("cpu")) is None:
+    BACKENDS.append("triton")  # tests/test_triton_suite.py runs this file with -k triton
 OPTIONS = {
     "z": dict(z_loss=1e-2),
     "cap": dict(softcap=4.0),
@@ -295,7 +297,8 @@ def test_gpu_soft_targets_and_mixup(backend):
         assert_close(xr.grad.cpu(), x64.grad, dtype, "grad", f"mixup {loss}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# torch.compile of the Triton path needs a GPU (a triton_op runs eagerly under the interpreter only).
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_compile_fullgraph_with_options(backend):
     """z-loss, softcap and smoothing through torch.compile(fullgraph=True) (aot_eager: the fake
     and autograd registrations, without inductor's C++ compile), the functional and the head."""

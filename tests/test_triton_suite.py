@@ -1,5 +1,6 @@
-"""Runs tests/test_triton_interpreter.py, and the triton cases of tests/test_layouts.py and
-tests/test_head.py, in a subprocess with TRITON_INTERPRET=1.
+"""Runs tests/test_triton_interpreter.py, and the triton cases of tests/test_layouts.py,
+test_head.py, test_loss_options.py, test_soft_targets.py and test_mixup.py, in a subprocess
+with TRITON_INTERPRET=1.
 
 Triton chooses compiled or interpreted kernels when it is imported, process-wide, so
 the interpreter cases cannot share a process with the compiled ones (the AOT check,
@@ -25,7 +26,8 @@ def test_interpreter_cases_in_a_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", "-m", "not gpu",
            str(HERE / "test_triton_interpreter.py"), str(HERE / "test_layouts.py"),
-           str(HERE / "test_head.py"),
+           str(HERE / "test_head.py"), str(HERE / "test_loss_options.py"), str(HERE / "test_soft_targets.py"),
+           str(HERE / "test_mixup.py"),
            "-k", "triton"]  # every test of the first file (its module name), the triton ones of the others
     proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1800)
     out = proc.stdout + proc.stderr

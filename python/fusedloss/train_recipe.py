@@ -220,7 +220,12 @@ class MixedTargetLoss(nn.Module):
     def mixed_path(self) -> str:
         if self.criterion.loss == "ce":
             return "soft targets"
-        return "two-target (fused)" if self.fused_two_target else "two-target (two calls)"
+        if not self.fused_two_target:
+            return "two-target (two calls)"
+        # fusedloss.mixup: bce (and any softcap) has no one-pass two-target kernel
+        if self.criterion.loss == "bce" or getattr(self.criterion, "softcap", None) is not None:
+            return "two-target (two passes of the kernel)"
+        return "two-target (fused on the CPU kernel; two passes on the GPU backends)"
 
     def forward(self, logits: Tensor, target: Tensor | MixedTarget) -> Tensor:
         if isinstance(target, Tensor) and target.is_floating_point() and target.dim() == 2:
@@ -232,7 +237,7 @@ class MixedTargetLoss(nn.Module):
         if self.criterion.loss == "ce":
             return self.criterion(logits, target.soft(self.num_classes))
         if self.fused_two_target:
-            return self.criterion(logits, (target.y_a, target.y_b, target.lam.to(torch.float32)))
+            return self.criterion(logits, (target.y_a, target.y_b, target.lam))  # cast to the math dtype there
         return two_target_by_two_calls(logits, target, self.criterion)
 
 
