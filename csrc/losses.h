@@ -163,6 +163,17 @@ FL_HD ExtraTerms<T> extra_terms(T rs, T go, T lse, T eps, T num_classes, T weigh
   return {(T(1) - eps) * rs, per_class * weight_total + z_term, per_class};
 }
 
+// One gradient entry with those terms: own_grad (the loss's own dh/dx_j, unscaled) times
+// own, plus extra p_j - per_class w_j, with p_j = exp(x_j - lse). For the entries a kernel
+// stores one by one (bce's arg-max and target; every entry on the CUDA kernels).
+template <typename T>
+FL_HD T with_extra_terms(T own_grad, const ExtraTerms<T>& t, T x_j, T lse, T w_j) {
+  T v = own_grad * t.own;
+  if (t.extra != T(0)) v += t.extra * std::exp(x_j - lse);
+  if (t.per_class != T(0)) v -= t.per_class * w_j;
+  return v;
+}
+
 // Coefficients of a row's gradient, for a kernel's last pass:
 //   g_j = exp(x_j - shift) * scale - smooth * w_j   (j != c; w_j = 1 without weights)
 //   g_c = target

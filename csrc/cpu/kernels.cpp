@@ -463,9 +463,7 @@ struct Rows {
     }
     // The arg-max and the target: their own forms, plus extra p_j - per_class w_j.
     auto with_extra = [&](acc_t own_g, int64_t j, acc_t x_j) {
-      acc_t v = own_g * t.own;
-      if (extra) v += t.extra * std::exp(x_j - lse) - t.per_class * weight_of(j);
-      return static_cast<scalar_t>(v);
+      return static_cast<scalar_t>(with_extra_terms<acc_t>(own_g, t, x_j, lse, weight_of(j)));
     };
     g[w] = with_extra(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, r.log1m_pw, r.r), w, x_w);
     if (!w_is_c) g[c] = with_extra(bce_grad_target<acc_t>(x_c, lse, r.r, r.log_aw), c, x_c);

@@ -91,12 +91,7 @@ at::Tensor ext_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
   RowsProblem pb = make_problem(logits, checked.target, w, cfg);
   pb.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
   pb.grad = grad.mutable_data_ptr();
-  if (reduction == kNone) {
-    pb.grad_loss_rows = go.const_data_ptr();
-    pb.grad_loss_stride = go.stride(0);  // 0 for an expanded scalar
-  } else {
-    pb.grad_scale = go.item<double>() / (reduction == kMean ? checked.denominator : 1.0);
-  }
+  set_grad_loss(pb, go, reduction, reduction == kMean ? checked.denominator : 1.0);
   kernels_for_this_cpu().backward(pb);
   return grad;
 }

@@ -55,6 +55,15 @@ RowsProblem make_problem(const at::Tensor& logits, const at::Tensor& target,
   return pb;
 }
 
+void set_grad_loss(RowsProblem& pb, const at::Tensor& grad_loss_acc, int64_t reduction, double denominator) {
+  if (reduction == kNone) {
+    pb.grad_loss_rows = grad_loss_acc.const_data_ptr();
+    pb.grad_loss_stride = grad_loss_acc.stride(0);  // 0 for an expanded scalar
+  } else {
+    pb.grad_scale = grad_loss_acc.item<double>() / denominator;
+  }
+}
+
 void check_bce_classes(const LossConfig& cfg, const at::Tensor& logits) {
   // bce keeps its arg-max in a stats column of the math type: exact below 2^24 in float32.
   TORCH_CHECK(cfg.variant != kBCE || logits.scalar_type() == at::kDouble ||

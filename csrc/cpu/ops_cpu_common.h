@@ -23,6 +23,10 @@ CheckedTargets check_targets(const at::Tensor& target, const at::Tensor& weight_
 RowsProblem make_problem(const at::Tensor& logits, const at::Tensor& target,
                          const at::Tensor& weight_acc, const LossConfig& cfg);
 
+// The backward's grad_loss (already in the math type): per row for 'none' (any stride, 0
+// for an expanded scalar), else one scalar over `denominator` ('mean''s, or 1).
+void set_grad_loss(RowsProblem& pb, const at::Tensor& grad_loss_acc, int64_t reduction, double denominator);
+
 // bce keeps its arg-max in a float32 stats column: at most 2^24 classes.
 void check_bce_classes(const LossConfig& cfg, const at::Tensor& logits);
 

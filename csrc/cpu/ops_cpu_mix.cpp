@@ -88,12 +88,7 @@ at::Tensor ext_mix_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits
   RowsProblem pb = mix_problem(logits, in);
   pb.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
   pb.grad = grad.mutable_data_ptr();
-  if (reduction == kNone) {
-    pb.grad_loss_rows = go.const_data_ptr();
-    pb.grad_loss_stride = go.stride(0);
-  } else {
-    pb.grad_scale = go.item<double>();
-  }
+  set_grad_loss(pb, go, reduction, 1.0);  // the rows carry each part's 1/denominator
   kernels_for_this_cpu().backward(pb);
   return grad;
 }

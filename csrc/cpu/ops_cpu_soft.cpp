@@ -7,6 +7,7 @@
 
 #include "../op_common.h"
 #include "kernels.h"
+#include "ops_cpu_common.h"
 #include "row_sum.h"
 
 namespace fusedloss::cpu {
@@ -65,12 +66,7 @@ at::Tensor ext_soft_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logit
   RowsProblem pb = soft_problem(logits, y, w, reduction, label_smoothing);
   pb.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
   pb.grad = grad.mutable_data_ptr();
-  if (reduction == kNone) {
-    pb.grad_loss_rows = go.const_data_ptr();
-    pb.grad_loss_stride = go.stride(0);
-  } else {
-    pb.grad_scale = go.item<double>() / (reduction == kMean ? static_cast<double>(logits.size(0)) : 1.0);
-  }
+  set_grad_loss(pb, go, reduction, reduction == kMean ? static_cast<double>(logits.size(0)) : 1.0);
   kernels_for_this_cpu().backward(pb);
   return grad;
 }

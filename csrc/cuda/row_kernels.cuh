@@ -275,10 +275,7 @@ __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
       extra_terms<acc_t>(r.w_c * go, go, lse, eps, acc_t(C), weight_total<acc_t>(a), z);
   // g_j = own dh/dx_j + extra p_j - per_class w_j (losses.h, extra_terms).
   auto with_extra = [&](acc_t own_g, int64_t j, acc_t y) {
-    acc_t v = own_g * t.own;
-    if (t.extra != acc_t(0)) v += t.extra * std::exp(y - lse);
-    if (t.per_class != acc_t(0)) v -= t.per_class * (weight ? weight[j] : acc_t(1));
-    return v;
+    return with_extra_terms<acc_t>(own_g, t, y, lse, weight ? weight[j] : acc_t(1));
   };
   const acc_t g_w = with_extra(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, row.log1m_pw, row.r), w, x_w);
   const acc_t g_c = w_is_c ? g_w : with_extra(bce_grad_target<acc_t>(x_c, lse, row.r, row.log_aw), c, x_c);
