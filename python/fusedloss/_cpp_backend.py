@@ -14,6 +14,7 @@ from torch import Tensor
 import fusedloss._C as _C  # noqa: F401  (ImportError: backend unavailable, handled by dispatch)
 
 from . import dispatch, mixup, ops
+from .variants import Variant
 
 ops.register_fakes("ext_fwd", "ext_bwd")
 ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
@@ -49,6 +50,8 @@ _mix_fwd = torch.ops.fusedloss.ext_mix_fwd.default
 dispatch.register(dispatch.Backend(
     name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
     soft_fwd=_soft_fwd, mix_fwd=_mix_fwd,
+    # bce's two targets and the soft cap: two passes (see fusedloss.mixup)
+    mix_fuses=lambda variant, softcap: variant != Variant.BCE and not softcap,
 ))
 
 

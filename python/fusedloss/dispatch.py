@@ -38,6 +38,8 @@ class Backend:
     soft_fwd: Callable | None = None
     # Mixup's two targets: fusedloss::<name>_mix_fwd (mixup.MIX_FWD_SCHEMA); None: two passes.
     mix_fwd: Callable | None = None
+    # Which (variant, softcap) the mix op fuses; the others run two passes of fwd.
+    mix_fuses: Callable[[int, float], bool] = lambda variant, softcap: True
 
 
 class BackendUnavailableError(RuntimeError):

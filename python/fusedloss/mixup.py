@@ -27,7 +27,7 @@ from torch import Tensor
 from . import dispatch, reference
 from .ops import NAMESPACE, SCALARS, fake_backward, fake_forward, scale_fused_grad
 from .validation import check_class_target
-from .variants import Reduction, Variant
+from .variants import Reduction
 
 MIX_FWD_SCHEMA = (f"(Tensor logits, Tensor target_a, Tensor target_b, Tensor lam, Tensor? weight, {SCALARS}, "
                   "bool compute_grad) -> (Tensor, Tensor, Tensor)")
@@ -106,7 +106,7 @@ def mixed_loss(be: dispatch.Backend, x: Tensor, ta: Tensor, tb: Tensor, lam: Ten
     """The reduced (or per-row) two-target loss of ``(N, C)`` rows, fused where the backend
     has a two-target kernel for this loss, else two passes."""
     variant, red, ignore_index, eps, alpha, beta, gamma, z_loss, softcap = scalars
-    if be.mix_fwd is not None and variant != Variant.BCE and not softcap:
+    if be.mix_fwd is not None and be.mix_fuses(variant, softcap):
         out, _, _ = be.mix_fwd(x, ta, tb, lam, weight, *scalars, compute_grad)
         return out
     parts = []
