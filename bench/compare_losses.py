@@ -98,7 +98,7 @@ class RunResult:
     loss: str
     seed: int
     recipe: str = "plain"
-    # How mixed targets reached the loss (MixedTargetLoss.mixed_path), "-" without mixing.
+    # How mixed targets reached the loss (MixedTargetLoss.mixed_path()), "-" without mixing.
     target_path: str = "-"
     train_loss: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
@@ -184,7 +184,7 @@ def train_one(loss: str, seed: int, data: tuple[torch.Tensor, ...], recipe: Reci
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
-    result = RunResult(loss, seed, recipe.label, criterion.mixed_path if mix is not None else "-")
+    result = RunResult(loss, seed, recipe.label, criterion.mixed_path() if mix is not None else "-")
     start = time.perf_counter()
     for _ in range(recipe.epochs):
         model.train()

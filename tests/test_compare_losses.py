@@ -44,7 +44,7 @@ def test_compare_losses_smoke(tmp_path):
 
 def test_compare_losses_recipe_flags(tmp_path):
     """--mixup-alpha/--cutmix-alpha/--label-smoothing with --with-plain: both recipes in one run, routed
-    as fusedloss.train routes them (ce soft targets, the others the two-target form), a paired table."""
+    as fusedloss.train routes them (the two-target form, fused on the CPU kernel), a paired table."""
     threads = torch.get_num_threads()
     argv = ["--seeds", "1", "--epochs", "1", "--losses", "ce", "crl", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
             "--label-smoothing", "0.1", "--with-plain", "--out", str(tmp_path)]
@@ -58,8 +58,8 @@ def test_compare_losses_recipe_flags(tmp_path):
     assert doc["recipes"][recipe]["label_smoothing"] == 0.1 and doc["recipes"]["plain"]["mixup_alpha"] == 0.0
     runs = {(r["recipe"], r["loss"]): r for r in doc["runs"]}
     assert set(runs) == {(rec, loss) for rec in ("plain", recipe) for loss in ("ce", "crl")}
-    assert runs[(recipe, "ce")]["target_path"] == "soft targets"
-    assert runs[(recipe, "crl")]["target_path"].startswith("two-target")
+    assert runs[(recipe, "ce")]["target_path"] == "two-target (fused, cpu)"
+    assert runs[(recipe, "crl")]["target_path"] == "two-target (fused, cpu)"
     assert runs[("plain", "crl")]["target_path"] == "-"
     # Same seed, same initial weights and batch order: the flags are what changed the training loss.
     assert runs[(recipe, "crl")]["train_loss"] != runs[("plain", "crl")]["train_loss"]

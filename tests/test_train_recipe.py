@@ -207,14 +207,12 @@ def mixed_target(n: int, num_classes: int, seed: int) -> MixedTarget:
 ROUTES = ["two calls", "fused"]
 
 
-# ce always takes the soft targets: its route is not a parameter.
-@pytest.mark.parametrize("loss,route", [(loss, route) for loss in LOSSES for route in ROUTES
-                                        if not (loss == "ce" and route == "fused")])
+# ce's "two calls" route is the soft targets (no two-call stand-in for ce).
+@pytest.mark.parametrize("loss,route", [(loss, route) for loss in LOSSES for route in ROUTES])
 def test_mixed_loss_is_lam_weighted_pair(loss, route):
     """MixedTargetLoss on a MixedTarget = mean_i lam_i L(x_i, y_a_i) + (1 - lam_i) L(x_i, y_b_i), float64 oracle;
     for ce also F.cross_entropy with the soft targets. Irregular shape: 13 rows, 37 classes."""
-    if route == "fused" and not has_two_target_form(fl.SoftmaxLoss(loss)):
-        pytest.skip("fl.softmax_loss has no two-target form yet")
+    assert has_two_target_form(fl.SoftmaxLoss(loss))
     n, C = 13, 37
     logits = torch.randn(n, C, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
     target = mixed_target(n, C, 1)
@@ -223,8 +221,10 @@ def test_mixed_loss_is_lam_weighted_pair(loss, route):
     got = crit(x, target)
     lam = target.lam
     want = (lam * per_row_loss64(logits, target.y_a, loss) + (1 - lam) * per_row_loss64(logits, target.y_b, loss)).mean()
-    # ce takes torchvision's float32 soft targets (route ignored): float32 accuracy; the others float64.
-    tol = dict(rtol=1e-6, atol=1e-7) if loss == "ce" else dict(rtol=1e-10, atol=1e-12)
+    # ce's soft route takes torchvision's float32 soft targets: float32 accuracy; the rest float64.
+    soft = crit.mixed_path() == "soft targets"
+    assert soft == (loss == "ce" and route == "two calls")
+    tol = dict(rtol=1e-6, atol=1e-7) if soft else dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got, want, **tol)
     got.backward()
     assert torch.isfinite(x.grad).all()
@@ -244,6 +244,26 @@ def test_mixed_ce_label_smoothing_matches_torch():
     lam = target.lam
     pair = (lam * per_row_loss64(logits, target.y_a, "ce", 0.1) + (1 - lam) * per_row_loss64(logits, target.y_b, "ce", 0.1))
     torch.testing.assert_close(crit(logits, target), pair.mean(), rtol=1e-6, atol=1e-7)
+    # The default route for unweighted ce is the two-target form: the same value (CE is linear in the
+    # target distribution, smoothing included), in float64 here.
+    fused = MixedTargetLoss(fl.SoftmaxLoss("ce", label_smoothing=0.1), C)
+    assert fused.mixed_path() == "two-target (fused, cpu)"
+    torch.testing.assert_close(fused(logits, target), pair.mean(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused(logits, target), F.cross_entropy(logits, target.soft(C).double(), label_smoothing=0.1),
+                               rtol=1e-6, atol=1e-7)  # the float32 soft targets
+
+
+def test_weighted_ce_keeps_the_soft_targets():
+    """With class weights PyTorch's soft-target 'mean' divides by N, the two-target form by the targets'
+    weights: weighted ce stays on the soft targets, F.cross_entropy's semantics."""
+    n, C = 9, 11
+    logits = torch.randn(n, C, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    weight = torch.rand(C, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+    target = mixed_target(n, C, 6)
+    crit = MixedTargetLoss(fl.SoftmaxLoss("ce", weight=weight), C)
+    assert crit.mixed_path() == "soft targets"
+    torch.testing.assert_close(crit(logits, target), F.cross_entropy(logits, target.soft(C).double(), weight=weight),
+                               rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,16 +329,12 @@ NEW_FLAGS = ["--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--label-smoothing
              "--lr-scheduler", "cosineannealinglr", "--norm-weight-decay", "0"]
 
 
-@pytest.mark.parametrize("loss", ["ce", "crl"])  # the soft-target route and the two-target route
+@pytest.mark.parametrize("loss", ["ce", "crl"])
 def test_dummy_run_with_the_new_flags(loss, tmp_path, capsys):
     out = tmp_path / loss
     rc = main([*DUMMY, *SMALL, *NEW_FLAGS, "--epochs", "2", "--loss", loss, "--output", str(out)])
-    if rc == 2:  # the library may refuse label smoothing for this loss: a clean one-line error is fine
-        assert "label_smoothing" in capsys.readouterr().err
-        return
     assert rc == 0
-    expected = "soft targets" if loss == "ce" else "two-target"
-    assert expected in capsys.readouterr().out
+    assert "-> two-target (fused, cpu)" in capsys.readouterr().out
     records = read_log(out)
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[0]["lr"] == pytest.approx(0.1 * 8 / 256 * 0.01)  # warmup starts at lr x decay

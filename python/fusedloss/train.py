@@ -336,7 +336,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
             json.dump(config, f, indent=2)
     extras = []
     if mix is not None:
-        extras.append(f"mixup {args.mixup_alpha:g} / cutmix {args.cutmix_alpha:g} -> {criterion.mixed_path}")
+        extras.append(f"mixup {args.mixup_alpha:g} / cutmix {args.cutmix_alpha:g} -> {criterion.mixed_path(ctx.device)}")
     if ema is not None:
         extras.append(f"EMA decay {ema.decay:.6g} every {args.model_ema_steps} steps")
     say(f"{args.arch} with --loss {args.loss} on {num_classes} classes: {ctx.world_size} process(es) on "

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fusedloss as fl
+from fusedloss import dispatch
+from fusedloss.variants import variant_id
 
 # torchvision's ResNet-50 "v2" weights (IMAGENET1K_V2, 80.858 top-1), from the command line published
 # with them (the torchvision blog "How to Train State-Of-The-Art Models Using TorchVision's Latest
@@ -202,12 +204,15 @@ class MixedTargetLoss(nn.Module):
     """A fusedloss criterion that also takes mixup/cutmix targets, routed by loss.
 
     ``target`` may be class indices (passed through), a :class:`MixedTarget`, or mixup/cutmix class
-    probabilities (N, C). ``ce`` gets class probabilities (``F.cross_entropy`` semantics, label
-    smoothing applied inside the loss as torchvision's reference does). Every other loss has no
-    soft-target definition and gets the two-target form ``(y_a, y_b, lam)``, meaning
-    ``lam * L(x, y_a) + (1 - lam) * L(x, y_b)`` (the original mixup code's form; for ``ce`` the two
-    agree, since CE is linear in the target distribution). Drop-in for a reference script's
-    criterion: ``MixedTargetLoss(fl.CompetingRatioLoss(label_smoothing=0.1), num_classes)``.
+    probabilities (N, C). A :class:`MixedTarget` goes to the two-target form ``(y_a, y_b, lam)``,
+    meaning ``lam * L(x, y_a) + (1 - lam) * L(x, y_b)`` (the original mixup code's form), for every
+    loss; ``ce`` with class weights gets the class probabilities instead (PyTorch's soft-target
+    ``'mean'`` divides by N, the two-target form by the targets' weights), as do class probabilities
+    handed in directly (``F.cross_entropy`` semantics, label smoothing applied inside the loss as
+    torchvision's reference does). For unweighted ``ce`` the two forms agree (CE is linear in the
+    target distribution, smoothing included); the two-target form reads half the bytes (no (N, C)
+    targets). Drop-in for a reference script's criterion:
+    ``MixedTargetLoss(fl.CompetingRatioLoss(label_smoothing=0.1), num_classes)``.
     """
 
     def __init__(self, criterion: fl.SoftmaxLoss, num_classes: int, fused_two_target: bool | None = None) -> None:
@@ -216,16 +221,20 @@ class MixedTargetLoss(nn.Module):
         self.num_classes = num_classes
         self.fused_two_target = has_two_target_form(criterion) if fused_two_target is None else fused_two_target
 
-    @property
-    def mixed_path(self) -> str:
-        if self.criterion.loss == "ce":
+    def _soft_for_mixed(self) -> bool:
+        return self.criterion.loss == "ce" and (self.criterion.weight is not None or not self.fused_two_target)
+
+    def mixed_path(self, device: torch.device | str = "cpu") -> str:
+        """How a :class:`MixedTarget` reaches the loss on ``device`` (for logs and result tables)."""
+        if self._soft_for_mixed():
             return "soft targets"
         if not self.fused_two_target:
             return "two-target (two calls)"
-        # fusedloss.mixup: bce (and any softcap) has no one-pass two-target kernel
-        if self.criterion.loss == "bce" or getattr(self.criterion, "softcap", None) is not None:
-            return "two-target (two passes of the kernel)"
-        return "two-target (fused on the CPU kernel; two passes on the GPU backends)"
+        be = dispatch.resolve(self.criterion.backend, torch.device(device))
+        variant, softcap = int(variant_id(self.criterion.loss)), getattr(self.criterion, "softcap", None) or 0.0
+        if be.mix_fwd is not None and be.mix_fuses(variant, softcap):
+            return f"two-target (fused, {be.name})"
+        return f"two-target (two passes of the {be.name} kernel)"
 
     def forward(self, logits: Tensor, target: Tensor | MixedTarget) -> Tensor:
         if isinstance(target, Tensor) and target.is_floating_point() and target.dim() == 2:
@@ -234,7 +243,7 @@ class MixedTargetLoss(nn.Module):
             target = split_soft_targets(target)
         if not isinstance(target, MixedTarget):
             return self.criterion(logits, target)
-        if self.criterion.loss == "ce":
+        if self._soft_for_mixed():
             return self.criterion(logits, target.soft(self.num_classes))
         if self.fused_two_target:
             return self.criterion(logits, (target.y_a, target.y_b, target.lam))  # cast to the math dtype there
