@@ -10,6 +10,7 @@ import os
 from fusedloss import dispatch
 
 from . import launch
+from . import launch_soft
 
 
 def _supports(device) -> bool:
@@ -23,4 +24,5 @@ dispatch.register(dispatch.Backend(
     supports=_supports,
     fused_grad=True,
     fwd_inplace=launch.forward_inplace,
+    soft_fwd=launch_soft.triton_soft_fwd,
 ))

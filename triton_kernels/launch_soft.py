@@ -1,0 +1,139 @@
+"""Launchers of the soft-target kernels (``soft_kernels.py``), registered as the
+``torch.library.triton_op``s ``fusedloss::triton_soft_fwd`` / ``fusedloss::triton_soft_bwd``
+with the schemas ``ops.SOFT_FWD_SCHEMA`` / ``ops.SOFT_BWD_SCHEMA`` (the op contract is in
+``fusedloss.ops``, "Class-probability (soft) targets").
+
+Like ``launch.py``'s ops: the bodies launch through ``wrap_triton`` (torch.compile traces
+into the kernels; the bodies are also the fake implementations), the fused gradient's
+backward is ``launch.scale_fused_grad`` (in place on the device, skipped where
+grad_output is 1, no host synchronization), and float64 logits run the reference ops.
+The targets' own gradient is ``reference.soft_target_grad`` (``ops.register_soft_autograd``).
+
+Layouts: rows of any stride are read in place, for the logits and the targets alike; a
+class dimension that is not dense (a transposed buffer) is copied once here
+(``launch._unit_class_stride``). The weight is made contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from fusedloss import ops
+from fusedloss.variants import STATS_COLS, Reduction, Variant
+
+from . import soft_kernels
+from .heuristics import bwd_config, fwd_config
+from .launch import (PARTIAL_BLOCK, _check_rows, _dense, _empty_loss, _option_scalars, _stream_grid,
+                     _unit_class_stride, row_align, scale_fused_grad)
+
+#: The launch heuristic family the soft kernels use (heuristics.py's target-only limits).
+FAMILY = Variant.CE
+
+
+def _check_inputs(logits: Tensor, probs: Tensor, op: str) -> None:
+    if logits.dim() != 2 or probs.shape != logits.shape:
+        raise ValueError(f"fusedloss::{op}: logits (N, C) and probs of the same shape; got "
+                         f"{tuple(logits.shape)} and {tuple(probs.shape)}")
+    if probs.dtype != logits.dtype or probs.device != logits.device:
+        raise ValueError(f"fusedloss::{op}: probs must have the logits' dtype and device ({logits.dtype}, "
+                         f"{logits.device}); got {probs.dtype}, {probs.device}")
+
+
+def _prologue(dev: torch.device, n: int) -> tuple[Tensor, Tensor]:
+    """The completion counter (zeroed) and the mean's denominator N, written on the device."""
+    counter = torch.empty((1,), dtype=torch.int32, device=dev)
+    denom = torch.empty((1,), dtype=torch.float32, device=dev)
+    wrap_triton(soft_kernels.soft_prologue_kernel)[(1,)](denom, counter, n, num_warps=1)
+    return counter, denom
+
+
+def _smoothing(label_smoothing: float, n_cols: int) -> tuple[float, float]:
+    """(1 - eps, eps / C), formed in float64 on the host."""
+    own, per_class, *_ = _option_scalars(label_smoothing, 0.0, 0.0, n_cols)
+    return own, per_class
+
+
+def launch_soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction: int,
+                        label_smoothing: float, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n, c = logits.shape
+    _check_rows(n)
+    logits, probs, weight = _unit_class_stride(logits), _unit_class_stride(probs), _dense(weight)
+    stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
+    grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty((0,))
+    if n == 0:
+        return _empty_loss(logits, reduction), stats, grad
+    cfg = fwd_config(c, logits.element_size(), FAMILY)
+    grid = triton.cdiv(n, cfg.block_n)
+    if not cfg.single:  # persistent; the rows in flight are a row of logits and a row of targets
+        grid = min(grid, _stream_grid(c, logits.element_size() + probs.element_size(), FAMILY, logits.device))
+    dev = logits.device
+    if reduction == Reduction.NONE:
+        counter = torch.empty((1,), dtype=torch.int32, device=dev)
+        denom = torch.empty((1,), dtype=torch.float32, device=dev)
+        partial = denom
+    else:
+        counter, denom = _prologue(dev, n)
+        partial = torch.empty((grid,), dtype=torch.float32, device=dev)
+    loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=torch.float32)
+    g = grad if compute_grad else logits           # never written without compute_grad
+    w = weight if weight is not None else denom    # dummy pointer, never read
+    own, per_class = _smoothing(label_smoothing, c)
+    wrap_triton(soft_kernels.soft_fwd_kernel)[(grid,)](
+        logits, logits.stride(0), probs, probs.stride(0), w, loss, stats, g, g.stride(0), denom, partial, counter,
+        n, c, own, per_class, reduction,
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
+        SINGLE=cfg.single, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK,
+        ROW_ALIGN=row_align(logits.stride(0), probs.stride(0), g.stride(0), c), NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps)
+    return loss, stats, grad
+
+
+def launch_soft_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, stats: Tensor,
+                         reduction: int, label_smoothing: float) -> Tensor:
+    n, c = logits.shape
+    _check_rows(n)
+    logits, probs = _unit_class_stride(logits), _unit_class_stride(probs)
+    grad_loss, weight, stats = _dense(grad_loss), _dense(weight), _dense(stats)
+    grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    if reduction == Reduction.MEAN:
+        _, denom = _prologue(logits.device, n)
+    else:
+        denom = torch.empty((1,), dtype=torch.float32, device=logits.device)
+    cfg = bwd_config(c, logits.element_size(), FAMILY)
+    own, per_class = _smoothing(label_smoothing, c)
+    wrap_triton(soft_kernels.soft_bwd_kernel)[(triton.cdiv(n, cfg.block_n),)](
+        grad_loss, logits, logits.stride(0), probs, probs.stride(0), weight if weight is not None else denom, stats,
+        grad, grad.stride(0), denom, n, c, own, per_class, reduction,
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, GO_PER_ROW=reduction == Reduction.NONE,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, ROW_ALIGN=row_align(logits.stride(0), probs.stride(0), c),
+        num_warps=cfg.num_warps)
+    return grad
+
+
+# ----------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------
+
+@triton_op("fusedloss::triton_soft_fwd", mutates_args=(), schema=ops.SOFT_FWD_SCHEMA)
+def triton_soft_fwd(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction: int, label_smoothing: float,
+                    compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _check_inputs(logits, probs, "triton_soft_fwd")
+    if logits.dtype == torch.float64:
+        return ops.reference_soft_fwd(logits, probs, weight, reduction, label_smoothing, compute_grad)
+    return launch_soft_forward(logits, probs, weight, reduction, label_smoothing, compute_grad)
+
+
+@triton_op("fusedloss::triton_soft_bwd", mutates_args=(), schema=ops.SOFT_BWD_SCHEMA)
+def triton_soft_bwd(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, stats: Tensor,
+                    reduction: int, label_smoothing: float) -> Tensor:
+    _check_inputs(logits, probs, "triton_soft_bwd")
+    if logits.dtype == torch.float64:
+        return ops.reference_soft_bwd(grad_loss, logits, probs, weight, stats, reduction, label_smoothing)
+    return launch_soft_backward(grad_loss, logits, probs, weight, stats, reduction, label_smoothing)
+
+
+ops.register_soft_autograd("triton_soft_fwd", triton_soft_bwd, scale_grad=scale_fused_grad)
