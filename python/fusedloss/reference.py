@@ -337,8 +337,7 @@ def _bce_loss(x: Tensor, rows: _Rows, lse: Tensor, d: Tensor, stats: Tensor, cdt
     w = x.argmax(1)
     log1m_pw = lse_excluding(x, w, cdtype) - lse
     stats[:, 2], stats[:, 3] = log1m_pw, w.to(cdtype)
-    t = shifted(x, lse, cdtype)
-    t.exp_().neg_().log1p_()                     # log(1 - p_k): exact for k != w since p_k <= 1/2
+    t = bce_log1m(shifted(x, lse, cdtype).exp_())  # log(1 - p_k): exact for k != w since p_k <= 1/2
     t.scatter_(1, w[:, None], log1m_pw[:, None])  # the arg-max from its exact form
     t.scatter_(1, rows.tgt[:, None], 0.0)         # k != c
     return softplus(d) - t.sum(1)
@@ -351,23 +350,52 @@ def _bce_grad(x: Tensor, rows: _Rows, stats: Tensor, cdtype) -> Tensor:
     w_is_c = w == c
     p = shifted(x, lse, cdtype).exp_()
     # a_k = p_k / (1 - p_k) for k != c, a_c = -1; R = sum_{k != w} a_k (bounded by C).
-    a = torch.neg(p).add_(1)
-    torch.div(p, a, out=a)
+    a = bce_odds(p)
     a.scatter_(1, c[:, None], -1.0)
     a.scatter_(1, w[:, None], 0.0)
     r = a.sum(1)
-    g = a.addcmul_(p, r[:, None], value=-1.0)    # a_j - p_j R
-    # - p_j a_w: a_w = p_w / (1 - p_w) may overflow (a wrong class leading by 89 in fp32),
-    # so form p_j a_w = exp(x_j - lse + log a_w) in log space; when w == c, a_w = -1.
     x_w = x.gather(1, w[:, None])[:, 0].to(cdtype)
     log_pw = x_w - lse
-    log_aw = torch.where(w_is_c, torch.zeros_like(lse), log_pw - log1m_pw)
-    p.copy_(x).sub_((lse - log_aw)[:, None]).exp_()
-    g.addcmul_(p, torch.where(w_is_c, 1.0, -1.0).to(cdtype)[:, None])
-    p_w = log_pw.exp()
-    g_w = torch.where(w_is_c, -log1m_pw.exp() - p_w * r, p_w * (1 - r))
-    g.scatter_(1, w[:, None], g_w[:, None])
+    g = bce_grad_off_argmax(x, p, a, r, lse, bce_log_aw(log_pw, log1m_pw, w_is_c), w_is_c)
+    g.scatter_(1, w[:, None], bce_grad_argmax(log_pw, log1m_pw, r, w_is_c)[:, None])
     return g
+
+
+# The per-element pieces of bce, given the row's numbers (lse, w, log(1 - p_w), R): the
+# reference's own loss and gradient above and fusedloss.parallel (each rank's slice, the row's
+# numbers summed over the ranks) use these.
+
+def bce_log1m(p: Tensor) -> Tensor:
+    """``log(1 - p_k)`` in place on ``p``: exact for every ``k`` but the arg-max (``p_k <= 1/2``)."""
+    return p.neg_().log1p_()
+
+
+def bce_odds(p: Tensor) -> Tensor:
+    """``a_k = p_k / (1 - p_k)``, a new buffer (at most 1 for every ``k`` but the arg-max)."""
+    a = torch.neg(p).add_(1)
+    return torch.div(p, a, out=a)
+
+
+def bce_log_aw(log_pw: Tensor, log1m_pw: Tensor, w_is_c: Tensor) -> Tensor:
+    """``log a_w = log p_w - log(1 - p_w)`` per row (0 where ``w == c``: ``p_j a_w`` is then ``-p_j``)."""
+    return torch.where(w_is_c, torch.zeros_like(log_pw), log_pw - log1m_pw)
+
+
+def bce_grad_off_argmax(x: Tensor, p: Tensor, a: Tensor, r: Tensor, lse: Tensor, log_aw: Tensor,
+                        w_is_c: Tensor) -> Tensor:
+    """``g_j = a_j - p_j R - p_j a_w`` for every column (``a`` holds ``a_j``, ``a_c = -1``; the result
+    is written over ``a``, ``p`` is overwritten); the arg-max's column is then ``bce_grad_argmax``'s.
+    ``a_w = p_w / (1 - p_w)`` may overflow (a wrong class leading by 89 in fp32), so ``p_j a_w =
+    exp(x_j - lse + log a_w)`` in log space; when ``w == c``, ``a_w = -1``."""
+    g = a.addcmul_(p, r[:, None], value=-1.0)    # a_j - p_j R
+    p.copy_(x).sub_((lse - log_aw)[:, None]).exp_()
+    return g.addcmul_(p, torch.where(w_is_c, 1.0, -1.0).to(p.dtype)[:, None])
+
+
+def bce_grad_argmax(log_pw: Tensor, log1m_pw: Tensor, r: Tensor, w_is_c: Tensor) -> Tensor:
+    """``g_w``: ``p_w (1 - R)`` when ``w != c``, ``-(1 - p_w) - p_w R`` when ``w == c``."""
+    p_w = log_pw.exp()
+    return torch.where(w_is_c, -log1m_pw.exp() - p_w * r, p_w * (1 - r))
 
 
 # ----------------------------------------------------------------------------
