@@ -104,14 +104,14 @@ def _soft_fwd_rows(
 
     # ---- pass 1: lse, S and the loss ------------------------------------------------------
     if SINGLE:
-        x, mask, _ = _load_tile(X, x_off, row_ok, cols0, n_cols, 0.0, 0.0, ACC, "evict_first", False)
+        x, mask, slope = _load_tile(X, x_off, row_ok, cols0, n_cols, 0.0, 0.0, ACC, "evict_first", False)
         wy = _load_wy(Y, y_off, row_ok, cols0, n_cols, W, smooth_own, smooth_class, "evict_first", HAS_WEIGHT,
                       HAS_SMOOTHING)
         m, s, S, A = _soft_stats_update(m, s, S, A, x, wy)
     else:
         for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
-            xb, _, _ = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, P1_EVICT, False)
+            xb, maskb, slb = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, P1_EVICT, False)
             wyb = _load_wy(Y, y_off, row_ok, cols, n_cols, W, smooth_own, smooth_class, P1_EVICT, HAS_WEIGHT,
                            HAS_SMOOTHING)
             m, s, S, A = _soft_stats_update(m, s, S, A, xb, wyb)
@@ -127,7 +127,7 @@ def _soft_fwd_rows(
 
     # ---- gradient for grad_output = 1 ------------------------------------------------------
     if COMPUTE_GRAD:
-        _, go = _grad_row_scale(row_ok, rows < 0, tl.full([BLOCK_N], 1.0, ACC), None, rows, row_ok, DENOM, 1,
+        r, go = _grad_row_scale(row_ok, rows < 0, tl.full([BLOCK_N], 1.0, ACC), None, rows, row_ok, DENOM, 1,
                                 reduction, False)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
@@ -138,7 +138,7 @@ def _soft_fwd_rows(
             nb = tl.cdiv(n_cols, BLOCK_C)
             for i in tl.range(0, nb, num_stages=NUM_STAGES):
                 cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
-                xb, maskb, _ = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, "evict_first", False)
+                xb, maskb, slb = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, "evict_first", False)
                 wyb = _load_wy(Y, y_off, row_ok, cols, n_cols, W, smooth_own, smooth_class, "evict_first",
                                HAS_WEIGHT, HAS_SMOOTHING)
                 g = _soft_grad_tile(xb, wyb, lse, lse_lo, S, go)
@@ -191,11 +191,11 @@ def soft_bwd_kernel(
     lse = tl.load(st, mask=row_ok, other=0.0).to(ACC)
     S = tl.load(st + 1, mask=row_ok, other=0.0).to(ACC)
     lse_lo = tl.load(st + 2, mask=row_ok, other=0.0).to(ACC)
-    _, go = _grad_row_scale(row_ok, rows < 0, tl.full([BLOCK_N], 1.0, ACC), GO, rows, row_ok, DENOM, 1, reduction,
+    r, go = _grad_row_scale(row_ok, rows < 0, tl.full([BLOCK_N], 1.0, ACC), GO, rows, row_ok, DENOM, 1, reduction,
                             GO_PER_ROW)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        xb, maskb, _ = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, "evict_first", False)
+        xb, maskb, slb = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, "evict_first", False)
         wyb = _load_wy(Y, y_off, row_ok, cols, n_cols, W, smooth_own, smooth_class, "evict_first", HAS_WEIGHT,
                        HAS_SMOOTHING)
         g = _soft_grad_tile(xb, wyb, lse, lse_lo, S, go)
