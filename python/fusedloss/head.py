@@ -77,6 +77,22 @@ def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) ->
     return torch.addmm(bias, h, weight.t(), out=buf)
 
 
+def run_blocks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_rows: int, step,
+               dh: Tensor | None, dw: "_WeightGrad | None", db: Tensor | None) -> None:
+    """The block loop: per block of rows ``[s, e)``, its logits into one reused buffer,
+    ``g = step(s, e, logits)``, and ``g`` (unless None) folded into ``dh[s:e]``, ``dw``, ``db``.
+    (``fusedloss.parallel`` runs its vocabulary-parallel head through it too.)"""
+    n = hidden.shape[0]
+    rows = max(1, min(chunk_rows, n))
+    buf = hidden.new_empty((rows, weight.shape[0])) if n else None
+    for s, e in _blocks(n, rows):
+        x = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
+        g = step(s, e, x)
+        if g is not None:
+            _fold(g, hidden[s:e], weight, dh[s:e] if dh is not None else None, dw, db)
+        del g
+
+
 class _WeightGrad:
     """d weight, summed over the blocks. float32/float64 weights: one buffer of the weight's
     dtype, updated by ``addmm_``. float16/bfloat16 weights: a float32 sum (in the 16-bit dtype
@@ -145,11 +161,9 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
     db = torch.zeros((v,), dtype=acc, device=hidden.device) if fused and need_bias else None
     red = Reduction.NONE if reduction == Reduction.NONE else Reduction.SUM
     scalars = (variant, int(red), ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)
-    rows = max(1, min(chunk_rows, n))
-    buf = hidden.new_empty((rows, v)) if n else None
     inplace = fused and _inplace_triton(be)
-    for s, e in _blocks(n, rows):
-        x = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
+
+    def step(s, e, x):
         t = target[s:e]
         if inplace:  # the gradient overwrites the logits block: one (rows, V) buffer in all
             loss_c, st = torch.ops.fusedloss.triton_fwd_inplace(x, t, class_weight, *scalars)
@@ -162,10 +176,10 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
         if loss_rows is not None:
             loss_rows[s:e] = loss_c
         else:
-            total += loss_c
-        if fused:
-            _fold(g, hidden[s:e], weight, dh[s:e] if dh is not None else None, dw, db)
-        del g, st, loss_c
+            total.add_(loss_c)
+        return g if fused else None
+
+    run_blocks(hidden, weight, bias, chunk_rows, step, dh, dw, db)
     lse = torch.where(target != ignore_index, lse, torch.zeros((), dtype=acc, device=hidden.device))
     if reduction == Reduction.NONE:
         loss = loss_rows
@@ -200,14 +214,10 @@ def _linear_loss_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Te
     dw = _WeightGrad(weight) if need_weight else None
     db = torch.zeros((v,), dtype=acc, device=hidden.device) if need_bias else None
     scalars = (variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)
-    rows = max(1, min(chunk_rows, n))
-    buf = hidden.new_empty((rows, v)) if n else None
     grad_loss = grad_loss.contiguous()
-    for s, e in _blocks(n, rows):
-        x = _logits_into(buf[: e - s], hidden[s:e], weight, bias)
-        g = be.bwd(grad_loss[s:e], x, target[s:e], class_weight, stats[s:e], *scalars)
-        _fold(g, hidden[s:e], weight, dh[s:e] if dh is not None else None, dw, db)
-        del g
+    run_blocks(hidden, weight, bias, chunk_rows,
+               lambda s, e, x: be.bwd(grad_loss[s:e], x, target[s:e], class_weight, stats[s:e], *scalars),
+               dh, dw, db)
     db_out = db.to(bias.dtype) if db is not None and bias is not None else db
     return (dh if dh is not None else empty(), dw.result() if dw is not None else empty(),
             db_out if db_out is not None else empty())
@@ -396,11 +406,48 @@ def linear_softmax_loss_float(
     with the loss as the kernels compute it: float32 (float64 for float64 inputs), not rounded
     to ``hidden``'s dtype. A bfloat16 model's loss in float32, as transformers computes it
     from ``logits.float()``; ``fusedloss.hf`` uses it."""
+    variant, red, ignore_index, cap = check_loss_options(loss, reduction, ignore_index, label_smoothing, alpha, beta,
+                                                         gamma, z_loss, softcap)
+    v = check_linear_inputs(hidden, weight, bias, target)
+    class_weight = validation.check_weight(class_weight, v, hidden)
+    be = dispatch.resolve(backend, hidden.device)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(hidden.numel() // max(hidden.shape[-1], 1), v, hidden.element_size())
+    else:
+        check_chunk_rows(chunk_rows)
+
+    h2d = hidden.reshape(-1, hidden.shape[-1])
+    t1d = target.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+    out, lse, *_ = linear_loss_fwd(h2d, weight, bias, t1d, class_weight, be.name, int(variant), int(red),
+                                   ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma),
+                                   float(z_loss), cap, int(chunk_rows), *need)
+    if red == Reduction.NONE:
+        out = out.reshape(target.shape)
+    return out, lse.reshape(target.shape)
+
+
+def check_loss_options(loss, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss,
+                       softcap) -> tuple[Variant, Reduction, int, float]:
+    """The checks of the loss options every entry point shares (the head, ``fusedloss.parallel``):
+    returns ``(variant, reduction, ignore_index, cap)``, the cap as the ops take it (0.0: none)."""
     variant = variant_id(loss)
     red = reduction_id(reduction)
     cap = validation.check_z_loss_softcap(z_loss, softcap)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
-    ignore_index = validation.check_ignore_index(ignore_index)
+    return variant, red, validation.check_ignore_index(ignore_index), cap
+
+
+def check_chunk_rows(chunk_rows) -> None:
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}")
+
+
+def check_linear_inputs(hidden, weight, bias, target) -> int:
+    """``hidden (..., D)``, ``weight (V, D)``, ``bias (V,)``, ``target hidden.shape[:-1]``: types, dtypes,
+    shapes and devices. Returns ``V``."""
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -430,21 +477,4 @@ def linear_softmax_loss_float(
                          f"got {tuple(target.shape)}")
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}; move them to one device")
-    class_weight = validation.check_weight(class_weight, v, hidden)
-    be = dispatch.resolve(backend, hidden.device)
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(hidden.numel() // max(hidden.shape[-1], 1), v, hidden.element_size())
-    elif not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}")
-
-    h2d = hidden.reshape(-1, hidden.shape[-1])
-    t1d = target.reshape(-1)
-    grad_on = torch.is_grad_enabled()
-    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad)
-    out, lse, *_ = linear_loss_fwd(h2d, weight, bias, t1d, class_weight, be.name, int(variant), int(red),
-                                   ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma),
-                                   float(z_loss), cap, int(chunk_rows), *need)
-    if red == Reduction.NONE:
-        out = out.reshape(target.shape)
-    return out, lse.reshape(target.shape)
+    return v
