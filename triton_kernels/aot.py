@@ -60,6 +60,8 @@ class Spec:
     @property
     def config(self) -> Config:
         es = DTYPES[self.dtype].itemsize
+        if self.kernel in SOFT_KERNELS:  # launch_soft: the target-only family's configurations
+            return (fwd_config if self.kernel == "soft_fwd" else bwd_config)(self.n_cols, es, Variant.CE)
         if self.kernel == "fwd":
             return fwd_config(self.n_cols, es, self.variant)
         if self.kernel == "bwd":
@@ -123,6 +125,8 @@ def _signature(spec: Spec):
                      BLOCK_C=cfg.block_c, ROW_ALIGN=spec.align, **_option_constexprs(spec))
         if not bce:
             const.update(VARIANT=spec.variant)
+    elif spec.kernel in SOFT_KERNELS:
+        fn, sig, const = _soft_signature(spec, xt, cfg)
     elif spec.kernel == "scale":
         fn = kernels.scale_grad_kernel
         sig = {"G": xt, "stride_g": "i32", "GO": "*fp32", "n_rows": "i32", "n_cols": "i32"}
@@ -139,10 +143,31 @@ def _signature(spec: Spec):
     # divisible by 16 (a contiguous (N, C) launch: strides = C; N assumed a multiple of 16).
     div16 = [k for k, v in sig.items() if v.startswith("*")]
     if spec.align == 16:
-        div16 += [k for k in ("stride_x", "stride_g", "n_cols") if k in sig]
+        div16 += [k for k in ("stride_x", "stride_y", "stride_g", "n_cols") if k in sig]
     div16 += [k for k in ("n_rows",) if k in sig]
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in div16}
     return fn, sig, const, attrs
+
+
+#: The soft-target kernels (soft_kernels.py), launched by launch_soft.py.
+SOFT_KERNELS = ("soft_fwd", "soft_bwd")
+
+
+def _soft_signature(spec: Spec, xt: str, cfg: Config):
+    """(kernel fn, signature, constexprs) of a soft-target kernel: targets in the logits' dtype,
+    float32 weights, the options (1 - eps, eps / C) as float32."""
+    from . import soft_kernels
+    rows = {"X": xt, "stride_x": "i32", "Y": xt, "stride_y": "i32", "W": "*fp32"}
+    tail = {"n_rows": "i32", "n_cols": "i32", "smooth_own": "fp32", "smooth_class": "fp32", "reduction": "i32"}
+    flags = dict(HAS_WEIGHT=spec.has_weight, HAS_SMOOTHING=spec.smoothing, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
+                 ROW_ALIGN=spec.align)
+    if spec.kernel == "soft_fwd":
+        sig = {**rows, "LOSS": "*fp32", "STATS": "*fp32", "G": xt, "stride_g": "i32", "DENOM": "*fp32",
+               "PARTIAL": "*fp32", "COUNTER": "*i32", **tail}
+        return soft_kernels.soft_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
+                                                         PARTIAL_BLOCK=PARTIAL_BLOCK, NUM_STAGES=cfg.num_stages)
+    sig = {"GO": "*fp32", **rows, "STATS": "*fp32", "G": xt, "stride_g": "i32", "DENOM": "*fp32", **tail}
+    return soft_kernels.soft_bwd_kernel, sig, dict(flags, GO_PER_ROW=spec.go_per_row)
 
 
 def _option_signature(bce: bool) -> dict:
@@ -280,6 +305,18 @@ def ci_specs() -> list[Spec]:
         specs += [_heaviest("fwd", v, "fp16", widest), _heaviest("fwd", v, "bf16", 1000)]
     specs += [Spec("scale", 0, "bf16", 4096, go_per_row=True), Spec("scale", 0, "fp32", 4096, go_per_row=False),
               Spec("prologue", 0, "fp32", 1)]
+    return _dedup(specs)
+
+
+def soft_ci_specs() -> list[Spec]:
+    """The soft-target kernels at their heaviest flags (weight, smoothing, gradient): the forward's
+    widest on-chip tile and its streamed configuration in bf16 and fp32, the widest tile in fp16,
+    C = 1000; the backward's widest tile (per-row grad_output) in bf16 and fp32."""
+    fb = fwd_buckets(Variant.CE)
+    specs = [Spec("soft_fwd", 0, dt, c, smoothing=True) for dt in ("bf16", "fp32") for c in fb[-2:]]
+    specs += [Spec("soft_fwd", 0, "fp16", fb[-2], smoothing=True), Spec("soft_fwd", 0, "bf16", 1000, smoothing=True)]
+    specs += [Spec("soft_bwd", 0, dt, bwd_buckets(Variant.CE)[-1], smoothing=True, go_per_row=True)
+              for dt in ("bf16", "fp32")]
     return _dedup(specs)
 
 
