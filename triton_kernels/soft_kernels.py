@@ -63,6 +63,19 @@ def _load_wy(Y, y_off, row_ok, cols, n_cols, W, smooth_own, smooth_class, EVICT:
 
 
 @triton.jit
+def _soft_stats_init(BLOCK_N: tl.constexpr):
+    """(m, s, S, A) before any column: max -inf, the sums 0."""
+    zero = tl.zeros([BLOCK_N], ACC)
+    return zero + float("-inf"), zero, zero, zero
+
+
+@triton.jit
+def _store_grad(G, g_off, cols, g, mask):
+    """A gradient tile, rounded once to the gradient's dtype; L2 priority evict_first."""
+    tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
 def _soft_stats_update(m, s, S, A, x, wy):
     """Merge a tile into the running (max m, sum s of exp(x - m), S = sum wy, A = sum wy (m - x)).
     The shift is _safe_shift(m) (0 while every logit so far is -inf), as in the lse sum."""
@@ -97,10 +110,7 @@ def _soft_fwd_rows(
     x_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     y_off = tl.multiple_of(rows.to(tl.int64) * stride_y, ROW_ALIGN)
     cols0 = tl.arange(0, BLOCK_C)
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_N], ACC)
-    S = tl.zeros([BLOCK_N], ACC)
-    A = tl.zeros([BLOCK_N], ACC)
+    m, s, S, A = _soft_stats_init(BLOCK_N)
 
     # ---- pass 1: lse, S and the loss ------------------------------------------------------
     if SINGLE:
@@ -131,9 +141,7 @@ def _soft_fwd_rows(
                                 reduction, False)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
-            g = _soft_grad_tile(x, wy, lse, lse_lo, S, go)
-            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
-                     eviction_policy="evict_first")
+            _store_grad(G, g_off, cols0, _soft_grad_tile(x, wy, lse, lse_lo, S, go), mask)
         else:
             nb = tl.cdiv(n_cols, BLOCK_C)
             for i in tl.range(0, nb, num_stages=NUM_STAGES):
@@ -141,9 +149,7 @@ def _soft_fwd_rows(
                 xb, maskb, slb = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, "evict_first", False)
                 wyb = _load_wy(Y, y_off, row_ok, cols, n_cols, W, smooth_own, smooth_class, "evict_first",
                                HAS_WEIGHT, HAS_SMOOTHING)
-                g = _soft_grad_tile(xb, wyb, lse, lse_lo, S, go)
-                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                         eviction_policy="evict_first")
+                _store_grad(G, g_off, cols, _soft_grad_tile(xb, wyb, lse, lse_lo, S, go), maskb)
     return part
 
 
@@ -198,9 +204,7 @@ def soft_bwd_kernel(
         xb, maskb, slb = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, "evict_first", False)
         wyb = _load_wy(Y, y_off, row_ok, cols, n_cols, W, smooth_own, smooth_class, "evict_first", HAS_WEIGHT,
                        HAS_SMOOTHING)
-        g = _soft_grad_tile(xb, wyb, lse, lse_lo, S, go)
-        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                 eviction_policy="evict_first")
+        _store_grad(G, g_off, cols, _soft_grad_tile(xb, wyb, lse, lse_lo, S, go), maskb)
 
 
 @triton.jit
