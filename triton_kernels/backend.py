@@ -11,6 +11,7 @@ from fusedloss import dispatch
 
 from . import launch
 from . import launch_soft
+from . import launch_mix
 
 
 def _supports(device) -> bool:
@@ -25,4 +26,6 @@ dispatch.register(dispatch.Backend(
     fused_grad=True,
     fwd_inplace=launch.forward_inplace,
     soft_fwd=launch_soft.triton_soft_fwd,
+    mix_fwd=launch_mix.triton_mix_fwd,
+    mix_fuses=launch_mix.fuses,
 ))
