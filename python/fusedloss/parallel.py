@@ -1,25 +1,38 @@
 """Vocabulary-parallel losses: the classes of the logits split across the ranks of a process group.
 
 Each rank holds ``local_logits (N, V_local)``, the classes ``[class_start, class_start + V_local)``
-of every row, and the same global ``target (N,)``. A target-only loss (ce, nllr, crl, lace,
-focal) depends on a row only through ``d = lse_ex - x_c`` (docs/losses.md, "Four numbers per
-row"), and both numbers are sums over classes, so the split loss needs only per-row partial
-statistics from each rank and two all-reduces of ``N`` floats (docs/parallel.md counts them):
+of every row, and the same global ``target (N,)``. Every loss depends on a row through sums over
+its classes, so the split loss needs only per-row partial statistics from each rank and a few
+collectives of ``O(N)`` floats (docs/parallel.md counts them):
 
-* partial statistics: the rank's own fused forward kernel on its slice, with a local target
-  (``c - class_start`` where the target lives on this rank, else the fake target ``K0``). Its
-  ``stats[:, 1]`` is then the local ``lse_ex`` (the owner's competitors), its ``stats[:, 0]`` the
-  local ``lse`` over every local class (another rank's target: every local class competes);
-* combine: ``lse_ex = logsumexp_r(part_r)`` (all-reduce MAX, then SUM of ``exp(part_r - M)``),
-  ``x_c`` by all-reduce SUM (0 from the ranks that do not own it), ``lse = logaddexp(lse_ex, x_c)``;
-  the row loss is the reference's per-variant function of ``d`` (``reference.TARGET_ONLY_MATH``);
-* finish with global statistics: the rank's own backward kernel on its slice, fed the global
-  ``lse`` and ``lse_ex`` as its stats, writes the exact gradient of every local class. The backward
-  needs no collective at all.
+* target-only losses (ce, nllr, crl, lace, focal) depend on a row only through
+  ``d = lse_ex - x_c`` (docs/losses.md, "Four numbers per row"). Partial statistics: the rank's own
+  fused forward kernel on its slice, with a local target (``c - class_start`` where the target lives
+  on this rank, else the fake target ``K0``); its ``stats[:, 1]`` is then the local ``lse_ex`` (the
+  owner's competitors), its ``stats[:, 0]`` the local ``lse`` over every local class. Combine:
+  ``lse_ex = logsumexp_r(part_r)`` (all-reduce MAX, then SUM of ``exp(part_r - M)``), ``x_c`` in
+  the same SUM. The row loss is the reference's per-variant function of ``d``
+  (``reference.TARGET_ONLY_MATH``). Backward: the rank's own backward kernel on its slice, fed the
+  global ``lse`` and ``lse_ex`` as its stats, writes the exact gradient of every local class (no
+  collective);
+* bce also needs the global arg-max ``w``, ``log(1 - p_w)`` from the log-sum-exp over the classes
+  other than ``w``, then ``R = sum_{k != w} a_k`` and ``sum_{k != c} log(1 - p_k)`` given the global
+  ``lse`` and ``w`` (docs/losses.md, "bce"). Round one: the rank's bce forward kernel on its slice
+  gives the local ``lse``, ``lse_ex`` (of the local target), ``log(1 - p_w)`` and arg-max ``w_r``
+  (its stats columns); one all-gather of those per-row numbers lets every rank form ``w`` (max value,
+  lowest index among ties) and the three global log-sum-exps, each shifted by its own max.
+  Round two: each rank's partial sums over its classes but ``c`` and ``w`` (the reference's bce
+  per-element functions on the slice, in blocks of rows), one all-reduce SUM. The gradient is local,
+  from the global numbers, by the same per-element functions (no kernel takes a global ``R``).
 
-Where the kernel would misread (the fake target of a row whose target is elsewhere, the global
+Where a kernel would misread (the fake target of a row whose target is elsewhere, the global
 class count and weight total of label smoothing) the difference is fixed in ``O(N)`` or one
 elementwise pass; each place says why.
+
+:func:`linear_softmax_loss` is the LLM head with its weight split by rows (a column-parallel
+output projection): ``head.run_blocks`` computes one block of rows of the local logits at a time,
+the block's loss as above (its collectives per block), and folds the block's local gradient into
+``d hidden``, ``d weight``, ``d bias``; ``d hidden`` is all-reduced over the ranks in the backward.
 """
 from __future__ import annotations
 
@@ -31,7 +44,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import dispatch, reference, validation
-from .variants import Reduction, Variant, reduction_id, variant_id
+from .head import (_blocks, _scale, _WeightGrad, check_chunk_rows, check_linear_inputs, check_loss_options,
+                   default_chunk_rows, run_blocks)
+from .variants import Reduction, Variant
 
 #: The local target of an ignored row. Local targets of kept rows lie in [0, V_local), so a
 #: negative value never collides with one (the caller's ignore_index may be any int, even a
@@ -40,6 +55,8 @@ LOCAL_IGNORE = -1
 #: The fake local target of a row whose target lives on another rank: any valid local class
 #: would do (stats[:, 0], the local lse, does not depend on it); the backward fixes entry K0.
 K0 = 0
+#: bce's global arg-max travels as a float in the statistics' dtype: exact below 2^24 in float32.
+BCE_MAX_CLASSES_FP32 = 2**24
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
@@ -95,8 +112,7 @@ def softmax_loss(
             local tensor and mesh group are used (``group`` and ``class_start`` must then be None).
         target: ``(N,)`` global class ids in ``[0, V)``, the same on every rank (a replicated
             DTensor is accepted).
-        loss: ``"ce", "nllr", "crl", "lace", "focal"``; ``"bce"`` raises ``NotImplementedError``
-            (its second reduction needs a kernel change, docs/parallel.md).
+        loss: ``"ce", "bce", "nllr", "crl", "lace", "focal"``.
         group: the process group the classes are split over (None: the default group).
         class_start: the global id of this rank's first class. None: the ranks' slices follow
             rank order, sized by each rank's ``V_local`` (uneven splits allowed).
@@ -112,8 +128,11 @@ def softmax_loss(
     Other keywords as :func:`fusedloss.softmax_loss` (label smoothing divides by the global
     ``V`` and uses the global weight total; z-loss and soft-capping per row as there).
 
-    Collectives per call: forward one all-reduce MAX of ``N`` floats and one all-reduce SUM of
-    ``2N`` floats (``3N`` with label smoothing), plus the validation all-gather; backward none.
+    Collectives per call, besides the validation all-gather: target-only losses, forward one
+    all-reduce MAX of ``N`` floats and one all-reduce SUM of ``2N`` floats (``3N`` with label
+    smoothing), backward none; ``bce``, forward one all-gather of ``6N`` floats per rank (``7N``
+    with label smoothing) and one all-reduce SUM of ``2N`` floats (``N`` without a gradient),
+    backward none.
     """
     local_logits, target, group, class_start = _unwrap_dtensors(local_logits, target, group, class_start)
     error: Exception | None = None
@@ -124,12 +143,11 @@ def softmax_loss(
         if not validate:
             raise
         error, cfg = e, None
-    if validate:
-        plan = _agree(local_logits, target, weight, class_start, cfg, error, group)
-    else:
-        plan = _unchecked_plan(class_start, num_classes, group)
-    if weight is not None and weight.shape[0] != plan.num_classes:
-        raise ValueError(f"weight must be the global ({plan.num_classes},) class weights; got {tuple(weight.shape)}")
+    ok = error is None
+    shape = (local_logits.shape[0] if local_logits.dim() == 2 else 1, local_logits.shape[-1],
+             local_logits.dtype) if ok else None
+    plan = _plan(validate, _device_of(local_logits), shape, target, weight, class_start, num_classes, cfg, error,
+                 group, {})
     if local_logits.dim() == 1:
         out = _VocabParallelSoftmaxLoss.apply(local_logits[None, :], target.reshape(1), weight, plan, be, cfg, group)
         return out.reshape(())
@@ -138,40 +156,183 @@ def softmax_loss(
     return _VocabParallelSoftmaxLoss.apply(local_logits, target, weight, plan, be, cfg, group)
 
 
+def linear_softmax_loss(
+    hidden: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    loss: str = "ce",
+    *,
+    bias: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    class_start: int | None = None,
+    num_classes: int | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    alpha: float = 1.5,
+    beta: float = 1.0,
+    gamma: float = 2.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+    reduce_hidden_grad: bool = True,
+    validate: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`fusedloss.linear_softmax_loss` with the head's weight split by rows across ``group``.
+
+    Every rank holds ``local_weight (V_local, D)``, the rows ``[class_start, class_start + V_local)``
+    of the ``(V, D)`` output projection (a column-parallel head), the same ``hidden`` and ``target``,
+    and gets the loss of the single-process :func:`fusedloss.linear_softmax_loss` on the full weight.
+    The gradients are those of the single-process head: ``local_weight`` and ``bias`` get this
+    rank's rows, ``hidden`` the full ``d hidden = sum_r g_r W_r``, summed over the ranks by one
+    all-reduce of ``N x D`` in the backward. Neither the full nor the local ``(N, V_local)`` logits are
+    ever held: one block of rows at a time, as in the single-process head.
+
+    Args:
+        hidden: ``(N, D)`` or ``(B, T, D)``, the same on every rank (a replicated DTensor is accepted).
+        local_weight: ``(V_local, D)``, this rank's rows of the head weight; or a DTensor sharded on
+            its rows (``Shard(0)``) over a 1-D mesh (its local tensor and mesh group are used;
+            ``group`` and ``class_start`` must then be None; ``bias`` may be a ``Shard(0)`` DTensor).
+        target: class ids of shape ``hidden.shape[:-1]``, global, the same on every rank.
+        bias: this rank's ``(V_local,)`` slice of the bias, or None.
+        class_weight: the **global** ``(V,)`` class weights, the same on every rank.
+        group, class_start, num_classes, validate: as :func:`softmax_loss`.
+        return_lse: also return each row's global log-sum-exp (0 on ignored rows, no gradient).
+        chunk_rows: rows per block, the same on every rank (each block costs its own collectives:
+            2 for target-only losses, 2 for bce). Default: ``head.default_chunk_rows`` of ``N`` and
+            ``ceil(V / world_size)`` classes, so every rank derives the same.
+        reduce_hidden_grad: all-reduce ``d hidden`` over ``group`` in the backward (default). A model
+            that already sums the input gradient of its column-parallel layers (Megatron-LM's
+            ``copy_to_tensor_model_parallel_region`` before the head, whose backward all-reduces)
+            passes ``False`` and gets this rank's partial ``g_r W_r``.
+
+    Other keywords as :func:`fusedloss.linear_softmax_loss`. Every rank must call it, and call the
+    backward, alike (the backward's all-reduce pairs up across the ranks; ``hidden.requires_grad``
+    is checked to agree). Not traced by ``torch.compile`` as one node (the single-process head is).
+    """
+    hidden, local_weight, bias, target, group, class_start = _unwrap_head_dtensors(
+        hidden, local_weight, bias, target, group, class_start)
+    error: Exception | None = None
+    try:
+        cfg, be = _check_local_head(hidden, local_weight, bias, target, loss, class_weight, ignore_index, reduction,
+                                    label_smoothing, alpha, beta, gamma, z_loss, softcap, backend, chunk_rows)
+    except (TypeError, ValueError, NotImplementedError, dispatch.BackendUnavailableError) as e:
+        if not validate:
+            raise
+        error, cfg = e, None
+    ok = error is None
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and hidden.requires_grad, grad_on and local_weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad) if ok else (False, False, False)
+    reduce_dh = bool(reduce_hidden_grad) and need[0]
+    n = hidden.numel() // max(hidden.shape[-1], 1) if ok else -1
+    shape = (n, local_weight.shape[0], hidden.dtype) if ok else None
+    extra = {"hidden size D": hidden.shape[-1] if ok else -1,
+             "chunk_rows (None: 0)": (chunk_rows or 0) if ok else -1,
+             "hidden.requires_grad and reduce_hidden_grad (the backward's all-reduce)": int(reduce_dh)}
+    plan = _plan(validate, _device_of(hidden), shape, target, class_weight, class_start, num_classes, cfg, error,
+                 group, extra)
+    if chunk_rows is None:
+        v_block = -(-plan.num_classes // plan.world_size)
+        chunk_rows = default_chunk_rows(n, v_block, hidden.element_size())
+    out, lse = _VocabParallelLinearLoss.apply(hidden.reshape(n, hidden.shape[-1]), local_weight, bias,
+                                              target.reshape(-1), class_weight, plan, be, cfg, group,
+                                              int(chunk_rows), reduce_dh)
+    if cfg.reduction == Reduction.NONE:
+        out = out.reshape(target.shape)
+    out = out.to(hidden.dtype)
+    if return_lse:
+        return out, lse.reshape(target.shape)
+    return out
+
+
 # ----------------------------------------------------------------------------
 # Arguments: local checks, then one exchange that every rank judges alike
 # ----------------------------------------------------------------------------
 
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, Tensor) else torch.device("cpu")
+
+
+def _replicated_local(t, name: str):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(t, DTensor):
+        return t
+    if not all(isinstance(p, Replicate) for p in t.placements):
+        raise ValueError(f"a DTensor {name} must be replicated; got placements {t.placements}")
+    return t.to_local()
+
+
+def _sharded_local(t, dim: int, what: str):
+    """``(local tensor, its mesh's group)`` of a DTensor sharded on ``dim`` over a 1-D mesh, else ``(t, None)``."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t, None
+    mesh, placements = t.device_mesh, t.placements
+    dims = (dim, dim - t.dim()) if dim >= 0 else (dim, dim + t.dim())
+    if mesh.ndim != 1 or not isinstance(placements[0], Shard) or placements[0].dim not in dims:
+        raise ValueError(f"fusedloss.parallel needs {what} over a 1-D mesh; got placements {placements} on a "
+                         f"{mesh.ndim}-D mesh")
+    # DTensor's Shard splits like torch.chunk, contiguous in rank order: class_start=None derives it.
+    return t.to_local(), mesh.get_group()
+
+
 def _unwrap_dtensors(local_logits, target, group, class_start):
     try:
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without DTensor: nothing to unwrap
         return local_logits, target, group, class_start
-    if isinstance(target, DTensor):
-        if not all(isinstance(p, Replicate) for p in target.placements):
-            raise ValueError(f"a DTensor target must be replicated; got placements {target.placements}")
-        target = target.to_local()
+    target = _replicated_local(target, "target")
     if not isinstance(local_logits, DTensor):
         return local_logits, target, group, class_start
-    mesh, placements = local_logits.device_mesh, local_logits.placements
-    last = local_logits.dim() - 1
-    if mesh.ndim != 1 or not isinstance(placements[0], Shard) or placements[0].dim not in (last, -1):
-        raise ValueError("fusedloss.parallel needs logits sharded on the class (last) dimension over a 1-D "
-                         f"mesh, Shard(-1); got placements {placements} on a {mesh.ndim}-D mesh")
     if group is not None or class_start is not None:
         raise ValueError("pass group and class_start only with a plain tensor; a DTensor carries its own")
-    # DTensor's Shard splits like torch.chunk, contiguous in rank order: class_start=None derives it.
-    return local_logits.to_local(), target, mesh.get_group(), None
+    x, group = _sharded_local(local_logits, local_logits.dim() - 1,
+                              "logits sharded on the class (last) dimension, Shard(-1),")
+    return x, target, group, None
+
+
+def _unwrap_head_dtensors(hidden, weight, bias, target, group, class_start):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return hidden, weight, bias, target, group, class_start
+    hidden, target = _replicated_local(hidden, "hidden"), _replicated_local(target, "target")
+    if not isinstance(weight, DTensor):
+        return hidden, weight, bias, target, group, class_start
+    if group is not None or class_start is not None:
+        raise ValueError("pass group and class_start only with a plain weight; a DTensor carries its own")
+    weight, group = _sharded_local(weight, 0, "the head weight sharded on its rows (the classes), Shard(0),")
+    if isinstance(bias, DTensor):
+        bias, _ = _sharded_local(bias, 0, "the bias sharded like the weight, Shard(0),")
+    return hidden, weight, bias, target, group, None
+
+
+def _config(loss, reduction, ignore_index, eps, alpha, beta, gamma, z_loss, softcap) -> _Config:
+    variant, red, ignore_index, cap = check_loss_options(loss, reduction, ignore_index, eps, alpha, beta, gamma,
+                                                         z_loss, softcap)
+    return _Config(int(variant), int(red), ignore_index, float(eps), float(alpha), float(beta), float(gamma),
+                   float(z_loss), cap)
+
+
+def _check_global_weight(weight, device) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 1:
+        raise TypeError("weight must be a floating 1-D tensor: the global (V,) class weights")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but logits are on {device}")
 
 
 def _check_local(x, target, loss, weight, ignore_index, reduction, eps, alpha, beta, gamma, z_loss, softcap,
                  backend) -> tuple[_Config, dispatch.Backend]:
     """Every check that needs only this rank's arguments (functional.py's, for 2-D logits)."""
-    variant = variant_id(loss)
-    red = reduction_id(reduction)
-    cap = validation.check_z_loss_softcap(z_loss, softcap)
-    validation.check_hyperparameters(alpha, beta, gamma, eps)
-    ignore_index = validation.check_ignore_index(ignore_index)
+    cfg = _config(loss, reduction, ignore_index, eps, alpha, beta, gamma, z_loss, softcap)
     validation.check_logits(x)
     if x.dim() > 2:
         raise ValueError(f"local_logits must be (N, V_local) or (V_local,); got shape {tuple(x.shape)} "
@@ -179,19 +340,19 @@ def _check_local(x, target, loss, weight, ignore_index, reduction, eps, alpha, b
     if isinstance(target, Tensor) and target.is_floating_point():
         raise NotImplementedError("class-probability (soft) targets are not implemented by fusedloss.parallel")
     validation.check_class_target(x, target)
-    if weight is not None:
-        if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 1:
-            raise TypeError("weight must be a floating 1-D tensor: the global (V,) class weights")
-        if weight.device != x.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {x.device}")
-    if variant == Variant.BCE:
-        raise NotImplementedError(
-            "bce is not implemented by fusedloss.parallel: its second reduction (sum_k log(1 - p_k) and "
-            "R = sum_{k != w} p_k / (1 - p_k)) needs the global lse and the global arg-max before a second "
-            "pass over every slice, which the op kernels cannot run on a slice (docs/parallel.md)")
-    be = dispatch.resolve(backend, x.device)
-    return _Config(int(variant), int(red), ignore_index, float(eps), float(alpha), float(beta), float(gamma),
-                   float(z_loss), cap), be
+    _check_global_weight(weight, x.device)
+    return cfg, dispatch.resolve(backend, x.device)
+
+
+def _check_local_head(hidden, weight, bias, target, loss, class_weight, ignore_index, reduction, eps, alpha, beta,
+                      gamma, z_loss, softcap, backend, chunk_rows) -> tuple[_Config, dispatch.Backend]:
+    """The single-process head's checks (``head.check_linear_inputs``) with a global class weight."""
+    cfg = _config(loss, reduction, ignore_index, eps, alpha, beta, gamma, z_loss, softcap)
+    check_linear_inputs(hidden, weight, bias, target)
+    _check_global_weight(class_weight, hidden.device)
+    if chunk_rows is not None:
+        check_chunk_rows(chunk_rows)
+    return cfg, dispatch.resolve(backend, hidden.device)
 
 
 def _target_checksum(target: Tensor) -> Tensor:
@@ -201,26 +362,42 @@ def _target_checksum(target: Tensor) -> Tensor:
     return (t * pos).sum()
 
 
-def _agree(x, target, weight, class_start, cfg: _Config | None, error: Exception | None,
-           group) -> Plan:
+def _plan(validate: bool, device, shape, target, weight, class_start, num_classes, cfg: _Config | None,
+          error: Exception | None, group, extra: dict[str, int]) -> Plan:
+    if validate:
+        plan = _agree(device, shape, target, weight, class_start, cfg, error, group, extra)
+    else:
+        plan = _unchecked_plan(class_start, num_classes, group)
+    if weight is not None and weight.shape[0] != plan.num_classes:
+        raise ValueError(f"weight must be the global ({plan.num_classes},) class weights; got {tuple(weight.shape)}")
+    if (cfg.variant == Variant.BCE and shape[2] != torch.float64 and plan.num_classes > BCE_MAX_CLASSES_FP32):
+        raise ValueError(f"fusedloss.parallel: bce supports at most 2^24 classes with float32 statistics (its "
+                         f"arg-max travels as a float32); got V = {plan.num_classes}")
+    return plan
+
+
+def _agree(device, shape, target, weight, class_start, cfg: _Config | None, error: Exception | None,
+           group, extra: dict[str, int]) -> Plan:
     """One all-gather of a metadata row per rank, then the same verdict on every rank: either the
-    plan or the same ``ValueError`` (a rank whose own arguments failed re-raises its own error)."""
+    plan or the same ``ValueError`` (a rank whose own arguments failed re-raises its own error).
+    ``shape`` is ``(N, V_local, dtype)`` (None when this rank's arguments failed); every value of
+    ``extra`` must agree across the ranks."""
     world = dist.get_world_size(group)
     ok = error is None
-    n = x.shape[0] if ok and x.dim() == 2 else 1
     row = [
         0 if ok else 1,
-        n if ok else -1,
-        (x.shape[-1] if ok else -1),
+        shape[0] if ok else -1,
+        shape[1] if ok else -1,
         -1 if class_start is None else int(class_start),
-        _DTYPE_CODES.get(x.dtype, 0) if ok else -1,
+        _DTYPE_CODES.get(shape[2], 0) if ok else -1,
         -1 if weight is None else int(weight.shape[0]),
         cfg.variant if ok else -1,
         cfg.reduction if ok else -1,
         cfg.ignore_index if ok else -1,
         0,
+        *extra.values(),
     ]
-    meta = torch.tensor(row, dtype=torch.int64, device=x.device if isinstance(x, Tensor) else "cpu")
+    meta = torch.tensor(row, dtype=torch.int64, device=device)
     if ok:
         meta[9] = _target_checksum(target)
     gathered = [torch.empty_like(meta) for _ in range(world)]
@@ -246,6 +423,9 @@ def _agree(x, target, weight, class_start, cfg: _Config | None, error: Exception
                          f"ignore_index) {[tuple(m[6:9]) for m in rows]} (rank order)")
     if differs(9):
         raise ValueError(f"{prefix} the same global target; the targets differ across ranks")
+    for i, name in enumerate(extra, start=10):
+        if differs(i):
+            raise ValueError(f"{prefix} the same {name}; got {[m[i] for m in rows]} (rank order)")
     sizes = [m[2] for m in rows]
     total = sum(sizes)
     starts = [m[3] for m in rows]
@@ -277,11 +457,132 @@ def _unchecked_plan(class_start, num_classes, group) -> Plan:
 
 
 # ----------------------------------------------------------------------------
-# The loss: partial statistics, two all-reduces, the row loss; backward from global statistics
+# Rows of one call (or one block of the head): the partial statistics, their collectives, the
+# row losses and what the local gradient needs later (a state of O(N) tensors, no collective)
 # ----------------------------------------------------------------------------
 
 def _cap(x: Tensor, softcap: float) -> Tensor:
     return torch.tanh(x / softcap) * softcap if softcap else x
+
+
+def _zero(cdtype, device) -> Tensor:
+    return torch.zeros((), dtype=cdtype, device=device)
+
+
+def _class_weight_of(t: Tensor, keep: Tensor, weight: Tensor | None, cdtype) -> Tensor:
+    """``weight[c]`` per row (1 without weights; any value on ignored rows)."""
+    if weight is None:
+        return torch.ones((), dtype=cdtype, device=t.device)
+    return weight.to(cdtype)[torch.where(keep, t, torch.zeros_like(t))]
+
+
+def _weight_total(weight: Tensor | None, plan: Plan, cdtype):
+    return float(plan.num_classes) if weight is None else weight.to(cdtype).sum()
+
+
+def _weighted_x_sum(x: Tensor, weight: Tensor | None, plan: Plan, cap: float, cdtype) -> Tensor:
+    """This rank's ``sum_k w_k x_k`` (capped) of the smoothing term, a sum over classes like the others."""
+    xs = _cap(x.to(cdtype), cap)
+    if weight is None:
+        return xs.sum(1)
+    return torch.mv(xs, weight[plan.class_start:plan.class_start + x.shape[1]].to(cdtype))
+
+
+def _owner(t: Tensor, keep: Tensor, start: int, size: int) -> Tensor:
+    return keep & (t >= start) & (t < start + size)
+
+
+def _local_target(t: Tensor, keep: Tensor, owner: Tensor, start: int) -> Tensor:
+    """``c - class_start`` where this rank owns the target, ``K0`` elsewhere, ``LOCAL_IGNORE`` on ignored rows."""
+    local_t = torch.where(owner, t - start, torch.full_like(t, K0))
+    return torch.where(keep, local_t, torch.full_like(t, LOCAL_IGNORE))
+
+
+def _put(buf: Tensor, idx: Tensor, mask: Tensor, value) -> None:
+    """``buf[i, idx[i]] = value[i]`` on the rows where ``mask`` (rows elsewhere write their own value back)."""
+    j = idx.clamp(0, buf.shape[1] - 1)[:, None]
+    if isinstance(value, Tensor):
+        value = value[:, None]
+    buf.scatter_(1, j, torch.where(mask[:, None], value, buf.gather(1, j)).to(buf.dtype))
+
+
+def _row_losses(h: Tensor, lse: Tensor, t: Tensor, keep: Tensor, weight, plan: Plan, cfg: _Config,
+                wx_sum: Tensor | None) -> Tensor:
+    """Weighted row losses from the loss's own term ``h`` (unweighted): ``(1 - eps) w_c h + z w_c lse^2 +
+    (eps / V)(W lse - sum_k w_k x_k)``, 0 on ignored rows (reference.forward's, with the global V, W)."""
+    cdtype = h.dtype
+    zero = _zero(cdtype, h.device)
+    eps = cfg.label_smoothing
+    scale = torch.where(keep, _class_weight_of(t, keep, weight, cdtype), zero)
+    per_row = (1 - eps) * h if eps > 0 else h
+    if cfg.z_loss:
+        per_row = per_row + cfg.z_loss * lse.square()
+    loss_rows = torch.where(scale == 0, torch.zeros_like(per_row), per_row * scale)
+    if eps > 0:
+        smooth = (eps / plan.num_classes) * (_weight_total(weight, plan, cdtype) * lse - wx_sum)
+        loss_rows = loss_rows + torch.where(keep, smooth, zero)
+    return loss_rows
+
+
+def _rows(x: Tensor, t: Tensor, weight, plan: Plan, be, cfg: _Config, group, need_grad: bool):
+    """``(loss_rows, lse, state)`` of the rows of ``x``: weighted unreduced losses, the global ``lse``
+    (0 on ignored rows) and the per-row numbers :func:`_grad` needs."""
+    keep = t != cfg.ignore_index
+    if cfg.variant == Variant.BCE:
+        h, lse, wx_sum, state = _bce_rows(x, t, keep, weight, plan, be, cfg, group, need_grad)
+    else:
+        h, lse, wx_sum, state = _target_only_rows(x, t, keep, weight, plan, be, cfg, group)
+    lse = torch.where(keep, lse, _zero(lse.dtype, x.device))
+    return _row_losses(h, lse, t, keep, weight, plan, cfg, wx_sum), lse, state
+
+
+def _grad(x: Tensor, state, go: Tensor, weight, plan: Plan, be, cfg: _Config) -> Tensor:
+    """This rank's slice of ``d loss / d x`` for the per-row ``go = d loss / d loss_row`` (0 on ignored
+    rows): local, from the global numbers in ``state``; no collective."""
+    if isinstance(state, _BceState):
+        return _bce_grad(x, state, go, weight, plan, cfg)
+    return _target_only_grad(x, state, go, weight, plan, be, cfg)
+
+
+def _row_grad_output(grad_loss: Tensor, t: Tensor, weight, cfg: _Config, cdtype) -> Tensor:
+    """``d loss / d loss_row`` per row: grad_output (expanded for a scalar), over the mean's
+    denominator for ``'mean'``, 0 on ignored rows."""
+    n = t.shape[0]
+    go = grad_loss.to(cdtype)
+    go = go.expand(n) if go.dim() == 0 else go.reshape(n)
+    if cfg.reduction == Reduction.MEAN:
+        go = go / reference.mean_denominator(t, weight, cfg.ignore_index, cdtype)
+    return torch.where(t != cfg.ignore_index, go, _zero(cdtype, t.device))
+
+
+def _reduce(loss_rows: Tensor, t: Tensor, weight, cfg: _Config) -> Tensor:
+    if cfg.reduction == Reduction.NONE:
+        return loss_rows
+    out = loss_rows.sum()
+    if cfg.reduction == Reduction.MEAN:
+        out = out / reference.mean_denominator(t, weight, cfg.ignore_index, loss_rows.dtype)
+    return out
+
+
+def _p_and_class_terms(x: Tensor, lse: Tensor, extra: Tensor, per_class: Tensor | None, w_loc: Tensor | None,
+                       cdtype) -> Tensor:
+    """``p_j extra - per_class w_j`` per entry (a new buffer, capped-logit space): the gradient terms of
+    z-loss (``2 z lse w_c go p_j``) and label smoothing (``(eps / V) go (W p_j - w_j)``)."""
+    add = reference.shifted(x, lse, cdtype).exp_().mul_(extra[:, None])
+    if per_class is not None:
+        w_row = torch.ones((), dtype=cdtype, device=x.device) if w_loc is None else w_loc.to(cdtype)[None, :]
+        add.sub_(per_class[:, None] * w_row)
+    return add
+
+
+# ---- target-only losses ----------------------------------------------------------------
+
+class _TargetOnlyState(NamedTuple):
+    t: Tensor          # global targets
+    local_t: Tensor    # the kernels' local target (K0 or the local arg-max where owned elsewhere)
+    stats: Tensor      # (N, 4): global lse and lse_ex as the backward kernel reads them
+    log_s: Tensor      # log s of the variant (docs/losses.md)
+    x_t: Tensor        # the (capped) logit at the local target
 
 
 def _avoid_masked_fake_targets(x: Tensor, local_t: Tensor, absent: Tensor, cap: float) -> Tensor | None:
@@ -309,139 +610,354 @@ def _avoid_masked_fake_targets(x: Tensor, local_t: Tensor, absent: Tensor, cap: 
     return masked
 
 
+def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group):
+    vl = x.shape[1]
+    cs = plan.class_start
+    cdtype = reference.compute_dtype(x)
+    cap = cfg.softcap
+    owner = _owner(t, keep, cs, vl)
+    local_t = _local_target(t, keep, owner, cs)
+    masked = _avoid_masked_fake_targets(x, local_t, keep & ~owner, cap)
+    # Partial statistics of the slice (the kernel's stats are of the capped logits).
+    # Variant and options do not change stats[:, :2]: ce, no smoothing, the cheapest pass.
+    _, stats, _ = be.fwd(x, local_t, None, int(Variant.CE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
+                         cfg.alpha, cfg.beta, cfg.gamma, 0.0, cap, False)
+    part = torch.where(owner, stats[:, 1], stats[:, 0]).to(cdtype)
+    x_t = _cap(x.gather(1, local_t.clamp(min=0)[:, None])[:, 0].to(cdtype), cap)
+    if masked is not None:  # every local class at -inf: the slice adds nothing to the row's sums
+        part = torch.where(masked, torch.full_like(part, -math.inf), part)
+        x_t = torch.where(masked, torch.zeros_like(x_t), x_t)
+    zero = _zero(cdtype, x.device)
+    # log-sum-exp over ranks: MAX, then SUM of exp(part - M) (each term <= 1, the max rank's is 1).
+    m = part.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isfinite(m), m, zero)  # every class masked (-inf): exp gives 0, not NaN
+    sums = [torch.exp(part - shift), torch.where(owner, x_t, zero)]
+    if cfg.label_smoothing > 0:
+        sums.append(_weighted_x_sum(x, weight, plan, cap, cdtype))
+    buf = torch.stack(sums)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    lse_ex = shift + buf[0].log()
+    x_c = buf[1]
+    lse = torch.logaddexp(lse_ex, x_c)
+    d = lse_ex - x_c
+    # Ignored rows: neutral numbers (their loss and gradient are 0 by select).
+    lse = torch.where(keep, lse, zero)
+    d = torch.where(keep, d, zero)
+    h, log_s = reference.TARGET_ONLY_MATH[Variant(cfg.variant)](d, reference.Params(cfg.alpha, cfg.beta, cfg.gamma))
+
+    # Global statistics for the backward kernel. A row whose target is on another rank is
+    # read by the kernel at the fake target K0: lse_ex = d + x_K0 makes its d = lse_ex - x_K0
+    # the global d, so its s, and every entry j != K0, are exact (entry K0 is fixed in _grad).
+    stats_g = torch.zeros((x.shape[0], 4), dtype=cdtype, device=x.device)
+    stats_g[:, 0] = lse
+    stats_g[:, 1] = torch.where(owner, lse_ex, torch.where(keep & (local_t >= 0), d + x_t, zero))
+    wx_sum = buf[2] if cfg.label_smoothing > 0 else None
+    return h, lse, wx_sum, _TargetOnlyState(t, local_t, stats_g, log_s, x_t)
+
+
+def _target_only_grad(x, st: _TargetOnlyState, go, weight, plan: Plan, be, cfg: _Config) -> Tensor:
+    t, local_t, stats_g, log_s, x_t = st
+    vl = x.shape[1]
+    cs = plan.class_start
+    cdtype = stats_g.dtype
+    eps, cap, z = cfg.label_smoothing, cfg.softcap, cfg.z_loss
+    keep = t != cfg.ignore_index
+    rs = torch.where(keep, _class_weight_of(t, keep, weight, cdtype) * go, _zero(cdtype, x.device))  # w_c go
+    lse = stats_g[:, 0]
+
+    if eps < 1:
+        # The kernel gets the weight folded into the row's grad_output and no weight of its own:
+        # it would read w at the *local* target, the fake K0 for rows owned elsewhere. Label
+        # smoothing stays out of it (it would use the local class count and weight total); z is
+        # rescaled so its 2 z lse w_c go term is exact with own = (1 - eps) w_c go.
+        go_k = (1 - eps) * rs
+        z_k = z / (1 - eps) if eps > 0 else z
+        g = be.bwd(go_k.contiguous(), x, local_t, None, stats_g, cfg.variant, int(Reduction.NONE),
+                   LOCAL_IGNORE, 0.0, cfg.alpha, cfg.beta, cfg.gamma, z_k, cap)
+        # The fake target's entry of a row owned elsewhere holds the kernel's target formula; it
+        # is a competitor: g = p_k (own s + extra) = exp(x_k - lse + log s) own + exp(x_k - lse) 2 z lse own
+        # (p_k s <= 1 + beta for every variant, so the product form cannot overflow).
+        absent = keep & ((t < cs) | (t >= cs + vl)) & (local_t >= 0)
+        idx = local_t.clamp(min=0)
+        log_p = x_t - lse
+        val = torch.exp(log_p + log_s) * go_k
+        if z_k:
+            val = val + torch.exp(log_p) * (2 * z_k * lse * go_k)
+        if cap:
+            val = val * reference.softcap_slope(x.gather(1, idx[:, None])[:, 0], cap, cdtype)
+        _put(g, idx, absent, val)
+    else:
+        g = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    if eps > 0:
+        # (eps / V) go (W p_j - w_j) with the global V and W (and 2 z lse w_c go p_j when
+        # eps = 1 left the kernel out): one elementwise pass over the slice.
+        per_class = (eps / plan.num_classes) * go
+        extra = per_class * _weight_total(weight, plan, cdtype)
+        if eps >= 1 and z:
+            extra = extra + 2 * z * lse * rs
+        w_loc = None if weight is None else weight[cs:cs + vl]
+        add = _p_and_class_terms(_cap(x.to(cdtype), cap), lse, extra, per_class, w_loc, cdtype)
+        if cap:
+            add.mul_(reference.softcap_slope(x, cap, cdtype))
+        g = (g.to(cdtype) + add).to(x.dtype)
+    return g
+
+
+# ---- bce -------------------------------------------------------------------------------
+
+class _BceState(NamedTuple):
+    t: Tensor          # global targets
+    w: Tensor          # the global arg-max (int64)
+    stats: Tensor      # (N, 4): lse, R = sum_{k != w} a_k, log(1 - p_w), x_w (capped)
+
+
+def _row_blocks(x: Tensor, cdtype):
+    """Blocks of rows for the elementwise passes over the slice: two compute-dtype buffers per block,
+    at most ``head.default_chunk_rows`` of them (bounded memory whatever N)."""
+    n, vl = x.shape
+    return _blocks(n, default_chunk_rows(n, vl, torch.finfo(cdtype).bits // 8))
+
+
+def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad: bool):
+    n, vl = x.shape
+    cs = plan.class_start
+    cdtype = reference.compute_dtype(x)
+    cap = cfg.softcap
+    zero = _zero(cdtype, x.device)
+    owner = _owner(t, keep, cs, vl)
+    local_t = _local_target(t, keep, owner, cs)
+    # Round one, local: the bce forward kernel on the slice. Its stats: the local lse, lse_ex of the
+    # local target, log(1 - p_w) of the local arg-max w_r, and w_r (a local class; ties with the
+    # target go to the target). Its loss is the slice's, not needed.
+    _, st, _ = be.fwd(x, local_t, None, int(Variant.BCE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
+                      cfg.alpha, cfg.beta, cfg.gamma, 0.0, cap, False)
+    st = st.to(cdtype)
+    w_r = st[:, 3].long().clamp(0, vl - 1)
+    m_r = _cap(x.gather(1, w_r[:, None])[:, 0].to(cdtype), cap)
+    lse_r = st[:, 0]
+    x_t = _cap(x.gather(1, local_t.clamp(min=0)[:, None])[:, 0].to(cdtype), cap)
+    cols = [m_r, (w_r + cs).to(cdtype), lse_r,
+            lse_r + st[:, 2],                         # log sum_{local k != w_r} exp(x_k)
+            torch.where(owner, st[:, 1], lse_r),      # log sum_{local k != c} exp(x_k)
+            torch.where(owner, x_t, zero)]
+    if cfg.label_smoothing > 0:
+        cols.append(_weighted_x_sum(x, weight, plan, cap, cdtype))
+    # One all-gather: every rank forms the arg-max (the max value, the lowest index among ties) and
+    # three log-sum-exps over different sets of classes, each shifted by its own max (torch.logsumexp),
+    # so log(1 - p_w) stays exact when a wrong class leads by 100 or 1000.
+    mine = torch.stack(cols)
+    parts = [torch.empty_like(mine) for _ in range(plan.world_size)]
+    dist.all_gather(parts, mine, group=group)
+    allr = torch.stack(parts)                         # (P, k, N)
+    m_all, idx_all = allr[:, 0], allr[:, 1]
+    x_w = m_all.max(0).values
+    cand = m_all == x_w[None]
+    w_f = torch.where(cand, idx_all, torch.full_like(idx_all, math.inf)).min(0).values
+    holds_w = cand & (idx_all == w_f[None])           # the one rank whose slice holds w
+    w = torch.where(torch.isfinite(w_f), w_f, torch.zeros_like(w_f)).long()  # a NaN row: any index, its loss is NaN
+    lse = torch.logsumexp(allr[:, 2], 0)
+    lse_ex_w = torch.logsumexp(torch.where(holds_w, allr[:, 3], allr[:, 2]), 0)
+    lse_ex = torch.logsumexp(allr[:, 4], 0)
+    x_c = allr[:, 5].sum(0)
+    wx_sum = allr[:, 6].sum(0) if cfg.label_smoothing > 0 else None
+    log1m_pw = lse_ex_w - lse
+    w_is_c = w == t
+
+    # Round two: this rank's sum_{k not in {c, w}} log(1 - p_k) and R_r = sum_{k not in {c, w}} a_k
+    # (every p_k <= 1/2 there), by the reference's per-element functions, one block of rows at a time.
+    c_loc, w_loc = t - cs, w - cs
+    holds_c, holds_w = owner, keep & (w_loc >= 0) & (w_loc < vl)
+    sums = torch.zeros((2 if need_grad else 1, n), dtype=cdtype, device=x.device)
+    for s, e in _row_blocks(x, cdtype):
+        p = reference.shifted(reference.capped(x[s:e], cap), lse[s:e], cdtype).exp_()
+        odds = [reference.bce_odds(p)] if need_grad else []   # a new buffer, before p becomes log(1 - p)
+        for k, buf in enumerate([reference.bce_log1m(p)] + odds):
+            _put(buf, c_loc[s:e], holds_c[s:e], 0.0)
+            _put(buf, w_loc[s:e], holds_w[s:e], 0.0)
+            sums[k, s:e] = buf.sum(1)
+        del p, odds, buf
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    h = reference.softplus(lse_ex - x_c) - (sums[0] + torch.where(w_is_c, zero, log1m_pw))
+    r = sums[1] - torch.where(w_is_c, zero, torch.ones_like(zero)) if need_grad else torch.zeros_like(lse)  # a_c = -1
+    return h, lse, wx_sum, _BceState(t, w, torch.stack([lse, r, log1m_pw, x_w], 1))
+
+
+def _bce_grad(x, st: _BceState, go, weight, plan: Plan, cfg: _Config) -> Tensor:
+    """docs/losses.md's three-case form from the global ``lse``, ``w``, ``R``, ``log(1 - p_w)``: the
+    reference's per-element functions on this rank's slice, one block of rows at a time."""
+    t, w, stats = st
+    vl = x.shape[1]
+    cs = plan.class_start
+    cdtype = stats.dtype
+    eps, cap, z = cfg.label_smoothing, cfg.softcap, cfg.z_loss
+    lse, r, log1m_pw, x_w = stats.unbind(1)
+    keep = t != cfg.ignore_index
+    holds_c = _owner(t, keep, cs, vl)
+    w_loc = w - cs
+    holds_w = keep & (w_loc >= 0) & (w_loc < vl)
+    w_is_c = w == t
+    rs = torch.where(keep, _class_weight_of(t, keep, weight, cdtype) * go, _zero(cdtype, x.device))  # w_c go
+    own = (1 - eps) * rs
+    log_pw = x_w - lse
+    log_aw = reference.bce_log_aw(log_pw, log1m_pw, w_is_c)
+    g_w = reference.bce_grad_argmax(log_pw, log1m_pw, r, w_is_c)
+    # z-loss 2 z lse w_c go p_j and smoothing (eps / V) go (W p_j - w_j): p_j extra - per_class w_j.
+    extra = 2 * z * lse * rs if z else None
+    per_class = w_loc_weight = None
+    if eps > 0:
+        per_class = (eps / plan.num_classes) * go
+        smooth = per_class * _weight_total(weight, plan, cdtype)
+        extra = smooth if extra is None else extra + smooth
+        w_loc_weight = None if weight is None else weight[cs:cs + vl]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for s, e in _row_blocks(x, cdtype):
+        xc = reference.capped(x[s:e], cap)
+        if eps < 1:
+            p = reference.shifted(xc, lse[s:e], cdtype).exp_()
+            a = reference.bce_odds(p)
+            _put(a, t[s:e] - cs, holds_c[s:e], -1.0)  # a_c = -1
+            g = reference.bce_grad_off_argmax(xc, p, a, r[s:e], lse[s:e], log_aw[s:e], w_is_c[s:e])
+            _put(g, w_loc[s:e], holds_w[s:e], g_w[s:e])
+            g.mul_(own[s:e, None])
+            del p
+        else:
+            g = torch.zeros((e - s, vl), dtype=cdtype, device=x.device)
+        if extra is not None:
+            g.add_(_p_and_class_terms(xc, lse[s:e], extra[s:e], None if per_class is None else per_class[s:e],
+                                      w_loc_weight, cdtype))
+        if cap:
+            g.mul_(reference.softcap_slope(x[s:e], cap, cdtype))
+        out[s:e] = g.masked_fill_(~keep[s:e, None], 0.0)  # ignored rows: 0 (their numbers are arbitrary)
+        del g
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Autograd: the loss on local logits, and the head
+# ----------------------------------------------------------------------------
+
+def _check_targets(t: Tensor, device, plan: Plan, cfg: _Config) -> None:
+    if validation.must_check_targets(device):
+        validation.check_target_values(t, plan.num_classes, cfg.ignore_index)
+
+
 class _VocabParallelSoftmaxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, weight: Tensor | None, plan: Plan, be: dispatch.Backend,
                 cfg: _Config, group) -> Tensor:
-        n, vl = x.shape
-        cs, num_classes = plan.class_start, plan.num_classes
-        cdtype = reference.compute_dtype(x)
-        eps, cap = cfg.label_smoothing, cfg.softcap
         t = target.long()
-        if validation.must_check_targets(x.device):
-            validation.check_target_values(t, num_classes, cfg.ignore_index)
-        keep = t != cfg.ignore_index
-        owner = keep & (t >= cs) & (t < cs + vl)
-        local_t = torch.where(owner, t - cs, torch.full_like(t, K0))
-        local_t = torch.where(keep, local_t, torch.full_like(t, LOCAL_IGNORE))
-        w_local = None if weight is None else weight[cs:cs + vl]
-
-        masked = _avoid_masked_fake_targets(x, local_t, keep & ~owner, cap)
-        # Partial statistics of the slice (the kernel's stats are of the capped logits).
-        # Variant and options do not change stats[:, :2]: ce, no smoothing, the cheapest pass.
-        _, stats, _ = be.fwd(x, local_t, None, int(Variant.CE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
-                             cfg.alpha, cfg.beta, cfg.gamma, 0.0, cap, False)
-        part = torch.where(owner, stats[:, 1], stats[:, 0]).to(cdtype)
-        x_t = _cap(x.gather(1, local_t.clamp(min=0)[:, None])[:, 0].to(cdtype), cap)
-        if masked is not None:  # every local class at -inf: the slice adds nothing to the row's sums
-            part = torch.where(masked, torch.full_like(part, -math.inf), part)
-            x_t = torch.where(masked, torch.zeros_like(x_t), x_t)
-        zero = torch.zeros((), dtype=cdtype, device=x.device)
-        # log-sum-exp over ranks: MAX, then SUM of exp(part - M) (each term <= 1, the max rank's is 1).
-        m = part.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        shift = torch.where(torch.isfinite(m), m, zero)  # every class masked (-inf): exp gives 0, not NaN
-        sums = [torch.exp(part - shift), torch.where(owner, x_t, zero)]
-        if eps > 0:  # sum_k w_k x_k (capped) of the smoothing term, a sum over classes like the others
-            xs = _cap(x.to(cdtype), cap)
-            sums.append(xs.sum(1) if w_local is None else torch.mv(xs, w_local.to(cdtype)))
-        buf = torch.stack(sums)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        lse_ex = shift + buf[0].log()
-        x_c = buf[1]
-        lse = torch.logaddexp(lse_ex, x_c)
-        d = lse_ex - x_c
-        # Ignored rows: neutral numbers (their loss and gradient are 0 by select below).
-        lse = torch.where(keep, lse, zero)
-        d = torch.where(keep, d, zero)
-
-        h, log_s = reference.TARGET_ONLY_MATH[Variant(cfg.variant)](d, reference.Params(cfg.alpha, cfg.beta, cfg.gamma))
-        safe_t = torch.where(keep, t, torch.zeros_like(t))
-        w_c = torch.ones((), dtype=cdtype, device=x.device) if weight is None else weight.to(cdtype)[safe_t]
-        scale = torch.where(keep, w_c, zero)
-        per_row = (1 - eps) * h if eps > 0 else h
-        if cfg.z_loss:
-            per_row = per_row + cfg.z_loss * lse.square()
-        loss_rows = torch.where(scale == 0, torch.zeros_like(per_row), per_row * scale)
-        w_total = float(num_classes) if weight is None else weight.to(cdtype).sum()
-        if eps > 0:
-            smooth = (eps / num_classes) * (w_total * lse - buf[2])
-            loss_rows = loss_rows + torch.where(keep, smooth, zero)
-        if cfg.reduction == Reduction.NONE:
-            out = loss_rows
-        else:
-            out = loss_rows.sum()
-            if cfg.reduction == Reduction.MEAN:
-                out = out / reference.mean_denominator(t, weight, cfg.ignore_index, cdtype)
-
-        # Global statistics for the backward kernel. A row whose target is on another rank is
-        # read by the kernel at the fake target K0: lse_ex = d + x_K0 makes its d = lse_ex - x_K0
-        # the global d, so its s, and every entry j != K0, are exact (entry K0 is fixed in backward).
-        stats_g = torch.zeros((n, 4), dtype=cdtype, device=x.device)
-        stats_g[:, 0] = lse
-        stats_g[:, 1] = torch.where(owner, lse_ex, torch.where(keep & (local_t >= 0), d + x_t, zero))
-        ctx.save_for_backward(x, t, local_t, weight, stats_g, log_s, x_t)
-        ctx.plan, ctx.be, ctx.cfg, ctx.w_total = plan, be, cfg, w_total
+        _check_targets(t, x.device, plan, cfg)
+        loss_rows, _lse, state = _rows(x, t, weight, plan, be, cfg, group, ctx.needs_input_grad[0])
+        out = _reduce(loss_rows, t, weight, cfg)
+        ctx.save_for_backward(x, weight, *state)
+        ctx.state_type, ctx.plan, ctx.be, ctx.cfg = type(state), plan, be, cfg
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        x, t, local_t, weight, stats_g, log_s, x_t = ctx.saved_tensors
-        cfg, be, plan = ctx.cfg, ctx.be, ctx.plan
-        n, vl = x.shape
-        cs = plan.class_start
-        cdtype = stats_g.dtype
-        eps, cap, z = cfg.label_smoothing, cfg.softcap, cfg.z_loss
-        keep = t != cfg.ignore_index
-        zero = torch.zeros((), dtype=cdtype, device=x.device)
-        go = grad_loss.to(cdtype).expand(n) if grad_loss.dim() == 0 else grad_loss.to(cdtype)
-        if cfg.reduction == Reduction.MEAN:
-            go = go / reference.mean_denominator(t, weight, cfg.ignore_index, cdtype)
-        go = torch.where(keep, go, zero)
-        safe_t = torch.where(keep, t, torch.zeros_like(t))
-        w_c = torch.ones((), dtype=cdtype, device=x.device) if weight is None else weight.to(cdtype)[safe_t]
-        rs = torch.where(keep, w_c * go, zero)   # w_c go, the row's own scale
-        lse = stats_g[:, 0]
-
-        if eps < 1:
-            # The kernel gets the weight folded into the row's grad_output and no weight of its own:
-            # it would read w at the *local* target, the fake K0 for rows owned elsewhere. Label
-            # smoothing stays out of it (it would use the local class count and weight total); z is
-            # rescaled so its 2 z lse w_c go term is exact with own = (1 - eps) w_c go.
-            go_k = (1 - eps) * rs
-            z_k = z / (1 - eps) if eps > 0 else z
-            g = be.bwd(go_k.contiguous(), x, local_t, None, stats_g, cfg.variant, int(Reduction.NONE),
-                       LOCAL_IGNORE, 0.0, cfg.alpha, cfg.beta, cfg.gamma, z_k, cap)
-            # The fake target's entry of a row owned elsewhere holds the kernel's target formula; it
-            # is a competitor: g = p_k (own s + extra) = exp(x_k - lse + log s) own + exp(x_k - lse) 2 z lse own
-            # (p_k s <= 1 + beta for every variant, so the product form cannot overflow).
-            absent = keep & ((t < cs) | (t >= cs + vl)) & (local_t >= 0)
-            idx = local_t.clamp(min=0)[:, None]
-            log_p = x_t - lse
-            val = torch.exp(log_p + log_s) * go_k
-            if z_k:
-                val = val + torch.exp(log_p) * (2 * z_k * lse * go_k)
-            if cap:
-                val = val * reference.softcap_slope(x.gather(1, idx)[:, 0], cap, cdtype)
-            g.scatter_(1, idx, torch.where(absent, val.to(g.dtype), g.gather(1, idx)[:, 0])[:, None])
-        else:
-            g = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        if eps > 0:
-            # (eps / V) go (W p_j - w_j) with the global V and W (and 2 z lse w_c go p_j when
-            # eps = 1 left the kernel out): one elementwise pass over the slice.
-            per_class = (eps / plan.num_classes) * go
-            extra = per_class * ctx.w_total
-            if eps >= 1 and z:
-                extra = extra + 2 * z * lse * rs
-            xc = _cap(x.to(cdtype), cap)
-            add = torch.exp(xc - lse[:, None]).mul_(extra[:, None])
-            w_loc = (torch.ones((vl,), dtype=cdtype, device=x.device) if weight is None
-                     else weight[cs:cs + vl].to(cdtype))
-            add.sub_(per_class[:, None] * w_loc[None, :])
-            if cap:
-                add.mul_(reference.softcap_slope(x, cap, cdtype))
-            g = (g.to(cdtype) + add).to(x.dtype)
+        x, weight, *fields = ctx.saved_tensors
+        state = ctx.state_type(*fields)
+        go = _row_grad_output(grad_loss, state.t, weight, ctx.cfg, state.stats.dtype)
+        g = _grad(x, state, go, weight, ctx.plan, ctx.be, ctx.cfg)
         return g, None, None, None, None, None, None
 
 
-__all__ = ["softmax_loss", "Plan"]
+def _head_forward(hidden, weight, bias, t, class_weight, plan: Plan, be, cfg: _Config, group, chunk_rows: int,
+                  need: tuple[bool, bool, bool]):
+    """Per block of rows: the local logits (``head.run_blocks``), the block's row losses and global
+    statistics (its collectives), and for ``'mean'``/``'sum'`` the block's gradient for
+    grad_output = 1 folded into ``d hidden`` (this rank's part), ``d weight``, ``d bias``. For
+    ``'none'`` the per-row states instead (the backward recomputes the logits)."""
+    n, d = hidden.shape
+    vl = weight.shape[0]
+    cdtype = reference.compute_dtype(hidden)
+    need_any = any(need)
+    fused = cfg.reduction != Reduction.NONE and need_any
+    dh = hidden.new_empty((n, d)) if fused and need[0] else None
+    dw = _WeightGrad(weight) if fused and need[1] else None
+    db = torch.zeros((vl,), dtype=cdtype, device=hidden.device) if fused and need[2] else None
+    loss_rows = torch.empty((n,), dtype=cdtype, device=hidden.device)
+    lse = torch.empty((n,), dtype=cdtype, device=hidden.device)
+    states = []
+    go = None
+    if fused:
+        keep = t != cfg.ignore_index
+        go = torch.where(keep, torch.ones((), dtype=cdtype, device=hidden.device), _zero(cdtype, hidden.device))
+        if cfg.reduction == Reduction.MEAN:  # all rows ignored: 0 / 0 loss, but 0 gradients (as fl's head)
+            denom = reference.mean_denominator(t, class_weight, cfg.ignore_index, cdtype)
+            go = go / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+    def step(s, e, x):
+        rows, lse[s:e], st = _rows(x, t[s:e], class_weight, plan, be, cfg, group, need_any)
+        loss_rows[s:e] = rows
+        if not fused:
+            if need_any:
+                states.append(st)
+            return None
+        return _grad(x, st, go[s:e], class_weight, plan, be, cfg)
+
+    run_blocks(hidden, weight, bias, chunk_rows, step, dh, dw, db)
+    loss = _reduce(loss_rows, t, class_weight, cfg)
+    state = type(states[0])(*(torch.cat(f) for f in zip(*states))) if states else None
+    if db is not None and bias is not None:
+        db = db.to(bias.dtype)
+    return loss, lse, (dh, dw.result() if dw is not None else None, db), state
+
+
+class _VocabParallelLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t, class_weight, plan: Plan, be, cfg: _Config, group, chunk_rows: int,
+                reduce_dh: bool):
+        t = t.long()
+        _check_targets(t, hidden.device, plan, cfg)
+        need = tuple(ctx.needs_input_grad[:3])
+        loss, lse, grads, state = _head_forward(hidden, weight, bias, t, class_weight, plan, be, cfg, group,
+                                                chunk_rows, need)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.args = (plan, be, cfg, group, chunk_rows)
+        ctx.need, ctx.reduce_dh = need, reduce_dh
+        if state is not None:  # 'none': the logits are recomputed from the inputs, block by block
+            ctx.state_type = type(state)
+            ctx.save_for_backward(hidden, weight, bias, t, class_weight, *state)
+        else:
+            # The gradients for grad_output = 1, handed out (scaled in place) by the first backward;
+            # a second one (retain_graph=True) recomputes them, collectives included.
+            ctx.grads = grads
+            ctx.save_for_backward(hidden, weight, bias, t, class_weight)
+        return loss, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_lse):
+        nones = (None,) * 8
+        if grad_loss is None:
+            return (None, None, None) + nones
+        plan, be, cfg, group, chunk_rows = ctx.args
+        hidden, weight, bias, t, class_weight, *fields = ctx.saved_tensors
+        need = ctx.need
+        if fields:
+            state = ctx.state_type(*fields)
+            go = _row_grad_output(grad_loss, t, class_weight, cfg, state.stats.dtype)
+            dh = hidden.new_empty(hidden.shape) if need[0] else None
+            dw = _WeightGrad(weight) if need[1] else None
+            db = torch.zeros((weight.shape[0],), dtype=state.stats.dtype, device=hidden.device) if need[2] else None
+            run_blocks(hidden, weight, bias, chunk_rows,
+                       lambda s, e, x: _grad(x, type(state)(*(f[s:e] for f in state)), go[s:e], class_weight, plan,
+                                             be, cfg), dh, dw, db)
+            dw = dw.result() if dw is not None else None
+            if db is not None and bias is not None:
+                db = db.to(bias.dtype)
+        else:
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                _, _, grads, _ = _head_forward(hidden, weight, bias, t, class_weight, plan, be, cfg, group,
+                                               chunk_rows, need)
+            dh, dw, db = (_scale(g, grad_loss) if g is not None else None for g in grads)
+        if dh is not None and ctx.reduce_dh:
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + nones
+
+
+__all__ = ["softmax_loss", "linear_softmax_loss", "Plan"]
