@@ -327,6 +327,16 @@ def _store_stats(STATS, rows, row_ok, s0, s1, s2, s3):
     tl.store(base + 3, s3, mask=row_ok)
 
 
+
+@triton.jit
+def _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, s0, s1, s2, s3, reduction):
+    """The rows' four stats and, for 'none', their losses; returns the sum of the rows' losses
+    (this program's partial for 'mean' / 'sum')."""
+    _store_stats(STATS, rows, row_ok, s0, s1, s2, s3)
+    if reduction == RED_NONE:
+        tl.store(LOSS + rows, lrow, mask=row_ok)
+    return tl.sum(tl.where(row_ok, lrow, 0.0), 0)
+
 # ----------------------------------------------------------------------------
 # Target-only family: statistics and gradient of one tile
 # ----------------------------------------------------------------------------
@@ -467,6 +477,94 @@ def _weight_total(W, n_cols, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W
 
 
 @triton.jit
+def _excluded(cols, ta, tb, TWO_TARGETS: tl.constexpr):
+    """The lanes a statistics pass leaves out: the target's (k == c), and with TWO_TARGETS also
+    mixup's second target's (k == b; mix_kernels.py)."""
+    out = cols[None, :] == ta[:, None]
+    if TWO_TARGETS:
+        out = out | (cols[None, :] == tb[:, None])
+    return out
+
+
+@triton.jit
+def _lse_pass(X, row_off, row_ok, n_cols, ta, tb, W, softcap, softcap_k, EVICT: tl.constexpr,
+              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_TARGETS: tl.constexpr):
+    """Pass 1 of the target-only family: the online log-sum-exp (running max m, sum s) over the
+    classes that are not targets (:func:`_excluded`) and the sums for label smoothing. SINGLE:
+    the row is one tile, loaded evict_first and returned (x, mask, slope) to stay in registers
+    for the gradient; else column blocks loaded with EVICT (the tile returned is a placeholder
+    that no one reads)."""
+    cols0 = tl.arange(0, BLOCK_C)
+    m = tl.full([BLOCK_N], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_N], ACC)
+    sum_wx = tl.zeros([BLOCK_N], ACC)
+    w_tot = tl.zeros([BLOCK_N], ACC)
+    if SINGLE:
+        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
+        m, s = _online_update(m, s, x, _excluded(cols0, ta, tb, TWO_TARGETS))
+        if HAS_SMOOTHING:
+            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
+            sum_wx += a_wx
+            w_tot += a_w
+    else:
+        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
+            cols = start + cols0
+            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, EVICT, SOFTCAP)
+            m, s = _online_update(m, s, xb, _excluded(cols, ta, tb, TWO_TARGETS))
+            if HAS_SMOOTHING:
+                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
+                sum_wx += a_wx
+                w_tot += a_w
+        x = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+        mask = x != 0.0
+        slope = 1.0
+    return m, s, sum_wx, w_tot, x, mask, slope
+
+
+@triton.jit
+def _targets_grad_tile(x, mask, slope, cols, n_cols, off, scale, per_class, W, keep, ta, g_a, tb, g_b,
+                       HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+                       TWO_TARGETS: tl.constexpr):
+    """:func:`_target_grad_tile` with target a's entry g_a, and with TWO_TARGETS b's entry g_b
+    placed too (times the cap's slope)."""
+    g = _target_grad_tile(x, mask, slope, cols, ta, n_cols, off, scale, per_class, g_a, W, keep, HAS_WEIGHT,
+                          HAS_SMOOTHING, SOFTCAP)
+    if TWO_TARGETS:
+        gb = tl.zeros_like(g) + g_b[:, None]
+        if SOFTCAP:
+            gb = gb * slope
+        g = tl.where((cols[None, :] == tb[:, None]) & keep[:, None] & mask, gb, g)
+    return g
+
+
+@triton.jit
+def _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, x, mask, slope, off, scale, per_class, W,
+                keep, ta, g_a, tb, g_b, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+                TWO_TARGETS: tl.constexpr):
+    """Write the target-only gradient of the rows (:func:`_targets_grad_tile`): SINGLE from the
+    tile (x, mask, slope) kept in registers since pass 1; else a pass over the row in reverse
+    block order (the blocks pass 1 read last are the L2-warm ones), the stores evict_first."""
+    cols0 = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        g = _targets_grad_tile(x, mask, slope, cols0, n_cols, off, scale, per_class, W, keep, ta, g_a, tb, g_b,
+                               HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, TWO_TARGETS)
+        tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
+    else:
+        nb = tl.cdiv(n_cols, BLOCK_C)
+        for i in tl.range(0, nb, num_stages=NUM_STAGES):
+            cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
+            xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
+                                        SOFTCAP)
+            g = _targets_grad_tile(xb, maskb, slb, cols, n_cols, off, scale, per_class, W, keep, ta, g_a, tb, g_b,
+                                   HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, TWO_TARGETS)
+            tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                     eviction_policy="evict_first")
+
+
+@triton.jit
 def _row_loss(h, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad,
               HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
     """Row loss of any variant from its own unweighted term h (losses.h, row_loss):
@@ -509,32 +607,11 @@ def _target_fwd_rows(
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-    cols0 = tl.arange(0, BLOCK_C)
 
     # ---- pass 1: lse_ex (k != c) online; sums for label smoothing ------------------------
-    if SINGLE:
-        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        m, s = _online_update(tl.full([BLOCK_N], float("-inf"), ACC), tl.zeros([BLOCK_N], ACC), x,
-                              cols0[None, :] == tc[:, None])
-        sum_wx = tl.zeros([BLOCK_N], ACC)
-        w_tot = tl.zeros([BLOCK_N], ACC)
-        if HAS_SMOOTHING:
-            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
-            sum_wx += a_wx
-            w_tot += a_w
-    else:
-        m = tl.full([BLOCK_N], float("-inf"), ACC)
-        s = tl.zeros([BLOCK_N], ACC)
-        sum_wx = tl.zeros([BLOCK_N], ACC)
-        w_tot = tl.zeros([BLOCK_N], ACC)
-        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
-            cols = start + cols0
-            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P1_EVICT, SOFTCAP)
-            m, s = _online_update(m, s, xb, cols[None, :] == tc[:, None])
-            if HAS_SMOOTHING:
-                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
-                sum_wx += a_wx
-                w_tot += a_w
+    m, s, sum_wx, w_tot, x, mask, slope = _lse_pass(X, row_off, row_ok, n_cols, tc, tc, W, softcap, softcap_k,
+                                                    P1_EVICT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
+                                                    BLOCK_C, NUM_STAGES, False)
     lse_ex = _safe_shift(m) + tl.log(s)
     lse = _logaddexp(lse_ex, x_c)
     d = lse_ex - x_c
@@ -544,10 +621,7 @@ def _target_fwd_rows(
     lrow = _row_loss(loss, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad, HAS_SMOOTHING,
                      HAS_ZLOSS)
     zero = tl.zeros([BLOCK_N], ACC)
-    _store_stats(STATS, rows, row_ok, lse, lse_ex, zero, zero)
-    if reduction == RED_NONE:
-        tl.store(LOSS + rows, lrow, mask=row_ok)
-    part = tl.sum(tl.where(row_ok, lrow, 0.0), 0)
+    part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex, zero, zero, reduction)
 
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
@@ -555,21 +629,8 @@ def _target_fwd_rows(
         off, scale, per_class, g_c = _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own,
                                                         smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-        if SINGLE:
-            g = _target_grad_tile(x, mask, slope, cols0, tc, n_cols, off, scale, per_class, g_c, W, keep,
-                                  HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
-            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
-                     eviction_policy="evict_first")
-        else:
-            nb = tl.cdiv(n_cols, BLOCK_C)
-            for i in tl.range(0, nb, num_stages=NUM_STAGES):
-                cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
-                xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
-                                            SOFTCAP)
-                g = _target_grad_tile(xb, maskb, slb, cols, tc, n_cols, off, scale, per_class, g_c, W, keep,
-                                      HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
-                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                     eviction_policy="evict_first")
+        _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, x, mask, slope, off, scale, per_class, W,
+                    keep, tc, g_c, tc, g_c, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, False)
 
     return part
 
@@ -799,10 +860,7 @@ def _bce_fwd_rows(
             R += a_r
     lrow = _row_loss(_softplus(d) - l1m, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad,
                      HAS_SMOOTHING, HAS_ZLOSS)
-    _store_stats(STATS, rows, row_ok, lse, lse_ex, log1m_pw, Wi.to(ACC))
-    if reduction == RED_NONE:
-        tl.store(LOSS + rows, lrow, mask=row_ok)
-    part = tl.sum(tl.where(row_ok, lrow, 0.0), 0)
+    part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex, log1m_pw, Wi.to(ACC), reduction)
 
     if COMPUTE_GRAD:
         r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)

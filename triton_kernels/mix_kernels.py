@@ -51,18 +51,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (ACC, NEG_INF, RED_MEAN, RED_NONE, _capped, _extra_terms, _finish_reduction,
-                      _grad_row_scale, _load_tile, _logaddexp, _mean_denominator, _online_update, _row_loss,
-                      _rows_setup, _safe_shift, _smoothing_sums, _store_stats, _target_grad_tile, _variant_math,
-                      _weight_total)
+from .kernels import (ACC, NEG_INF, RED_MEAN, _capped, _extra_terms, _finish_reduction, _grad_row_scale,
+                      _logaddexp, _lse_pass, _mean_denominator, _row_loss, _rows_setup, _safe_shift, _store_grad,
+                      _store_row_outputs, _variant_math, _weight_total)
 
 
 @triton.jit
-def _mix_rows_setup(rb, TA, TB, W, LAM, n_rows, n_cols, ignore_index, BLOCK_N: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr):
-    """Rows of this program with both targets (an ignored one read as the other's, and its
-    class weight likewise), whether each part counts, ``bad`` (either target out of range)
-    and ``lam``."""
+def _mix_rows(rb, X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, softcap, softcap_k,
+              BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Rows of row block ``rb`` with both targets (an ignored one read as the other's, its
+    class weight likewise), whether each part counts, ``bad`` (either target out of range),
+    ``lam``, the rows' offsets (``kernels.py``'s ROW_ALIGN hint: ``n_cols`` rewritten as
+    ``(n // A) * A``, an identity the alignment analysis sees) and both target logits."""
     rows, row_ok, tc_a, keep_a, bad_a, w_a = _rows_setup(rb, TA, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                          HAS_WEIGHT, ACC)
     _, _, tc_b, keep_b, bad_b, w_b = _rows_setup(rb, TB, W, n_rows, n_cols, ignore_index, BLOCK_N, HAS_WEIGHT, ACC)
@@ -71,15 +71,11 @@ def _mix_rows_setup(rb, TA, TB, W, LAM, n_rows, n_cols, ignore_index, BLOCK_N: t
     tb = tl.where(keep_b, tc_b, ta)
     w_b = tl.where(keep_b, w_b, w_a)
     lam = tl.load(LAM + rows, mask=row_ok, other=0.0).to(ACC)
-    return rows, row_ok, ta, tb, keep_a, keep_b, bad_a | bad_b, w_a, w_b, lam
-
-
-@triton.jit
-def _row_offsets(rows, stride, n_cols, ROW_ALIGN: tl.constexpr):
-    """``kernels.py``'s alignment hint: ``n_cols`` rewritten as ``(n // A) * A`` (A divides C, an
-    identity the compiler's alignment analysis sees) and the rows' 64-bit element offsets."""
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    return n_cols, tl.multiple_of(rows.to(tl.int64) * stride, ROW_ALIGN)
+    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
+    x_a = _capped(tl.load(X + row_off + ta, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+    x_b = _capped(tl.load(X + row_off + tb, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+    return rows, row_ok, ta, tb, keep_a, keep_b, bad_a | bad_b, w_a, w_b, lam, n_cols, row_off, x_a, x_b
 
 
 @triton.jit
@@ -123,18 +119,6 @@ def _mix_grad_coefs(lse, x_a, x_b, same, log_s_a, log_gc_a, log_s_b, log_gc_b, r
 
 
 @triton.jit
-def _mix_grad_tile(x, mask, slope, cols, ta, tb, n_cols, off, scale, per_class, g_a, g_b, W, keep,
-                   HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr):
-    """``_target_grad_tile`` with target a, then b's entry placed (times the cap's slope)."""
-    g = _target_grad_tile(x, mask, slope, cols, ta, n_cols, off, scale, per_class, g_a, W, keep, HAS_WEIGHT,
-                          HAS_SMOOTHING, SOFTCAP)
-    gb = tl.zeros_like(g) + g_b[:, None]
-    if SOFTCAP:
-        gb = gb * slope
-    return tl.where((cols[None, :] == tb[:, None]) & keep[:, None] & mask, gb, g)
-
-
-@triton.jit
 def _part_scales(lam, DENOM_A, DENOM_B, n_denom, reduction):
     """Per-row weights of the parts in the reduced loss: lam / D_a and (1 - lam) / D_b for
     'mean', lam and 1 - lam otherwise (D = 0 gives inf, and the 'mean' NaN)."""
@@ -157,37 +141,16 @@ def _mix_fwd_rows(
     """Rows of row block ``rb`` of :func:`mix_fwd_kernel`; returns the sum of their losses
     (each part already divided by its 'mean' denominator)."""
     P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
-    rows, row_ok, ta, tb, keep_a, keep_b, bad, w_a, w_b, lam = _mix_rows_setup(
-        rb, TA, TB, W, LAM, n_rows, n_cols, ignore_index, BLOCK_N, HAS_WEIGHT)
+    rows, row_ok, ta, tb, keep_a, keep_b, bad, w_a, w_b, lam, n_cols, row_off, x_a, x_b = _mix_rows(
+        rb, X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, softcap, softcap_k, BLOCK_N, HAS_WEIGHT,
+        SOFTCAP, ROW_ALIGN)
     keep = keep_a | keep_b
     same = ta == tb
-    n_cols, row_off = _row_offsets(rows, stride_x, n_cols, ROW_ALIGN)
-    x_a = _capped(tl.load(X + row_off + ta, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-    x_b = _capped(tl.load(X + row_off + tb, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-    cols0 = tl.arange(0, BLOCK_C)
 
     # ---- pass 1: the log-sum-exp over k not in {a, b}; sums for label smoothing ----------
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_N], ACC)
-    sum_wx = tl.zeros([BLOCK_N], ACC)
-    w_tot = tl.zeros([BLOCK_N], ACC)
-    if SINGLE:
-        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first",
-                                    SOFTCAP)
-        m, s = _online_update(m, s, x, (cols0[None, :] == ta[:, None]) | (cols0[None, :] == tb[:, None]))
-        if HAS_SMOOTHING:
-            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
-            sum_wx += a_wx
-            w_tot += a_w
-    else:
-        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
-            cols = start + cols0
-            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P1_EVICT, SOFTCAP)
-            m, s = _online_update(m, s, xb, (cols[None, :] == ta[:, None]) | (cols[None, :] == tb[:, None]))
-            if HAS_SMOOTHING:
-                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
-                sum_wx += a_wx
-                w_tot += a_w
+    m, s, sum_wx, w_tot, x, mask, slope = _lse_pass(X, row_off, row_ok, n_cols, ta, tb, W, softcap, softcap_k,
+                                                    P1_EVICT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
+                                                    BLOCK_C, NUM_STAGES, True)
     rest = _safe_shift(m) + tl.log(s)
     lse_ex_a = tl.where(same, rest, _logaddexp(rest, x_b))
     lse_ex_b = tl.where(same, rest, _logaddexp(rest, x_a))
@@ -203,10 +166,8 @@ def _mix_fwd_rows(
                     HAS_ZLOSS)
     lrow = tl.where(k_a == 0.0, 0.0, k_a * l_a) + tl.where(k_b == 0.0, 0.0, k_b * l_b)
     lrow = tl.where(bad, float("nan"), lrow)
-    _store_stats(STATS, rows, row_ok, lse, lse_ex_a, lse_ex_b, tl.zeros([BLOCK_N], ACC))
-    if reduction == RED_NONE:
-        tl.store(LOSS + rows, lrow, mask=row_ok)
-    part = tl.sum(tl.where(row_ok, lrow, 0.0), 0)
+    part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex_a, lse_ex_b, tl.zeros([BLOCK_N], ACC),
+                              reduction)
 
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
@@ -216,21 +177,8 @@ def _mix_fwd_rows(
             lse, x_a, x_b, same, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a * lam, go_a * lam, r_b * (1.0 - lam),
             go_b * (1.0 - lam), w_a, w_b, w_tot, smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-        if SINGLE:
-            g = _mix_grad_tile(x, mask, slope, cols0, ta, tb, n_cols, off, scale, per_class, g_a, g_b, W, keep,
-                               HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
-            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
-                     eviction_policy="evict_first")
-        else:
-            nb = tl.cdiv(n_cols, BLOCK_C)
-            for i in tl.range(0, nb, num_stages=NUM_STAGES):
-                cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
-                xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
-                                            SOFTCAP)
-                g = _mix_grad_tile(xb, maskb, slb, cols, ta, tb, n_cols, off, scale, per_class, g_a, g_b, W, keep,
-                                   HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
-                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                         eviction_policy="evict_first")
+        _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, x, mask, slope, off, scale, per_class, W,
+                    keep, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, True)
     return part
 
 
@@ -275,11 +223,9 @@ def mix_bwd_kernel(
 ):
     """Backward from the saved statistics (lse, lse_ex(a), lse_ex(b)): one pass, read C*E +
     write C*E per row; the per-row math is the forward's."""
-    rows, row_ok, ta, tb, keep_a, keep_b, bad, w_a, w_b, lam = _mix_rows_setup(
-        tl.program_id(0), TA, TB, W, LAM, n_rows, n_cols, ignore_index, BLOCK_N, HAS_WEIGHT)
-    n_cols, row_off = _row_offsets(rows, stride_x, n_cols, ROW_ALIGN)
-    x_a = _capped(tl.load(X + row_off + ta, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-    x_b = _capped(tl.load(X + row_off + tb, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+    rows, row_ok, ta, tb, keep_a, keep_b, bad, w_a, w_b, lam, n_cols, row_off, x_a, x_b = _mix_rows(
+        tl.program_id(0), X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, softcap, softcap_k, BLOCK_N,
+        HAS_WEIGHT, SOFTCAP, ROW_ALIGN)
     st = STATS + rows.to(tl.int64) * 4
     lse = tl.load(st, mask=row_ok, other=0.0).to(ACC)
     lse_ex_a = tl.load(st + 1, mask=row_ok, other=0.0).to(ACC)
@@ -295,12 +241,7 @@ def mix_bwd_kernel(
     off, scale, per_class, g_a, g_b = _mix_grad_coefs(
         lse, x_a, x_b, ta == tb, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a * lam, go_a * lam, r_b * (1.0 - lam),
         go_b * (1.0 - lam), w_a, w_b, w_tot, smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
-    keep = keep_a | keep_b
+    # One pass over the row (the forward's streamed gradient pass: no tile kept, SINGLE off).
     g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        g = _mix_grad_tile(xb, maskb, slb, cols, ta, tb, n_cols, off, scale, per_class, g_a, g_b, W, keep,
-                           HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
-        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                 eviction_policy="evict_first")
+    _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, None, None, 1.0, off, scale, per_class, W,
+                keep_a | keep_b, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, False, BLOCK_C, 1, True)
