@@ -243,6 +243,47 @@ FL_HD T row_loss(T h, T w_c, T lse, T eps, T num_classes, T weight_total, T weig
 }
 
 // ---------------------------------------------------------------------------
+// Mixup's two targets a and b, each part weighted by k (lam or 1 - lam, times 'mean''s
+// 1/denominator of its part; 0 for an ignored part, whose target is then the other's).
+// ---------------------------------------------------------------------------
+
+// A part's terms (extra_terms with dLoss/dloss = k go); none for k = 0, also where lse is
+// not finite (z-loss's 2 z lse times 0 would be NaN).
+template <typename T>
+FL_HD ExtraTerms<T> part_terms(T k, T w_c, T go, T lse, T eps, T num_classes, T weight_total, T z) {
+  if (k == T(0)) return {T(0), T(0), T(0)};
+  return extra_terms<T>(w_c * go * k, go * k, lse, eps, num_classes, weight_total, z);
+}
+
+// Both parts' terms as one (a == b: the gradient is linear in them).
+template <typename T>
+FL_HD ExtraTerms<T> sum_terms(const ExtraTerms<T>& ta, const ExtraTerms<T>& tb) {
+  return {ta.own + tb.own, ta.extra + tb.extra, ta.per_class + tb.per_class};
+}
+
+// k_a loss_a + k_b loss_b (row_loss of each); a part with k = 0 adds 0 by a select (its
+// loss may be inf).
+template <typename T>
+FL_HD T mix_row_loss(T k_a, T h_a, T w_a, T k_b, T h_b, T w_b, T lse, T eps, T num_classes, T weight_total,
+                     T weighted_x_sum, T z) {
+  const T la = k_a == T(0) ? T(0) : k_a * row_loss<T>(h_a, w_a, lse, eps, num_classes, weight_total, weighted_x_sum, z);
+  const T lb = k_b == T(0) ? T(0) : k_b * row_loss<T>(h_b, w_b, lse, eps, num_classes, weight_total, weighted_x_sum, z);
+  return la + lb;
+}
+
+// The target-only family's gradient coefficients for one target (same: a == b, ta and tb
+// summed) or two (mix_grad), as MixCoef (target_a == target_b when same).
+template <typename T>
+FL_HD MixCoef<T> target_only_mix_grad(bool same, T lse, T lse_ex_a, T lse_ex_b, T x_a, T x_b, T log_s_a,
+                                      T log_s_b, T w_a, T w_b, const ExtraTerms<T>& ta, const ExtraTerms<T>& tb) {
+  if (same) {
+    const GradCoef<T> k = target_only_grad<T>(lse, lse_ex_a, x_a, log_s_a, w_a, sum_terms(ta, tb));
+    return {k.shift, k.scale, k.smooth, k.target, k.target};
+  }
+  return mix_grad<T>(lse, lse_ex_a, lse_ex_b, x_a, x_b, log_s_a, log_s_b, w_a, w_b, ta, tb);
+}
+
+// ---------------------------------------------------------------------------
 // Multi-class BCE: L = -log p_c - sum_{k != c} log(1 - p_k).
 // Only the arg-max w can have p_w > 1/2, so for k not in {c, w} the kernel sums
 // log1p(-p_k) and a_k = p_k / (1 - p_k) directly (both exact there); w's terms
@@ -254,6 +295,10 @@ FL_HD T row_loss(T h, T w_c, T lse, T eps, T num_classes, T weight_total, T weig
 //   j == w == c:     g_c = -(1 - p_c) - p_c R
 // a_w = p_w / (1 - p_w) overflows once a wrong class leads by ~89 (fp32), so
 // p_j a_w is exp(x_j - lse + log a_w), never a_w times p_j.
+//
+// Mixup's two targets a != b (docs/losses.md, "Two-target mixup"): both parts share lse,
+// w and log(1 - p_w); each part has its own R and loss. The kernels' second pass sums
+// over k not in {a, b, w}, and each part adds the other target's terms (bce_part).
 // ---------------------------------------------------------------------------
 template <typename T>
 struct BceRow {
@@ -262,30 +307,52 @@ struct BceRow {
   T log_aw;    // log a_w = log p_w - log(1 - p_w) when w != c (unused when w == c)
 };
 
+// The second pass's sums over k not in {a, b, w}: P = sum p_k, sum log1p(-p_k), sum a_k.
+template <typename T>
+struct BceSums {
+  T p, log1m, odds;
+};
+
 // log(1 - p_w) from the pass's sum P = sum_{k not in {c, w}} p_k (w != c):
 // 1 - p_w = P + p_c. P is a sum of positive terms, exact to rounding while it
 // stays far above the absolute error of its terms: an underflowing exp, or on
 // the CPU a term e_k * exp(shift_b - lse) whose factor is subnormal, is off by
 // at most e^30 * 2^-149 < 2e-32 (float). Below bce_sum_floor (float: a wrong
-// class leading by ~41 nats) a kernel recomputes log(1 - p_w) exactly, with
-// the competitors' own max as the shift.
+// class leading by ~41 nats) a kernel recomputes log(1 - p_w) exactly, as
+// lse_{k != w} - lse with the competitors' own max as the shift.
 template <typename T>
 FL_HD T bce_sum_floor() {
   return sizeof(T) == 4 ? T(1e-18) : T(1e-280);
 }
 
+// log(1 - p_w) for a row with targets a and b (a == b: one): exact from lse_ex of a target
+// that is w; else from the sum, 1 - p_w = P + p_a (+ p_b). `exact` false: the sum fell below
+// bce_sum_floor and the kernel must recompute it (see above).
 template <typename T>
-FL_HD BceRow<T> bce_row(bool w_is_c, T lse, T lse_ex, T x_c, T x_w, T log1m_pw_from_pass,
-                        T sum_a) {
+struct Log1mPw {
+  T value;
+  bool exact;
+};
+
+template <typename T>
+FL_HD Log1mPw<T> bce_log1m_pw(int64_t w, int64_t a, int64_t b, T lse, T lse_ex_a, T lse_ex_b, const BceSums<T>& s,
+                              T p_a, T p_b) {
+  if (w == a) return {lse_ex_a - lse, true};
+  if (w == b) return {lse_ex_b - lse, true};
+  const T one_minus_pw = s.p + p_a + (a == b ? T(0) : p_b);
+  return one_minus_pw >= bce_sum_floor<T>() ? Log1mPw<T>{std::log(one_minus_pw), true} : Log1mPw<T>{T(0), false};
+}
+
+template <typename T>
+FL_HD BceRow<T> bce_row(bool w_is_c, T lse, T x_w, T log1m_pw, T sum_a) {
   BceRow<T> row;
+  row.log1m_pw = log1m_pw;
   if (w_is_c) {
-    row.log1m_pw = lse_ex - lse;
     row.r = sum_a;  // a_c is excluded with w
     row.log_aw = T(0);
   } else {
-    row.log1m_pw = log1m_pw_from_pass;
     row.r = sum_a - T(1);  // a_c = -1
-    row.log_aw = (x_w - lse) - row.log1m_pw;
+    row.log_aw = (x_w - lse) - log1m_pw;
   }
   return row;
 }
@@ -297,12 +364,50 @@ FL_HD T bce_loss(bool w_is_c, T d, T log1m_pw, T sum_log1m) {
   return softplus(d) - (w_is_c ? sum_log1m : sum_log1m + log1m_pw);
 }
 
-// g_j for j not in {c, w} (unscaled): the kernels' vector passes write this form.
+// One part of a row (target c) whose sums left out the other target o too: o's a_k and
+// log1p(-p_k) join them when o is neither c nor w (add_o; p_o <= 1/2 there: exact).
 template <typename T>
-FL_HD T bce_grad_other(bool w_is_c, T x_j, T lse, T r, T log_aw) {
+struct BcePart {
+  BceRow<T> row;
+  T loss;  // unweighted
+};
+
+template <typename T>
+FL_HD BcePart<T> bce_part(bool w_is_c, bool add_o, T lse, T lse_ex_c, T x_c, T x_w, T p_o, T log1m_pw,
+                          const BceSums<T>& s) {
+  const T odds_o = add_o ? p_o / (T(1) - p_o) : T(0);
+  const T log1m_o = add_o ? std::log1p(-p_o) : T(0);
+  return {bce_row<T>(w_is_c, lse, x_w, log1m_pw, s.odds + odds_o),
+          bce_loss<T>(w_is_c, lse_ex_c - x_c, log1m_pw, s.log1m + log1m_o)};
+}
+
+// The gradient off the stored entries (j not in {w, a, b}), all parts together:
+//   g_j = odds a_j - p p_j - aw (p_j a_w) - per_class w_j
+// Each part adds own to odds, own R - extra to p (own (R - 1) when w is its target:
+// p_j a_w = -p_j), and own to aw otherwise (log a_w is the same for every such part).
+template <typename T>
+struct BceGradCoef {
+  T odds, p, aw, log_aw, per_class;
+};
+
+template <typename T>
+FL_HD void add_bce_part(BceGradCoef<T>& k, bool w_is_c, const BceRow<T>& row, const ExtraTerms<T>& t) {
+  k.odds += t.own;
+  k.p += t.own * (w_is_c ? row.r - T(1) : row.r) - t.extra;
+  if (!w_is_c) {
+    k.aw += t.own;
+    k.log_aw = row.log_aw;
+  }
+  k.per_class += t.per_class;
+}
+
+template <typename T>
+FL_HD T bce_grad_rest(const BceGradCoef<T>& k, T x_j, T lse, T w_j) {
   const T p = std::exp(x_j - lse);
-  const T p_aw = w_is_c ? -p : std::exp(x_j - lse + log_aw);
-  return p / (T(1) - p) - p * r - p_aw;
+  T g = k.odds * (p / (T(1) - p)) - k.p * p;
+  if (k.aw != T(0)) g -= k.aw * std::exp(x_j - lse + k.log_aw);
+  if (k.per_class != T(0)) g -= k.per_class * w_j;
+  return g;
 }
 
 // g_w (unscaled).
@@ -316,6 +421,24 @@ FL_HD T bce_grad_argmax(bool w_is_c, T x_w, T lse, T log1m_pw, T r) {
 template <typename T>
 FL_HD T bce_grad_target(T x_c, T lse, T r, T log_aw) {
   return T(-1) - std::exp(x_c - lse) * r - std::exp(x_c - lse + log_aw);
+}
+
+// One stored entry j (w or a target) of one part (target c, terms t): its own form times
+// own, plus extra p_j - per_class w_j. A row's entry is the sum over its parts.
+template <typename T>
+FL_HD T bce_entry(int64_t j, int64_t w, int64_t c, T x_j, T lse, T w_j, const BceRow<T>& row,
+                  const ExtraTerms<T>& t) {
+  T own;
+  if (j == w) {
+    own = bce_grad_argmax<T>(w == c, x_j, lse, row.log1m_pw, row.r);
+  } else if (j == c) {
+    own = bce_grad_target<T>(x_j, lse, row.r, row.log_aw);
+  } else {
+    BceGradCoef<T> unit{};
+    add_bce_part<T>(unit, w == c, row, ExtraTerms<T>{T(1), T(0), T(0)});
+    own = bce_grad_rest<T>(unit, x_j, lse, T(0));
+  }
+  return with_extra_terms<T>(own, t, x_j, lse, w_j);
 }
 
 }  // namespace fusedloss

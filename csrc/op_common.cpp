@@ -60,6 +60,17 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target,
               " but logits are on ", logits.device());
 }
 
+at::Tensor check_mix_inputs(const at::Tensor& logits, const at::Tensor& target_a, const at::Tensor& target_b,
+                            const at::Tensor& lam, const std::optional<at::Tensor>& weight, const char* op) {
+  check_inputs(logits, target_a, weight, op);
+  check_inputs(logits, target_b, weight, op);
+  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == logits.size(0), op, ": lam must be (", logits.size(0),
+              ",); got ", lam.sizes());
+  TORCH_CHECK(lam.is_floating_point() && lam.device() == logits.device(), op,
+              ": lam must be a floating tensor on the logits' device");
+  return lam.to(acc_dtype(logits)).contiguous();
+}
+
 at::Tensor check_soft_inputs(const at::Tensor& logits, const at::Tensor& probs,
                              const std::optional<at::Tensor>& weight, const char* op) {
   check_logits_and_weight(logits, weight, op);

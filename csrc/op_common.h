@@ -21,6 +21,11 @@ LossConfig make_config(int64_t variant, int64_t reduction, int64_t ignore_index,
 void check_inputs(const at::Tensor& logits, const at::Tensor& target,
                   const std::optional<at::Tensor>& weight, const char* op);
 
+// Mixup's two targets: logits, target_a, target_b as check_inputs, lam (N,) floating on the
+// logits' device. Returns lam in the math type, contiguous.
+at::Tensor check_mix_inputs(const at::Tensor& logits, const at::Tensor& target_a, const at::Tensor& target_b,
+                            const at::Tensor& lam, const std::optional<at::Tensor>& weight, const char* op);
+
 // Class-probability targets: logits as check_inputs, probs (N, C) of the logits' dtype
 // and device. Returns probs with unit class stride (a copy only if they had none).
 at::Tensor check_soft_inputs(const at::Tensor& logits, const at::Tensor& probs,

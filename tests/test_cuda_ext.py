@@ -22,6 +22,8 @@ from fusedloss import dispatch
 from fusedloss.reference import extreme_logits
 from fusedloss.variants import Reduction, Variant, reduction_id, variant_id
 from oracle import assert_close, oracle_loss_and_grad
+from test_mixup import OPTIONS as MIX_OPTIONS
+from test_mixup import bce_cases, check_mix_op, ops_called, oracle_mixed_and_grad, scalars
 
 _C = pytest.importorskip("fusedloss._C", reason="C++ extension not built")
 from fusedloss import _cpp_backend  # noqa: E402
@@ -40,6 +42,16 @@ BWD = torch.ops.fusedloss.ext_bwd.default
 # ----------------------------------------------------------------------------
 # Build and registration (no device needed)
 # ----------------------------------------------------------------------------
+
+@needs_cuda_build
+def test_cuda_mix_ops_registered():
+    """Mixup's two-target pair has CUDA kernels, and the cuda backend fuses every loss with it."""
+    for op in ("fusedloss::ext_mix_fwd", "fusedloss::ext_mix_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+    be = dispatch._registry["cuda"]
+    assert be.mix_fwd is torch.ops.fusedloss.ext_mix_fwd.default
+    assert all(be.mix_fuses(int(v), cap) for v in Variant for cap in (0.0, 5.0))
+
 
 @needs_cuda_build
 def test_cuda_kernels_registered_and_library_loads():
@@ -203,6 +215,90 @@ def test_functional_backend_cuda():
     loss.backward()
     _, ref_g = oracle_loss_and_grad(x.detach().cpu(), t.cpu(), "crl")
     assert_close(x.grad.cpu(), ref_g, torch.float32, "grad")
+
+
+# ----------------------------------------------------------------------------
+# Mixup's two targets (ext_mix_fwd / ext_mix_bwd) against the float64 oracle
+# ----------------------------------------------------------------------------
+
+@gpu
+@needs_device
+@pytest.mark.parametrize("option", MIX_OPTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", fl.LOSSES)
+def test_mix_against_oracle(loss, dtype, option):
+    """Every loss, plain / smoothing + z-loss / soft cap, every reduction, per-row and scalar lam
+    (0 and 1), with and without weights; the rows of bce_cases (w on either target or elsewhere,
+    leads of 50-100, equal targets, ignored parts); C = 1000 (128-bit path) and 1001 (scalar)."""
+    opts = MIX_OPTIONS[option]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for c in (1000, 1001):
+        x, ya, yb, lam = bce_cases(c, dtype, seed=c)
+        n = x.shape[0]
+        w = torch.rand(c, generator=torch.Generator().manual_seed(c), dtype=acc) + 0.5
+        x, ya, yb, w = x.cuda(), ya.cuda(), yb.cuda(), w.cuda()
+        for reduction in ("none", "mean", "sum"):
+            go = (torch.tensor(0.7, dtype=acc).expand(n) if reduction == "none" else torch.tensor(1.3, dtype=acc)).cuda()
+            for lam_rows in (lam, torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)):
+                for weight in (None, w):
+                    check_mix_op(x, ya, yb, lam_rows.to(acc).cuda(), loss, weight=weight, reduction=reduction,
+                                 grad_output=go, msg=f"{loss} {dtype} C={c} {reduction}", **opts)
+
+
+@gpu
+@needs_device
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", fl.LOSSES)
+def test_mix_long_strided_rows_and_public_call(loss, dtype):
+    """Rows of 70013 read in place from a wider tensor (scalar path, several blocks' worth),
+    the same values as contiguous; fl.softmax_loss(backend='cuda') runs the fused op."""
+    g = torch.Generator().manual_seed(7)
+    base = (3 * torch.randn(6, 70013, generator=g)).to(dtype).cuda()
+    view = base[:, 5:70005]
+    ya = torch.tensor([0, 69999, 4095, 35000, -100, 12]).cuda()
+    yb = torch.tensor([1, 69998, 4096, 35000, 7, -100]).cuda()
+    lam = torch.rand(6, generator=g).cuda()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got = check_mix_op(view, ya, yb, lam.to(acc), loss, reduction="none", msg="strided")
+    want = check_mix_op(view.contiguous(), ya, yb, lam.to(acc), loss, reduction="none", msg="contiguous")
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, equal_nan=True)
+    xr = view.detach().clone().requires_grad_(True)
+    with ops_called() as ops:
+        out = fl.softmax_loss(xr, (ya, yb, lam), loss, backend="cuda", softcap=20.0)
+        out.backward()
+    assert ops[0] == "ext_mix_fwd" and "ext_fwd" not in ops, ops
+    ref, ref_g = oracle_mixed_and_grad(view.cpu(), ya.cpu(), yb.cpu(), lam.cpu().double(), loss, softcap=20.0)
+    assert_close(out.cpu(), ref, dtype, "loss")
+    assert_close(xr.grad.cpu(), ref_g, dtype, "grad")
+
+
+@gpu
+@needs_device
+def test_mix_bad_target_nan_row_empty_part_and_opcheck():
+    x = torch.randn(4, 7, dtype=torch.float64).cuda()
+    lam = torch.full((4,), 0.4, dtype=torch.float64).cuda()
+    ya, yb = torch.tensor([0, 9, -100, 3]).cuda(), torch.tensor([1, 2, 5, -100]).cuda()
+    for loss in fl.LOSSES:
+        out, _, grad = torch.ops.fusedloss.ext_mix_fwd(x, ya, yb, lam, None, *scalars(loss, "none"), True)
+        out, grad = out.cpu(), grad.cpu()
+        assert math.isnan(out[1]) and torch.isnan(grad[1]).all()
+        assert torch.isfinite(out[[0, 2, 3]]).all() and torch.isfinite(grad[[0, 2, 3]]).all()
+        all_ignored = torch.full((4,), -100).cuda()
+        out, _, _ = torch.ops.fusedloss.ext_mix_fwd(x, all_ignored, yb.clamp(min=0), lam, None,
+                                                    *scalars(loss, "mean"), False)
+        assert math.isnan(out.item())
+    xr = x.clone().requires_grad_(True)
+    ya, yb = torch.tensor([0, 4, -100, 3]).cuda(), torch.tensor([1, 4, 5, -100]).cuda()
+    w = (torch.rand(7, dtype=torch.float64) + 0.5).cuda()
+    fwd, bwd = torch.ops.fusedloss.ext_mix_fwd.default, torch.ops.fusedloss.ext_mix_bwd.default
+    for loss in fl.LOSSES:
+        for red in Reduction:
+            scal = scalars(loss, red.name.lower(), label_smoothing=0.1, z_loss=1e-2, softcap=4.0 if loss == "bce" else 0.0)
+            for cg in (False, True):
+                torch.library.opcheck(fwd, (xr, ya, yb, lam, w, *scal, cg))
+            lo, stats, _ = fwd(x, ya, yb, lam, w, *scal, False)
+            torch.library.opcheck(bwd, (torch.rand_like(lo) + 0.5, x, ya, yb, lam, w, stats, *scal))
 
 
 @gpu

@@ -1,12 +1,16 @@
 """Mixup's two targets, ``target=(y_a, y_b, lam)``, for every loss: against a float64
 evaluation of ``lam * L(y_a) + (1 - lam) * L(y_b)`` (each part reduced on its own), on the
-reference (two passes) and the C++ CPU kernel (fused for ce/nllr/crl/lace/focal, two passes
-for bce and with softcap); the fused op's opcheck and gradcheck; the errors.
+reference (two passes) and the C++ CPU kernel (``fusedloss::ext_mix_fwd/bwd``, fused for every
+loss, soft cap included: the tests check that it is the op that ran); bce's fused rows case by
+case (the arg-max w on either target or elsewhere, a wrong class leading by 50-100, equal
+targets, ignored parts, lam 0 and 1); the fused op's opcheck and gradcheck; the errors.
+``check_mix_op`` serves tests/test_cuda_ext.py's CUDA tests too.
 
 Under ``TRITON_INTERPRET=1`` the triton backend joins (tests/test_triton_suite.py runs this
 file with ``-k triton``)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -16,7 +20,7 @@ import torch
 
 import fusedloss as fl
 from fusedloss import dispatch, mixup
-from fusedloss.variants import Reduction, variant_id
+from fusedloss.variants import Reduction, reduction_id, variant_id
 from oracle import assert_close, oracle_loss
 
 BACKENDS = [b for b in ("reference", "cpu") if b in fl.available_backends()]
@@ -67,6 +71,82 @@ def _data(n, c, dtype, seed=0, scale=3.0):
     return x, ya, yb, lam, w
 
 
+@contextlib.contextmanager
+def ops_called():
+    """The fusedloss ops (``fusedloss::<name>``) dispatched inside the block, in order, as the
+    profiler saw them; the list is filled when the block ends."""
+    names: list[str] = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yield names
+    names.extend(e.name.split("::", 1)[1] for e in prof.events() if e.name.startswith("fusedloss::"))
+
+
+def bce_cases(c: int, dtype: torch.dtype, seed: int = 0):
+    """(x, y_a, y_b, lam) whose rows cover bce's two-target cases: the arg-max w on y_a, on
+    y_b, elsewhere (leading by 2, 60 and 100: past 41 in fp32 the kernel's sum for 1 - p_w
+    underflows and it takes the exact pass), y_a == y_b, either part ignored, both ignored,
+    lam 0 and 1, and y_a's own logit leading by 80 (p_a rounds to 1). c >= 8."""
+    g = torch.Generator().manual_seed(seed)
+    n = 14
+    x = 2 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    ya = torch.randint(0, c, (n,), generator=g)
+    yb = (ya + 1 + torch.randint(0, c - 1, (n,), generator=g)) % c  # != ya
+    # a class that is neither target, at varying distances from them
+    other = torch.tensor([next(k % c for k in range(int(ya[i]) + 1 + i % 3, int(ya[i]) + c + 3)
+                               if k % c not in (int(ya[i]), int(yb[i]))) for i in range(n)])
+    lam = torch.rand(n, generator=g, dtype=torch.float64)
+
+    def lead(i, j, by):
+        x[i, j] = x[i].max() + by
+
+    lead(0, ya[0], 3.0)               # w == y_a
+    lead(1, yb[1], 3.0)               # w == y_b
+    lead(2, other[2], 2.0)            # w elsewhere
+    yb[3] = ya[3]                     # one class twice
+    lead(3, other[3], 1.0)
+    ya[4] = -100                      # part a ignored
+    lead(4, other[4], 4.0)
+    yb[5] = -100                      # part b ignored
+    lead(5, ya[5], 2.0)
+    ya[6] = yb[6] = -100              # the row ignored
+    lead(7, other[7], 60.0)           # a wrong class far ahead: the exact pass for log(1 - p_w)
+    lead(8, other[8], 100.0)
+    lead(9, ya[9], 80.0)              # p_a = 1 in fp32; b's part pays for it
+    lam[10] = 0.0                     # only part b counts
+    lead(10, yb[10], 55.0)
+    lam[11] = 1.0                     # only part a counts
+    lead(11, other[11], 50.0)
+    return x.to(dtype), ya, yb, lam
+
+
+def scalars(loss, reduction, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+    """The ops' scalar arguments (alpha 1.5, beta 1, gamma 2: the oracle's defaults)."""
+    return (int(variant_id(loss)), int(reduction_id(reduction)), ignore_index, float(label_smoothing), 1.5, 1.0,
+            2.0, float(z_loss), float(softcap))
+
+
+def check_mix_op(x, ya, yb, lam, loss, *, weight=None, reduction="mean", grad_output=None, msg="", **opts):
+    """``fusedloss::ext_mix_fwd`` (loss and fused gradient, and its loss again without the
+    gradient) and ``ext_mix_bwd`` (from the forward's stats, with ``grad_output``) on x's
+    device, against the float64 oracle of the same (rounded) logits."""
+    scal = scalars(loss, reduction, **opts)
+    fwd, bwd = torch.ops.fusedloss.ext_mix_fwd.default, torch.ops.fusedloss.ext_mix_bwd.default
+    out, stats, grad = fwd(x, ya, yb, lam, weight, *scal, True)
+    out2, _, empty = fwd(x, ya, yb, lam, weight, *scal, False)
+    assert empty.shape == (0,)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0, equal_nan=True)
+    go = torch.ones_like(out) if grad_output is None else grad_output
+    g_bwd = bwd(go, x, ya, yb, lam, weight, stats, *scal)
+    okw = dict(weight=None if weight is None else weight.cpu(), reduction=reduction, **opts)
+    xc, ya_c, yb_c, lam_c = x.cpu(), ya.cpu(), yb.cpu(), lam.cpu().double()
+    ref, ref_g = oracle_mixed_and_grad(xc, ya_c, yb_c, lam_c, loss, **okw)
+    assert_close(out.cpu(), ref, x.dtype, "loss", msg)
+    assert_close(grad.cpu(), ref_g, x.dtype, "grad", msg + " (fused)")
+    _, ref_g = oracle_mixed_and_grad(xc, ya_c, yb_c, lam_c, loss, grad_output=go.cpu(), **okw)
+    assert_close(g_bwd.cpu(), ref_g, x.dtype, "grad", msg + " (backward op)")
+    return out, grad, g_bwd
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", OPTIONS)
 @pytest.mark.parametrize("loss", fl.LOSSES)
@@ -79,10 +159,14 @@ def test_matches_float64(backend, option, loss, dtype):
     for reduction in ("none", "mean", "sum"):
         for lam_arg in (lam, 0.3):
             xr = x.clone().requires_grad_(True)
-            out = fl.softmax_loss(xr, (ya, yb, lam_arg), loss, weight=w, reduction=reduction, backend=backend,
-                                  **opts)
-            go = torch.linspace(0.5, 2.0, 10, dtype=out.dtype) if reduction == "none" else torch.tensor(1.3, dtype=out.dtype)
-            out.backward(go)
+            with ops_called() as ops:
+                out = fl.softmax_loss(xr, (ya, yb, lam_arg), loss, weight=w, reduction=reduction,
+                                      backend=backend, **opts)
+                go = (torch.linspace(0.5, 2.0, 10, dtype=out.dtype) if reduction == "none"
+                      else torch.tensor(1.3, dtype=out.dtype))
+                out.backward(go)
+            if backend == "cpu":  # every loss and option fused: one op, the gradient from the forward
+                assert ops == ["ext_mix_fwd"], ops
             ref, ref_g = oracle_mixed_and_grad(x, ya, yb, lam_arg, loss, grad_output=go, weight=w,
                                                reduction=reduction, **opts)
             msg = f"{reduction} lam={'rows' if isinstance(lam_arg, torch.Tensor) else lam_arg}"
@@ -90,7 +174,7 @@ def test_matches_float64(backend, option, loss, dtype):
             assert_close(xr.grad, ref_g, dtype, "grad", msg)
 
 
-@pytest.mark.parametrize("loss", ["ce", "nllr", "crl", "lace", "focal"])
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_cpu_fused_op_equals_two_passes(loss):
     """The fused kernel and the two-pass path agree (and the fused op is the one the cpu
     backend runs for these losses)."""
@@ -115,6 +199,109 @@ def test_cpu_fused_op_equals_two_passes(loss):
         assert_close(g_bwd, ref_g, torch.float32, "grad", f"{red.name} backward op")
 
 
+needs_cpu_ext = pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ extension not built")
+BCE_OPTIONS = {"plain": {}, "weight": {}, "smooth_z": dict(label_smoothing=0.1, z_loss=1e-2),
+               "cap": dict(softcap=30.0)}
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("option", BCE_OPTIONS)
+@pytest.mark.parametrize("c", [11, 4099])  # a short row, and one over an 8 KiB block
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_bce_fused_rows_against_float64(dtype, c, option):
+    """bce's fused two-target op, row by row (bce_cases), every reduction, lam per row (0 and
+    1 included) and scalar 0, 1 and 0.3; the loss and the fused gradient, and the backward op
+    with grad_output (expanded from a scalar for 'none'); and the public call runs that op."""
+    x, ya, yb, lam = bce_cases(c, dtype, seed=c)
+    opts = BCE_OPTIONS[option]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = (torch.rand(c, generator=torch.Generator().manual_seed(1), dtype=acc) + 0.5
+              if option == "weight" else None)
+    n = x.shape[0]
+    for reduction in ("none", "mean", "sum"):
+        go = torch.tensor(0.7, dtype=acc).expand(n) if reduction == "none" else torch.tensor(1.3, dtype=acc)
+        for lam_rows in (lam, torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64),
+                         torch.full((n,), 0.3, dtype=torch.float64)):
+            msg = f"{reduction} lam {lam_rows[:2].tolist()}"
+            check_mix_op(x, ya, yb, lam_rows.to(acc), "bce", weight=weight, reduction=reduction, grad_output=go,
+                         msg=msg, **opts)
+        xr = x.clone().requires_grad_(True)
+        with ops_called() as ops:
+            out = fl.softmax_loss(xr, (ya, yb, lam), "bce", weight=weight, reduction=reduction, backend="cpu",
+                                  **opts)
+            out.backward(go.to(out.dtype))
+        assert ops == ["ext_mix_fwd"], ops
+        ref, ref_g = oracle_mixed_and_grad(x, ya, yb, lam, "bce", grad_output=go, weight=weight,
+                                           reduction=reduction, **opts)
+        assert torch.isfinite(xr.grad).all()
+        assert_close(out, ref, dtype, "loss", f"public {reduction}")
+        assert_close(xr.grad, ref_g, dtype, "grad", f"public {reduction}")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lead", [50.0, 75.0, 100.0])
+def test_bce_wrong_class_leading(dtype, lead):
+    """A wrong class w leads by 50-100 (a_w = p_w / (1 - p_w) ~ e^lead: the gradient needs the
+    stable form, and 1 - p_w the exact pass), with w neither target, and w on one target."""
+    c = 3000
+    g = torch.Generator().manual_seed(int(lead))
+    x = torch.randn(8, c, generator=g, dtype=torch.float64)
+    ya = torch.randint(0, c, (8,), generator=g)
+    yb = (ya + 7) % c
+    w = (ya + 3) % c
+    w[6], w[7] = ya[6], yb[7]
+    x[torch.arange(8), w] = x.max(1).values + lead
+    lam = torch.rand(8, generator=g, dtype=torch.float64)
+    for reduction in ("none", "mean"):
+        _, grad, g_bwd = check_mix_op(x.to(dtype), ya, yb, lam.to(dtype), "bce", reduction=reduction,
+                                      msg=f"lead {lead} {reduction}")
+        assert torch.isfinite(grad).all() and torch.isfinite(g_bwd).all()
+        # shift invariance: every row of the gradient sums to 0
+        torch.testing.assert_close(grad.double().sum(1), torch.zeros(8, dtype=torch.float64),
+                                   atol=1e-4 * grad.abs().max().item(), rtol=0)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("loss", fl.LOSSES)
+def test_cpu_mix_strided_inputs_read_in_place(loss):
+    """Logits rows of a wider tensor, strided targets and lam: the same bits as contiguous
+    copies, and the float64 values."""
+    c = 37
+    x, ya, yb, lam = bce_cases(c, torch.float32, seed=3)
+    n = x.shape[0]
+    wide = torch.randn(n, c + 9)
+    wide[:, 4:4 + c] = x
+    view = wide[:, 4:4 + c]
+    assert not view.is_contiguous()
+    ya_s = torch.stack([ya, ya.flip(0)], 1)[:, 0]
+    yb_s = torch.stack([yb, yb.flip(0)], 1)[:, 0]
+    lam_s = torch.stack([lam.float(), lam.float()], 1)[:, 1]
+    assert ya_s.stride(0) == 2 and lam_s.stride(0) == 2
+    for reduction in ("none", "mean", "sum"):
+        got = check_mix_op(view, ya_s, yb_s, lam_s, loss, reduction=reduction, msg=f"strided {reduction}",
+                           label_smoothing=0.05)
+        want = check_mix_op(view.contiguous(), ya, yb, lam.float(), loss, reduction=reduction,
+                            label_smoothing=0.05)
+        for u, v in zip(got, want):
+            torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu_ext
+def test_cpu_mix_empty_part_mean_is_nan():
+    """'mean' with a part that counts no row is 0/0 = NaN, as the two-pass form (and that part's
+    'mean' alone) gives; the gradient is the other part's."""
+    x = torch.randn(3, 5, dtype=torch.float64)
+    ya, yb = torch.full((3,), -100), torch.tensor([1, 2, 3])
+    for loss in fl.LOSSES:
+        for backend in BACKENDS:
+            assert math.isnan(fl.softmax_loss(x, (ya, yb, 0.3), loss, backend=backend).item()), (loss, backend)
+        out, stats, grad = torch.ops.fusedloss.ext_mix_fwd(x, ya, yb, torch.full((3,), 0.3, dtype=torch.float64),
+                                                            None, *scalars(loss, "mean"), True)
+        _, ref_g = oracle_mixed_and_grad(x, yb, yb, 0.0, loss)  # part b alone, lam 0.3 folded below
+        torch.testing.assert_close(grad, 0.7 * ref_g)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_extreme_logits(backend, loss):
@@ -137,9 +324,9 @@ def test_cpu_mix_ops_opcheck_and_gradcheck():
     x, ya, yb, lam, w = _data(8, 6, torch.float64, seed=3)
     lam, w = lam.double(), w.double()
     fwd, bwd = torch.ops.fusedloss.ext_mix_fwd.default, torch.ops.fusedloss.ext_mix_bwd.default
-    for loss in ("ce", "crl"):
+    for loss, cap in (("ce", 0.0), ("crl", 0.0), ("bce", 0.0), ("bce", 4.0)):
         for red in Reduction:
-            scal = (int(variant_id(loss)), int(red), -100, 0.1, 1.5, 1.0, 2.0, 1e-2, 0.0)
+            scal = (int(variant_id(loss)), int(red), -100, 0.1, 1.5, 1.0, 2.0, 1e-2, cap)
             for cg in (False, True):
                 torch.library.opcheck(fwd, (x.clone().requires_grad_(True), ya, yb, lam, w, *scal, cg))
             lo, stats, _ = fwd(x, ya, yb, lam, w, *scal, False)
@@ -147,7 +334,7 @@ def test_cpu_mix_ops_opcheck_and_gradcheck():
         xr = x.clone().requires_grad_(True)
         assert torch.autograd.gradcheck(
             lambda v: fl.softmax_loss(v, (ya, yb, lam), loss, weight=w, reduction="none", backend="cpu",
-                                      label_smoothing=0.1).square().sum(), (xr,))
+                                      label_smoothing=0.1, softcap=cap or None).square().sum(), (xr,))
 
 
 def test_compile_fullgraph():

@@ -202,22 +202,62 @@ struct Rows {
   }
 
   // ------------------------------------------------------------------------
-  // Mixup, target-only family: lam L(a) + (1 - lam) L(b) with one read of the row.
+  // Mixup's two targets: lam L(a) + (1 - lam) L(b) with one read of the row.
   // Pass 1 leaves both targets out: L2 = lse over k not in {a, b}; then
   //   lse_ex_a = logaddexp(L2, x_b), lse_ex_b = logaddexp(L2, x_a)   (a != b)
-  // exact as for one target. The gradient is one pass (losses.h, mix_grad).
-  // A part whose target is ignored counts 0 (its target is set to the other's).
+  // exact as for one target. A part whose target is ignored counts 0 (its target is
+  // set to the other's); one target is the case b == a, k_b = 0 (bce runs it so).
   // ------------------------------------------------------------------------
+  struct Parts {
+    int64_t a, b;
+    acc_t k_a, k_b;  // lam and 1 - lam, times 'mean''s 1/denominator of each part
+    bool same;       // a == b: one part, the terms of both summed
+  };
+
+  Parts one_target(int64_t i) const { return {pb.target[i], pb.target[i], acc_t(1), acc_t(0), true}; }
+
+  Parts two_targets(int64_t i) const {
+    Parts t{pb.target[i], pb.target_b[i], acc_t(0), acc_t(0), false};
+    const acc_t lam = static_cast<const acc_t*>(pb.lam)[i];
+    t.k_a = lam * static_cast<acc_t>(pb.mix_scale_a);
+    t.k_b = (acc_t(1) - lam) * static_cast<acc_t>(pb.mix_scale_b);
+    if (t.a == pb.cfg.ignore_index) t.a = t.b, t.k_a = acc_t(0);
+    if (t.b == pb.cfg.ignore_index) t.b = t.a, t.k_b = acc_t(0);
+    t.same = t.a == t.b;
+    return t;
+  }
+
+  // Pass 1 of a row with targets a and b: the lse over k not in {a, b}, and from it both
+  // lse_ex, lse, the smoothing sum and (kArgmax) the row's arg-max w (ties: a target).
+  struct MixStats {
+    acc_t lse, lse_ex_a, lse_ex_b, weighted_x_sum;
+    int64_t w;
+  };
+
+  template <bool kArgmax, bool kSmooth>
+  MixStats mix_pass(const scalar_t* x, const Parts& t, acc_t x_a, acc_t x_b, acc_t* e, const Buffers& buf,
+                    const scalar_t* g) const {
+    const auto acc = lse_pass<kArgmax, kSmooth>(x, t.a, e, buf.shifts, g, t.same ? -1 : t.b);
+    const acc_t rest = acc.lse();
+    MixStats s;
+    s.lse_ex_a = t.same ? rest : logaddexp(rest, x_b);
+    s.lse_ex_b = t.same ? rest : logaddexp(rest, x_a);
+    s.lse = logaddexp(s.lse_ex_a, x_a);
+    s.weighted_x_sum = 0;
+    if constexpr (kSmooth) {
+      s.weighted_x_sum = acc.x_sum() + weight_of(t.a) * x_a + (t.same ? acc_t(0) : weight_of(t.b) * x_b);
+    }
+    const int64_t lead = x_b > x_a ? t.b : t.a;
+    s.w = kArgmax && acc.max > std::max(x_a, x_b) ? acc.argmax : lead;
+    return s;
+  }
+
+  // The target-only family: both parts' gradients in one pass (losses.h, mix_grad).
   template <bool kSmooth>
   FUSEDLOSS_ROW_PASS void mix_target_only(int64_t i, bool forward, const Buffers& buf) const {
     const int64_t C = pb.classes;
-    int64_t a = pb.target[i], b = pb.target_b[i];
-    const acc_t lam = static_cast<const acc_t*>(pb.lam)[i];
-    acc_t k_a = lam * static_cast<acc_t>(pb.mix_scale_a);
-    acc_t k_b = (acc_t(1) - lam) * static_cast<acc_t>(pb.mix_scale_b);
-    if (a == pb.cfg.ignore_index) a = b, k_a = acc_t(0);
-    if (b == pb.cfg.ignore_index) b = a, k_b = acc_t(0);
-    const bool same = a == b;
+    const Parts t = two_targets(i);
+    const int64_t a = t.a, b = t.b;
     const scalar_t* x = row(i);
     scalar_t* g = grad_row(i);
     const acc_t x_a = static_cast<acc_t>(x[a]), x_b = static_cast<acc_t>(x[b]);
@@ -227,61 +267,50 @@ struct Rows {
     const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
     acc_t* st = stats_row(i);
     acc_t* e = forward && g ? buf.e : nullptr;
-    acc_t lse, lse_ex_a, lse_ex_b, weighted_x_sum = 0;
+    MixStats s{};
     if (forward) {
-      const auto acc = lse_pass<false, kSmooth>(x, a, e, buf.shifts, g, same ? -1 : b);
-      const acc_t rest = acc.lse();
-      lse_ex_a = same ? rest : logaddexp(rest, x_b);
-      lse_ex_b = same ? rest : logaddexp(rest, x_a);
-      lse = logaddexp(lse_ex_a, x_a);
-      if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_a * x_a + (same ? acc_t(0) : w_b * x_b);
+      s = mix_pass<false, kSmooth>(x, t, x_a, x_b, e, buf, g);
     } else {
-      lse = st[0];
-      lse_ex_a = st[1];
-      lse_ex_b = st[2];
+      s.lse = st[0];
+      s.lse_ex_a = st[1];
+      s.lse_ex_b = st[2];
     }
     const auto& cfg = pb.cfg;
-    const auto ta = target_only_terms<acc_t>(cfg.variant, lse_ex_a - x_a, cfg.alpha, cfg.beta, cfg.gamma);
-    const auto tb = target_only_terms<acc_t>(cfg.variant, lse_ex_b - x_b, cfg.alpha, cfg.beta, cfg.gamma);
+    const auto ta = target_only_terms<acc_t>(cfg.variant, s.lse_ex_a - x_a, cfg.alpha, cfg.beta, cfg.gamma);
+    const auto tb = target_only_terms<acc_t>(cfg.variant, s.lse_ex_b - x_b, cfg.alpha, cfg.beta, cfg.gamma);
     if (forward) {
-      // A part with k = 0 adds 0 by a select (its loss may be inf).
-      const acc_t la = k_a == acc_t(0) ? acc_t(0) : k_a * row_loss<acc_t>(ta.loss, w_a, lse, eps, acc_t(C), W, weighted_x_sum, z);
-      const acc_t lb = k_b == acc_t(0) ? acc_t(0) : k_b * row_loss<acc_t>(tb.loss, w_b, lse, eps, acc_t(C), W, weighted_x_sum, z);
-      static_cast<acc_t*>(pb.loss_rows)[i] = la + lb;
-      st[0] = lse;
-      st[1] = lse_ex_a;
-      st[2] = lse_ex_b;
+      static_cast<acc_t*>(pb.loss_rows)[i] = mix_row_loss<acc_t>(t.k_a, ta.loss, w_a, t.k_b, tb.loss, w_b, s.lse,
+                                                                 eps, acc_t(C), W, s.weighted_x_sum, z);
+      st[0] = s.lse;
+      st[1] = s.lse_ex_a;
+      st[2] = s.lse_ex_b;
       st[3] = acc_t(0);
     }
     if (!g) return;
     const acc_t go = grad_out(i);
-    const auto ea = extra_terms<acc_t>(w_a * go * k_a, go * k_a, lse, eps, acc_t(C), W, z);
-    const auto eb = extra_terms<acc_t>(w_b * go * k_b, go * k_b, lse, eps, acc_t(C), W, z);
-    if (same) {
-      const ExtraTerms<acc_t> both{ea.own + eb.own, ea.extra + eb.extra, ea.per_class + eb.per_class};
-      const auto k = target_only_grad<acc_t>(lse, lse_ex_a, x_a, ta.log_s, w_a, both);
-      write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
-      g[a] = static_cast<scalar_t>(k.target);
-      return;
-    }
-    const auto k = mix_grad<acc_t>(lse, lse_ex_a, lse_ex_b, x_a, x_b, ta.log_s, tb.log_s, w_a, w_b, ea, eb);
+    const auto ea = part_terms<acc_t>(t.k_a, w_a, go, s.lse, eps, acc_t(C), W, z);
+    const auto eb = part_terms<acc_t>(t.k_b, w_b, go, s.lse, eps, acc_t(C), W, z);
+    const auto k = target_only_mix_grad<acc_t>(t.same, s.lse, s.lse_ex_a, s.lse_ex_b, x_a, x_b, ta.log_s,
+                                               tb.log_s, w_a, w_b, ea, eb);
     write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
     g[a] = static_cast<scalar_t>(k.target_a);
     g[b] = static_cast<scalar_t>(k.target_b);
   }
 
   // ------------------------------------------------------------------------
-  // bce: lse_ex and the arg-max w in pass 1; the sums over k not in {c, w}
-  // (P = sum p_k, sum log1p(-p_k), sum a_k) in pass 2; the gradient in pass 3.
-  // Passes 2 and 3 take p_k = e_k exp(shift_b - lse) from pass 1's e_k in the
-  // forward, and exp(x_k - lse) in the backward.
+  // bce (one target, or mixup's two: both parts share lse, the arg-max w and
+  // log(1 - p_w); each has its own R and loss, losses.h bce_part): lse_ex and w in
+  // pass 1; the sums over k not in {a, b, w} (P = sum p_k, sum log1p(-p_k), sum a_k)
+  // in pass 2; the gradient of all parts in pass 3. Passes 2 and 3 take
+  // p_k = e_k exp(shift_b - lse) from pass 1's e_k in the forward, and
+  // exp(x_k - lse) in the backward.
   // ------------------------------------------------------------------------
   struct PSource {
     const scalar_t* x;
     const acc_t* e;  // null: exp from x
     const acc_t* shifts;
     acc_t lse;
-    int64_t c;  // the target: p_c reads as 0 (e_c is 0; from x, its lane is masked)
+    int64_t a, b;  // the targets: p reads as 0 there (e is 0; from x, their lanes are masked)
 
     // p_j for the n <= kWidth lanes at j of a block with `factor`; 0 in lanes past n.
     Step at(int64_t j, int64_t n, const Vec& factor, const Vec& vlse) const {
@@ -292,13 +321,14 @@ struct Rows {
       } else {
         RV::prefetch(x + j);
         p = RV::pad(RV::load(x + j, n), n, kNegInf<acc_t>);
-        if (static_cast<uint64_t>(c - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, c - j, kNegInf<acc_t>);
+        if (static_cast<uint64_t>(a - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, a - j, kNegInf<acc_t>);
+        if (static_cast<uint64_t>(b - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, b - j, kNegInf<acc_t>);
         for (int q = 0; q < RV::kParts; ++q) p.v[q] = vexp(p.v[q] - vlse);
       }
       return p;
     }
 
-    // f(p, j, n) over the blocks of the row; p is 0 at c and in lanes past n.
+    // f(p, j, n) over the blocks of the row; p is 0 at the targets and in lanes past n.
     template <typename F>
     void for_each(int64_t C, F&& f) const {
       int64_t b_idx = 0;
@@ -322,10 +352,6 @@ struct Rows {
         RV::write(g, b, end, stream, [&](int64_t j, int64_t n) { return f(at(j, n, factor, vlse), j, n); });
       });
     }
-  };
-
-  struct BceSums {
-    acc_t p, log1m, a;
   };
 
   // a_k = p / (1 - p) and log(1 - p) for the p_k off the arg-max (p <= 1/2).
@@ -361,9 +387,9 @@ struct Rows {
     return (-p).log1p();
   }
 
-  // Pass 2: sums over k not in {c, w} (w's lanes are masked to p = 0).
+  // Pass 2: sums over k not in {a, b, w} (w's lanes are masked to p = 0).
   template <bool kLossTerms>
-  FUSEDLOSS_ROW_PASS BceSums bce_sums(const PSource& src, int64_t c, int64_t w) const {
+  FUSEDLOSS_ROW_PASS BceSums<acc_t> bce_sums(const PSource& src, int64_t w) const {
     Vec sp(acc_t(0)), sl(acc_t(0)), sa(acc_t(0));
     src.for_each(pb.classes, [&](Step p, int64_t j, int64_t n) {
       if (static_cast<uint64_t>(w - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, w - j, acc_t(0));
@@ -379,116 +405,109 @@ struct Rows {
     return {RV::hsum(sp), RV::hsum(sl), RV::hsum(sa)};
   }
 
-  // log(1 - p_w) = lse_{k != w} - lse when pass 2's P lost its precision (a
-  // wrong class leads by ~41+ in fp32): a second lse over k not in {c, w}
-  // shifted by its own max. Rare, so a plain extra pass.
-  acc_t bce_log1m_pw_exact(const scalar_t* x, int64_t c, int64_t w, acc_t x_c, acc_t lse) const {
+  // log(1 - p_w) = lse_{k != w} - lse when pass 2's P lost its precision (a wrong class
+  // leads by ~41+ in fp32): a second lse, over k != w, shifted by its own max. Rare, so a
+  // plain extra pass.
+  acc_t bce_log1m_pw_exact(const scalar_t* x, int64_t w, acc_t lse) const {
     OnlineLse<scalar_t> acc;
-    for_ranges_without(pb.classes, c, w, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; j += kBlock<scalar_t>) acc.add_block(x, j, std::min(e, j + kBlock<scalar_t>));
-    });
-    return logaddexp(acc.lse(), x_c) - lse;
+    for_each_block<scalar_t>(pb.classes, [&](int64_t b, int64_t e) { acc.add_block(x, b, e, nullptr, nullptr, w); });
+    return acc.lse() - lse;
   }
 
   template <bool kSmooth>
-  void bce(int64_t i, bool forward, const Buffers& buf) const {
-    const int64_t c = pb.target[i];
+  void bce(int64_t i, bool forward, const Buffers& buf, const Parts& t) const {
+    const int64_t a = t.a, b = t.b;
     const scalar_t* x = row(i);
     scalar_t* g = grad_row(i);
-    const acc_t x_c = static_cast<acc_t>(x[c]);
-    const acc_t w_c = weight_of(c);
+    const acc_t x_a = static_cast<acc_t>(x[a]), x_b = static_cast<acc_t>(x[b]);
+    const acc_t w_a = weight_of(a), w_b = weight_of(b);
     acc_t* st = stats_row(i);
     // The forward always keeps the e_k (in a thread buffer without a gradient), so
     // its loss does not change a bit with compute_grad.
     acc_t* e = forward ? buf.e : nullptr;
-    acc_t* shifts = buf.shifts;
-    acc_t lse, lse_ex, weighted_x_sum = 0;
-    int64_t w;
     const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
     const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
     const acc_t W = static_cast<acc_t>(pb.weight_total);
+    const acc_t C = static_cast<acc_t>(pb.classes);
+    MixStats s{};
     if (forward) {
-      const auto acc = lse_pass<true, kSmooth>(x, c, e, shifts, g);
-      lse_ex = acc.lse();
-      lse = logaddexp(lse_ex, x_c);
-      w = acc.max > x_c ? acc.argmax : c;  // ties: c (then p_w <= 1/2 and both forms are exact)
-      if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_c * x_c;
-    } else {
-      lse = st[0];
-      lse_ex = st[1];
-      w = static_cast<int64_t>(st[3]);
+      s = mix_pass<true, kSmooth>(x, t, x_a, x_b, e, buf, g);
+    } else {  // stats: lse, lse_ex_a, log(1 - p_w), w
+      s.lse = st[0];
+      s.lse_ex_a = st[1];
+      s.w = static_cast<int64_t>(st[3]);
     }
-    const bool w_is_c = w == c;
+    const int64_t w = s.w;
+    const acc_t lse = s.lse;
     const acc_t x_w = static_cast<acc_t>(x[w]);
-    const PSource src{x, e, shifts, lse, c};
-    BceRow<acc_t> r;
+    const acc_t p_a = std::exp(x_a - lse), p_b = std::exp(x_b - lse);
+    const PSource src{x, e, buf.shifts, lse, a, b};
+    const BceSums<acc_t> sums = forward ? bce_sums<true>(src, w) : bce_sums<false>(src, w);
+    acc_t log1m_pw = st[2];
     if (forward) {
-      const BceSums s = bce_sums<true>(src, c, w);
-      acc_t log1m_pw = 0;
-      if (!w_is_c) {
-        const acc_t one_minus_pw = s.p + std::exp(x_c - lse);
-        log1m_pw = one_minus_pw >= bce_sum_floor<acc_t>() ? std::log(one_minus_pw)
-                                                          : bce_log1m_pw_exact(x, c, w, x_c, lse);
-      }
-      r = bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, log1m_pw, s.a);
-      const acc_t h = bce_loss<acc_t>(w_is_c, lse_ex - x_c, r.log1m_pw, s.log1m);
-      static_cast<acc_t*>(pb.loss_rows)[i] =
-          row_loss<acc_t>(h, w_c, lse, eps, acc_t(pb.classes), W, weighted_x_sum, z);
+      const Log1mPw<acc_t> l = bce_log1m_pw<acc_t>(w, a, b, lse, s.lse_ex_a, s.lse_ex_b, sums, p_a, p_b);
+      log1m_pw = l.exact ? l.value : bce_log1m_pw_exact(x, w, lse);
+    }
+    // Each part adds the other target's terms when that is neither its own nor w.
+    const auto pa = bce_part<acc_t>(w == a, b != a && b != w, lse, s.lse_ex_a, x_a, x_w, p_b, log1m_pw, sums);
+    const auto pbp = bce_part<acc_t>(w == b, a != b && a != w, lse, s.lse_ex_b, x_b, x_w, p_a, log1m_pw, sums);
+    if (forward) {
+      static_cast<acc_t*>(pb.loss_rows)[i] = mix_row_loss<acc_t>(t.k_a, pa.loss, w_a, t.k_b, pbp.loss, w_b, lse,
+                                                                 eps, C, W, s.weighted_x_sum, z);
       st[0] = lse;
-      st[1] = lse_ex;
-      st[2] = r.log1m_pw;
+      st[1] = s.lse_ex_a;
+      st[2] = log1m_pw;
       st[3] = static_cast<acc_t>(w);
-    } else {
-      r = bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, st[2], bce_sums<false>(src, c, w).a);
     }
     if (!g) return;
-    // As in target_only: a NaN in the row's scalars reaches the output through rs,
-    // since vexp clamps a NaN argument.
-    const bool nan_row = std::isnan(lse) || std::isnan(r.r) || std::isnan(r.log_aw);
     const acc_t go = grad_out(i);
-    ExtraTerms<acc_t> t = extra_terms<acc_t>(w_c * go, go, lse, eps, acc_t(pb.classes), W, z);
-    if (nan_row) t.own = std::numeric_limits<acc_t>::quiet_NaN();
-    // p_j a_w: -p_j when w == c; p_j * a_w while a_w is moderate (a subnormal p_j
-    // times a_w <= e^20 is below 1e-29); else exp(x_j - lse + log a_w).
-    const bool extra = t.extra != acc_t(0) || t.per_class != acc_t(0);
-    const int mode = w_is_c ? 0 : (r.log_aw <= acc_t(20) ? 1 : 2);
-    if (extra) {
-      if (mode == 0) bce_grad_pass<0, true>(src, g, r, t);
-      if (mode == 1) bce_grad_pass<1, true>(src, g, r, t);
-      if (mode == 2) bce_grad_pass<2, true>(src, g, r, t);
-    } else {
-      if (mode == 0) bce_grad_pass<0, false>(src, g, r, t);
-      if (mode == 1) bce_grad_pass<1, false>(src, g, r, t);
-      if (mode == 2) bce_grad_pass<2, false>(src, g, r, t);
+    ExtraTerms<acc_t> ta = part_terms<acc_t>(t.k_a, w_a, go, lse, eps, C, W, z);
+    ExtraTerms<acc_t> tb = part_terms<acc_t>(t.k_b, w_b, go, lse, eps, C, W, z);
+    if (t.same) ta = sum_terms(ta, tb);
+    // As in target_only: a NaN in the row's scalars reaches the output through the
+    // coefficients, since vexp clamps a NaN argument.
+    if (std::isnan(lse) || std::isnan(pa.row.r) || std::isnan(pa.row.log_aw) || std::isnan(pbp.row.r) ||
+        std::isnan(pbp.row.log_aw)) {
+      ta.own = tb.own = std::numeric_limits<acc_t>::quiet_NaN();
     }
-    // The arg-max and the target: their own forms, plus extra p_j - per_class w_j.
-    auto with_extra = [&](acc_t own_g, int64_t j, acc_t x_j) {
-      return static_cast<scalar_t>(with_extra_terms<acc_t>(own_g, t, x_j, lse, weight_of(j)));
-    };
-    g[w] = with_extra(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, r.log1m_pw, r.r), w, x_w);
-    if (!w_is_c) g[c] = with_extra(bce_grad_target<acc_t>(x_c, lse, r.r, r.log_aw), c, x_c);
+    BceGradCoef<acc_t> k{};
+    add_bce_part<acc_t>(k, w == a, pa.row, ta);
+    if (!t.same) add_bce_part<acc_t>(k, w == b, pbp.row, tb);
+    // p_j a_w: exp(x_j - lse + log a_w) in the pass when a_w is large; while it is
+    // moderate (a subnormal p_j times a_w <= e^20 is below 1e-29), a factor of p_j.
+    if (k.aw != acc_t(0) && k.log_aw <= acc_t(20)) {
+      k.p += k.aw * std::exp(k.log_aw);
+      k.aw = acc_t(0);
+    }
+    const bool aw_exp = k.aw != acc_t(0), per_class = k.per_class != acc_t(0);
+    if (aw_exp) {
+      per_class ? bce_grad_pass<true, true>(src, g, k) : bce_grad_pass<true, false>(src, g, k);
+    } else {
+      per_class ? bce_grad_pass<false, true>(src, g, k) : bce_grad_pass<false, false>(src, g, k);
+    }
+    // The arg-max and the targets: each part's own form (losses.h, bce_entry).
+    for (const int64_t j : {w, a, b}) {
+      const acc_t x_j = static_cast<acc_t>(x[j]), w_j = weight_of(j);
+      acc_t v = bce_entry<acc_t>(j, w, a, x_j, lse, w_j, pa.row, ta);
+      if (!t.same) v += bce_entry<acc_t>(j, w, b, x_j, lse, w_j, pbp.row, tb);
+      g[j] = static_cast<scalar_t>(v);
+    }
   }
 
-  // Pass 3: g_j = (a_j - p_j R - p_j a_w) own [+ extra p_j - per_class w_j] for every j
-  // but c (w is overwritten after).
-  template <int kAwMode, bool kExtra>
-  FUSEDLOSS_ROW_PASS void bce_grad_pass(const PSource& src, scalar_t* g, const BceRow<acc_t>& r,
-                                        const ExtraTerms<acc_t>& terms) const {
-    const Vec vr(r.r), vrs(terms.own), vlse(src.lse), log_aw(r.log_aw);
-    const Vec vextra(terms.extra), vpc(terms.per_class);
-    const Vec aw(kAwMode == 1 ? std::exp(r.log_aw) : acc_t(0));
+  // Pass 3: g_j = odds a_j - p p_j - aw p_j a_w - per_class w_j (losses.h, BceGradCoef)
+  // for every j (w and the targets are overwritten after).
+  template <bool kAwExp, bool kPerClass>
+  FUSEDLOSS_ROW_PASS void bce_grad_pass(const PSource& src, scalar_t* g, const BceGradCoef<acc_t>& k) const {
+    const Vec vodds(k.odds), vp(k.p), vaw(k.aw), vpc(k.per_class), vlse(src.lse), log_aw(k.log_aw);
     src.write(g, pb.classes, stream, [&](Step p, int64_t j, int64_t n) {
       Step t, w;
-      if constexpr (kAwMode == 2) t = RV::load(src.x + j, n);
-      if (kExtra && weight) w = RV::load_acc(weight + j, n);
+      if constexpr (kAwExp) t = RV::load(src.x + j, n);
+      if (kPerClass && weight) w = RV::load_acc(weight + j, n);
       const bool small = all_small(p);
       for (int q = 0; q < RV::kParts; ++q) {
-        Vec gq = odds(p.v[q], small) - p.v[q] * vr;
-        if constexpr (kAwMode == 0) gq = gq + p.v[q];
-        if constexpr (kAwMode == 1) gq = gq - p.v[q] * aw;
-        if constexpr (kAwMode == 2) gq = gq - vexp(t.v[q] - vlse + log_aw);
-        gq = gq * vrs;
-        if constexpr (kExtra) gq = gq + p.v[q] * vextra - (weight ? vpc * w.v[q] : vpc);
+        Vec gq = vodds * odds(p.v[q], small) - vp * p.v[q];
+        if constexpr (kAwExp) gq = gq - vaw * vexp(t.v[q] - vlse + log_aw);
+        if constexpr (kPerClass) gq = gq - (weight ? vpc * w.v[q] : vpc);
         p.v[q] = gq;
       }
       return p;
@@ -500,7 +519,8 @@ struct Rows {
   // the math type, with the cap's slopes beside it; the kernels of the math type run on
   // that one row (into a gradient buffer), and the gradient w.r.t. the logits is their
   // gradient times the slopes. Two extra passes over an in-cache row and one exp per
-  // element on top of the uncapped loss.
+  // element on top of the uncapped loss. Mixup's rows likewise (the row's two targets
+  // and lam go with it).
   // ------------------------------------------------------------------------
   void capped_row(int64_t i, bool forward) const {
     const int64_t C = pb.classes;
@@ -530,6 +550,10 @@ struct Rows {
     one_row.rows = 1;
     one_row.row_stride = C;
     one_row.target = pb.target + i;
+    if (pb.target_b) {
+      one_row.target_b = pb.target_b + i;
+      one_row.lam = static_cast<const acc_t*>(pb.lam) + i;
+    }
     one_row.cfg.softcap = 0;
     one_row.stats = stats_row(i);
     one_row.loss_rows = forward ? static_cast<acc_t*>(pb.loss_rows) + i : nullptr;
@@ -656,6 +680,10 @@ struct Rows {
       } else if (pb.target_b) {
         if (pb.target[i] == pb.cfg.ignore_index && pb.target_b[i] == pb.cfg.ignore_index) {
           ignore_row(i, forward);
+        } else if (pb.cfg.softcap > 0) {
+          capped_row(i, forward);
+        } else if (pb.cfg.variant == kBCE) {
+          smooth ? bce<true>(i, forward, buf, two_targets(i)) : bce<false>(i, forward, buf, two_targets(i));
         } else {
           smooth ? mix_target_only<true>(i, forward, buf) : mix_target_only<false>(i, forward, buf);
         }
@@ -664,7 +692,7 @@ struct Rows {
       } else if (pb.cfg.softcap > 0) {
         capped_row(i, forward);
       } else if (pb.cfg.variant == kBCE) {
-        smooth ? bce<true>(i, forward, buf) : bce<false>(i, forward, buf);
+        smooth ? bce<true>(i, forward, buf, one_target(i)) : bce<false>(i, forward, buf, one_target(i));
       } else if (smooth) {
         target_only<true>(i, forward, buf);
       } else {

@@ -24,7 +24,8 @@ struct RowsProblem {
   int64_t probs_stride;
   // Mixup's second target (rows,) and lam (rows,) acc, or nullptr: the row loss is then
   // lam L(target) * mix_scale_a + (1 - lam) L(target_b) * mix_scale_b (the scales: 'mean''s
-  // 1 / denominator of each part, else 1), stats (lse, lse_ex_a, lse_ex_b, 0).
+  // 1 / denominator of each part, else 1), stats (lse, lse_ex_a, lse_ex_b, 0); for bce
+  // (lse, lse_ex_a, log(1 - p_w), w), the one-target layout with target a.
   const int64_t* target_b;
   const void* lam;
   double mix_scale_a, mix_scale_b;

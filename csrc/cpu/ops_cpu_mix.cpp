@@ -1,9 +1,9 @@
 // CPU implementations of fusedloss::ext_mix_fwd / ext_mix_bwd: mixup's two targets,
 //   lam L(x, target_a) + (1 - lam) L(x, target_b)
-// for the target-only losses (ce, nllr, crl, lace, focal), each part reduced as the
-// loss alone would be ('mean': its own denominator), one read of each row
-// (kernels.cpp, mix_target_only). bce takes two passes of the one-target op instead
-// (fusedloss.mixup); this op refuses it.
+// for every loss, each part reduced as the loss alone would be ('mean': its own
+// denominator), one read of each row for both targets' statistics and one gradient write
+// (kernels.cpp: mix_target_only for ce/nllr/crl/lace/focal, bce for bce, capped_row with a
+// soft cap). Stats: (lse, lse_ex_a, lse_ex_b, 0); bce's (lse, lse_ex_a, log(1 - p_w), w).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -11,6 +11,8 @@
 #include "kernels.h"
 #include "ops_cpu_common.h"
 #include "row_sum.h"
+
+#include <limits>
 
 namespace fusedloss::cpu {
 namespace {
@@ -24,19 +26,13 @@ struct MixInputs {
 MixInputs prepare_mix(const at::Tensor& logits, const at::Tensor& target_a, const at::Tensor& target_b,
                       const at::Tensor& lam, const std::optional<at::Tensor>& weight, const LossConfig& cfg,
                       const char* op) {
-  check_inputs(logits, target_a, weight, op);
-  check_inputs(logits, target_b, weight, op);
-  TORCH_CHECK(cfg.variant != kBCE, op, ": bce has no fused two-target kernel (fusedloss runs it as two passes)");
-  TORCH_CHECK(cfg.softcap == 0.0, op, ": softcap with two targets runs as two passes (fusedloss.mixup)");
-  TORCH_CHECK(lam.dim() == 1 && lam.size(0) == logits.size(0), op, ": lam must be (", logits.size(0),
-              ",); got ", lam.sizes());
-  TORCH_CHECK(lam.is_floating_point() && lam.device() == logits.device(), op,
-              ": lam must be a floating tensor on the logits' device");
+  const at::Tensor lam_acc = check_mix_inputs(logits, target_a, target_b, lam, weight, op);
+  check_bce_classes(cfg, logits);
   MixInputs in;
   in.weight = weight_in_acc(weight, logits);
   in.a = check_targets(target_a, in.weight, logits.size(1), cfg.ignore_index);
   in.b = check_targets(target_b, in.weight, logits.size(1), cfg.ignore_index);
-  in.lam = lam.to(acc_dtype(logits)).contiguous();
+  in.lam = lam_acc;
   in.cfg = cfg;
   return in;
 }
@@ -46,7 +42,7 @@ RowsProblem mix_problem(const at::Tensor& logits, const MixInputs& in) {
   pb.target_b = in.b.target.const_data_ptr<int64_t>();
   pb.lam = in.lam.const_data_ptr();
   const bool mean = in.cfg.reduction == kMean;
-  // 0/0 = NaN for a part without counted rows, as that part's 'mean' alone would give.
+  // A part without counted rows: 1/0, used by no row (ext_mix_fwd_cpu makes 'mean' NaN).
   pb.mix_scale_a = mean ? 1.0 / in.a.denominator : 1.0;
   pb.mix_scale_b = mean ? 1.0 / in.b.denominator : 1.0;
   return pb;
@@ -68,7 +64,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_mix_fwd_cpu(
   kernels_for_this_cpu().forward(pb);
   at::Tensor loss = out.loss_rows;
   // The rows already carry each part's 1/denominator: 'mean' and 'sum' both add them up.
-  if (reduction != kNone) loss = at::scalar_tensor(sum_in_row_order(loss), loss.options());
+  // A part without counted rows makes 'mean' NaN (0/0), as that part's 'mean' alone would;
+  // its rows add 0 (k = 0 where the target is ignored), so the NaN is added here.
+  if (reduction != kNone) {
+    double total = sum_in_row_order(loss);
+    if (reduction == kMean && (in.a.denominator == 0 || in.b.denominator == 0)) {
+      total = std::numeric_limits<double>::quiet_NaN();
+    }
+    loss = at::scalar_tensor(total, loss.options());
+  }
   return {loss, out.stats, out.grad};
 }
 

@@ -435,14 +435,4 @@ struct OnlineLse {
   }
 };
 
-// Calls f(begin, end) for the (up to three) ranges of [0, n) left when the
-// indices a and b are taken out (a == b is one index).
-template <typename F>
-inline void for_ranges_without(int64_t n, int64_t a, int64_t b, F&& f) {
-  const int64_t lo = std::min(a, b), hi = std::max(a, b);
-  if (lo > 0) f(int64_t(0), lo);
-  if (hi > lo + 1) f(lo + 1, hi);
-  if (n > hi + 1) f(hi + 1, n);
-}
-
 }  // namespace fusedloss::cpu::CPU_CAPABILITY

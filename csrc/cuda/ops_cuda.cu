@@ -1,4 +1,5 @@
-// CUDA implementations of fusedloss::ext_fwd / ext_bwd: checks on metadata, the
+// CUDA implementations of fusedloss::ext_fwd / ext_bwd (and the soft-target and mixup
+// pairs, ext_soft_* / ext_mix_*): checks on metadata, the
 // 'mean' denominator and label smoothing's weight total as device scalars (no
 // host synchronization), one block per row (row_kernels.cuh) on the current
 // stream, then the reduction of the row losses on the device.
@@ -66,6 +67,10 @@ void launch_kind(const RowsArgs& a, bool vec, bool forward, int threads, int64_t
 template <typename scalar_t>
 void launch_typed(const RowsArgs& a, bool vec, bool forward, int threads, int64_t blocks) {
   if (a.probs) return launch_kind<scalar_t, kSoftRows>(a, vec, forward, threads, blocks);
+  if (a.target_b) {
+    if (a.cfg.variant == kBCE) return launch_kind<scalar_t, kMixBceRows>(a, vec, forward, threads, blocks);
+    return launch_kind<scalar_t, kMixTargetOnlyRows>(a, vec, forward, threads, blocks);
+  }
   if (a.cfg.variant == kBCE) return launch_kind<scalar_t, kBceRows>(a, vec, forward, threads, blocks);
   launch_kind<scalar_t, kTargetOnlyRows>(a, vec, forward, threads, blocks);
 }
@@ -94,6 +99,30 @@ void launch(const RowsArgs& a, const at::Tensor& logits, bool forward) {
     default:
       TORCH_CHECK(false, "fusedloss: unsupported logits dtype ", logits.scalar_type());
   }
+}
+
+// The forward of a call: the outputs, the kernels over a's rows (a gets the output pointers).
+ForwardOutputs run_forward(RowsArgs a, const at::Tensor& logits, bool compute_grad) {
+  ForwardOutputs out = allocate_forward(logits, compute_grad);
+  a.stats = out.stats.mutable_data_ptr();
+  a.loss_rows = out.loss_rows.mutable_data_ptr();
+  a.grad = compute_grad ? out.grad.mutable_data_ptr() : nullptr;
+  launch(a, logits, /*forward=*/true);
+  return out;
+}
+
+// The backward op of a call: the gradient from the forward's stats and grad_loss.
+at::Tensor run_backward(RowsArgs a, const at::Tensor& logits, const at::Tensor& stats, const at::Tensor& grad_loss) {
+  const auto acc = acc_dtype(logits);
+  const at::Tensor st = stats.to(acc).contiguous();
+  const at::Tensor go = grad_loss.to(acc);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  a.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
+  a.grad = grad.mutable_data_ptr();
+  a.grad_loss = go.const_data_ptr();
+  a.grad_loss_stride = go.dim() == 0 ? 0 : go.stride(0);
+  launch(a, logits, /*forward=*/false);
+  return grad;
 }
 
 // Device tensors a call keeps alive while its kernel runs.
@@ -137,12 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_fwd_cuda(
                   softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight, cfg);
-  ForwardOutputs out = allocate_forward(logits, compute_grad);
-  RowsArgs a = make_args(logits, p, cfg);
-  a.stats = out.stats.mutable_data_ptr();
-  a.loss_rows = out.loss_rows.mutable_data_ptr();
-  a.grad = compute_grad ? out.grad.mutable_data_ptr() : nullptr;
-  launch(a, logits, /*forward=*/true);
+  const ForwardOutputs out = run_forward(make_args(logits, p, cfg), logits, compute_grad);
   at::Tensor loss = out.loss_rows;
   if (reduction == kSum) loss = loss.sum();
   if (reduction == kMean) loss = loss.sum() / p.denominator;  // 0/0 = NaN with no rows, as PyTorch
@@ -159,18 +183,70 @@ at::Tensor ext_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, c
                   softcap);
   check_backward_inputs(grad_loss, logits, stats, cfg);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = acc_dtype(logits);
   const Prepared p = prepare(logits, target, weight, cfg);
-  const at::Tensor st = stats.to(acc).contiguous();
-  const at::Tensor go = grad_loss.to(acc);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  RowsArgs a = make_args(logits, p, cfg);
-  a.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
-  a.grad = grad.mutable_data_ptr();
-  a.grad_loss = go.const_data_ptr();
-  a.grad_loss_stride = go.dim() == 0 ? 0 : go.stride(0);
-  launch(a, logits, /*forward=*/false);
-  return grad;
+  return run_backward(make_args(logits, p, cfg), logits, stats, grad_loss);
+}
+
+// Mixup's two targets, lam L(x, target_a) + (1 - lam) L(x, target_b), every loss, each part
+// reduced as the loss alone would be: the same row kernels with RowsArgs::target_b (one
+// read of the row for both targets' statistics, one gradient write). 'mean''s two
+// denominators stay device scalars; the rows carry each part's 1/denominator, so 'mean' and
+// 'sum' both add them up. Stats as the CPU op's: (lse, lse_ex_a, lse_ex_b, 0), bce's
+// (lse, lse_ex_a, log(1 - p_w), w).
+struct MixPrepared {
+  Prepared a, b;
+  at::Tensor lam;
+};
+
+MixPrepared prepare_mix(const at::Tensor& logits, const at::Tensor& target_a, const at::Tensor& target_b,
+                        const at::Tensor& lam, const std::optional<at::Tensor>& weight, const LossConfig& cfg,
+                        const char* op) {
+  const at::Tensor lam_acc = check_mix_inputs(logits, target_a, target_b, lam, weight, op);
+  return {prepare(logits, target_a, weight, cfg), prepare(logits, target_b, weight, cfg), lam_acc};
+}
+
+RowsArgs mix_args(const at::Tensor& logits, const MixPrepared& p, const LossConfig& cfg) {
+  RowsArgs a = make_args(logits, p.a, cfg);
+  a.denominator = nullptr;  // in each part's k instead
+  a.target_b = p.b.target.const_data_ptr<int64_t>();
+  a.lam = p.lam.const_data_ptr();
+  a.mix_denominator_a = p.a.denominator.defined() ? p.a.denominator.const_data_ptr() : nullptr;
+  a.mix_denominator_b = p.b.denominator.defined() ? p.b.denominator.const_data_ptr() : nullptr;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_mix_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& lam,
+    const std::optional<at::Tensor>& weight, int64_t variant, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, double alpha, double beta, double gamma, double z_loss, double softcap,
+    bool compute_grad) {
+  const LossConfig cfg =
+      make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const MixPrepared p = prepare_mix(logits, target_a, target_b, lam, weight, cfg, "fusedloss::ext_mix_fwd");
+  const ForwardOutputs out = run_forward(mix_args(logits, p, cfg), logits, compute_grad);
+  at::Tensor loss = out.loss_rows;
+  if (reduction != kNone) loss = loss.sum();
+  if (reduction == kMean) {
+    // A part without counted rows makes 'mean' NaN (0/0), as that part's 'mean' alone would;
+    // its rows add 0 (k = 0 where the target is ignored), so the NaN is added here.
+    const at::Tensor empty_part = p.a.denominator.eq(0).logical_or(p.b.denominator.eq(0));
+    loss = at::where(empty_part, at::full({}, NAN, loss.options()), loss);
+  }
+  return {loss, out.stats, out.grad};
+}
+
+at::Tensor ext_mix_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target_a,
+                            const at::Tensor& target_b, const at::Tensor& lam,
+                            const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t variant,
+                            int64_t reduction, int64_t ignore_index, double label_smoothing, double alpha,
+                            double beta, double gamma, double z_loss, double softcap) {
+  const LossConfig cfg =
+      make_config(variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const MixPrepared p = prepare_mix(logits, target_a, target_b, lam, weight, cfg, "fusedloss::ext_mix_bwd");
+  check_backward_inputs(grad_loss, logits, stats, cfg);
+  return run_backward(mix_args(logits, p, cfg), logits, stats, grad_loss);
 }
 
 // Class-probability targets (ce): PyTorch's 'mean' divides by the number of rows N, a
@@ -198,12 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_soft_fwd_cuda(
   const auto acc = acc_dtype(logits);
   const at::Tensor w = weight_in_acc(weight, logits);
   const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
-  ForwardOutputs out = allocate_forward(logits, compute_grad);
-  RowsArgs a = soft_args(logits, y, w, n, reduction, label_smoothing);
-  a.stats = out.stats.mutable_data_ptr();
-  a.loss_rows = out.loss_rows.mutable_data_ptr();
-  a.grad = compute_grad ? out.grad.mutable_data_ptr() : nullptr;
-  launch(a, logits, /*forward=*/true);
+  const ForwardOutputs out = run_forward(soft_args(logits, y, w, n, reduction, label_smoothing), logits, compute_grad);
   at::Tensor loss = out.loss_rows;
   if (reduction == kSum) loss = loss.sum();
   if (reduction == kMean) loss = loss.sum() / n;
@@ -220,16 +291,7 @@ at::Tensor ext_soft_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logi
   const auto acc = acc_dtype(logits);
   const at::Tensor w = weight_in_acc(weight, logits);
   const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
-  const at::Tensor st = stats.to(acc).contiguous();
-  const at::Tensor go = grad_loss.to(acc);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  RowsArgs a = soft_args(logits, y, w, n, reduction, label_smoothing);
-  a.stats = const_cast<void*>(st.const_data_ptr());  // read only in backward
-  a.grad = grad.mutable_data_ptr();
-  a.grad_loss = go.const_data_ptr();
-  a.grad_loss_stride = go.dim() == 0 ? 0 : go.stride(0);
-  launch(a, logits, /*forward=*/false);
-  return grad;
+  return run_backward(soft_args(logits, y, w, n, reduction, label_smoothing), logits, stats, grad_loss);
 }
 
 }  // namespace
@@ -239,6 +301,8 @@ TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("ext_bwd", &ext_bwd_cuda);
   m.impl("ext_soft_fwd", &ext_soft_fwd_cuda);
   m.impl("ext_soft_bwd", &ext_soft_bwd_cuda);
+  m.impl("ext_mix_fwd", &ext_mix_fwd_cuda);
+  m.impl("ext_mix_bwd", &ext_mix_bwd_cuda);
 }
 
 }  // namespace fusedloss::cuda

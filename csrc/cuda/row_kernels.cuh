@@ -26,6 +26,13 @@ struct RowsArgs {
   const void* logits;  // (N, C), unit class stride, row_stride between rows
   int64_t rows, classes, row_stride;
   const int64_t* target;       // (N,); out-of-range values are clamped and the row marked NaN
+  // Mixup's second target (N,) and lam (N,) acc, or nullptr: row loss k_a L(target) + k_b L(target_b)
+  // with k_a = lam / mix_denominator_a, k_b = (1 - lam) / mix_denominator_b (device scalars acc:
+  // each part's 'mean' denominator, or nullptr: 1); `denominator` is then nullptr.
+  const int64_t* target_b;
+  const void* lam;
+  const void* mix_denominator_a;
+  const void* mix_denominator_b;
   const void* probs;           // class-probability targets (ce) instead of target: (N, C), unit class stride
   int64_t probs_stride;
   const void* weight;          // (C,) acc, or nullptr
@@ -89,27 +96,54 @@ __device__ __forceinline__ acc_t nan_value() {
   return std::numeric_limits<acc_t>::quiet_NaN();
 }
 
-// Everything a row kernel needs to know about row i before its passes.
-template <typename scalar_t>
+// Everything a row kernel needs to know about row i before its passes: its targets,
+// one (b == a, k_b = 0) or mixup's two (RowsArgs::target_b), each part weighted by k
+// (lam or 1 - lam times 'mean''s 1/denominator of its part; 0 for an ignored part,
+// whose target is then the other's). kMix: a kernel of its own, so the one-target kernels
+// keep their registers.
+template <typename scalar_t, bool kMix>
 struct RowView {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
-  scalar_t* g;  // nullptr: no gradient
-  int64_t c;    // target, clamped into [0, C) when out of range
-  bool ignored, bad;
-  acc_t w_c;
+  scalar_t* g;   // nullptr: no gradient
+  int64_t a, b;  // targets, clamped into [0, C) when out of range
+  bool same;     // a == b: one part, the terms of both summed
+  bool bad;      // a target out of range: NaN loss and gradient
+  acc_t k_a, k_b, w_a, w_b;
 
-  __device__ RowView(const RowsArgs& a, int64_t i) {
-    x = static_cast<const scalar_t*>(a.logits) + i * a.row_stride;
-    g = a.grad ? static_cast<scalar_t*>(a.grad) + i * a.classes : nullptr;
-    const int64_t t = a.target[i];
-    ignored = t == a.cfg.ignore_index;
+  __device__ RowView(const RowsArgs& args, int64_t i) {
+    x = static_cast<const scalar_t*>(args.logits) + i * args.row_stride;
+    g = args.grad ? static_cast<scalar_t*>(args.grad) + i * args.classes : nullptr;
+    const int64_t ignore = args.cfg.ignore_index, C = args.classes;
+    const int64_t ta = args.target[i], tb = kMix ? args.target_b[i] : ta;
+    const bool ign_a = ta == ignore, ign_b = tb == ignore;
     // Never read with a bad index: clamp it, and mark the row's loss and gradient NaN.
-    bad = !ignored && (t < 0 || t >= a.classes);
-    c = ignored || bad ? 0 : t;
-    w_c = a.weight ? static_cast<const acc_t*>(a.weight)[c] : acc_t(1);
+    const bool bad_a = !ign_a && (ta < 0 || ta >= C), bad_b = !ign_b && (tb < 0 || tb >= C);
+    bad = bad_a || bad_b;
+    a = ign_a || bad_a ? 0 : ta;
+    b = ign_b || bad_b ? 0 : tb;
+    k_a = acc_t(1);
+    k_b = acc_t(0);
+    if constexpr (kMix) {
+      const acc_t lam = static_cast<const acc_t*>(args.lam)[i];
+      k_a = lam * (args.mix_denominator_a ? acc_t(1) / *static_cast<const acc_t*>(args.mix_denominator_a) : acc_t(1));
+      k_b = (acc_t(1) - lam) *
+            (args.mix_denominator_b ? acc_t(1) / *static_cast<const acc_t*>(args.mix_denominator_b) : acc_t(1));
+    }
+    if (ign_a) a = b, k_a = acc_t(0);
+    if (ign_b) b = a, k_b = acc_t(0);
+    same = !kMix || a == b;
+    const acc_t* weight = static_cast<const acc_t*>(args.weight);
+    w_a = weight ? weight[a] : acc_t(1);
+    w_b = kMix ? (weight ? weight[b] : acc_t(1)) : w_a;
   }
 };
+
+// Whether row i counts at all (every target ignored: loss 0, gradient 0). Block-uniform.
+template <bool kMix>
+__device__ __forceinline__ bool row_ignored(const RowsArgs& a, int64_t i) {
+  return a.target[i] == a.cfg.ignore_index && (!kMix || a.target_b[i] == a.cfg.ignore_index);
+}
 
 // A logit as the loss reads it: soft-capped when cfg.softcap > 0 (losses.h).
 template <typename acc_t>
@@ -129,7 +163,7 @@ __device__ __forceinline__ acc_t weight_total(const RowsArgs& a) {
 }
 
 // dLoss/dloss_i without the class weight: the backward's grad_loss (1 in the
-// forward), over 'mean''s denominator.
+// forward), over 'mean''s denominator (one target; mixup's parts carry theirs in k).
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_out(const RowsArgs& a, int64_t i) {
   acc_t go = a.grad_loss ? static_cast<const acc_t*>(a.grad_loss)[i * a.grad_loss_stride] : acc_t(1);
@@ -137,56 +171,90 @@ __device__ __forceinline__ acc_t grad_out(const RowsArgs& a, int64_t i) {
   return go;
 }
 
+// The forward's first pass over a row with targets a and b: the lse over k not in {a, b},
+// and from it both lse_ex (exact, as for one target), lse, the smoothing sum, and the
+// row's arg-max w (bce; ties: a target).
+template <typename acc_t>
+struct RowStats {
+  acc_t lse, lse_ex_a, lse_ex_b, x_sum;
+  int64_t w;
+};
+
+template <typename scalar_t, bool kVec, bool kMix>
+__device__ RowStats<at::opmath_type<scalar_t>> first_pass(const RowsArgs& a, const RowView<scalar_t, kMix>& r,
+                                                          at::opmath_type<scalar_t> x_a,
+                                                          at::opmath_type<scalar_t> x_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const bool smooth = a.cfg.label_smoothing != 0;
+  LseState<acc_t> s = LseState<acc_t>::empty();
+  acc_t xs[1] = {acc_t(0)};
+  visit_row<scalar_t, kVec>(r.x, a.classes, [&](int64_t j, acc_t v) {
+    if (j == r.a || j == r.b) return;
+    v = loss_logit<acc_t>(a, v);
+    s.add(v, j);
+    if (smooth) xs[0] += weight ? weight[j] * v : v;
+  });
+  s = block_merge(s);
+  RowStats<acc_t> st;
+  st.x_sum = 0;
+  if (smooth) {
+    block_sum(xs);
+    st.x_sum = xs[0] + r.w_a * x_a + (r.same ? acc_t(0) : r.w_b * x_b);
+  }
+  const acc_t rest = s.lse();
+  st.lse_ex_a = r.same ? rest : logaddexp(rest, x_b);
+  st.lse_ex_b = r.same ? rest : logaddexp(rest, x_a);
+  st.lse = logaddexp(st.lse_ex_a, x_a);
+  st.w = s.max > (x_a > x_b ? x_a : x_b) ? s.arg : (x_b > x_a ? r.b : r.a);
+  return st;
+}
+
 // ---------------------------------------------------------------------------
-// ce, nllr, crl, lace, focal
+// ce, nllr, crl, lace, focal (one target, or mixup's two: losses.h mix_grad)
 // ---------------------------------------------------------------------------
-template <typename scalar_t, bool kVec>
+template <typename scalar_t, bool kVec, bool kMix>
 __device__ void target_only_row(const RowsArgs& a, int64_t i, bool forward) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowView<scalar_t> r(a, i);
+  const RowView<scalar_t, kMix> r(a, i);
   const int64_t C = a.classes;
   acc_t* st = static_cast<acc_t*>(a.stats) + i * kStatsCols;
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
   const acc_t eps = static_cast<acc_t>(a.cfg.label_smoothing);
-  const acc_t x_c = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[r.c]));
+  const acc_t x_a = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[r.a]));
+  const acc_t x_b = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[r.b]));
   const acc_t z = static_cast<acc_t>(a.cfg.z_loss);
-  acc_t lse, lse_ex, x_sum = 0;
+  RowStats<acc_t> s{};
   if (forward) {
-    LseState<acc_t> s = LseState<acc_t>::empty();
-    acc_t xs[1] = {acc_t(0)};
-    visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
-      if (j == r.c) return;
-      v = loss_logit<acc_t>(a, v);
-      s.add(v, j);
-      if (eps != acc_t(0)) xs[0] += weight ? weight[j] * v : v;
-    });
-    s = block_merge(s);
-    if (eps != acc_t(0)) {
-      block_sum(xs);
-      x_sum = xs[0] + r.w_c * x_c;
-    }
-    lse_ex = s.lse();
-    lse = logaddexp(lse_ex, x_c);
-  } else {
-    lse = st[0];
-    lse_ex = st[1];
+    s = first_pass<scalar_t, kVec, kMix>(a, r, x_a, x_b);
+  } else {  // stats: lse, lse_ex_a, lse_ex_b (one target: 0)
+    s.lse = st[0];
+    s.lse_ex_a = st[1];
+    s.lse_ex_b = r.same ? st[1] : st[2];
   }
-  const auto terms = target_only_terms<acc_t>(a.cfg.variant, lse_ex - x_c, a.cfg.alpha, a.cfg.beta, a.cfg.gamma);
+  const auto& cfg = a.cfg;
+  const auto ta = target_only_terms<acc_t>(cfg.variant, s.lse_ex_a - x_a, cfg.alpha, cfg.beta, cfg.gamma);
+  const auto tb = target_only_terms<acc_t>(cfg.variant, s.lse_ex_b - x_b, cfg.alpha, cfg.beta, cfg.gamma);
   const acc_t W = weight_total<acc_t>(a);
   if (forward && threadIdx.x == 0) {
-    const acc_t loss = row_loss<acc_t>(terms.loss, r.w_c, lse, eps, acc_t(C), W, x_sum, z);
+    const acc_t loss =
+        mix_row_loss<acc_t>(r.k_a, ta.loss, r.w_a, r.k_b, tb.loss, r.w_b, s.lse, eps, acc_t(C), W, s.x_sum, z);
     static_cast<acc_t*>(a.loss_rows)[i] = r.bad ? nan_value<acc_t>() : loss;
-    st[0] = lse;
-    st[1] = lse_ex;
-    st[2] = st[3] = acc_t(0);
+    st[0] = s.lse;
+    st[1] = s.lse_ex_a;
+    st[2] = kMix ? s.lse_ex_b : acc_t(0);
+    st[3] = acc_t(0);
   }
   if (!r.g) return;
   const acc_t go = grad_out<acc_t>(a, i);
-  const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, r.w_c,
-                                         extra_terms<acc_t>(r.w_c * go, go, lse, eps, acc_t(C), W, z));
+  const auto k = target_only_mix_grad<acc_t>(r.same, s.lse, s.lse_ex_a, s.lse_ex_b, x_a, x_b, ta.log_s, tb.log_s,
+                                             r.w_a, r.w_b,
+                                             part_terms<acc_t>(r.k_a, r.w_a, go, s.lse, eps, acc_t(C), W, z),
+                                             part_terms<acc_t>(r.k_b, r.w_b, go, s.lse, eps, acc_t(C), W, z));
   map_row<scalar_t, kVec>(r.x, r.g, C, [&](int64_t j, acc_t v) {
     if (r.bad) return nan_value<acc_t>();
-    if (j == r.c) return raw_grad<acc_t>(a, k.target, v);
+    if (j == r.a) return raw_grad<acc_t>(a, k.target_a, v);
+    if (j == r.b) return raw_grad<acc_t>(a, k.target_b, v);
     acc_t gj = std::exp(loss_logit<acc_t>(a, v) - k.shift) * k.scale;
     if (eps != acc_t(0)) gj -= k.smooth * (weight ? weight[j] : acc_t(1));
     return raw_grad<acc_t>(a, gj, v);
@@ -194,101 +262,99 @@ __device__ void target_only_row(const RowsArgs& a, int64_t i, bool forward) {
 }
 
 // ---------------------------------------------------------------------------
-// bce: lse_ex and the arg-max w; sums over k not in {c, w}; the gradient.
+// bce (one target, or mixup's two: both parts share lse, w and log(1 - p_w), each has
+// its own R and loss, losses.h bce_part): lse_ex and the arg-max w; the sums over k not
+// in {a, b, w}; the gradient of all parts.
 // ---------------------------------------------------------------------------
-template <typename scalar_t, bool kVec>
+template <typename scalar_t, bool kVec, bool kMix>
 __device__ void bce_row(const RowsArgs& a, int64_t i, bool forward) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowView<scalar_t> r(a, i);
-  const int64_t C = a.classes, c = r.c;
+  const RowView<scalar_t, kMix> r(a, i);
+  const int64_t C = a.classes;
   acc_t* st = static_cast<acc_t*>(a.stats) + i * kStatsCols;
-  const acc_t x_c = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[c]));
+  const acc_t x_a = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[r.a]));
+  const acc_t x_b = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[r.b]));
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
   const acc_t eps = static_cast<acc_t>(a.cfg.label_smoothing);
   const acc_t z = static_cast<acc_t>(a.cfg.z_loss);
-  acc_t lse, lse_ex, x_sum = 0;
-  int64_t w;
+  const acc_t W = weight_total<acc_t>(a);
+  RowStats<acc_t> s{};
   if (forward) {
-    LseState<acc_t> s = LseState<acc_t>::empty();
-    acc_t xs[1] = {acc_t(0)};
-    visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
-      if (j == c) return;
-      v = loss_logit<acc_t>(a, v);
-      s.add(v, j);
-      if (eps != acc_t(0)) xs[0] += weight ? weight[j] * v : v;
-    });
-    s = block_merge(s);
-    if (eps != acc_t(0)) {
-      block_sum(xs);
-      x_sum = xs[0] + r.w_c * x_c;
-    }
-    lse_ex = s.lse();
-    lse = logaddexp(lse_ex, x_c);
-    w = s.max > x_c ? s.arg : c;  // ties: c (then p_w <= 1/2 and both forms are exact)
-  } else {
-    lse = st[0];
-    lse_ex = st[1];
-    w = static_cast<int64_t>(st[3]);
-    if (w < 0 || w >= C) w = c;  // stats from elsewhere: never index with them unchecked
+    s = first_pass<scalar_t, kVec, kMix>(a, r, x_a, x_b);
+  } else {  // stats: lse, lse_ex_a, log(1 - p_w), w
+    s.lse = st[0];
+    s.lse_ex_a = st[1];
+    s.w = static_cast<int64_t>(st[3]);
+    if (s.w < 0 || s.w >= C) s.w = r.a;  // stats from elsewhere: never index with them unchecked
   }
-  const bool w_is_c = w == c;
+  const int64_t w = s.w;
+  const acc_t lse = s.lse;
   const acc_t x_w = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[w]));
-  // Sums over k not in {c, w}: P = sum p_k, sum log1p(-p_k), sum a_k (p_k <= 1/2: exact).
+  // Sums over k not in {a, b, w}: P = sum p_k, sum log1p(-p_k), sum a_k (p_k <= 1/2: exact).
   acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};
   visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
-    if (j == c || j == w) return;
+    if (j == r.a || j == r.b || j == w) return;
     const acc_t p = std::exp(loss_logit<acc_t>(a, v) - lse);
     sums[0] += p;
     sums[1] += ::log1p(-p);
     sums[2] += p / (acc_t(1) - p);
   });
   block_sum(sums);
+  const BceSums<acc_t> bs{sums[0], sums[1], sums[2]};
+  const acc_t p_a = std::exp(x_a - lse), p_b = std::exp(x_b - lse);
   acc_t log1m_pw = forward ? acc_t(0) : st[2];
-  if (forward && !w_is_c) {
-    const acc_t one_minus_pw = sums[0] + std::exp(x_c - lse);
-    if (one_minus_pw >= bce_sum_floor<acc_t>()) {
-      log1m_pw = std::log(one_minus_pw);
-    } else {
-      // P lost its precision (a wrong class leads by ~41+ in fp32): the exact
-      // lse over k not in {c, w}, shifted by its own max. Block-uniform branch.
-      LseState<acc_t> s = LseState<acc_t>::empty();
+  if (forward) {
+    const Log1mPw<acc_t> l = bce_log1m_pw<acc_t>(w, r.a, r.b, lse, s.lse_ex_a, s.lse_ex_b, bs, p_a, p_b);
+    log1m_pw = l.value;
+    if (!l.exact) {
+      // P lost its precision (a wrong class leads by ~41+ in fp32): the exact lse over
+      // k != w, shifted by its own max. Block-uniform branch.
+      LseState<acc_t> e = LseState<acc_t>::empty();
       visit_row<scalar_t, kVec>(r.x, C, [&](int64_t j, acc_t v) {
-        if (j != c && j != w) s.add(loss_logit<acc_t>(a, v), j);
+        if (j != w) e.add(loss_logit<acc_t>(a, v), j);
       });
-      s = block_merge(s);
-      log1m_pw = logaddexp(s.lse(), x_c) - lse;
+      e = block_merge(e);
+      log1m_pw = e.lse() - lse;
     }
   }
-  const BceRow<acc_t> row = fusedloss::bce_row<acc_t>(w_is_c, lse, lse_ex, x_c, x_w, log1m_pw, sums[2]);
+  const auto pa = bce_part<acc_t>(w == r.a, r.b != r.a && r.b != w, lse, s.lse_ex_a, x_a, x_w, p_b, log1m_pw, bs);
+  const auto pb = bce_part<acc_t>(w == r.b, r.a != r.b && r.a != w, lse, s.lse_ex_b, x_b, x_w, p_a, log1m_pw, bs);
   if (forward && threadIdx.x == 0) {
-    const acc_t h = bce_loss<acc_t>(w_is_c, lse_ex - x_c, row.log1m_pw, sums[1]);
-    const acc_t loss = row_loss<acc_t>(h, r.w_c, lse, eps, acc_t(C), weight_total<acc_t>(a), x_sum, z);
+    const acc_t loss =
+        mix_row_loss<acc_t>(r.k_a, pa.loss, r.w_a, r.k_b, pb.loss, r.w_b, lse, eps, acc_t(C), W, s.x_sum, z);
     static_cast<acc_t*>(a.loss_rows)[i] = r.bad ? nan_value<acc_t>() : loss;
     st[0] = lse;
-    st[1] = lse_ex;
-    st[2] = row.log1m_pw;
+    st[1] = s.lse_ex_a;
+    st[2] = log1m_pw;
     st[3] = static_cast<acc_t>(w);
   }
   if (!r.g) return;
   const acc_t go = grad_out<acc_t>(a, i);
-  const ExtraTerms<acc_t> t =
-      extra_terms<acc_t>(r.w_c * go, go, lse, eps, acc_t(C), weight_total<acc_t>(a), z);
-  // g_j = own dh/dx_j + extra p_j - per_class w_j (losses.h, extra_terms).
-  auto with_extra = [&](acc_t own_g, int64_t j, acc_t y) {
-    return with_extra_terms<acc_t>(own_g, t, y, lse, weight ? weight[j] : acc_t(1));
+  ExtraTerms<acc_t> ta = part_terms<acc_t>(r.k_a, r.w_a, go, lse, eps, acc_t(C), W, z);
+  const ExtraTerms<acc_t> tb = part_terms<acc_t>(r.k_b, r.w_b, go, lse, eps, acc_t(C), W, z);
+  if (r.same) ta = sum_terms(ta, tb);
+  BceGradCoef<acc_t> k{};
+  add_bce_part<acc_t>(k, w == r.a, pa.row, ta);
+  if (!r.same) add_bce_part<acc_t>(k, w == r.b, pb.row, tb);
+  // The arg-max and the targets: each part's own form (losses.h, bce_entry).
+  auto entry = [&](int64_t j) {
+    const acc_t x_j = loss_logit<acc_t>(a, static_cast<acc_t>(r.x[j]));
+    const acc_t w_j = weight ? weight[j] : acc_t(1);
+    const acc_t v = bce_entry<acc_t>(j, w, r.a, x_j, lse, w_j, pa.row, ta);
+    return r.same ? v : v + bce_entry<acc_t>(j, w, r.b, x_j, lse, w_j, pb.row, tb);
   };
-  const acc_t g_w = with_extra(bce_grad_argmax<acc_t>(w_is_c, x_w, lse, row.log1m_pw, row.r), w, x_w);
-  const acc_t g_c = w_is_c ? g_w : with_extra(bce_grad_target<acc_t>(x_c, lse, row.r, row.log_aw), c, x_c);
+  const acc_t g_w = entry(w), g_a = entry(r.a), g_b = entry(r.b);
   map_row<scalar_t, kVec>(r.x, r.g, C, [&](int64_t j, acc_t v) {
     if (r.bad) return nan_value<acc_t>();
-    const acc_t y = loss_logit<acc_t>(a, v);
     acc_t gj;
     if (j == w) {
       gj = g_w;
-    } else if (j == c) {
-      gj = g_c;
+    } else if (j == r.a) {
+      gj = g_a;
+    } else if (j == r.b) {
+      gj = g_b;
     } else {
-      gj = with_extra(bce_grad_other<acc_t>(w_is_c, y, lse, row.r, row.log_aw), j, y);
+      gj = bce_grad_rest<acc_t>(k, loss_logit<acc_t>(a, v), lse, weight ? weight[j] : acc_t(1));
     }
     return raw_grad<acc_t>(a, gj, v);
   });
@@ -347,7 +413,7 @@ __device__ void soft_row(const RowsArgs& a, int64_t i, bool forward) {
   map_row<scalar_t, kVec>(x, g, C, [&](int64_t j, acc_t v) { return (std::exp(v - lse) * S - wy(j)) * go; });
 }
 
-enum RowKind { kTargetOnlyRows = 0, kBceRows = 1, kSoftRows = 2 };
+enum RowKind { kTargetOnlyRows = 0, kBceRows = 1, kSoftRows = 2, kMixTargetOnlyRows = 3, kMixBceRows = 4 };
 
 // One block per row (grid-stride over rows). Ignored rows: loss 0, gradient 0.
 template <typename scalar_t, bool kVec, int kKind>
@@ -358,7 +424,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rows_kernel(const RowsArgs a, 
       soft_row<scalar_t, kVec>(a, i, forward);
       continue;
     }
-    if (a.target[i] == a.cfg.ignore_index) {  // block-uniform
+    constexpr bool kMix = kKind == kMixTargetOnlyRows || kKind == kMixBceRows;
+    if (row_ignored<kMix>(a, i)) {  // block-uniform
       if (forward && threadIdx.x == 0) {
         static_cast<acc_t*>(a.loss_rows)[i] = acc_t(0);
         acc_t* st = static_cast<acc_t*>(a.stats) + i * kStatsCols;
@@ -370,10 +437,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rows_kernel(const RowsArgs a, 
       }
       continue;
     }
-    if constexpr (kKind == kBceRows) {
-      bce_row<scalar_t, kVec>(a, i, forward);
+    if constexpr (kKind == kBceRows || kKind == kMixBceRows) {
+      bce_row<scalar_t, kVec, kMix>(a, i, forward);
     } else {
-      target_only_row<scalar_t, kVec>(a, i, forward);
+      target_only_row<scalar_t, kVec, kMix>(a, i, forward);
     }
   }
 }

@@ -14,7 +14,6 @@ from torch import Tensor
 import fusedloss._C as _C  # noqa: F401  (ImportError: backend unavailable, handled by dispatch)
 
 from . import dispatch, mixup, ops
-from .variants import Variant
 
 ops.register_fakes("ext_fwd", "ext_bwd")
 ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
@@ -47,11 +46,10 @@ _soft_fwd = torch.ops.fusedloss.ext_soft_fwd.default
 mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, scale_grad=_scale_fused_grad)
 _mix_fwd = torch.ops.fusedloss.ext_mix_fwd.default
 
+# The two-target op fuses every loss, with or without the soft cap, on both devices.
 dispatch.register(dispatch.Backend(
     name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
-    soft_fwd=_soft_fwd, mix_fwd=_mix_fwd,
-    # bce's two targets and the soft cap: two passes (see fusedloss.mixup)
-    mix_fuses=lambda variant, softcap: variant != Variant.BCE and not softcap,
+    soft_fwd=_soft_fwd, mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
 ))
 
 
@@ -63,5 +61,5 @@ def cuda_compiled() -> bool:
 if cuda_compiled():
     dispatch.register(dispatch.Backend(
         name="cuda", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cuda", fused_grad=True,
-        soft_fwd=_soft_fwd,
+        soft_fwd=_soft_fwd, mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
     ))
