@@ -41,6 +41,13 @@ def test_soft_kernels_compile_without_spills(spec, arch):
     test_compiles_without_spills(spec, arch)
 
 
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("spec", aot.mix_ci_specs(), ids=lambda s: s.label())
+def test_mix_kernels_compile_without_spills(spec, arch):
+    """Mixup's two-target kernels (triton_kernels/mix_kernels.py)."""
+    test_compiles_without_spills(spec, arch)
+
+
 def test_ci_specs_cover_every_variant_dtype_and_regime():
     fwd = [s for s in SPECS if s.kernel == "fwd"]
     assert {s.variant for s in fwd} == {int(v) for v in Variant}

@@ -62,6 +62,8 @@ class Spec:
         es = DTYPES[self.dtype].itemsize
         if self.kernel in SOFT_KERNELS:  # launch_soft: the target-only family's configurations
             return (fwd_config if self.kernel == "soft_fwd" else bwd_config)(self.n_cols, es, Variant.CE)
+        if self.kernel in MIX_KERNELS:  # launch_mix: the one-target kernels' configurations
+            return (fwd_config if self.kernel == "mix_fwd" else bwd_config)(self.n_cols, es, self.variant)
         if self.kernel == "fwd":
             return fwd_config(self.n_cols, es, self.variant)
         if self.kernel == "bwd":
@@ -127,6 +129,8 @@ def _signature(spec: Spec):
             const.update(VARIANT=spec.variant)
     elif spec.kernel in SOFT_KERNELS:
         fn, sig, const = _soft_signature(spec, xt, cfg)
+    elif spec.kernel in MIX_KERNELS:
+        fn, sig, const = _mix_signature(spec)
     elif spec.kernel == "scale":
         fn = kernels.scale_grad_kernel
         sig = {"G": xt, "stride_g": "i32", "GO": "*fp32", "n_rows": "i32", "n_cols": "i32"}
@@ -168,6 +172,24 @@ def _soft_signature(spec: Spec, xt: str, cfg: Config):
                                                          PARTIAL_BLOCK=PARTIAL_BLOCK, NUM_STAGES=cfg.num_stages)
     sig = {"GO": "*fp32", **rows, "STATS": "*fp32", "G": xt, "stride_g": "i32", "DENOM": "*fp32", **tail}
     return soft_kernels.soft_bwd_kernel, sig, dict(flags, GO_PER_ROW=spec.go_per_row)
+
+
+#: Mixup's two-target kernels (mix_kernels.py), launched by launch_mix.py.
+MIX_KERNELS = ("mix_fwd", "mix_bwd")
+
+
+def _mix_signature(spec: Spec):
+    """(kernel fn, signature, constexprs) of a two-target kernel: the one-target kernel's argument
+    types by name, plus the second target, lam (float32), part b's denominator and the total's
+    reduction."""
+    from dataclasses import replace
+
+    from . import mix_kernels
+    _, sig, const, _ = _signature(replace(spec, kernel=spec.kernel[len("mix_"):]))
+    fn = mix_kernels.mix_fwd_kernel if spec.kernel == "mix_fwd" else mix_kernels.mix_bwd_kernel
+    types = dict(sig, TA=sig["T"], TB=sig["T"], LAM="*fp32", DENOM_A=sig["DENOM"], DENOM_B=sig["DENOM"],
+                 total_reduction="i32")
+    return fn, {k: types[k] for k in fn.arg_names}, const
 
 
 def _option_signature(bce: bool) -> dict:
@@ -318,6 +340,23 @@ def soft_ci_specs() -> list[Spec]:
     specs += [Spec("soft_bwd", 0, dt, bwd_buckets(Variant.CE)[-1], smoothing=True, go_per_row=True)
               for dt in ("bf16", "fp32")]
     return _dedup(specs)
+
+
+def mix_ci_specs() -> list[Spec]:
+    """The two-target kernels at their heaviest flags (weight, gradient, smoothing, z-loss, soft cap),
+    per target-only variant: the forward's widest on-chip tile and its streamed configuration in
+    bf16 and fp32, C = 1000 in bf16, the backward's widest tile in bf16 and fp32 (ci_specs'
+    choice; ``_dedup`` is not used: it keys the variant on the one-target kernels' names)."""
+    specs = []
+    for v in Variant:
+        if v == Variant.BCE:  # two passes of the one-target kernels
+            continue
+        fb = fwd_buckets(v)
+        for dt in ("bf16", "fp32"):
+            specs += [_heaviest("mix_fwd", v, dt, fb[-2]), _heaviest("mix_fwd", v, dt, fb[-1]),
+                      _heaviest("mix_bwd", v, dt, bwd_buckets(v)[-1])]
+        specs.append(_heaviest("mix_fwd", v, "bf16", 1000))
+    return specs
 
 
 def as_row(u: Usage) -> dict:
