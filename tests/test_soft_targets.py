@@ -108,8 +108,7 @@ def _soft_bwd_op(backend):
     return torch.ops.fusedloss.triton_soft_bwd.default
 
 
-# The backends with their own soft-target ops (triton runs the reference's: no Triton kernel yet).
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_op_and_fused_forward(backend):
     """The forward's fused gradient (grad_output 1) and the backward op from the stats (any
     grad_output), each against float64; the loss and stats do not change with compute_grad."""
