@@ -10,7 +10,7 @@ need no extension, and the GPU idles while nvcc compiles):
                  the device probe: always runs, whatever ``--steps`` says
   nvidia-smi     ``nvidia-smi -q`` (again at the end of the run, after the load)
   build          ``setup.py build_ext --inplace`` for this GPU's arch (TORCH_CUDA_ARCH_LIST)
-  pytest-triton  ``pytest -m gpu tests/test_triton_gpu.py``
+  pytest-triton  ``pytest -m gpu tests/test_triton_gpu.py tests/test_triton_soft.py tests/test_triton_mix.py``
   pytest-ext     ``pytest -m gpu`` on the CUDA extension, the bench CLI, the training script, the LLM head
   sanitize       ``compute-sanitizer --tool memcheck`` on ``bench/gpu/sanitize_drive.py``
   sweep          ``fusedloss-bench`` over every loss, bf16/fp32, C in {1000, 32000, 128256, 262144},
@@ -70,6 +70,8 @@ TOOL_PROBE_S = 20  # each version probe (nvcc, compute-sanitizer, gcc, the drive
 #: pytest-triton runs as parallel shards (``-k``): its time is mostly Triton and Inductor
 #: compiling on the CPU, one core per process, while the machine has many.
 TRITON_SHARDS = ("real_shapes", "not real_shapes")
+#: The files of the pytest-triton step: the one-target kernels, the soft-target and the mixup kernels.
+TRITON_GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_triton_soft.py", "tests/test_triton_mix.py"]
 MIN_STEP_S = 20  # a step squeezed by the reserves still gets this much, budget permitting
 LOSSES = ("ce", "bce", "nllr", "crl", "lace", "focal")
 GPU_CS = (1000, 32000, 128256, 262144)
@@ -740,7 +742,7 @@ print("GPUCHECK_ENV " + json.dumps(out))
         if "pytest-triton" in self.selected and self.enough_time("pytest-triton", later):
             for k, select in enumerate(TRITON_SHARDS, 1):
                 name = f"pytest-triton-{k}"
-                jobs.append(self.start(name, self.pytest_cmd(name, ["tests/test_triton_gpu.py"], select),
+                jobs.append(self.start(name, self.pytest_cmd(name, TRITON_GPU_TESTS, select),
                                        self.timeout("pytest-triton", later)))
         self.wait(jobs)
         for job in jobs:
