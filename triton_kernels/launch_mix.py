@@ -10,9 +10,10 @@ is 1), rows of any stride are read in place, O(N) inputs are made contiguous, an
 logits run the reference: here its one-target forward and backward on each part, combined
 as ``fusedloss.mixup``'s two-pass path combines them.
 
-Fused: ce, nllr, crl, lace, focal, with every option of the one-target kernels (weight,
-ignore_index, the three reductions, label smoothing, z-loss, soft cap). bce runs as two
-passes of the one-target op (:func:`fuses`).
+Fused: every loss (ce, nllr, crl, lace, focal: ``mix_fwd_kernel``/``mix_bwd_kernel``; bce:
+``bce_mix_fwd_kernel``/``bce_mix_bwd_kernel``, stats ``lse, lse_ex(a), log(1 - p_w), w``), with
+every option of the one-target kernels (weight, ignore_index, the three reductions, label
+smoothing, z-loss, soft cap).
 """
 from __future__ import annotations
 
@@ -32,15 +33,12 @@ from .launch import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_targets,
 
 
 def fuses(variant: int, softcap: float) -> bool:
-    """``dispatch.Backend.mix_fuses``: the target-only losses, soft cap or not; bce's two
-    targets run as two passes of the one-target op (fusedloss.mixup)."""
-    return int(variant) != Variant.BCE
+    """``dispatch.Backend.mix_fuses``: every loss, soft cap or not."""
+    return True
 
 
-def _check_mix(logits: Tensor, target_a: Tensor, target_b: Tensor, lam: Tensor, variant: int, op: str) -> None:
+def _check_mix(logits: Tensor, target_a: Tensor, target_b: Tensor, lam: Tensor, op: str) -> None:
     """Metadata only (no device read)."""
-    if not fuses(variant, 0.0):
-        raise ValueError(f"fusedloss::{op}: bce has no fused two-target kernel (fusedloss runs it as two passes)")
     n = logits.shape[0]
     if tuple(target_a.shape) != (n,) or tuple(target_b.shape) != (n,) or tuple(lam.shape) != (n,):
         raise ValueError(f"fusedloss::{op}: target_a, target_b and lam must be ({n},); got "
@@ -68,9 +66,21 @@ def _n_denom(n: int, reduction: int) -> int:
 
 def _common(logits: Tensor, grad: Tensor, weight: Tensor | None, variant: int, label_smoothing: float,
             z_loss: float, softcap: float, cfg) -> dict:
-    return dict(VARIANT=int(variant), HAS_WEIGHT=weight is not None, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
-                ROW_ALIGN=row_align(logits.stride(0), grad.stride(0), logits.shape[1]), num_warps=cfg.num_warps,
-                **_option_flags(label_smoothing, z_loss, softcap))
+    """Constexprs of either kernel pair (VARIANT for the target-only one)."""
+    flags = dict(HAS_WEIGHT=weight is not None, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
+                 ROW_ALIGN=row_align(logits.stride(0), grad.stride(0), logits.shape[1]), num_warps=cfg.num_warps,
+                 **_option_flags(label_smoothing, z_loss, softcap))
+    if int(variant) != Variant.BCE:
+        flags.update(VARIANT=int(variant))
+    return flags
+
+
+def _kernel_and_shape(variant: int, fwd: bool, alpha: float, beta: float, gamma: float):
+    """The kernel of ``variant`` and its shape arguments (none for bce)."""
+    if int(variant) == Variant.BCE:
+        return (mix_kernels.bce_mix_fwd_kernel if fwd else mix_kernels.bce_mix_bwd_kernel), ()
+    return ((mix_kernels.mix_fwd_kernel if fwd else mix_kernels.mix_bwd_kernel),
+            (float(alpha), float(beta), float(gamma)))
 
 
 def launch_mix_forward(logits: Tensor, target_a: Tensor, target_b: Tensor, lam: Tensor, weight: Tensor | None,
@@ -98,9 +108,10 @@ def launch_mix_forward(logits: Tensor, target_a: Tensor, target_b: Tensor, lam: 
     w = weight if weight is not None else denom_a  # dummy pointer, never read
     total = Reduction.NONE if reduction == Reduction.NONE else Reduction.SUM
     own, per_class, z, cap, cap_k = _option_scalars(label_smoothing, z_loss, softcap, c)
-    wrap_triton(mix_kernels.mix_fwd_kernel)[(grid,)](
+    kernel, shape = _kernel_and_shape(variant, True, alpha, beta, gamma)
+    wrap_triton(kernel)[(grid,)](
         logits, logits.stride(0), target_a, target_b, lam, w, loss, stats, g, g.stride(0), denom_a, denom_b, partial,
-        counter, n, c, ignore_index, own, per_class, float(alpha), float(beta), float(gamma), z, cap, cap_k,
+        counter, n, c, ignore_index, own, per_class, *shape, z, cap, cap_k,
         int(reduction), n_denom, int(total), SINGLE=cfg.single, COMPUTE_GRAD=compute_grad, PARTIAL_BLOCK=PARTIAL_BLOCK,
         NUM_STAGES=cfg.num_stages, **_common(logits, g, weight, variant, label_smoothing, z_loss, softcap, cfg))
     return loss, stats
@@ -126,9 +137,10 @@ def launch_mix_backward(grad_loss: Tensor, logits: Tensor, target_a: Tensor, tar
     denom_b = _denominators(logits, target_b, weight, ignore_index, reduction, denom_a)
     w = weight if weight is not None else denom_a
     own, per_class, z, cap, cap_k = _option_scalars(label_smoothing, z_loss, softcap, c)
-    wrap_triton(mix_kernels.mix_bwd_kernel)[(triton.cdiv(n, cfg.block_n),)](
+    kernel, shape = _kernel_and_shape(variant, False, alpha, beta, gamma)
+    wrap_triton(kernel)[(triton.cdiv(n, cfg.block_n),)](
         grad_loss, logits, logits.stride(0), target_a, target_b, lam, w, stats, grad, grad.stride(0), denom_a,
-        denom_b, n, c, ignore_index, own, per_class, float(alpha), float(beta), float(gamma), z, cap, cap_k,
+        denom_b, n, c, ignore_index, own, per_class, *shape, z, cap, cap_k,
         int(reduction), _n_denom(n, reduction), GO_PER_ROW=reduction == Reduction.NONE,
         **_common(logits, grad, weight, variant, label_smoothing, z_loss, softcap, cfg))
     return grad
@@ -156,7 +168,9 @@ def _reference_mix_fwd(logits, target_a, target_b, lam, weight, variant, reducti
     k_a, k_b = _reference_part_scales(target_a, target_b, lam.to(rows_a.dtype), weight, reduction, ignore_index)
     rows = (torch.where(k_a == 0, torch.zeros_like(rows_a), k_a * rows_a)
             + torch.where(k_b == 0, torch.zeros_like(rows_b), k_b * rows_b))
-    stats = torch.stack([st_a[:, 0], st_a[:, 1], st_b[:, 1], torch.zeros_like(rows)], 1)
+    # bce: lse, lse_ex(a), log(1 - p_w), w (the last two shared by the parts); else lse, lse_ex(a), lse_ex(b), 0
+    stats = st_a if variant == Variant.BCE else torch.stack([st_a[:, 0], st_a[:, 1], st_b[:, 1],
+                                                             torch.zeros_like(rows)], 1)
     loss = rows if reduction == Reduction.NONE else rows.sum()
     grad = (_reference_mix_bwd(torch.ones_like(loss), logits, target_a, target_b, lam, weight, stats, variant,
                                reduction, ignore_index, *scalars) if compute_grad else logits.new_empty((0,)))
@@ -169,8 +183,9 @@ def _reference_mix_bwd(grad_loss, logits, target_a, target_b, lam, weight, stats
     go = grad_loss.to(stats.dtype).expand(k_a.shape)
     grad = 0
     for t, k, col in ((target_a, k_a, 1), (target_b, k_b, 2)):
-        st = torch.zeros_like(stats)
-        st[:, 0], st[:, 1] = stats[:, 0], stats[:, col]
+        st = stats.clone()  # bce reads lse, log(1 - p_w) and w (cols 0, 2, 3), shared by the parts
+        if variant != Variant.BCE:
+            st[:, 1], st[:, 2:] = stats[:, col], 0
         grad = grad + reference.backward(go * k, logits, t, weight, st, variant, int(Reduction.NONE), ignore_index,
                                          *scalars)
     return grad
@@ -185,7 +200,7 @@ def triton_mix_fwd(logits: Tensor, target_a: Tensor, target_b: Tensor, lam: Tens
                    variant: int, reduction: int, ignore_index: int, label_smoothing: float, alpha: float,
                    beta: float, gamma: float, z_loss: float, softcap: float,
                    compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    _check_mix(logits, target_a, target_b, lam, variant, "triton_mix_fwd")
+    _check_mix(logits, target_a, target_b, lam, "triton_mix_fwd")
     _check_targets(logits, target_a, ignore_index)
     _check_targets(logits, target_b, ignore_index)
     if logits.dtype == torch.float64:
@@ -202,7 +217,7 @@ def triton_mix_bwd(grad_loss: Tensor, logits: Tensor, target_a: Tensor, target_b
                    weight: Tensor | None, stats: Tensor, variant: int, reduction: int, ignore_index: int,
                    label_smoothing: float, alpha: float, beta: float, gamma: float, z_loss: float,
                    softcap: float) -> Tensor:
-    _check_mix(logits, target_a, target_b, lam, variant, "triton_mix_bwd")
+    _check_mix(logits, target_a, target_b, lam, "triton_mix_bwd")
     if logits.dtype == torch.float64:
         return _reference_mix_bwd(grad_loss, logits, target_a, target_b, lam, weight, stats, variant, reduction,
                                   ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)

@@ -51,8 +51,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (ACC, NEG_INF, RED_MEAN, _capped, _extra_terms, _finish_reduction, _grad_row_scale,
-                      _logaddexp, _lse_pass, _mean_denominator, _row_loss, _rows_setup, _safe_shift, _store_grad,
+from .kernels import (ACC, NEG_INF, RED_MEAN, _argmax_update, _bce_grad_tile, _bce_sums, _capped, _extra_terms,
+                      _finish_reduction, _grad_row_scale, _load_tile, _log1p, _logaddexp, _lse_pass, _mean_denominator,
+                      _row_loss, _rows_setup, _safe_shift, _smoothing_sums, _softplus, _store_grad,
                       _store_row_outputs, _variant_math, _weight_total)
 
 
@@ -131,6 +132,40 @@ def _part_scales(lam, DENOM_A, DENOM_B, n_denom, reduction):
 
 
 @triton.jit
+def _mix_loss_rows(loss_a, loss_b, lam, w_a, w_b, keep_a, keep_b, bad, lse, w_tot, sum_wx, DENOM_A, DENOM_B, n_denom,
+                   reduction, smooth_own, smooth_class, z_loss, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
+    """Row losses k_a L_a + k_b L_b (``_row_loss`` of each part's own term), a part with k = 0
+    adding 0 by a select (its loss may be inf); NaN on bad rows."""
+    k_a, k_b = _part_scales(lam, DENOM_A, DENOM_B, n_denom, reduction)
+    l_a = _row_loss(loss_a, w_a, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep_a, bad, HAS_SMOOTHING,
+                    HAS_ZLOSS)
+    l_b = _row_loss(loss_b, w_b, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep_b, bad, HAS_SMOOTHING,
+                    HAS_ZLOSS)
+    lrow = tl.where(k_a == 0.0, 0.0, k_a * l_a) + tl.where(k_b == 0.0, 0.0, k_b * l_b)
+    return tl.where(bad, float("nan"), lrow)
+
+
+@triton.jit
+def _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, GO, rows, row_ok, DENOM_A, DENOM_B, n_denom, reduction,
+                     GO_PER_ROW: tl.constexpr):
+    """``_grad_row_scale`` of each part times its lam (lam, 1 - lam): (r_a, go_a, r_b, go_b)."""
+    r_a, go_a = _grad_row_scale(keep_a, bad, w_a, GO, rows, row_ok, DENOM_A, n_denom, reduction, GO_PER_ROW)
+    r_b, go_b = _grad_row_scale(keep_b, bad, w_b, GO, rows, row_ok, DENOM_B, n_denom, reduction, GO_PER_ROW)
+    return r_a * lam, go_a * lam, r_b * (1.0 - lam), go_b * (1.0 - lam)
+
+
+@triton.jit
+def _bwd_weight_total(W, n_cols, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      HAS_SMOOTHING: tl.constexpr):
+    """W = sum_k w_k for a backward's label smoothing (0 without it: never read)."""
+    if HAS_SMOOTHING:
+        w_tot = _weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT)
+    else:
+        w_tot = tl.zeros([BLOCK_N], ACC)
+    return w_tot
+
+
+@triton.jit
 def _mix_fwd_rows(
     rb, X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM_A, DENOM_B, n_rows, n_cols, ignore_index,
     smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k, reduction, n_denom,
@@ -159,23 +194,18 @@ def _mix_fwd_rows(
                                                                               alpha, beta, gamma)
 
     # ---- loss rows: k_a L_a + k_b L_b, a part with k = 0 adding 0 -------------------------
-    k_a, k_b = _part_scales(lam, DENOM_A, DENOM_B, n_denom, reduction)
-    l_a = _row_loss(loss_a, w_a, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep_a, bad, HAS_SMOOTHING,
-                    HAS_ZLOSS)
-    l_b = _row_loss(loss_b, w_b, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep_b, bad, HAS_SMOOTHING,
-                    HAS_ZLOSS)
-    lrow = tl.where(k_a == 0.0, 0.0, k_a * l_a) + tl.where(k_b == 0.0, 0.0, k_b * l_b)
-    lrow = tl.where(bad, float("nan"), lrow)
+    lrow = _mix_loss_rows(loss_a, loss_b, lam, w_a, w_b, keep_a, keep_b, bad, lse, w_tot, sum_wx, DENOM_A, DENOM_B,
+                          n_denom, reduction, smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
     part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex_a, lse_ex_b, tl.zeros([BLOCK_N], ACC),
                               reduction)
 
     # ---- gradient for grad_output = 1 ----------------------------------------------------
     if COMPUTE_GRAD:
-        r_a, go_a = _grad_row_scale(keep_a, bad, w_a, None, rows, row_ok, DENOM_A, n_denom, reduction, False)
-        r_b, go_b = _grad_row_scale(keep_b, bad, w_b, None, rows, row_ok, DENOM_B, n_denom, reduction, False)
+        r_a, go_a, r_b, go_b = _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, None, rows, row_ok, DENOM_A,
+                                                DENOM_B, n_denom, reduction, False)
         off, scale, per_class, g_a, g_b = _mix_grad_coefs(
-            lse, x_a, x_b, same, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a * lam, go_a * lam, r_b * (1.0 - lam),
-            go_b * (1.0 - lam), w_a, w_b, w_tot, smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
+            lse, x_a, x_b, same, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a, go_a, r_b, go_b, w_a, w_b, w_tot,
+            smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, x, mask, slope, off, scale, per_class, W,
                     keep, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, True)
@@ -232,16 +262,245 @@ def mix_bwd_kernel(
     lse_ex_b = tl.load(st + 2, mask=row_ok, other=0.0).to(ACC)
     _, log_s_a, log_gc_a, _, log_s_b, log_gc_b = _both_targets_math(VARIANT, lse_ex_a, lse_ex_b, x_a, x_b, alpha,
                                                                      beta, gamma)
-    r_a, go_a = _grad_row_scale(keep_a, bad, w_a, GO, rows, row_ok, DENOM_A, n_denom, reduction, GO_PER_ROW)
-    r_b, go_b = _grad_row_scale(keep_b, bad, w_b, GO, rows, row_ok, DENOM_B, n_denom, reduction, GO_PER_ROW)
-    if HAS_SMOOTHING:
-        w_tot = _weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT)
-    else:
-        w_tot = tl.zeros([BLOCK_N], ACC)
+    r_a, go_a, r_b, go_b = _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, GO, rows, row_ok, DENOM_A, DENOM_B,
+                                            n_denom, reduction, GO_PER_ROW)
+    w_tot = _bwd_weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT, HAS_SMOOTHING)
     off, scale, per_class, g_a, g_b = _mix_grad_coefs(
-        lse, x_a, x_b, ta == tb, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a * lam, go_a * lam, r_b * (1.0 - lam),
-        go_b * (1.0 - lam), w_a, w_b, w_tot, smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
+        lse, x_a, x_b, ta == tb, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a, go_a, r_b, go_b, w_a, w_b, w_tot,
+        smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
     # One pass over the row (the forward's streamed gradient pass: no tile kept, SINGLE off).
     g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
     _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, None, None, 1.0, off, scale, per_class, W,
                 keep_a | keep_b, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, False, BLOCK_C, 1, True)
+
+
+# ----------------------------------------------------------------------------
+# bce: both parts share lse, the arg-max w and log(1 - p_w) (pass 1, kernels.py's
+# _argmax_update); pass 2 sums over k not in {a, b} once (_bce_mix_sums) and each part adds
+# the other target's terms (_bce_mix_parts); the gradient is the sum of both parts'
+# _bce_grad_tile, written once. Stats columns: lse, lse_ex(a), log(1 - p_w), w (the CPU op's).
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _bce_stats_pass(X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """bce's pass 1 (kernels.py, _bce_fwd_rows): arg-max w, lse, log(1 - p_w) = lse_{k != w} - lse
+    and the smoothing sums; SINGLE returns the on-chip tile (x, mask, slope), else a placeholder."""
+    cols0 = tl.arange(0, BLOCK_C)
+    M = tl.full([BLOCK_N], float("-inf"), ACC)
+    Wi = tl.zeros([BLOCK_N], tl.int32)
+    M2 = tl.full([BLOCK_N], float("-inf"), ACC)
+    S2 = tl.zeros([BLOCK_N], ACC)
+    sum_wx = tl.zeros([BLOCK_N], ACC)
+    w_tot = tl.zeros([BLOCK_N], ACC)
+    if SINGLE:
+        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
+        M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, x, cols0, 0)
+        if HAS_SMOOTHING:
+            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
+            sum_wx += a_wx
+            w_tot += a_w
+    else:
+        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
+            cols = start + cols0
+            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
+            M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, xb, cols, start)
+            if HAS_SMOOTHING:
+                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
+                sum_wx += a_wx
+                w_tot += a_w
+        x = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+        mask = x != 0.0
+        slope = 1.0
+    lse_ow = _safe_shift(M2) + tl.log(S2)
+    lse = _logaddexp(M, lse_ow)
+    return lse, lse_ow - lse, Wi, M - lse, sum_wx, w_tot, x, mask, slope
+
+
+@triton.jit
+def _bce_mix_sums(x, mask, cols, ta, tb, Wi, lse, log1m_pw):
+    """kernels.py's _bce_sums over k not in {a, b}: b's lanes read as p = 0 (x = -inf) and, when
+    w is b, the arg-max is taken as a (a lane left out anyway). Returns sum_{k not in {a, b}}
+    log(1 - p_k) (w's from log1m_pw) and S = sum_{k not in {a, b, w}} a_k - [w not in {a, b}]
+    (a_a = -1 is counted only where a is not the arg-max that _bce_sums sees)."""
+    xm = tl.where(cols[None, :] == tb[:, None], float("-inf"), x)
+    return _bce_sums(xm, mask, cols, ta, tl.where(Wi == tb, ta, Wi), lse, log1m_pw)
+
+
+@triton.jit
+def _bce_mix_part_r(same, o_is_w, p_o, s_r):
+    """A part's R = sum_{k != w} a_k (a_c = -1) from _bce_mix_sums' S: the other target o's odds
+    join where o is neither c nor w; where o is w (and not c) the -1 of a_c was left out of S."""
+    return s_r + tl.where(same | o_is_w, 0.0, p_o / (1.0 - p_o)) - tl.where(~same & o_is_w, 1.0, 0.0)
+
+
+@triton.jit
+def _bce_mix_part_loss(same, o_is_w, p_o, lse_ex_c, x_c, log1m_pw, s_l):
+    """A part's own term -log p_c - sum_{k != c} log(1 - p_k): o's log(1 - p_o) joins the sum over
+    k not in {a, b} where o is not c (from log1m_pw where o is w; p_o <= 1/2 otherwise: exact)."""
+    l1m_o = tl.where(o_is_w, log1m_pw, _log1p(-p_o))
+    return _softplus(lse_ex_c - x_c) - (s_l + tl.where(same, 0.0, l1m_o))
+
+
+@triton.jit
+def _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r):
+    """(R_a, R_b, p_a, p_b) of a row."""
+    same = ta == tb
+    p_a = tl.exp(x_a - lse)
+    p_b = tl.exp(x_b - lse)
+    return _bce_mix_part_r(same, tb == Wi, p_b, s_r), _bce_mix_part_r(same, ta == Wi, p_a, s_r), p_a, p_b
+
+
+@triton.jit
+def _bce_mix_grad_tile(x, mask, slope, cols, n_cols, ta, tb, Wi, lse, log1m_pw, log_pw, R_a, R_b, r_a, go_a, r_b,
+                       go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a, keep_b, HAS_WEIGHT: tl.constexpr,
+                       HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The mixed gradient of a tile: the sum of each part's _bce_grad_tile (its target, R and
+    terms; shared lse, w, log(1 - p_w)), zero for a part that does not count (keep)."""
+    own_a, extra_a, pc_a = _extra_terms(r_a, go_a, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
+                                        HAS_ZLOSS)
+    own_b, extra_b, pc_b = _extra_terms(r_b, go_b, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
+                                        HAS_ZLOSS)
+    g = _bce_grad_tile(x, mask, slope, cols, n_cols, ta, Wi, lse, log1m_pw, log_pw, R_a, own_a, extra_a, pc_a, W,
+                       keep_a, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+    return g + _bce_grad_tile(x, mask, slope, cols, n_cols, tb, Wi, lse, log1m_pw, log_pw, R_b, own_b, extra_b, pc_b,
+                              W, keep_b, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+
+
+@triton.jit
+def _bce_mix_fwd_rows(
+    rb, X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM_A, DENOM_B, n_rows, n_cols, ignore_index,
+    smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Rows of row block ``rb`` of :func:`bce_mix_fwd_kernel`; returns the sum of their losses
+    (each part already divided by its 'mean' denominator)."""
+    P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
+    rows, row_ok, ta, tb, keep_a, keep_b, bad, w_a, w_b, lam, n_cols, row_off, x_a, x_b = _mix_rows(
+        rb, X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, softcap, softcap_k, BLOCK_N, HAS_WEIGHT,
+        SOFTCAP, ROW_ALIGN)
+    same = ta == tb
+    cols0 = tl.arange(0, BLOCK_C)
+
+    # ---- pass 1: arg-max, lse, log(1 - p_w); sums for label smoothing -------------------
+    lse, log1m_pw, Wi, log_pw, sum_wx, w_tot, x, mask, slope = _bce_stats_pass(
+        X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
+        BLOCK_C, NUM_STAGES)
+    lse_ow = lse + log1m_pw
+    lse_ex_a = tl.where(ta == Wi, lse_ow, lse + _log1p(-tl.exp(x_a - lse)))
+    lse_ex_b = tl.where(tb == Wi, lse_ow, lse + _log1p(-tl.exp(x_b - lse)))
+
+    # ---- pass 2: sums over k not in {a, b} (reverse order when streamed) ----------------
+    if SINGLE:
+        s_l, s_r = _bce_mix_sums(x, mask, cols0, ta, tb, Wi, lse, log1m_pw)
+    else:
+        s_l = tl.zeros([BLOCK_N], ACC)
+        s_r = tl.zeros([BLOCK_N], ACC)
+        nb = tl.cdiv(n_cols, BLOCK_C)
+        for i in range(0, nb):
+            cols = (nb - 1 - i) * BLOCK_C + cols0
+            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P1_EVICT, SOFTCAP)
+            a_l, a_r = _bce_mix_sums(xb, maskb, cols, ta, tb, Wi, lse, log1m_pw)
+            s_l += a_l
+            s_r += a_r
+    R_a, R_b, p_a, p_b = _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r)
+    loss_a = _bce_mix_part_loss(same, tb == Wi, p_b, lse_ex_a, x_a, log1m_pw, s_l)
+    loss_b = _bce_mix_part_loss(same, ta == Wi, p_a, lse_ex_b, x_b, log1m_pw, s_l)
+    lrow = _mix_loss_rows(loss_a, loss_b, lam, w_a, w_b, keep_a, keep_b, bad, lse, w_tot, sum_wx, DENOM_A, DENOM_B,
+                          n_denom, reduction, smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
+    part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex_a, log1m_pw, Wi.to(ACC), reduction)
+
+    # ---- pass 3: the gradient for grad_output = 1 ------------------------------------------
+    if COMPUTE_GRAD:
+        r_a, go_a, r_b, go_b = _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, None, rows, row_ok, DENOM_A,
+                                                DENOM_B, n_denom, reduction, False)
+        g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
+        if SINGLE:
+            g = _bce_mix_grad_tile(x, mask, slope, cols0, n_cols, ta, tb, Wi, lse, log1m_pw, log_pw, R_a, R_b, r_a,
+                                   go_a, r_b, go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a, keep_b,
+                                   HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
+                     eviction_policy="evict_first")
+        else:
+            for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
+                cols = start + cols0
+                xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
+                                            SOFTCAP)
+                g = _bce_mix_grad_tile(xb, maskb, slb, cols, n_cols, ta, tb, Wi, lse, log1m_pw, log_pw, R_a, R_b,
+                                       r_a, go_a, r_b, go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a,
+                                       keep_b, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                         eviction_policy="evict_first")
+    return part
+
+
+@triton.jit
+def bce_mix_fwd_kernel(
+    X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM_A, DENOM_B, PARTIAL, COUNTER,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
+    total_reduction,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Forward of bce with two targets (and with COMPUTE_GRAD the gradient for grad_output = 1):
+    ``kernels.bce_fwd_kernel``'s passes, regimes and grid."""
+    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
+    if SINGLE:
+        first = tl.program_id(0)
+        step = 1
+        stop = first + 1
+    else:  # persistent: program p streams row blocks p, p + P, ...
+        first = tl.program_id(0)
+        step = tl.num_programs(0)
+        stop = tl.cdiv(n_rows, BLOCK_N)
+    for rb in range(first, stop, step):
+        acc += _bce_mix_fwd_rows(rb, X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM_A, DENOM_B, n_rows,
+                                 n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k,
+                                 reduction, n_denom, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, COMPUTE_GRAD,
+                                 SINGLE, BLOCK_N, BLOCK_C, ROW_ALIGN, NUM_STAGES)
+    _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM_A, n_denom, total_reduction, PARTIAL_BLOCK)
+
+
+@triton.jit
+def bce_mix_bwd_kernel(
+    GO, X, stride_x, TA, TB, LAM, W, STATS, G, stride_g, DENOM_A, DENOM_B,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+):
+    """Backward of bce with two targets from the saved stats (lse, lse_ex(a), log(1 - p_w), w):
+    a pass for the sums (R_a, R_b), the gradient in another (reverse order, L2-warm)."""
+    rows, row_ok, ta, tb, keep_a, keep_b, bad, w_a, w_b, lam, n_cols, row_off, x_a, x_b = _mix_rows(
+        tl.program_id(0), X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, softcap, softcap_k, BLOCK_N,
+        HAS_WEIGHT, SOFTCAP, ROW_ALIGN)
+    st = STATS + rows.to(tl.int64) * 4
+    lse = tl.load(st, mask=row_ok, other=0.0).to(ACC)
+    log1m_pw = tl.load(st + 2, mask=row_ok, other=0.0).to(ACC)
+    Wi = tl.load(st + 3, mask=row_ok, other=0.0).to(tl.int32)
+    Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
+    x_w = _capped(tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+    cols0 = tl.arange(0, BLOCK_C)
+    s_r = tl.zeros([BLOCK_N], ACC)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + cols0
+        xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
+        _, a_r = _bce_mix_sums(xb, maskb, cols, ta, tb, Wi, lse, log1m_pw)
+        s_r += a_r
+    R_a, R_b, _, _ = _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r)
+    r_a, go_a, r_b, go_b = _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, GO, rows, row_ok, DENOM_A, DENOM_B,
+                                            n_denom, reduction, GO_PER_ROW)
+    w_tot = _bwd_weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT, HAS_SMOOTHING)
+    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
+    nb = tl.cdiv(n_cols, BLOCK_C)
+    for i in range(0, nb):
+        cols = (nb - 1 - i) * BLOCK_C + cols0
+        xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
+        g = _bce_mix_grad_tile(xb, maskb, slb, cols, n_cols, ta, tb, Wi, lse, log1m_pw, x_w - lse, R_a, R_b, r_a,
+                               go_a, r_b, go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a, keep_b,
+                               HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                 eviction_policy="evict_first")
