@@ -10,15 +10,15 @@ class-probability target has no meaning for nllr/crl/lace/focal/bce.
 
 Two implementations:
 
-* fused (the C++ extension's ``fusedloss::ext_mix_fwd/bwd``: the CPU kernel and the CUDA
-  kernel, every loss, with or without ``softcap``): one read of each row for both targets'
-  statistics and one gradient write. bce's two parts share ``lse``, the arg-max ``w`` and
+* fused (the backend's two-target op, where its ``Backend.mix_fuses`` says so: the C++
+  extension's ``fusedloss::ext_mix_fwd/bwd`` on CPU and CUDA and the triton backend's
+  ``fusedloss::triton_mix_fwd/bwd``, each for every loss, with or without ``softcap``): one
+  read of each row for both targets' statistics and one gradient write. bce's two parts share ``lse``, the arg-max ``w`` and
   ``log(1 - p_w)``; each has its own ``R`` and loss term (its second, cached pass sums over
   the classes that are neither target nor ``w``, and each part adds the other target's terms);
-* two passes (a backend without a two-target kernel, the reference's, or one whose
-  ``Backend.mix_fuses`` leaves the loss out: the triton backend's, for bce): the backend's
-  one-target op twice, with ``reduction='none'``, combined here. Same values, twice the
-  logits' traffic.
+* two passes (a backend without a two-target op, the reference, or a loss its ``mix_fuses``
+  leaves out): the backend's one-target op twice, with ``reduction='none'``, combined here.
+  Same values, twice the logits' traffic.
 """
 from __future__ import annotations
 
