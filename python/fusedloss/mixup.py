@@ -13,9 +13,10 @@ Two implementations:
 * fused (the backend's two-target op, where its ``Backend.mix_fuses`` says so: the C++
   extension's ``fusedloss::ext_mix_fwd/bwd`` on CPU and CUDA and the triton backend's
   ``fusedloss::triton_mix_fwd/bwd``, each for every loss, with or without ``softcap``): one
-  read of each row for both targets' statistics and one gradient write. bce's two parts share ``lse``, the arg-max ``w`` and
-  ``log(1 - p_w)``; each has its own ``R`` and loss term (its second, cached pass sums over
-  the classes that are neither target nor ``w``, and each part adds the other target's terms);
+  read of each row for both targets' statistics and one gradient write. bce's two parts
+  share ``lse``, the arg-max ``w`` and ``log(1 - p_w)``; each has its own ``R`` and loss term
+  (its second, cached pass sums over the classes that are neither target nor ``w``, and each
+  part adds the other target's terms);
 * two passes (a backend without a two-target op, the reference, or a loss its ``mix_fuses``
   leaves out): the backend's one-target op twice, with ``reduction='none'``, combined here.
   Same values, twice the logits' traffic.
