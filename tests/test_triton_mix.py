@@ -2,7 +2,8 @@
 ``triton_kernels/mix_kernels.py``), against the float64 oracle of ``tests/test_mixup.py``
 (``lam L(y_a) + (1 - lam) L(y_b)``, each part reduced on its own).
 
-Interpreter cases (CPU tensors, ``TRITON_INTERPRET=1``): every target-only loss, every
+Interpreter cases (CPU tensors, ``TRITON_INTERPRET=1``): every loss (bce's arg-max cases
+too: w on y_a, on y_b, a wrong class leading by 50-100), every
 reduction, scalar and per-row ``lam`` (0 and 1 with an infinite part too), weight,
 ignore_index (either target, both), ``y_a == y_b``, label smoothing / z-loss / soft cap,
 fp32 and bf16, on-chip rows and rows streamed in several column blocks (the launch
@@ -33,7 +34,7 @@ import fusedloss as fl  # noqa: E402
 from fusedloss import dispatch, mixup  # noqa: E402
 from fusedloss.variants import Reduction, Variant, variant_id  # noqa: E402
 from oracle import assert_close, oracle_loss_and_grad  # noqa: E402
-from test_mixup import _data, oracle_mixed_and_grad  # noqa: E402
+from test_mixup import _data, bce_cases, ops_called, oracle_mixed_and_grad  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HERE = Path(__file__).resolve().parent
@@ -57,7 +58,6 @@ def _mode(request):
         pytest.skip("interpreter case: needs TRITON_INTERPRET=1 (test_interpreter_cases_in_a_subprocess runs it)")
 
 
-TARGET_ONLY = [v for v in fl.LOSSES if v != "bce"]
 #: "single": the row is one on-chip tile, 2 rows per program; "stream": 16-column blocks
 #: (C = 37: 16, 16, 5) by a persistent grid of 4 programs looping over rows.
 REGIMES = {"single": dict(min_tile=128),
@@ -101,7 +101,7 @@ def _go(reduction, n=N):
 
 @pytest.mark.parametrize("option", ["plain", "all"])
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_matches_float64(loss, regime, option):
     """Every reduction, per-row and scalar lam, weights, the special rows of _mix."""
     x, ya, yb, lam, w = _mix(seed=1)
@@ -112,7 +112,7 @@ def test_matches_float64(loss, regime, option):
 
 
 @pytest.mark.parametrize("option", ["smooth", "zloss", "cap"])
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_each_option_alone(loss, option):
     x, ya, yb, lam, w = _mix(seed=2)
     _check(x, ya, yb, lam, loss, "stream", _go("none"), reduction="none", **OPTIONS[option])
@@ -120,14 +120,14 @@ def test_each_option_alone(loss, option):
 
 
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_bf16(loss, regime):
     x, ya, yb, lam, w = _mix(dtype=torch.bfloat16, seed=3)
     _check(x, ya, yb, lam, loss, regime, weight=w, reduction="mean", **OPTIONS["all"])
     _check(x, ya, yb, 0.7, loss, regime, _go("none"), reduction="none")
 
 
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_lam_zero_and_one_with_an_infinite_part(loss):
     """A part whose loss is inf (its target's logit -inf) and which counts 0 adds 0 and no
     NaN to the loss or the gradient: scalar lam 0 / 1 is the other target's loss alone,
@@ -163,7 +163,7 @@ def test_lam_zero_and_one_with_an_infinite_part(loss):
         assert_close(grad, gref, torch.float32, "grad", red)
 
 
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_same_targets_are_the_one_target_loss(loss):
     x, ya, _, lam, w = _mix(seed=5)
     out, grad = _run(x, (ya, ya, lam), loss, weight=w, label_smoothing=0.05)
@@ -173,7 +173,7 @@ def test_same_targets_are_the_one_target_loss(loss):
 
 
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_extreme_logits(loss, regime):
     """Either target leading by 200 (p = 1 in fp32: nllr's s overflows), or trailing, -inf
     competitors, all-equal rows."""
@@ -189,6 +189,50 @@ def test_extreme_logits(loss, regime):
 
 
 # ----------------------------------------------------------------------------
+# bce: the arg-max cases (w on y_a, on y_b, elsewhere, a wrong class leading by 50-100)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("regime", REGIMES)
+def test_bce_argmax_cases(regime, dtype):
+    """test_mixup's bce_cases (w == y_a, w == y_b, w elsewhere leading by 2, 50, 55, 60, 100,
+    y_a == y_b, p_a = 1, parts ignored, per-row lam 0 and 1), every reduction, weight; scalar
+    lam 0 and 1; the options."""
+    x, ya, yb, lam = bce_cases(C, dtype, seed=30)
+    w = torch.rand(C, generator=torch.Generator().manual_seed(31)) + 0.5
+    lam = lam.float()
+    for red in ("none", "mean", "sum"):
+        _check(x, ya, yb, lam, "bce", regime, _go(red, len(ya)), red, weight=w, reduction=red)
+    if dtype == torch.float32:
+        for lam_s in (0.0, 1.0):
+            _check(x, ya, yb, lam_s, "bce", regime, msg=f"lam={lam_s}", reduction="sum")
+    _check(x, ya, yb, lam, "bce", regime, _go("none", len(ya)), "options", weight=w, reduction="none",
+           **OPTIONS["all"])
+
+
+def test_bce_expanded_grad_output_and_float64():
+    """L.sum() / L.mean() of 'none' (stride-0 grad_output) on strided rows; float64 runs the
+    reference per part (bce's shared stats kept)."""
+    x, ya, yb, lam = bce_cases(C, torch.float32, seed=32)
+    wide = torch.zeros(len(ya), C + 5)
+    wide[:, 2:2 + C] = x
+    for reduce in ("sum", "mean"):
+        leaf = wide.clone().requires_grad_(True)
+        out = fl.softmax_loss(leaf[:, 2:2 + C], (ya, yb, lam.float()), "bce", backend="triton", reduction="none",
+                              label_smoothing=0.1, z_loss=1e-2)
+        getattr(out, reduce)().backward()
+        go = torch.full((len(ya),), 1.0 if reduce == "sum" else 1.0 / len(ya))
+        ref, gref = oracle_mixed_and_grad(x, ya, yb, lam, "bce", reduction="none", grad_output=go,
+                                          label_smoothing=0.1, z_loss=1e-2)
+        assert_close(out.detach(), ref, torch.float32, "loss", reduce)
+        assert_close(leaf.grad[:, 2:2 + C], gref, torch.float32, "grad", reduce)
+        assert (leaf.grad[:, :2] == 0).all() and (leaf.grad[:, 2 + C:] == 0).all()
+    x64, ya, yb, lam = bce_cases(C, torch.float64, seed=33)
+    for red in ("none", "mean"):
+        _check(x64, ya, yb, lam, "bce", "single", _go(red, len(ya)).double(), red, reduction=red, softcap=4.0)
+
+
+# ----------------------------------------------------------------------------
 # The fused op is the one the backend runs; it equals the two-pass path
 # ----------------------------------------------------------------------------
 
@@ -198,14 +242,14 @@ def _triton_backend():
 
 @pytest.mark.parametrize("loss", fl.LOSSES)
 @pytest.mark.parametrize("softcap", [0.0, 4.0])
-def test_backend_fuses_the_target_only_losses(loss, softcap):
+def test_backend_fuses_every_loss(loss, softcap):
     from fusedloss.triton_kernels import launch_mix
     be = _triton_backend()
     assert be.mix_fwd is launch_mix.triton_mix_fwd
-    assert be.mix_fuses(int(variant_id(loss)), softcap) == (loss != "bce")
+    assert be.mix_fuses(int(variant_id(loss)), softcap)
 
 
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_fused_equals_two_passes(loss):
     from fusedloss.triton_kernels import heuristics
     be = _triton_backend()
@@ -219,12 +263,12 @@ def test_fused_equals_two_passes(loss):
             assert_close(fused, ref, torch.float32, "loss", red.name)
 
 
-def test_bce_runs_two_passes_and_the_op_refuses_it():
+def test_bce_runs_the_fused_op():
+    """bce's two targets: one triton_mix_fwd (loss and fused gradient), not the one-target op twice."""
     x, ya, yb, lam, w = _mix(seed=7)
-    _check(x, ya, yb, lam, "bce", "single", weight=w)
-    with pytest.raises(ValueError, match="bce"):
-        torch.ops.fusedloss.triton_mix_fwd(x, ya, yb, lam, w, int(Variant.BCE), 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0,
-                                           0.0, False)
+    with ops_called() as names:
+        _check(x, ya, yb, lam, "bce", "single", weight=w)
+    assert "triton_mix_fwd" in names and "triton_fwd" not in names, names
 
 
 def test_mean_of_a_part_without_counted_rows_is_nan():
@@ -287,7 +331,7 @@ def test_standalone_backward_and_stats(reduction, regime):
     x, ya, yb, lam, w = _mix(seed=10)
     red = int(Reduction[reduction.upper()])
     go = _go(reduction)
-    for loss in TARGET_ONLY:
+    for loss in fl.LOSSES:  # bce's stats: lse, lse_ex(a), log(1 - p_w), w
         scal = (int(variant_id(loss)), red, -100, 0.1, 1.5, 1.0, 2.0, 1e-2, 4.0)
         with heuristics.override(**REGIMES[regime]):
             out, stats, g0 = torch.ops.fusedloss.triton_mix_fwd(x, ya, yb, lam, w, *scal, False)
@@ -421,12 +465,23 @@ def _gpu_check(x, ya, yb, lam, loss, go=None, **kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(512, 1000), (64, 32000)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("loss", TARGET_ONLY)
+@pytest.mark.parametrize("loss", fl.LOSSES)
 def test_gpu_matches_float64(loss, dtype, shape):
     """Real shapes: C = 1000 on chip, C = 32000 streamed by the device-sized persistent grid;
     weight, smoothing, z-loss and soft cap, 'mean' with per-row lam (special rows included)."""
     x, ya, yb, lam, w = _mix(*shape, dtype=dtype, seed=20)
     _gpu_check(x, ya, yb, lam, loss, weight=w, reduction="mean", **OPTIONS["all"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [1000, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_bce_argmax_cases(dtype, c):
+    """bce_cases on chip (C = 1000) and streamed (C = 32000), 'mean' and 'none' with the options."""
+    x, ya, yb, lam = bce_cases(c, dtype, seed=24)
+    w = torch.rand(c, generator=torch.Generator().manual_seed(25)) + 0.5
+    _gpu_check(x, ya, yb, lam.float(), "bce", weight=w, reduction="mean")
+    _gpu_check(x, ya, yb, lam.float(), "bce", go=_go("none", len(ya)), reduction="none", **OPTIONS["all"])
 
 
 @pytest.mark.gpu
