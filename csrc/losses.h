@@ -216,6 +216,11 @@ struct MixCoef {
 template <typename T>
 FL_HD MixCoef<T> mix_grad(T lse, T lse_ex_a, T lse_ex_b, T x_a, T x_b, T log_s_a, T log_s_b, T w_a, T w_b,
                           const ExtraTerms<T>& ta, const ExtraTerms<T>& tb) {
+  // log s multiplies only its part's own. A part with own = 0 (lam or 1 - lam is 0, its target
+  // ignored or weighted 0, eps = 1) adds nothing, but its s may be NaN (focal's at p = 0, where
+  // its loss is inf): leave it out rather than multiply it by 0.
+  if (ta.own == T(0)) log_s_a = neg_inf<T>();
+  if (tb.own == T(0)) log_s_b = neg_inf<T>();
   const T extra = ta.extra + tb.extra, per_class = ta.per_class + tb.per_class;
   T m = log_s_a > log_s_b ? log_s_a : log_s_b;
   if (!(m > T(0))) m = T(0);  // also for a NaN log s: then the scale is NaN

@@ -318,6 +318,25 @@ def test_extreme_logits(backend, loss):
     assert_close(xr.grad, ref_g, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", fl.LOSSES)
+def test_part_counting_zero_on_a_masked_target(backend, loss):
+    """A part with lam (or 1 - lam) = 0 whose target is masked (-inf): that part's loss is inf
+    and its s may be NaN (focal's at p = 0); it must add nothing, so the row is the other part's
+    single-target loss and gradient."""
+    x = torch.tensor([[-math.inf, 0.5, -1.0, 2.0], [1.0, -math.inf, 0.0, -2.0], [0.0, 1.0, -math.inf, 3.0]])
+    ya, yb = torch.tensor([0, 2, 3]), torch.tensor([3, 1, 2])
+    lam = torch.tensor([0.0, 1.0, 1.0])
+    xr = x.clone().requires_grad_(True)
+    out = fl.softmax_loss(xr, (ya, yb, lam), loss, reduction="none", backend=backend)
+    out.sum().backward()
+    one = torch.where(lam == 0, yb, ya)  # the part that counts
+    ref, ref_g = oracle_mixed_and_grad(x, one, one, 1.0, loss, reduction="none")
+    assert torch.isfinite(xr.grad).all(), xr.grad
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(xr.grad, ref_g, torch.float32, "grad")
+
+
 def test_cpu_mix_ops_opcheck_and_gradcheck():
     if "cpu" not in BACKENDS:
         pytest.skip("C++ extension not built")
