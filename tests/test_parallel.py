@@ -78,6 +78,11 @@ def _cases(world: int) -> list[dict]:
     out.append(dict(name="bce-view-smooth-sum-uneven", loss="bce", reduction="sum", split="uneven", view=True,
                     label_smoothing=0.1))
     out.append(dict(name="bce-1d-mean-reversed", loss="bce", reduction="mean", split="reversed", one_row=True))
+    # The accelerator's path on the CPU: no host check of device data (masked fake targets by every
+    # row's arg-max on the device), with and without the validation's exchange.
+    for loss, validate in (("focal", True), ("nllr", False)):
+        out.append(dict(name=f"{loss}-syncfree-weight-mean-reversed", loss=loss, reduction="mean", split="reversed",
+                        weight=True, sync_free=True, validate=validate, label_smoothing=0.1))
     for loss in ("bce", "crl"):  # every target on the first slice: the other ranks hold no target at all
         out.append(dict(name=f"{loss}-first-weight-mean-uneven", loss=loss, reduction="mean", split="uneven",
                         first=True, weight=True))
@@ -144,6 +149,9 @@ def _data(case: dict, world: int, seed: int):
         t[2] = v - 1
         x[6, : sizes[0]] = -math.inf           # the first rank's whole slice masked on this row
         t[6] = v - 1
+        for start, _ in _slices(world, case["split"]):
+            x[12, start] = -math.inf           # every slice's first class (K0) masked, the rest not
+        t[12] = max(s for s, n in _slices(world, case["split"]) if n > 1) + 1  # a class not masked
     x[4, t[4]] = x[4].max() + 25.0             # a confident row (p_c rounds to 1 in float32)
     x[5, (t[5] + 1) % v] = x[5].max() + 40.0   # a wrong class leads by 40
     # A wrong class leading by 60 and by 100 on another rank than the target's (bce's arg-max w lives
@@ -194,9 +202,18 @@ def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
         local = wide[..., start:start + size]
     else:
         local = x[..., start:start + size].clone().requires_grad_()
-    out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=case["reduction"], backend=backend,
-                           class_start=start if reverse else None, **kw)
-    out.backward(go)
+    if "validate" in case:
+        kw.update(validate=case["validate"], num_classes=None if case["validate"] else x.shape[-1])
+    unchecked = "validate" in case and not case["validate"]
+    sync_free = flp._sync_free
+    if case.get("sync_free"):
+        flp._sync_free = lambda device: True
+    try:
+        out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=case["reduction"], backend=backend,
+                               class_start=start if reverse or unchecked else None, **kw)
+        out.backward(go)
+    finally:
+        flp._sync_free = sync_free
     if case.get("view"):
         outside = torch.ones(x.shape[-1], dtype=torch.bool)
         outside[start:start + size] = False

@@ -66,6 +66,10 @@ class Plan(NamedTuple):
     class_start: int
     num_classes: int   # V, the global number of classes
     world_size: int
+    #: Whether some row of this rank's logits has ``-inf`` at local class ``K0`` (the fake target
+    #: of the rows owned elsewhere), as the validation's exchange brought it to the host; None:
+    #: not known without a host synchronization (``validate=False``, the head's blocks).
+    k0_masked: bool | None = None
 
 
 class _Config(NamedTuple):
@@ -147,7 +151,7 @@ def softmax_loss(
     shape = (local_logits.shape[0] if local_logits.dim() == 2 else 1, local_logits.shape[-1],
              local_logits.dtype) if ok else None
     plan = _plan(validate, _device_of(local_logits), shape, target, weight, class_start, num_classes, cfg, error,
-                 group, {})
+                 group, {}, _k0_masked(local_logits, cfg) if ok else None)
     if local_logits.dim() == 1:
         out = _VocabParallelSoftmaxLoss.apply(local_logits[None, :], target.reshape(1), weight, plan, be, cfg, group)
         return out.reshape(())
@@ -362,10 +366,19 @@ def _target_checksum(target: Tensor) -> Tensor:
     return (t * pos).sum()
 
 
+def _k0_masked(x: Tensor, cfg: _Config) -> Tensor | None:
+    """Whether any row has ``-inf`` at local class ``K0``, on the device (None: it cannot matter,
+    capped logits are finite). It rides on the validation's exchange to the host, so knowing it
+    costs no host synchronization of its own."""
+    if cfg.softcap or x.numel() == 0:
+        return None
+    return (x.reshape(-1, x.shape[-1])[:, K0] == -math.inf).any()
+
+
 def _plan(validate: bool, device, shape, target, weight, class_start, num_classes, cfg: _Config | None,
-          error: Exception | None, group, extra: dict[str, int]) -> Plan:
+          error: Exception | None, group, extra: dict[str, int], k0_masked: Tensor | None = None) -> Plan:
     if validate:
-        plan = _agree(device, shape, target, weight, class_start, cfg, error, group, extra)
+        plan = _agree(device, shape, target, weight, class_start, cfg, error, group, extra, k0_masked)
     else:
         plan = _unchecked_plan(class_start, num_classes, group)
     if weight is not None and weight.shape[0] != plan.num_classes:
@@ -377,11 +390,12 @@ def _plan(validate: bool, device, shape, target, weight, class_start, num_classe
 
 
 def _agree(device, shape, target, weight, class_start, cfg: _Config | None, error: Exception | None,
-           group, extra: dict[str, int]) -> Plan:
+           group, extra: dict[str, int], k0_masked: Tensor | None = None) -> Plan:
     """One all-gather of a metadata row per rank, then the same verdict on every rank: either the
     plan or the same ``ValueError`` (a rank whose own arguments failed re-raises its own error).
     ``shape`` is ``(N, V_local, dtype)`` (None when this rank's arguments failed); every value of
-    ``extra`` must agree across the ranks."""
+    ``extra`` must agree across the ranks. ``k0_masked`` (this rank's own, a device bool or None)
+    travels in the same row and comes back as ``Plan.k0_masked``."""
     world = dist.get_world_size(group)
     ok = error is None
     row = [
@@ -395,11 +409,14 @@ def _agree(device, shape, target, weight, class_start, cfg: _Config | None, erro
         cfg.reduction if ok else -1,
         cfg.ignore_index if ok else -1,
         0,
+        -1,
         *extra.values(),
     ]
     meta = torch.tensor(row, dtype=torch.int64, device=device)
     if ok:
         meta[9] = _target_checksum(target)
+    if k0_masked is not None:
+        meta[10] = k0_masked.long()
     gathered = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(gathered, meta, group=group)
     rows = [g.tolist() for g in gathered]
@@ -423,7 +440,7 @@ def _agree(device, shape, target, weight, class_start, cfg: _Config | None, erro
                          f"ignore_index) {[tuple(m[6:9]) for m in rows]} (rank order)")
     if differs(9):
         raise ValueError(f"{prefix} the same global target; the targets differ across ranks")
-    for i, name in enumerate(extra, start=10):
+    for i, name in enumerate(extra, start=11):
         if differs(i):
             raise ValueError(f"{prefix} the same {name}; got {[m[i] for m in rows]} (rank order)")
     sizes = [m[2] for m in rows]
@@ -447,7 +464,8 @@ def _agree(device, shape, target, weight, class_start, cfg: _Config | None, erro
     if weights != {-1} and weights != {total}:
         raise ValueError(f"{prefix} the global ({total},) weight, or none; got weight sizes {[m[5] for m in rows]}")
     rank = dist.get_rank(group)
-    return Plan(starts[rank], total, world)
+    mine = rows[rank][10]
+    return Plan(starts[rank], total, world, None if mine < 0 else bool(mine))
 
 
 def _unchecked_plan(class_start, num_classes, group) -> Plan:
@@ -585,20 +603,35 @@ class _TargetOnlyState(NamedTuple):
     x_t: Tensor        # the (capped) logit at the local target
 
 
-def _avoid_masked_fake_targets(x: Tensor, local_t: Tensor, absent: Tensor, cap: float) -> Tensor | None:
+def _sync_free(device: torch.device) -> bool:
+    """Whether a host check of device data would be a synchronization (tests force True on the CPU)."""
+    return device.type != "cpu"
+
+
+def _avoid_masked_fake_targets(x: Tensor, local_t: Tensor, absent: Tensor, cap: float,
+                               k0_masked: bool | None) -> Tensor | None:
     """Move the fake target of a row owned elsewhere off a masked (-inf) logit, in place.
 
     The backward kernel gets ``lse_ex = d + x_k`` for the fake target ``k`` so that its
     ``lse_ex - x_k`` is the global ``d``; at ``x_k = -inf`` that is ``-inf - (-inf) = NaN``. Such rows
-    take their local arg-max instead (a pass over those rows only), and a row whose whole slice is
-    masked is left out of the kernels (its local gradient is 0 but for label smoothing's term,
-    added outside them). Capped logits are finite (``-softcap``): nothing to do. Returns the rows
-    whose slice is entirely masked, or None. The ``any()`` is a host synchronization (a no-op on
-    the CPU; on a GPU it comes after the validation's own)."""
-    if cap:
+    take their local arg-max instead, and a row whose whole slice is masked is left out of the
+    kernels (its local gradient is 0 but for label smoothing's term, added outside them). Capped
+    logits are finite (``-softcap``): nothing to do. Returns the rows whose slice is entirely
+    masked, or None.
+
+    No host synchronization on an accelerator: ``k0_masked`` came to the host with the
+    validation, and where it is False there is nothing to do; where it is True or unknown (None:
+    ``validate=False``, the head's blocks) every row's arg-max is taken on the device, one more
+    read of the slice. On the CPU the check costs nothing and only the rows that need it are read."""
+    if cap or k0_masked is False:
         return None
     bad = absent & (x[:, K0] == -math.inf)
-    if not bool(bad.any()):
+    if _sync_free(x.device):
+        k = x.argmax(1)
+        dead = bad & (x.gather(1, k[:, None])[:, 0] == -math.inf)
+        local_t.copy_(torch.where(bad, torch.where(dead, torch.full_like(k, LOCAL_IGNORE), k), local_t))
+        return dead
+    if not bool(bad.any()):  # on the CPU: not a synchronization
         return None
     rows = bad.nonzero()[:, 0]
     xa = x[rows]
@@ -617,7 +650,7 @@ def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group):
     cap = cfg.softcap
     owner = _owner(t, keep, cs, vl)
     local_t = _local_target(t, keep, owner, cs)
-    masked = _avoid_masked_fake_targets(x, local_t, keep & ~owner, cap)
+    masked = _avoid_masked_fake_targets(x, local_t, keep & ~owner, cap, plan.k0_masked)
     # Partial statistics of the slice (the kernel's stats are of the capped logits).
     # Variant and options do not change stats[:, :2]: ce, no smoothing, the cheapest pass.
     _, stats, _ = be.fwd(x, local_t, None, int(Variant.CE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
