@@ -170,7 +170,7 @@ def timing(args, loss: str, rank: int, world: int, device) -> dict:
 def _loss_report(args, loss: str, world: int, curve, times, ok: bool, worst: float) -> list[str]:
     n, v, d = times["rows"], times["classes"], times["hidden"]
     ring = 2 * (world - 1) / world  # a ring all-reduce of B bytes sends (and receives) ring * B per rank
-    bytes_fwd = (ring * 3 * n * 4 if loss != "bce" else (world - 1) * 6 * n * 4 + ring * 2 * n * 4) + 80 * (world - 1)
+    bytes_fwd = (ring * 3 * n * 4 if loss != "bce" else (world - 1) * 6 * n * 4 + ring * 2 * n * 4) + 136 * (world - 1)
     collectives = ("all-reduce MAX of N fp32 + all-reduce SUM of 2N fp32" if loss != "bce" else
                    "all-gather of 6N fp32 per rank + all-reduce SUM of 2N fp32")
     lines = [
@@ -189,7 +189,7 @@ def _loss_report(args, loss: str, world: int, curve, times, ok: bool, worst: flo
               "| method | time (ms) | bytes each rank sends and receives (model, docs/parallel.md) |",
               "|---|---:|---|",
               f"| ({n}, {v}) float32 logits: fusedloss.parallel.softmax_loss | {times['parallel'] * 1e3:.2f} | "
-              f"{collectives} + all-gather of 10 int64 per rank: ~{bytes_fwd / 1024:.1f} KiB |",
+              f"{collectives} + all-gather of 17 int64 per rank: ~{bytes_fwd / 1024:.1f} KiB |",
               f"| all-gather the logits, then the loss | {times['all_gather'] * 1e3:.2f} | the other ranks' "
               f"slices: {n * (v - times['local_classes']) * 4 / 2**20:.1f} MiB |",
               f"| the loss on the local slice alone (no communication) | {times['local_slice'] * 1e3:.2f} | 0 |",

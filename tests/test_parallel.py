@@ -125,9 +125,10 @@ def _head_cases(world: int) -> list[dict]:
 
 #: Error case -> words its ValueError must contain on every rank.
 ERROR_CASES = {"overlap": "an overlap", "gap": "a gap", "rows": "number of rows", "mixed_start": "class_start",
-               "dtype": "dtype", "targets": "same global target", "bad_local": "rejected their arguments",
+               "dtype": "dtype", "targets": "same global target", "options": "same loss options", "bad_local": "rejected their arguments",
                "head_overlap": "an overlap", "head_rows": "number of rows", "head_dim": "hidden size D",
-               "head_chunk": "chunk_rows", "head_grad": "reduce_hidden_grad", "head_bad_local": "rejected their arguments"}
+               "head_chunk": "chunk_rows", "head_grad": "reduce_hidden_grad", "head_bad_local": "rejected their arguments",
+               "head_options": "same loss options"}
 
 
 def _class_elsewhere(c: int, world: int, split: str) -> int:
@@ -330,6 +331,8 @@ def _run_head_error_case(name: str, rank: int, world: int) -> str | None:
         h = h.detach().requires_grad_(rank != 0)
     elif name == "head_bad_local":
         w = w.double() if rank == 0 else w
+    elif name == "head_options":
+        kw["softcap"] = 30.0 if rank == world - 1 else None
     try:
         flp.linear_softmax_loss(h, w, t, "bce", **kw)
     except (ValueError, TypeError) as e:
@@ -370,6 +373,8 @@ def _run_error_case(name: str, rank: int, world: int) -> str | None:
         loss = "bce"
     elif name == "bad_local":
         x = x.to(torch.int64) if rank == 0 else x
+    elif name == "options":
+        kw["label_smoothing"] = 0.1 if rank == 0 else 0.0
     try:
         flp.softmax_loss(x, t, loss, **kw)
     except (ValueError, TypeError) as e:

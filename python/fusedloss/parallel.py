@@ -37,6 +37,7 @@ the block's loss as above (its collectives per block), and folds the block's loc
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -123,10 +124,10 @@ def softmax_loss(
         num_classes: ``V``; needed only with ``validate=False`` (else derived from the ranks).
         weight: the **global** ``(V,)`` class weights, the same on every rank (each rank reads
             its own slice and the target's weight from it).
-        validate: exchange one row of metadata per rank first (one all-gather of 10 int64s and
+        validate: exchange one row of metadata per rank first (one all-gather of 17 int64s and
             a host synchronization) and raise the same ``ValueError`` on every rank when the
-            slices do not tile ``[0, V)``, the row counts, dtypes, loss options or targets
-            differ. ``False`` skips it (then ``class_start`` and ``num_classes`` are required
+            slices do not tile ``[0, V)``, the row counts, dtypes, loss options (the float ones
+            bit for bit) or targets differ. ``False`` skips it (then ``class_start`` and ``num_classes`` are required
             and nothing is checked across ranks: a mismatch gives wrong results or a hang).
 
     Other keywords as :func:`fusedloss.softmax_loss` (label smoothing divides by the global
@@ -412,6 +413,7 @@ def _agree(device, shape, target, weight, class_start, cfg: _Config | None, erro
         -1,
         *extra.values(),
     ]
+    row[11:11] = _float_option_bits(cfg) if ok else [-1] * len(_FLOAT_OPTIONS)
     meta = torch.tensor(row, dtype=torch.int64, device=device)
     if ok:
         meta[9] = _target_checksum(target)
@@ -440,7 +442,11 @@ def _agree(device, shape, target, weight, class_start, cfg: _Config | None, erro
                          f"ignore_index) {[tuple(m[6:9]) for m in rows]} (rank order)")
     if differs(9):
         raise ValueError(f"{prefix} the same global target; the targets differ across ranks")
-    for i, name in enumerate(extra, start=11):
+    first_extra = 11 + len(_FLOAT_OPTIONS)
+    if any(differs(i) for i in range(11, first_extra)):
+        got = [tuple(struct.unpack("<d", struct.pack("<q", b))[0] for b in m[11:first_extra]) for m in rows]
+        raise ValueError(f"{prefix} the same loss options ({', '.join(_FLOAT_OPTIONS)}); got {got} (rank order)")
+    for i, name in enumerate(extra, start=first_extra):
         if differs(i):
             raise ValueError(f"{prefix} the same {name}; got {[m[i] for m in rows]} (rank order)")
     sizes = [m[2] for m in rows]
@@ -466,6 +472,14 @@ def _agree(device, shape, target, weight, class_start, cfg: _Config | None, erro
     rank = dist.get_rank(group)
     mine = rows[rank][10]
     return Plan(starts[rank], total, world, None if mine < 0 else bool(mine))
+
+
+_FLOAT_OPTIONS = ("label_smoothing", "alpha", "beta", "gamma", "z_loss", "softcap")
+
+
+def _float_option_bits(cfg: _Config) -> list[int]:
+    """The float options as int64 bit patterns: compared exactly, in the metadata's one int64 row."""
+    return [struct.unpack("<q", struct.pack("<d", float(getattr(cfg, f))))[0] for f in _FLOAT_OPTIONS]
 
 
 def _unchecked_plan(class_start, num_classes, group) -> Plan:
