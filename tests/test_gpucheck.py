@@ -47,7 +47,8 @@ def test_dry_run_passes_every_step(dry_run) -> None:
     summary = json.loads((results / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"env": "pass", "build": "skipped", "pytest-triton-1": "pass", "pytest-triton-2": "pass",
-                      "pytest-ext": "pass", "sanitize": "pass", "sweep": "pass", "report": "pass"}, summary["steps"]
+                      "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass", "sweep": "pass", "report": "pass"}, \
+        summary["steps"]
     assert summary["final"] and summary["outcome"] == "pass" and summary["dry_run"]
     # (the digest of this tree may have moved on since: other work shares it)
     assert summary["env"]["torch"] and len(summary["env"]["source_digest"]) == 12
@@ -67,6 +68,8 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
     assert all(c["failures"] == c["errors"] == 0 for c in shards)
     steps = ET.parse(results / "gpucheck.junit.xml").getroot()
     assert steps.get("name") == "gpucheck" and steps.get("failures") == "0"
+    # the parallel step's smoke run: split and unsplit curves compared (the script exits 1 if they part)
+    assert ": OK." in (results / "parallel_gloo_cpu.md").read_text()
 
     doc = json.loads((results / "sweep.json").read_text())
     assert doc["schema"] == 1 and len(doc["config"]["chunks"]) == 8  # fused+torch+liger, then reference
@@ -303,6 +306,9 @@ elif "--sweep-child" in argv:
         Path(plan["merged"]).write_text(json.dumps({"schema": 1, "machine": {"gpu": "Fake H200", "device": "cuda:0"},
                                                     "unavailable": {}, "results": recs}))
         Path(plan["status"]).write_text(json.dumps(status))
+elif argv[:2] == ["-m", "torch.distributed.run"]:
+    out = argv[argv.index("--out") + 1]
+    Path(out).write_text("Largest difference over 20 steps: 0.00e+00 (tolerance 0.0001): OK.\n")
 elif "--render" in argv:
     os.execv(sys.executable, [sys.executable, *argv])  # the real renderer, this interpreter
 elif argv[0] == "setup.py":
@@ -352,8 +358,8 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
                                                  "--cap", "sweep=5", FAKE_SWEEP="first")
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"env": "pass", "nvidia-smi": "pass", "build": "pass", "pytest-triton-1": "pass",
-                      "pytest-triton-2": "pass", "pytest-ext": "pass", "sanitize": "pass", "sweep": "partial",
-                      "report": "pass", "nvidia-smi-end": "pass"}, proc.stdout[-3000:]
+                      "pytest-triton-2": "pass", "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass",
+                      "sweep": "partial", "report": "pass", "nvidia-smi-end": "pass"}, proc.stdout[-3000:]
     assert proc.returncode == 0 and summary["outcome"] == "pass" and summary["partial"] == ["sweep"]
     sweep = next(s for s in summary["steps"] if s["name"] == "sweep")
     assert sweep["chunks_done"] == 1 and sweep["detail"].startswith("1/20 chunks measured")
@@ -369,6 +375,10 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     ext = next(c for c in calls if "tests/test_cuda_ext.py" in c["argv"])
     assert ext["env"]["FUSEDLOSS_BUILD_CUDA"] == "1" and "gpu" in ext["argv"]
     assert {"tests/test_train.py", "tests/test_head.py", "tests/test_bench_cli.py"} <= set(ext["argv"])
+    # parallel: 2 gloo processes sharing the GPU, then NCCL with one process per GPU (the fake has 1)
+    runs = [c["argv"] for c in calls if c["argv"][:2] == ["-m", "torch.distributed.run"]]
+    assert [(a[a.index("--nproc-per-node") + 1], a[a.index("--backend") + 1], a[a.index("--device") + 1])
+            for a in runs] == [("2", "gloo", "cuda"), ("1", "nccl", "cuda")]
     drive = next(c for c in calls if c["argv"][0].endswith("sanitize_drive.py"))
     assert drive["env"]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
     # the fake sanitizer is an "old" one that refuses --report-api-errors: one retry without it

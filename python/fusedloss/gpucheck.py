@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -51,12 +52,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "sanitize", "sweep", "report")
+STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "parallel", "sanitize", "sweep", "report")
 #: Longest a step may take (seconds); the budget may cut it shorter.
-CAPS = {"env": 90, "nvidia-smi": 30, "build": 300, "pytest-triton": 270, "pytest-ext": 120,
+CAPS = {"env": 90, "nvidia-smi": 30, "build": 300, "pytest-triton": 270, "pytest-ext": 120, "parallel": 75,
         "sanitize": 90, "sweep": 600, "report": 60}
 #: Time kept back for a step while earlier ones run, so every step gets a turn.
-RESERVE = {"pytest-ext": 45, "sanitize": 40, "sweep": 90, "report": 10}
+RESERVE = {"pytest-ext": 45, "parallel": 20, "sanitize": 40, "sweep": 90, "report": 10}
 #: How a step is stopped (its timeout, or a signal to this script): SIGINT (pytest still
 #: writes its JUnit XML, the sweep keeps its finished chunks), then SIGTERM, then SIGKILL,
 #: each to the step's whole process group, every running step at once; (signal, seconds
@@ -80,6 +81,10 @@ GPU_TIMING = ("--repeat", "10", "--warmup", "2")  # a GPU sample is ~1 ms: the r
 COMPILE_CS = (32000, 128256)  # torch.compile (ce): tens of seconds of Inductor per (dtype, C)
 DRY_CS = (64, 5000)        # 5000 > 4096: the streamed kernels
 DRY_ELEMENTS = 1 << 11     # the interpreter runs a program per row: few rows, the same plumbing
+#: bench/parallel_smoke.py's problem: the step trains and times small (the check is correctness on
+#: the device's backends and collectives; bench/results has the CPU timings at full size).
+PARALLEL_ARGS = ("--steps", "20", "--time-rows", "256", "--time-classes", "32768", "--repeat", "5")
+PARALLEL_DRY_ARGS = ("--steps", "4", "--classes", "37", "--time-rows", "16", "--time-classes", "64", "--repeat", "1")
 SOURCE_DIRS = ("csrc", "python/fusedloss", "triton_kernels", "tests", "bench/gpu")
 SOURCE_FILES = ("setup.py", "pyproject.toml")
 SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".toml"}
@@ -765,6 +770,28 @@ print("GPUCHECK_ENV " + json.dumps(out))
                          self.timeout("pytest-ext", self.later("pytest-ext")), env)
         self.finish_pytest(self.wait_one(job))
 
+    def step_parallel(self) -> None:
+        """fusedloss.parallel on the device (bench/parallel_smoke.py: split vs unsplit loss curves,
+        exit 1 if they part). Two processes over gloo sharing GPU 0 (the GPU backends' kernels
+        under the split losses, CUDA tensors through gloo), then NCCL with one process per GPU:
+        NCCL refuses two ranks on one GPU, so on a one-GPU machine that is a group of one (every
+        collective still goes through NCCL, no split). Dry run: two gloo processes on the CPU."""
+        run = [self.py, "-m", "torch.distributed.run", "--standalone"]
+        if self.dry:
+            cmds = [[*run, "--nproc-per-node", "2", "bench/parallel_smoke.py", *PARALLEL_DRY_ARGS, "--device", "cpu",
+                     "--backend", "gloo", "--out", str(self.results / "parallel_gloo_cpu.md")]]
+        else:
+            gpus = max(1, int(self.info.get("device_count") or 1))
+            cmds = [[*run, "--nproc-per-node", str(n), "bench/parallel_smoke.py", *PARALLEL_ARGS, "--device", "cuda",
+                     "--backend", backend, "--out", str(self.results / f"parallel_{backend}_cuda.md")]
+                    for backend, n in (("gloo", 2), ("nccl", min(gpus, 8)))]
+        # one job: both runs in one process group, the second only if the first passed
+        job = self.start("parallel", ["bash", "-c", " && ".join(shlex.join(c) for c in cmds)],
+                         self.timeout("parallel", self.later("parallel")))
+        self.wait_one(job)
+        written = sorted(p.name for p in self.results.glob("parallel_*.md"))
+        self.finish(job, detail="wrote " + (", ".join(written) if written else "nothing"))
+
     def step_sanitize(self) -> None:
         drive_json = self.results / "sanitize_drive.json"
         drive = [self.py, "bench/gpu/sanitize_drive.py", "--json", str(drive_json)]
@@ -872,7 +899,8 @@ print("GPUCHECK_ENV " + json.dumps(out))
             if "nvidia-smi" in self.selected and not self.dry:
                 self.step_nvidia_smi()
             for name, fn in (("build+triton", self.step_build_and_triton_tests), ("pytest-ext", self.step_pytest_ext),
-                             ("sanitize", self.step_sanitize), ("sweep", self.step_sweep)):
+                             ("parallel", self.step_parallel), ("sanitize", self.step_sanitize),
+                             ("sweep", self.step_sweep)):
                 names = ["build", "pytest-triton"] if name == "build+triton" else [name]
                 wanted = [n for n in names if n in self.selected]
                 if not wanted:
