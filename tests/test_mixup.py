@@ -397,6 +397,21 @@ def test_bad_mixed_targets_raise(target, exc, words):
         fl.softmax_loss(x, target(ya, yb), "crl")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight,exc,words", [
+    (torch.ones(7), ValueError, "weight must have shape"),             # too long: the one-target check's error
+    (torch.ones(3), ValueError, "weight must have shape"),             # too short: a kernel would read past it
+    (torch.ones(1, 4), ValueError, "weight must have shape"),
+    (torch.tensor([1, 2, 3, 4]), TypeError, "weight must be a floating"),
+    (torch.ones(4, device="meta"), ValueError, "weight is on meta"),
+])
+def test_bad_weight_raises_with_mixed_targets(backend, weight, exc, words):
+    x = torch.randn(5, 4)
+    ya, yb = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 1, 0, 2, 3])
+    with pytest.raises(exc, match=words):
+        fl.softmax_loss(x, (ya, yb, 0.5), "ce", weight=weight, backend=backend)
+
+
 def test_bad_target_values_raise_on_cpu():
     x = torch.randn(3, 4)
     with pytest.raises(IndexError):

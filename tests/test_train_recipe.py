@@ -266,6 +266,26 @@ def test_weighted_ce_keeps_the_soft_targets():
                                rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("how", ["backend", "env"])
+def test_criterion_for_a_gpu_backend_builds_on_a_cpu_machine(how, monkeypatch):
+    """MixedTargetLoss and the script's criterion are built before any GPU tensor exists: their probes
+    must not run the criterion's own backend (triton, or FUSEDLOSS_BACKEND=triton) on CPU tensors."""
+    from fusedloss.train import make_criterion
+
+    kw = {}
+    if how == "env":
+        monkeypatch.setenv("FUSEDLOSS_BACKEND", "triton")
+    else:
+        kw["backend"] = "triton"
+    crit = MixedTargetLoss(fl.CompetingRatioLoss(**kw), 10)
+    assert crit.fused_two_target
+    if how == "env":
+        args = build_parser().parse_args(["--loss", "crl", "--mixup-alpha", "0.2", "--label-smoothing", "0.1"])
+        made = make_criterion(args, 10)
+        assert made.fused_two_target and made.criterion.backend == "auto"
+        assert made.criterion.label_smoothing == 0.1
+
+
 # ---------------------------------------------------------------------------------------------
 # optimizer groups, schedule, EMA
 

@@ -101,14 +101,14 @@ def softmax_loss(
     validation.check_logits(logits)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)
+    num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    weight = validation.check_weight(weight, num_classes, logits)
     if isinstance(target, tuple):
         return _mixed(logits, target, weight, variant, red, ignore_index, label_smoothing, alpha, beta, gamma,
                       float(z_loss), cap, backend, inplace_backward, return_lse)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor or a mixup tuple (y_a, y_b, lam); got "
                         f"{type(target).__name__}")
-    num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
-    weight = validation.check_weight(weight, num_classes, logits)
 
     if target.is_floating_point():
         if variant != Variant.CE:
@@ -212,8 +212,15 @@ def cross_entropy(
     backend: str = "auto",
 ) -> Tensor:
     """Drop-in for :func:`torch.nn.functional.cross_entropy` (class indices or class
-    probabilities, ``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``):
-    ``L = -log p_c``, fused and computed in float32 for half inputs."""
+    probabilities, ``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``), fused and
+    computed in float32 for half inputs.
+
+    Class indices ``c``: ``L = -log p_c`` (times ``weight[c]``), smoothed to
+    ``(1 - eps) L + (eps / C) sum_k w_k (lse - x_k)``; ``'mean'`` divides by the counted rows'
+    weights. Class probabilities ``y`` (a float target of the input's shape), smoothed to
+    ``y' = (1 - eps) y + eps / C``: ``L = sum_k w_k y'_k (lse - x_k)``; ``'mean'`` divides by the
+    number of rows (PyTorch's rule), and ``y`` gets its gradient when it requires one. Also the
+    mixup pair ``(y_a, y_b, lam)``: ``lam L(y_a) + (1 - lam) L(y_b)``, each part reduced on its own."""
     return softmax_loss(input, target, "ce", weight=weight, ignore_index=ignore_index,
                         reduction=reduction, label_smoothing=label_smoothing, backend=backend)
 

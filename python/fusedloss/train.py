@@ -172,19 +172,21 @@ def check_args(args: argparse.Namespace) -> None:
 def make_criterion(args: argparse.Namespace, num_classes: int = 2) -> MixedTargetLoss:
     """The chosen loss, probed once on a 2-row batch so that bad options fail now, not at step one.
 
-    With mixup/cutmix the probe includes a mixed batch, through the same route training takes.
+    With mixup/cutmix the probe includes a mixed batch, through the same route training takes. The
+    probe's tensors are on the CPU, so it runs the reference backend (``"auto"``, which training
+    uses, may be pinned by ``FUSEDLOSS_BACKEND`` to a backend that needs a GPU).
     """
+    options = dict(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                   label_smoothing=args.label_smoothing)
     try:
-        inner = fl.SoftmaxLoss(loss=args.loss, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
-                               label_smoothing=args.label_smoothing)
-        criterion = MixedTargetLoss(inner, num_classes)
+        probe = MixedTargetLoss(fl.SoftmaxLoss(**options, backend="reference"), num_classes)
         logits, labels = torch.zeros(2, num_classes), torch.arange(2) % num_classes
-        criterion(logits, labels)
+        probe(logits, labels)
         if args.mixup_alpha > 0 or args.cutmix_alpha > 0:
-            criterion(logits, MixedTarget(labels, labels.flip(0), torch.tensor([0.25, 0.75], dtype=torch.float64)))
+            probe(logits, MixedTarget(labels, labels.flip(0), torch.tensor([0.25, 0.75], dtype=torch.float64)))
     except (ValueError, NotImplementedError) as err:
         raise TrainInputError(f"--loss {args.loss}: {err}") from None
-    return criterion
+    return MixedTargetLoss(fl.SoftmaxLoss(**options), num_classes, fused_two_target=probe.fused_two_target)
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

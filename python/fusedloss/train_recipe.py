@@ -160,12 +160,16 @@ def loss_kwargs(criterion: fl.SoftmaxLoss, **override: Any) -> dict[str, Any]:
 
 
 def has_two_target_form(criterion: fl.SoftmaxLoss) -> bool:
-    """Whether ``fl.softmax_loss`` takes ``target=(y_a, y_b, lam)`` (the fused mixup form) for this loss."""
+    """Whether ``fl.softmax_loss`` takes ``target=(y_a, y_b, lam)`` (the fused mixup form) for this loss.
+
+    Probed on CPU tensors with the reference backend: what the library accepts does not depend on
+    the backend, and the criterion's own (``backend="triton"``, or ``FUSEDLOSS_BACKEND``) may not run
+    on the CPU."""
     x = torch.zeros(2, 3)
     y_a, y_b, lam = torch.tensor([0, 1]), torch.tensor([2, 1]), torch.tensor([0.25, 1.0])
     try:
-        out = fl.softmax_loss(x, (y_a, y_b, lam), criterion.loss, **loss_kwargs(criterion, weight=None,
-                                                                                 reduction="none"))
+        out = fl.softmax_loss(x, (y_a, y_b, lam), criterion.loss,
+                              **loss_kwargs(criterion, weight=None, reduction="none", backend="reference"))
     except (TypeError, ValueError, NotImplementedError, AttributeError):
         return False
     return isinstance(out, Tensor) and out.shape == (2,)
