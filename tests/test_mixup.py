@@ -412,6 +412,19 @@ def test_bad_weight_raises_with_mixed_targets(backend, weight, exc, words):
         fl.softmax_loss(x, (ya, yb, 0.5), "ce", weight=weight, backend=backend)
 
 
+def test_cpu_scalar_lam_with_logits_elsewhere():
+    """A 0-d CPU lam beside logits on another device is read as a float (PyTorch's CPU-scalar
+    rule), range-checked like one; any other lam must be on the logits' device."""
+    x = torch.randn(3, 4, device="meta")
+    ya, yb = torch.zeros(3, dtype=torch.long, device="meta"), torch.ones(3, dtype=torch.long, device="meta")
+    lam = mixup.check_mixed_target(x, (ya, yb, torch.tensor(0.25)))[2]
+    assert isinstance(lam, float) and lam == 0.25
+    with pytest.raises(ValueError, match="lam must be in"):
+        mixup.check_mixed_target(x, (ya, yb, torch.tensor(1.5)))
+    with pytest.raises(ValueError, match="lam is on cpu"):
+        mixup.check_mixed_target(x, (ya, yb, torch.full((3,), 0.5)))
+
+
 def test_bad_target_values_raise_on_cpu():
     x = torch.randn(3, 4)
     with pytest.raises(IndexError):

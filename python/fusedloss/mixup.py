@@ -83,6 +83,12 @@ def check_mixed_target(logits: Tensor, target: tuple) -> tuple[Tensor, Tensor, f
                             f"{type(t).__name__ if not isinstance(t, Tensor) else t.dtype}")
     check_class_target(logits, ya)
     check_class_target(logits, yb)
+    if isinstance(lam, Tensor) and lam.dim() == 0 and lam.device.type == "cpu" and lam.device != logits.device:
+        # A CPU scalar beside device logits (torch.distributions.Beta(a, a).sample()): read as a
+        # float, as PyTorch's ops take CPU scalars; reading CPU memory is not a synchronization.
+        if not lam.is_floating_point():
+            raise TypeError(f"mixed target lam must be floating; got {lam.dtype}")
+        lam = float(lam)
     if isinstance(lam, Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"mixed target lam must be floating; got {lam.dtype}")
