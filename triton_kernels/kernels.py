@@ -463,6 +463,26 @@ def _smoothing_sums(x, mask, cols, n_cols, W, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _add_smoothing_sums(sum_wx, w_tot, x, mask, cols, n_cols, W, HAS_WEIGHT: tl.constexpr,
+                        HAS_SMOOTHING: tl.constexpr):
+    """A statistics pass's running smoothing sums (sum_k w_k x_k, W) plus this tile's
+    (:func:`_smoothing_sums`); unchanged without label smoothing."""
+    if HAS_SMOOTHING:
+        a_wx, a_w = _smoothing_sums(x, mask, cols, n_cols, W, HAS_WEIGHT)
+        sum_wx += a_wx
+        w_tot += a_w
+    return sum_wx, w_tot
+
+
+@triton.jit
+def _no_tile(BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (x, mask, slope) a streamed statistics pass returns in place of the on-chip tile:
+    a placeholder that no one reads."""
+    x = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+    return x, x != 0.0, 1.0
+
+
+@triton.jit
 def _weight_total(W, n_cols, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     """W = sum_k w_k (C without weights), per row, for a backward that does not read the
     whole row in a statistics pass."""
@@ -487,39 +507,47 @@ def _excluded(cols, ta, tb, TWO_TARGETS: tl.constexpr):
 
 
 @triton.jit
-def _lse_pass(X, row_off, row_ok, n_cols, ta, tb, W, softcap, softcap_k, EVICT: tl.constexpr,
-              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_TARGETS: tl.constexpr):
-    """Pass 1 of the target-only family: the online log-sum-exp (running max m, sum s) over the
-    classes that are not targets (:func:`_excluded`) and the sums for label smoothing. SINGLE:
+def _stats_update(M, Wi, m, s, x, cols, start, ta, tb, TWO_TARGETS: tl.constexpr, ARGMAX: tl.constexpr):
+    """A statistics pass's update by one tile. ARGMAX (bce): :func:`_argmax_update` of the max M,
+    its column Wi and (m, s) over k != Wi; else :func:`_online_update` of (m, s) over the classes
+    that are not targets (:func:`_excluded`), M and Wi passed through."""
+    if ARGMAX:
+        M, Wi, m, s = _argmax_update(M, Wi, m, s, x, cols, start)
+    else:
+        m, s = _online_update(m, s, x, _excluded(cols, ta, tb, TWO_TARGETS))
+    return M, Wi, m, s
+
+
+@triton.jit
+def _stats_pass(X, row_off, row_ok, n_cols, ta, tb, W, softcap, softcap_k, EVICT: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_TARGETS: tl.constexpr,
+                ARGMAX: tl.constexpr):
+    """Pass 1 of either family: the running statistics of :func:`_stats_update` (the target-only
+    family's online log-sum-exp, or with ARGMAX bce's arg-max and log-sum-exp over k != w) and
+    the sums for label smoothing; returns (M, Wi, m, s, sum_wx, w_tot, x, mask, slope). SINGLE:
     the row is one tile, loaded evict_first and returned (x, mask, slope) to stay in registers
     for the gradient; else column blocks loaded with EVICT (the tile returned is a placeholder
-    that no one reads)."""
+    that no one reads, :func:`_no_tile`)."""
     cols0 = tl.arange(0, BLOCK_C)
+    M = tl.full([BLOCK_N], float("-inf"), ACC)
+    Wi = tl.zeros([BLOCK_N], tl.int32)
     m = tl.full([BLOCK_N], float("-inf"), ACC)
     s = tl.zeros([BLOCK_N], ACC)
     sum_wx = tl.zeros([BLOCK_N], ACC)
     w_tot = tl.zeros([BLOCK_N], ACC)
     if SINGLE:
         x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        m, s = _online_update(m, s, x, _excluded(cols0, ta, tb, TWO_TARGETS))
-        if HAS_SMOOTHING:
-            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
-            sum_wx += a_wx
-            w_tot += a_w
+        M, Wi, m, s = _stats_update(M, Wi, m, s, x, cols0, 0, ta, tb, TWO_TARGETS, ARGMAX)
+        sum_wx, w_tot = _add_smoothing_sums(sum_wx, w_tot, x, mask, cols0, n_cols, W, HAS_WEIGHT, HAS_SMOOTHING)
     else:
         for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
             xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, EVICT, SOFTCAP)
-            m, s = _online_update(m, s, xb, _excluded(cols, ta, tb, TWO_TARGETS))
-            if HAS_SMOOTHING:
-                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
-                sum_wx += a_wx
-                w_tot += a_w
-        x = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        mask = x != 0.0
-        slope = 1.0
-    return m, s, sum_wx, w_tot, x, mask, slope
+            M, Wi, m, s = _stats_update(M, Wi, m, s, xb, cols, start, ta, tb, TWO_TARGETS, ARGMAX)
+            sum_wx, w_tot = _add_smoothing_sums(sum_wx, w_tot, xb, maskb, cols, n_cols, W, HAS_WEIGHT, HAS_SMOOTHING)
+        x, mask, slope = _no_tile(BLOCK_N, BLOCK_C)
+    return M, Wi, m, s, sum_wx, w_tot, x, mask, slope
 
 
 @triton.jit
@@ -539,13 +567,15 @@ def _targets_grad_tile(x, mask, slope, cols, n_cols, off, scale, per_class, W, k
 
 
 @triton.jit
-def _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, x, mask, slope, off, scale, per_class, W,
-                keep, ta, g_a, tb, g_b, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+def _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, off, scale,
+                per_class, W, keep, ta, g_a, tb, g_b, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                 SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-                TWO_TARGETS: tl.constexpr):
-    """Write the target-only gradient of the rows (:func:`_targets_grad_tile`): SINGLE from the
-    tile (x, mask, slope) kept in registers since pass 1; else a pass over the row in reverse
-    block order (the blocks pass 1 read last are the L2-warm ones), the stores evict_first."""
+                ROW_ALIGN: tl.constexpr, TWO_TARGETS: tl.constexpr):
+    """Write the target-only gradient of the rows (:func:`_targets_grad_tile`) to G's rows (stride
+    stride_g, ROW_ALIGN's hint): SINGLE from the tile (x, mask, slope) kept in registers since
+    pass 1; else a pass over the row in reverse block order (the blocks pass 1 read last are the
+    L2-warm ones), the stores evict_first."""
+    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
     cols0 = tl.arange(0, BLOCK_C)
     if SINGLE:
         g = _targets_grad_tile(x, mask, slope, cols0, n_cols, off, scale, per_class, W, keep, ta, g_a, tb, g_b,
@@ -609,9 +639,9 @@ def _target_fwd_rows(
     x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
 
     # ---- pass 1: lse_ex (k != c) online; sums for label smoothing ------------------------
-    m, s, sum_wx, w_tot, x, mask, slope = _lse_pass(X, row_off, row_ok, n_cols, tc, tc, W, softcap, softcap_k,
-                                                    P1_EVICT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
-                                                    BLOCK_C, NUM_STAGES, False)
+    _, _, m, s, sum_wx, w_tot, x, mask, slope = _stats_pass(
+        X, row_off, row_ok, n_cols, tc, tc, W, softcap, softcap_k, P1_EVICT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE,
+        BLOCK_N, BLOCK_C, NUM_STAGES, False, False)
     lse_ex = _safe_shift(m) + tl.log(s)
     lse = _logaddexp(lse_ex, x_c)
     d = lse_ex - x_c
@@ -628,9 +658,9 @@ def _target_fwd_rows(
         r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
         off, scale, per_class, g_c = _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own,
                                                         smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
-        g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-        _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, x, mask, slope, off, scale, per_class, W,
-                    keep, tc, g_c, tc, g_c, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, False)
+        _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, off, scale,
+                    per_class, W, keep, tc, g_c, tc, g_c, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C,
+                    NUM_STAGES, ROW_ALIGN, False)
 
     return part
 
@@ -747,6 +777,21 @@ def _argmax_update(M, Wi, M2, S2, x, cols, start):
 
 
 @triton.jit
+def _bce_stats_pass(X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """bce's pass 1 (one target or mixup's two, mix_kernels.py; :func:`_stats_pass` with ARGMAX,
+    streamed blocks loaded evict_last: the later passes re-read them): the arg-max logit M and its
+    column Wi, lse_{k != w}, lse (so log(1 - p_w) = lse_{k != w} - lse, log p_w = M - lse), the
+    smoothing sums and the tile (x, mask, slope)."""
+    M, Wi, M2, S2, sum_wx, w_tot, x, mask, slope = _stats_pass(
+        X, row_off, row_ok, n_cols, None, None, W, softcap, softcap_k, "evict_last", HAS_WEIGHT,
+        HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C, NUM_STAGES, False, True)
+    lse_ow = _safe_shift(M2) + tl.log(S2)
+    return M, Wi, lse_ow, _logaddexp(M, lse_ow), sum_wx, w_tot, x, mask, slope
+
+
+@triton.jit
 def _bce_sums(x, mask, cols, tc, Wi, lse, log1m_pw):
     """Per row over this tile: sum_{k != c} log(1 - p_k) and R = sum_{k != w} a_k with
     a_k = p_k / (1 - p_k) (k != c), a_c = -1. Every k != w has p_k <= 1/2: exact."""
@@ -758,6 +803,64 @@ def _bce_sums(x, mask, cols, tc, Wi, lse, log1m_pw):
     a = tl.where(is_c, -1.0, p / (1.0 - p))
     a = tl.where(is_w | (~mask), 0.0, a)
     return tl.sum(l1m, 1), tl.sum(a, 1)
+
+
+@triton.jit
+def _bce_tile_sums(x, mask, cols, ta, tb, Wi, lse, log1m_pw, TWO_TARGETS: tl.constexpr):
+    """:func:`_bce_sums` of a tile for target ta; with TWO_TARGETS (mixup, mix_kernels.py) over
+    k not in {a, b}: b's lanes read as p = 0 (x = -inf) and, when w is b, the arg-max taken as a
+    (a lane left out anyway). Then the first sum is over k not in {a, b} (w's log(1 - p_w) from
+    log1m_pw) and the second is S = sum_{k not in {a, b, w}} a_k - [w not in {a, b}] (a_a = -1
+    counts only where a is not the arg-max that _bce_sums sees)."""
+    if TWO_TARGETS:
+        x = tl.where(cols[None, :] == tb[:, None], float("-inf"), x)
+        Wi = tl.where(Wi == tb, ta, Wi)
+    return _bce_sums(x, mask, cols, ta, Wi, lse, log1m_pw)
+
+
+@triton.jit
+def _bce_sums_pass(X, row_off, row_ok, n_cols, softcap, softcap_k, x, mask, ta, tb, Wi, lse, log1m_pw,
+                   EVICT: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_C: tl.constexpr, TWO_TARGETS: tl.constexpr):
+    """bce's pass 2, the row's :func:`_bce_tile_sums`: from the on-chip tile (x, mask) with SINGLE,
+    else over column blocks in reverse order (pass 1 read the last ones last: L2-warm) loaded
+    with EVICT."""
+    cols0 = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        l1m, R = _bce_tile_sums(x, mask, cols0, ta, tb, Wi, lse, log1m_pw, TWO_TARGETS)
+    else:
+        l1m = tl.zeros([BLOCK_N], ACC)
+        R = tl.zeros([BLOCK_N], ACC)
+        nb = tl.cdiv(n_cols, BLOCK_C)
+        for i in range(0, nb):
+            cols = (nb - 1 - i) * BLOCK_C + cols0
+            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, EVICT, SOFTCAP)
+            a_l, a_r = _bce_tile_sums(xb, maskb, cols, ta, tb, Wi, lse, log1m_pw, TWO_TARGETS)
+            l1m += a_l
+            R += a_r
+    return l1m, R
+
+
+@triton.jit
+def _bce_saved_stats(STATS, X, row_off, rows, row_ok, n_cols, ta, tb, softcap, softcap_k, SOFTCAP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TWO_TARGETS: tl.constexpr):
+    """A bce backward's row terms: lse, log(1 - p_w) and w (clamped to a column) from the saved
+    stats, x_w (log p_w = x_w - lse), and the second sum of :func:`_bce_tile_sums` (R, or mixup's S) in a
+    pass over the row whose blocks are loaded evict_last (the gradient pass reads them back in
+    reverse order)."""
+    lse = tl.load(STATS + rows.to(tl.int64) * 4, mask=row_ok, other=0.0).to(ACC)
+    log1m_pw = tl.load(STATS + rows.to(tl.int64) * 4 + 2, mask=row_ok, other=0.0).to(ACC)
+    Wi = tl.load(STATS + rows.to(tl.int64) * 4 + 3, mask=row_ok, other=0.0).to(tl.int32)
+    Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
+    x_w = _capped(tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+    cols0 = tl.arange(0, BLOCK_C)
+    R = tl.zeros([BLOCK_N], ACC)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + cols0
+        xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
+        _, a_r = _bce_tile_sums(xb, maskb, cols, ta, tb, Wi, lse, log1m_pw, TWO_TARGETS)
+        R += a_r
+    return lse, log1m_pw, Wi, x_w, R
 
 
 @triton.jit
@@ -818,46 +921,15 @@ def _bce_fwd_rows(
     row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
     cols0 = tl.arange(0, BLOCK_C)
-    M = tl.full([BLOCK_N], float("-inf"), ACC)
-    Wi = tl.zeros([BLOCK_N], tl.int32)
-    M2 = tl.full([BLOCK_N], float("-inf"), ACC)
-    S2 = tl.zeros([BLOCK_N], ACC)
-    sum_wx = tl.zeros([BLOCK_N], ACC)
-    w_tot = tl.zeros([BLOCK_N], ACC)
-    if SINGLE:
-        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, x, cols0, 0)
-        if HAS_SMOOTHING:
-            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
-            sum_wx += a_wx
-            w_tot += a_w
-    else:
-        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
-            cols = start + cols0
-            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
-            M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, xb, cols, start)
-            if HAS_SMOOTHING:
-                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
-                sum_wx += a_wx
-                w_tot += a_w
-    lse_ow = _safe_shift(M2) + tl.log(S2)
-    lse = _logaddexp(M, lse_ow)
+    M, Wi, lse_ow, lse, sum_wx, w_tot, x, mask, slope = _bce_stats_pass(
+        X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
+        BLOCK_C, NUM_STAGES)
     log1m_pw = lse_ow - lse
     lse_ex = tl.where(tc == Wi, lse_ow, lse + _log1p(-tl.exp(x_c - lse)))
     d = lse_ex - x_c
 
-    if SINGLE:
-        l1m, R = _bce_sums(x, mask, cols0, tc, Wi, lse, log1m_pw)
-    else:
-        l1m = tl.zeros([BLOCK_N], ACC)
-        R = tl.zeros([BLOCK_N], ACC)
-        nb = tl.cdiv(n_cols, BLOCK_C)
-        for i in range(0, nb):
-            cols = (nb - 1 - i) * BLOCK_C + cols0
-            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P1_EVICT, SOFTCAP)
-            a_l, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
-            l1m += a_l
-            R += a_r
+    l1m, R = _bce_sums_pass(X, row_off, row_ok, n_cols, softcap, softcap_k, x, mask, tc, tc, Wi, lse, log1m_pw,
+                            P1_EVICT, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C, False)
     lrow = _row_loss(_softplus(d) - l1m, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad,
                      HAS_SMOOTHING, HAS_ZLOSS)
     part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex, log1m_pw, Wi.to(ACC), reduction)
@@ -936,18 +1008,9 @@ def bce_bwd_kernel(
     # tl.multiple_of on a scalar argument is not.
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    lse = tl.load(STATS + rows.to(tl.int64) * 4, mask=row_ok, other=0.0).to(ACC)
-    log1m_pw = tl.load(STATS + rows.to(tl.int64) * 4 + 2, mask=row_ok, other=0.0).to(ACC)
-    Wi = tl.load(STATS + rows.to(tl.int64) * 4 + 3, mask=row_ok, other=0.0).to(tl.int32)
-    Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
-    x_w = _capped(tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+    lse, log1m_pw, Wi, x_w, R = _bce_saved_stats(STATS, X, row_off, rows, row_ok, n_cols, tc, tc, softcap,
+                                                    softcap_k, SOFTCAP, BLOCK_N, BLOCK_C, False)
     cols0 = tl.arange(0, BLOCK_C)
-    R = tl.zeros([BLOCK_N], ACC)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = start + cols0
-        xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
-        _, a_r = _bce_sums(xb, maskb, cols, tc, Wi, lse, log1m_pw)
-        R += a_r
     r, go_s = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
     if HAS_SMOOTHING:
         w_tot = _weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT)

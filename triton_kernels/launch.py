@@ -155,6 +155,17 @@ def _option_scalars(label_smoothing: float, z_loss: float, softcap: float, n_col
     return 1.0 - eps, eps / max(int(n_cols), 1), float(z_loss), cap, cap_k
 
 
+def _fwd_grid(logits: Tensor, variant: int) -> tuple:
+    """A forward's configuration (``heuristics.fwd_config``) and grid: a program per row block on
+    chip; streamed, a persistent grid of at most ``_stream_grid`` programs, each looping over rows."""
+    n, c = logits.shape
+    cfg = fwd_config(c, logits.element_size(), variant)
+    grid = triton.cdiv(n, cfg.block_n)
+    if not cfg.single:
+        grid = min(grid, _stream_grid(c, logits.element_size(), variant, logits.device))
+    return cfg, grid
+
+
 def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
                    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
                    z_loss: float, softcap: float, grad: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -168,10 +179,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
     stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
     if n == 0:
         return _empty_loss(logits, reduction), stats
-    cfg = fwd_config(c, logits.element_size(), variant)
-    grid = triton.cdiv(n, cfg.block_n)
-    if not cfg.single:  # persistent: each program loops over rows
-        grid = min(grid, _stream_grid(c, logits.element_size(), variant, logits.device))
+    cfg, grid = _fwd_grid(logits, variant)
     counter, denom, partial, n_denom = _workspace(logits, grid, reduction, target, weight, ignore_index)
     loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=torch.float32)
     compute_grad = grad is not None

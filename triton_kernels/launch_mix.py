@@ -26,10 +26,10 @@ from fusedloss import mixup, reference
 from fusedloss.variants import STATS_COLS, Reduction, Variant
 
 from . import kernels, mix_kernels
-from .heuristics import bwd_config, fwd_config
-from .launch import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_targets, _dense, _empty_loss,
-                     _launch_prologue, _option_flags, _option_scalars, _stream_grid, _unit_class_stride, _workspace,
-                     row_align, scale_fused_grad)
+from .heuristics import bwd_config
+from .launch import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_targets, _dense, _empty_loss, _fwd_grid,
+                     _launch_prologue, _option_flags, _option_scalars, _unit_class_stride, _workspace, row_align,
+                     scale_fused_grad)
 
 
 def fuses(variant: int, softcap: float) -> bool:
@@ -96,10 +96,7 @@ def launch_mix_forward(logits: Tensor, target_a: Tensor, target_b: Tensor, lam: 
     stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
     if n == 0:
         return _empty_loss(logits, reduction), stats
-    cfg = fwd_config(c, logits.element_size(), variant)
-    grid = triton.cdiv(n, cfg.block_n)
-    if not cfg.single:  # persistent: each program loops over rows
-        grid = min(grid, _stream_grid(c, logits.element_size(), variant, logits.device))
+    cfg, grid = _fwd_grid(logits, variant)
     counter, denom_a, partial, n_denom = _workspace(logits, grid, reduction, target_a, weight, ignore_index)
     denom_b = _denominators(logits, target_b, weight, ignore_index, reduction, denom_a)
     loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=torch.float32)

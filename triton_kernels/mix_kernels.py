@@ -51,9 +51,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (ACC, NEG_INF, RED_MEAN, _argmax_update, _bce_grad_tile, _bce_sums, _capped, _extra_terms,
-                      _finish_reduction, _grad_row_scale, _load_tile, _log1p, _logaddexp, _lse_pass, _mean_denominator,
-                      _row_loss, _rows_setup, _safe_shift, _smoothing_sums, _softplus, _store_grad,
+from .kernels import (ACC, NEG_INF, RED_MEAN, _bce_grad_tile, _bce_saved_stats, _bce_stats_pass, _bce_sums_pass,
+                      _capped, _extra_terms, _finish_reduction, _grad_row_scale, _load_tile, _log1p, _logaddexp,
+                      _mean_denominator, _row_loss, _rows_setup, _safe_shift, _softplus, _stats_pass, _store_grad,
                       _store_row_outputs, _variant_math, _weight_total)
 
 
@@ -166,6 +166,20 @@ def _bwd_weight_total(W, n_cols, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, H
 
 
 @triton.jit
+def _row_blocks(n_rows, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    """The row blocks of a forward program, as ``range(first, stop, step)``: its own block on chip
+    (SINGLE), else blocks p, p + P, ... of a persistent grid of P programs."""
+    first = tl.program_id(0)
+    if SINGLE:
+        step = 1
+        stop = first + 1
+    else:
+        step = tl.num_programs(0)
+        stop = tl.cdiv(n_rows, BLOCK_N)
+    return first, stop, step
+
+
+@triton.jit
 def _mix_fwd_rows(
     rb, X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM_A, DENOM_B, n_rows, n_cols, ignore_index,
     smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k, reduction, n_denom,
@@ -183,9 +197,9 @@ def _mix_fwd_rows(
     same = ta == tb
 
     # ---- pass 1: the log-sum-exp over k not in {a, b}; sums for label smoothing ----------
-    m, s, sum_wx, w_tot, x, mask, slope = _lse_pass(X, row_off, row_ok, n_cols, ta, tb, W, softcap, softcap_k,
-                                                    P1_EVICT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
-                                                    BLOCK_C, NUM_STAGES, True)
+    _, _, m, s, sum_wx, w_tot, x, mask, slope = _stats_pass(
+        X, row_off, row_ok, n_cols, ta, tb, W, softcap, softcap_k, P1_EVICT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE,
+        BLOCK_N, BLOCK_C, NUM_STAGES, True, False)
     rest = _safe_shift(m) + tl.log(s)
     lse_ex_a = tl.where(same, rest, _logaddexp(rest, x_b))
     lse_ex_b = tl.where(same, rest, _logaddexp(rest, x_a))
@@ -206,9 +220,9 @@ def _mix_fwd_rows(
         off, scale, per_class, g_a, g_b = _mix_grad_coefs(
             lse, x_a, x_b, same, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a, go_a, r_b, go_b, w_a, w_b, w_tot,
             smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
-        g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-        _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, x, mask, slope, off, scale, per_class, W,
-                    keep, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, True)
+        _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, off, scale,
+                    per_class, W, keep, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C,
+                    NUM_STAGES, ROW_ALIGN, True)
     return part
 
 
@@ -224,14 +238,7 @@ def mix_fwd_kernel(
     """Forward of a target-only variant with two targets (and with COMPUTE_GRAD the gradient
     for grad_output = 1): ``kernels.target_fwd_kernel``'s regimes and grid."""
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
-    if SINGLE:
-        first = tl.program_id(0)
-        step = 1
-        stop = first + 1
-    else:  # persistent: program p streams row blocks p, p + P, ...
-        first = tl.program_id(0)
-        step = tl.num_programs(0)
-        stop = tl.cdiv(n_rows, BLOCK_N)
+    first, stop, step = _row_blocks(n_rows, BLOCK_N, SINGLE)
     for rb in range(first, stop, step):
         acc += _mix_fwd_rows(rb, X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM_A, DENOM_B, n_rows,
                              n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap,
@@ -269,68 +276,22 @@ def mix_bwd_kernel(
         lse, x_a, x_b, ta == tb, log_s_a, log_gc_a, log_s_b, log_gc_b, r_a, go_a, r_b, go_b, w_a, w_b, w_tot,
         smooth_own, smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
     # One pass over the row (the forward's streamed gradient pass: no tile kept, SINGLE off).
-    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-    _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, g_off, None, None, 1.0, off, scale, per_class, W,
-                keep_a | keep_b, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, False, BLOCK_C, 1, True)
+    _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, None, None, 1.0, off, scale,
+                per_class, W, keep_a | keep_b, ta, g_a, tb, g_b, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, False, BLOCK_C, 1,
+                ROW_ALIGN, True)
 
 
 # ----------------------------------------------------------------------------
 # bce: both parts share lse, the arg-max w and log(1 - p_w) (pass 1, kernels.py's
-# _argmax_update); pass 2 sums over k not in {a, b} once (_bce_mix_sums) and each part adds
-# the other target's terms (_bce_mix_parts); the gradient is the sum of both parts'
+# _bce_stats_pass); pass 2 sums over k not in {a, b} once (kernels.py's _bce_sums_pass with
+# TWO_TARGETS) and each part adds the other target's terms (_bce_mix_part_r,
+# _bce_mix_part_loss); the gradient is the sum of both parts'
 # _bce_grad_tile, written once. Stats columns: lse, lse_ex(a), log(1 - p_w), w (the CPU op's).
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _bce_stats_pass(X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT: tl.constexpr,
-                    HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """bce's pass 1 (kernels.py, _bce_fwd_rows): arg-max w, lse, log(1 - p_w) = lse_{k != w} - lse
-    and the smoothing sums; SINGLE returns the on-chip tile (x, mask, slope), else a placeholder."""
-    cols0 = tl.arange(0, BLOCK_C)
-    M = tl.full([BLOCK_N], float("-inf"), ACC)
-    Wi = tl.zeros([BLOCK_N], tl.int32)
-    M2 = tl.full([BLOCK_N], float("-inf"), ACC)
-    S2 = tl.zeros([BLOCK_N], ACC)
-    sum_wx = tl.zeros([BLOCK_N], ACC)
-    w_tot = tl.zeros([BLOCK_N], ACC)
-    if SINGLE:
-        x, mask, slope = _load_tile(X, row_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, x, cols0, 0)
-        if HAS_SMOOTHING:
-            a_wx, a_w = _smoothing_sums(x, mask, cols0, n_cols, W, HAS_WEIGHT)
-            sum_wx += a_wx
-            w_tot += a_w
-    else:
-        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
-            cols = start + cols0
-            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
-            M, Wi, M2, S2 = _argmax_update(M, Wi, M2, S2, xb, cols, start)
-            if HAS_SMOOTHING:
-                a_wx, a_w = _smoothing_sums(xb, maskb, cols, n_cols, W, HAS_WEIGHT)
-                sum_wx += a_wx
-                w_tot += a_w
-        x = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        mask = x != 0.0
-        slope = 1.0
-    lse_ow = _safe_shift(M2) + tl.log(S2)
-    lse = _logaddexp(M, lse_ow)
-    return lse, lse_ow - lse, Wi, M - lse, sum_wx, w_tot, x, mask, slope
-
-
-@triton.jit
-def _bce_mix_sums(x, mask, cols, ta, tb, Wi, lse, log1m_pw):
-    """kernels.py's _bce_sums over k not in {a, b}: b's lanes read as p = 0 (x = -inf) and, when
-    w is b, the arg-max is taken as a (a lane left out anyway). Returns sum_{k not in {a, b}}
-    log(1 - p_k) (w's from log1m_pw) and S = sum_{k not in {a, b, w}} a_k - [w not in {a, b}]
-    (a_a = -1 is counted only where a is not the arg-max that _bce_sums sees)."""
-    xm = tl.where(cols[None, :] == tb[:, None], float("-inf"), x)
-    return _bce_sums(xm, mask, cols, ta, tl.where(Wi == tb, ta, Wi), lse, log1m_pw)
-
-
-@triton.jit
 def _bce_mix_part_r(same, o_is_w, p_o, s_r):
-    """A part's R = sum_{k != w} a_k (a_c = -1) from _bce_mix_sums' S: the other target o's odds
+    """A part's R = sum_{k != w} a_k (a_c = -1) from _bce_tile_sums' S: the other target o's odds
     join where o is neither c nor w; where o is w (and not c) the -1 of a_c was left out of S."""
     return s_r + tl.where(same | o_is_w, 0.0, p_o / (1.0 - p_o)) - tl.where(~same & o_is_w, 1.0, 0.0)
 
@@ -386,26 +347,18 @@ def _bce_mix_fwd_rows(
     cols0 = tl.arange(0, BLOCK_C)
 
     # ---- pass 1: arg-max, lse, log(1 - p_w); sums for label smoothing -------------------
-    lse, log1m_pw, Wi, log_pw, sum_wx, w_tot, x, mask, slope = _bce_stats_pass(
+    M, Wi, lse_ow, lse, sum_wx, w_tot, x, mask, slope = _bce_stats_pass(
         X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
         BLOCK_C, NUM_STAGES)
-    lse_ow = lse + log1m_pw
+    log1m_pw = lse_ow - lse
+    log_pw = M - lse
+    lse_ow = lse + log1m_pw   # lse_{k != w} formed from the stats columns lse, log(1 - p_w)
     lse_ex_a = tl.where(ta == Wi, lse_ow, lse + _log1p(-tl.exp(x_a - lse)))
     lse_ex_b = tl.where(tb == Wi, lse_ow, lse + _log1p(-tl.exp(x_b - lse)))
 
     # ---- pass 2: sums over k not in {a, b} (reverse order when streamed) ----------------
-    if SINGLE:
-        s_l, s_r = _bce_mix_sums(x, mask, cols0, ta, tb, Wi, lse, log1m_pw)
-    else:
-        s_l = tl.zeros([BLOCK_N], ACC)
-        s_r = tl.zeros([BLOCK_N], ACC)
-        nb = tl.cdiv(n_cols, BLOCK_C)
-        for i in range(0, nb):
-            cols = (nb - 1 - i) * BLOCK_C + cols0
-            xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P1_EVICT, SOFTCAP)
-            a_l, a_r = _bce_mix_sums(xb, maskb, cols, ta, tb, Wi, lse, log1m_pw)
-            s_l += a_l
-            s_r += a_r
+    s_l, s_r = _bce_sums_pass(X, row_off, row_ok, n_cols, softcap, softcap_k, x, mask, ta, tb, Wi, lse, log1m_pw,
+                              P1_EVICT, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C, True)
     R_a, R_b, p_a, p_b = _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r)
     loss_a = _bce_mix_part_loss(same, tb == Wi, p_b, lse_ex_a, x_a, log1m_pw, s_l)
     loss_b = _bce_mix_part_loss(same, ta == Wi, p_a, lse_ex_b, x_b, log1m_pw, s_l)
@@ -449,14 +402,7 @@ def bce_mix_fwd_kernel(
     """Forward of bce with two targets (and with COMPUTE_GRAD the gradient for grad_output = 1):
     ``kernels.bce_fwd_kernel``'s passes, regimes and grid."""
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
-    if SINGLE:
-        first = tl.program_id(0)
-        step = 1
-        stop = first + 1
-    else:  # persistent: program p streams row blocks p, p + P, ...
-        first = tl.program_id(0)
-        step = tl.num_programs(0)
-        stop = tl.cdiv(n_rows, BLOCK_N)
+    first, stop, step = _row_blocks(n_rows, BLOCK_N, SINGLE)
     for rb in range(first, stop, step):
         acc += _bce_mix_fwd_rows(rb, X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM_A, DENOM_B, n_rows,
                                  n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k,
@@ -477,19 +423,9 @@ def bce_mix_bwd_kernel(
     rows, row_ok, ta, tb, keep_a, keep_b, bad, w_a, w_b, lam, n_cols, row_off, x_a, x_b = _mix_rows(
         tl.program_id(0), X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, softcap, softcap_k, BLOCK_N,
         HAS_WEIGHT, SOFTCAP, ROW_ALIGN)
-    st = STATS + rows.to(tl.int64) * 4
-    lse = tl.load(st, mask=row_ok, other=0.0).to(ACC)
-    log1m_pw = tl.load(st + 2, mask=row_ok, other=0.0).to(ACC)
-    Wi = tl.load(st + 3, mask=row_ok, other=0.0).to(tl.int32)
-    Wi = tl.minimum(tl.maximum(Wi, 0), n_cols - 1)
-    x_w = _capped(tl.load(X + row_off + Wi, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+    lse, log1m_pw, Wi, x_w, s_r = _bce_saved_stats(STATS, X, row_off, rows, row_ok, n_cols, ta, tb, softcap,
+                                                      softcap_k, SOFTCAP, BLOCK_N, BLOCK_C, True)
     cols0 = tl.arange(0, BLOCK_C)
-    s_r = tl.zeros([BLOCK_N], ACC)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = start + cols0
-        xb, maskb, _ = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_last", SOFTCAP)
-        _, a_r = _bce_mix_sums(xb, maskb, cols, ta, tb, Wi, lse, log1m_pw)
-        s_r += a_r
     R_a, R_b, _, _ = _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r)
     r_a, go_a, r_b, go_b = _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, GO, rows, row_ok, DENOM_A, DENOM_B,
                                             n_denom, reduction, GO_PER_ROW)
