@@ -348,18 +348,17 @@ FL_HD Log1mPw<T> bce_log1m_pw(int64_t w, int64_t a, int64_t b, T lse, T lse_ex_a
   return one_minus_pw >= bce_sum_floor<T>() ? Log1mPw<T>{std::log(one_minus_pw), true} : Log1mPw<T>{T(0), false};
 }
 
+// A row's numbers from R itself (a vocabulary-parallel row: R summed over the ranks).
+template <typename T>
+FL_HD BceRow<T> bce_row_of_r(bool w_is_c, T lse, T x_w, T log1m_pw, T r) {
+  return {log1m_pw, r, w_is_c ? T(0) : (x_w - lse) - log1m_pw};
+}
+
+// ... and from the pass's sum_a = sum_{k not in {c, w}} a_k.
 template <typename T>
 FL_HD BceRow<T> bce_row(bool w_is_c, T lse, T x_w, T log1m_pw, T sum_a) {
-  BceRow<T> row;
-  row.log1m_pw = log1m_pw;
-  if (w_is_c) {
-    row.r = sum_a;  // a_c is excluded with w
-    row.log_aw = T(0);
-  } else {
-    row.r = sum_a - T(1);  // a_c = -1
-    row.log_aw = (x_w - lse) - log1m_pw;
-  }
-  return row;
+  // a_c = -1 joins R unless c is w (excluded with it).
+  return bce_row_of_r<T>(w_is_c, lse, x_w, log1m_pw, w_is_c ? sum_a : sum_a - T(1));
 }
 
 // Row loss (unweighted): -log p_c - sum_{k != c} log(1 - p_k), with

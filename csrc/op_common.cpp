@@ -48,6 +48,8 @@ void check_logits_and_weight(const at::Tensor& logits, const std::optional<at::T
 
 }  // namespace
 
+void check_logits(const at::Tensor& logits, const char* op) { check_logits_and_weight(logits, std::nullopt, op); }
+
 void check_inputs(const at::Tensor& logits, const at::Tensor& target,
                   const std::optional<at::Tensor>& weight, const char* op) {
   check_logits_and_weight(logits, weight, op);

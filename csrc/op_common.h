@@ -21,6 +21,9 @@ LossConfig make_config(int64_t variant, int64_t reduction, int64_t ignore_index,
 void check_inputs(const at::Tensor& logits, const at::Tensor& target,
                   const std::optional<at::Tensor>& weight, const char* op);
 
+// logits alone, as check_inputs checks them.
+void check_logits(const at::Tensor& logits, const char* op);
+
 // Mixup's two targets: logits, target_a, target_b as check_inputs, lam (N,) floating on the
 // logits' device. Returns lam in the math type, contiguous.
 at::Tensor check_mix_inputs(const at::Tensor& logits, const at::Tensor& target_a, const at::Tensor& target_b,

@@ -31,6 +31,9 @@
 namespace fusedloss::cpu::CPU_CAPABILITY {
 namespace {
 
+// What a call computes; see Kernels (kernels.h).
+enum class Pass { kForward, kBackward, kBcePartial, kBceGlobalBackward };
+
 // Per-thread row buffers, kept between calls (no allocation per row):
 // slot 0: the e_k of the exp pass; slot 1: the per-block shifts; slots 2-4: a
 // soft-capped row, its slopes and its gradient (see capped_row).
@@ -473,6 +476,18 @@ struct Rows {
     BceGradCoef<acc_t> k{};
     add_bce_part<acc_t>(k, w == a, pa.row, ta);
     if (!t.same) add_bce_part<acc_t>(k, w == b, pbp.row, tb);
+    write_bce_grad(src, g, k);
+    // The arg-max and the targets: each part's own form (losses.h, bce_entry).
+    for (const int64_t j : {w, a, b}) {
+      const acc_t x_j = static_cast<acc_t>(x[j]), w_j = weight_of(j);
+      acc_t v = bce_entry<acc_t>(j, w, a, x_j, lse, w_j, pa.row, ta);
+      if (!t.same) v += bce_entry<acc_t>(j, w, b, x_j, lse, w_j, pbp.row, tb);
+      g[j] = static_cast<scalar_t>(v);
+    }
+  }
+
+  // Pass 3 with the row's coefficients (the stored entries are the caller's).
+  void write_bce_grad(const PSource& src, scalar_t* g, BceGradCoef<acc_t> k) const {
     // p_j a_w: exp(x_j - lse + log a_w) in the pass when a_w is large; while it is
     // moderate (a subnormal p_j times a_w <= e^20 is below 1e-29), a factor of p_j.
     if (k.aw != acc_t(0) && k.log_aw <= acc_t(20)) {
@@ -485,12 +500,57 @@ struct Rows {
     } else {
       per_class ? bce_grad_pass<false, true>(src, g, k) : bce_grad_pass<false, false>(src, g, k);
     }
-    // The arg-max and the targets: each part's own form (losses.h, bce_entry).
-    for (const int64_t j : {w, a, b}) {
-      const acc_t x_j = static_cast<acc_t>(x[j]), w_j = weight_of(j);
-      acc_t v = bce_entry<acc_t>(j, w, a, x_j, lse, w_j, pa.row, ta);
-      if (!t.same) v += bce_entry<acc_t>(j, w, b, x_j, lse, w_j, pbp.row, tb);
-      g[j] = static_cast<scalar_t>(v);
+  }
+
+  // ------------------------------------------------------------------------
+  // bce of a vocabulary-parallel row (python/fusedloss/parallel.py) on this rank's slice,
+  // given the row's global numbers (stats: lse, R, log(1 - p_w), x_w) and where its target c
+  // and arg-max w lie in the slice (slice_idx; -1: on another rank). The forward's passes 2
+  // and 3 with those numbers from outside, p_k = exp(x_k - lse) read from x:
+  //   kBcePartial: the slice's sums over k not in {c, w} of log(1 - p_k) and a_k, every
+  //     p_k <= 1/2 there (pass 2, c's and w's lanes masked);
+  //   kBceGlobalBackward: every local g_j, j not in {c, w}, as a_j - p_j R - p_j a_w
+  //     (add_bce_part knows w == c from the flag, not from local indices: on a rank holding
+  //     neither, both are -1), plus z-loss's 2 z lse own p_j; then the entries at a local w
+  //     and c by their own forms (bce_entry). No class weight (the caller folds w_c into the
+  //     row's coefficient) and no label smoothing (its global V and W are the caller's).
+  // ------------------------------------------------------------------------
+  void bce_given_global(int64_t i, Pass pass) const {
+    const int64_t* idx = pb.slice_idx + 3 * i;
+    const int64_t c = idx[0], w = idx[1], kind = idx[2];
+    acc_t* sums = pass == Pass::kBcePartial ? static_cast<acc_t*>(pb.bce_sums) + 2 * i : nullptr;
+    scalar_t* g = grad_row(i);
+    if (kind < 0) {  // ignored row
+      if (sums) sums[0] = sums[1] = acc_t(0);
+      if (g) std::memset(g, 0, sizeof(scalar_t) * pb.classes);
+      return;
+    }
+    const scalar_t* x = row(i);
+    const acc_t* st = stats_row(i);
+    const acc_t lse = st[0];
+    const PSource src{x, nullptr, nullptr, lse, c, c};  // -1 masks no lane
+    if (sums) {
+      const BceSums<acc_t> s = bce_sums<true>(src, w);
+      sums[0] = s.log1m;
+      sums[1] = s.odds;
+      return;
+    }
+    const bool w_is_c = kind == 1;
+    const BceRow<acc_t> brow = bce_row_of_r<acc_t>(w_is_c, lse, st[3], st[2], st[1]);
+    const acc_t own = grad_out(i);
+    // own = w_c go: extra_terms without smoothing gives {own, 2 z lse own, 0}.
+    ExtraTerms<acc_t> t = extra_terms<acc_t>(own, acc_t(0), lse, acc_t(0), acc_t(1), acc_t(0),
+                                             static_cast<acc_t>(pb.cfg.z_loss));
+    // As in bce: vexp clamps a NaN argument, so a NaN row reaches the output through own.
+    if (std::isnan(lse) || std::isnan(brow.r) || std::isnan(brow.log_aw)) {
+      t.own = std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    BceGradCoef<acc_t> k{};
+    add_bce_part<acc_t>(k, w_is_c, brow, t);
+    write_bce_grad(src, g, k);
+    for (const int64_t j : {w, c}) {
+      if (j < 0) continue;
+      g[j] = static_cast<scalar_t>(bce_entry<acc_t>(j, w, c, static_cast<acc_t>(x[j]), lse, acc_t(0), brow, t));
     }
   }
 
@@ -561,7 +621,7 @@ struct Rows {
     if (pb.grad_loss_rows) {
       one_row.grad_loss_rows = static_cast<const acc_t*>(pb.grad_loss_rows) + i * pb.grad_loss_stride;
     }
-    Rows<acc_t>(one_row, false).run(0, 1, forward);
+    Rows<acc_t>(one_row, false).run(0, 1, forward ? Pass::kForward : Pass::kBackward);
     if (!gy) return;
     using AV = RowVec<acc_t>;
     RV::write(grad_row(i), 0, C, stream, [&](int64_t j, int64_t n) {
@@ -671,7 +731,12 @@ struct Rows {
     }
   }
 
-  void run(int64_t begin, int64_t end, bool forward) const {
+  void run(int64_t begin, int64_t end, Pass pass) const {
+    if (pass == Pass::kBcePartial || pass == Pass::kBceGlobalBackward) {
+      for (int64_t i = begin; i < end; ++i) bce_given_global(i, pass);
+      return;
+    }
+    const bool forward = pass == Pass::kForward;
     const bool smooth = pb.cfg.label_smoothing > 0;
     const Buffers buf = buffers();
     for (int64_t i = begin; i < end; ++i) {
@@ -720,7 +785,7 @@ int64_t stream_grad_bytes() {
 }
 
 template <typename scalar_t>
-void run_rows(const RowsProblem& pb, bool forward) {
+void run_rows(const RowsProblem& pb, Pass pass) {
   // Rows are independent; a task gets at least 32K elements (ATen's GRAIN_SIZE)
   // so a small problem stays on one thread instead of paying the fork for nothing.
   constexpr int64_t kGrainElements = 32768;
@@ -728,7 +793,7 @@ void run_rows(const RowsProblem& pb, bool forward) {
   const bool stream = pb.grad && pb.rows * pb.classes * int64_t(sizeof(scalar_t)) >= stream_grad_bytes();
   const Rows<scalar_t> rows(pb, stream);
   at::parallel_for(0, pb.rows, grain, [&](int64_t b, int64_t e) {
-    rows.run(b, e, forward);
+    rows.run(b, e, pass);
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     // Streaming stores are weakly ordered: drain them before the task ends, so
     // whatever the caller does next with the gradient sees them.
@@ -737,32 +802,41 @@ void run_rows(const RowsProblem& pb, bool forward) {
   });
 }
 
-void dispatch(const RowsProblem& pb, bool forward) {
+void dispatch(const RowsProblem& pb, Pass pass) {
 #if defined(__AVX512BF16__)
   // This object exists for its bfloat16 stores (vec_row.h); every other dtype
   // runs the AVX512 object's kernels.
   if (pb.dtype != c10::ScalarType::BFloat16) {
     const Kernels k = AVX512::kernels();
-    return forward ? k.forward(pb) : k.backward(pb);
+    switch (pass) {
+      case Pass::kForward: return k.forward(pb);
+      case Pass::kBackward: return k.backward(pb);
+      case Pass::kBcePartial: return k.bce_partial(pb);
+      case Pass::kBceGlobalBackward: return k.bce_global_backward(pb);
+    }
   }
 #endif
   switch (pb.dtype) {
-    case c10::ScalarType::Float: return run_rows<float>(pb, forward);
-    case c10::ScalarType::Double: return run_rows<double>(pb, forward);
-    case c10::ScalarType::BFloat16: return run_rows<c10::BFloat16>(pb, forward);
-    case c10::ScalarType::Half: return run_rows<c10::Half>(pb, forward);
+    case c10::ScalarType::Float: return run_rows<float>(pb, pass);
+    case c10::ScalarType::Double: return run_rows<double>(pb, pass);
+    case c10::ScalarType::BFloat16: return run_rows<c10::BFloat16>(pb, pass);
+    case c10::ScalarType::Half: return run_rows<c10::Half>(pb, pass);
     default: TORCH_CHECK(false, "fusedloss: unsupported logits dtype ", pb.dtype);
   }
 }
 
-void forward(const RowsProblem& pb) { dispatch(pb, true); }
-void backward(const RowsProblem& pb) { dispatch(pb, false); }
+void forward(const RowsProblem& pb) { dispatch(pb, Pass::kForward); }
+void backward(const RowsProblem& pb) { dispatch(pb, Pass::kBackward); }
+void bce_partial(const RowsProblem& pb) { dispatch(pb, Pass::kBcePartial); }
+void bce_global_backward(const RowsProblem& pb) { dispatch(pb, Pass::kBceGlobalBackward); }
 
 #define FUSEDLOSS_STR2(x) #x
 #define FUSEDLOSS_STR(x) FUSEDLOSS_STR2(x)
 
 }  // namespace
 
-Kernels kernels() { return {&forward, &backward, FUSEDLOSS_STR(CPU_CAPABILITY)}; }
+Kernels kernels() {
+  return {&forward, &backward, &bce_partial, &bce_global_backward, FUSEDLOSS_STR(CPU_CAPABILITY)};
+}
 
 }  // namespace fusedloss::cpu::CPU_CAPABILITY

@@ -37,6 +37,13 @@ struct RowsProblem {
   void* loss_rows;  // forward: (rows,) acc, weighted row losses (0 for ignored rows)
   void* grad;       // (rows, classes) dtype, contiguous; nullptr: forward without gradient
 
+  // bce given a vocabulary-parallel row's global numbers (ops_cpu_bce_parallel.cpp), or nullptr:
+  // (rows, 3) int64 per row: the local target c, the local global arg-max w (-1: on another
+  // rank), and 1 where w == c globally, 0 where not, -1 for an ignored row (zeros, no logit read).
+  // stats (rows, kStatsCols) acc: the global lse, R, log(1 - p_w), x_w (the partial op reads lse).
+  const int64_t* slice_idx;
+  void* bce_sums;  // bce_partial's output: (rows, 2) acc
+
   // The gradient written is dLoss/dx for dLoss/dloss_i =
   //   grad_scale * (grad_loss_rows ? grad_loss_rows[i * grad_loss_stride] : 1)
   // (grad_scale folds in 'mean''s 1/denominator and a scalar grad_loss).
@@ -50,6 +57,11 @@ using RowsFn = void (*)(const RowsProblem&);
 struct Kernels {
   RowsFn forward;   // loss_rows, stats, and grad when non-null
   RowsFn backward;  // grad from stats
+  // bce given global numbers (slice_idx): the slice's sums over k not in {c, w} of log(1 - p_k)
+  // and a_k into bce_sums; the slice's gradient from the global lse, R, log(1 - p_w), x_w into
+  // grad, for dLoss/dloss_i as above (the row's own coefficient, class weight included).
+  RowsFn bce_partial;
+  RowsFn bce_global_backward;
   const char* capability;
 };
 

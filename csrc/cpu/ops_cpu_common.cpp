@@ -39,19 +39,24 @@ double total_weight(const at::Tensor& weight_acc, int64_t C) {
 
 }  // namespace
 
-RowsProblem make_problem(const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& weight_acc, const LossConfig& cfg) {
+RowsProblem logits_problem(const at::Tensor& logits, const LossConfig& cfg) {
   RowsProblem pb{};
   pb.dtype = logits.scalar_type();
   pb.logits = logits.const_data_ptr();
   pb.rows = logits.size(0);
   pb.classes = logits.size(1);
   pb.row_stride = logits.stride(0);
+  pb.cfg = cfg;
+  pb.grad_scale = 1.0;
+  return pb;
+}
+
+RowsProblem make_problem(const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& weight_acc, const LossConfig& cfg) {
+  RowsProblem pb = logits_problem(logits, cfg);
   pb.target = target.const_data_ptr<int64_t>();
   pb.weight = weight_acc.defined() ? weight_acc.const_data_ptr() : nullptr;
   pb.weight_total = cfg.label_smoothing > 0 ? total_weight(weight_acc, pb.classes) : 0.0;
-  pb.cfg = cfg;
-  pb.grad_scale = 1.0;
   return pb;
 }
 

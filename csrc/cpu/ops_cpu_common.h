@@ -18,6 +18,9 @@ struct CheckedTargets {
 CheckedTargets check_targets(const at::Tensor& target, const at::Tensor& weight_acc, int64_t C,
                              int64_t ignore_index);
 
+// The problem of a call on (N, C) logits: no targets, weight, outputs or grad_output yet.
+RowsProblem logits_problem(const at::Tensor& logits, const LossConfig& cfg);
+
 // The problem of a call on (N, C) logits with checked targets; outputs and grad_output
 // are the caller's to fill in.
 RowsProblem make_problem(const at::Tensor& logits, const at::Tensor& target,

@@ -17,6 +17,7 @@ from . import dispatch, mixup, ops
 
 ops.register_fakes("ext_fwd", "ext_bwd")
 ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
+ops.register_bce_parallel_fakes("ext_bce_partial", "ext_bce_global_bwd")
 
 
 def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
@@ -46,10 +47,13 @@ _soft_fwd = torch.ops.fusedloss.ext_soft_fwd.default
 mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, scale_grad=_scale_fused_grad)
 _mix_fwd = torch.ops.fusedloss.ext_mix_fwd.default
 
-# The two-target op fuses every loss, with or without the soft cap, on both devices.
+# The two-target op fuses every loss, with or without the soft cap, on both devices. The
+# vocabulary-parallel bce ops have CPU kernels only.
 dispatch.register(dispatch.Backend(
     name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
     soft_fwd=_soft_fwd, mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
+    bce_partial=torch.ops.fusedloss.ext_bce_partial.default,
+    bce_global_bwd=torch.ops.fusedloss.ext_bce_global_bwd.default,
 ))
 
 

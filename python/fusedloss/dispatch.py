@@ -40,6 +40,10 @@ class Backend:
     mix_fwd: Callable | None = None
     # Which (variant, softcap) the mix op fuses; the others run two passes of fwd.
     mix_fuses: Callable[[int, float], bool] = lambda variant, softcap: True
+    # bce of a vocabulary-parallel row given its global numbers (ops.BCE_PARTIAL_SCHEMA,
+    # ops.BCE_GLOBAL_BWD_SCHEMA); None: parallel.py's PyTorch passes.
+    bce_partial: Callable | None = None
+    bce_global_bwd: Callable | None = None
 
 
 class BackendUnavailableError(RuntimeError):

@@ -226,3 +226,35 @@ reference_soft_bwd = torch.library.custom_op(f"{NAMESPACE}::reference_soft_bwd",
 reference_soft_fwd.register_fake(fake_soft_forward)
 reference_soft_bwd.register_fake(fake_soft_backward)
 register_soft_autograd("reference_soft_fwd", reference_soft_bwd)
+
+
+# ----------------------------------------------------------------------------
+# bce of a vocabulary-parallel row given its global numbers (parallel.py; the C++ CPU kernels'
+# ext_bce_partial / ext_bce_global_bwd, csrc/cpu/ops_cpu_bce_parallel.cpp). Not differentiable:
+# the caller's autograd.Function calls them. Layout:
+#   stats (N, 4) in the math type: the global lse, R = sum_{k != w} a_k (a_c = -1), log(1 - p_w),
+#     x_w (the partial op reads lse only);
+#   slice_idx (N, 3) int64: the target's local index c, the global arg-max's local index w (-1:
+#     on another rank), and 1 where w == c globally, 0 where not, -1 on an ignored row (zeros);
+#   partial -> (N, 2) in the math type: over the slice's k not in {c, w}, with p_k = exp(x_k - lse),
+#     sum log(1 - p_k) and sum a_k, a_k = p_k / (1 - p_k);
+#   global_bwd(grad_rows (N,): (1 - eps) w_c dLoss/dloss_i, ..., z_loss) -> (N, V_local) in the
+#     logits' dtype: grad_rows (a_j - p_j R - p_j a_w) + 2 z_loss lse grad_rows p_j off {c, w}, the
+#     entries at a local w and c by their own forms; no class weight, smoothing or soft cap.
+# ----------------------------------------------------------------------------
+
+BCE_PARTIAL_SCHEMA = "(Tensor logits, Tensor stats, Tensor slice_idx) -> Tensor"
+BCE_GLOBAL_BWD_SCHEMA = "(Tensor grad_rows, Tensor logits, Tensor stats, Tensor slice_idx, float z_loss) -> Tensor"
+
+
+def fake_bce_partial(logits, stats, slice_idx):
+    return logits.new_empty((logits.shape[0], 2), dtype=stats_dtype(logits))
+
+
+def fake_bce_global_bwd(grad_rows, logits, stats, slice_idx, z_loss):
+    return logits.new_empty(logits.shape)
+
+
+def register_bce_parallel_fakes(partial_name: str, bwd_name: str) -> None:
+    torch.library.register_fake(f"{NAMESPACE}::{partial_name}")(fake_bce_partial)
+    torch.library.register_fake(f"{NAMESPACE}::{bwd_name}")(fake_bce_global_bwd)

@@ -572,7 +572,7 @@ def _grad(x: Tensor, state, go: Tensor, weight, plan: Plan, be, cfg: _Config) ->
     """This rank's slice of ``d loss / d x`` for the per-row ``go = d loss / d loss_row`` (0 on ignored
     rows): local, from the global numbers in ``state``; no collective."""
     if isinstance(state, _BceState):
-        return _bce_grad(x, state, go, weight, plan, cfg)
+        return _bce_grad(x, state, go, weight, plan, be, cfg)
     return _target_only_grad(x, state, go, weight, plan, be, cfg)
 
 
@@ -735,20 +735,32 @@ def _target_only_grad(x, st: _TargetOnlyState, go, weight, plan: Plan, be, cfg: 
             val = val * reference.softcap_slope(x.gather(1, idx[:, None])[:, 0], cap, cdtype)
         _put(g, idx, absent, val)
     else:
+        g = None
+    return _add_smoothing(g, x, lse, go, rs, keep, weight, plan, cfg)
+
+
+def _add_smoothing(g: Tensor | None, x: Tensor, lse, go, rs, keep, weight, plan: Plan, cfg: _Config) -> Tensor:
+    """A kernel's gradient ``g``, run without label smoothing (None: eps = 1 left the kernel out), plus
+    smoothing's ``(eps / V) go (W p_j - w_j)`` with the global V and W (and z-loss's
+    ``2 z lse w_c go p_j`` when eps = 1): one elementwise pass over the slice, 0 on ignored rows."""
+    eps, cap, z = cfg.label_smoothing, cfg.softcap, cfg.z_loss
+    if g is None:
         g = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-    if eps > 0:
-        # (eps / V) go (W p_j - w_j) with the global V and W (and 2 z lse w_c go p_j when
-        # eps = 1 left the kernel out): one elementwise pass over the slice.
-        per_class = (eps / plan.num_classes) * go
-        extra = per_class * _weight_total(weight, plan, cdtype)
-        if eps >= 1 and z:
-            extra = extra + 2 * z * lse * rs
-        w_loc = None if weight is None else weight[cs:cs + vl]
-        add = _p_and_class_terms(_cap(x.to(cdtype), cap), lse, extra, per_class, w_loc, cdtype)
-        if cap:
-            add.mul_(reference.softcap_slope(x, cap, cdtype))
-        g = (g.to(cdtype) + add).to(x.dtype)
-    return g
+    if eps == 0:
+        return g
+    cdtype = lse.dtype
+    cs, vl = plan.class_start, x.shape[1]
+    per_class = (eps / plan.num_classes) * go
+    extra = per_class * _weight_total(weight, plan, cdtype)
+    if eps >= 1 and z:
+        extra = extra + 2 * z * lse * rs
+    w_loc = None if weight is None else weight[cs:cs + vl]
+    add = _p_and_class_terms(_cap(x.to(cdtype), cap), lse, extra, per_class, w_loc, cdtype)
+    if cap:
+        add.mul_(reference.softcap_slope(x, cap, cdtype))
+    # An ignored row's lse is 0, so its p_j may overflow: 0 * inf would be NaN.
+    add.masked_fill_(~keep[:, None], 0.0)
+    return (g.to(cdtype) + add).to(x.dtype)
 
 
 # ---- bce -------------------------------------------------------------------------------
@@ -757,6 +769,13 @@ class _BceState(NamedTuple):
     t: Tensor          # global targets
     w: Tensor          # the global arg-max (int64)
     stats: Tensor      # (N, 4): lse, R = sum_{k != w} a_k, log(1 - p_w), x_w (capped)
+    slice_idx: Tensor  # (N, 3) int64: local c, local w (-1: elsewhere), w == c (1, 0; -1: ignored row)
+
+
+def _bce_kernels(be, cfg: _Config) -> bool:
+    """Whether the backend has the bce ops given global numbers (ops.BCE_PARTIAL_SCHEMA); they take
+    no soft cap (the PyTorch passes keep it)."""
+    return be.bce_partial is not None and be.bce_global_bwd is not None and not cfg.softcap
 
 
 def _row_blocks(x: Tensor, cdtype):
@@ -810,41 +829,60 @@ def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad
     wx_sum = allr[:, 6].sum(0) if cfg.label_smoothing > 0 else None
     log1m_pw = lse_ex_w - lse
     w_is_c = w == t
-
-    # Round two: this rank's sum_{k not in {c, w}} log(1 - p_k) and R_r = sum_{k not in {c, w}} a_k
-    # (every p_k <= 1/2 there), by the reference's per-element functions, one block of rows at a time.
     c_loc, w_loc = t - cs, w - cs
     holds_c, holds_w = owner, keep & (w_loc >= 0) & (w_loc < vl)
-    sums = torch.zeros((2 if need_grad else 1, n), dtype=cdtype, device=x.device)
-    for s, e in _row_blocks(x, cdtype):
-        p = reference.shifted(reference.capped(x[s:e], cap), lse[s:e], cdtype).exp_()
-        odds = [reference.bce_odds(p)] if need_grad else []   # a new buffer, before p becomes log(1 - p)
-        for k, buf in enumerate([reference.bce_log1m(p)] + odds):
-            _put(buf, c_loc[s:e], holds_c[s:e], 0.0)
-            _put(buf, w_loc[s:e], holds_w[s:e], 0.0)
-            sums[k, s:e] = buf.sum(1)
-        del p, odds, buf
+    none = torch.full_like(t, -1)
+    slice_idx = torch.stack([torch.where(holds_c, c_loc, none), torch.where(holds_w, w_loc, none),
+                             torch.where(keep, w_is_c.long(), none)], 1)
+    stats = torch.stack([lse, torch.zeros_like(lse), log1m_pw, x_w], 1)  # column 1: R, below
+
+    # Round two: this rank's sum_{k not in {c, w}} log(1 - p_k) and R_r = sum_{k not in {c, w}} a_k
+    # (every p_k <= 1/2 there): the kernel's second pass given the global lse and w, or the
+    # reference's per-element functions, one block of rows at a time.
+    if _bce_kernels(be, cfg):
+        sums = be.bce_partial(x, stats, slice_idx).T[:2 if need_grad else 1].contiguous()
+    else:
+        sums = torch.zeros((2 if need_grad else 1, n), dtype=cdtype, device=x.device)
+        for s, e in _row_blocks(x, cdtype):
+            p = reference.shifted(reference.capped(x[s:e], cap), lse[s:e], cdtype).exp_()
+            odds = [reference.bce_odds(p)] if need_grad else []   # a new buffer, before p becomes log(1 - p)
+            for k, buf in enumerate([reference.bce_log1m(p)] + odds):
+                _put(buf, c_loc[s:e], holds_c[s:e], 0.0)
+                _put(buf, w_loc[s:e], holds_w[s:e], 0.0)
+                sums[k, s:e] = buf.sum(1)
+            del p, odds, buf
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     h = reference.softplus(lse_ex - x_c) - (sums[0] + torch.where(w_is_c, zero, log1m_pw))
-    r = sums[1] - torch.where(w_is_c, zero, torch.ones_like(zero)) if need_grad else torch.zeros_like(lse)  # a_c = -1
-    return h, lse, wx_sum, _BceState(t, w, torch.stack([lse, r, log1m_pw, x_w], 1))
+    if need_grad:
+        stats[:, 1] = sums[1] - torch.where(w_is_c, zero, torch.ones_like(zero))  # a_c = -1
+    return h, lse, wx_sum, _BceState(t, w, stats, slice_idx)
 
 
-def _bce_grad(x, st: _BceState, go, weight, plan: Plan, cfg: _Config) -> Tensor:
-    """docs/losses.md's three-case form from the global ``lse``, ``w``, ``R``, ``log(1 - p_w)``: the
-    reference's per-element functions on this rank's slice, one block of rows at a time."""
-    t, w, stats = st
+def _bce_grad(x, st: _BceState, go, weight, plan: Plan, be, cfg: _Config) -> Tensor:
+    """docs/losses.md's three-case form from the global ``lse``, ``w``, ``R``, ``log(1 - p_w)`` on this
+    rank's slice: the backend's kernel given those numbers, or the reference's per-element functions,
+    one block of rows at a time."""
+    t, w, stats, slice_idx = st
     vl = x.shape[1]
     cs = plan.class_start
     cdtype = stats.dtype
     eps, cap, z = cfg.label_smoothing, cfg.softcap, cfg.z_loss
     lse, r, log1m_pw, x_w = stats.unbind(1)
     keep = t != cfg.ignore_index
+    rs = torch.where(keep, _class_weight_of(t, keep, weight, cdtype) * go, _zero(cdtype, x.device))  # w_c go
+    if _bce_kernels(be, cfg):
+        # As for the target-only losses: the class weight rides in the row's coefficient, z is
+        # rescaled so that 2 z lse w_c go comes out exact with own = (1 - eps) w_c go, and label
+        # smoothing (global V and W) is added outside the kernel.
+        g = None
+        if eps < 1:
+            z_k = z / (1 - eps) if eps > 0 else z
+            g = be.bce_global_bwd(((1 - eps) * rs).contiguous(), x, stats, slice_idx, z_k)
+        return _add_smoothing(g, x, lse, go, rs, keep, weight, plan, cfg)
     holds_c = _owner(t, keep, cs, vl)
     w_loc = w - cs
     holds_w = keep & (w_loc >= 0) & (w_loc < vl)
     w_is_c = w == t
-    rs = torch.where(keep, _class_weight_of(t, keep, weight, cdtype) * go, _zero(cdtype, x.device))  # w_c go
     own = (1 - eps) * rs
     log_pw = x_w - lse
     log_aw = reference.bce_log_aw(log_pw, log1m_pw, w_is_c)
