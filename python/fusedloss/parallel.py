@@ -21,9 +21,10 @@ collectives of ``O(N)`` floats (docs/parallel.md counts them):
   gives the local ``lse``, ``lse_ex`` (of the local target), ``log(1 - p_w)`` and arg-max ``w_r``
   (its stats columns); one all-gather of those per-row numbers lets every rank form ``w`` (max value,
   lowest index among ties) and the three global log-sum-exps, each shifted by its own max.
-  Round two: each rank's partial sums over its classes but ``c`` and ``w`` (the reference's bce
-  per-element functions on the slice, in blocks of rows), one all-reduce SUM. The gradient is local,
-  from the global numbers, by the same per-element functions (no kernel takes a global ``R``).
+  Round two: each rank's partial sums over its classes but ``c`` and ``w``, one all-reduce SUM. The
+  gradient is local, from the global numbers. Both by the backend's ops given those numbers where it
+  has them (``Backend.bce_partial``, ``bce_global_bwd``: the C++ CPU kernels) and no soft cap is on,
+  else by the reference's bce per-element functions on the slice, in blocks of rows.
 
 Where a kernel would misread (the fake target of a row whose target is elsewhere, the global
 class count and weight total of label smoothing) the difference is fixed in ``O(N)`` or one
