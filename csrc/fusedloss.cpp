@@ -35,10 +35,10 @@ TORCH_LIBRARY(fusedloss, m) {
       "int reduction, float label_smoothing) -> Tensor");
   // bce of a vocabulary-parallel row given its global numbers (CPU only; layout in
   // cpu/ops_cpu_bce_parallel.cpp): ops.BCE_PARTIAL_SCHEMA / ops.BCE_GLOBAL_BWD_SCHEMA.
-  m.def("ext_bce_partial(Tensor logits, Tensor stats, Tensor slice_idx) -> Tensor");
+  m.def("ext_bce_partial(Tensor logits, Tensor stats, Tensor slice_idx, float softcap) -> Tensor");
   m.def(
-      "ext_bce_global_bwd(Tensor grad_rows, Tensor logits, Tensor stats, Tensor slice_idx, float z_loss) "
-      "-> Tensor");
+      "ext_bce_global_bwd(Tensor grad_rows, Tensor logits, Tensor stats, Tensor slice_idx, float z_loss, "
+      "float softcap) -> Tensor");
 }
 
 namespace {

@@ -2,7 +2,8 @@
 (fusedloss::ext_bce_partial, fusedloss::ext_bce_global_bwd; layout in ops.BCE_PARTIAL_SCHEMA's
 comment), checked against a float64 evaluation written here from docs/losses.md's definitions:
 the partial sums term by term, and the gradient by autograd of the loss
-L = -log p_c - sum_{k != c} log(1 - p_k) (log(1 - p_w) as lse_{k != w} - lse, exact for any lead).
+L = -log p_c - sum_{k != c} log(1 - p_k) (log(1 - p_w) as lse_{k != w} - lse, exact for any lead),
+of the soft-capped logits where a cap is given.
 """
 from __future__ import annotations
 
@@ -61,8 +62,15 @@ def _rows(vl: int, dtype, seed: int, ranks: int = 3, rank: int = 1):
     return full, cs, t, w
 
 
-def _global_numbers(full: torch.Tensor, t: torch.Tensor, w: torch.Tensor):
-    """float64 lse, R = sum_{k != w} a_k (a_c = -1), log(1 - p_w), x_w, and a_k, log(1 - p_k) per class."""
+def _capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
+    return softcap * torch.tanh(x / softcap) if softcap else x
+
+
+def _global_numbers(full: torch.Tensor, t: torch.Tensor, w: torch.Tensor, softcap: float = 0.0):
+    """float64 lse, R = sum_{k != w} a_k (a_c = -1), log(1 - p_w), x_w, and a_k, log(1 - p_k) per class,
+    of the (capped) logits."""
+    full = _capped(full, softcap)
+    assert torch.equal(full.argmax(1), w)
     lse = torch.logsumexp(full, 1)
     p = torch.exp(full - lse[:, None])
     rows = torch.arange(full.shape[0])
@@ -87,9 +95,10 @@ def _slice_idx(t, w, cs, vl):
     return torch.stack([c_loc, w_loc, kind], 1)
 
 
-def _grad_by_autograd(full, t, w, own, z):
-    """d/dx of own_i (L_i + z lse_i^2) in float64 (0 on ignored rows)."""
-    x = full.clone().requires_grad_()
+def _grad_by_autograd(full, t, w, own, z, softcap):
+    """d/dx of own_i (L_i + z lse_i^2) in float64 (0 on ignored rows), x the raw logits."""
+    raw = full.clone().requires_grad_()
+    x = _capped(raw, softcap)
     rows = torch.arange(x.shape[0])
     lse = torch.logsumexp(x, 1)
     keep = t >= 0
@@ -104,7 +113,7 @@ def _grad_by_autograd(full, t, w, own, z):
     log1m_rest = torch.log1p(-torch.exp(x - lse[:, None]).masked_fill(mask_c | mask_w, 0.0)).sum(1)
     loss = nll - log1m_rest - torch.where(w == c, 0.0, log1m_pw) + z * lse.square()
     (torch.where(keep, own * loss, 0.0)).sum().backward()
-    return x.grad
+    return raw.grad
 
 
 DTYPES = [(torch.float32, 1e-7, 1e-5), (torch.bfloat16, 1e-7, 1e-2), (torch.float64, 1e-14, 1e-12)]
@@ -121,14 +130,15 @@ def _as_slice(full, cs, vl, dtype, strided: bool):
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("vl,strided", [(37, False), (5000, True), (4099, False)])
-def test_partial_sums(dtype, atol, rtol, vl, strided):
+@pytest.mark.parametrize("vl,strided,softcap", [(37, False, 0.0), (5000, True, 0.0), (4099, False, 0.0),
+                                                (37, False, 5.0), (4099, True, 30.0)])
+def test_partial_sums(dtype, atol, rtol, vl, strided, softcap):
     full, cs, t, w = _rows(vl, dtype, seed=vl)
-    lse, r, log1m_pw, x_w, a, log1m = _global_numbers(full, t, w)
+    lse, r, log1m_pw, x_w, a, log1m = _global_numbers(full, t, w, softcap)
     idx = _slice_idx(t, w, cs, vl)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     stats = torch.stack([lse, torch.full_like(lse, torch.nan), log1m_pw, x_w], 1).to(acc)  # only lse is read
-    out = PARTIAL(_as_slice(full, cs, vl, dtype, strided), stats, idx)
+    out = PARTIAL(_as_slice(full, cs, vl, dtype, strided), stats, idx, softcap)
     assert out.dtype == acc and out.shape == (len(SCENARIOS), 2)
     # Expected: over the slice's classes but c and w.
     rows = torch.arange(full.shape[0])
@@ -151,19 +161,21 @@ def test_partial_sums(dtype, atol, rtol, vl, strided):
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("vl,strided,z", [(37, False, 0.0), (5000, True, 0.01), (4099, False, 0.0)])
-def test_gradient_given_global_r(dtype, atol, rtol, vl, strided, z):
+@pytest.mark.parametrize("vl,strided,z,softcap", [(37, False, 0.0, 0.0), (5000, True, 0.01, 0.0),
+                                                  (4099, False, 0.0, 0.0), (37, False, 0.01, 5.0),
+                                                  (4099, True, 0.0, 30.0)])
+def test_gradient_given_global_r(dtype, atol, rtol, vl, strided, z, softcap):
     full, cs, t, w = _rows(vl, dtype, seed=vl + 1)
-    lse, r, log1m_pw, x_w, _, _ = _global_numbers(full, t, w)
+    lse, r, log1m_pw, x_w, _, _ = _global_numbers(full, t, w, softcap)
     idx = _slice_idx(t, w, cs, vl)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     own = torch.linspace(-1.5, 2.0, len(SCENARIOS), dtype=torch.float64)
     own[t < 0] = 0
     stats = torch.stack([lse, r, log1m_pw, x_w], 1).to(acc)
     x = _as_slice(full, cs, vl, dtype, strided)
-    out = GLOBAL_BWD(own.to(acc), x, stats, idx, z)
+    out = GLOBAL_BWD(own.to(acc), x, stats, idx, z, softcap)
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
-    want = _grad_by_autograd(full, t, w, own, z)[:, cs:cs + vl]
+    want = _grad_by_autograd(full, t, w, own, z, softcap)[:, cs:cs + vl]
     assert torch.isfinite(want).all()
     err = (out.double() - want).abs()
     # Relative to the entry (bfloat16's rounding of the output), and absolute to the row's scale:
@@ -179,21 +191,23 @@ def test_checks():
     x = torch.randn(2, 5)
     stats = torch.zeros(2, 4)
     idx = torch.tensor([[0, 1, 0], [-1, -1, 1]])
-    PARTIAL(x, stats, idx)
+    PARTIAL(x, stats, idx, 0.0)
     with pytest.raises(IndexError, match="out of range"):
-        PARTIAL(x, stats, torch.tensor([[5, 1, 0], [-1, -1, 1]]))
+        PARTIAL(x, stats, torch.tensor([[5, 1, 0], [-1, -1, 1]]), 0.0)
     with pytest.raises(RuntimeError, match="says w == c"):
-        PARTIAL(x, stats, torch.tensor([[0, 1, 1], [-1, -1, 1]]))
+        PARTIAL(x, stats, torch.tensor([[0, 1, 1], [-1, -1, 1]]), 0.0)
     with pytest.raises(RuntimeError, match="says w != c"):
-        PARTIAL(x, stats, torch.tensor([[2, 2, 0], [-1, -1, 1]]))
+        PARTIAL(x, stats, torch.tensor([[2, 2, 0], [-1, -1, 1]]), 0.0)
     with pytest.raises(RuntimeError, match="slice_idx"):
-        PARTIAL(x, stats, idx.int())
+        PARTIAL(x, stats, idx.int(), 0.0)
     with pytest.raises(RuntimeError, match="stats"):
-        PARTIAL(x, stats[:, :3], idx)
+        PARTIAL(x, stats[:, :3], idx, 0.0)
     with pytest.raises(RuntimeError, match="grad_rows"):
-        GLOBAL_BWD(torch.zeros(3), x, stats, idx, 0.0)
+        GLOBAL_BWD(torch.zeros(3), x, stats, idx, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="softcap"):
+        PARTIAL(x, stats, idx, -1.0)
     with pytest.raises(RuntimeError, match="z_loss"):
-        GLOBAL_BWD(torch.zeros(2), x, stats, idx, -1.0)
+        GLOBAL_BWD(torch.zeros(2), x, stats, idx, -1.0, 0.0)
 
 
 def test_schemas_and_backend():
@@ -211,6 +225,7 @@ def test_opcheck():
     stats = torch.stack([lse, r, log1m_pw, x_w], 1)
     x = full[:, cs:cs + 7].contiguous()
     own = torch.linspace(-1, 1, len(SCENARIOS), dtype=torch.float64)
-    torch.library.opcheck(PARTIAL, (x, stats, idx))
-    torch.library.opcheck(GLOBAL_BWD, (own, x, stats, idx, 0.01))
-    torch.library.opcheck(PARTIAL, (x.float(), stats.float(), idx))
+    torch.library.opcheck(PARTIAL, (x, stats, idx, 0.0))
+    torch.library.opcheck(GLOBAL_BWD, (own, x, stats, idx, 0.01, 0.0))
+    torch.library.opcheck(PARTIAL, (x.float(), stats.float(), idx, 0.0))
+    torch.library.opcheck(GLOBAL_BWD, (own.float(), x.float(), stats.float(), idx, 0.0, 5.0))

@@ -514,6 +514,7 @@ struct Rows {
   //     neither, both are -1), plus z-loss's 2 z lse own p_j; then the entries at a local w
   //     and c by their own forms (bce_entry). No class weight (the caller folds w_c into the
   //     row's coefficient) and no label smoothing (its global V and W are the caller's).
+  // With a soft cap, capped_row runs this on the capped row (stats of the capped logits).
   // ------------------------------------------------------------------------
   void bce_given_global(int64_t i, Pass pass) const {
     const int64_t* idx = pb.slice_idx + 3 * i;
@@ -580,9 +581,10 @@ struct Rows {
   // that one row (into a gradient buffer), and the gradient w.r.t. the logits is their
   // gradient times the slopes. Two extra passes over an in-cache row and one exp per
   // element on top of the uncapped loss. Mixup's rows likewise (the row's two targets
-  // and lam go with it).
+  // and lam go with it), and a vocabulary-parallel bce row (its slice_idx and sums).
   // ------------------------------------------------------------------------
-  void capped_row(int64_t i, bool forward) const {
+  void capped_row(int64_t i, Pass pass) const {
+    const bool forward = pass == Pass::kForward;
     const int64_t C = pb.classes;
     acc_t* y = thread_buffer<acc_t>(2, C);
     acc_t* slope = thread_buffer<acc_t>(3, C);
@@ -609,7 +611,9 @@ struct Rows {
     one_row.logits = y;
     one_row.rows = 1;
     one_row.row_stride = C;
-    one_row.target = pb.target + i;
+    if (pb.target) one_row.target = pb.target + i;
+    if (pb.slice_idx) one_row.slice_idx = pb.slice_idx + 3 * i;
+    if (pb.bce_sums) one_row.bce_sums = static_cast<acc_t*>(pb.bce_sums) + 2 * i;
     if (pb.target_b) {
       one_row.target_b = pb.target_b + i;
       one_row.lam = static_cast<const acc_t*>(pb.lam) + i;
@@ -621,7 +625,7 @@ struct Rows {
     if (pb.grad_loss_rows) {
       one_row.grad_loss_rows = static_cast<const acc_t*>(pb.grad_loss_rows) + i * pb.grad_loss_stride;
     }
-    Rows<acc_t>(one_row, false).run(0, 1, forward ? Pass::kForward : Pass::kBackward);
+    Rows<acc_t>(one_row, false).run(0, 1, pass);
     if (!gy) return;
     using AV = RowVec<acc_t>;
     RV::write(grad_row(i), 0, C, stream, [&](int64_t j, int64_t n) {
@@ -733,7 +737,10 @@ struct Rows {
 
   void run(int64_t begin, int64_t end, Pass pass) const {
     if (pass == Pass::kBcePartial || pass == Pass::kBceGlobalBackward) {
-      for (int64_t i = begin; i < end; ++i) bce_given_global(i, pass);
+      for (int64_t i = begin; i < end; ++i) {
+        const bool ignored = pb.slice_idx[3 * i + 2] < 0;
+        pb.cfg.softcap > 0 && !ignored ? capped_row(i, pass) : bce_given_global(i, pass);
+      }
       return;
     }
     const bool forward = pass == Pass::kForward;
@@ -746,7 +753,7 @@ struct Rows {
         if (pb.target[i] == pb.cfg.ignore_index && pb.target_b[i] == pb.cfg.ignore_index) {
           ignore_row(i, forward);
         } else if (pb.cfg.softcap > 0) {
-          capped_row(i, forward);
+          capped_row(i, pass);
         } else if (pb.cfg.variant == kBCE) {
           smooth ? bce<true>(i, forward, buf, two_targets(i)) : bce<false>(i, forward, buf, two_targets(i));
         } else {
@@ -755,7 +762,7 @@ struct Rows {
       } else if (pb.target[i] == pb.cfg.ignore_index) {
         ignore_row(i, forward);
       } else if (pb.cfg.softcap > 0) {
-        capped_row(i, forward);
+        capped_row(i, pass);
       } else if (pb.cfg.variant == kBCE) {
         smooth ? bce<true>(i, forward, buf, one_target(i)) : bce<false>(i, forward, buf, one_target(i));
       } else if (smooth) {

@@ -240,18 +240,21 @@ register_soft_autograd("reference_soft_fwd", reference_soft_bwd)
 #     sum log(1 - p_k) and sum a_k, a_k = p_k / (1 - p_k);
 #   global_bwd(grad_rows (N,): (1 - eps) w_c dLoss/dloss_i, ..., z_loss) -> (N, V_local) in the
 #     logits' dtype: grad_rows (a_j - p_j R - p_j a_w) + 2 z_loss lse grad_rows p_j off {c, w}, the
-#     entries at a local w and c by their own forms; no class weight, smoothing or soft cap.
+#     entries at a local w and c by their own forms; no class weight or label smoothing;
+#   softcap (0: none): both read x as softcap tanh(x / softcap) (stats of the capped logits), and
+#     the gradient is w.r.t. the raw logits.
 # ----------------------------------------------------------------------------
 
-BCE_PARTIAL_SCHEMA = "(Tensor logits, Tensor stats, Tensor slice_idx) -> Tensor"
-BCE_GLOBAL_BWD_SCHEMA = "(Tensor grad_rows, Tensor logits, Tensor stats, Tensor slice_idx, float z_loss) -> Tensor"
+BCE_PARTIAL_SCHEMA = "(Tensor logits, Tensor stats, Tensor slice_idx, float softcap) -> Tensor"
+BCE_GLOBAL_BWD_SCHEMA = ("(Tensor grad_rows, Tensor logits, Tensor stats, Tensor slice_idx, float z_loss, "
+                         "float softcap) -> Tensor")
 
 
-def fake_bce_partial(logits, stats, slice_idx):
+def fake_bce_partial(logits, stats, slice_idx, softcap):
     return logits.new_empty((logits.shape[0], 2), dtype=stats_dtype(logits))
 
 
-def fake_bce_global_bwd(grad_rows, logits, stats, slice_idx, z_loss):
+def fake_bce_global_bwd(grad_rows, logits, stats, slice_idx, z_loss, softcap):
     return logits.new_empty(logits.shape)
 
 

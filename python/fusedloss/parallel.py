@@ -23,8 +23,8 @@ collectives of ``O(N)`` floats (docs/parallel.md counts them):
   lowest index among ties) and the three global log-sum-exps, each shifted by its own max.
   Round two: each rank's partial sums over its classes but ``c`` and ``w``, one all-reduce SUM. The
   gradient is local, from the global numbers. Both by the backend's ops given those numbers where it
-  has them (``Backend.bce_partial``, ``bce_global_bwd``: the C++ CPU kernels) and no soft cap is on,
-  else by the reference's bce per-element functions on the slice, in blocks of rows.
+  has them (``Backend.bce_partial``, ``bce_global_bwd``: the C++ CPU kernels), else by the
+  reference's bce per-element functions on the slice, in blocks of rows.
 
 Where a kernel would misread (the fake target of a row whose target is elsewhere, the global
 class count and weight total of label smoothing) the difference is fixed in ``O(N)`` or one
@@ -773,10 +773,9 @@ class _BceState(NamedTuple):
     slice_idx: Tensor  # (N, 3) int64: local c, local w (-1: elsewhere), w == c (1, 0; -1: ignored row)
 
 
-def _bce_kernels(be, cfg: _Config) -> bool:
-    """Whether the backend has the bce ops given global numbers (ops.BCE_PARTIAL_SCHEMA); they take
-    no soft cap (the PyTorch passes keep it)."""
-    return be.bce_partial is not None and be.bce_global_bwd is not None and not cfg.softcap
+def _bce_kernels(be) -> bool:
+    """Whether the backend has the bce ops given global numbers (ops.BCE_PARTIAL_SCHEMA)."""
+    return be.bce_partial is not None and be.bce_global_bwd is not None
 
 
 def _row_blocks(x: Tensor, cdtype):
@@ -840,8 +839,8 @@ def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad
     # Round two: this rank's sum_{k not in {c, w}} log(1 - p_k) and R_r = sum_{k not in {c, w}} a_k
     # (every p_k <= 1/2 there): the kernel's second pass given the global lse and w, or the
     # reference's per-element functions, one block of rows at a time.
-    if _bce_kernels(be, cfg):
-        sums = be.bce_partial(x, stats, slice_idx).T[:2 if need_grad else 1].contiguous()
+    if _bce_kernels(be):
+        sums = be.bce_partial(x, stats, slice_idx, cap).T[:2 if need_grad else 1].contiguous()
     else:
         sums = torch.zeros((2 if need_grad else 1, n), dtype=cdtype, device=x.device)
         for s, e in _row_blocks(x, cdtype):
@@ -871,14 +870,14 @@ def _bce_grad(x, st: _BceState, go, weight, plan: Plan, be, cfg: _Config) -> Ten
     lse, r, log1m_pw, x_w = stats.unbind(1)
     keep = t != cfg.ignore_index
     rs = torch.where(keep, _class_weight_of(t, keep, weight, cdtype) * go, _zero(cdtype, x.device))  # w_c go
-    if _bce_kernels(be, cfg):
+    if _bce_kernels(be):
         # As for the target-only losses: the class weight rides in the row's coefficient, z is
         # rescaled so that 2 z lse w_c go comes out exact with own = (1 - eps) w_c go, and label
         # smoothing (global V and W) is added outside the kernel.
         g = None
         if eps < 1:
             z_k = z / (1 - eps) if eps > 0 else z
-            g = be.bce_global_bwd(((1 - eps) * rs).contiguous(), x, stats, slice_idx, z_k)
+            g = be.bce_global_bwd(((1 - eps) * rs).contiguous(), x, stats, slice_idx, z_k, cap)
         return _add_smoothing(g, x, lse, go, rs, keep, weight, plan, cfg)
     holds_c = _owner(t, keep, cs, vl)
     w_loc = w - cs
