@@ -432,24 +432,38 @@ def _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own,
 
 
 @triton.jit
+def _minus_per_class(g, per_class, W, cols, n_cols, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """A gradient tile minus label smoothing's per-class term per_class w_j (w = 1 without
+    weight); g itself without smoothing."""
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w_j = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(g.dtype)
+            g = g - per_class[:, None] * w_j[None, :]
+        else:
+            g = g - per_class[:, None]
+    return g
+
+
+@triton.jit
+def _finish_grad_tile(g, mask, slope, keep, SOFTCAP: tl.constexpr):
+    """A gradient tile times the soft cap's slope, zero off the rows that count (keep) and the
+    columns in range (mask): a where, not a product with r = 0, since an ignored row's tile may
+    hold -inf (or NaN) logits."""
+    if SOFTCAP:
+        g = g * slope
+    return tl.where(keep[:, None] & mask, g, 0.0)
+
+
+@triton.jit
 def _target_grad_tile(x, mask, slope, cols, tc, n_cols, off, scale, per_class, g_c, W, keep,
                       HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr):
     """Gradient of one tile (float32) from the row coefficients of :func:`_target_grad_coefs`:
     g_j = exp(x_j + off) scale - per_class w_j, g_c at the target; with SOFTCAP, x is the
     capped tile and the gradient w.r.t. the raw logits is that times the cap's slope."""
     is_c = cols[None, :] == tc[:, None]
-    g = tl.exp(x + off[:, None]) * scale[:, None]
-    if HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            w_j = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(x.dtype)
-            g = g - per_class[:, None] * w_j[None, :]
-        else:
-            g = g - per_class[:, None]
-    g = tl.where(is_c, g_c[:, None], g)
-    if SOFTCAP:
-        g = g * slope
-    # where, not a product with r = 0: an ignored row's tile may hold -inf (or NaN) logits.
-    return tl.where(keep[:, None] & mask, g, 0.0)
+    g = _minus_per_class(tl.exp(x + off[:, None]) * scale[:, None], per_class, W, cols, n_cols, HAS_WEIGHT,
+                         HAS_SMOOTHING)
+    return _finish_grad_tile(tl.where(is_c, g_c[:, None], g), mask, slope, keep, SOFTCAP)
 
 
 @triton.jit
@@ -886,15 +900,8 @@ def _bce_grad_tile(x, mask, slope, cols, n_cols, tc, Wi, lse, log1m_pw, log_pw, 
     g = tl.where(is_w, g_w[:, None], g) * own[:, None]
     if HAS_SMOOTHING or HAS_ZLOSS:
         g = g + p * extra[:, None]
-    if HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            w_j = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(x.dtype)
-            g = g - per_class[:, None] * w_j[None, :]
-        else:
-            g = g - per_class[:, None]
-    if SOFTCAP:
-        g = g * slope
-    return tl.where(keep[:, None] & mask, g, 0.0)
+    g = _minus_per_class(g, per_class, W, cols, n_cols, HAS_WEIGHT, HAS_SMOOTHING)
+    return _finish_grad_tile(g, mask, slope, keep, SOFTCAP)
 
 
 @triton.jit
