@@ -155,11 +155,12 @@ def _option_scalars(label_smoothing: float, z_loss: float, softcap: float, n_col
     return 1.0 - eps, eps / max(int(n_cols), 1), float(z_loss), cap, cap_k
 
 
-def _fwd_grid(logits: Tensor, variant: int) -> tuple:
-    """A forward's configuration (``heuristics.fwd_config``) and grid: a program per row block on
-    chip; streamed, a persistent grid of at most ``_stream_grid`` programs, each looping over rows."""
+def _fwd_grid(logits: Tensor, variant: int, config=fwd_config) -> tuple:
+    """A forward's configuration (``config``: ``heuristics.fwd_config``, or a family's own) and grid:
+    a program per row block on chip; streamed, a persistent grid of at most ``_stream_grid``
+    programs, each looping over rows."""
     n, c = logits.shape
-    cfg = fwd_config(c, logits.element_size(), variant)
+    cfg = config(c, logits.element_size(), variant)
     grid = triton.cdiv(n, cfg.block_n)
     if not cfg.single:
         grid = min(grid, _stream_grid(c, logits.element_size(), variant, logits.device))

@@ -352,13 +352,15 @@ def _bce_mix_fwd_rows(
         BLOCK_C, NUM_STAGES)
     log1m_pw = lse_ow - lse
     log_pw = M - lse
-    lse_ow = lse + log1m_pw   # lse_{k != w} formed from the stats columns lse, log(1 - p_w)
-    lse_ex_a = tl.where(ta == Wi, lse_ow, lse + _log1p(-tl.exp(x_a - lse)))
-    lse_ex_b = tl.where(tb == Wi, lse_ow, lse + _log1p(-tl.exp(x_b - lse)))
 
     # ---- pass 2: sums over k not in {a, b} (reverse order when streamed) ----------------
     s_l, s_r = _bce_sums_pass(X, row_off, row_ok, n_cols, softcap, softcap_k, x, mask, ta, tb, Wi, lse, log1m_pw,
                               P1_EVICT, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C, True)
+    # The targets' row terms are formed after pass 2, not before: fewer values live across its
+    # loop (with them before it, the streamed forward spilled; aot.mix_ci_specs).
+    lse_ow = lse + log1m_pw   # lse_{k != w} formed from the stats columns lse, log(1 - p_w)
+    lse_ex_a = tl.where(ta == Wi, lse_ow, lse + _log1p(-tl.exp(x_a - lse)))
+    lse_ex_b = tl.where(tb == Wi, lse_ow, lse + _log1p(-tl.exp(x_b - lse)))
     R_a, R_b, p_a, p_b = _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r)
     loss_a = _bce_mix_part_loss(same, tb == Wi, p_b, lse_ex_a, x_a, log1m_pw, s_l)
     loss_b = _bce_mix_part_loss(same, ta == Wi, p_a, lse_ex_b, x_b, log1m_pw, s_l)
