@@ -125,7 +125,7 @@ def _head_cases(world: int) -> list[dict]:
 
 #: Error case -> words its ValueError must contain on every rank.
 ERROR_CASES = {"overlap": "an overlap", "gap": "a gap", "rows": "number of rows", "mixed_start": "class_start",
-               "dtype": "dtype", "targets": "same global target", "options": "same loss options", "bad_local": "rejected their arguments",
+               "dtype": "dtype", "targets": "same global target", "options": "same loss options", "unchecked_range": "must lie in [0, num_classes", "bad_local": "rejected their arguments",
                "head_overlap": "an overlap", "head_rows": "number of rows", "head_dim": "hidden size D",
                "head_chunk": "chunk_rows", "head_grad": "reduce_hidden_grad", "head_bad_local": "rejected their arguments",
                "head_options": "same loss options"}
@@ -375,6 +375,8 @@ def _run_error_case(name: str, rank: int, world: int) -> str | None:
         x = x.to(torch.int64) if rank == 0 else x
     elif name == "options":
         kw["label_smoothing"] = 0.1 if rank == 0 else 0.0
+    elif name == "unchecked_range":  # validate=False: each rank checks its own slice against num_classes
+        kw.update(validate=False, class_start=rank * v_local, num_classes=v_local - 1)
     try:
         flp.softmax_loss(x, t, loss, **kw)
     except (ValueError, TypeError) as e:

@@ -382,7 +382,7 @@ def _plan(validate: bool, device, shape, target, weight, class_start, num_classe
     if validate:
         plan = _agree(device, shape, target, weight, class_start, cfg, error, group, extra, k0_masked)
     else:
-        plan = _unchecked_plan(class_start, num_classes, group)
+        plan = _unchecked_plan(class_start, num_classes, group, shape[1])
     if weight is not None and weight.shape[0] != plan.num_classes:
         raise ValueError(f"weight must be the global ({plan.num_classes},) class weights; got {tuple(weight.shape)}")
     if (cfg.variant == Variant.BCE and shape[2] != torch.float64 and plan.num_classes > BCE_MAX_CLASSES_FP32):
@@ -483,10 +483,14 @@ def _float_option_bits(cfg: _Config) -> list[int]:
     return [struct.unpack("<q", struct.pack("<d", float(getattr(cfg, f))))[0] for f in _FLOAT_OPTIONS]
 
 
-def _unchecked_plan(class_start, num_classes, group) -> Plan:
+def _unchecked_plan(class_start, num_classes, group, v_local: int) -> Plan:
     if class_start is None or num_classes is None:
         raise ValueError("validate=False needs class_start and num_classes (nothing is exchanged to derive them)")
-    return Plan(int(class_start), int(num_classes), dist.get_world_size(group))
+    start, total = int(class_start), int(num_classes)
+    if start < 0 or start + v_local > total:  # what this rank can check alone, for free
+        raise ValueError(f"fusedloss.parallel: this rank's classes [{start}, {start + v_local}) (class_start, "
+                         f"class_start + V_local) must lie in [0, num_classes = {total})")
+    return Plan(start, total, dist.get_world_size(group))
 
 
 # ----------------------------------------------------------------------------
