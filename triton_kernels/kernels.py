@@ -905,6 +905,49 @@ def _bce_grad_tile(x, mask, slope, cols, n_cols, tc, Wi, lse, log1m_pw, log_pw, 
 
 
 @triton.jit
+def _bce_grad_tiles(x, mask, slope, cols, n_cols, Wi, lse, log1m_pw, log_pw, ta, R_a, own_a, extra_a, pc_a, keep_a, tb,
+                    R_b, own_b, extra_b, pc_b, keep_b, W, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                    HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr, TWO_TARGETS: tl.constexpr):
+    """:func:`_bce_grad_tile` of target a (R_a, its terms, keep_a) and, with TWO_TARGETS, plus that
+    of mixup's target b (mix_kernels.py: the parts share lse, w and log(1 - p_w))."""
+    g = _bce_grad_tile(x, mask, slope, cols, n_cols, ta, Wi, lse, log1m_pw, log_pw, R_a, own_a, extra_a, pc_a, W,
+                       keep_a, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+    if TWO_TARGETS:
+        g += _bce_grad_tile(x, mask, slope, cols, n_cols, tb, Wi, lse, log1m_pw, log_pw, R_b, own_b, extra_b, pc_b, W,
+                            keep_b, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+    return g
+
+
+@triton.jit
+def _bce_store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, Wi, lse,
+                    log1m_pw, log_pw, ta, R_a, own_a, extra_a, pc_a, keep_a, tb, R_b, own_b, extra_b, pc_b, keep_b, W,
+                    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+                    SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+                    ROW_ALIGN: tl.constexpr, TWO_TARGETS: tl.constexpr):
+    """bce's gradient pass (:func:`_bce_grad_tiles`), written once to G's rows (stride stride_g):
+    SINGLE from the tile (x, mask, slope) kept in registers; else over column blocks in forward
+    order (pass 2 ended on the first ones: L2-warm), the loads and stores evict_first."""
+    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
+    cols0 = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        g = _bce_grad_tiles(x, mask, slope, cols0, n_cols, Wi, lse, log1m_pw, log_pw, ta, R_a, own_a, extra_a, pc_a,
+                            keep_a, tb, R_b, own_b, extra_b, pc_b, keep_b, W, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS,
+                            SOFTCAP, TWO_TARGETS)
+        tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
+    else:
+        for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
+            cols = start + cols0
+            xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
+                                        SOFTCAP)
+            g = _bce_grad_tiles(xb, maskb, slb, cols, n_cols, Wi, lse, log1m_pw, log_pw, ta, R_a, own_a, extra_a,
+                                pc_a, keep_a, tb, R_b, own_b, extra_b, pc_b, keep_b, W, HAS_WEIGHT, HAS_SMOOTHING,
+                                HAS_ZLOSS, SOFTCAP, TWO_TARGETS)
+            tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
+                     eviction_policy="evict_first")
+
+
+@triton.jit
 def _bce_fwd_rows(
     rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
     n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
@@ -927,7 +970,6 @@ def _bce_fwd_rows(
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-    cols0 = tl.arange(0, BLOCK_C)
     M, Wi, lse_ow, lse, sum_wx, w_tot, x, mask, slope = _bce_stats_pass(
         X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
         BLOCK_C, NUM_STAGES)
@@ -945,22 +987,9 @@ def _bce_fwd_rows(
         r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
         own, extra, per_class = _extra_terms(r, go_s, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
                                              HAS_ZLOSS)
-        log_pw = M - lse
-        g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-        if SINGLE:
-            g = _bce_grad_tile(x, mask, slope, cols0, n_cols, tc, Wi, lse, log1m_pw, log_pw, R, own, extra,
-                               per_class, W, keep, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
-            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
-                     eviction_policy="evict_first")
-        else:
-            for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
-                cols = start + cols0
-                xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
-                                            SOFTCAP)
-                g = _bce_grad_tile(xb, maskb, slb, cols, n_cols, tc, Wi, lse, log1m_pw, log_pw, R, own, extra,
-                                   per_class, W, keep, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
-                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                     eviction_policy="evict_first")
+        _bce_store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, Wi, lse,
+                        log1m_pw, M - lse, tc, R, own, extra, per_class, keep, tc, R, own, extra, per_class, keep, W,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, ROW_ALIGN, False)
 
     return part
 

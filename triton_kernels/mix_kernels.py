@@ -51,10 +51,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (ACC, NEG_INF, RED_MEAN, _bce_grad_tile, _bce_saved_stats, _bce_stats_pass, _bce_sums_pass,
-                      _capped, _extra_terms, _finish_reduction, _grad_row_scale, _load_tile, _log1p, _logaddexp,
-                      _mean_denominator, _row_loss, _rows_setup, _safe_shift, _softplus, _stats_pass, _store_grad,
-                      _store_row_outputs, _variant_math, _weight_total)
+from .kernels import (ACC, NEG_INF, RED_MEAN, _bce_grad_tiles, _bce_saved_stats, _bce_stats_pass, _bce_store_grad,
+                      _bce_sums_pass, _capped, _extra_terms, _finish_reduction, _grad_row_scale, _load_tile, _log1p,
+                      _logaddexp, _mean_denominator, _row_loss, _rows_setup, _safe_shift, _softplus, _stats_pass,
+                      _store_grad, _store_row_outputs, _variant_math, _weight_total)
 
 
 @triton.jit
@@ -285,8 +285,9 @@ def mix_bwd_kernel(
 # bce: both parts share lse, the arg-max w and log(1 - p_w) (pass 1, kernels.py's
 # _bce_stats_pass); pass 2 sums over k not in {a, b} once (kernels.py's _bce_sums_pass with
 # TWO_TARGETS) and each part adds the other target's terms (_bce_mix_part_r,
-# _bce_mix_part_loss); the gradient is the sum of both parts'
-# _bce_grad_tile, written once. Stats columns: lse, lse_ex(a), log(1 - p_w), w (the CPU op's).
+# _bce_mix_part_loss); the gradient is the sum of both parts' _bce_grad_tile (kernels.py's
+# _bce_grad_tiles / _bce_store_grad with TWO_TARGETS), written once. Stats columns: lse,
+# lse_ex(a), log(1 - p_w), w (the CPU op's).
 # ----------------------------------------------------------------------------
 
 @triton.jit
@@ -314,19 +315,15 @@ def _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r):
 
 
 @triton.jit
-def _bce_mix_grad_tile(x, mask, slope, cols, n_cols, ta, tb, Wi, lse, log1m_pw, log_pw, R_a, R_b, r_a, go_a, r_b,
-                       go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a, keep_b, HAS_WEIGHT: tl.constexpr,
-                       HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr):
-    """The mixed gradient of a tile: the sum of each part's _bce_grad_tile (its target, R and
-    terms; shared lse, w, log(1 - p_w)), zero for a part that does not count (keep)."""
+def _bce_mix_terms(r_a, go_a, r_b, go_b, lse, w_tot, smooth_own, smooth_class, z_loss, HAS_SMOOTHING: tl.constexpr,
+                   HAS_ZLOSS: tl.constexpr):
+    """Each part's own, extra and per_class coefficients (kernels.py's _extra_terms) for its
+    _bce_grad_tile: (own_a, extra_a, pc_a, own_b, extra_b, pc_b)."""
     own_a, extra_a, pc_a = _extra_terms(r_a, go_a, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
                                         HAS_ZLOSS)
     own_b, extra_b, pc_b = _extra_terms(r_b, go_b, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
                                         HAS_ZLOSS)
-    g = _bce_grad_tile(x, mask, slope, cols, n_cols, ta, Wi, lse, log1m_pw, log_pw, R_a, own_a, extra_a, pc_a, W,
-                       keep_a, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
-    return g + _bce_grad_tile(x, mask, slope, cols, n_cols, tb, Wi, lse, log1m_pw, log_pw, R_b, own_b, extra_b, pc_b,
-                              W, keep_b, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+    return own_a, extra_a, pc_a, own_b, extra_b, pc_b
 
 
 @triton.jit
@@ -344,7 +341,6 @@ def _bce_mix_fwd_rows(
         rb, X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, softcap, softcap_k, BLOCK_N, HAS_WEIGHT,
         SOFTCAP, ROW_ALIGN)
     same = ta == tb
-    cols0 = tl.arange(0, BLOCK_C)
 
     # ---- pass 1: arg-max, lse, log(1 - p_w); sums for label smoothing -------------------
     M, Wi, lse_ow, lse, sum_wx, w_tot, x, mask, slope = _bce_stats_pass(
@@ -372,23 +368,11 @@ def _bce_mix_fwd_rows(
     if COMPUTE_GRAD:
         r_a, go_a, r_b, go_b = _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, None, rows, row_ok, DENOM_A,
                                                 DENOM_B, n_denom, reduction, False)
-        g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-        if SINGLE:
-            g = _bce_mix_grad_tile(x, mask, slope, cols0, n_cols, ta, tb, Wi, lse, log1m_pw, log_pw, R_a, R_b, r_a,
-                                   go_a, r_b, go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a, keep_b,
-                                   HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
-            tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
-                     eviction_policy="evict_first")
-        else:
-            for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
-                cols = start + cols0
-                xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
-                                            SOFTCAP)
-                g = _bce_mix_grad_tile(xb, maskb, slb, cols, n_cols, ta, tb, Wi, lse, log1m_pw, log_pw, R_a, R_b,
-                                       r_a, go_a, r_b, go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a,
-                                       keep_b, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
-                tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                         eviction_policy="evict_first")
+        own_a, extra_a, pc_a, own_b, extra_b, pc_b = _bce_mix_terms(r_a, go_a, r_b, go_b, lse, w_tot, smooth_own,
+                                                                    smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
+        _bce_store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, Wi, lse,
+                        log1m_pw, log_pw, ta, R_a, own_a, extra_a, pc_a, keep_a, tb, R_b, own_b, extra_b, pc_b, keep_b,
+                        W, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, ROW_ALIGN, True)
     return part
 
 
@@ -432,13 +416,15 @@ def bce_mix_bwd_kernel(
     r_a, go_a, r_b, go_b = _mix_grad_scales(keep_a, keep_b, bad, w_a, w_b, lam, GO, rows, row_ok, DENOM_A, DENOM_B,
                                             n_denom, reduction, GO_PER_ROW)
     w_tot = _bwd_weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT, HAS_SMOOTHING)
+    own_a, extra_a, pc_a, own_b, extra_b, pc_b = _bce_mix_terms(r_a, go_a, r_b, go_b, lse, w_tot, smooth_own,
+                                                                smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
     g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
     nb = tl.cdiv(n_cols, BLOCK_C)
     for i in range(0, nb):
         cols = (nb - 1 - i) * BLOCK_C + cols0
         xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        g = _bce_mix_grad_tile(xb, maskb, slb, cols, n_cols, ta, tb, Wi, lse, log1m_pw, x_w - lse, R_a, R_b, r_a,
-                               go_a, r_b, go_b, w_tot, smooth_own, smooth_class, z_loss, W, keep_a, keep_b,
-                               HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
+        g = _bce_grad_tiles(xb, maskb, slb, cols, n_cols, Wi, lse, log1m_pw, x_w - lse, ta, R_a, own_a, extra_a, pc_a,
+                            keep_a, tb, R_b, own_b, extra_b, pc_b, keep_b, W, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS,
+                            SOFTCAP, True)
         tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                  eviction_policy="evict_first")
