@@ -4,8 +4,15 @@ comment), checked against a float64 evaluation written here from docs/losses.md'
 the partial sums term by term, and the gradient by autograd of the loss
 L = -log p_c - sum_{k != c} log(1 - p_k) (log(1 - p_w) as lse_{k != w} - lse, exact for any lead),
 of the soft-capped logits where a cap is given.
+
+The same checks run on the Triton backend's twins (fusedloss::triton_bce_partial /
+triton_bce_global_bwd, triton_kernels/launch_bce_parallel.py), parametrized by ``backend``: those
+cases need Triton's CPU interpreter (TRITON_INTERPRET=1, fixed when triton is imported), so in a
+plain run they are skipped here and tests/test_triton_bce_parallel.py runs them in a subprocess.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,6 +23,20 @@ from fusedloss import dispatch, ops  # noqa: E402
 
 PARTIAL = torch.ops.fusedloss.ext_bce_partial.default
 GLOBAL_BWD = torch.ops.fusedloss.ext_bce_global_bwd.default
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ("cpu", "triton")
+
+
+def _ops(backend: str):
+    """(partial, global_bwd) of a backend: the C++ CPU ops, or the Triton ones under the interpreter."""
+    if backend == "cpu":
+        return PARTIAL, GLOBAL_BWD
+    if not INTERPRET:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (tests/test_triton_bce_parallel.py runs it)")
+    pytest.importorskip("triton")
+    be = dispatch.resolve("triton", torch.device("cpu"))
+    return be.bce_partial, be.bce_global_bwd
+
 
 # Per row: (where c is, where w is, the arg-max's lead over the row's other logits). "local": in
 # the slice under test, "else": on another rank, "same": w == c (in the slice or elsewhere, by w's
@@ -132,7 +153,9 @@ def _as_slice(full, cs, vl, dtype, strided: bool):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("vl,strided,softcap", [(37, False, 0.0), (5000, True, 0.0), (4099, False, 0.0),
                                                 (37, False, 5.0), (4099, True, 30.0)])
-def test_partial_sums(dtype, atol, rtol, vl, strided, softcap):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_sums(dtype, atol, rtol, vl, strided, softcap, backend):
+    PARTIAL, _ = _ops(backend)
     full, cs, t, w = _rows(vl, dtype, seed=vl)
     lse, r, log1m_pw, x_w, a, log1m = _global_numbers(full, t, w, softcap)
     idx = _slice_idx(t, w, cs, vl)
@@ -164,7 +187,9 @@ def test_partial_sums(dtype, atol, rtol, vl, strided, softcap):
 @pytest.mark.parametrize("vl,strided,z,softcap", [(37, False, 0.0, 0.0), (5000, True, 0.01, 0.0),
                                                   (4099, False, 0.0, 0.0), (37, False, 0.01, 5.0),
                                                   (4099, True, 0.0, 30.0)])
-def test_gradient_given_global_r(dtype, atol, rtol, vl, strided, z, softcap):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_given_global_r(dtype, atol, rtol, vl, strided, z, softcap, backend):
+    _, GLOBAL_BWD = _ops(backend)
     full, cs, t, w = _rows(vl, dtype, seed=vl + 1)
     lse, r, log1m_pw, x_w, _, _ = _global_numbers(full, t, w, softcap)
     idx = _slice_idx(t, w, cs, vl)
@@ -187,7 +212,9 @@ def test_gradient_given_global_r(dtype, atol, rtol, vl, strided, z, softcap):
     assert torch.equal(out[t < 0], torch.zeros_like(out[t < 0]))
 
 
-def test_checks():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checks(backend):
+    PARTIAL, GLOBAL_BWD = _ops(backend)
     x = torch.randn(2, 5)
     stats = torch.zeros(2, 4)
     idx = torch.tensor([[0, 1, 0], [-1, -1, 1]])
@@ -218,7 +245,9 @@ def test_schemas_and_backend():
     assert dispatch.resolve("reference", torch.device("cpu")).bce_partial is None
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    PARTIAL, GLOBAL_BWD = _ops(backend)
     full, cs, t, w = _rows(7, torch.float64, seed=3)
     lse, r, log1m_pw, x_w, _, _ = _global_numbers(full, t, w)
     idx = _slice_idx(t, w, cs, 7)

@@ -6,7 +6,9 @@ column) and on its backward reading global statistics in their place, so the Tri
 checked here too, against the float64 oracle: every loss, with options, a rank holding no target
 of a row, a masked (-inf) logit at a rank's first class (the fake target), a wrong class leading
 by 60 on another rank than the target's, an ignored row, on-chip rows and a streamed one
-(V_local > 4096). Each rank compares its loss and its slice of the gradient.
+(V_local > 4096). Each rank compares its loss and its slice of the gradient; bce's second round
+must run the Triton backend's ops (fusedloss::triton_bce_partial / triton_bce_global_bwd, seen
+by the profiler).
 """
 from __future__ import annotations
 
@@ -61,8 +63,14 @@ def _run(case: dict, rank: int, seed: int) -> str | None:
     ref, ref_g = oracle_loss_and_grad(x, t, case["loss"], weight=w, reduction=reduction, **opts)
     start = sum(case["sizes"][:rank])
     local = x[:, start:start + case["sizes"][rank]].clone().requires_grad_()
-    out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=reduction, backend="triton", **opts)
-    out.backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=reduction, backend="triton", **opts)
+        out.backward()
+    if case["loss"] == "bce":  # bce's second round on the Triton backend's own ops (launch_bce_parallel.py)
+        called = {e.key for e in prof.key_averages()}
+        missing = {"fusedloss::triton_bce_partial", "fusedloss::triton_bce_global_bwd"} - called
+        if missing:
+            return f"bce did not call {sorted(missing)}"
     try:
         assert_close(out.detach(), ref, torch.float32, "loss")
         assert_close(local.grad, ref_g[:, start:start + local.shape[1]], torch.float32, "grad")

@@ -12,6 +12,7 @@ from fusedloss import dispatch
 from . import launch
 from . import launch_soft
 from . import launch_mix
+from . import launch_bce_parallel
 
 
 def _supports(device) -> bool:
@@ -28,4 +29,7 @@ dispatch.register(dispatch.Backend(
     soft_fwd=launch_soft.triton_soft_fwd,
     mix_fwd=launch_mix.triton_mix_fwd,
     mix_fuses=launch_mix.fuses,
+    # fusedloss.parallel's bce given global numbers (ops.BCE_PARTIAL_SCHEMA)
+    bce_partial=launch_bce_parallel.triton_bce_partial,
+    bce_global_bwd=launch_bce_parallel.triton_bce_global_bwd,
 ))
