@@ -153,7 +153,7 @@ def softmax_loss(
     shape = (local_logits.shape[0] if local_logits.dim() == 2 else 1, local_logits.shape[-1],
              local_logits.dtype) if ok else None
     plan = _plan(validate, _device_of(local_logits), shape, target, weight, class_start, num_classes, cfg, error,
-                 group, {}, _k0_masked(local_logits, cfg) if ok else None)
+                 group, {}, _k0_masked(local_logits, cfg) if ok and validate else None)
     if local_logits.dim() == 1:
         out = _VocabParallelSoftmaxLoss.apply(local_logits[None, :], target.reshape(1), weight, plan, be, cfg, group)
         return out.reshape(())
