@@ -505,3 +505,19 @@ def test_causal_lm_loss_shift_labels():
 def test_table_lists_every_tested_family():
     tested = {CONFIGS[f]()[0] for f in CONFIGS}
     assert tested == set(FAMILIES)
+
+
+def test_deepcopy_of_a_patched_model_runs_the_copy():
+    model = patch_causal_lm(_model("llama"), "ce")
+    twin = copy.deepcopy(model)
+    ids, labels = _batch()
+    twin(input_ids=ids, labels=labels).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert twin.lm_head.weight.grad is not None and patched_loss(twin) == ("ce", {})
+
+
+def test_fused_trainer_model_init_is_patched(tmp_path):
+    tr = fl.hf.FusedLossTrainer(model_init=lambda: _model("llama"), args=_args(tmp_path, max_steps=2),
+                                loss="focal", train_dataset=_Data(4))
+    tr.train()
+    assert patched_loss(tr.model) == ("focal", {})

@@ -367,12 +367,19 @@ def _output_without_logits(out, return_dict: bool):
     return tuple(getattr(new, f.name) for f in fields(new) if f.name == "logits" or getattr(new, f.name) is not None)
 
 
-def _make_forward(patch: _Patch):
-    original = patch.original_forward
-    model = patch.model
+class _PatchedForward:
+    """The patched ``model.forward``: an object, not a closure, so ``copy.deepcopy`` of a
+    patched model gives a copy whose forward runs the copy (its patch, bound method and model
+    are copied with it). ``__wrapped__`` is the stock forward: ``inspect.signature`` shows the
+    stock signature (Trainer's ``remove_unused_columns`` reads it)."""
 
-    @functools.wraps(original)  # keeps the stock signature: Trainer's remove_unused_columns reads it
-    def forward(*args, **kwargs):
+    def __init__(self, patch: _Patch):
+        self.patch = patch
+        functools.update_wrapper(self, patch.original_forward)
+
+    def __call__(self, *args, **kwargs):
+        patch = self.patch
+        model, original = patch.model, patch.original_forward
         if not _has_labels(patch, args, kwargs):
             _check_no_outside_loss(patch)
             return original(*args, **kwargs)
@@ -400,8 +407,6 @@ def _make_forward(patch: _Patch):
                 call, patch.call = patch.call, None
         _check_loss_called(patch, call)
         return _output_without_logits(out, return_dict)
-
-    return forward
 
 
 def _check_loss_called(patch: _Patch, call: _Call) -> None:
@@ -484,7 +489,7 @@ def patch_causal_lm(model: nn.Module, loss: str = "ce", *, skip_logits: bool | N
                    "_loss_function" in target.__dict__, target.__dict__.get("_loss_function"),
                    labels_index=names.index("labels") if "labels" in names else None)
     target._fusedloss_patch = patch
-    target.forward = _make_forward(patch)
+    target.forward = _PatchedForward(patch)
     target.loss_function = patch.loss_function
     return model
 
@@ -543,18 +548,37 @@ def _make_trainer_class():
 
         def __init__(self, *args, loss: str | None = None, loss_options: dict | None = None,
                      skip_logits: bool | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
+            self._fusedloss = (loss, None if loss_options is None else dict(loss_options), skip_logits)
+            super().__init__(*args, **kwargs)  # a model_init's model is patched in call_model_init
             if self.compute_loss_func is not None:
                 raise PatchError("FusedLossTrainer computes the loss with fusedloss; compute_loss_func is refused")
-            model = self.model
-            current = patched_loss(model)
-            options = dict(loss_options or {})
-            if current is None:
-                patch_causal_lm(model, loss or "ce", skip_logits=skip_logits, **options)
-            elif (loss is not None and loss != current[0]) or (loss_options is not None and options != current[1]):
-                raise PatchError(f"the model is already patched with {current[0]!r} {current[1]}; FusedLossTrainer "
-                                 f"got loss={loss!r} loss_options={loss_options}")
+            if self.model is not None:
+                self._fusedloss_patch(self.model)
+            self.label_smoother = None  # label_smoothing_factor is the fused loss's label_smoothing
+
+        def call_model_init(self, trial=None):
+            model = super().call_model_init(trial)
+            self._fusedloss_patch(model)
+            return model
+
+        def _fusedloss_patch(self, model) -> None:
+            loss, options, skip_logits = self._fusedloss
             eps = float(self.args.label_smoothing_factor)
+            current = patched_loss(model)
+            if current is None:
+                options = dict(options or {})
+                have = float(options.get("label_smoothing", 0.0))
+                if eps != 0.0 and have not in (0.0, eps):
+                    raise PatchError(f"label_smoothing_factor={eps} but loss_options has label_smoothing={have}")
+                if eps != 0.0:
+                    options["label_smoothing"] = eps
+                patch_causal_lm(model, loss or "ce", skip_logits=skip_logits, **options)
+                return
+            if (loss is not None and loss != current[0]) or (options is not None and options != current[1]):
+                raise PatchError(f"the model is already patched with {current[0]!r} {current[1]}; FusedLossTrainer "
+                                 f"got loss={loss!r} loss_options={options}")
+            if skip_logits is not None:
+                raise PatchError("the model is already patched; pass skip_logits to patch_causal_lm")
             if eps != 0.0:
                 patch = _unwrap(model).__dict__["_fusedloss_patch"]
                 have = float(patch.opts.get("label_smoothing", 0.0))
@@ -562,7 +586,6 @@ def _make_trainer_class():
                     raise PatchError(f"label_smoothing_factor={eps} but the patched loss has "
                                      f"label_smoothing={have}")
                 patch.opts["label_smoothing"] = eps
-                self.label_smoother = None
 
     return FusedLossTrainer
 
