@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -275,7 +275,6 @@ class _Patch:
     old_loss_function: Any
     call: _Call | None = None
     labels_index: int | None = None
-    trainer_checked: set = field(default_factory=set)
 
     # The model's loss_function while patched: transformers calls it as
     # loss_function(logits, labels, vocab_size, **kwargs) (ForCausalLMLoss's signature).
