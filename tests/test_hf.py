@@ -1,7 +1,8 @@
 """fusedloss.hf on tiny transformers models built from configs (random weights, nothing
 downloaded), float32 on the CPU.
 
-The reference is the stock model itself: with ``ce`` a patched model must give the stock
+The reference is the stock model itself (for other losses, tests/oracle.py's float64 loss of
+the stock logits): with ``ce`` a patched model must give the stock
 ``labels=`` loss and the gradient of every parameter (loss rtol 1e-5 / atol 1e-6; gradients
 rtol 1e-4 / atol 1e-5 x the tensor's largest gradient: the fused head forms the same logits
 blockwise, so only float32 summation order differs), or refuse at patch time. The Trainer
@@ -19,6 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")  # in requirements-dev.txt: runs in CI
 
 import fusedloss as fl  # noqa: E402
+from oracle import oracle_loss  # noqa: E402
 from fusedloss.hf import (FAMILIES, PatchError, causal_lm_loss, patch_causal_lm, patched_loss,  # noqa: E402
                           unpatch_causal_lm)
 
@@ -138,8 +140,8 @@ def test_post_processing_matters(family):
     ids, labels = _batch()
     ref = _run(model, input_ids=ids, labels=labels)
     hidden = model.model(input_ids=ids).last_hidden_state
-    raw = causal_lm_loss(hidden, model.get_output_embeddings(), labels, "ce")
-    assert abs(raw.item() - ref.loss.item()) > 0.05
+    raw = model.get_output_embeddings()(hidden)[:, :-1].reshape(-1, V).double()
+    assert abs(oracle_loss(raw, labels[:, 1:].reshape(-1)).item() - ref.loss.item()) > 0.05
 
 
 def test_num_items_in_batch_as_stock():
@@ -161,11 +163,7 @@ def test_the_loss_is_the_chosen_one():
     logits = model(input_ids=ids).logits.double()  # the stock logits, logit_scale applied
     patch_causal_lm(model, "crl", alpha=1.5, beta=1.0)
     out = model(input_ids=ids, labels=labels)
-    p = logits[:, :-1].softmax(-1)
-    t = labels[:, 1:]
-    keep = t != -100
-    pc = p.gather(-1, t.clamp(min=0)[..., None])[..., 0]
-    want = (1.0 * torch.log(1.5 + 1 - pc) - torch.log(pc))[keep].mean()
+    want = oracle_loss(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), "crl", alpha=1.5, beta=1.0)
     torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -237,9 +235,8 @@ def test_eval_mode_gives_logits_and_our_loss():
     patch_causal_lm(fused, "focal", skip_logits=False)
     out = fused(input_ids=ids, labels=labels)
     torch.testing.assert_close(out.logits, ref.logits)
-    flat = ref.logits[:, :-1].reshape(-1, V)
-    want = fl.softmax_loss(flat, labels[:, 1:].reshape(-1), "focal", backend="reference")
-    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    want = oracle_loss(ref.logits[:, :-1].reshape(-1, V).double(), labels[:, 1:].reshape(-1), "focal")
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
@@ -432,9 +429,9 @@ def test_trainer_label_smoothing(tmp_path):
     ft = fl.hf.FusedLossTrainer(model=copy.deepcopy(base), args=args, loss="crl", train_dataset=_Data())
     assert ft.label_smoother is None and patched_loss(ft.model) == ("crl", {"label_smoothing": 0.1})
     got = ft.compute_loss(ft.model, dict(batch))
-    hidden = base.model(input_ids=batch["input_ids"]).last_hidden_state
-    want = causal_lm_loss(hidden, base.lm_head, batch["labels"], "crl", label_smoothing=0.1)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    logits = base(input_ids=batch["input_ids"]).logits.double()
+    want = oracle_loss(logits[:, :-1].reshape(-1, V), batch["labels"][:, 1:].reshape(-1), "crl", label_smoothing=0.1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     # ce: the same loss as the stock Trainer's label smoother
     ft = fl.hf.FusedLossTrainer(model=copy.deepcopy(base), args=args, train_dataset=_Data())
     st = transformers.Trainer(model=copy.deepcopy(base), args=args, train_dataset=_Data())
