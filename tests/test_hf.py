@@ -156,6 +156,22 @@ def test_num_items_in_batch_as_stock():
     _assert_same_grads(stock, fused)
 
 
+def test_shift_labels_as_stock():
+    """shift_labels (already shifted, e.g. from a padding-free collator) with labels: as stock;
+    shift_labels alone: no loss, as stock."""
+    stock = _model("llama")
+    fused = patch_causal_lm(copy.deepcopy(stock), "ce")
+    ids, labels = _batch()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].clone()
+    shifted[1, 2] = -100
+    ref = stock(input_ids=ids, labels=labels, shift_labels=shifted)
+    out = fused(input_ids=ids, labels=labels, shift_labels=shifted)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert stock(input_ids=ids, shift_labels=shifted).loss is None
+    alone = fused(input_ids=ids, shift_labels=shifted)
+    assert alone.loss is None and alone.logits is not None
+
+
 def test_the_loss_is_the_chosen_one():
     """crl through the patch equals crl of the stock logits (float64 in the test)."""
     model = _model("cohere")

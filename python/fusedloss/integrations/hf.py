@@ -1,7 +1,7 @@
 """Hugging Face causal LMs: train with any of the six losses through the fused head.
 
 ``patch_causal_lm(model, "crl")`` leaves the model's own forward in charge and changes two
-things for the duration of a call with ``labels=`` (or ``shift_labels=``):
+things for the duration of a call with ``labels=``:
 
 * ``model.loss_function`` (transformers' hook, ``ForCausalLMLoss`` by default) becomes our
   loss with ``ForCausalLMLoss``'s semantics: labels shifted left by one, ``ignore_index`` as
@@ -321,10 +321,12 @@ class _Patch:
 
 
 def _has_labels(patch: _Patch, args, kwargs) -> bool:
+    """Whether the stock forward will compute a loss: ``labels`` given (``shift_labels`` alone
+    gives no loss in the stock forward, so not here either)."""
     labels = kwargs.get("labels")
     if labels is None and patch.labels_index is not None and len(args) > patch.labels_index:
         labels = args[patch.labels_index]
-    return labels is not None or kwargs.get("shift_labels") is not None
+    return labels is not None
 
 
 def _check_no_outside_loss(patch: _Patch) -> None:
