@@ -1,4 +1,4 @@
-"""The GPU proof script (bench/gpu/check.sh -> fusedloss.gpucheck) on this CPU machine.
+"""The GPU proof script (bench/gpu/check.sh -> bench/gpu/gpucheck.py) on this CPU machine.
 
 ``--dry-run`` runs every step the GPU run has (Triton's interpreter, tiny shapes, no
 build, no sanitizer): this proves the script, its budget handling and its outputs, so
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from fusedloss import gpucheck
 from fusedloss.bench import backends as bk
 from fusedloss.bench.cli import main as bench_main
 from fusedloss.bench.options import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))  # gpucheck.py is a script there, not part of the package
+import gpucheck  # noqa: E402
 CHECK = ROOT / "bench" / "gpu" / "check.sh"
 
 
@@ -111,7 +112,7 @@ def test_tiny_budget_ends_within_the_budget_and_still_writes_the_summary(tmp_pat
 def test_sigterm_stops_the_steps_and_writes_the_summary(tmp_path: Path) -> None:
     results = tmp_path / "r"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "python" / "fusedloss" / "gpucheck.py"), str(results),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gpu" / "gpucheck.py"), str(results),
                              "--dry-run", "--steps", "sweep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     deadline = time.time() + 60
@@ -338,7 +339,7 @@ def _fake_gpu(tmp_path: Path, *args: str, timeout: float = 150, **env_extra: str
     env.update(PATH=f"{bin_}:{env['PATH']}", FAKE_LOG=str(log), **env_extra)
     results = tmp_path / "r"
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "python" / "fusedloss" / "gpucheck.py"), str(results),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "gpucheck.py"), str(results),
                            "--python", str(bin_ / "fakepy"), *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
     seconds = time.time() - t0

@@ -6,4 +6,4 @@
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-exec "$PY" "$ROOT/python/fusedloss/gpucheck.py" "$@"
+exec "$PY" "$ROOT/bench/gpu/gpucheck.py" "$@"
