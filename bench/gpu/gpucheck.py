@@ -1,7 +1,7 @@
 """GPU proof: build, test, sanitize and benchmark every GPU path in one command, on a budget.
 
     bash bench/gpu/check.sh RESULTS [--budget 480] [--dry-run] [--steps ...] [--cap STEP=SECONDS]
-    python python/fusedloss/gpucheck.py RESULTS ...        # the same (check.sh only picks python3)
+    python bench/gpu/gpucheck.py RESULTS ...               # the same (check.sh only picks python3)
 
 Steps, in order (``build`` and ``pytest-triton`` run at the same time: the Triton tests
 need no extension, and the GPU idles while nvcc compiles):
@@ -26,12 +26,13 @@ the write-up); a failed step never stops the later ones;
 a run killed from outside still leaves what it had. ``--dry-run`` runs the same steps on a
 CPU machine (Triton's interpreter, tiny shapes, no build, no sanitizer) to prove the script.
 
-This file imports only the standard library: it must run before the extension is built
-and report even when the device's torch cannot be imported. The package is put on the
-children's ``PYTHONPATH`` through a temporary folder of symbolic links (``fusedloss`` with
-``triton_kernels`` inside, as ``setup.py``'s ``package_dir`` maps it), so nothing needs
-``pip install``; ``.carry/site-packages`` (``bench/gpu/vendor.sh``: Liger-Kernel) is added
-when present.
+This file, gpucheck_plan.py (what a run does and in how long) and gpucheck_report.py (the
+tools' outputs parsed, the sweep's child and markdown) import only the standard library: they
+must run before the extension is built and report even when the device's torch cannot be
+imported. The package is put on the children's ``PYTHONPATH`` through a temporary folder of
+symbolic links (``fusedloss`` with ``triton_kernels`` inside, as ``setup.py``'s ``package_dir``
+maps it), so nothing needs ``pip install``; ``.carry/site-packages`` (``bench/gpu/vendor.sh``:
+Liger-Kernel) is added when present.
 """
 from __future__ import annotations
 
@@ -645,7 +646,7 @@ print("GPUCHECK_ENV " + json.dumps(out))
         md = [f"# gpucheck: {title}: {doc['outcome'].upper()}"
               f"{' (partial: ' + ', '.join(partial) + ')' if partial else ''}{'' if final else ' (in progress)'}", "",
               f"Started {doc['started']}, {elapsed} s of a {self.args.budget:.0f} s budget. Source digest "
-              f"{i.get('source_digest')} (`python python/fusedloss/gpucheck.py --digest` in a checkout); "
+              f"{i.get('source_digest')} (`python bench/gpu/gpucheck.py --digest` in a checkout); "
               f"commit {i.get('commit_arg') or i.get('vendored_commit') or i.get('git_head') or 'unknown'}"
               + (f" (vendor.sh saw {i.get('vendored_dirty')} uncommitted source files)"
                  if i.get("vendored_dirty") not in (None, "0") else "") + ".", "",
@@ -736,8 +737,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, Python puts python/fusedloss/ itself first on sys.path, which would
-    # make the package's modules importable as top-level names; the package comes from
+    # Run as a script, Python puts bench/gpu/ first on sys.path (the imports of gpucheck_plan and
+    # gpucheck_report above need it); the children's modules, the package included, come from
     # PYTHONPATH instead.
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path.pop(0)

@@ -51,7 +51,7 @@ def source_digest(root: Path = REPO) -> str:
     """sha256 (12 hex) of the sources a GPU run exercises, as laid out in the work tree.
 
     The device machine gets a copy of the work tree without ``.git``; the same digest
-    computed here (``python python/fusedloss/gpucheck.py --digest``) tells which tree a
+    computed here (``python bench/gpu/gpucheck.py --digest``) tells which tree a
     result came from."""
     h = hashlib.sha256()
     paths = [root / f for f in SOURCE_FILES if (root / f).is_file()]
