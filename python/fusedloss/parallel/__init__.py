@@ -34,6 +34,11 @@ elementwise pass; each place says why.
 output projection): ``head.run_blocks`` computes one block of rows of the local logits at a time,
 the block's loss as above (its collectives per block), and folds the block's local gradient into
 ``d hidden``, ``d weight``, ``d bias``; ``d hidden`` is all-reduced over the ranks in the backward.
+
+Modules: ``plan`` (each rank's checks, the one exchange that agrees on the :class:`Plan`, DTensor
+arguments), ``loss`` (:func:`softmax_loss`: the rows of a call and the autograd Function),
+``target_only`` and ``bce`` (each family's rounds and gradient), ``terms`` (the per-row pieces both
+share: weights, label smoothing, z-loss), ``head`` (:func:`linear_softmax_loss`).
 """
 from .head import linear_softmax_loss
 from .loss import softmax_loss
