@@ -19,9 +19,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
                 allow_module_level=True)
 
 from fusedloss.triton_kernels import aot  # noqa: E402
+from fusedloss.triton_kernels.one_target import aot_specs  # noqa: E402
+from fusedloss.triton_kernels.probs import aot_specs as probs_specs  # noqa: E402
+from fusedloss.triton_kernels.two_targets import aot_specs as two_targets_specs  # noqa: E402
 from fusedloss.variants import Variant  # noqa: E402
 
-SPECS = aot.ci_specs()
+SPECS = aot_specs.ci_specs()
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
@@ -35,14 +38,14 @@ def test_compiles_without_spills(spec, arch):
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("spec", aot.soft_ci_specs(), ids=lambda s: s.label())
+@pytest.mark.parametrize("spec", probs_specs.soft_ci_specs(), ids=lambda s: s.label())
 def test_soft_kernels_compile_without_spills(spec, arch):
     """The soft-target kernels (triton_kernels/soft_kernels.py)."""
     test_compiles_without_spills(spec, arch)
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("spec", aot.mix_ci_specs(), ids=lambda s: s.label())
+@pytest.mark.parametrize("spec", two_targets_specs.mix_ci_specs(), ids=lambda s: s.label())
 def test_mix_kernels_compile_without_spills(spec, arch):
     """Mixup's two-target kernels (triton_kernels/mix_kernels.py)."""
     test_compiles_without_spills(spec, arch)
@@ -57,6 +60,6 @@ def test_ci_specs_cover_every_variant_dtype_and_regime():
 
 
 def test_variant_ids_match_the_op_abi():
-    from fusedloss.triton_kernels import kernels
+    from fusedloss.triton_kernels import rows
     for v in Variant:
-        assert getattr(kernels, v.name).value == int(v)
+        assert getattr(rows, v.name).value == int(v)

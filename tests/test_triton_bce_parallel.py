@@ -123,7 +123,7 @@ def test_empty_and_transposed():
 def test_triton_backend_has_the_ops():
     if not INTERPRET:
         pytest.skip("resolving triton on CPU tensors needs TRITON_INTERPRET=1")
-    from fusedloss.triton_kernels import launch_bce_parallel as lb
+    from fusedloss.triton_kernels.split_vocab import launch as lb
     be = dispatch.resolve("triton", torch.device("cpu"))
     assert be.bce_partial is lb.triton_bce_partial and be.bce_global_bwd is lb.triton_bce_global_bwd
     assert str(torch.ops.fusedloss.triton_bce_partial.default._schema).endswith(
@@ -152,7 +152,7 @@ def test_interpreter_cases_in_a_subprocess():
 def _aot_specs():
     if INTERPRET:
         return []
-    from fusedloss.triton_kernels import aot_bce_parallel
+    from fusedloss.triton_kernels.split_vocab import aot_specs as aot_bce_parallel
     return aot_bce_parallel.ci_specs()
 
 
@@ -160,7 +160,7 @@ def _aot_specs():
 @pytest.mark.parametrize("arch", (80, 90), ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("spec", _aot_specs(), ids=lambda s: s.label())
 def test_aot_compiles_without_spills(spec, arch):
-    from fusedloss.triton_kernels import aot_bce_parallel
+    from fusedloss.triton_kernels.split_vocab import aot_specs as aot_bce_parallel
     u = aot_bce_parallel.resource_usage(spec, arch)
     print(f"{spec.label()} sm_{arch}: {u.registers} registers, spill {u.spill_stores}/{u.spill_loads} B, "
           f"local {u.local_bytes} B, stack {u.stack_bytes} B")

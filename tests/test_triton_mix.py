@@ -243,7 +243,7 @@ def _triton_backend():
 @pytest.mark.parametrize("loss", fl.LOSSES)
 @pytest.mark.parametrize("softcap", [0.0, 4.0])
 def test_backend_fuses_every_loss(loss, softcap):
-    from fusedloss.triton_kernels import launch_mix
+    from fusedloss.triton_kernels.two_targets import launch as launch_mix
     be = _triton_backend()
     assert be.mix_fwd is launch_mix.triton_mix_fwd
     assert be.mix_fuses(int(variant_id(loss)), softcap)
@@ -384,7 +384,8 @@ def test_target_out_of_range_raises_on_cpu():
 def test_kernel_clamps_bad_targets_to_nan_rows():
     """What a GPU does without strict mode (the launcher called directly): the rows with a
     bad target (either one) are NaN, the others exact."""
-    from fusedloss.triton_kernels import heuristics, launch_mix
+    from fusedloss.triton_kernels import heuristics
+    from fusedloss.triton_kernels.two_targets import launch as launch_mix
     x, ya, yb, lam, _ = _mix(seed=14)
     ya, yb = ya.clone(), yb.clone()
     ya[6], yb[7] = C + 1000, -7
@@ -493,7 +494,7 @@ def test_gpu_plain_and_scalar_lam(reduction):
 
 @pytest.mark.gpu
 def test_gpu_standalone_backward_and_opcheck():
-    from fusedloss.triton_kernels import launch_mix
+    from fusedloss.triton_kernels.two_targets import launch as launch_mix
     x, ya, yb, lam, w = _mix(128, 5000, seed=22)
     xd, ya_d, yb_d, lam_d, w_d = x.cuda(), ya.cuda(), yb.cuda(), lam.cuda(), w.cuda()
     scal = (int(Variant.FOCAL), int(Reduction.MEAN), -100, 0.1, 1.5, 1.0, 2.0, 1e-3, 0.0)

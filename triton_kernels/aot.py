@@ -28,9 +28,10 @@ from triton.compiler import ASTSource
 
 from fusedloss.variants import Variant
 
-from . import kernels
-from .heuristics import Config, bwd_buckets, bwd_config, fwd_buckets, fwd_config, scale_config
-from .launch import PARTIAL_BLOCK, PROLOGUE_BLOCK
+from . import rows
+from .one_target import kernels
+from .heuristics import Config, bwd_config, fwd_config, scale_config
+from .launch_common import PARTIAL_BLOCK, PROLOGUE_BLOCK
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ARCHS = (80, 90)
@@ -60,10 +61,12 @@ class Spec:
     @property
     def config(self) -> Config:
         es = DTYPES[self.dtype].itemsize
+        from .probs.aot_specs import SOFT_KERNELS
+        from .two_targets.aot_specs import MIX_KERNELS
         if self.kernel in SOFT_KERNELS:  # launch_soft: the target-only family's configurations
             return (fwd_config if self.kernel == "soft_fwd" else bwd_config)(self.n_cols, es, Variant.CE)
         if self.kernel in MIX_KERNELS:  # launch_mix: the one-target kernels' configurations (bce's streamed
-            from .launch_mix import fwd_config as mix_fwd_config  # forward: 8 warps)
+            from .two_targets.launch import fwd_config as mix_fwd_config  # forward: 8 warps)
             return (mix_fwd_config if self.kernel == "mix_fwd" else bwd_config)(self.n_cols, es, self.variant)
         if self.kernel == "fwd":
             return fwd_config(self.n_cols, es, self.variant)
@@ -103,6 +106,8 @@ _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 def _signature(spec: Spec):
     """(kernel fn, signature, constexprs, attrs) for ``spec``: types as a launch from
     ``launch.py`` with int64 targets, float32 weights and 16-byte aligned tensors."""
+    from .probs.aot_specs import SOFT_KERNELS, _soft_signature
+    from .two_targets.aot_specs import MIX_KERNELS, _mix_signature
     xt = "*" + _TL[DTYPES[spec.dtype]]
     cfg = spec.config
     bce = spec.variant == Variant.BCE
@@ -133,11 +138,11 @@ def _signature(spec: Spec):
     elif spec.kernel in MIX_KERNELS:
         fn, sig, const = _mix_signature(spec)
     elif spec.kernel == "scale":
-        fn = kernels.scale_grad_kernel
+        fn = rows.scale_grad_kernel
         sig = {"G": xt, "stride_g": "i32", "GO": "*fp32", "n_rows": "i32", "n_cols": "i32"}
         const = dict(GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
     else:
-        fn = kernels.prologue_kernel
+        fn = rows.prologue_kernel
         sig = {"T": "*i64", "W": "*fp32", "DENOM": "*fp32", "COUNTER": "*i32", "n_rows": "i32", "n_cols": "i32",
                "ignore_index": "i32", "rows_per_program": "i32"}
         const = dict(NEED_DENOM=True, HAS_WEIGHT=spec.has_weight, BLOCK=PROLOGUE_BLOCK)
@@ -152,49 +157,6 @@ def _signature(spec: Spec):
     div16 += [k for k in ("n_rows",) if k in sig]
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in div16}
     return fn, sig, const, attrs
-
-
-#: The soft-target kernels (soft_kernels.py), launched by launch_soft.py.
-SOFT_KERNELS = ("soft_fwd", "soft_bwd")
-
-
-def _soft_signature(spec: Spec, xt: str, cfg: Config):
-    """(kernel fn, signature, constexprs) of a soft-target kernel: targets in the logits' dtype,
-    float32 weights, the options (1 - eps, eps / C) as float32."""
-    from . import soft_kernels
-    rows = {"X": xt, "stride_x": "i32", "Y": xt, "stride_y": "i32", "W": "*fp32"}
-    tail = {"n_rows": "i32", "n_cols": "i32", "smooth_own": "fp32", "smooth_class": "fp32", "reduction": "i32"}
-    flags = dict(HAS_WEIGHT=spec.has_weight, HAS_SMOOTHING=spec.smoothing, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
-                 ROW_ALIGN=spec.align)
-    if spec.kernel == "soft_fwd":
-        sig = {**rows, "LOSS": "*fp32", "STATS": "*fp32", "G": xt, "stride_g": "i32", "DENOM": "*fp32",
-               "PARTIAL": "*fp32", "COUNTER": "*i32", **tail}
-        return soft_kernels.soft_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
-                                                         PARTIAL_BLOCK=PARTIAL_BLOCK, NUM_STAGES=cfg.num_stages)
-    sig = {"GO": "*fp32", **rows, "STATS": "*fp32", "G": xt, "stride_g": "i32", "DENOM": "*fp32", **tail}
-    return soft_kernels.soft_bwd_kernel, sig, dict(flags, GO_PER_ROW=spec.go_per_row)
-
-
-#: Mixup's two-target kernels (mix_kernels.py), launched by launch_mix.py.
-MIX_KERNELS = ("mix_fwd", "mix_bwd")
-
-
-def _mix_signature(spec: Spec):
-    """(kernel fn, signature, constexprs) of a two-target kernel: the one-target kernel's argument
-    types by name, plus the second target, lam (float32), part b's denominator and the total's
-    reduction."""
-    from dataclasses import replace
-
-    from . import mix_kernels
-    _, sig, const, _ = _signature(replace(spec, kernel=spec.kernel[len("mix_"):]))
-    fwd = spec.kernel == "mix_fwd"
-    if spec.variant == Variant.BCE:
-        fn = mix_kernels.bce_mix_fwd_kernel if fwd else mix_kernels.bce_mix_bwd_kernel
-    else:
-        fn = mix_kernels.mix_fwd_kernel if fwd else mix_kernels.mix_bwd_kernel
-    types = dict(sig, TA=sig["T"], TB=sig["T"], LAM="*fp32", DENOM_A=sig["DENOM"], DENOM_B=sig["DENOM"],
-                 total_reduction="i32")
-    return fn, {k: types[k] for k in fn.arg_names}, const
 
 
 def _option_signature(bce: bool) -> dict:
@@ -279,96 +241,6 @@ def _heaviest_plain(kernel: str, v: Variant, dt: str, c: int) -> Spec:
     """The heaviest flags without z-loss and soft cap (label smoothing for ce only): the
     kernels as they were before the options."""
     return Spec(kernel, int(v), dt, c, has_weight=True, smoothing=v == Variant.CE, compute_grad=True)
-
-
-def shipped_specs(full: bool = False) -> list[Spec]:
-    """Every (kernel, variant, dtype, config bucket) the launchers can pick, at its
-    heaviest flags (``full``: the forward also at weight x gradient x {no option, all options})."""
-    specs = []
-    for dt in DTYPES:
-        for v in Variant:
-            for c in fwd_buckets(v):
-                if full:
-                    for w in (False, True):
-                        for opt in (False, True):
-                            for g in (False, True):
-                                specs.append(Spec("fwd", int(v), dt, c, has_weight=w, smoothing=opt, z_loss=opt,
-                                                  softcap=opt, compute_grad=g))
-                else:
-                    specs.append(_heaviest("fwd", v, dt, c))
-            for c in bwd_buckets(v):
-                specs.append(_heaviest("bwd", v, dt, c))
-        for c in bwd_buckets(Variant.CE):
-            specs.append(Spec("scale", 0, dt, c, go_per_row=True))
-    specs.append(Spec("prologue", 0, "fp32", 1))
-    return _dedup(specs)
-
-
-def ci_specs() -> list[Spec]:
-    """The subset the test suite compiles for both architectures (the full set takes
-    ~10 minutes on two cores; ``report --all`` runs it): per variant the register-
-    heaviest configurations -- the widest on-chip tile and the streamed one in bf16 and
-    fp32, the widest on-chip tile in fp16, ImageNet's C = 1000 -- plus the standalone
-    backward's widest tile, the scale and prologue kernels. The widest tile of a regime
-    holds the most values per thread and so bounds the narrower ones' registers.
-
-    Flags: all options on (weight, gradient, smoothing, z-loss, soft cap), except bce's
-    streamed forward, compiled at the plain loss's heaviest flags. With options on, ptxas
-    (its occupancy heuristic) spills 8-36 bytes in 13 of bce's 42 streamed-forward option
-    specializations on sm_90 (none on sm_80; none in the target-only family): scalars that
-    live across a row's three passes in the persistent loop (the running partial sum, the
-    mean denominator's pointer, row terms), one local load per row, none in the per-element
-    loops, to fit one more program per SM. 4-warp, 8-warp and 1024-column configurations
-    each leave some; which combinations spill moves with any change of the code, so they
-    are listed by ``report --all`` rather than asserted here."""
-    specs = []
-    for v in Variant:
-        fb = fwd_buckets(v)
-        widest, streamed = fb[-2], fb[-1]
-        for dt in ("bf16", "fp32"):
-            stream = _heaviest_plain if v == Variant.BCE else _heaviest
-            specs += [_heaviest("fwd", v, dt, widest), stream("fwd", v, dt, streamed)]
-            specs.append(_heaviest("bwd", v, dt, bwd_buckets(v)[-1]))
-        specs += [_heaviest("fwd", v, "fp16", widest), _heaviest("fwd", v, "bf16", 1000)]
-    specs += [Spec("scale", 0, "bf16", 4096, go_per_row=True), Spec("scale", 0, "fp32", 4096, go_per_row=False),
-              Spec("prologue", 0, "fp32", 1)]
-    return _dedup(specs)
-
-
-def soft_ci_specs() -> list[Spec]:
-    """The soft-target kernels at their heaviest flags (weight, smoothing, gradient): the forward's
-    widest on-chip tile and its streamed configuration in bf16 and fp32, the widest tile in fp16,
-    C = 1000; the backward's widest tile (per-row grad_output) in bf16 and fp32."""
-    fb = fwd_buckets(Variant.CE)
-    specs = [Spec("soft_fwd", 0, dt, c, smoothing=True) for dt in ("bf16", "fp32") for c in fb[-2:]]
-    specs += [Spec("soft_fwd", 0, "fp16", fb[-2], smoothing=True), Spec("soft_fwd", 0, "bf16", 1000, smoothing=True)]
-    specs += [Spec("soft_bwd", 0, dt, bwd_buckets(Variant.CE)[-1], smoothing=True, go_per_row=True)
-              for dt in ("bf16", "fp32")]
-    return _dedup(specs)
-
-
-def mix_ci_specs() -> list[Spec]:
-    """The two-target kernels at their heaviest flags (weight, gradient, smoothing, z-loss, soft cap),
-    per variant (bce's own kernel pair included): the forward's widest on-chip tile and its streamed
-    configuration in bf16 and fp32, C = 1000 in bf16, the backward's widest tile in bf16 and fp32
-    (ci_specs' choice; ``_dedup`` is not used: it keys the variant on the one-target kernels' names).
-
-    bce's streamed forward (1x2048 blocks, three passes per row) also at the plain flags (weight,
-    gradient), which spilled before: with the one-target bce's 4 warps ptxas capped it at 168
-    registers and spilled 28-44 bytes in bf16 or fp32 on sm_80 or sm_90 (fp32 all options:
-    44/40 B on sm_80, 28/24 B on sm_90). It now runs 8 warps (``launch_mix.fwd_config``) and forms
-    the targets' row terms after pass 2: 80-126 registers, no spills (docs/triton.md, "Registers",
-    for what else was measured)."""
-    specs = []
-    for v in Variant:
-        fb = fwd_buckets(v)
-        for dt in ("bf16", "fp32"):
-            specs += [_heaviest("mix_fwd", v, dt, fb[-1]), _heaviest("mix_fwd", v, dt, fb[-2]),
-                      _heaviest("mix_bwd", v, dt, bwd_buckets(v)[-1])]
-            if v == Variant.BCE:
-                specs.append(_heaviest_plain("mix_fwd", v, dt, fb[-1]))
-        specs.append(_heaviest("mix_fwd", v, "bf16", 1000))
-    return specs
 
 
 def as_row(u: Usage) -> dict:

@@ -9,10 +9,10 @@ import os
 
 from fusedloss import dispatch
 
-from . import launch
-from . import launch_soft
-from . import launch_mix
-from . import launch_bce_parallel
+from .one_target import launch
+from .probs import launch as launch_soft
+from .two_targets import launch as launch_mix
+from .split_vocab import launch as launch_bce_parallel
 
 
 def _supports(device) -> bool:

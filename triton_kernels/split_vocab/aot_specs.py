@@ -18,10 +18,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import aot
-from . import bce_parallel_kernels as bk
-from .heuristics import bwd_buckets, bwd_config
-from .launch_bce_parallel import FAMILY
+from .. import aot
+from ..heuristics import bwd_buckets, bwd_config
+from . import kernels as bk
+from .launch import FAMILY
 
 KERNELS = ("bce_partial", "bce_global_bwd")
 

@@ -1,4 +1,4 @@
-"""Launchers of mixup's two-target kernels (``mix_kernels.py``), registered as the
+"""Launchers of mixup's two-target kernels (``kernels.py``), registered as the
 ``torch.library.triton_op``s ``fusedloss::triton_mix_fwd`` / ``fusedloss::triton_mix_bwd``
 with the schemas ``mixup.MIX_FWD_SCHEMA`` / ``mixup.MIX_BWD_SCHEMA`` (``lam`` an (N,) floating
 tensor, as ``fusedloss.mixup`` passes it) and the autograd formula of
@@ -27,12 +27,13 @@ from torch.library import triton_op, wrap_triton
 from fusedloss import mixup, reference
 from fusedloss.variants import STATS_COLS, Reduction, Variant
 
-from . import kernels, mix_kernels
-from .heuristics import Config, bwd_config
-from .heuristics import fwd_config as _one_target_fwd_config
-from .launch import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_targets, _dense, _empty_loss, _fwd_grid,
+from .. import rows
+from ..heuristics import Config, bwd_config
+from ..heuristics import fwd_config as _one_target_fwd_config
+from ..launch_common import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_targets, _dense, _empty_loss, _fwd_grid,
                      _launch_prologue, _option_flags, _option_scalars, _unit_class_stride, _workspace, row_align,
                      scale_fused_grad)
+from . import kernels
 
 
 def fuses(variant: int, softcap: float) -> bool:
@@ -75,7 +76,7 @@ def _denominators(logits: Tensor, target_b: Tensor, weight: Tensor | None, ignor
 
 
 def _n_denom(n: int, reduction: int) -> int:
-    return min(kernels.DENOM_PARTIALS.value, max(1, triton.cdiv(n, PROLOGUE_BLOCK))) if reduction == Reduction.MEAN \
+    return min(rows.DENOM_PARTIALS.value, max(1, triton.cdiv(n, PROLOGUE_BLOCK))) if reduction == Reduction.MEAN \
         else 0
 
 
@@ -93,8 +94,8 @@ def _common(logits: Tensor, grad: Tensor, weight: Tensor | None, variant: int, l
 def _kernel_and_shape(variant: int, fwd: bool, alpha: float, beta: float, gamma: float):
     """The kernel of ``variant`` and its shape arguments (none for bce)."""
     if int(variant) == Variant.BCE:
-        return (mix_kernels.bce_mix_fwd_kernel if fwd else mix_kernels.bce_mix_bwd_kernel), ()
-    return ((mix_kernels.mix_fwd_kernel if fwd else mix_kernels.mix_bwd_kernel),
+        return (kernels.bce_mix_fwd_kernel if fwd else kernels.bce_mix_bwd_kernel), ()
+    return ((kernels.mix_fwd_kernel if fwd else kernels.mix_bwd_kernel),
             (float(alpha), float(beta), float(gamma)))
 
 
@@ -142,7 +143,7 @@ def launch_mix_backward(grad_loss: Tensor, logits: Tensor, target_a: Tensor, tar
     if n == 0:
         return grad
     cfg = bwd_config(c, logits.element_size(), variant)
-    denom_a = torch.empty((kernels.DENOM_PARTIALS.value,), dtype=torch.float32, device=logits.device)
+    denom_a = torch.empty((rows.DENOM_PARTIALS.value,), dtype=torch.float32, device=logits.device)
     if reduction == Reduction.MEAN:
         counter = torch.empty((1,), dtype=torch.int32, device=logits.device)
         _launch_prologue(target_a, weight, denom_a, counter, c, ignore_index, need_denom=True)

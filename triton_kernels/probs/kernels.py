@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import ACC, NEG_INF, RED_NONE, _finish_reduction, _grad_row_scale, _load_tile, _online_update, \
+from ..rows import ACC, NEG_INF, RED_NONE, _finish_reduction, _grad_row_scale, _load_tile, _online_update, \
     _safe_shift, _store_stats
 
 

@@ -27,9 +27,9 @@ from torch import Tensor
 from fusedloss import ops, reference
 from fusedloss.validation import must_check_targets
 
-from . import bce_parallel_kernels as bk
-from .heuristics import bwd_config
-from .launch import _check_rows, _is_traced, _unit_class_stride, row_align
+from ..heuristics import bwd_config
+from ..launch_common import _check_rows, _is_traced, _unit_class_stride, row_align
+from . import kernels as bk
 
 #: The launch heuristic family (heuristics.py's bce limits: column blocks of at most 2048).
 FAMILY = 1  # Variant.BCE

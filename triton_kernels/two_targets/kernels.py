@@ -51,7 +51,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (ACC, NEG_INF, RED_MEAN, _bce_grad_tiles, _bce_saved_stats, _bce_stats_pass, _bce_store_grad,
+from ..rows import (ACC, NEG_INF, RED_MEAN, _bce_grad_tiles, _bce_saved_stats, _bce_stats_pass, _bce_store_grad,
                       _bce_sums_pass, _capped, _extra_terms, _finish_reduction, _grad_row_scale, _load_tile, _log1p,
                       _logaddexp, _mean_denominator, _row_loss, _rows_setup, _safe_shift, _softplus, _stats_pass,
                       _store_grad, _store_row_outputs, _variant_math, _weight_total)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import ACC, _bce_grad_tile, _bce_tile_sums, _extra_terms, _load_tile
+from ..rows import ACC, _bce_grad_tile, _bce_tile_sums, _extra_terms, _load_tile
 
 
 @triton.jit
