@@ -44,7 +44,7 @@ try:
 except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
     import fusedloss as fl
-from fusedloss.train_recipe import BatchMix, MixedTargetLoss  # noqa: E402  (the route fusedloss.train takes)
+from fusedloss.train.recipe import BatchMix, MixedTargetLoss  # noqa: E402  (the route fusedloss.train takes)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -167,7 +167,7 @@ def _target_inputs(n: int, c: int, dtype: torch.dtype, seed: int = 0) -> dict[st
     ya = torch.randint(0, c, (n,), generator=g)
     yb = ya.roll(1)
     lam = torch.rand(n, generator=g)
-    from fusedloss.train_recipe import MixedTarget
+    from fusedloss.train.recipe import MixedTarget
 
     mixed = MixedTarget(ya, yb, lam.double()).soft(c).to(dtype)
     return {"x": x, "probs": probs, "ya": ya, "yb": yb, "lam": lam, "mixed": mixed}
@@ -186,7 +186,7 @@ def _mixup_fn(inp: dict[str, torch.Tensor], loss: str, key: str) -> Callable[[to
     if key == "fused":
         return lambda x: fl.softmax_loss(x, (ya, yb, lam), loss, backend="cpu", **bk.HYPER)
     if key == "two_calls":
-        from fusedloss.train_recipe import MixedTarget, two_target_by_two_calls
+        from fusedloss.train.recipe import MixedTarget, two_target_by_two_calls
 
         criterion = fl.SoftmaxLoss(loss, backend="cpu", **bk.HYPER)
         target = MixedTarget(ya, yb, lam.double())

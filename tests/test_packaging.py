@@ -142,3 +142,14 @@ def test_train_without_the_extra(monkeypatch, capsys):
     assert train.main(["--plot", "some-run"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --plot needs matplotlib, not installed: pip install 'fusedloss[train]'")
+
+
+def test_old_train_recipe_path_is_the_moved_module():
+    """README's ``from fusedloss.train_recipe import MixedTargetLoss`` (the module moved to
+    fusedloss.train.recipe): the old name is the same module, not a copy."""
+    import fusedloss.train.recipe as recipe
+    import fusedloss.train_recipe as old
+    from fusedloss.train_recipe import MixedTargetLoss
+
+    assert old is recipe and MixedTargetLoss is recipe.MixedTargetLoss
+    assert sys.modules["fusedloss.train_recipe"] is recipe

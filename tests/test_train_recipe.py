@@ -23,7 +23,7 @@ from torchvision.transforms import v2  # noqa: E402
 import fusedloss as fl  # noqa: E402
 from fusedloss import LOSSES  # noqa: E402
 from fusedloss.train import build_parser, main  # noqa: E402
-from fusedloss.train_recipe import (RECIPES, BatchMix, MixedTarget, MixedTargetLoss, ModelEma,  # noqa: E402
+from fusedloss.train.recipe import (RECIPES, BatchMix, MixedTarget, MixedTargetLoss, ModelEma,  # noqa: E402
                                     has_two_target_form, make_scheduler, param_groups, resolve_args,
                                     split_soft_targets)
 
@@ -383,7 +383,7 @@ class Crash(Exception):
 def test_resume_with_the_new_flags_is_exact(tmp_path, monkeypatch):
     """A run of 3 epochs that dies right after epoch 1's checkpoint, then --resume, == 3 epochs straight,
     with mixup/cutmix, EMA and warmup + cosine (whose schedule depends on --epochs, so both runs use 3)."""
-    import fusedloss.train as train_mod
+    import fusedloss.train.cli as train_mod
 
     flags = [*DUMMY, *SMALL, *NEW_FLAGS, "--loss", "focal", "--epochs", "3"]
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -24,7 +24,7 @@ except ImportError:  # a source checkout without `pip install -e .`
 import torch
 
 from fusedloss.train import main as train_main
-from fusedloss.train_plot import read_log
+from fusedloss.train.plot import read_log
 
 
 def measure(loss: str, args: argparse.Namespace) -> dict:

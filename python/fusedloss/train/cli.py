@@ -38,13 +38,13 @@ from torch import nn
 
 import fusedloss as fl
 from fusedloss._extras import MissingExtraError, require_extra
-from fusedloss.train_ckpt import (BEST, FORMAT, LAST, capture_rng, check_resume_compatible, load_checkpoint,
+from fusedloss.train.ckpt import (BEST, FORMAT, LAST, capture_rng, check_resume_compatible, load_checkpoint,
                                   load_training_state, restore_rng, save_atomic)
-from fusedloss.train_data import Augment, Loaders, TrainInputError, image_folder_loaders, synthetic_loaders
-from fusedloss.train_dist import DistContext, all_agree, all_gather_objects, init_distributed, shutdown
-from fusedloss.train_loop import StepConfig, evaluate, train_one_epoch
-from fusedloss.train_plot import LOG_NAME, append_record, plot_runs, rewrite_log
-from fusedloss.train_recipe import (LR_SCHEDULERS, RECIPES, BatchMix, MixedTarget, MixedTargetLoss, ModelEma,
+from fusedloss.train.data import Augment, Loaders, TrainInputError, image_folder_loaders, synthetic_loaders
+from fusedloss.train.dist import DistContext, all_agree, all_gather_objects, init_distributed, shutdown
+from fusedloss.train.loop import StepConfig, evaluate, train_one_epoch
+from fusedloss.train.plot import LOG_NAME, append_record, plot_runs, rewrite_log
+from fusedloss.train.recipe import (LR_SCHEDULERS, RECIPES, BatchMix, MixedTarget, MixedTargetLoss, ModelEma,
                                     lr_schedule_alias, make_scheduler, param_groups, resolve_args)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

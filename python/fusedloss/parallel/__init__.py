@@ -45,10 +45,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import dispatch, reference, validation
-from .head import (_blocks, _scale, _WeightGrad, check_chunk_rows, check_linear_inputs, check_loss_options,
-                   default_chunk_rows, run_blocks)
-from .variants import Reduction, Variant
+from .. import dispatch, reference, validation
+from ..head import (_blocks, _scale, _WeightGrad, check_chunk_rows, check_linear_inputs, check_loss_options,
+                    default_chunk_rows, run_blocks)
+from ..variants import Reduction, Variant
 
 #: The local target of an ignored row. Local targets of kept rows lie in [0, V_local), so a
 #: negative value never collides with one (the caller's ignore_index may be any int, even a

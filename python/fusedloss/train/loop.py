@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedloss.train_dist import DistContext, all_reduce_sum
-from fusedloss.train_recipe import MixedTarget
+from fusedloss.train.dist import DistContext, all_reduce_sum
+from fusedloss.train.recipe import MixedTarget
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any
 
-from fusedloss.train_data import TrainInputError
+from fusedloss.train.data import TrainInputError
 
 LOG_NAME = "log.jsonl"
 

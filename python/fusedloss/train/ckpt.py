@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusedloss.train_data import TrainInputError
+from fusedloss.train.data import TrainInputError
 
 FORMAT = "fusedloss.train/1"
 LAST = "checkpoint.pt"
