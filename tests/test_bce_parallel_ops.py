@@ -6,7 +6,7 @@ L = -log p_c - sum_{k != c} log(1 - p_k) (log(1 - p_w) as lse_{k != w} - lse, ex
 of the soft-capped logits where a cap is given.
 
 The same checks run on the Triton backend's twins (fusedloss::triton_bce_partial /
-triton_bce_global_bwd, triton_kernels/launch_bce_parallel.py), parametrized by ``backend``: those
+triton_bce_global_bwd, triton_kernels/split_vocab/launch.py), parametrized by ``backend``: those
 cases need Triton's CPU interpreter (TRITON_INTERPRET=1, fixed when triton is imported), so in a
 plain run they are skipped here and tests/test_triton_bce_parallel.py runs them in a subprocess.
 """

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the shipped Triton kernels for sm_80 and sm_90, no GPU needed.
 
-Each specialization of ``fusedloss.triton_kernels.aot.ci_specs()`` (per variant the
+Each specialization of ``fusedloss.triton_kernels.one_target.aot_specs.ci_specs()`` (per variant the
 register-heaviest configurations; ``python -m fusedloss.triton_kernels.report --all``
 compiles every shipped one) goes through Triton's whole pipeline to a cubin; the
 bundled ``cuobjdump -res-usage`` and ``ptxas -v`` must show no spills (LOCAL = 0,
@@ -38,16 +38,16 @@ def test_compiles_without_spills(spec, arch):
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("spec", probs_specs.soft_ci_specs(), ids=lambda s: s.label())
+@pytest.mark.parametrize("spec", probs_specs.ci_specs(), ids=lambda s: s.label())
 def test_soft_kernels_compile_without_spills(spec, arch):
-    """The soft-target kernels (triton_kernels/soft_kernels.py)."""
+    """The soft-target kernels (triton_kernels/probs/kernels.py)."""
     test_compiles_without_spills(spec, arch)
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("spec", two_targets_specs.mix_ci_specs(), ids=lambda s: s.label())
+@pytest.mark.parametrize("spec", two_targets_specs.ci_specs(), ids=lambda s: s.label())
 def test_mix_kernels_compile_without_spills(spec, arch):
-    """Mixup's two-target kernels (triton_kernels/mix_kernels.py)."""
+    """Mixup's two-target kernels (triton_kernels/two_targets/kernels.py)."""
     test_compiles_without_spills(spec, arch)
 
 

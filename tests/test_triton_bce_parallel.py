@@ -1,5 +1,5 @@
 """The Triton twins of the vocabulary-parallel bce ops (``fusedloss::triton_bce_partial`` /
-``triton_bce_global_bwd``: triton_kernels/bce_parallel_kernels.py, launch_bce_parallel.py).
+``triton_bce_global_bwd``: triton_kernels/split_vocab/kernels.py, launch.py).
 
 * interpreter cases (CPU tensors, ``TRITON_INTERPRET=1``): against the C++ CPU ops
   ``ext_bce_partial`` / ``ext_bce_global_bwd`` and tests/test_bce_parallel_ops.py's float64
@@ -152,16 +152,16 @@ def test_interpreter_cases_in_a_subprocess():
 def _aot_specs():
     if INTERPRET:
         return []
-    from fusedloss.triton_kernels.split_vocab import aot_specs as aot_bce_parallel
-    return aot_bce_parallel.ci_specs()
+    from fusedloss.triton_kernels.split_vocab import aot_specs
+    return aot_specs.ci_specs()
 
 
 @compiled
 @pytest.mark.parametrize("arch", (80, 90), ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("spec", _aot_specs(), ids=lambda s: s.label())
 def test_aot_compiles_without_spills(spec, arch):
-    from fusedloss.triton_kernels.split_vocab import aot_specs as aot_bce_parallel
-    u = aot_bce_parallel.resource_usage(spec, arch)
+    from fusedloss.triton_kernels import aot
+    u = aot.resource_usage(spec, arch)
     print(f"{spec.label()} sm_{arch}: {u.registers} registers, spill {u.spill_stores}/{u.spill_loads} B, "
           f"local {u.local_bytes} B, stack {u.stack_bytes} B")
     assert u.spill_stores == 0 and u.spill_loads == 0 and u.local_bytes == 0 and u.stack_bytes == 0, u

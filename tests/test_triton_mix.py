@@ -1,5 +1,5 @@
 """Mixup's two targets fused in Triton (``fusedloss::triton_mix_fwd/_bwd``,
-``triton_kernels/mix_kernels.py``), against the float64 oracle of ``tests/test_mixup.py``
+``triton_kernels/two_targets/kernels.py``), against the float64 oracle of ``tests/test_mixup.py``
 (``lam L(y_a) + (1 - lam) L(y_b)``, each part reduced on its own).
 
 Interpreter cases (CPU tensors, ``TRITON_INTERPRET=1``): every loss (bce's arg-max cases

@@ -1,5 +1,5 @@
-"""The Triton soft-target (class-probability) cross-entropy kernels (triton_kernels/soft_kernels.py,
-launch_soft.py) against float64: ``F.cross_entropy(x.double(), probs.double(), ...)`` and the
+"""The Triton soft-target (class-probability) cross-entropy kernels (triton_kernels/probs/kernels.py,
+launch.py) against float64: ``F.cross_entropy(x.double(), probs.double(), ...)`` and the
 oracle's tolerances.
 
 Two kinds of tests:
@@ -263,7 +263,7 @@ def test_empty_batch(reduction):
 
 #: Under the interpreter a wrap_triton launch runs the kernel even on fake tensors (it reads their
 #: data), so the fake-tensor utilities of opcheck run on a GPU only (test_gpu_opcheck), as for
-#: launch.py's ops (tests/test_triton_gpu.py).
+#: one_target/launch.py's ops (tests/test_triton_gpu.py).
 INTERPRETER_OPCHECK = ("test_schema", "test_autograd_registration")
 
 

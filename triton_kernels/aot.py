@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the shipped kernel specializations, without a GPU.
+"""Ahead-of-time compilation of the shipped kernel specializations, without a GPU: the driver.
+Each form's ``aot_specs.py`` gives its kernels' configurations, signatures and spec lists (FORMS).
 
 ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", cc, 32))``
 runs the whole pipeline down to a cubin (Triton's bundled ``ptxas``); the resource
@@ -7,13 +8,14 @@ LOCAL > 0 means spills) and ``ptxas -v`` on the PTX (spill store/load bytes).
 
 A specialization is (kernel, variant, logits dtype, heuristic config, flags). The
 flags that change the compiled code are HAS_WEIGHT, COMPUTE_GRAD and the options
-HAS_SMOOTHING, HAS_ZLOSS and SOFTCAP; :func:`shipped_specs` enumerates, for every
+HAS_SMOOTHING, HAS_ZLOSS and SOFTCAP; ``one_target/aot_specs.shipped_specs`` enumerates, for every
 variant, dtype and config bucket the heuristic can return, the heaviest flags (gradient,
 weight and all three options), whose register pressure bounds the lighter ones;
 ``full=True`` also enumerates weight x gradient x {no option, all options}.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -28,10 +30,7 @@ from triton.compiler import ASTSource
 
 from fusedloss.variants import Variant
 
-from . import rows
-from .one_target import kernels
-from .heuristics import Config, bwd_config, fwd_config, scale_config
-from .launch_common import PARTIAL_BLOCK, PROLOGUE_BLOCK
+from .heuristics import Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ARCHS = (80, 90)
@@ -41,7 +40,7 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 @dataclass(frozen=True)
 class Spec:
-    kernel: str               # "fwd", "bwd", "scale", "prologue"
+    kernel: str               # a kernel of one form's KERNELS ("fwd", "soft_fwd", "mix_bwd", ...)
     variant: int              # Variant id (BCE selects the bce kernels)
     dtype: str                # key of DTYPES
     n_cols: int               # a C the heuristic maps to this config
@@ -59,20 +58,13 @@ class Spec:
         return self.row_align if self.row_align is not None else math.gcd(int(self.n_cols), 16)
 
     @property
+    def dtype_size(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
     def config(self) -> Config:
-        es = DTYPES[self.dtype].itemsize
-        from .probs.aot_specs import SOFT_KERNELS
-        from .two_targets.aot_specs import MIX_KERNELS
-        if self.kernel in SOFT_KERNELS:  # launch_soft: the target-only family's configurations
-            return (fwd_config if self.kernel == "soft_fwd" else bwd_config)(self.n_cols, es, Variant.CE)
-        if self.kernel in MIX_KERNELS:  # launch_mix: the one-target kernels' configurations (bce's streamed
-            from .two_targets.launch import fwd_config as mix_fwd_config  # forward: 8 warps)
-            return (mix_fwd_config if self.kernel == "mix_fwd" else bwd_config)(self.n_cols, es, self.variant)
-        if self.kernel == "fwd":
-            return fwd_config(self.n_cols, es, self.variant)
-        if self.kernel == "bwd":
-            return bwd_config(self.n_cols, es, self.variant)
-        return scale_config(self.n_cols)
+        """The launcher's configuration (its form's ``config``)."""
+        return form_of(self.kernel).config(self)
 
     def label(self) -> str:
         v = Variant(self.variant).name.lower()
@@ -103,49 +95,32 @@ class Usage:
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _signature(spec: Spec):
-    """(kernel fn, signature, constexprs, attrs) for ``spec``: types as a launch from
-    ``launch.py`` with int64 targets, float32 weights and 16-byte aligned tensors."""
-    from .probs.aot_specs import SOFT_KERNELS, _soft_signature
-    from .two_targets.aot_specs import MIX_KERNELS, _mix_signature
-    xt = "*" + _TL[DTYPES[spec.dtype]]
-    cfg = spec.config
-    bce = spec.variant == Variant.BCE
-    if spec.kernel == "fwd":
-        fn = kernels.bce_fwd_kernel if bce else kernels.target_fwd_kernel
-        sig = {"X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "LOSS": "*fp32", "STATS": "*fp32",
-               "G": xt, "stride_g": "i32", "DENOM": "*fp32", "PARTIAL": "*fp32", "COUNTER": "*i32",
-               "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
-        sig.update(_option_signature(bce))
-        sig.update({"reduction": "i32", "n_denom": "i32"})
-        const = dict(HAS_WEIGHT=spec.has_weight, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
-                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.align,
-                     NUM_STAGES=cfg.num_stages, **_option_constexprs(spec))
-        if not bce:
-            const.update(VARIANT=spec.variant)
-    elif spec.kernel == "bwd":
-        fn = kernels.bce_bwd_kernel if bce else kernels.target_bwd_kernel
-        sig = {"GO": "*fp32", "X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "STATS": "*fp32", "G": xt,
-               "stride_g": "i32", "DENOM": "*fp32", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
-        sig.update(_option_signature(bce))
-        sig.update({"reduction": "i32", "n_denom": "i32"})
-        const = dict(HAS_WEIGHT=spec.has_weight, GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n,
-                     BLOCK_C=cfg.block_c, ROW_ALIGN=spec.align, **_option_constexprs(spec))
-        if not bce:
-            const.update(VARIANT=spec.variant)
-    elif spec.kernel in SOFT_KERNELS:
-        fn, sig, const = _soft_signature(spec, xt, cfg)
-    elif spec.kernel in MIX_KERNELS:
-        fn, sig, const = _mix_signature(spec)
-    elif spec.kernel == "scale":
-        fn = rows.scale_grad_kernel
-        sig = {"G": xt, "stride_g": "i32", "GO": "*fp32", "n_rows": "i32", "n_cols": "i32"}
-        const = dict(GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
-    else:
-        fn = rows.prologue_kernel
-        sig = {"T": "*i64", "W": "*fp32", "DENOM": "*fp32", "COUNTER": "*i32", "n_rows": "i32", "n_cols": "i32",
-               "ignore_index": "i32", "rows_per_program": "i32"}
-        const = dict(NEED_DENOM=True, HAS_WEIGHT=spec.has_weight, BLOCK=PROLOGUE_BLOCK)
+def pointer_type(dtype: str) -> str:
+    """The signature type of a logits pointer of ``dtype`` (a key of DTYPES)."""
+    return "*" + _TL[DTYPES[dtype]]
+
+
+#: The target forms whose kernels the driver compiles. Each ``<form>/aot_specs.py`` names its
+#: ``KERNELS`` (values of ``Spec.kernel``) and gives ``config(spec)`` (the launcher's choice),
+#: ``signature(spec)`` (kernel fn, argument types, constexprs), optionally ``num_warps(spec)``
+#: (default: the config's), and ``ci_specs()``, the specializations the test suite compiles.
+FORMS = ("one_target", "probs", "two_targets", "split_vocab")
+
+
+@lru_cache(maxsize=None)
+def form_of(kernel: str):
+    """The ``aot_specs`` module of the form whose kernel is ``kernel``."""
+    for form in FORMS:
+        mod = importlib.import_module(f".{form}.aot_specs", __package__)
+        if kernel in mod.KERNELS:
+            return mod
+    raise KeyError(f"no form has a kernel {kernel!r} (aot.FORMS: {FORMS})")
+
+
+def _signature(spec):
+    """(kernel fn, signature, constexprs, attrs) for ``spec``: its form's types and constexprs,
+    and the divisibility hints Triton's launcher would specialize."""
+    fn, sig, const = form_of(spec.kernel).signature(spec)
     for k in const:
         sig[k] = "constexpr"
     names = fn.arg_names
@@ -159,24 +134,14 @@ def _signature(spec: Spec):
     return fn, sig, const, attrs
 
 
-def _option_signature(bce: bool) -> dict:
-    """The float arguments between ignore_index and reduction (launch._option_scalars)."""
-    sig = {"smooth_own": "fp32", "smooth_class": "fp32"}
-    if not bce:
-        sig.update({"alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
-    sig.update({"z_loss": "fp32", "softcap": "fp32", "softcap_k": "fp32"})
-    return sig
 
 
-def _option_constexprs(spec: Spec) -> dict:
-    return dict(HAS_SMOOTHING=spec.smoothing, HAS_ZLOSS=spec.z_loss, SOFTCAP=spec.softcap)
+def _num_warps(spec) -> int:
+    form = form_of(spec.kernel)
+    return form.num_warps(spec) if hasattr(form, "num_warps") else spec.config.num_warps
 
 
-def _num_warps(spec: Spec) -> int:
-    return 4 if spec.kernel == "prologue" else spec.config.num_warps
-
-
-def compile_spec(spec: Spec, arch: int):
+def compile_spec(spec, arch: int):
     fn, sig, const, attrs = _signature(spec)
     src = ASTSource(fn, sig, const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": _num_warps(spec)})
@@ -191,14 +156,14 @@ def _run(args) -> str:
     return p.stdout + p.stderr
 
 
-def resource_usage(spec: Spec, arch: int) -> Usage:
+def resource_usage(spec, arch: int) -> Usage:
     """Compile ``spec`` for sm_<arch> and read its registers and spills."""
     # keyed on the config too: a Spec's config follows the heuristics (tests override them)
     return _resource_usage_cached(spec, spec.config, arch)
 
 
 @lru_cache(maxsize=None)
-def _resource_usage_cached(spec: Spec, config: Config, arch: int) -> Usage:
+def _resource_usage_cached(spec, config, arch: int) -> Usage:
     ck = compile_spec(spec, arch)
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")

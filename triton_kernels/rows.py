@@ -522,7 +522,7 @@ def _weight_total(W, n_cols, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W
 @triton.jit
 def _excluded(cols, ta, tb, TWO_TARGETS: tl.constexpr):
     """The lanes a statistics pass leaves out: the target's (k == c), and with TWO_TARGETS also
-    mixup's second target's (k == b; mix_kernels.py)."""
+    mixup's second target's (k == b; two_targets/kernels.py)."""
     out = cols[None, :] == ta[:, None]
     if TWO_TARGETS:
         out = out | (cols[None, :] == tb[:, None])
@@ -672,7 +672,7 @@ def _argmax_update(M, Wi, M2, S2, x, cols, start):
 def _bce_stats_pass(X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """bce's pass 1 (one target or mixup's two, mix_kernels.py; :func:`_stats_pass` with ARGMAX,
+    """bce's pass 1 (one target or mixup's two, two_targets/kernels.py; :func:`_stats_pass` with ARGMAX,
     streamed blocks loaded evict_last: the later passes re-read them): the arg-max logit M and its
     column Wi, lse_{k != w}, lse (so log(1 - p_w) = lse_{k != w} - lse, log p_w = M - lse), the
     smoothing sums and the tile (x, mask, slope)."""
@@ -699,7 +699,7 @@ def _bce_sums(x, mask, cols, tc, Wi, lse, log1m_pw):
 
 @triton.jit
 def _bce_tile_sums(x, mask, cols, ta, tb, Wi, lse, log1m_pw, TWO_TARGETS: tl.constexpr):
-    """:func:`_bce_sums` of a tile for target ta; with TWO_TARGETS (mixup, mix_kernels.py) over
+    """:func:`_bce_sums` of a tile for target ta; with TWO_TARGETS (mixup, two_targets/kernels.py) over
     k not in {a, b}: b's lanes read as p = 0 (x = -inf) and, when w is b, the arg-max taken as a
     (a lane left out anyway). Then the first sum is over k not in {a, b} (w's log(1 - p_w) from
     log1m_pw) and the second is S = sum_{k not in {a, b, w}} a_k - [w not in {a, b}] (a_a = -1
@@ -787,7 +787,7 @@ def _bce_grad_tiles(x, mask, slope, cols, n_cols, Wi, lse, log1m_pw, log_pw, ta,
                     R_b, own_b, extra_b, pc_b, keep_b, W, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                     HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr, TWO_TARGETS: tl.constexpr):
     """:func:`_bce_grad_tile` of target a (R_a, its terms, keep_a) and, with TWO_TARGETS, plus that
-    of mixup's target b (mix_kernels.py: the parts share lse, w and log(1 - p_w))."""
+    of mixup's target b (two_targets/kernels.py: the parts share lse, w and log(1 - p_w))."""
     g = _bce_grad_tile(x, mask, slope, cols, n_cols, ta, Wi, lse, log1m_pw, log_pw, R_a, own_a, extra_a, pc_a, W,
                        keep_a, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
     if TWO_TARGETS:

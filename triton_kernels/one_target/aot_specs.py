@@ -5,8 +5,82 @@ from __future__ import annotations
 
 from fusedloss.variants import Variant
 
-from ..aot import DTYPES, Spec, _dedup, _heaviest, _heaviest_plain
-from ..heuristics import bwd_buckets, fwd_buckets
+from .. import rows
+from ..aot import DTYPES, Spec, _dedup, _heaviest, _heaviest_plain, pointer_type
+from ..heuristics import Config, bwd_buckets, bwd_config, fwd_buckets, fwd_config, scale_config
+from ..launch_common import PARTIAL_BLOCK, PROLOGUE_BLOCK
+from . import kernels
+
+#: The kernels of this form (``Spec.kernel``): the forward and backward of the target-only
+#: variants and of bce (``Spec.variant`` picks), the backward scale and the prologue.
+KERNELS = ("fwd", "bwd", "scale", "prologue")
+
+
+def config(spec: Spec) -> Config:
+    """The launch configuration of ``spec`` (launch.py's choice)."""
+    es = DTYPES[spec.dtype].itemsize
+    if spec.kernel == "fwd":
+        return fwd_config(spec.n_cols, es, spec.variant)
+    if spec.kernel == "bwd":
+        return bwd_config(spec.n_cols, es, spec.variant)
+    return scale_config(spec.n_cols)
+
+
+def num_warps(spec: Spec) -> int:
+    return 4 if spec.kernel == "prologue" else spec.config.num_warps
+
+
+def signature(spec: Spec):
+    """(kernel fn, signature, constexprs) for ``spec``: types as a launch from ``launch.py``
+    with int64 targets, float32 weights and 16-byte aligned tensors."""
+    xt = pointer_type(spec.dtype)
+    cfg = spec.config
+    bce = spec.variant == Variant.BCE
+    if spec.kernel == "fwd":
+        fn = kernels.bce_fwd_kernel if bce else kernels.target_fwd_kernel
+        sig = {"X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "LOSS": "*fp32", "STATS": "*fp32",
+               "G": xt, "stride_g": "i32", "DENOM": "*fp32", "PARTIAL": "*fp32", "COUNTER": "*i32",
+               "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
+        sig.update(_option_signature(bce))
+        sig.update({"reduction": "i32", "n_denom": "i32"})
+        const = dict(HAS_WEIGHT=spec.has_weight, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
+                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.align,
+                     NUM_STAGES=cfg.num_stages, **_option_constexprs(spec))
+        if not bce:
+            const.update(VARIANT=spec.variant)
+    elif spec.kernel == "bwd":
+        fn = kernels.bce_bwd_kernel if bce else kernels.target_bwd_kernel
+        sig = {"GO": "*fp32", "X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "STATS": "*fp32", "G": xt,
+               "stride_g": "i32", "DENOM": "*fp32", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
+        sig.update(_option_signature(bce))
+        sig.update({"reduction": "i32", "n_denom": "i32"})
+        const = dict(HAS_WEIGHT=spec.has_weight, GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n,
+                     BLOCK_C=cfg.block_c, ROW_ALIGN=spec.align, **_option_constexprs(spec))
+        if not bce:
+            const.update(VARIANT=spec.variant)
+    elif spec.kernel == "scale":
+        fn = rows.scale_grad_kernel
+        sig = {"G": xt, "stride_g": "i32", "GO": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+        const = dict(GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
+    else:
+        fn = rows.prologue_kernel
+        sig = {"T": "*i64", "W": "*fp32", "DENOM": "*fp32", "COUNTER": "*i32", "n_rows": "i32", "n_cols": "i32",
+               "ignore_index": "i32", "rows_per_program": "i32"}
+        const = dict(NEED_DENOM=True, HAS_WEIGHT=spec.has_weight, BLOCK=PROLOGUE_BLOCK)
+    return fn, sig, const
+
+
+def _option_signature(bce: bool) -> dict:
+    """The float arguments between ignore_index and reduction (launch._option_scalars)."""
+    sig = {"smooth_own": "fp32", "smooth_class": "fp32"}
+    if not bce:
+        sig.update({"alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
+    sig.update({"z_loss": "fp32", "softcap": "fp32", "softcap_k": "fp32"})
+    return sig
+
+
+def _option_constexprs(spec: Spec) -> dict:
+    return dict(HAS_SMOOTHING=spec.smoothing, HAS_ZLOSS=spec.z_loss, SOFTCAP=spec.softcap)
 
 
 def shipped_specs(full: bool = False) -> list[Spec]:

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from fusedloss.variants import Variant
 
-from ..aot import Spec, _dedup
-from ..heuristics import Config, bwd_buckets, fwd_buckets
+from ..aot import Spec, _dedup, pointer_type
+from ..heuristics import Config, bwd_buckets, bwd_config, fwd_buckets, fwd_config
 from ..launch_common import PARTIAL_BLOCK
 from . import kernels
 
 
-#: The soft-target kernels (kernels.py), launched by launch_soft.py.
-SOFT_KERNELS = ("soft_fwd", "soft_bwd")
+#: The kernels of this form (``Spec.kernel``; kernels.py), launched by launch.py.
+KERNELS = ("soft_fwd", "soft_bwd")
+
+
+def config(spec: Spec) -> Config:
+    """launch.py's configurations: the target-only family's."""
+    return (fwd_config if spec.kernel == "soft_fwd" else bwd_config)(spec.n_cols, spec.dtype_size, Variant.CE)
+
+
+def signature(spec: Spec):
+    return _soft_signature(spec, pointer_type(spec.dtype), spec.config)
 
 
 def _soft_signature(spec: Spec, xt: str, cfg: Config):
@@ -30,7 +39,7 @@ def _soft_signature(spec: Spec, xt: str, cfg: Config):
     return kernels.soft_bwd_kernel, sig, dict(flags, GO_PER_ROW=spec.go_per_row)
 
 
-def soft_ci_specs() -> list[Spec]:
+def ci_specs() -> list[Spec]:
     """The soft-target kernels at their heaviest flags (weight, smoothing, gradient): the forward's
     widest on-chip tile and its streamed configuration in bf16 and fp32, the widest tile in fp16,
     C = 1000; the backward's widest tile (per-row grad_output) in bf16 and fp32."""

@@ -3,15 +3,15 @@
 with the schemas ``ops.SOFT_FWD_SCHEMA`` / ``ops.SOFT_BWD_SCHEMA`` (the op contract is in
 ``fusedloss.ops``, "Class-probability (soft) targets").
 
-Like ``launch.py``'s ops: the bodies launch through ``wrap_triton`` (torch.compile traces
+Like ``one_target/launch.py``'s ops: the bodies launch through ``wrap_triton`` (torch.compile traces
 into the kernels; the bodies are also the fake implementations), the fused gradient's
-backward is ``launch.scale_fused_grad`` (in place on the device, skipped where
+backward is ``launch_common.scale_fused_grad`` (in place on the device, skipped where
 grad_output is 1, no host synchronization), and float64 logits run the reference ops.
 The targets' own gradient is ``reference.soft_target_grad`` (``ops.register_soft_autograd``).
 
 Layouts: rows of any stride are read in place, for the logits and the targets alike; a
 class dimension that is not dense (a transposed buffer) is copied once here
-(``launch._unit_class_stride``). The weight is made contiguous.
+(``launch_common._unit_class_stride``). The weight is made contiguous.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ with the schemas ``mixup.MIX_FWD_SCHEMA`` / ``mixup.MIX_BWD_SCHEMA`` (``lam`` an
 tensor, as ``fusedloss.mixup`` passes it) and the autograd formula of
 ``mixup.register_mix_op``.
 
-Like ``launch.py``'s ops: the bodies launch through ``wrap_triton``, the fused gradient's
-backward is ``launch.scale_fused_grad`` (in place on the device, skipped where grad_output
+Like ``one_target/launch.py``'s ops: the bodies launch through ``wrap_triton``, the fused gradient's
+backward is ``launch_common.scale_fused_grad`` (in place on the device, skipped where grad_output
 is 1), rows of any stride are read in place, O(N) inputs are made contiguous, and float64
 logits run the reference: here its one-target forward and backward on each part, combined
 as ``fusedloss.mixup``'s two-pass path combines them.
@@ -46,7 +46,7 @@ def fwd_config(n_cols: int, elem_size: int, variant: int) -> Config:
     except bce's streamed forward, which runs 8 warps instead of 4 (8 values of a 2048-column
     block per thread, not 16): with 4, ptxas capped it at 168 registers and spilled 28-44 bytes
     (three passes over the row, both parts' row terms); with 8 it compiles without spills on
-    sm_80 and sm_90 (``aot.mix_ci_specs``)."""
+    sm_80 and sm_90 (``aot_specs.ci_specs``)."""
     cfg = _one_target_fwd_config(n_cols, elem_size, variant)
     if int(variant) == Variant.BCE and not cfg.single:
         cfg = dataclasses.replace(cfg, num_warps=8)
