@@ -1,4 +1,4 @@
-"""The GPU proof script (bench/gpu/check.sh -> fusedloss.gpucheck) on this CPU machine.
+"""The GPU proof script (bench/gpu/check.sh -> bench/gpu/gpucheck.py) on this CPU machine.
 
 ``--dry-run`` runs every step the GPU run has (Triton's interpreter, tiny shapes, no
 build, no sanitizer): this proves the script, its budget handling and its outputs, so
@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from fusedloss import gpucheck
 from fusedloss.bench import backends as bk
 from fusedloss.bench.cli import main as bench_main
 from fusedloss.bench.options import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))  # gpucheck.py is a script there, not part of the package
+import gpucheck_plan  # noqa: E402
+import gpucheck_report  # noqa: E402
 CHECK = ROOT / "bench" / "gpu" / "check.sh"
 
 
@@ -62,7 +64,7 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
                  "gpucheck.junit.xml"):
         root = ET.parse(results / name).getroot()
         assert root.iter("testcase"), name
-    shards = [gpucheck.parse_junit(results / f"junit-pytest-triton-{k}.xml") for k in (1, 2)]
+    shards = [gpucheck_report.parse_junit(results / f"junit-pytest-triton-{k}.xml") for k in (1, 2)]
     # every gpu test of test_triton_gpu.py in exactly one shard (all skipped here)
     assert shards[0]["tests"] == 72 and shards[1]["tests"] > 40
     assert all(c["failures"] == c["errors"] == 0 for c in shards)
@@ -75,9 +77,9 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
     assert doc["schema"] == 1 and len(doc["config"]["chunks"]) == 8  # fused+torch+liger, then reference
     seen = {(r["backend"], r["loss"], r["dtype"], r["c"]) for r in doc["results"]}
     for dtype in ("bfloat16", "float32"):
-        for c in gpucheck.DRY_CS:
+        for c in gpucheck_plan.DRY_CS:
             assert ("copy", "-", dtype, c) in seen and ("torch", "ce", dtype, c) in seen
-            for loss in gpucheck.LOSSES:
+            for loss in gpucheck_plan.LOSSES:
                 assert {("triton", loss, dtype, c), ("cpu", loss, dtype, c), ("reference", loss, dtype, c)} <= seen
     assert not [r for r in doc["results"] if r.get("error")]
     assert "liger" in doc["unavailable"]  # no GPU here: listed, not fatal
@@ -97,7 +99,7 @@ def test_tiny_budget_ends_within_the_budget_and_still_writes_the_summary(tmp_pat
     run, write-up included, ends within budget + MARGIN_S."""
     budget = 25
     proc, seconds = _check(tmp_path / "r", "--dry-run", "--budget", str(budget), timeout=120)
-    assert seconds <= budget + gpucheck.MARGIN_S, proc.stdout[-3000:]
+    assert seconds <= budget + gpucheck_plan.MARGIN_S, proc.stdout[-3000:]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["final"] and proc.returncode == (0 if summary["outcome"] == "pass" else 1)
     status = {s["name"]: s["status"] for s in summary["steps"]}
@@ -111,7 +113,7 @@ def test_tiny_budget_ends_within_the_budget_and_still_writes_the_summary(tmp_pat
 def test_sigterm_stops_the_steps_and_writes_the_summary(tmp_path: Path) -> None:
     results = tmp_path / "r"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "python" / "fusedloss" / "gpucheck.py"), str(results),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gpu" / "gpucheck.py"), str(results),
                              "--dry-run", "--steps", "sweep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     deadline = time.time() + 60
@@ -131,12 +133,12 @@ def test_sigterm_stops_the_steps_and_writes_the_summary(tmp_path: Path) -> None:
 def test_gpu_sweep_plan_orders_by_value_and_parses() -> None:
     """The budget cuts the tail: the fused backends beside torch and liger (bf16, then fp32)
     first, the reference next, torch.compile (ce, two C) last."""
-    chunks = gpucheck.sweep_plan(False, Path("/r"))
-    dtypes, cs = ("bf16", "fp32"), gpucheck.GPU_CS
+    chunks = gpucheck_plan.sweep_plan(False, Path("/r"))
+    dtypes, cs = ("bf16", "fp32"), gpucheck_plan.GPU_CS
     assert [c["name"] for c in chunks] == ([f"{d}-C{c}" for d in dtypes for c in cs]
                                            + [f"reference-{d}-C{c}" for d in dtypes for c in cs]
-                                           + [f"compile-{d}-C{c}" for d in dtypes for c in gpucheck.COMPILE_CS])
-    assert gpucheck.sweep_plan(False, Path("/r"), with_compile=False) == chunks[:16]
+                                           + [f"compile-{d}-C{c}" for d in dtypes for c in gpucheck_plan.COMPILE_CS])
+    assert gpucheck_plan.sweep_plan(False, Path("/r"), with_compile=False) == chunks[:16]
     for chunk in chunks:
         argv = chunk["argv"]
         c, n = int(argv[argv.index("--c") + 1]), int(argv[argv.index("--n") + 1])
@@ -149,23 +151,23 @@ def test_gpu_sweep_plan_orders_by_value_and_parses() -> None:
         if chunk["name"].startswith("compile"):
             assert cfg.losses == ("ce",) and cfg.backends == ("compile",)
         elif chunk["name"].startswith("reference"):
-            assert set(cfg.losses) == set(gpucheck.LOSSES) and cfg.backends == ("reference",)
+            assert set(cfg.losses) == set(gpucheck_plan.LOSSES) and cfg.backends == ("reference",)
         else:
-            assert set(cfg.losses) == set(gpucheck.LOSSES)
+            assert set(cfg.losses) == set(gpucheck_plan.LOSSES)
             assert cfg.backends == ("triton", "cuda", "torch", "liger")
 
 
 def test_step_timeouts_keep_time_for_later_steps() -> None:
-    caps = dict(gpucheck.CAPS)
+    caps = dict(gpucheck_plan.CAPS)
     later = ["pytest-ext", "sanitize", "sweep", "report"]
-    keep = sum(gpucheck.RESERVE[s] for s in later)
-    assert gpucheck.step_timeout("build", 0, 1000, later, caps) == caps["build"]
-    assert gpucheck.step_timeout("build", 0, 300, later, caps) == 300 - keep - gpucheck.GRACE_S
-    assert gpucheck.step_timeout("sweep", 0, 50, ["report"], caps) == 50 - 10 - gpucheck.GRACE_S
-    assert gpucheck.step_timeout("sweep", 0, 10, ["report"], caps) == 0
+    keep = sum(gpucheck_plan.RESERVE[s] for s in later)
+    assert gpucheck_plan.step_timeout("build", 0, 1000, later, caps) == caps["build"]
+    assert gpucheck_plan.step_timeout("build", 0, 300, later, caps) == 300 - keep - gpucheck_plan.GRACE_S
+    assert gpucheck_plan.step_timeout("sweep", 0, 50, ["report"], caps) == 50 - 10 - gpucheck_plan.GRACE_S
+    assert gpucheck_plan.step_timeout("sweep", 0, 10, ["report"], caps) == 0
     # a small budget: the early steps still run (at least MIN_STEP_S), never past the budget
-    assert gpucheck.step_timeout("env", 0, 120, ["build", *later], caps) == gpucheck.MIN_STEP_S
-    assert gpucheck.step_timeout("env", 0, 30, ["build", *later], caps) == 30 - gpucheck.GRACE_S
+    assert gpucheck_plan.step_timeout("env", 0, 120, ["build", *later], caps) == gpucheck_plan.MIN_STEP_S
+    assert gpucheck_plan.step_timeout("env", 0, 30, ["build", *later], caps) == 30 - gpucheck_plan.GRACE_S
 
 
 NVIDIA_SMI = """
@@ -203,7 +205,7 @@ GPU 00000000:19:00.0
 
 
 def test_parse_nvidia_smi() -> None:
-    got = gpucheck.parse_nvidia_smi(NVIDIA_SMI)
+    got = gpucheck_report.parse_nvidia_smi(NVIDIA_SMI)
     assert got["Product Name"] == "NVIDIA H200" and got["Driver Version"] == "570.86.15"
     assert got["MIG Mode/Current"] == "Disabled" and got["FB Memory Usage/Total"] == "143771 MiB"
     assert got["Clocks/SM"] == "345 MHz" and got["Max Clocks/SM"] == "1980 MHz"
@@ -215,23 +217,23 @@ def test_parse_sanitizer_log() -> None:
     log = ("========= COMPUTE-SANITIZER\n========= Invalid __global__ read of size 4 bytes\n"
            "=========     at scale_grad_kernel+0x1a0\n=========     Address 0x7f00 is out of bounds\n"
            "========= ERROR SUMMARY: 1 error\n")
-    got = gpucheck.parse_sanitizer_log(log)
+    got = gpucheck_report.parse_sanitizer_log(log)
     assert got["errors"] == 1 and got["first_reports"][0].startswith("Invalid __global__ read")
-    assert gpucheck.parse_sanitizer_log("========= ERROR SUMMARY: 0 errors\n")["errors"] == 0
-    assert gpucheck.parse_sanitizer_log("killed")["errors"] is None
+    assert gpucheck_report.parse_sanitizer_log("========= ERROR SUMMARY: 0 errors\n")["errors"] == 0
+    assert gpucheck_report.parse_sanitizer_log("killed")["errors"] is None
 
 
 def test_source_digest_follows_the_sources(tmp_path: Path) -> None:
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "a.cu").write_text("x")
     (tmp_path / "setup.py").write_text("y")
-    first = gpucheck.source_digest(tmp_path)
+    first = gpucheck_plan.source_digest(tmp_path)
     (tmp_path / "csrc" / "__pycache__").mkdir()
     (tmp_path / "csrc" / "__pycache__" / "a.pyc").write_text("z")
     (tmp_path / "csrc" / "notes.txt").write_text("z")
-    assert gpucheck.source_digest(tmp_path) == first
+    assert gpucheck_plan.source_digest(tmp_path) == first
     (tmp_path / "csrc" / "a.cu").write_text("x2")
-    assert gpucheck.source_digest(tmp_path) != first
+    assert gpucheck_plan.source_digest(tmp_path) != first
 
 
 def test_bench_skip_unavailable_lists_instead_of_failing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -338,7 +340,7 @@ def _fake_gpu(tmp_path: Path, *args: str, timeout: float = 150, **env_extra: str
     env.update(PATH=f"{bin_}:{env['PATH']}", FAKE_LOG=str(log), **env_extra)
     results = tmp_path / "r"
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "python" / "fusedloss" / "gpucheck.py"), str(results),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "gpucheck.py"), str(results),
                            "--python", str(bin_ / "fakepy"), *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
     seconds = time.time() - t0
@@ -353,7 +355,7 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     session would. A sweep the budget cuts after its first chunk is ``partial``, which fails
     nothing (exit 0). ``--steps`` without env: env runs anyway (the device probe: CUDA
     visible, the capability the build compiles for)."""
-    steps = ",".join(s for s in gpucheck.STEPS if s != "env")
+    steps = ",".join(s for s in gpucheck_plan.STEPS if s != "env")
     proc, _, results, summary, calls = _fake_gpu(tmp_path, "--budget", "120", "--commit", "abc123", "--steps", steps,
                                                  "--cap", "sweep=5", FAKE_SWEEP="first")
     status = {s["name"]: s["status"] for s in summary["steps"]}
@@ -371,7 +373,7 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     assert build["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0" and build["env"]["FUSEDLOSS_BUILD_CUDA"] == "1"
     assert int(build["env"]["MAX_JOBS"]) >= 1 and build["env"]["TRITON_INTERPRET"] is None
     shards = [c["argv"] for c in calls if c["argv"][:2] == ["-m", "pytest"] and "tests/test_triton_gpu.py" in c["argv"]]
-    assert sorted(a[a.index("-k") + 1] for a in shards) == sorted(gpucheck.TRITON_SHARDS)
+    assert sorted(a[a.index("-k") + 1] for a in shards) == sorted(gpucheck_plan.TRITON_SHARDS)
     ext = next(c for c in calls if "tests/test_cuda_ext.py" in c["argv"])
     assert ext["env"]["FUSEDLOSS_BUILD_CUDA"] == "1" and "gpu" in ext["argv"]
     assert {"tests/test_train.py", "tests/test_head.py", "tests/test_bench_cli.py"} <= set(ext["argv"])
@@ -414,9 +416,9 @@ def test_hung_steps_are_stopped_together_within_the_budget(tmp_path: Path) -> No
         steps = {s["name"]: s for s in summary["steps"]}
         assert {n: steps[n]["status"] for n in ("build", "pytest-triton-1", "pytest-triton-2")} == {
             "build": "timeout", "pytest-triton-1": "timeout", "pytest-triton-2": "timeout"}, proc.stdout[-3000:]
-        assert seconds <= budget + gpucheck.MARGIN_S, proc.stdout[-3000:]
+        assert seconds <= budget + gpucheck_plan.MARGIN_S, proc.stdout[-3000:]
         for n in ("build", "pytest-triton-1", "pytest-triton-2"):
-            assert steps[n]["seconds"] <= steps[n]["timeout_s"] + gpucheck.GRACE_S + 1
+            assert steps[n]["seconds"] <= steps[n]["timeout_s"] + gpucheck_plan.GRACE_S + 1
         assert steps["sweep"]["status"] == "skipped" and "budget spent" in steps["sweep"]["detail"]
         assert summary["final"] and summary["outcome"] == "fail" and proc.returncode == 1
     finally:

@@ -182,6 +182,7 @@ def _slices(world: int, split: str) -> list[tuple[int, int]]:
 def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
     import fusedloss as fl
     import fusedloss.parallel as flp
+    from fusedloss.parallel import target_only
 
     dtype = getattr(torch, case.get("dtype", "float32"))
     x64, t, w64 = _data(case, world, seed)
@@ -206,15 +207,15 @@ def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
     if "validate" in case:
         kw.update(validate=case["validate"], num_classes=None if case["validate"] else x.shape[-1])
     unchecked = "validate" in case and not case["validate"]
-    sync_free = flp._sync_free
+    sync_free = target_only._sync_free
     if case.get("sync_free"):
-        flp._sync_free = lambda device: True
+        target_only._sync_free = lambda device: True
     try:
         out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=case["reduction"], backend=backend,
                                class_start=start if reverse or unchecked else None, **kw)
         out.backward(go)
     finally:
-        flp._sync_free = sync_free
+        target_only._sync_free = sync_free
     if case.get("view"):
         outside = torch.ones(x.shape[-1], dtype=torch.bool)
         outside[start:start + size] = False

@@ -28,7 +28,7 @@ cd "$ROOT"
 {
   echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
   echo "dirty $(git status --porcelain -- csrc python triton_kernels setup.py tests bench/gpu 2>/dev/null | wc -l | tr -d ' ')"
-  echo "digest $("$PY" python/fusedloss/gpucheck.py --digest)"
+  echo "digest $("$PY" bench/gpu/gpucheck.py --digest)"
 } > "$DEST/source.txt"
 cat "$DEST/source.txt"
 du -sh "$DEST"

@@ -1,7 +1,7 @@
 """ImageNet training with any fusedloss loss: a thin wrapper around ``python -m fusedloss.train``.
 
 Run it directly or under torchrun (see ``--help`` and docs/training.md).
-The code lives in ``python/fusedloss/train.py`` so that it ships with the package.
+The code lives in ``python/fusedloss/train/`` so that it ships with the package.
 """
 import os
 import sys

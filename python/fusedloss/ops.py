@@ -229,7 +229,7 @@ register_soft_autograd("reference_soft_fwd", reference_soft_bwd)
 
 
 # ----------------------------------------------------------------------------
-# bce of a vocabulary-parallel row given its global numbers (parallel.py; the C++ CPU kernels'
+# bce of a vocabulary-parallel row given its global numbers (fusedloss.parallel; the C++ CPU kernels'
 # ext_bce_partial / ext_bce_global_bwd, csrc/cpu/ops_cpu_bce_parallel.cpp). Not differentiable:
 # the caller's autograd.Function calls them. Layout:
 #   stats (N, 4) in the math type: the global lse, R = sum_{k != w} a_k (a_c = -1), log(1 - p_w),

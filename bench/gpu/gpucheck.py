@@ -1,7 +1,7 @@
 """GPU proof: build, test, sanitize and benchmark every GPU path in one command, on a budget.
 
     bash bench/gpu/check.sh RESULTS [--budget 480] [--dry-run] [--steps ...] [--cap STEP=SECONDS]
-    python python/fusedloss/gpucheck.py RESULTS ...        # the same (check.sh only picks python3)
+    python bench/gpu/gpucheck.py RESULTS ...               # the same (check.sh only picks python3)
 
 Steps, in order (``build`` and ``pytest-triton`` run at the same time: the Triton tests
 need no extension, and the GPU idles while nvcc compiles):
@@ -26,18 +26,18 @@ the write-up); a failed step never stops the later ones;
 a run killed from outside still leaves what it had. ``--dry-run`` runs the same steps on a
 CPU machine (Triton's interpreter, tiny shapes, no build, no sanitizer) to prove the script.
 
-This file imports only the standard library: it must run before the extension is built
-and report even when the device's torch cannot be imported. The package is put on the
-children's ``PYTHONPATH`` through a temporary folder of symbolic links (``fusedloss`` with
-``triton_kernels`` inside, as ``setup.py``'s ``package_dir`` maps it), so nothing needs
-``pip install``; ``.carry/site-packages`` (``bench/gpu/vendor.sh``: Liger-Kernel) is added
-when present.
+This file, gpucheck_plan.py (what a run does and in how long) and gpucheck_report.py (the
+tools' outputs parsed, the sweep's child and markdown) import only the standard library: they
+must run before the extension is built and report even when the device's torch cannot be
+imported. The package is put on the children's ``PYTHONPATH`` through a temporary folder of
+symbolic links (``fusedloss`` with ``triton_kernels`` inside, as ``setup.py``'s ``package_dir``
+maps it), so nothing needs ``pip install``; ``.carry/site-packages`` (``bench/gpu/vendor.sh``:
+Liger-Kernel) is added when present.
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import re
@@ -51,322 +51,10 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "parallel", "sanitize", "sweep", "report")
-#: Longest a step may take (seconds); the budget may cut it shorter.
-CAPS = {"env": 90, "nvidia-smi": 30, "build": 300, "pytest-triton": 270, "pytest-ext": 120, "parallel": 75,
-        "sanitize": 90, "sweep": 600, "report": 60}
-#: Time kept back for a step while earlier ones run, so every step gets a turn.
-RESERVE = {"pytest-ext": 45, "parallel": 20, "sanitize": 40, "sweep": 90, "report": 10}
-#: How a step is stopped (its timeout, or a signal to this script): SIGINT (pytest still
-#: writes its JUnit XML, the sweep keeps its finished chunks), then SIGTERM, then SIGKILL,
-#: each to the step's whole process group, every running step at once; (signal, seconds
-#: to wait for the group to be gone before the next).
-STOP_WAITS = ((signal.SIGINT, 9.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
-#: Every step's timeout keeps this much of the budget back for its stop (>= the waits above).
-GRACE_S = 15
-#: The whole run ends within ``--budget`` + MARGIN_S seconds (the write-up after the last step).
-MARGIN_S = 10
-TOOL_PROBE_S = 20  # each version probe (nvcc, compute-sanitizer, gcc, the driver), within the env step
-#: pytest-triton runs as parallel shards (``-k``): its time is mostly Triton and Inductor
-#: compiling on the CPU, one core per process, while the machine has many.
-TRITON_SHARDS = ("real_shapes", "not real_shapes")
-#: The files of the pytest-triton step: the one-target kernels, the soft-target and the mixup kernels.
-TRITON_GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_triton_soft.py", "tests/test_triton_mix.py"]
-MIN_STEP_S = 20  # a step squeezed by the reserves still gets this much, budget permitting
-LOSSES = ("ce", "bce", "nllr", "crl", "lace", "focal")
-GPU_CS = (1000, 32000, 128256, 262144)
-GPU_ELEMENTS = 1 << 27     # N = 2^27 // C: 256 MiB of bf16 logits, 512 MiB of fp32, per shape
-GPU_TIMING = ("--repeat", "10", "--warmup", "2")  # a GPU sample is ~1 ms: the repeats cost little
-COMPILE_CS = (32000, 128256)  # torch.compile (ce): tens of seconds of Inductor per (dtype, C)
-DRY_CS = (64, 5000)        # 5000 > 4096: the streamed kernels
-DRY_ELEMENTS = 1 << 11     # the interpreter runs a program per row: few rows, the same plumbing
-#: bench/parallel_smoke.py's problem: the step trains and times small (the check is correctness on
-#: the device's backends and collectives; bench/results has the CPU timings at full size).
-PARALLEL_ARGS = ("--steps", "20", "--time-rows", "256", "--time-classes", "32768", "--repeat", "5")
-PARALLEL_DRY_ARGS = ("--steps", "4", "--classes", "37", "--time-rows", "16", "--time-classes", "64", "--repeat", "1")
-SOURCE_DIRS = ("csrc", "python/fusedloss", "triton_kernels", "tests", "bench/gpu")
-SOURCE_FILES = ("setup.py", "pyproject.toml")
-SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".toml"}
-
-
-# ---------------------------------------------------------------------------
-# Small pure helpers (unit-tested)
-# ---------------------------------------------------------------------------
-
-def source_digest(root: Path = REPO) -> str:
-    """sha256 (12 hex) of the sources a GPU run exercises, as laid out in the work tree.
-
-    The device machine gets a copy of the work tree without ``.git``; the same digest
-    computed here (``python python/fusedloss/gpucheck.py --digest``) tells which tree a
-    result came from."""
-    h = hashlib.sha256()
-    paths = [root / f for f in SOURCE_FILES if (root / f).is_file()]
-    for d in SOURCE_DIRS:
-        for dirpath, dirnames, filenames in os.walk(root / d):
-            dirnames[:] = sorted(x for x in dirnames if x != "__pycache__")
-            paths += [Path(dirpath) / f for f in filenames if Path(f).suffix in SOURCE_SUFFIXES]
-    for p in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
-
-
-def parse_nvidia_smi(text: str) -> dict[str, str]:
-    """A few fields of ``nvidia-smi -q``, keyed ``Section/Field`` (first GPU only)."""
-    wanted = {
-        "Driver Version", "CUDA Version", "Product Name", "Product Architecture", "Persistence Mode",
-        "MIG Mode/Current", "Performance State", "FB Memory Usage/Total", "FB Memory Usage/Used",
-        "Temperature/GPU Current Temp", "GPU Power Readings/Power Draw", "GPU Power Readings/Average Power Draw",
-        "GPU Power Readings/Current Power Limit", "Clocks/Graphics", "Clocks/SM", "Clocks/Memory",
-        "Max Clocks/SM", "Max Clocks/Memory", "ECC Mode/Current", "Clocks Event Reasons/HW Slowdown",
-        "Clocks Event Reasons/SW Thermal Slowdown", "Clocks Event Reasons/SW Power Cap",
-        "Clocks Throttle Reasons/HW Slowdown", "Clocks Throttle Reasons/SW Power Cap",
-    }
-    out: dict[str, str] = {}
-    section = ""
-    gpus = 0
-    for line in text.splitlines():
-        if line.startswith("GPU "):
-            gpus += 1
-            if gpus > 1:
-                break
-            continue
-        if not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip())
-        if ":" not in line:
-            if indent <= 4:
-                section = line.strip()
-            continue
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if indent <= 4:
-            section = "" if value else key
-        for name in (key, f"{section}/{key}"):
-            if name in wanted and name not in out and value:
-                out[name] = value
-    return out
-
-
-def parse_sanitizer_log(text: str) -> dict[str, object]:
-    """Error count and the first reports of a ``compute-sanitizer`` log."""
-    m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
-    reports = [ln.strip("= ").strip() for ln in text.splitlines()
-               if re.match(r"=+\s+(Invalid|Out of range|Misaligned|Address|Program hit|Malloc|Cuda API|Race)", ln)]
-    return {"errors": int(m[-1]) if m else None, "first_reports": reports[:20]}
-
-
-def parse_junit(path: Path) -> dict[str, object]:
-    """Totals and failing test ids of a pytest JUnit XML file."""
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    bad = []
-    for case in root.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            bad.append(f"{case.get('classname', '')}::{case.get('name', '')}")
-    tot["passed"] = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
-    tot["failed_ids"] = bad[:30]
-    tot["time_s"] = round(sum(float(s.get("time", 0) or 0) for s in suites), 1)
-    return tot
-
-
-def step_timeout(step: str, now: float, deadline: float, later: list[str], caps: dict[str, float]) -> float:
-    """The time ``step`` gets: its cap, but not eating what the ``later`` steps keep back,
-    unless that leaves it under MIN_STEP_S (then up to MIN_STEP_S, within the budget)."""
-    keep = sum(RESERVE.get(s, 0) for s in later)
-    left = deadline - now - GRACE_S
-    t = min(caps[step], left - keep)
-    if t < min(caps[step], MIN_STEP_S):
-        t = min(caps[step], MIN_STEP_S, left)
-    return max(0.0, t)
-
-
-def sweep_plan(dry_run: bool, results: Path, with_compile: bool = True) -> list[dict[str, object]]:
-    """The benchmark, as ``fusedloss-bench`` invocations in order of value: the budget
-    cuts the tail (a sweep cut after one chunk or more is ``partial``, not a failure).
-
-    One invocation per (dtype, C) and tier, every loss; N = elements // C so each shape
-    moves the same bytes. Tiers, each bf16 then fp32, C ascending:
-
-    1. the fused backends beside PyTorch and Liger (CE), every C: the comparison itself;
-    2. the reference backend (pure PyTorch, the correctness oracle's twin), every C;
-    3. ``torch.compile``, CE only, at COMPILE_CS: it compiles per shape, dtype and loss
-       (tens of seconds each), so it comes last."""
-    cs, elements = (DRY_CS, DRY_ELEMENTS) if dry_run else (GPU_CS, GPU_ELEMENTS)
-    device = "cpu" if dry_run else "cuda"
-    fused = ["triton", "cpu"] if dry_run else ["triton", "cuda"]
-    timing = ["--repeat", "2", "--warmup", "1"] if dry_run else list(GPU_TIMING)
-    chunks = []
-
-    def add(name: str, dtype: str, c: int, losses: list[str], backends: list[str]) -> None:
-        n = max(2, elements // c)
-        argv = ["--device", device, "--loss", *losses, "--backend", *backends, "--n", str(n), "--c", str(c),
-                "--dtype", dtype, *timing, "--skip-unavailable", "--quiet"]
-        if dry_run:
-            argv += ["--threads", "1", "--cpu-allocator", "system"]
-        chunks.append({"name": name, "argv": argv,
-                       "json": str(results / "sweep" / f"chunk-{len(chunks):02d}-{name}.json")})
-
-    for dtype in ("bf16", "fp32"):
-        for c in cs:
-            add(f"{dtype}-C{c}", dtype, c, list(LOSSES), [*fused, "torch", "liger"])
-    for dtype in ("bf16", "fp32"):
-        for c in cs:
-            add(f"reference-{dtype}-C{c}", dtype, c, list(LOSSES), ["reference"])
-    if with_compile and not dry_run:
-        for dtype in ("bf16", "fp32"):
-            for c in COMPILE_CS:
-                add(f"compile-{dtype}-C{c}", dtype, c, ["ce"], ["compile"])
-    return chunks
-
-
-# ---------------------------------------------------------------------------
-# Sweep: the child process (imports torch) and the renderer
-# ---------------------------------------------------------------------------
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def merge_sweeps(docs: list[dict], chunks: list[dict]) -> dict:
-    """One ``fusedloss-bench`` result document (schema 1) from several."""
-    machine = dict(docs[0]["machine"])
-    machine["loadavg_1m_end"] = docs[-1]["machine"].get("loadavg_1m_end")
-    unavailable: dict[str, str] = {}
-    for d in docs:
-        unavailable.update(d.get("unavailable") or {})
-    return {"schema": docs[0]["schema"], "command": "gpucheck sweep: " + " ; ".join(d["command"] for d in docs),
-            "machine": machine, "config": {"chunks": chunks}, "unavailable": unavailable,
-            "results": [r for d in docs for r in d["results"]]}
-
-
-def sweep_child(plan_path: Path) -> int:
-    """Run the plan's chunks in this one process (torch, Triton and Inductor caches stay
-    warm across chunks), rewriting the merged JSON and markdown, and the chunks' status
-    (``plan["status"]``: what the parent reads), after each."""
-    plan = json.loads(plan_path.read_text())
-    from fusedloss.bench import report
-    from fusedloss.bench.cli import main as bench_main
-
-    status: list[dict[str, object]] = []
-    worst = 0
-    for i, chunk in enumerate(plan["chunks"]):
-        t0 = time.time()
-        print(f"[sweep {i + 1}/{len(plan['chunks'])}] fusedloss-bench {' '.join(chunk['argv'])}", flush=True)
-        out = Path(chunk["json"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            rc = bench_main([*chunk["argv"], "--json", str(out)])
-        except Exception as exc:  # noqa: BLE001 - the next chunk still runs
-            print(f"[sweep] chunk {chunk['name']} raised {type(exc).__name__}: {exc}", flush=True)
-            rc = 1
-        worst = max(worst, rc)
-        status.append({"name": chunk["name"], "rc": rc, "seconds": round(time.time() - t0, 1),
-                       "argv": chunk["argv"], "json": out.name if out.exists() else None})
-        print(f"[sweep {i + 1}/{len(plan['chunks'])}] rc={rc} in {time.time() - t0:.1f} s", flush=True)
-        docs = [json.loads((out.parent / s["json"]).read_text()) for s in status if s["json"]]
-        if docs:
-            merged = merge_sweeps(docs, status)
-            _write_atomic(Path(plan["merged"]), json.dumps(merged, indent=1) + "\n")
-            _write_atomic(Path(plan["markdown"]), report.markdown(merged))
-        if plan.get("status"):
-            _write_atomic(Path(plan["status"]), json.dumps(status, indent=1) + "\n")
-    return worst
-
-
-def _num(rec: dict, key: str, fmt: str) -> str | None:
-    v = rec.get(key)
-    try:
-        return fmt.format(float(v)) if v is not None else None
-    except (TypeError, ValueError):
-        return str(v)
-
-
-_BACKEND_ORDER = ("copy", "triton", "cuda", "cpu", "torch", "liger", "quack", "compile", "reference", "naive")
-
-
-def _pivot(records: list[dict], fmt) -> list[str]:
-    """Markdown tables per dtype: rows (loss, backend), columns (C, N), cells ``fmt(record)``."""
-    lines: list[str] = []
-    for dtype in dict.fromkeys(r["dtype"] for r in records):
-        sub = [r for r in records if r["dtype"] == dtype]
-        cols = sorted({(int(r["c"]), int(r["n"])) for r in sub})
-        rows: dict[tuple[str, str], dict[tuple[int, int], str]] = {}
-        for r in sub:
-            cellv = "error" if r.get("error") else (fmt(r) or "–")
-            rows.setdefault((r["loss"], r["label"]), {}).setdefault((int(r["c"]), int(r["n"])), cellv)
-
-        def order(k: tuple[str, str]) -> tuple[int, int]:
-            loss, label = k
-            b = label.split(" ")[0]
-            return ((LOSSES.index(loss) + 1) if loss in LOSSES else 0,
-                    _BACKEND_ORDER.index(b) if b in _BACKEND_ORDER else len(_BACKEND_ORDER))
-
-        lines += [f"**{dtype}**", "", "| loss | backend | " + " | ".join(f"C={c} (N={n})" for c, n in cols) + " |",
-                  "|---|---|" + "---|" * len(cols)]
-        for k in sorted(rows, key=order):
-            lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(rows[k].get(col, "") for col in cols) + " |")
-        lines.append("")
-    return lines
-
-
-def render_sweep(results: Path) -> list[str]:
-    """sweep.md (headline pivots of sweep.json) and, with matplotlib, sweep.png."""
-    doc = json.loads((results / "sweep.json").read_text())
-    recs = doc["results"]
-    m = doc["machine"]
-    head = [f"# Sweep: {m.get('gpu') or m.get('cpu')} ({m.get('device')})", "",
-            f"torch {m.get('torch')}, triton {m.get('triton')}, cuda {m.get('cuda')}, fusedloss "
-            f"{m.get('fusedloss_commit')}, {m.get('date')}. Forward+backward, reduction mean, N(0, 1) logits; "
-            "every shape has about the same number of logits (N = elements // C). Full table, per-row "
-            "spreads and GB/s: sweep_full.md; raw data: sweep.json.", ""]
-    if doc.get("unavailable"):
-        head += ["Not measured: " + "; ".join(f"`{k}` ({v})" for k, v in doc["unavailable"].items()), ""]
-    time_tab = ["## Time as a multiple of a copy of the logits (same run, interleaved)", "",
-                *_pivot(recs, lambda r: _num(r, "x_copy", "{:.2f}"))]
-    mem = ["## Peak memory of fwd+bwd as a multiple of the logits (the gradient alone is 1.00)", "",
-           *_pivot([r for r in recs if r["backend"] != "copy"], lambda r: _num(r, "x_logits", "{:.2f}"))]
-    acc = ["## Largest error against float64 (loss / gradient) and nan+inf entries", "",
-           *_pivot([r for r in recs if r["backend"] != "copy"],
-                   lambda r: (f"{_num(r, 'loss_err', '{:.1e}')} / {_num(r, 'grad_err', '{:.1e}')} / "
-                              f"{int(r.get('nan') or 0) + int(r.get('inf') or 0)}") if "loss_err" in r else None)]
-    errs = [f"- {r['loss']} {r['backend']} {r['dtype']} C={r['c']}: {r['error']}" for r in recs if r.get("error")]
-    if errs:
-        acc += ["Errors:", "", *errs, ""]
-    _write_atomic(results / "sweep.md", "\n".join(head + time_tab + mem + acc) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # noqa: BLE001 - the PNG is optional
-        return time_tab + [f"(no sweep.png: matplotlib unavailable: {type(exc).__name__})"]
-    losses = [x for x in LOSSES if any(r["loss"] == x for r in recs)]
-    fig, axes = plt.subplots(len(losses), 2, figsize=(12, 3.2 * len(losses)), squeeze=False)
-    for row, loss in enumerate(losses):
-        for col, (key, ylabel) in enumerate((("x_copy", "time / copy"), ("x_logits", "peak mem / logits"))):
-            ax = axes[row][col]
-            series: dict[str, list[tuple[int, float]]] = {}
-            for r in recs:
-                if r["loss"] == loss and r.get(key) is not None and not r.get("error"):
-                    series.setdefault(f"{r['label']} {r['dtype']}", []).append((int(r["c"]), float(r[key])))
-            for name, pts in sorted(series.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        linestyle="--" if "float32" in name else "-", label=name)
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{loss}: {ylabel}")
-            ax.set_xlabel("C")
-            if series:
-                ax.legend(fontsize=6)
-    fig.suptitle(head[0][2:])
-    fig.tight_layout()
-    fig.savefig(results / "sweep.png", dpi=90)
-    return time_tab
+from gpucheck_plan import (CAPS, MARGIN_S, PARALLEL_ARGS, PARALLEL_DRY_ARGS, REPO, STEPS, STOP_WAITS, TOOL_PROBE_S,
+                           TRITON_GPU_TESTS, TRITON_SHARDS, source_digest, step_timeout, sweep_plan)
+from gpucheck_report import (_write_atomic, parse_junit, parse_nvidia_smi, parse_sanitizer_log, render_sweep,
+                             sweep_child)
 
 
 # ---------------------------------------------------------------------------
@@ -958,7 +646,7 @@ print("GPUCHECK_ENV " + json.dumps(out))
         md = [f"# gpucheck: {title}: {doc['outcome'].upper()}"
               f"{' (partial: ' + ', '.join(partial) + ')' if partial else ''}{'' if final else ' (in progress)'}", "",
               f"Started {doc['started']}, {elapsed} s of a {self.args.budget:.0f} s budget. Source digest "
-              f"{i.get('source_digest')} (`python python/fusedloss/gpucheck.py --digest` in a checkout); "
+              f"{i.get('source_digest')} (`python bench/gpu/gpucheck.py --digest` in a checkout); "
               f"commit {i.get('commit_arg') or i.get('vendored_commit') or i.get('git_head') or 'unknown'}"
               + (f" (vendor.sh saw {i.get('vendored_dirty')} uncommitted source files)"
                  if i.get("vendored_dirty") not in (None, "0") else "") + ".", "",
@@ -1049,8 +737,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, Python puts python/fusedloss/ itself first on sys.path, which would
-    # make the package's modules importable as top-level names; the package comes from
+    # Run as a script, Python puts bench/gpu/ first on sys.path (the imports of gpucheck_plan and
+    # gpucheck_report above need it); the children's modules, the package included, come from
     # PYTHONPATH instead.
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path.pop(0)
