@@ -26,7 +26,7 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("fusedloss._C")
 
-from fusedloss import dispatch  # noqa: E402
+from fusedloss import dispatch, ops  # noqa: E402
 from test_bce_parallel_ops import (SCENARIOS, _as_slice, _global_numbers, _grad_by_autograd, _rows,  # noqa: E402
                                    _slice_idx)
 
@@ -46,7 +46,8 @@ REGIMES = {"tiles": dict(stream_block=16, min_tile=64), "one": {}}
 
 def _triton():
     be = dispatch.resolve("triton", torch.device("cpu"))
-    return be.bce_partial, be.bce_global_bwd
+    sv = be.family(ops.SplitVocabOps)
+    return sv.bce_partial, sv.bce_global_bwd
 
 
 def _case(vl, dtype, seed, softcap, strided):
@@ -125,7 +126,8 @@ def test_triton_backend_has_the_ops():
         pytest.skip("resolving triton on CPU tensors needs TRITON_INTERPRET=1")
     from fusedloss.triton_kernels.split_vocab import launch as lb
     be = dispatch.resolve("triton", torch.device("cpu"))
-    assert be.bce_partial is lb.triton_bce_partial and be.bce_global_bwd is lb.triton_bce_global_bwd
+    sv = be.family(ops.SplitVocabOps)
+    assert sv.bce_partial is lb.triton_bce_partial and sv.bce_global_bwd is lb.triton_bce_global_bwd
     assert str(torch.ops.fusedloss.triton_bce_partial.default._schema).endswith(
         str(torch.ops.fusedloss.ext_bce_partial.default._schema).split("ext_bce_partial")[1])
     assert str(torch.ops.fusedloss.triton_bce_global_bwd.default._schema).endswith(

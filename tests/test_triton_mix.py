@@ -19,7 +19,6 @@ device without the variable: ``python -m pytest -m gpu tests/test_triton_mix.py`
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -245,15 +244,16 @@ def _triton_backend():
 def test_backend_fuses_every_loss(loss, softcap):
     from fusedloss.triton_kernels.two_targets import launch as launch_mix
     be = _triton_backend()
-    assert be.mix_fwd is launch_mix.triton_mix_fwd
-    assert be.mix_fuses(int(variant_id(loss)), softcap)
+    mix = be.family(mixup.TwoTargetOps)
+    assert mix.fwd is launch_mix.triton_mix_fwd
+    assert mix.fuses(int(variant_id(loss)), softcap)
 
 
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_fused_equals_two_passes(loss):
     from fusedloss.triton_kernels import heuristics
     be = _triton_backend()
-    two_pass = dataclasses.replace(be, mix_fwd=None)
+    two_pass = be.without(mixup.TwoTargetOps)
     x, ya, yb, lam, w = _mix(seed=6)
     with heuristics.override(**REGIMES["stream"]):
         for red in Reduction:

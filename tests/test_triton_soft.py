@@ -315,7 +315,7 @@ def test_triton_backend_runs_the_soft_kernel():
     """backend="triton" (and so tests/test_soft_targets.py's triton cases) goes through
     fusedloss::triton_soft_fwd, not the reference's PyTorch ops."""
     from fusedloss.triton_kernels.probs import launch as launch_soft
-    assert dispatch.resolve("triton", torch.device("cpu")).soft_fwd is launch_soft.triton_soft_fwd
+    assert dispatch.resolve("triton", torch.device("cpu")).family(ops.ProbsOps).fwd is launch_soft.triton_soft_fwd
     x, y, _ = _data(seed=11)
     rx, ry, _, tr = _traffic(x, y, "single", requires_grad=False)
     assert rx == x.numel() * 4 and ry == y.numel() * 4 and tr.accesses

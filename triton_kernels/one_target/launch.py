@@ -183,7 +183,7 @@ class _InplaceLoss(torch.autograd.Function):
 def forward_inplace(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
                     ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
                     z_loss: float, softcap: float) -> Tensor:
-    """``dispatch.Backend.fwd_inplace``: the reduced loss, differentiable, with the logits
+    """``ops.OneTargetOps.fwd_inplace``: the reduced loss, differentiable, with the logits
     consumed (they hold the gradient afterwards)."""
     return _InplaceLoss.apply(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
                               alpha, beta, gamma, z_loss, softcap)

@@ -2,7 +2,7 @@
 ``fusedloss::triton_bce_partial`` / ``fusedloss::triton_bce_global_bwd`` with the schemas of the
 C++ CPU ops (``ops.BCE_PARTIAL_SCHEMA`` / ``ops.BCE_GLOBAL_BWD_SCHEMA``; contract in ``fusedloss.ops``)
 and their fakes (``ops.register_bce_parallel_fakes``). ``fusedloss.parallel`` calls them through
-``dispatch.Backend.bce_partial`` / ``bce_global_bwd`` (backend.py). Not differentiable: the caller's
+``ops.SplitVocabOps`` (backend.py). Not differentiable: the caller's
 autograd.Function calls them.
 
 Inputs checked as the C++ op checks them: logits (N, C) floating, stats (N, 4) floating and

@@ -37,7 +37,7 @@ from . import kernels
 
 
 def fuses(variant: int, softcap: float) -> bool:
-    """``dispatch.Backend.mix_fuses``: every loss, soft cap or not."""
+    """``mixup.TwoTargetOps.fuses``: every loss, soft cap or not."""
     return True
 
 
