@@ -6,7 +6,7 @@ L = -log p_c - sum_{k != c} log(1 - p_k) (log(1 - p_w) as lse_{k != w} - lse, ex
 of the soft-capped logits where a cap is given.
 
 The same checks run on the Triton backend's twins (fusedloss::triton_bce_partial /
-triton_bce_global_bwd, triton_kernels/launch_bce_parallel.py), parametrized by ``backend``: those
+triton_bce_global_bwd, triton_kernels/split_vocab/launch.py), parametrized by ``backend``: those
 cases need Triton's CPU interpreter (TRITON_INTERPRET=1, fixed when triton is imported), so in a
 plain run they are skipped here and tests/test_triton_bce_parallel.py runs them in a subprocess.
 """
@@ -35,7 +35,8 @@ def _ops(backend: str):
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (tests/test_triton_bce_parallel.py runs it)")
     pytest.importorskip("triton")
     be = dispatch.resolve("triton", torch.device("cpu"))
-    return be.bce_partial, be.bce_global_bwd
+    sv = be.family(ops.SplitVocabOps)
+    return sv.bce_partial, sv.bce_global_bwd
 
 
 # Per row: (where c is, where w is, the arg-max's lead over the row's other logits). "local": in
@@ -241,8 +242,9 @@ def test_schemas_and_backend():
     assert str(PARTIAL._schema) == f"fusedloss::ext_bce_partial{ops.BCE_PARTIAL_SCHEMA}"
     assert str(GLOBAL_BWD._schema) == f"fusedloss::ext_bce_global_bwd{ops.BCE_GLOBAL_BWD_SCHEMA}"
     be = dispatch.resolve("cpu", torch.device("cpu"))
-    assert be.bce_partial is PARTIAL and be.bce_global_bwd is GLOBAL_BWD
-    assert dispatch.resolve("reference", torch.device("cpu")).bce_partial is None
+    sv = be.family(ops.SplitVocabOps)
+    assert sv.bce_partial is PARTIAL and sv.bce_global_bwd is GLOBAL_BWD
+    assert dispatch.resolve("reference", torch.device("cpu")).family(ops.SplitVocabOps) is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

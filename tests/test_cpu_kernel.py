@@ -319,7 +319,7 @@ def test_schemas_are_the_contracts():
 def test_cpu_backend_registered_and_auto():
     assert "cpu" in fl.available_backends()
     be = dispatch.resolve("auto", torch.device("cpu"))
-    assert be.name == "cpu" and be.fused_grad and be.fwd is FWD and be.bwd is BWD
+    assert be.name == "cpu" and be.one_target.fused_grad and be.one_target.fwd is FWD and be.one_target.bwd is BWD
     assert _C.cpu_capability() in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
 
 

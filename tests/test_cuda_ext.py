@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss import dispatch
+from fusedloss import dispatch, mixup
 from fusedloss.reference import extreme_logits
 from fusedloss.variants import Reduction, Variant, reduction_id, variant_id
 from oracle import assert_close, oracle_loss_and_grad
@@ -49,8 +49,9 @@ def test_cuda_mix_ops_registered():
     for op in ("fusedloss::ext_mix_fwd", "fusedloss::ext_mix_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
     be = dispatch._registry["cuda"]
-    assert be.mix_fwd is torch.ops.fusedloss.ext_mix_fwd.default
-    assert all(be.mix_fuses(int(v), cap) for v in Variant for cap in (0.0, 5.0))
+    mix = be.family(mixup.TwoTargetOps)
+    assert mix.fwd is torch.ops.fusedloss.ext_mix_fwd.default
+    assert all(mix.fuses(int(v), cap) for v in Variant for cap in (0.0, 5.0))
 
 
 @needs_cuda_build
@@ -60,7 +61,7 @@ def test_cuda_kernels_registered_and_library_loads():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
     assert "cuda" in dispatch._registry
     be = dispatch._registry["cuda"]
-    assert be.fused_grad and be.supports(torch.device("cuda")) and not be.supports(torch.device("cpu"))
+    assert be.one_target.fused_grad and be.supports(torch.device("cuda")) and not be.supports(torch.device("cpu"))
 
 
 def _cuobjdump() -> str | None:

@@ -63,9 +63,9 @@ def test_options_match_float64_oracle(backend, option, loss, dtype):
         assert_close(xr.grad, ref_g, dtype, "grad", f"{name} fused grad")
         # the backward op from the stats, grad_output not 1
         scal = _op_args(loss, red, opts)
-        lo, stats, _ = be.fwd(x, t, w, *scal, False)
+        lo, stats, _ = be.one_target.fwd(x, t, w, *scal, False)
         go = torch.linspace(0.5, 2.0, 9, dtype=lo.dtype) if red == Reduction.NONE else torch.tensor(1.7, dtype=lo.dtype)
-        g = be.bwd(go, x, t, w, stats, *scal)
+        g = be.one_target.bwd(go, x, t, w, stats, *scal)
         _, ref_g2 = oracle_loss_and_grad(x, t, loss, grad_output=go.double(), weight=w, reduction=name, **opts,
                                          **HYPER)
         assert_close(g, ref_g2, dtype, "grad", f"{name} backward op")
@@ -155,9 +155,9 @@ def test_opcheck_with_options(backend):
         for red in (Reduction.NONE, Reduction.MEAN):
             scal = _op_args(loss, red, OPTIONS["all"])
             for cg in (False, True):
-                torch.library.opcheck(be.fwd, (x.clone().requires_grad_(True), t, w, *scal, cg))
-            lo, stats, _ = be.fwd(x, t, w, *scal, False)
-            torch.library.opcheck(be.bwd, (torch.rand_like(lo) + 0.5, x, t, w, stats, *scal))
+                torch.library.opcheck(be.one_target.fwd, (x.clone().requires_grad_(True), t, w, *scal, cg))
+            lo, stats, _ = be.one_target.fwd(x, t, w, *scal, False)
+            torch.library.opcheck(be.one_target.bwd, (torch.rand_like(lo) + 0.5, x, t, w, stats, *scal))
 
 
 def test_return_lse_is_of_the_capped_logits():

@@ -66,7 +66,7 @@ def _run(case: dict, rank: int, seed: int) -> str | None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=reduction, backend="triton", **opts)
         out.backward()
-    if case["loss"] == "bce":  # bce's second round on the Triton backend's own ops (launch_bce_parallel.py)
+    if case["loss"] == "bce":  # bce's second round on the Triton backend's own ops (split_vocab/launch.py)
         called = {e.key for e in prof.key_averages()}
         missing = {"fusedloss::triton_bce_partial", "fusedloss::triton_bce_global_bwd"} - called
         if missing:

@@ -116,13 +116,13 @@ def test_backward_op_and_fused_forward(backend):
     x, y, w = _data(9, 40, torch.float32, seed=3)
     for red in Reduction:
         name = red.name.lower()
-        out, stats, grad = be.soft_fwd(x, y, w, int(red), 0.05, True)
-        out2, stats2, empty = be.soft_fwd(x, y, w, int(red), 0.05, False)
+        out, stats, grad = be.family(ops.ProbsOps).fwd(x, y, w, int(red), 0.05, True)
+        out2, stats2, empty = be.family(ops.ProbsOps).fwd(x, y, w, int(red), 0.05, False)
         assert empty.numel() == 0
         torch.testing.assert_close(out, out2, rtol=0, atol=0)
         torch.testing.assert_close(stats, stats2, rtol=0, atol=0)
         _, ref_g = _oracle(x, y, w, 0.05, name, None)
-        if be.fused_grad:
+        if be.family(ops.ProbsOps).fused_grad:
             assert_close(grad, ref_g, torch.float32, "grad", f"{name} fused")
         go = torch.linspace(0.5, 2.0, 9) if red == Reduction.NONE else torch.tensor(1.7)
         g_bwd = _soft_bwd_op(backend)(go, x, y, w, stats, int(red), 0.05)

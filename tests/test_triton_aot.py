@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the shipped Triton kernels for sm_80 and sm_90, no GPU needed.
 
-Each specialization of ``fusedloss.triton_kernels.aot.ci_specs()`` (per variant the
+Each specialization of ``fusedloss.triton_kernels.one_target.aot_specs.ci_specs()`` (per variant the
 register-heaviest configurations; ``python -m fusedloss.triton_kernels.report --all``
 compiles every shipped one) goes through Triton's whole pipeline to a cubin; the
 bundled ``cuobjdump -res-usage`` and ``ptxas -v`` must show no spills (LOCAL = 0,
@@ -19,9 +19,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
                 allow_module_level=True)
 
 from fusedloss.triton_kernels import aot  # noqa: E402
+from fusedloss.triton_kernels.one_target import aot_specs  # noqa: E402
+from fusedloss.triton_kernels.probs import aot_specs as probs_specs  # noqa: E402
+from fusedloss.triton_kernels.two_targets import aot_specs as two_targets_specs  # noqa: E402
 from fusedloss.variants import Variant  # noqa: E402
 
-SPECS = aot.ci_specs()
+SPECS = aot_specs.ci_specs()
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
@@ -35,16 +38,16 @@ def test_compiles_without_spills(spec, arch):
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("spec", aot.soft_ci_specs(), ids=lambda s: s.label())
+@pytest.mark.parametrize("spec", probs_specs.ci_specs(), ids=lambda s: s.label())
 def test_soft_kernels_compile_without_spills(spec, arch):
-    """The soft-target kernels (triton_kernels/soft_kernels.py)."""
+    """The soft-target kernels (triton_kernels/probs/kernels.py)."""
     test_compiles_without_spills(spec, arch)
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("spec", aot.mix_ci_specs(), ids=lambda s: s.label())
+@pytest.mark.parametrize("spec", two_targets_specs.ci_specs(), ids=lambda s: s.label())
 def test_mix_kernels_compile_without_spills(spec, arch):
-    """Mixup's two-target kernels (triton_kernels/mix_kernels.py)."""
+    """Mixup's two-target kernels (triton_kernels/two_targets/kernels.py)."""
     test_compiles_without_spills(spec, arch)
 
 
@@ -57,6 +60,6 @@ def test_ci_specs_cover_every_variant_dtype_and_regime():
 
 
 def test_variant_ids_match_the_op_abi():
-    from fusedloss.triton_kernels import kernels
+    from fusedloss.triton_kernels import rows
     for v in Variant:
-        assert getattr(kernels, v.name).value == int(v)
+        assert getattr(rows, v.name).value == int(v)

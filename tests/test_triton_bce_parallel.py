@@ -1,5 +1,5 @@
 """The Triton twins of the vocabulary-parallel bce ops (``fusedloss::triton_bce_partial`` /
-``triton_bce_global_bwd``: triton_kernels/bce_parallel_kernels.py, launch_bce_parallel.py).
+``triton_bce_global_bwd``: triton_kernels/split_vocab/kernels.py, launch.py).
 
 * interpreter cases (CPU tensors, ``TRITON_INTERPRET=1``): against the C++ CPU ops
   ``ext_bce_partial`` / ``ext_bce_global_bwd`` and tests/test_bce_parallel_ops.py's float64
@@ -26,7 +26,7 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("fusedloss._C")
 
-from fusedloss import dispatch  # noqa: E402
+from fusedloss import dispatch, ops  # noqa: E402
 from test_bce_parallel_ops import (SCENARIOS, _as_slice, _global_numbers, _grad_by_autograd, _rows,  # noqa: E402
                                    _slice_idx)
 
@@ -46,7 +46,8 @@ REGIMES = {"tiles": dict(stream_block=16, min_tile=64), "one": {}}
 
 def _triton():
     be = dispatch.resolve("triton", torch.device("cpu"))
-    return be.bce_partial, be.bce_global_bwd
+    sv = be.family(ops.SplitVocabOps)
+    return sv.bce_partial, sv.bce_global_bwd
 
 
 def _case(vl, dtype, seed, softcap, strided):
@@ -123,9 +124,10 @@ def test_empty_and_transposed():
 def test_triton_backend_has_the_ops():
     if not INTERPRET:
         pytest.skip("resolving triton on CPU tensors needs TRITON_INTERPRET=1")
-    from fusedloss.triton_kernels import launch_bce_parallel as lb
+    from fusedloss.triton_kernels.split_vocab import launch as lb
     be = dispatch.resolve("triton", torch.device("cpu"))
-    assert be.bce_partial is lb.triton_bce_partial and be.bce_global_bwd is lb.triton_bce_global_bwd
+    sv = be.family(ops.SplitVocabOps)
+    assert sv.bce_partial is lb.triton_bce_partial and sv.bce_global_bwd is lb.triton_bce_global_bwd
     assert str(torch.ops.fusedloss.triton_bce_partial.default._schema).endswith(
         str(torch.ops.fusedloss.ext_bce_partial.default._schema).split("ext_bce_partial")[1])
     assert str(torch.ops.fusedloss.triton_bce_global_bwd.default._schema).endswith(
@@ -152,16 +154,16 @@ def test_interpreter_cases_in_a_subprocess():
 def _aot_specs():
     if INTERPRET:
         return []
-    from fusedloss.triton_kernels import aot_bce_parallel
-    return aot_bce_parallel.ci_specs()
+    from fusedloss.triton_kernels.split_vocab import aot_specs
+    return aot_specs.ci_specs()
 
 
 @compiled
 @pytest.mark.parametrize("arch", (80, 90), ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("spec", _aot_specs(), ids=lambda s: s.label())
 def test_aot_compiles_without_spills(spec, arch):
-    from fusedloss.triton_kernels import aot_bce_parallel
-    u = aot_bce_parallel.resource_usage(spec, arch)
+    from fusedloss.triton_kernels import aot
+    u = aot.resource_usage(spec, arch)
     print(f"{spec.label()} sm_{arch}: {u.registers} registers, spill {u.spill_stores}/{u.spill_loads} B, "
           f"local {u.local_bytes} B, stack {u.stack_bytes} B")
     assert u.spill_stores == 0 and u.spill_loads == 0 and u.local_bytes == 0 and u.stack_bytes == 0, u

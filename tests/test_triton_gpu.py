@@ -140,7 +140,7 @@ def test_torch_compile_fullgraph(loss):
 
 
 def test_opcheck():
-    from fusedloss.triton_kernels import launch
+    from fusedloss.triton_kernels.one_target import launch
     x, t, w = _data(64, 1000, torch.float32, seed=6, weighted=True)
     args = (x.cuda(), t.cuda(), w.cuda(), 3, 1, -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0, False)
     torch.library.opcheck(launch.triton_fwd, args, test_utils=("test_schema", "test_faketensor"))

@@ -32,7 +32,8 @@ from fusedloss.reference import extreme_logits  # noqa: E402
 from fusedloss.variants import Reduction, Variant, variant_id  # noqa: E402
 from oracle import TOLERANCES, assert_close, oracle_loss, oracle_loss_and_grad  # noqa: E402
 
-from fusedloss.triton_kernels import heuristics, launch, traffic  # noqa: E402
+from fusedloss.triton_kernels import heuristics, launch_common, traffic  # noqa: E402
+from fusedloss.triton_kernels.one_target import launch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on masked -inf lanes
 
@@ -466,6 +467,7 @@ def test_reduction_in_chunks(reduction, monkeypatch):
     take 3 chunks each (as > 1024 programs / rows do at the real sizes)."""
     monkeypatch.setattr(launch, "PARTIAL_BLOCK", 4)
     monkeypatch.setattr(launch, "PROLOGUE_BLOCK", 4)
+    monkeypatch.setattr(launch_common, "PROLOGUE_BLOCK", 4)
     x, t = _data(seed=28)
     _check("ce", x, t, "stream", reduction=reduction, weight=_weight())
 

@@ -1,5 +1,5 @@
 """Mixup's two targets fused in Triton (``fusedloss::triton_mix_fwd/_bwd``,
-``triton_kernels/mix_kernels.py``), against the float64 oracle of ``tests/test_mixup.py``
+``triton_kernels/two_targets/kernels.py``), against the float64 oracle of ``tests/test_mixup.py``
 (``lam L(y_a) + (1 - lam) L(y_b)``, each part reduced on its own).
 
 Interpreter cases (CPU tensors, ``TRITON_INTERPRET=1``): every loss (bce's arg-max cases
@@ -19,7 +19,6 @@ device without the variable: ``python -m pytest -m gpu tests/test_triton_mix.py`
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -243,17 +242,18 @@ def _triton_backend():
 @pytest.mark.parametrize("loss", fl.LOSSES)
 @pytest.mark.parametrize("softcap", [0.0, 4.0])
 def test_backend_fuses_every_loss(loss, softcap):
-    from fusedloss.triton_kernels import launch_mix
+    from fusedloss.triton_kernels.two_targets import launch as launch_mix
     be = _triton_backend()
-    assert be.mix_fwd is launch_mix.triton_mix_fwd
-    assert be.mix_fuses(int(variant_id(loss)), softcap)
+    mix = be.family(mixup.TwoTargetOps)
+    assert mix.fwd is launch_mix.triton_mix_fwd
+    assert mix.fuses(int(variant_id(loss)), softcap)
 
 
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_fused_equals_two_passes(loss):
     from fusedloss.triton_kernels import heuristics
     be = _triton_backend()
-    two_pass = dataclasses.replace(be, mix_fwd=None)
+    two_pass = be.without(mixup.TwoTargetOps)
     x, ya, yb, lam, w = _mix(seed=6)
     with heuristics.override(**REGIMES["stream"]):
         for red in Reduction:
@@ -384,7 +384,8 @@ def test_target_out_of_range_raises_on_cpu():
 def test_kernel_clamps_bad_targets_to_nan_rows():
     """What a GPU does without strict mode (the launcher called directly): the rows with a
     bad target (either one) are NaN, the others exact."""
-    from fusedloss.triton_kernels import heuristics, launch_mix
+    from fusedloss.triton_kernels import heuristics
+    from fusedloss.triton_kernels.two_targets import launch as launch_mix
     x, ya, yb, lam, _ = _mix(seed=14)
     ya, yb = ya.clone(), yb.clone()
     ya[6], yb[7] = C + 1000, -7
@@ -493,7 +494,7 @@ def test_gpu_plain_and_scalar_lam(reduction):
 
 @pytest.mark.gpu
 def test_gpu_standalone_backward_and_opcheck():
-    from fusedloss.triton_kernels import launch_mix
+    from fusedloss.triton_kernels.two_targets import launch as launch_mix
     x, ya, yb, lam, w = _mix(128, 5000, seed=22)
     xd, ya_d, yb_d, lam_d, w_d = x.cuda(), ya.cuda(), yb.cuda(), lam.cuda(), w.cuda()
     scal = (int(Variant.FOCAL), int(Reduction.MEAN), -100, 0.1, 1.5, 1.0, 2.0, 1e-3, 0.0)

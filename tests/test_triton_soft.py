@@ -1,5 +1,5 @@
-"""The Triton soft-target (class-probability) cross-entropy kernels (triton_kernels/soft_kernels.py,
-launch_soft.py) against float64: ``F.cross_entropy(x.double(), probs.double(), ...)`` and the
+"""The Triton soft-target (class-probability) cross-entropy kernels (triton_kernels/probs/kernels.py,
+launch.py) against float64: ``F.cross_entropy(x.double(), probs.double(), ...)`` and the
 oracle's tolerances.
 
 Two kinds of tests:
@@ -188,7 +188,7 @@ def test_expanded_grad_output(how):
     x64 = x.double().requires_grad_(True)
     ref = F.cross_entropy(x64, y.double(), weight=w.double(), reduction="none", label_smoothing=0.1)
     getattr(ref, how)().backward()
-    from fusedloss.triton_kernels import launch_soft
+    from fusedloss.triton_kernels.probs import launch as launch_soft
     for fused in (True, False):
         xr = x.clone().requires_grad_(True)
         if fused:
@@ -211,7 +211,8 @@ def test_backward_op_and_stats(dtype, regime):
     against float64; loss and stats do not change with compute_grad; the stats are (lse, S, ...);
     the reference's stats (no lse_lo) serve the Triton backward, and the Triton stats the
     reference's backward; autograd through the forward without the fused gradient."""
-    from fusedloss.triton_kernels import heuristics, launch_soft
+    from fusedloss.triton_kernels import heuristics
+    from fusedloss.triton_kernels.probs import launch as launch_soft
     fwd, bwd = launch_soft.triton_soft_fwd, launch_soft.triton_soft_bwd
     x, y, w = _data(dtype=dtype, seed=8)
     eps = 0.05
@@ -253,7 +254,7 @@ def test_empty_batch(reduction):
     torch.testing.assert_close(out, ref, equal_nan=True)
     out.sum().backward()
     assert x.grad.shape == (0, C)
-    from fusedloss.triton_kernels import launch_soft
+    from fusedloss.triton_kernels.probs import launch as launch_soft
     _, stats, _ = launch_soft.triton_soft_fwd(x.detach(), y, None, int(Reduction[reduction.upper()]), 0.1, False)
     go = torch.ones(()) if reduction != "none" else torch.ones(0)
     g = launch_soft.triton_soft_bwd(go, x.detach(), y, None, stats, int(Reduction[reduction.upper()]), 0.1)
@@ -262,13 +263,13 @@ def test_empty_batch(reduction):
 
 #: Under the interpreter a wrap_triton launch runs the kernel even on fake tensors (it reads their
 #: data), so the fake-tensor utilities of opcheck run on a GPU only (test_gpu_opcheck), as for
-#: launch.py's ops (tests/test_triton_gpu.py).
+#: one_target/launch.py's ops (tests/test_triton_gpu.py).
 INTERPRETER_OPCHECK = ("test_schema", "test_autograd_registration")
 
 
 @interpreter
 def test_opcheck():
-    from fusedloss.triton_kernels import launch_soft
+    from fusedloss.triton_kernels.probs import launch as launch_soft
     fwd, bwd = launch_soft.triton_soft_fwd, launch_soft.triton_soft_bwd
     x, y, w = _data(5, 7, seed=9)
     for red in Reduction:
@@ -284,7 +285,7 @@ def test_opcheck():
 def test_float64_and_bad_inputs():
     """float64 runs the reference inside the op (exactly its numbers); probs of another shape or
     dtype are refused (the functional casts them, the ops do not)."""
-    from fusedloss.triton_kernels import launch_soft
+    from fusedloss.triton_kernels.probs import launch as launch_soft
     x, y, w = _data(seed=10)
     x, y, w = x.double(), y.double(), w.double()
     for a, b in zip(launch_soft.triton_soft_fwd(x, y, w, 1, 0.1, True), ops.reference_soft_fwd(x, y, w, 1, 0.1, True)):
@@ -313,8 +314,8 @@ def _traffic(x, y, regime, requires_grad=True, reduction="mean"):
 def test_triton_backend_runs_the_soft_kernel():
     """backend="triton" (and so tests/test_soft_targets.py's triton cases) goes through
     fusedloss::triton_soft_fwd, not the reference's PyTorch ops."""
-    from fusedloss.triton_kernels import launch_soft
-    assert dispatch.resolve("triton", torch.device("cpu")).soft_fwd is launch_soft.triton_soft_fwd
+    from fusedloss.triton_kernels.probs import launch as launch_soft
+    assert dispatch.resolve("triton", torch.device("cpu")).family(ops.ProbsOps).fwd is launch_soft.triton_soft_fwd
     x, y, _ = _data(seed=11)
     rx, ry, _, tr = _traffic(x, y, "single", requires_grad=False)
     assert rx == x.numel() * 4 and ry == y.numel() * 4 and tr.accesses
@@ -410,7 +411,7 @@ def test_gpu_reductions_backward_op_and_extremes(reduction):
     assert torch.isfinite(out).all() and torch.isfinite(gx).all()
     assert_close(out, ref, torch.float32, "loss", "extremes")
     assert_close(gx, rgx, torch.float32, "grad", "extremes")
-    from fusedloss.triton_kernels import launch_soft
+    from fusedloss.triton_kernels.probs import launch as launch_soft
     xd, yd, wd, god = _on_cuda(x, y, w, go)
     _, stats, _ = launch_soft.triton_soft_fwd(xd, yd, wd, int(Reduction[reduction.upper()]), 0.0, False)
     g = launch_soft.triton_soft_bwd(god, xd, yd, wd, stats, int(Reduction[reduction.upper()]), 0.0)
@@ -456,7 +457,7 @@ def test_gpu_torch_compile_fullgraph():
 
 @_gpu
 def test_gpu_opcheck():
-    from fusedloss.triton_kernels import launch_soft
+    from fusedloss.triton_kernels.probs import launch as launch_soft
     x, y, w = _on_cuda(*_data(64, 1000, torch.float32, seed=24))
     torch.library.opcheck(launch_soft.triton_soft_fwd, (x, y, w, 1, 0.1, False),
                           test_utils=("test_schema", "test_faketensor"))

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the shipped kernel specializations, without a GPU.
+"""Ahead-of-time compilation of the shipped kernel specializations, without a GPU: the driver.
+Each form's ``aot_specs.py`` gives its kernels' configurations, signatures and spec lists (FORMS).
 
 ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", cc, 32))``
 runs the whole pipeline down to a cubin (Triton's bundled ``ptxas``); the resource
@@ -7,13 +8,14 @@ LOCAL > 0 means spills) and ``ptxas -v`` on the PTX (spill store/load bytes).
 
 A specialization is (kernel, variant, logits dtype, heuristic config, flags). The
 flags that change the compiled code are HAS_WEIGHT, COMPUTE_GRAD and the options
-HAS_SMOOTHING, HAS_ZLOSS and SOFTCAP; :func:`shipped_specs` enumerates, for every
+HAS_SMOOTHING, HAS_ZLOSS and SOFTCAP; ``one_target/aot_specs.shipped_specs`` enumerates, for every
 variant, dtype and config bucket the heuristic can return, the heaviest flags (gradient,
 weight and all three options), whose register pressure bounds the lighter ones;
 ``full=True`` also enumerates weight x gradient x {no option, all options}.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -28,9 +30,7 @@ from triton.compiler import ASTSource
 
 from fusedloss.variants import Variant
 
-from . import kernels
-from .heuristics import Config, bwd_buckets, bwd_config, fwd_buckets, fwd_config, scale_config
-from .launch import PARTIAL_BLOCK, PROLOGUE_BLOCK
+from .heuristics import Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ARCHS = (80, 90)
@@ -40,7 +40,7 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 @dataclass(frozen=True)
 class Spec:
-    kernel: str               # "fwd", "bwd", "scale", "prologue"
+    kernel: str               # a kernel of one form's KERNELS ("fwd", "soft_fwd", "mix_bwd", ...)
     variant: int              # Variant id (BCE selects the bce kernels)
     dtype: str                # key of DTYPES
     n_cols: int               # a C the heuristic maps to this config
@@ -58,18 +58,13 @@ class Spec:
         return self.row_align if self.row_align is not None else math.gcd(int(self.n_cols), 16)
 
     @property
+    def dtype_size(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
     def config(self) -> Config:
-        es = DTYPES[self.dtype].itemsize
-        if self.kernel in SOFT_KERNELS:  # launch_soft: the target-only family's configurations
-            return (fwd_config if self.kernel == "soft_fwd" else bwd_config)(self.n_cols, es, Variant.CE)
-        if self.kernel in MIX_KERNELS:  # launch_mix: the one-target kernels' configurations (bce's streamed
-            from .launch_mix import fwd_config as mix_fwd_config  # forward: 8 warps)
-            return (mix_fwd_config if self.kernel == "mix_fwd" else bwd_config)(self.n_cols, es, self.variant)
-        if self.kernel == "fwd":
-            return fwd_config(self.n_cols, es, self.variant)
-        if self.kernel == "bwd":
-            return bwd_config(self.n_cols, es, self.variant)
-        return scale_config(self.n_cols)
+        """The launcher's configuration (its form's ``config``)."""
+        return form_of(self.kernel).config(self)
 
     def label(self) -> str:
         v = Variant(self.variant).name.lower()
@@ -100,47 +95,32 @@ class Usage:
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _signature(spec: Spec):
-    """(kernel fn, signature, constexprs, attrs) for ``spec``: types as a launch from
-    ``launch.py`` with int64 targets, float32 weights and 16-byte aligned tensors."""
-    xt = "*" + _TL[DTYPES[spec.dtype]]
-    cfg = spec.config
-    bce = spec.variant == Variant.BCE
-    if spec.kernel == "fwd":
-        fn = kernels.bce_fwd_kernel if bce else kernels.target_fwd_kernel
-        sig = {"X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "LOSS": "*fp32", "STATS": "*fp32",
-               "G": xt, "stride_g": "i32", "DENOM": "*fp32", "PARTIAL": "*fp32", "COUNTER": "*i32",
-               "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
-        sig.update(_option_signature(bce))
-        sig.update({"reduction": "i32", "n_denom": "i32"})
-        const = dict(HAS_WEIGHT=spec.has_weight, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
-                     BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=spec.align,
-                     NUM_STAGES=cfg.num_stages, **_option_constexprs(spec))
-        if not bce:
-            const.update(VARIANT=spec.variant)
-    elif spec.kernel == "bwd":
-        fn = kernels.bce_bwd_kernel if bce else kernels.target_bwd_kernel
-        sig = {"GO": "*fp32", "X": xt, "stride_x": "i32", "T": "*i64", "W": "*fp32", "STATS": "*fp32", "G": xt,
-               "stride_g": "i32", "DENOM": "*fp32", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
-        sig.update(_option_signature(bce))
-        sig.update({"reduction": "i32", "n_denom": "i32"})
-        const = dict(HAS_WEIGHT=spec.has_weight, GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n,
-                     BLOCK_C=cfg.block_c, ROW_ALIGN=spec.align, **_option_constexprs(spec))
-        if not bce:
-            const.update(VARIANT=spec.variant)
-    elif spec.kernel in SOFT_KERNELS:
-        fn, sig, const = _soft_signature(spec, xt, cfg)
-    elif spec.kernel in MIX_KERNELS:
-        fn, sig, const = _mix_signature(spec)
-    elif spec.kernel == "scale":
-        fn = kernels.scale_grad_kernel
-        sig = {"G": xt, "stride_g": "i32", "GO": "*fp32", "n_rows": "i32", "n_cols": "i32"}
-        const = dict(GO_PER_ROW=spec.go_per_row, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
-    else:
-        fn = kernels.prologue_kernel
-        sig = {"T": "*i64", "W": "*fp32", "DENOM": "*fp32", "COUNTER": "*i32", "n_rows": "i32", "n_cols": "i32",
-               "ignore_index": "i32", "rows_per_program": "i32"}
-        const = dict(NEED_DENOM=True, HAS_WEIGHT=spec.has_weight, BLOCK=PROLOGUE_BLOCK)
+def pointer_type(dtype: str) -> str:
+    """The signature type of a logits pointer of ``dtype`` (a key of DTYPES)."""
+    return "*" + _TL[DTYPES[dtype]]
+
+
+#: The target forms whose kernels the driver compiles. Each ``<form>/aot_specs.py`` names its
+#: ``KERNELS`` (values of ``Spec.kernel``) and gives ``config(spec)`` (the launcher's choice),
+#: ``signature(spec)`` (kernel fn, argument types, constexprs), optionally ``num_warps(spec)``
+#: (default: the config's), and ``ci_specs()``, the specializations the test suite compiles.
+FORMS = ("one_target", "probs", "two_targets", "split_vocab")
+
+
+@lru_cache(maxsize=None)
+def form_of(kernel: str):
+    """The ``aot_specs`` module of the form whose kernel is ``kernel``."""
+    for form in FORMS:
+        mod = importlib.import_module(f".{form}.aot_specs", __package__)
+        if kernel in mod.KERNELS:
+            return mod
+    raise KeyError(f"no form has a kernel {kernel!r} (aot.FORMS: {FORMS})")
+
+
+def _signature(spec):
+    """(kernel fn, signature, constexprs, attrs) for ``spec``: its form's types and constexprs,
+    and the divisibility hints Triton's launcher would specialize."""
+    fn, sig, const = form_of(spec.kernel).signature(spec)
     for k in const:
         sig[k] = "constexpr"
     names = fn.arg_names
@@ -154,67 +134,14 @@ def _signature(spec: Spec):
     return fn, sig, const, attrs
 
 
-#: The soft-target kernels (soft_kernels.py), launched by launch_soft.py.
-SOFT_KERNELS = ("soft_fwd", "soft_bwd")
 
 
-def _soft_signature(spec: Spec, xt: str, cfg: Config):
-    """(kernel fn, signature, constexprs) of a soft-target kernel: targets in the logits' dtype,
-    float32 weights, the options (1 - eps, eps / C) as float32."""
-    from . import soft_kernels
-    rows = {"X": xt, "stride_x": "i32", "Y": xt, "stride_y": "i32", "W": "*fp32"}
-    tail = {"n_rows": "i32", "n_cols": "i32", "smooth_own": "fp32", "smooth_class": "fp32", "reduction": "i32"}
-    flags = dict(HAS_WEIGHT=spec.has_weight, HAS_SMOOTHING=spec.smoothing, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
-                 ROW_ALIGN=spec.align)
-    if spec.kernel == "soft_fwd":
-        sig = {**rows, "LOSS": "*fp32", "STATS": "*fp32", "G": xt, "stride_g": "i32", "DENOM": "*fp32",
-               "PARTIAL": "*fp32", "COUNTER": "*i32", **tail}
-        return soft_kernels.soft_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=spec.compute_grad, SINGLE=cfg.single,
-                                                         PARTIAL_BLOCK=PARTIAL_BLOCK, NUM_STAGES=cfg.num_stages)
-    sig = {"GO": "*fp32", **rows, "STATS": "*fp32", "G": xt, "stride_g": "i32", "DENOM": "*fp32", **tail}
-    return soft_kernels.soft_bwd_kernel, sig, dict(flags, GO_PER_ROW=spec.go_per_row)
+def _num_warps(spec) -> int:
+    form = form_of(spec.kernel)
+    return form.num_warps(spec) if hasattr(form, "num_warps") else spec.config.num_warps
 
 
-#: Mixup's two-target kernels (mix_kernels.py), launched by launch_mix.py.
-MIX_KERNELS = ("mix_fwd", "mix_bwd")
-
-
-def _mix_signature(spec: Spec):
-    """(kernel fn, signature, constexprs) of a two-target kernel: the one-target kernel's argument
-    types by name, plus the second target, lam (float32), part b's denominator and the total's
-    reduction."""
-    from dataclasses import replace
-
-    from . import mix_kernels
-    _, sig, const, _ = _signature(replace(spec, kernel=spec.kernel[len("mix_"):]))
-    fwd = spec.kernel == "mix_fwd"
-    if spec.variant == Variant.BCE:
-        fn = mix_kernels.bce_mix_fwd_kernel if fwd else mix_kernels.bce_mix_bwd_kernel
-    else:
-        fn = mix_kernels.mix_fwd_kernel if fwd else mix_kernels.mix_bwd_kernel
-    types = dict(sig, TA=sig["T"], TB=sig["T"], LAM="*fp32", DENOM_A=sig["DENOM"], DENOM_B=sig["DENOM"],
-                 total_reduction="i32")
-    return fn, {k: types[k] for k in fn.arg_names}, const
-
-
-def _option_signature(bce: bool) -> dict:
-    """The float arguments between ignore_index and reduction (launch._option_scalars)."""
-    sig = {"smooth_own": "fp32", "smooth_class": "fp32"}
-    if not bce:
-        sig.update({"alpha": "fp32", "beta": "fp32", "gamma": "fp32"})
-    sig.update({"z_loss": "fp32", "softcap": "fp32", "softcap_k": "fp32"})
-    return sig
-
-
-def _option_constexprs(spec: Spec) -> dict:
-    return dict(HAS_SMOOTHING=spec.smoothing, HAS_ZLOSS=spec.z_loss, SOFTCAP=spec.softcap)
-
-
-def _num_warps(spec: Spec) -> int:
-    return 4 if spec.kernel == "prologue" else spec.config.num_warps
-
-
-def compile_spec(spec: Spec, arch: int):
+def compile_spec(spec, arch: int):
     fn, sig, const, attrs = _signature(spec)
     src = ASTSource(fn, sig, const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": _num_warps(spec)})
@@ -229,14 +156,14 @@ def _run(args) -> str:
     return p.stdout + p.stderr
 
 
-def resource_usage(spec: Spec, arch: int) -> Usage:
+def resource_usage(spec, arch: int) -> Usage:
     """Compile ``spec`` for sm_<arch> and read its registers and spills."""
     # keyed on the config too: a Spec's config follows the heuristics (tests override them)
     return _resource_usage_cached(spec, spec.config, arch)
 
 
 @lru_cache(maxsize=None)
-def _resource_usage_cached(spec: Spec, config: Config, arch: int) -> Usage:
+def _resource_usage_cached(spec, config, arch: int) -> Usage:
     ck = compile_spec(spec, arch)
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")
@@ -279,96 +206,6 @@ def _heaviest_plain(kernel: str, v: Variant, dt: str, c: int) -> Spec:
     """The heaviest flags without z-loss and soft cap (label smoothing for ce only): the
     kernels as they were before the options."""
     return Spec(kernel, int(v), dt, c, has_weight=True, smoothing=v == Variant.CE, compute_grad=True)
-
-
-def shipped_specs(full: bool = False) -> list[Spec]:
-    """Every (kernel, variant, dtype, config bucket) the launchers can pick, at its
-    heaviest flags (``full``: the forward also at weight x gradient x {no option, all options})."""
-    specs = []
-    for dt in DTYPES:
-        for v in Variant:
-            for c in fwd_buckets(v):
-                if full:
-                    for w in (False, True):
-                        for opt in (False, True):
-                            for g in (False, True):
-                                specs.append(Spec("fwd", int(v), dt, c, has_weight=w, smoothing=opt, z_loss=opt,
-                                                  softcap=opt, compute_grad=g))
-                else:
-                    specs.append(_heaviest("fwd", v, dt, c))
-            for c in bwd_buckets(v):
-                specs.append(_heaviest("bwd", v, dt, c))
-        for c in bwd_buckets(Variant.CE):
-            specs.append(Spec("scale", 0, dt, c, go_per_row=True))
-    specs.append(Spec("prologue", 0, "fp32", 1))
-    return _dedup(specs)
-
-
-def ci_specs() -> list[Spec]:
-    """The subset the test suite compiles for both architectures (the full set takes
-    ~10 minutes on two cores; ``report --all`` runs it): per variant the register-
-    heaviest configurations -- the widest on-chip tile and the streamed one in bf16 and
-    fp32, the widest on-chip tile in fp16, ImageNet's C = 1000 -- plus the standalone
-    backward's widest tile, the scale and prologue kernels. The widest tile of a regime
-    holds the most values per thread and so bounds the narrower ones' registers.
-
-    Flags: all options on (weight, gradient, smoothing, z-loss, soft cap), except bce's
-    streamed forward, compiled at the plain loss's heaviest flags. With options on, ptxas
-    (its occupancy heuristic) spills 8-36 bytes in 13 of bce's 42 streamed-forward option
-    specializations on sm_90 (none on sm_80; none in the target-only family): scalars that
-    live across a row's three passes in the persistent loop (the running partial sum, the
-    mean denominator's pointer, row terms), one local load per row, none in the per-element
-    loops, to fit one more program per SM. 4-warp, 8-warp and 1024-column configurations
-    each leave some; which combinations spill moves with any change of the code, so they
-    are listed by ``report --all`` rather than asserted here."""
-    specs = []
-    for v in Variant:
-        fb = fwd_buckets(v)
-        widest, streamed = fb[-2], fb[-1]
-        for dt in ("bf16", "fp32"):
-            stream = _heaviest_plain if v == Variant.BCE else _heaviest
-            specs += [_heaviest("fwd", v, dt, widest), stream("fwd", v, dt, streamed)]
-            specs.append(_heaviest("bwd", v, dt, bwd_buckets(v)[-1]))
-        specs += [_heaviest("fwd", v, "fp16", widest), _heaviest("fwd", v, "bf16", 1000)]
-    specs += [Spec("scale", 0, "bf16", 4096, go_per_row=True), Spec("scale", 0, "fp32", 4096, go_per_row=False),
-              Spec("prologue", 0, "fp32", 1)]
-    return _dedup(specs)
-
-
-def soft_ci_specs() -> list[Spec]:
-    """The soft-target kernels at their heaviest flags (weight, smoothing, gradient): the forward's
-    widest on-chip tile and its streamed configuration in bf16 and fp32, the widest tile in fp16,
-    C = 1000; the backward's widest tile (per-row grad_output) in bf16 and fp32."""
-    fb = fwd_buckets(Variant.CE)
-    specs = [Spec("soft_fwd", 0, dt, c, smoothing=True) for dt in ("bf16", "fp32") for c in fb[-2:]]
-    specs += [Spec("soft_fwd", 0, "fp16", fb[-2], smoothing=True), Spec("soft_fwd", 0, "bf16", 1000, smoothing=True)]
-    specs += [Spec("soft_bwd", 0, dt, bwd_buckets(Variant.CE)[-1], smoothing=True, go_per_row=True)
-              for dt in ("bf16", "fp32")]
-    return _dedup(specs)
-
-
-def mix_ci_specs() -> list[Spec]:
-    """The two-target kernels at their heaviest flags (weight, gradient, smoothing, z-loss, soft cap),
-    per variant (bce's own kernel pair included): the forward's widest on-chip tile and its streamed
-    configuration in bf16 and fp32, C = 1000 in bf16, the backward's widest tile in bf16 and fp32
-    (ci_specs' choice; ``_dedup`` is not used: it keys the variant on the one-target kernels' names).
-
-    bce's streamed forward (1x2048 blocks, three passes per row) also at the plain flags (weight,
-    gradient), which spilled before: with the one-target bce's 4 warps ptxas capped it at 168
-    registers and spilled 28-44 bytes in bf16 or fp32 on sm_80 or sm_90 (fp32 all options:
-    44/40 B on sm_80, 28/24 B on sm_90). It now runs 8 warps (``launch_mix.fwd_config``) and forms
-    the targets' row terms after pass 2: 80-126 registers, no spills (docs/triton.md, "Registers",
-    for what else was measured)."""
-    specs = []
-    for v in Variant:
-        fb = fwd_buckets(v)
-        for dt in ("bf16", "fp32"):
-            specs += [_heaviest("mix_fwd", v, dt, fb[-1]), _heaviest("mix_fwd", v, dt, fb[-2]),
-                      _heaviest("mix_bwd", v, dt, bwd_buckets(v)[-1])]
-            if v == Variant.BCE:
-                specs.append(_heaviest_plain("mix_fwd", v, dt, fb[-1]))
-        specs.append(_heaviest("mix_fwd", v, "bf16", 1000))
-    return specs
 
 
 def as_row(u: Usage) -> dict:

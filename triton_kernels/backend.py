@@ -7,29 +7,29 @@ tests run on a machine without a GPU).
 """
 import os
 
-from fusedloss import dispatch
+from fusedloss import dispatch, mixup, ops
 
-from . import launch
-from . import launch_soft
-from . import launch_mix
-from . import launch_bce_parallel
+from .one_target import launch as one_target
+from .probs import launch as probs
+from .split_vocab import launch as split_vocab
+from .two_targets import launch as two_targets
 
 
 def _supports(device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# One op family per target form, each from its folder.
 dispatch.register(dispatch.Backend(
     name="triton",
-    fwd=launch.triton_fwd,
-    bwd=launch.triton_bwd,
     supports=_supports,
-    fused_grad=True,
-    fwd_inplace=launch.forward_inplace,
-    soft_fwd=launch_soft.triton_soft_fwd,
-    mix_fwd=launch_mix.triton_mix_fwd,
-    mix_fuses=launch_mix.fuses,
-    # fusedloss.parallel's bce given global numbers (ops.BCE_PARTIAL_SCHEMA)
-    bce_partial=launch_bce_parallel.triton_bce_partial,
-    bce_global_bwd=launch_bce_parallel.triton_bce_global_bwd,
+    families=(
+        ops.OneTargetOps(fwd=one_target.triton_fwd, bwd=one_target.triton_bwd, fused_grad=True,
+                         fwd_inplace=one_target.forward_inplace),
+        ops.ProbsOps(fwd=probs.triton_soft_fwd, fused_grad=True),
+        mixup.TwoTargetOps(fwd=two_targets.triton_mix_fwd, fuses=two_targets.fuses),
+        # fusedloss.parallel's bce given global numbers (ops.BCE_PARTIAL_SCHEMA)
+        ops.SplitVocabOps(bce_partial=split_vocab.triton_bce_partial,
+                          bce_global_bwd=split_vocab.triton_bce_global_bwd),
+    ),
 ))

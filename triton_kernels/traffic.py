@@ -64,7 +64,8 @@ def _other_bytes(n: int, elem: int, grid: int, n_cols: int, reduction: int, has_
     the ticket (8), the mean's partial denominators (4 each), the last program's read of
     all partials; the backward scale kernel's grad_output read per program."""
     from .heuristics import scale_config
-    from .launch import PROLOGUE_BLOCK, kernels
+    from . import rows
+    from .launch_common import PROLOGUE_BLOCK
 
     w = 4 if has_weight else 0
     b = n * (8 + elem + 16 + w)
@@ -75,7 +76,7 @@ def _other_bytes(n: int, elem: int, grid: int, n_cols: int, reduction: int, has_
     if reduction != Reduction.NONE:
         b += 4                                   # the prologue zeroes the ticket counter
     if reduction == Reduction.MEAN:
-        n_denom = min(kernels.DENOM_PARTIALS.value, max(1, -(-n // PROLOGUE_BLOCK)))
+        n_denom = min(rows.DENOM_PARTIALS.value, max(1, -(-n // PROLOGUE_BLOCK)))
         b += n * (8 + w) + 4 * n_denom + grid * 4 * n_denom * (2 if compute_grad else 1)
     if compute_grad:
         b += 4 * -(-n // scale_config(n_cols).block_n)

@@ -40,20 +40,21 @@ ops.register_autograd("ext_fwd", torch.ops.fusedloss.ext_bwd.default, scale_grad
 
 ops.register_soft_autograd("ext_soft_fwd", torch.ops.fusedloss.ext_soft_bwd.default, scale_grad=_scale_fused_grad)
 
-_fwd = torch.ops.fusedloss.ext_fwd.default
-_bwd = torch.ops.fusedloss.ext_bwd.default
-_soft_fwd = torch.ops.fusedloss.ext_soft_fwd.default
-
 mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, scale_grad=_scale_fused_grad)
-_mix_fwd = torch.ops.fusedloss.ext_mix_fwd.default
 
+# The extension's op families, one per target form (csrc/cpu/ops_cpu*.cpp, csrc/cuda/ops_cuda.cu).
 # The two-target op fuses every loss, with or without the soft cap, on both devices. The
 # vocabulary-parallel bce ops have CPU kernels only.
+_ONE_TARGET = ops.OneTargetOps(fwd=torch.ops.fusedloss.ext_fwd.default, bwd=torch.ops.fusedloss.ext_bwd.default,
+                               fused_grad=True)
+_PROBS = ops.ProbsOps(fwd=torch.ops.fusedloss.ext_soft_fwd.default, fused_grad=True)
+_TWO_TARGETS = mixup.TwoTargetOps(fwd=torch.ops.fusedloss.ext_mix_fwd.default, fuses=lambda variant, softcap: True)
+_SPLIT_VOCAB = ops.SplitVocabOps(bce_partial=torch.ops.fusedloss.ext_bce_partial.default,
+                                 bce_global_bwd=torch.ops.fusedloss.ext_bce_global_bwd.default)
+
 dispatch.register(dispatch.Backend(
-    name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
-    soft_fwd=_soft_fwd, mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
-    bce_partial=torch.ops.fusedloss.ext_bce_partial.default,
-    bce_global_bwd=torch.ops.fusedloss.ext_bce_global_bwd.default,
+    name="cpu", supports=lambda device: device.type == "cpu",
+    families=(_ONE_TARGET, _PROBS, _TWO_TARGETS, _SPLIT_VOCAB),
 ))
 
 
@@ -64,6 +65,6 @@ def cuda_compiled() -> bool:
 
 if cuda_compiled():
     dispatch.register(dispatch.Backend(
-        name="cuda", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cuda", fused_grad=True,
-        soft_fwd=_soft_fwd, mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
+        name="cuda", supports=lambda device: device.type == "cuda",
+        families=(_ONE_TARGET, _PROBS, _TWO_TARGETS),
     ))

@@ -1,11 +1,13 @@
 """Registers the pure-PyTorch reference as a backend: it runs on every device."""
 from . import dispatch, ops
 
+# Mixup and the vocabulary-parallel bce have no op here: their PyTorch paths (mixup's two passes,
+# parallel's passes) run on the reference's one-target ops.
 dispatch.register(dispatch.Backend(
     name="reference",
-    fwd=ops.reference_fwd,
-    bwd=ops.reference_bwd,
     supports=lambda device: True,
-    fused_grad=False,
-    soft_fwd=ops.reference_soft_fwd,
+    families=(
+        ops.OneTargetOps(fwd=ops.reference_fwd, bwd=ops.reference_bwd, fused_grad=False),
+        ops.ProbsOps(fwd=ops.reference_soft_fwd, fused_grad=False),
+    ),
 ))

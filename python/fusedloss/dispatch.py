@@ -1,20 +1,23 @@
 """Backend registry and the automatic choice between backends.
 
-A backend is a pair of ``torch.library`` ops (see ``ops.py``) plus the devices it
-runs on. ``"auto"`` picks, per device: CUDA -> triton, else the CUDA extension,
+A backend is its op families (``torch.library`` ops, see ``ops.py``; :class:`Backend`) plus the
+devices it runs on. ``"auto"`` picks, per device: CUDA -> triton, else the CUDA extension,
 else the reference; CPU -> the C++ kernel, else the reference. The environment
 variable ``FUSEDLOSS_BACKEND`` overrides ``"auto"``. Kernel backends are loaded
 lazily on first use, so importing fusedloss never compiles or launches anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
+
+from .ops import OneTargetOps
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 BACKEND_ENV = "FUSEDLOSS_BACKEND"
@@ -23,27 +26,51 @@ BACKEND_ENV = "FUSEDLOSS_BACKEND"
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
+F = TypeVar("F")
+
+
 @dataclass(frozen=True)
 class Backend:
+    """A backend: its name, the devices it runs on, and one op family per target form it
+    implements, each a small frozen dataclass defined beside that form's op schemas:
+
+    * ``ops.OneTargetOps`` (an integer class per row; every backend has it: :attr:`one_target`),
+    * ``ops.ProbsOps`` (class probabilities), ``mixup.TwoTargetOps`` (mixup's two targets),
+    * ``ops.SplitVocabOps`` (bce of a vocabulary-parallel row given its global numbers).
+
+    ``family(Kind)`` is the backend's family of that kind, or None. The one fallback rule: a
+    form whose family a backend lacks runs that form's PyTorch path, written once beside the
+    form (the reference's formulas, around this backend's one-target ops where the form needs
+    them): class probabilities the reference's op, mixup two passes of ``one_target.fwd``, the
+    vocabulary-parallel bce ``parallel``'s PyTorch passes. A new target form adds its family
+    class and PyTorch path beside its reference, and one entry to each backend that has
+    kernels for it; this class does not change."""
     name: str
-    fwd: Callable            # fusedloss::<name>_fwd
-    bwd: Callable            # fusedloss::<name>_bwd
     supports: Callable[[torch.device], bool]
-    fused_grad: bool = False  # forward can return the gradient (compute_grad=True)
-    # inplace_backward=True: (logits, target, weight, <scalars>) -> loss, differentiable; the
-    # forward writes the gradient into the logits' storage (the logits are consumed).
-    fwd_inplace: Callable | None = None
-    # Class-probability targets (ce): fusedloss::<name>_soft_fwd / _soft_bwd (ops.SOFT_*_SCHEMA);
-    # None: the functional runs the reference's on this device.
-    soft_fwd: Callable | None = None
-    # Mixup's two targets: fusedloss::<name>_mix_fwd (mixup.MIX_FWD_SCHEMA); None: two passes.
-    mix_fwd: Callable | None = None
-    # Which (variant, softcap) the mix op fuses; the others run two passes of fwd.
-    mix_fuses: Callable[[int, float], bool] = lambda variant, softcap: True
-    # bce of a vocabulary-parallel row given its global numbers (ops.BCE_PARTIAL_SCHEMA,
-    # ops.BCE_GLOBAL_BWD_SCHEMA); None: parallel.py's PyTorch passes.
-    bce_partial: Callable | None = None
-    bce_global_bwd: Callable | None = None
+    families: tuple = ()
+
+    def __post_init__(self):
+        kinds = [type(f) for f in self.families]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"backend {self.name!r}: one family per kind; got {[k.__name__ for k in kinds]}")
+        if OneTargetOps not in kinds:
+            raise ValueError(f"backend {self.name!r}: every backend has the one-target ops (ops.OneTargetOps)")
+
+    def family(self, kind: type[F]) -> F | None:
+        """This backend's op family ``kind`` (e.g. ``ops.ProbsOps``), or None: the form's PyTorch path."""
+        for f in self.families:
+            if type(f) is kind:
+                return f
+        return None
+
+    def without(self, kind: type) -> Backend:
+        """This backend less its family ``kind``: the form's PyTorch path (e.g. for a test)."""
+        return dataclasses.replace(self, families=tuple(f for f in self.families if type(f) is not kind))
+
+    @property
+    def one_target(self) -> OneTargetOps:
+        """The one-target ops: fwd, bwd, fused_grad, fwd_inplace."""
+        return self.family(OneTargetOps)
 
 
 class BackendUnavailableError(RuntimeError):

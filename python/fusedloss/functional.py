@@ -123,17 +123,18 @@ def softmax_loss(
     validation.check_class_target(logits, target)
     be = dispatch.resolve(backend, logits.device)
     x2d, t1d = _rows_view(logits, target)
-    compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
-    if inplace_backward and be.fwd_inplace is None:
+    one = be.one_target
+    compute_grad = one.fused_grad and logits.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and one.fwd_inplace is None:
         raise NotImplementedError(f"inplace_backward=True is not implemented by backend {be.name!r}; use backend='triton'")
     scalars = (int(variant), int(red), ignore_index, float(label_smoothing), float(alpha), float(beta), float(gamma),
                float(z_loss), cap)
     if inplace_backward and compute_grad:
         if return_lse:
             raise NotImplementedError("return_lse=True with inplace_backward=True is not implemented")
-        out = be.fwd_inplace(x2d, t1d, weight, *scalars)
+        out = one.fwd_inplace(x2d, t1d, weight, *scalars)
     else:
-        out, stats, _ = be.fwd(x2d, t1d, weight, *scalars, compute_grad)
+        out, stats, _ = one.fwd(x2d, t1d, weight, *scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
     out = out.to(logits.dtype)
@@ -154,7 +155,7 @@ def _mixed(logits: Tensor, target: tuple, weight, variant, red, ignore_index, ep
     tb = yb.reshape(ta.shape)
     lam_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     lam = mixup.lam_rows(lam, ta.shape[0], x2d, lam_dtype)
-    compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
+    compute_grad = be.one_target.fused_grad and logits.requires_grad and torch.is_grad_enabled()
     scalars = (int(variant), int(red), ignore_index, float(eps), float(alpha), float(beta), float(gamma), z_loss, cap)
     out = mixup.mixed_loss(be, x2d, ta, tb, lam, weight, scalars, compute_grad)
     if red == Reduction.NONE:
@@ -186,10 +187,10 @@ def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, e
     y = y.to(x.dtype)
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
-    if be.soft_fwd is not None:
-        fwd, fused = be.soft_fwd, be.fused_grad
-    else:  # no soft-target kernel in this backend: the reference's, on the same device
-        fwd, fused = ops.reference_soft_fwd, False
+    probs = be.family(ops.ProbsOps)
+    if probs is None:  # no soft-target kernel in this backend: the reference's, on the same device
+        probs = ops.ProbsOps(ops.reference_soft_fwd, fused_grad=False)
+    fwd, fused = probs.fwd, probs.fused_grad
     compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
     out, stats, _ = fwd(x, y, weight, int(red), float(eps), compute_grad)
     lse = stats[:, 0]

@@ -132,7 +132,7 @@ def _fold(g: Tensor, h: Tensor, weight: Tensor, dh: Tensor | None, dw: _WeightGr
 
 
 def _inplace_triton(be) -> bool:
-    return be.name == "triton" and be.fwd_inplace is not None
+    return be.name == "triton" and be.one_target.fwd_inplace is not None
 
 
 def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
@@ -169,7 +169,7 @@ def _linear_loss_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
             loss_c, st = torch.ops.fusedloss.triton_fwd_inplace(x, t, class_weight, *scalars)
             g = x
         else:
-            loss_c, st, g = be.fwd(x, t, class_weight, *scalars, fused)
+            loss_c, st, g = be.one_target.fwd(x, t, class_weight, *scalars, fused)
         lse[s:e] = st[:, 0]
         if keep_stats:
             stats[s:e] = st
@@ -216,7 +216,7 @@ def _linear_loss_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Te
     scalars = (variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma, z_loss, softcap)
     grad_loss = grad_loss.contiguous()
     run_blocks(hidden, weight, bias, chunk_rows,
-               lambda s, e, x: be.bwd(grad_loss[s:e], x, target[s:e], class_weight, stats[s:e], *scalars),
+               lambda s, e, x: be.one_target.bwd(grad_loss[s:e], x, target[s:e], class_weight, stats[s:e], *scalars),
                dh, dw, db)
     db_out = db.to(bias.dtype) if db is not None and bias is not None else db
     return (dh if dh is not None else empty(), dw.result() if dw is not None else empty(),

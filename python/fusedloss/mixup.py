@@ -10,20 +10,21 @@ class-probability target has no meaning for nllr/crl/lace/focal/bce.
 
 Two implementations:
 
-* fused (the backend's two-target op, where its ``Backend.mix_fuses`` says so: the C++
+* fused (the backend's two-target op, where its ``TwoTargetOps.fuses`` says so: the C++
   extension's ``fusedloss::ext_mix_fwd/bwd`` on CPU and CUDA and the triton backend's
   ``fusedloss::triton_mix_fwd/bwd``, each for every loss, with or without ``softcap``): one
   read of each row for both targets' statistics and one gradient write. bce's two parts
   share ``lse``, the arg-max ``w`` and ``log(1 - p_w)``; each has its own ``R`` and loss term
   (its second, cached pass sums over the classes that are neither target nor ``w``, and each
   part adds the other target's terms);
-* two passes (a backend without a two-target op, the reference, or a loss its ``mix_fuses``
+* two passes (a backend without a two-target op, the reference, or a loss its ``TwoTargetOps.fuses``
   leaves out): the backend's one-target op twice, with ``reduction='none'``, combined here.
   Same values, twice the logits' traffic.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -112,18 +113,28 @@ def lam_rows(lam: float | Tensor, n: int, like: Tensor, dtype: torch.dtype) -> T
     return torch.full((n,), float(lam), dtype=dtype, device=like.device)
 
 
+@dataclass(frozen=True)
+class TwoTargetOps:
+    """Mixup's two targets: ``fusedloss::<name>_mix_fwd`` (MIX_FWD_SCHEMA), for the (variant, softcap)
+    that ``fuses`` accepts; ``compute_grad`` follows the one-target ops' ``fused_grad``. Absent, or not
+    fused: two passes of the backend's one-target forward."""
+    fwd: Callable
+    fuses: Callable[[int, float], bool] = lambda variant, softcap: True
+
+
 def mixed_loss(be: dispatch.Backend, x: Tensor, ta: Tensor, tb: Tensor, lam: Tensor, weight: Tensor | None,
                scalars: tuple, compute_grad: bool) -> Tensor:
     """The reduced (or per-row) two-target loss of ``(N, C)`` rows, fused where the backend
     has a two-target kernel for this loss, else two passes."""
     variant, red, ignore_index, eps, alpha, beta, gamma, z_loss, softcap = scalars
-    if be.mix_fwd is not None and be.mix_fuses(variant, softcap):
-        out, _, _ = be.mix_fwd(x, ta, tb, lam, weight, *scalars, compute_grad)
+    mix = be.family(TwoTargetOps)
+    if mix is not None and mix.fuses(variant, softcap):
+        out, _, _ = mix.fwd(x, ta, tb, lam, weight, *scalars, compute_grad)
         return out
     parts = []
     none_scalars = (variant, int(Reduction.NONE)) + tuple(scalars[2:])
     for t, k in ((ta, lam), (tb, 1.0 - lam)):
-        rows, _, _ = be.fwd(x, t, weight, *none_scalars, compute_grad)
+        rows, _, _ = be.one_target.fwd(x, t, weight, *none_scalars, compute_grad)
         # where, not a product: a row whose part counts 0 adds 0 even when its loss is inf
         parts.append(torch.where(k == 0, torch.zeros_like(rows), k * rows))
     if red == Reduction.NONE:

@@ -22,6 +22,7 @@ already produced the gradient, that gradient instead of the logits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -261,3 +262,36 @@ def fake_bce_global_bwd(grad_rows, logits, stats, slice_idx, z_loss, softcap):
 def register_bce_parallel_fakes(partial_name: str, bwd_name: str) -> None:
     torch.library.register_fake(f"{NAMESPACE}::{partial_name}")(fake_bce_partial)
     torch.library.register_fake(f"{NAMESPACE}::{bwd_name}")(fake_bce_global_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Op families: what a backend implements per target form (``dispatch.Backend.families``)
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OneTargetOps:
+    """An integer class target per row: ``fusedloss::<name>_fwd`` / ``_bwd`` (FWD_SCHEMA, BWD_SCHEMA).
+    Every backend has them."""
+    fwd: Callable
+    bwd: Callable
+    fused_grad: bool = False  # the forward can return the gradient (compute_grad=True)
+    # inplace_backward=True: (logits, target, weight, <scalars>) -> loss, differentiable; the
+    # forward writes the gradient into the logits' storage (the logits are consumed). None:
+    # inplace_backward=True raises NotImplementedError.
+    fwd_inplace: Callable | None = None
+
+
+@dataclass(frozen=True)
+class ProbsOps:
+    """Class-probability targets (ce): ``fusedloss::<name>_soft_fwd`` (SOFT_FWD_SCHEMA; its backward
+    is the op's registered autograd). Absent: the reference's op, on the same device."""
+    fwd: Callable
+    fused_grad: bool = False
+
+
+@dataclass(frozen=True)
+class SplitVocabOps:
+    """bce of a vocabulary-parallel row given its global numbers (BCE_PARTIAL_SCHEMA,
+    BCE_GLOBAL_BWD_SCHEMA). Absent: ``fusedloss.parallel``'s PyTorch passes."""
+    bce_partial: Callable
+    bce_global_bwd: Callable

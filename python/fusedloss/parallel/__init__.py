@@ -23,7 +23,7 @@ collectives of ``O(N)`` floats (docs/parallel.md counts them):
   lowest index among ties) and the three global log-sum-exps, each shifted by its own max.
   Round two: each rank's partial sums over its classes but ``c`` and ``w``, one all-reduce SUM. The
   gradient is local, from the global numbers. Both by the backend's ops given those numbers where it
-  has them (``Backend.bce_partial``, ``bce_global_bwd``: the C++ CPU kernels, and Triton's), else by the
+  has them (``ops.SplitVocabOps``: the C++ CPU kernels, and Triton's), else by the
   reference's bce per-element functions on the slice, in blocks of rows.
 
 Where a kernel would misread (the fake target of a row whose target is elsewhere, the global

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import reference
+from .. import ops, reference
 from ..head import _blocks, default_chunk_rows
 from ..variants import Reduction, Variant
 from .plan import LOCAL_IGNORE, Plan, _Config
@@ -26,9 +26,9 @@ class _BceState(NamedTuple):
     slice_idx: Tensor  # (N, 3) int64: local c, local w (-1: elsewhere), w == c (1, 0; -1: ignored row)
 
 
-def _bce_kernels(be) -> bool:
-    """Whether the backend has the bce ops given global numbers (ops.BCE_PARTIAL_SCHEMA)."""
-    return be.bce_partial is not None and be.bce_global_bwd is not None
+def _bce_kernels(be) -> ops.SplitVocabOps | None:
+    """The backend's bce ops given global numbers (ops.BCE_PARTIAL_SCHEMA), or None."""
+    return be.family(ops.SplitVocabOps)
 
 
 def _row_blocks(x: Tensor, cdtype):
@@ -49,7 +49,7 @@ def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad
     # Round one, local: the bce forward kernel on the slice. Its stats: the local lse, lse_ex of the
     # local target, log(1 - p_w) of the local arg-max w_r, and w_r (a local class; ties with the
     # target go to the target). Its loss is the slice's, not needed.
-    _, st, _ = be.fwd(x, local_t, None, int(Variant.BCE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
+    _, st, _ = be.one_target.fwd(x, local_t, None, int(Variant.BCE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
                       cfg.alpha, cfg.beta, cfg.gamma, 0.0, cap, False)
     st = st.to(cdtype)
     w_r = st[:, 3].long().clamp(0, vl - 1)
@@ -93,7 +93,7 @@ def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad
     # (every p_k <= 1/2 there): the kernel's second pass given the global lse and w, or the
     # reference's per-element functions, one block of rows at a time.
     if _bce_kernels(be):
-        sums = be.bce_partial(x, stats, slice_idx, cap).T[:2 if need_grad else 1].contiguous()
+        sums = _bce_kernels(be).bce_partial(x, stats, slice_idx, cap).T[:2 if need_grad else 1].contiguous()
     else:
         sums = torch.zeros((2 if need_grad else 1, n), dtype=cdtype, device=x.device)
         for s, e in _row_blocks(x, cdtype):
@@ -130,7 +130,7 @@ def _bce_grad(x, st: _BceState, go, weight, plan: Plan, be, cfg: _Config) -> Ten
         g = None
         if eps < 1:
             z_k = z / (1 - eps) if eps > 0 else z
-            g = be.bce_global_bwd(((1 - eps) * rs).contiguous(), x, stats, slice_idx, z_k, cap)
+            g = _bce_kernels(be).bce_global_bwd(((1 - eps) * rs).contiguous(), x, stats, slice_idx, z_k, cap)
         return _add_smoothing(g, x, lse, go, rs, keep, weight, plan, cfg)
     holds_c = _owner(t, keep, cs, vl)
     w_loc = w - cs

@@ -74,7 +74,7 @@ def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group):
     masked = _avoid_masked_fake_targets(x, local_t, keep & ~owner, cap, plan.k0_masked)
     # Partial statistics of the slice (the kernel's stats are of the capped logits).
     # Variant and options do not change stats[:, :2]: ce, no smoothing, the cheapest pass.
-    _, stats, _ = be.fwd(x, local_t, None, int(Variant.CE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
+    _, stats, _ = be.one_target.fwd(x, local_t, None, int(Variant.CE), int(Reduction.NONE), LOCAL_IGNORE, 0.0,
                          cfg.alpha, cfg.beta, cfg.gamma, 0.0, cap, False)
     part = torch.where(owner, stats[:, 1], stats[:, 0]).to(cdtype)
     x_t = _cap(x.gather(1, local_t.clamp(min=0)[:, None])[:, 0].to(cdtype), cap)
@@ -127,7 +127,7 @@ def _target_only_grad(x, st: _TargetOnlyState, go, weight, plan: Plan, be, cfg: 
         # rescaled so its 2 z lse w_c go term is exact with own = (1 - eps) w_c go.
         go_k = (1 - eps) * rs
         z_k = z / (1 - eps) if eps > 0 else z
-        g = be.bwd(go_k.contiguous(), x, local_t, None, stats_g, cfg.variant, int(Reduction.NONE),
+        g = be.one_target.bwd(go_k.contiguous(), x, local_t, None, stats_g, cfg.variant, int(Reduction.NONE),
                    LOCAL_IGNORE, 0.0, cfg.alpha, cfg.beta, cfg.gamma, z_k, cap)
         # The fake target's entry of a row owned elsewhere holds the kernel's target formula; it
         # is a competitor: g = p_k (own s + extra) = exp(x_k - lse + log s) own + exp(x_k - lse) 2 z lse own

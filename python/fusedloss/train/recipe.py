@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fusedloss as fl
-from fusedloss import dispatch
+from fusedloss import dispatch, mixup
 from fusedloss.variants import variant_id
 
 # torchvision's ResNet-50 "v2" weights (IMAGENET1K_V2, 80.858 top-1), from the command line published
@@ -236,7 +236,8 @@ class MixedTargetLoss(nn.Module):
             return "two-target (two calls)"
         be = dispatch.resolve(self.criterion.backend, torch.device(device))
         variant, softcap = int(variant_id(self.criterion.loss)), getattr(self.criterion, "softcap", None) or 0.0
-        if be.mix_fwd is not None and be.mix_fuses(variant, softcap):
+        mix = be.family(mixup.TwoTargetOps)
+        if mix is not None and mix.fuses(variant, softcap):
             return f"two-target (fused, {be.name})"
         return f"two-target (two passes of the {be.name} kernel)"
 

@@ -1,11 +1,11 @@
-"""Launchers of mixup's two-target kernels (``mix_kernels.py``), registered as the
+"""Launchers of mixup's two-target kernels (``kernels.py``), registered as the
 ``torch.library.triton_op``s ``fusedloss::triton_mix_fwd`` / ``fusedloss::triton_mix_bwd``
 with the schemas ``mixup.MIX_FWD_SCHEMA`` / ``mixup.MIX_BWD_SCHEMA`` (``lam`` an (N,) floating
 tensor, as ``fusedloss.mixup`` passes it) and the autograd formula of
 ``mixup.register_mix_op``.
 
-Like ``launch.py``'s ops: the bodies launch through ``wrap_triton``, the fused gradient's
-backward is ``launch.scale_fused_grad`` (in place on the device, skipped where grad_output
+Like ``one_target/launch.py``'s ops: the bodies launch through ``wrap_triton``, the fused gradient's
+backward is ``launch_common.scale_fused_grad`` (in place on the device, skipped where grad_output
 is 1), rows of any stride are read in place, O(N) inputs are made contiguous, and float64
 logits run the reference: here its one-target forward and backward on each part, combined
 as ``fusedloss.mixup``'s two-pass path combines them.
@@ -27,16 +27,17 @@ from torch.library import triton_op, wrap_triton
 from fusedloss import mixup, reference
 from fusedloss.variants import STATS_COLS, Reduction, Variant
 
-from . import kernels, mix_kernels
-from .heuristics import Config, bwd_config
-from .heuristics import fwd_config as _one_target_fwd_config
-from .launch import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_targets, _dense, _empty_loss, _fwd_grid,
+from .. import rows
+from ..heuristics import Config, bwd_config
+from ..heuristics import fwd_config as _one_target_fwd_config
+from ..launch_common import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_targets, _dense, _empty_loss, _fwd_grid,
                      _launch_prologue, _option_flags, _option_scalars, _unit_class_stride, _workspace, row_align,
                      scale_fused_grad)
+from . import kernels
 
 
 def fuses(variant: int, softcap: float) -> bool:
-    """``dispatch.Backend.mix_fuses``: every loss, soft cap or not."""
+    """``mixup.TwoTargetOps.fuses``: every loss, soft cap or not."""
     return True
 
 
@@ -45,7 +46,7 @@ def fwd_config(n_cols: int, elem_size: int, variant: int) -> Config:
     except bce's streamed forward, which runs 8 warps instead of 4 (8 values of a 2048-column
     block per thread, not 16): with 4, ptxas capped it at 168 registers and spilled 28-44 bytes
     (three passes over the row, both parts' row terms); with 8 it compiles without spills on
-    sm_80 and sm_90 (``aot.mix_ci_specs``)."""
+    sm_80 and sm_90 (``aot_specs.ci_specs``)."""
     cfg = _one_target_fwd_config(n_cols, elem_size, variant)
     if int(variant) == Variant.BCE and not cfg.single:
         cfg = dataclasses.replace(cfg, num_warps=8)
@@ -75,7 +76,7 @@ def _denominators(logits: Tensor, target_b: Tensor, weight: Tensor | None, ignor
 
 
 def _n_denom(n: int, reduction: int) -> int:
-    return min(kernels.DENOM_PARTIALS.value, max(1, triton.cdiv(n, PROLOGUE_BLOCK))) if reduction == Reduction.MEAN \
+    return min(rows.DENOM_PARTIALS.value, max(1, triton.cdiv(n, PROLOGUE_BLOCK))) if reduction == Reduction.MEAN \
         else 0
 
 
@@ -93,8 +94,8 @@ def _common(logits: Tensor, grad: Tensor, weight: Tensor | None, variant: int, l
 def _kernel_and_shape(variant: int, fwd: bool, alpha: float, beta: float, gamma: float):
     """The kernel of ``variant`` and its shape arguments (none for bce)."""
     if int(variant) == Variant.BCE:
-        return (mix_kernels.bce_mix_fwd_kernel if fwd else mix_kernels.bce_mix_bwd_kernel), ()
-    return ((mix_kernels.mix_fwd_kernel if fwd else mix_kernels.mix_bwd_kernel),
+        return (kernels.bce_mix_fwd_kernel if fwd else kernels.bce_mix_bwd_kernel), ()
+    return ((kernels.mix_fwd_kernel if fwd else kernels.mix_bwd_kernel),
             (float(alpha), float(beta), float(gamma)))
 
 
@@ -142,7 +143,7 @@ def launch_mix_backward(grad_loss: Tensor, logits: Tensor, target_a: Tensor, tar
     if n == 0:
         return grad
     cfg = bwd_config(c, logits.element_size(), variant)
-    denom_a = torch.empty((kernels.DENOM_PARTIALS.value,), dtype=torch.float32, device=logits.device)
+    denom_a = torch.empty((rows.DENOM_PARTIALS.value,), dtype=torch.float32, device=logits.device)
     if reduction == Reduction.MEAN:
         counter = torch.empty((1,), dtype=torch.int32, device=logits.device)
         _launch_prologue(target_a, weight, denom_a, counter, c, ignore_index, need_denom=True)

@@ -9,14 +9,14 @@ c, local w, -1 where on another rank; w == c globally: 1 / 0, -1 an ignored row)
 BLOCK_N rows and streams them in BLOCK_C column tiles (a masked ragged tail); an ignored row
 reads no logit and writes zeros.
 
-The math is kernels.py's, reused as is:
+The math is rows.py's, reused as is:
 
-* ``bce_partial_kernel``: :func:`kernels._bce_tile_sums` with TWO_TARGETS, targets (c, w): w's
+* ``bce_partial_kernel``: :func:`rows._bce_tile_sums` with TWO_TARGETS, targets (c, w): w's
   lanes read as p = 0 and the arg-max taken as c, so both sums run over the slice's k not in
   {c, w}: sum log(1 - p_k) and sum a_k (the caller adds a_c = -1 and log(1 - p_w) itself);
-* ``bce_global_bwd_kernel``: :func:`kernels._bce_grad_tile` with the global lse, R,
+* ``bce_global_bwd_kernel``: :func:`rows._bce_grad_tile` with the global lse, R,
   log(1 - p_w), log p_w = x_w - lse, own = grad_rows and z-loss's extra = 2 z lse own
-  (:func:`kernels._extra_terms`); c and w as local columns, or negative codes that match no
+  (:func:`rows._extra_terms`); c and w as local columns, or negative codes that match no
   column: the target elsewhere -1, the arg-max elsewhere -1 when w == c (so that the tile sees
   w == c) and -2 when not.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import ACC, _bce_grad_tile, _bce_tile_sums, _extra_terms, _load_tile
+from ..rows import ACC, _bce_grad_tile, _bce_tile_sums, _extra_terms, _load_tile
 
 
 @triton.jit

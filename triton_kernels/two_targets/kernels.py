@@ -4,7 +4,7 @@
     lam L(x, a) + (1 - lam) L(x, b),   each part reduced as the loss alone would be
 
 (``fusedloss.mixup``; the C++ CPU twin is ``csrc/cpu/kernels.cpp``, ``mix_target_only``,
-with ``losses.h``, ``mix_grad``). Every per-row and per-tile piece is ``kernels.py``'s:
+with ``losses.h``, ``mix_grad``). Every per-row and per-tile piece is ``rows.py``'s:
 the variant math (``_variant_math``, once per target), the row loss with label smoothing
 and z-loss (``_row_loss``), the gradient's extra terms (``_extra_terms``), the tile load
 with the soft cap (``_load_tile``), the online pass (``_online_update``), the tile gradient
@@ -42,7 +42,7 @@ of the scale is a coefficient times a number ``<= 1``; ``s (1 - p)`` is the vari
 terms by a select: its ``log s`` may be NaN where its loss is infinite (focal at
 ``p_a = 0``), and ``0 * NaN`` would spoil the other part.
 
-Regimes, grid, eviction hints and traffic are the one-target kernels' (``kernels.py``):
+Regimes, grid, eviction hints and traffic are the one-target kernels' (``one_target/kernels.py``):
 an on-chip row is read once and its gradient written once; a streamed row is read
 twice (the second pass in reverse block order, L2-warm) by a persistent grid.
 """
@@ -51,7 +51,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (ACC, NEG_INF, RED_MEAN, _bce_grad_tiles, _bce_saved_stats, _bce_stats_pass, _bce_store_grad,
+from ..rows import (ACC, NEG_INF, RED_MEAN, _bce_grad_tiles, _bce_saved_stats, _bce_stats_pass, _bce_store_grad,
                       _bce_sums_pass, _capped, _extra_terms, _finish_reduction, _grad_row_scale, _load_tile, _log1p,
                       _logaddexp, _mean_denominator, _row_loss, _rows_setup, _safe_shift, _softplus, _stats_pass,
                       _store_grad, _store_row_outputs, _variant_math, _weight_total)
@@ -62,7 +62,7 @@ def _mix_rows(rb, X, stride_x, TA, TB, W, LAM, n_rows, n_cols, ignore_index, sof
               BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Rows of row block ``rb`` with both targets (an ignored one read as the other's, its
     class weight likewise), whether each part counts, ``bad`` (either target out of range),
-    ``lam``, the rows' offsets (``kernels.py``'s ROW_ALIGN hint: ``n_cols`` rewritten as
+    ``lam``, the rows' offsets (``rows.py``'s ROW_ALIGN hint: ``n_cols`` rewritten as
     ``(n // A) * A``, an identity the alignment analysis sees) and both target logits."""
     rows, row_ok, tc_a, keep_a, bad_a, w_a = _rows_setup(rb, TA, W, n_rows, n_cols, ignore_index, BLOCK_N,
                                                          HAS_WEIGHT, ACC)
@@ -236,7 +236,7 @@ def mix_fwd_kernel(
     BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Forward of a target-only variant with two targets (and with COMPUTE_GRAD the gradient
-    for grad_output = 1): ``kernels.target_fwd_kernel``'s regimes and grid."""
+    for grad_output = 1): ``one_target.kernels.target_fwd_kernel``'s regimes and grid."""
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
     first, stop, step = _row_blocks(n_rows, BLOCK_N, SINGLE)
     for rb in range(first, stop, step):
@@ -282,10 +282,10 @@ def mix_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------
-# bce: both parts share lse, the arg-max w and log(1 - p_w) (pass 1, kernels.py's
-# _bce_stats_pass); pass 2 sums over k not in {a, b} once (kernels.py's _bce_sums_pass with
+# bce: both parts share lse, the arg-max w and log(1 - p_w) (pass 1, rows.py's
+# _bce_stats_pass); pass 2 sums over k not in {a, b} once (rows.py's _bce_sums_pass with
 # TWO_TARGETS) and each part adds the other target's terms (_bce_mix_part_r,
-# _bce_mix_part_loss); the gradient is the sum of both parts' _bce_grad_tile (kernels.py's
+# _bce_mix_part_loss); the gradient is the sum of both parts' _bce_grad_tile (rows.py's
 # _bce_grad_tiles / _bce_store_grad with TWO_TARGETS), written once. Stats columns: lse,
 # lse_ex(a), log(1 - p_w), w (the CPU op's).
 # ----------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def _bce_mix_rs(ta, tb, Wi, x_a, x_b, lse, s_r):
 @triton.jit
 def _bce_mix_terms(r_a, go_a, r_b, go_b, lse, w_tot, smooth_own, smooth_class, z_loss, HAS_SMOOTHING: tl.constexpr,
                    HAS_ZLOSS: tl.constexpr):
-    """Each part's own, extra and per_class coefficients (kernels.py's _extra_terms) for its
+    """Each part's own, extra and per_class coefficients (rows.py's _extra_terms) for its
     _bce_grad_tile: (own_a, extra_a, pc_a, own_b, extra_b, pc_b)."""
     own_a, extra_a, pc_a = _extra_terms(r_a, go_a, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
                                         HAS_ZLOSS)
@@ -353,7 +353,7 @@ def _bce_mix_fwd_rows(
     s_l, s_r = _bce_sums_pass(X, row_off, row_ok, n_cols, softcap, softcap_k, x, mask, ta, tb, Wi, lse, log1m_pw,
                               P1_EVICT, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C, True)
     # The targets' row terms are formed after pass 2, not before: fewer values live across its
-    # loop (with them before it, the streamed forward spilled; aot.mix_ci_specs).
+    # loop (with them before it, the streamed forward spilled; aot_specs.ci_specs).
     lse_ow = lse + log1m_pw   # lse_{k != w} formed from the stats columns lse, log(1 - p_w)
     lse_ex_a = tl.where(ta == Wi, lse_ow, lse + _log1p(-tl.exp(x_a - lse)))
     lse_ex_b = tl.where(tb == Wi, lse_ow, lse + _log1p(-tl.exp(x_b - lse)))
@@ -386,7 +386,7 @@ def bce_mix_fwd_kernel(
     PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Forward of bce with two targets (and with COMPUTE_GRAD the gradient for grad_output = 1):
-    ``kernels.bce_fwd_kernel``'s passes, regimes and grid."""
+    ``one_target.kernels.bce_fwd_kernel``'s passes, regimes and grid."""
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
     first, stop, step = _row_blocks(n_rows, BLOCK_N, SINGLE)
     for rb in range(first, stop, step):

@@ -27,8 +27,8 @@ Traffic per row of C logits (E bytes) and C targets (E bytes): on chip (``SINGLE
 rows are read once and kept in registers, the gradient written once; streamed, pass 1
 reads both (L2 priority evict_last), pass 2 reads both again in reverse block order
 (L2-warm) and writes the gradient, on a persistent grid sized so that the rows in flight,
-logits and targets, fit in L2 (launch_soft). Without the gradient: one read.
-The reduction is the target kernels' (``kernels._finish_reduction``): per-program partial
+logits and targets, fit in L2 (launch.py). Without the gradient: one read.
+The reduction is the target kernels' (``rows._finish_reduction``): per-program partial
 sums, the last program adds them in program order; 'mean' divides by N (PyTorch's mean
 for probability targets), which the prologue writes on the device.
 """
@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import ACC, NEG_INF, RED_NONE, _finish_reduction, _grad_row_scale, _load_tile, _online_update, \
+from ..rows import ACC, NEG_INF, RED_NONE, _finish_reduction, _grad_row_scale, _load_tile, _online_update, \
     _safe_shift, _store_stats
 
 
@@ -105,7 +105,7 @@ def _soft_fwd_rows(
     """Rows of row block ``rb`` of :func:`soft_fwd_kernel`; returns the sum of their losses."""
     P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
     rows, row_ok = _row_block(rb, n_rows, BLOCK_N)
-    # ROW_ALIGN divides C and every row stride (kernels.py, target_fwd_kernel: vectorized access)
+    # ROW_ALIGN divides C and every row stride (one_target.kernels.target_fwd_kernel: vectorized access)
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     x_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     y_off = tl.multiple_of(rows.to(tl.int64) * stride_y, ROW_ALIGN)

@@ -1,8 +1,8 @@
-"""Launchers of the vocabulary-parallel bce kernels (``bce_parallel_kernels.py``), registered as
+"""Launchers of the vocabulary-parallel bce kernels (``kernels.py``), registered as
 ``fusedloss::triton_bce_partial`` / ``fusedloss::triton_bce_global_bwd`` with the schemas of the
 C++ CPU ops (``ops.BCE_PARTIAL_SCHEMA`` / ``ops.BCE_GLOBAL_BWD_SCHEMA``; contract in ``fusedloss.ops``)
 and their fakes (``ops.register_bce_parallel_fakes``). ``fusedloss.parallel`` calls them through
-``dispatch.Backend.bce_partial`` / ``bce_global_bwd`` (backend.py). Not differentiable: the caller's
+``ops.SplitVocabOps`` (backend.py). Not differentiable: the caller's
 autograd.Function calls them.
 
 Inputs checked as the C++ op checks them: logits (N, C) floating, stats (N, 4) floating and
@@ -27,9 +27,9 @@ from torch import Tensor
 from fusedloss import ops, reference
 from fusedloss.validation import must_check_targets
 
-from . import bce_parallel_kernels as bk
-from .heuristics import bwd_config
-from .launch import _check_rows, _is_traced, _unit_class_stride, row_align
+from ..heuristics import bwd_config
+from ..launch_common import _check_rows, _is_traced, _unit_class_stride, row_align
+from . import kernels
 
 #: The launch heuristic family (heuristics.py's bce limits: column blocks of at most 2048).
 FAMILY = 1  # Variant.BCE
@@ -141,7 +141,7 @@ def triton_bce_partial(logits: Tensor, stats: Tensor, slice_idx: Tensor, softcap
         return out
     cfg, grid = _config(logits)
     cap, cap_k = _cap_scalars(softcap)
-    bk.bce_partial_kernel[(grid,)](
+    kernels.bce_partial_kernel[(grid,)](
         logits, logits.stride(0), stats, slice_idx, out, n, c, cap, cap_k,
         SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, ROW_ALIGN=row_align(logits.stride(0), c),
         num_warps=cfg.num_warps)
@@ -170,7 +170,7 @@ def triton_bce_global_bwd(grad_rows: Tensor, logits: Tensor, stats: Tensor, slic
         return grad
     cfg, grid = _config(logits)
     cap, cap_k = _cap_scalars(softcap)
-    bk.bce_global_bwd_kernel[(grid,)](
+    kernels.bce_global_bwd_kernel[(grid,)](
         go, logits, logits.stride(0), stats, slice_idx, grad, grad.stride(0), n, c, float(z_loss), cap, cap_k,
         HAS_ZLOSS=z_loss != 0, SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
         ROW_ALIGN=row_align(logits.stride(0), grad.stride(0), c), num_warps=cfg.num_warps)

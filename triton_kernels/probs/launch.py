@@ -1,17 +1,17 @@
-"""Launchers of the soft-target kernels (``soft_kernels.py``), registered as the
+"""Launchers of the soft-target kernels (``kernels.py``), registered as the
 ``torch.library.triton_op``s ``fusedloss::triton_soft_fwd`` / ``fusedloss::triton_soft_bwd``
 with the schemas ``ops.SOFT_FWD_SCHEMA`` / ``ops.SOFT_BWD_SCHEMA`` (the op contract is in
 ``fusedloss.ops``, "Class-probability (soft) targets").
 
-Like ``launch.py``'s ops: the bodies launch through ``wrap_triton`` (torch.compile traces
+Like ``one_target/launch.py``'s ops: the bodies launch through ``wrap_triton`` (torch.compile traces
 into the kernels; the bodies are also the fake implementations), the fused gradient's
-backward is ``launch.scale_fused_grad`` (in place on the device, skipped where
+backward is ``launch_common.scale_fused_grad`` (in place on the device, skipped where
 grad_output is 1, no host synchronization), and float64 logits run the reference ops.
 The targets' own gradient is ``reference.soft_target_grad`` (``ops.register_soft_autograd``).
 
 Layouts: rows of any stride are read in place, for the logits and the targets alike; a
 class dimension that is not dense (a transposed buffer) is copied once here
-(``launch._unit_class_stride``). The weight is made contiguous.
+(``launch_common._unit_class_stride``). The weight is made contiguous.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from torch.library import triton_op, wrap_triton
 from fusedloss import ops
 from fusedloss.variants import STATS_COLS, Reduction, Variant
 
-from . import soft_kernels
-from .heuristics import bwd_config, fwd_config
-from .launch import (PARTIAL_BLOCK, _check_rows, _dense, _empty_loss, _option_scalars, _stream_grid,
+from ..heuristics import bwd_config, fwd_config
+from ..launch_common import (PARTIAL_BLOCK, _check_rows, _dense, _empty_loss, _option_scalars, _stream_grid,
                      _unit_class_stride, row_align, scale_fused_grad)
+from . import kernels
 
 #: The launch heuristic family the soft kernels use (heuristics.py's target-only limits).
 FAMILY = Variant.CE
@@ -45,7 +45,7 @@ def _prologue(dev: torch.device, n: int) -> tuple[Tensor, Tensor]:
     """The completion counter (zeroed) and the mean's denominator N, written on the device."""
     counter = torch.empty((1,), dtype=torch.int32, device=dev)
     denom = torch.empty((1,), dtype=torch.float32, device=dev)
-    wrap_triton(soft_kernels.soft_prologue_kernel)[(1,)](denom, counter, n, num_warps=1)
+    wrap_triton(kernels.soft_prologue_kernel)[(1,)](denom, counter, n, num_warps=1)
     return counter, denom
 
 
@@ -80,7 +80,7 @@ def launch_soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, re
     g = grad if compute_grad else logits           # never written without compute_grad
     w = weight if weight is not None else denom    # dummy pointer, never read
     own, per_class = _smoothing(label_smoothing, c)
-    wrap_triton(soft_kernels.soft_fwd_kernel)[(grid,)](
+    wrap_triton(kernels.soft_fwd_kernel)[(grid,)](
         logits, logits.stride(0), probs, probs.stride(0), w, loss, stats, g, g.stride(0), denom, partial, counter,
         n, c, own, per_class, reduction,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
@@ -105,7 +105,7 @@ def launch_soft_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weigh
         denom = torch.empty((1,), dtype=torch.float32, device=logits.device)
     cfg = bwd_config(c, logits.element_size(), FAMILY)
     own, per_class = _smoothing(label_smoothing, c)
-    wrap_triton(soft_kernels.soft_bwd_kernel)[(triton.cdiv(n, cfg.block_n),)](
+    wrap_triton(kernels.soft_bwd_kernel)[(triton.cdiv(n, cfg.block_n),)](
         grad_loss, logits, logits.stride(0), probs, probs.stride(0), weight if weight is not None else denom, stats,
         grad, grad.stride(0), denom, n, c, own, per_class, reduction,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, GO_PER_ROW=reduction == Reduction.NONE,

@@ -1,4 +1,11 @@
-"""Triton kernels of every softmax loss: one kernel family for the target-only
+"""The row machinery every Triton kernel of fusedloss is built from: the variant ids and
+constants, the scalar helpers, the per-variant math of the target-only losses, the row
+bookkeeping (targets, weights, reductions), the tile load with the soft cap, the online
+statistics pass, the gradient tiles and bce's passes (``TWO_TARGETS`` serves mixup's two
+targets and the vocabulary-parallel slices), and the two kernels every form launches: the
+prologue (completion counter, mean denominator) and the backward scale. The forms' kernels
+(``one_target/``, ``two_targets/``, ``probs/``, ``split_vocab/``) call these.
+
 variants (``ce``, ``nllr``, ``crl``, ``lace``, ``focal``), one for ``bce``, a
 prologue (mean denominator, reduction counter) and the backward scale.
 
@@ -56,6 +63,8 @@ launch of the tiny prologue before it (zeroes the completion counter and, for
 write a partial sum, and the last program to finish (an acq_rel atomic ticket)
 adds them in a fixed order: deterministic, no host synchronization.
 """
+
+
 from __future__ import annotations
 
 import triton
@@ -513,7 +522,7 @@ def _weight_total(W, n_cols, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W
 @triton.jit
 def _excluded(cols, ta, tb, TWO_TARGETS: tl.constexpr):
     """The lanes a statistics pass leaves out: the target's (k == c), and with TWO_TARGETS also
-    mixup's second target's (k == b; mix_kernels.py)."""
+    mixup's second target's (k == b; two_targets/kernels.py)."""
     out = cols[None, :] == ta[:, None]
     if TWO_TARGETS:
         out = out | (cols[None, :] == tb[:, None])
@@ -627,137 +636,6 @@ def _row_loss(h, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep
     return tl.where(bad, float("nan"), lrow)
 
 
-@triton.jit
-def _target_fwd_rows(
-    rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k,
-    reduction, n_denom,
-    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
-    SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    """Rows of row block ``rb`` of :func:`target_fwd_kernel`; returns the sum of their losses."""
-    # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
-    # last reads are evict_first, so they do not push them out).
-    P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
-    rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
-                                                    HAS_WEIGHT, ACC)
-    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
-    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
-    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
-    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
-    # (A divides C): an identity the compiler's alignment analysis can see, which
-    # tl.multiple_of on a scalar argument is not.
-    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-
-    # ---- pass 1: lse_ex (k != c) online; sums for label smoothing ------------------------
-    _, _, m, s, sum_wx, w_tot, x, mask, slope = _stats_pass(
-        X, row_off, row_ok, n_cols, tc, tc, W, softcap, softcap_k, P1_EVICT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE,
-        BLOCK_N, BLOCK_C, NUM_STAGES, False, False)
-    lse_ex = _safe_shift(m) + tl.log(s)
-    lse = _logaddexp(lse_ex, x_c)
-    d = lse_ex - x_c
-    loss, log_s, log_gc, log_q = _variant_math(VARIANT, d, alpha, beta, gamma)
-
-    # ---- loss rows ------------------------------------------------------------------------
-    lrow = _row_loss(loss, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad, HAS_SMOOTHING,
-                     HAS_ZLOSS)
-    zero = tl.zeros([BLOCK_N], ACC)
-    part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex, zero, zero, reduction)
-
-    # ---- gradient for grad_output = 1 ----------------------------------------------------
-    if COMPUTE_GRAD:
-        r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
-        off, scale, per_class, g_c = _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own,
-                                                        smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
-        _store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, off, scale,
-                    per_class, W, keep, tc, g_c, tc, g_c, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_C,
-                    NUM_STAGES, ROW_ALIGN, False)
-
-    return part
-
-
-@triton.jit
-def target_fwd_kernel(
-    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k,
-    reduction, n_denom,
-    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
-    SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    """Forward of a target-only variant for BLOCK_N rows, and with COMPUTE_GRAD the
-    gradient for grad_output = 1 (written to G, which may be X itself: in-place).
-
-    SINGLE: each row is one tile (BLOCK_C >= C) loaded once and kept in registers for
-    the gradient: traffic = read C*E + write C*E per row. Else: pass 1 over column blocks
-    for the statistics, pass 2 in reverse block order (L2-warm) for the gradient.
-    HAS_SMOOTHING / HAS_ZLOSS / SOFTCAP (label smoothing > 0, z_loss != 0, softcap > 0) compile the
-    options in; without them the kernel is the plain loss's."""
-    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
-    if SINGLE:
-        acc += _target_fwd_rows(tl.program_id(0), X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM,
-            PARTIAL, COUNTER, n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss,
-            softcap, softcap_k, reduction, n_denom, VARIANT, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP,
-            COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
-    else:
-        # Persistent: program p streams row blocks p, p + P, ... with P (the grid) chosen so
-        # that the rows in flight stay in L2 for the second pass (heuristics.stream_programs).
-        for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
-            acc += _target_fwd_rows(rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-                n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap,
-                softcap_k, reduction, n_denom, VARIANT, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, COMPUTE_GRAD,
-                SINGLE, BLOCK_N, BLOCK_C, PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
-
-    _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
-
-
-@triton.jit
-def target_bwd_kernel(
-    GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
-    n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k,
-    reduction, n_denom,
-    VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
-    SOFTCAP: tl.constexpr, GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    ROW_ALIGN: tl.constexpr,
-):
-    """Backward from the saved statistics (used when the forward did not fuse it):
-    one pass, read C*E + write C*E per row; the per-variant math is the forward's.
-    With SOFTCAP the stats are those of the capped logits (as the forward wrote them)."""
-    pid = tl.program_id(0)
-    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
-                                                    HAS_WEIGHT, ACC)
-    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
-    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
-    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
-    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
-    # (A divides C): an identity the compiler's alignment analysis can see, which
-    # tl.multiple_of on a scalar argument is not.
-    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-    lse = tl.load(STATS + rows.to(tl.int64) * 4, mask=row_ok, other=0.0).to(ACC)
-    lse_ex = tl.load(STATS + rows.to(tl.int64) * 4 + 1, mask=row_ok, other=0.0).to(ACC)
-    _, log_s, log_gc, _ = _variant_math(VARIANT, lse_ex - x_c, alpha, beta, gamma)
-    r, go_s = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
-    if HAS_SMOOTHING:
-        w_tot = _weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT)
-    else:
-        w_tot = tl.zeros([BLOCK_N], ACC)
-    off, scale, per_class, g_c = _target_grad_coefs(lse, x_c, log_s, log_gc, r, go_s, w_c, w_tot, smooth_own,
-                                                    smooth_class, z_loss, HAS_SMOOTHING, HAS_ZLOSS)
-    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-    for start in range(0, n_cols, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        g = _target_grad_tile(xb, maskb, slb, cols, tc, n_cols, off, scale, per_class, g_c, W, keep,
-                              HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP)
-        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                     eviction_policy="evict_first")
-
-
 # ----------------------------------------------------------------------------
 # bce: L = -log p_c - sum_{k != c} log(1 - p_k)   (docs/losses.md, "bce")
 # Only the arg-max w can have p_w > 1/2, so the online pass tracks w, its logit M and
@@ -794,7 +672,7 @@ def _argmax_update(M, Wi, M2, S2, x, cols, start):
 def _bce_stats_pass(X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """bce's pass 1 (one target or mixup's two, mix_kernels.py; :func:`_stats_pass` with ARGMAX,
+    """bce's pass 1 (one target or mixup's two, two_targets/kernels.py; :func:`_stats_pass` with ARGMAX,
     streamed blocks loaded evict_last: the later passes re-read them): the arg-max logit M and its
     column Wi, lse_{k != w}, lse (so log(1 - p_w) = lse_{k != w} - lse, log p_w = M - lse), the
     smoothing sums and the tile (x, mask, slope)."""
@@ -821,7 +699,7 @@ def _bce_sums(x, mask, cols, tc, Wi, lse, log1m_pw):
 
 @triton.jit
 def _bce_tile_sums(x, mask, cols, ta, tb, Wi, lse, log1m_pw, TWO_TARGETS: tl.constexpr):
-    """:func:`_bce_sums` of a tile for target ta; with TWO_TARGETS (mixup, mix_kernels.py) over
+    """:func:`_bce_sums` of a tile for target ta; with TWO_TARGETS (mixup, two_targets/kernels.py) over
     k not in {a, b}: b's lanes read as p = 0 (x = -inf) and, when w is b, the arg-max taken as a
     (a lane left out anyway). Then the first sum is over k not in {a, b} (w's log(1 - p_w) from
     log1m_pw) and the second is S = sum_{k not in {a, b, w}} a_k - [w not in {a, b}] (a_a = -1
@@ -909,7 +787,7 @@ def _bce_grad_tiles(x, mask, slope, cols, n_cols, Wi, lse, log1m_pw, log_pw, ta,
                     R_b, own_b, extra_b, pc_b, keep_b, W, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                     HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr, TWO_TARGETS: tl.constexpr):
     """:func:`_bce_grad_tile` of target a (R_a, its terms, keep_a) and, with TWO_TARGETS, plus that
-    of mixup's target b (mix_kernels.py: the parts share lse, w and log(1 - p_w))."""
+    of mixup's target b (two_targets/kernels.py: the parts share lse, w and log(1 - p_w))."""
     g = _bce_grad_tile(x, mask, slope, cols, n_cols, ta, Wi, lse, log1m_pw, log_pw, R_a, own_a, extra_a, pc_a, W,
                        keep_a, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
     if TWO_TARGETS:
@@ -944,124 +822,6 @@ def _bce_store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g,
                                 pc_a, keep_a, tb, R_b, own_b, extra_b, pc_b, keep_b, W, HAS_WEIGHT, HAS_SMOOTHING,
                                 HAS_ZLOSS, SOFTCAP, TWO_TARGETS)
             tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
-                     eviction_policy="evict_first")
-
-
-@triton.jit
-def _bce_fwd_rows(
-    rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    """Rows of row block ``rb`` of :func:`bce_fwd_kernel`; returns the sum of their losses."""
-    # The gradient re-reads the row: keep the first pass's blocks in L2 (gradient stores and
-    # last reads are evict_first, so they do not push them out).
-    P1_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
-    rows, row_ok, tc, keep, bad, w_c = _rows_setup(rb, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
-                                                    HAS_WEIGHT, ACC)
-    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
-    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
-    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
-    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
-    # (A divides C): an identity the compiler's alignment analysis can see, which
-    # tl.multiple_of on a scalar argument is not.
-    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    x_c = _capped(tl.load(X + row_off + tc, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
-    M, Wi, lse_ow, lse, sum_wx, w_tot, x, mask, slope = _bce_stats_pass(
-        X, row_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, SINGLE, BLOCK_N,
-        BLOCK_C, NUM_STAGES)
-    log1m_pw = lse_ow - lse
-    lse_ex = tl.where(tc == Wi, lse_ow, lse + _log1p(-tl.exp(x_c - lse)))
-    d = lse_ex - x_c
-
-    l1m, R = _bce_sums_pass(X, row_off, row_ok, n_cols, softcap, softcap_k, x, mask, tc, tc, Wi, lse, log1m_pw,
-                            P1_EVICT, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C, False)
-    lrow = _row_loss(_softplus(d) - l1m, w_c, lse, w_tot, sum_wx, smooth_own, smooth_class, z_loss, keep, bad,
-                     HAS_SMOOTHING, HAS_ZLOSS)
-    part = _store_row_outputs(LOSS, STATS, rows, row_ok, lrow, lse, lse_ex, log1m_pw, Wi.to(ACC), reduction)
-
-    if COMPUTE_GRAD:
-        r, go_s = _grad_row_scale(keep, bad, w_c, None, rows, row_ok, DENOM, n_denom, reduction, False)
-        own, extra, per_class = _extra_terms(r, go_s, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
-                                             HAS_ZLOSS)
-        _bce_store_grad(X, row_off, row_ok, n_cols, softcap, softcap_k, G, stride_g, rows, x, mask, slope, Wi, lse,
-                        log1m_pw, M - lse, tc, R, own, extra, per_class, keep, tc, R, own, extra, per_class, keep, W,
-                        HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, SINGLE, BLOCK_C, NUM_STAGES, ROW_ALIGN, False)
-
-    return part
-
-
-@triton.jit
-def bce_fwd_kernel(
-    X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PARTIAL_BLOCK: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    """Forward (and fused gradient) of bce. SINGLE: the tile stays in registers for all
-    three reductions (read C*E + write C*E). Else: pass 1 forward (arg-max, lse), pass 2
-    reverse (loss sum, R), pass 3 forward (gradient): each pass starts on the blocks the
-    previous one read last, so re-reads are L2-warm. The options as in target_fwd_kernel."""
-    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
-    if SINGLE:
-        acc += _bce_fwd_rows(tl.program_id(0), X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL,
-            COUNTER, n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction,
-            n_denom, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C,
-            PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
-    else:
-        # Persistent: program p streams row blocks p, p + P, ... with P (the grid) chosen so
-        # that the rows in flight stay in L2 for the second pass (heuristics.stream_programs).
-        for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
-            acc += _bce_fwd_rows(rb, X, stride_x, T, W, LOSS, STATS, G, stride_g, DENOM, PARTIAL, COUNTER,
-                n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction,
-                n_denom, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, COMPUTE_GRAD, SINGLE, BLOCK_N, BLOCK_C,
-                PARTIAL_BLOCK, ROW_ALIGN, NUM_STAGES)
-
-    _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
-
-
-@triton.jit
-def bce_bwd_kernel(
-    GO, X, stride_x, T, W, STATS, G, stride_g, DENOM,
-    n_rows, n_cols, ignore_index, smooth_own, smooth_class, z_loss, softcap, softcap_k, reduction, n_denom,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-    GO_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
-):
-    """Backward of bce from the saved statistics: R needs one pass (R is not among the four
-    stats columns), the gradient another (reverse order, L2-warm)."""
-    pid = tl.program_id(0)
-    rows, row_ok, tc, keep, bad, w_c = _rows_setup(pid, T, W, n_rows, n_cols, ignore_index, BLOCK_N,
-                                                    HAS_WEIGHT, ACC)
-    # ROW_ALIGN: a power of two (<= 16) dividing both row strides and C. With it rows start
-    # aligned and the column mask is constant over ROW_ALIGN lanes, so loads and stores
-    # vectorize; Triton's own specialization only knows "divisible by 16", which C = 1000
-    # (ImageNet) is not, and would leave 2-byte scalar accesses. (n // A) * A is n itself
-    # (A divides C): an identity the compiler's alignment analysis can see, which
-    # tl.multiple_of on a scalar argument is not.
-    n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    row_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
-    lse, log1m_pw, Wi, x_w, R = _bce_saved_stats(STATS, X, row_off, rows, row_ok, n_cols, tc, tc, softcap,
-                                                    softcap_k, SOFTCAP, BLOCK_N, BLOCK_C, False)
-    cols0 = tl.arange(0, BLOCK_C)
-    r, go_s = _grad_row_scale(keep, bad, w_c, GO, rows, row_ok, DENOM, n_denom, reduction, GO_PER_ROW)
-    if HAS_SMOOTHING:
-        w_tot = _weight_total(W, n_cols, BLOCK_N, BLOCK_C, HAS_WEIGHT)
-    else:
-        w_tot = tl.zeros([BLOCK_N], ACC)
-    own, extra, per_class = _extra_terms(r, go_s, lse, smooth_own, smooth_class, z_loss, w_tot, HAS_SMOOTHING,
-                                             HAS_ZLOSS)
-    g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
-    nb = tl.cdiv(n_cols, BLOCK_C)
-    for i in range(0, nb):
-        cols = (nb - 1 - i) * BLOCK_C + cols0
-        xb, maskb, slb = _load_tile(X, row_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first", SOFTCAP)
-        g = _bce_grad_tile(xb, maskb, slb, cols, n_cols, tc, Wi, lse, log1m_pw, x_w - lse, R, own, extra, per_class,
-                           W, keep, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP)
-        tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                      eviction_policy="evict_first")
 
 
