@@ -86,6 +86,15 @@ def _cases(world: int) -> list[dict]:
     for loss in ("bce", "crl"):  # every target on the first slice: the other ranks hold no target at all
         out.append(dict(name=f"{loss}-first-weight-mean-uneven", loss=loss, reduction="mean", split="uneven",
                         first=True, weight=True))
+    # Ignored rows under a wrong class leading by 40/60/100 (rows 5, 9, 10 ignored too): the
+    # reference's backward read the zero stats parallel passes for an ignored row (exp(100) * 0 = NaN).
+    for loss, backend, red, split, o in (("nllr", "reference", "none", "reversed", {}),
+                                         ("nllr", "auto", "none", "reversed", {}),
+                                         ("focal", "reference", "mean", "even", {"label_smoothing": 0.1,
+                                                                                 "z_loss": 1e-2}),
+                                         ("bce", "reference", "sum", "uneven", {"z_loss": 1e-2})):
+        out.append(dict(name=f"{loss}-{backend}-ignoredlead-{red}-{split}", loss=loss, reduction=red, split=split,
+                        backend=backend, ignore_index=3, weight=True, ignore_leads=True, **o))
     return out
 
 
@@ -163,6 +172,8 @@ def _data(case: dict, world: int, seed: int):
     ii = case.get("ignore_index", -100)
     t[7] = ii                                  # ignored rows
     t[11] = ii
+    if case.get("ignore_leads"):
+        t[[5, 9, 10]] = ii                     # ignored rows whose wrong class leads by 40, 60, 100
     if case.get("one_row"):
         x, t = x[8], t[8]
     w = torch.rand(v, generator=g, dtype=torch.float64) + 0.25 if case.get("weight") else None

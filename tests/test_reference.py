@@ -120,6 +120,76 @@ def test_ignored_row_pointing_at_minus_inf_gives_zero_not_nan():
         assert (g[0] == 0).all() and (g[2] == 0).all()
 
 
+IGNORED_ROW_OPTIONS = [{}, {"z_loss": 1e-2}, {"label_smoothing": 0.1}, {"label_smoothing": 1.0, "z_loss": 1e-2},
+                       {"softcap": 4.0}]
+
+
+@pytest.mark.parametrize("loss", fl.LOSSES)
+@pytest.mark.parametrize("opts", IGNORED_ROW_OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_fully_masked_ignored_row_gives_zero_gradient(loss, opts):
+    """An ignored row whose every logit is -inf (a padding row masked out): loss 0 and gradient 0,
+    as the C++ kernel gives (it never reads an ignored row); the reference's lse is -inf there
+    and its terms, only multiplied by the row's 0 scale, were NaN."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 6, generator=g) * 3
+    x[1] = -math.inf
+    t = torch.tensor([2, -100, 5, 0])
+    w = torch.rand(6, generator=g) + 0.25
+    go = torch.rand(4, generator=g) + 0.5
+    out, gx = _run(x, t, loss, grad_output=go, weight=w, **opts)
+    assert out[1] == 0 and (gx[1] == 0).all(), gx[1]
+    kept = torch.tensor([0, 2, 3])
+    ref, ref_g = oracle_loss_and_grad(x[kept], t[kept], loss, reduction="none", grad_output=go[kept], weight=w,
+                                      **opts)
+    assert_close(out[kept], ref, torch.float32, "loss", loss)
+    assert_close(gx[kept], ref_g, torch.float32, "grad", loss)
+
+
+@pytest.mark.parametrize("loss", fl.LOSSES)
+@pytest.mark.parametrize("opts", IGNORED_ROW_OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_backward_op_never_reads_an_ignored_rows_stats(loss, opts):
+    """``reference_bwd`` given stats of 0 on the ignored rows (what the C++ forward writes there,
+    and what fusedloss.parallel passes as their neutral numbers), on ignored rows whose logits lead
+    by 100 at the clamped index 0 and elsewhere: gradient 0 there (the kernels' contract, an
+    ignored row's stats are never read), the float64 gradient on the other rows. The reference
+    formed exp(x_j - lse + log s) with lse = 0: inf in float32, times the row's 0 scale, NaN."""
+    from fusedloss import ops
+    from fusedloss.variants import Reduction, variant_id
+
+    g = torch.Generator().manual_seed(12)
+    n, c, ii = 6, 7, 3
+    x = torch.randn(n, c, generator=g) * 3
+    t = torch.tensor([1, ii, 6, ii, 0, ii])
+    x[1, 0] = x[1].max() + 100.0   # at the index an ignored row clamps its target to
+    x[3, 5] = x[3].max() + 100.0   # elsewhere
+    x[5, 2] = x[5].max() + 40.0
+    w = torch.rand(c, generator=g) + 0.25
+    go = torch.rand(n, generator=g) + 0.5
+    scalars = (variant_id(loss), int(Reduction.NONE), ii, opts.get("label_smoothing", 0.0), 1.5, 1.0, 2.0,
+               opts.get("z_loss", 0.0), opts.get("softcap", 0.0))
+    _, stats, _ = ops.reference_fwd(x, t, w, *scalars, False)
+    ignored = t == ii
+    stats = torch.where(ignored[:, None], torch.zeros_like(stats), stats)
+    gx = ops.reference_bwd(go, x, t, w, stats, *scalars)
+    assert (gx[ignored] == 0).all(), gx[ignored]
+    _, ref_g = oracle_loss_and_grad(x, t, loss, reduction="none", grad_output=go, weight=w, ignore_index=ii,
+                                    **opts)
+    assert_close(gx[~ignored], ref_g[~ignored], torch.float32, "grad", loss)
+
+
+def test_out_of_range_target_still_gives_nan_gradient_on_the_reference():
+    """Zeroing ignored rows by select leaves a bad target's NaN (no host check) in place."""
+    from fusedloss import ops, reference
+    from fusedloss.variants import Reduction, Variant
+
+    x = torch.randn(3, 4)
+    t = torch.tensor([1, 9, -100])
+    scalars = (int(Variant.CE), int(Reduction.NONE), -100, 0.0, 1.5, 1.0, 2.0, 0.0, 0.0)
+    _, stats, _ = ops.reference_fwd(x, torch.tensor([1, 0, -100]), None, *scalars, False)
+    gx = reference.backward(torch.ones(3), x, t, None, stats, *scalars)
+    assert gx[1].isnan().all() and (gx[2] == 0).all() and torch.isfinite(gx[0]).all()
+
+
 @pytest.mark.parametrize("c", [1, 2, 3])
 def test_tiny_class_counts(c):
     x = torch.randn(6, c, dtype=torch.float64)

@@ -284,6 +284,12 @@ def backward(
         g.add_(shifted(x, lse, cdtype).exp_().mul_((2 * z_loss * lse * row_scale)[:, None]))
     if softcap:
         g.mul_(softcap_slope(logits, softcap, cdtype))
+    # Ignored rows: a gradient of exactly 0 by select, whatever their logits and stats hold (the
+    # kernels' contract: an ignored row's stats are never read, its logits neither). The terms
+    # above are only multiplied by the row's 0 scale, and 0 * inf = NaN where they overflow: a
+    # fully masked (-inf) row, or stats that are not this row's own, such as the zeros
+    # fusedloss.parallel (and the C++ forward) leave on ignored rows, under a logit of 100.
+    g.masked_fill_((target == ignore_index)[:, None], 0.0)
     return g.to(logits.dtype)
 
 
