@@ -217,15 +217,20 @@ def extension_modules():
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx = ["-O3", *openmp]
     macros = [(f"FUSEDLOSS_CPU_{cap}", None) for cap in caps if cap != "DEFAULT"]
+    # What a rebuild must notice besides `sources`: the capability file and every header
+    # (setuptools relinks only when one of sources + depends is newer than _C.so).
+    depends = [CPU_KERNEL_SOURCE] + sorted(p for ext in ("h", "cuh")
+                                           for p in glob.glob(os.path.join("csrc", "**", f"*.{ext}"), recursive=True))
     with_cuda = _want_cuda()
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         ext = CUDAExtension("fusedloss._C", sources, define_macros=macros + [("FUSEDLOSS_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=openmp)
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=openmp,
+                            depends=depends)
     else:
         ext = CppExtension("fusedloss._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
-                           extra_link_args=openmp)
+                           extra_link_args=openmp, depends=depends)
 
     class BuildWithCpuCapabilities(BuildExtension):
         """Compiles CPU_KERNEL_SOURCE once per capability and links the objects in.
@@ -278,6 +283,27 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; tests impor
         name="fusedloss",
         version="0.1.0",
         description="Fused, exact softmax classification losses (CE, BCE, NLLR, CRL, LACE, focal) for PyTorch",
+        long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
+        author="the fusedloss authors",
+        license_expression="BSD-3-Clause",
+        license_files=["LICENSE"],
+        keywords=["pytorch", "loss", "cross-entropy", "softmax", "cuda", "triton"],
+        classifiers=[
+            "Development Status :: 3 - Alpha",
+            "Intended Audience :: Developers",
+            "Intended Audience :: Science/Research",
+            "Operating System :: POSIX :: Linux",
+            "Programming Language :: C++",
+            "Programming Language :: Python :: 3",
+            "Programming Language :: Python :: 3 :: Only",
+            "Programming Language :: Python :: 3.10",
+            "Programming Language :: Python :: 3.11",
+            "Programming Language :: Python :: 3.12",
+            "Programming Language :: Python :: 3.13",
+            "Environment :: GPU :: NVIDIA CUDA",
+            "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        ],
         packages=["fusedloss", "fusedloss.triton_kernels"]
         + [f"fusedloss.{p}" for p in find_packages("python/fusedloss")]
         + [f"fusedloss.triton_kernels.{p}" for p in find_packages("triton_kernels")],

@@ -142,3 +142,45 @@ def test_train_without_the_extra(monkeypatch, capsys):
     assert train.main(["--plot", "some-run"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --plot needs matplotlib, not installed: pip install 'fusedloss[train]'")
+
+
+def _sdist(tmp_path: Path, **env: str) -> Path:
+    """`python setup.py sdist` of this checkout into tmp_path (egg-info there too: the tree is left alone)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
+                          "-d", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sdist,) = tmp_path.glob("fusedloss-*.tar.gz")
+    return sdist
+
+
+def test_sdist_holds_every_source_header_doc_and_helper(tmp_path):
+    """The sdist builds: every file under csrc/ (headers, the capability source kernels.cpp), the
+    docs, the requirement files, the license and the test helpers; no build output."""
+    import tarfile
+
+    with tarfile.open(_sdist(tmp_path, FUSEDLOSS_BUILD_EXT="0")) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n and not n.endswith("/")}
+    expected = {str(p.relative_to(ROOT)) for pattern in ("csrc/**/*.*", "docs/*.md", "requirements-*.txt",
+                                                           "tests/*.py", "triton_kernels/**/*.py")
+                for p in ROOT.glob(pattern)}
+    expected |= {"LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in", ".ci/run"}
+    assert {"csrc/losses.h", "csrc/op_common.h", "csrc/cpu/kernels.cpp", "csrc/cpu/vec_row.h",
+            "csrc/cuda/reduce.cuh", "tests/conftest.py", "tests/oracle.py"} <= expected
+    assert not expected - names, f"missing from the sdist: {sorted(expected - names)}"
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
+    assert not [n for n in names if n.startswith("python/fusedloss/triton_kernels/")]
+
+
+def test_metadata_names_the_license_and_the_readme(tmp_path):
+    import tarfile
+
+    with tarfile.open(_sdist(tmp_path, FUSEDLOSS_BUILD_EXT="0")) as tar:
+        (pkg_info,) = [n for n in tar.getnames() if n.count("/") == 1 and n.endswith("/PKG-INFO")]
+        meta = tar.extractfile(pkg_info).read().decode()
+    assert "License-Expression: BSD-3-Clause" in meta and "License-File: LICENSE" in meta
+    assert "Description-Content-Type: text/markdown" in meta and "Requires-Python: >=3.10" in meta
+    assert "# fusedloss" in meta  # the README is the long description
+    assert (ROOT / "LICENSE").read_text().startswith("BSD 3-Clause License")
