@@ -1,7 +1,9 @@
-"""Packaging: setup.py's CUDA toolkit finder and the one-line messages of missing extras.
+"""Packaging: setup.py's CUDA toolkit finder, its build switches, the one-line messages of
+missing extras, the sdist's contents and metadata.
 
-Cheap checks only: no build, no virtual environment (the plain `pip install .` into a
-new venv is checked by hand; see docs/install.md)."""
+Cheap checks, but for one `slow` test that builds a wheel from the sdist (CPU part, DEFAULT
+kernels only) and imports fusedloss._C from it; the plain `pip install .` into a new venv is
+checked by hand (docs/install.md)."""
 from __future__ import annotations
 
 import importlib.util
