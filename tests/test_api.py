@@ -15,12 +15,27 @@ def test_available_backends_lists_reference_first():
 
 
 def test_unavailable_backend_says_why_and_how():
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+    """backend="cuda" on CPU tensors: with the CUDA part not built, how to build it; with it built,
+    that it runs on CUDA tensors (and, on a machine without a GPU, that none is visible), never a
+    rebuild hint for a part that is there."""
     with pytest.raises(fl.BackendUnavailableError) as info:
         fl.softmax_loss(torch.randn(2, 3), torch.tensor([0, 1]), backend="cuda")
     msg = str(info.value)
-    assert "'cuda'" in msg and "to get it" in msg
+    assert "'cuda'" in msg
+    if "cuda" in dispatch._registry:  # the extension has its CUDA kernels
+        assert "does not run on cpu tensors: it runs on CUDA tensors" in msg and "FUSEDLOSS_BUILD_CUDA" not in msg
+        assert ("no CUDA device is visible" in msg) == (not torch.cuda.is_available())
+    else:
+        assert "to get it" in msg and "FUSEDLOSS_BUILD_CUDA=1" in msg
+
+
+def test_installed_triton_on_cpu_tensors_is_not_told_to_install_triton(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    msg = dispatch.unavailable_reason("triton", torch.device("cpu"))
+    assert msg is not None and "pip install" not in msg
+    assert "it runs on CUDA tensors" in msg and "TRITON_INTERPRET=1" in msg
+    assert ("no CUDA device is visible" in msg) == (not torch.cuda.is_available())
 
 
 def test_environment_overrides_auto(monkeypatch):

@@ -181,6 +181,35 @@ def test_table_shows_copy_row_and_ratios(capsys: pytest.CaptureFixture[str]) -> 
     assert "% copy BW" in out
 
 
+@pytest.mark.parametrize("columns", [80, 120])
+def test_table_fits_the_terminal_with_a_legend(columns: int, sweep_files: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """COLUMNS=80/120: every line within the width, no cell cut to an ellipsis, the columns left out
+    named, and the legend saying what × copy divides by (not the copy row's median)."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    rc, out, _ = run(["--from-json", str(sweep_files["json"])], capsys)
+    assert rc == 0
+    assert max(len(line) for line in out.splitlines()) <= columns
+    assert "…" not in out
+    assert "N=8 C=5 float32" in out and "N=8 C=17 float32" in out  # one table per shape
+    legend = " ".join(out.split())
+    assert "× copy: the row's median / the median of logits.clone() timed alternately" in legend
+    assert "not the copy row's median" in legend and "nan/inf: entries the backend made nan / inf" in legend
+    if columns == 80:
+        assert "Left out to fit 80 columns: GB/s" in legend and "--json, --csv, --markdown have every column" in legend
+
+
+def test_table_keeps_every_column_without_a_terminal(sweep_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)  # a pipe or a CI log: 200 columns, one table
+    rc, out, _ = run(["--from-json", str(sweep_files["json"])], capsys)
+    assert rc == 0 and "Left out" not in out and "…" not in out
+    for header in ("GB/s", "% copy BW", "peak MiB", "grad err", "dtype"):
+        assert header in out
+    assert "GB/s: the mode's least traffic" in " ".join(out.split())
+
+
 def test_bwd_mode_and_default_backends_report_unavailable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "r.json"
     rc, _, err = run(["--loss", "ce", "--mode", "bwd", "--json", str(path), "--device", "cpu", *TINY], capsys)
@@ -189,6 +218,8 @@ def test_bwd_mode_and_default_backends_report_unavailable(tmp_path: Path, capsys
     # Peers cannot run on CPU: listed with a reason, not an error.
     assert {"liger", "quack"} <= doc["unavailable"].keys()
     assert "skipped backend liger" in err
+    # No install hint for a peer that could not run here anyway.
+    assert "pip install" not in doc["unavailable"]["liger"] and "CUDA" in doc["unavailable"]["liger"]
     ran = {r["backend"] for r in doc["results"]}
     assert {"copy", "torch", "reference", "naive"} <= ran
     assert set(bk.known_backends()) >= ran - {"copy"}

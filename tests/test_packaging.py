@@ -1,7 +1,9 @@
-"""Packaging: setup.py's CUDA toolkit finder and the one-line messages of missing extras.
+"""Packaging: setup.py's CUDA toolkit finder, its build switches, the one-line messages of
+missing extras, the sdist's contents and metadata.
 
-Cheap checks only: no build, no virtual environment (the plain `pip install .` into a
-new venv is checked by hand; see docs/install.md)."""
+Cheap checks, but for one `slow` test that builds a wheel from the sdist (CPU part, DEFAULT
+kernels only) and imports fusedloss._C from it; the plain `pip install .` into a new venv is
+checked by hand (docs/install.md)."""
 from __future__ import annotations
 
 import importlib.util
@@ -153,3 +155,97 @@ def test_old_train_recipe_path_is_the_moved_module():
 
     assert old is recipe and MixedTargetLoss is recipe.MixedTargetLoss
     assert sys.modules["fusedloss.train_recipe"] is recipe
+
+
+def _sdist(tmp_path: Path, **env: str) -> Path:
+    """`python setup.py sdist` of this checkout into tmp_path (egg-info there too: the tree is left alone)."""
+    import subprocess
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
+                          "-d", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sdist,) = tmp_path.glob("fusedloss-*.tar.gz")
+    return sdist
+
+
+def test_sdist_holds_every_source_header_doc_and_helper(tmp_path):
+    """The sdist builds: every file under csrc/ (headers, the capability source kernels.cpp), the
+    docs, the requirement files, the license and the test helpers; no build output."""
+    import tarfile
+
+    with tarfile.open(_sdist(tmp_path, FUSEDLOSS_BUILD_EXT="0")) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n and not n.endswith("/")}
+    expected = {str(p.relative_to(ROOT)) for pattern in ("csrc/**/*.*", "docs/*.md", "requirements-*.txt",
+                                                           "tests/*.py", "triton_kernels/**/*.py")
+                for p in ROOT.glob(pattern)}
+    expected |= {"LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in", ".ci/run"}
+    assert {"csrc/losses.h", "csrc/op_common.h", "csrc/cpu/kernels.cpp", "csrc/cpu/vec_row.h",
+            "csrc/cuda/reduce.cuh", "tests/conftest.py", "tests/oracle.py"} <= expected
+    assert not expected - names, f"missing from the sdist: {sorted(expected - names)}"
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
+    assert not [n for n in names if n.startswith("python/fusedloss/triton_kernels/")]
+
+
+def test_metadata_names_the_license_and_the_readme(tmp_path):
+    import tarfile
+
+    with tarfile.open(_sdist(tmp_path, FUSEDLOSS_BUILD_EXT="0")) as tar:
+        (pkg_info,) = [n for n in tar.getnames() if n.count("/") == 1 and n.endswith("/PKG-INFO")]
+        meta = tar.extractfile(pkg_info).read().decode()
+    assert "License-Expression: BSD-3-Clause" in meta and "License-File: LICENSE" in meta
+    assert "Description-Content-Type: text/markdown" in meta and "Requires-Python: >=3.10" in meta
+    assert "# fusedloss" in meta  # the README is the long description
+    assert (ROOT / "LICENSE").read_text().startswith("BSD 3-Clause License")
+
+
+def test_cpu_capabilities_subset(setup_py):
+    caps = setup_py._cpu_capabilities
+    assert list(caps({}, "x86_64")) == ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
+    assert list(caps({}, "aarch64")) == ["DEFAULT"]
+    assert list(caps({"FUSEDLOSS_CPU_CAPABILITIES": "default,avx2"}, "x86_64")) == ["DEFAULT", "AVX2"]
+    with pytest.raises(RuntimeError, match="must include DEFAULT"):
+        caps({"FUSEDLOSS_CPU_CAPABILITIES": "AVX2"}, "x86_64")
+    with pytest.raises(RuntimeError, match="AVX2 not among this machine's DEFAULT"):
+        caps({"FUSEDLOSS_CPU_CAPABILITIES": "DEFAULT,AVX2"}, "aarch64")
+
+
+def test_warning_flags_only_for_the_gcc12_avx512_bug(setup_py):
+    flags = setup_py.capability_warning_flags
+    assert flags("AVX512", 12) == flags("AVX512_BF16", 12) == ["-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+    assert flags("AVX512", 13) == flags("AVX2", 12) == flags("DEFAULT", 12) == flags("AVX512", None) == []
+
+
+def test_debug_build_switch(setup_py):
+    assert not setup_py._debug_build({}) and not setup_py._debug_build({"FUSEDLOSS_DEBUG": "0"})
+    assert setup_py._debug_build({"FUSEDLOSS_DEBUG": "1"})
+
+
+@pytest.mark.slow
+def test_wheel_built_from_the_sdist_imports_the_extension(tmp_path):
+    """The sdist is enough to build: `pip wheel` of it (no network, the installed torch), then
+    fusedloss._C imported from the wheel's files alone. Kept cheap: FUSEDLOSS_BUILD_CUDA=0 and
+    FUSEDLOSS_CPU_CAPABILITIES=DEFAULT, so the 7 C++ sources and kernels.cpp once are compiled
+    (docs/install.md gives the time); the full build is .ci/run's install."""
+    import subprocess
+    import zipfile
+
+    sdist = _sdist(tmp_path / "sdist", FUSEDLOSS_BUILD_EXT="0")
+    env = {**os.environ, "FUSEDLOSS_BUILD_CUDA": "0", "FUSEDLOSS_CPU_CAPABILITIES": "DEFAULT",
+           "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+                          "-w", str(tmp_path / "wheel"), str(sdist)], env=env, capture_output=True, text=True,
+                         timeout=3600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("fusedloss-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    check = ("import torch, fusedloss, fusedloss._C as C; import fusedloss as fl; "
+             "print(fusedloss.__file__); print(C.cpu_capability()); print(fl.available_backends())")
+    run = subprocess.run([sys.executable, "-c", check], env={**env, "PYTHONPATH": str(site)}, capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    where, capability, backends = run.stdout.strip().splitlines()[-3:]
+    assert where.startswith(str(site)) and capability == "DEFAULT" and "'cpu'" in backends

@@ -6,6 +6,7 @@ seconds each, one thread).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -64,6 +65,25 @@ def test_defaults_are_torchvision_reference_defaults():
     assert (a.train_crop_size, a.val_resize_size, a.val_crop_size, a.interpolation) == (224, 256, 224, "bilinear")
     assert (a.ra_magnitude, a.augmix_severity, a.lr_step_size) == (9, 3, 30)
     assert a.lr_scheduler == "multisteplr" and a.lr_steps == [30, 60]  # this script's CRL/examples default
+
+
+def test_help_shows_every_default_exactly_once(monkeypatch):
+    """--help: each option's block says its default once (argparse's own formatter skips options
+    without a help text, and adds a second one beside a help text that already gives it)."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option: no "(default:" split by a wrap
+    parser = build_parser()
+    text = parser.format_help()
+    blocks = re.split(r"\n(?=  -)", text.split("\n\n", 2)[2])
+    checked = set()
+    for action in parser._actions:
+        if not action.option_strings or action.default is argparse.SUPPRESS or "--help" in action.option_strings:
+            continue
+        (block,) = [b for b in blocks if b.split()[0].rstrip(",") == action.option_strings[0]]
+        assert block.count("default:") == 1, block
+        checked.add(action.dest)
+    assert {"loss", "epochs", "momentum", "wd", "device", "seed", "lr", "output"} <= checked
 
 
 def test_recipe_fills_in_and_explicit_flags_override():

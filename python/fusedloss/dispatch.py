@@ -119,8 +119,20 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
     if be is None:
         return f"backend {name!r} is not available ({_load_errors.get(name)}); to get it: {hint}"
     if device is not None and not be.supports(device):
-        return f"backend {name!r} does not run on {device.type} tensors; to get it: {hint}"
+        return f"backend {name!r} does not run on {device.type} tensors{_device_hint(name, device)}"
     return None
+
+
+def _device_hint(name: str, device: torch.device) -> str:
+    """What to do when ``name`` is installed but not for ``device`` (no rebuild, no pip install:
+    it is there; the tensors or the machine are not what it runs on)."""
+    no_gpu = "" if torch.cuda.is_available() else " and no CUDA device is visible here (torch.cuda.is_available() is False)"
+    if name == "cuda":
+        return f": it runs on CUDA tensors{no_gpu}"
+    if name == "triton":
+        return (f": it runs on CUDA tensors{no_gpu}; on CPU tensors only under Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before fusedloss is imported; slow, for tests)")
+    return f": it runs on {name} tensors" if name == "cpu" else ""
 
 
 def available_backends() -> list[str]:

@@ -21,6 +21,7 @@ class Console:
     def __init__(self, width: int | None = None, stderr: bool = False, **_: Any) -> None:
         self.width = width or 200
         self.stderr = stderr
+        self.is_terminal = False
 
     def print(self, *objects: object, markup: bool = True, **_: Any) -> None:
         text = " ".join(str(o) for o in objects)

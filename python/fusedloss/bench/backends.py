@@ -206,13 +206,14 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
             reason = f"not in fl.available_backends() = {fl.available_backends()}"
         return reason or _probe(backend, device)
     if backend.kind == "peer":
+        # The device first: an install hint is only worth giving where the peer could then run.
+        if device.type != "cuda":
+            return f"runs on CUDA tensors only, this run is on {device.type}"
         module, hint = _PEER_MODULES[name]
         try:
             importlib.import_module(module)
         except Exception:  # noqa: BLE001 - broken installs count as missing too
             return f"not installed ({hint})"
-        if device.type != "cuda":
-            return "needs a CUDA device"
         return _probe(backend, device)
     if name == "naive":
         try:

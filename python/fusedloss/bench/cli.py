@@ -7,6 +7,7 @@ backend that is unavailable here, a shape that would not fit in memory).
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -125,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from .head import main as head_main
 
         return head_main([a for a in args if a != "--head"])
-    # Rich falls back to 80 columns when not on a terminal (CI logs, pipes),
-    # which would truncate the 14-column table into ellipses; 200 keeps it whole.
-    out = Console(width=max(Console().width, 200))
+    # The table fits the terminal (report.terminal_tables: one table per shape and fewer
+    # columns when narrow). Not on a terminal (CI logs, pipes, files) and without COLUMNS,
+    # rich would assume 80: 200 keeps every column there.
+    out = Console() if Console().is_terminal or os.environ.get("COLUMNS") else Console(width=200)
     err = Console(stderr=True)
     try:
         cfg = parse_args(args, bk.known_backends())

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Iterable
 
 try:
+    from rich import box
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 except ImportError:  # no rich: print_table writes the markdown table (see bench/_plain.py)
-    Console = Table = None  # type: ignore[assignment,misc]
+    Console = Table = box = Measurement = None  # type: ignore[assignment,misc]
 
 Record = dict[str, object]
 SCHEMA = 1
@@ -40,6 +42,25 @@ COLUMNS: list[tuple[str, str]] = [
     ("grad_err", "grad err"),
     ("nonfinite", "nan/inf"),
 ]
+
+#: What the columns mean: (keys, meaning). The terminal table is followed by the entries of the
+#: columns it shows (their headers, then the meaning); the markdown page ends with all of them.
+LEGEND: list[tuple[tuple[str, ...], str]] = [
+    (("median_ms",), "median of the repeats"),
+    (("spread",), "half the inter-quartile range, as a % of the median"),
+    (("x_copy",), "the row's median / the median of logits.clone() timed alternately with the row's own repeats "
+                  "(not the copy row's median: that row is the clone timed on its own)"),
+    (("copy_bw_pct",), "100 / × copy"),
+    (("gbps",), "the mode's least traffic (fwd 1x, bwd 2x, fwd+bwd 3x the logits' bytes) / median"),
+    (("peak_extra_mib", "x_logits"), "peak bytes allocated during the run beyond the inputs (the gradient "
+                                     "included), in MiB / as a multiple of the logits' bytes (1.00: the gradient alone)"),
+    (("loss_err", "grad_err"), "max abs error of the per-row losses / of the gradient vs float64"),
+    (("nonfinite",), "entries the backend made nan / inf where float64 is finite"),
+]
+
+#: Columns left out, in this order, of a terminal table wider than the terminal (after N, C and
+#: dtype move into one table per shape); --json, --csv and --markdown keep every column.
+DROP_ORDER = ("gbps", "copy_bw_pct", "peak_extra_mib", "spread", "grad_err")
 
 CSV_FIELDS = [
     "loss", "backend", "kind", "n", "c", "dtype", "mode", "logits", "median_ms", "p25_ms", "p75_ms",
@@ -111,18 +132,69 @@ def _groups(records: list[Record]) -> Iterable[list[Record]]:
         yield group
 
 
-def rich_table(records: list[Record], title: str) -> Table:
-    table = Table(title=title, show_lines=False, header_style="bold")
-    for key, header in COLUMNS:
-        table.add_column(header, justify="left" if key in {"loss", "label", "dtype"} else "right",
-                         no_wrap=key == "label")
+def rich_table(records: list[Record], title: str, keys: list[str] | None = None, compact: bool = False) -> Table:
+    """The terminal table of ``records`` with the columns ``keys`` (default: all); ``compact``:
+    no outer border and one space between columns."""
+    keys = [k for k, _ in COLUMNS] if keys is None else keys
+    headers = dict(COLUMNS)
+    table = Table(title=title, show_lines=False, header_style="bold", title_justify="left" if compact else "center",
+                  **({"box": box.SIMPLE_HEAD, "pad_edge": False, "padding": (0, 1), "collapse_padding": True}
+                     if compact else {}))
+    for key in keys:
+        table.add_column(headers[key], justify="left" if key in {"loss", "label", "dtype"} else "right",
+                         no_wrap=True)
     for i, group in enumerate(_groups(records)):
         if i:
             table.add_section()
         for rec in group:
             style = "bold" if rec["backend"] == "copy" else ("red" if rec.get("error") else None)
-            table.add_row(*(cell(rec, k) for k, _ in COLUMNS), style=style)
+            table.add_row(*(cell(rec, k) for k in keys), style=style)
     return table
+
+
+def _width(console: Console, table: Table) -> int:
+    """The natural width of ``table`` (measured unconstrained: rich caps a measure at the console width)."""
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum
+
+
+def terminal_tables(console: Console, records: list[Record], title: str) -> tuple[list[Table], list[str]]:
+    """The tables to print within ``console.width``, and the keys of the columns left out.
+
+    One table with every column when it fits; else one table per shape (N, C and dtype in its
+    title), compact, leaving out columns in DROP_ORDER until the widest fits."""
+    tables = [rich_table(records, title)]
+    if _width(console, tables[0]) <= console.width:
+        return tables, []
+    keys = [k for k, _ in COLUMNS if k not in {"n", "c", "dtype"}]
+    dropped: list[str] = []
+    groups = list(_groups(records))
+
+    def build() -> list[Table]:
+        out = [rich_table(g, f"N={g[0]['n']} C={g[0]['c']} {g[0]['dtype']}", keys, compact=True) for g in groups]
+        if out:
+            out[0].title = f"{title}\n{out[0].title}"
+        return out
+
+    tables = build()
+    for key in DROP_ORDER:
+        if max(_width(console, t) for t in tables) <= console.width:
+            break
+        keys.remove(key)
+        dropped.append(key)
+        tables = build()
+    return tables, dropped
+
+
+def legend(keys: Iterable[str]) -> str:
+    """What the columns ``keys`` mean (those that need saying), in one paragraph."""
+    keys = set(keys)
+    headers = dict(COLUMNS)
+    parts = []
+    for group, meaning in LEGEND:
+        shown = [k for k in group if k in keys]
+        if shown:
+            parts.append(f"{', '.join(headers[k] for k in shown)}: {meaning}")
+    return "; ".join(parts) + "."
 
 
 def print_table(console: Console, records: list[Record], title: str) -> None:
@@ -130,8 +202,18 @@ def print_table(console: Console, records: list[Record], title: str) -> None:
         console.print("\n".join([title, "", *_md_table([h for _, h in COLUMNS],
                                                        [[cell(r, k) for k, _ in COLUMNS] for r in records])]),
                       markup=False)
+        console.print(legend(k for k, _ in COLUMNS), markup=False)
     else:
-        console.print(rich_table(records, title))
+        tables, dropped = terminal_tables(console, records, title)
+        for table in tables:
+            console.print(table)
+        shown = [k for k, _ in COLUMNS if k not in dropped]
+        note = ""
+        if dropped:
+            headers = dict(COLUMNS)
+            note = (f" Left out to fit {console.width} columns: {', '.join(headers[k] for k in dropped)} "
+                    "(--json, --csv, --markdown have every column).")
+        console.print(legend(shown) + note, markup=False, highlight=False)
     for rec in records:
         if rec.get("error"):
             console.print(f"[red]error[/red] {rec['loss']} {rec['backend']} N={rec['n']} C={rec['c']}: {rec['error']}")
@@ -230,13 +312,7 @@ def markdown(doc: dict[str, object]) -> str:
     out += ["## All columns", ""]
     out += _md_table([h for _, h in COLUMNS], [[cell(r, k) for k, _ in COLUMNS] for r in records])
     out.append("")
-    out.append("median ms: median of the repeats; ±: half the inter-quartile range; × copy: median / median "
-               "of the copy (`logits.clone()`) samples taken alternately with this row's own (the copy row "
-               "shows the copy timed alone); % copy BW: 100 / × copy, the fraction of the copy's bandwidth "
-               "the row reaches if it moves the copy's bytes (one read of the logits, one write of the gradient); GB/s: minimal bytes of the mode (fwd 1x, bwd 2x, fwd+bwd 3x the logits) / median; "
-               "peak MiB: peak bytes allocated during fwd+bwd over the inputs (includes the gradient); "
-               "errors: max abs error of per-row loss and gradient vs float64; nan/inf: entries the backend "
-               "made non-finite where float64 is finite.")
+    out.append(legend(k for k, _ in COLUMNS))
     return "\n".join(out) + "\n"
 
 

@@ -23,6 +23,7 @@ Exit status: 0 on success, 2 on bad input (data folder, checkpoint, names), with
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import functools
 import json
@@ -51,9 +52,26 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 
 
+class _DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help exactly once: added to options without a help text too
+    (argparse's formatter skips those), never beside a help text that already says its default."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse prints no line of help at all for help=None
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fusedloss.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=_DefaultsOnceFormatter,
                                 epilog="Needs the train extra (torchvision, pillow, tqdm, matplotlib): "
                                        "pip install 'fusedloss[train]'.")
     data = p.add_argument_group("data")
