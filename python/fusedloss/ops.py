@@ -22,6 +22,7 @@ already produced the gradient, that gradient instead of the logits.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -113,6 +114,37 @@ def composite_backward_needed(grad_loss: Tensor) -> bool:
     legacy vmap of ``gradcheck(check_batched_grad=True)``, whose ``grad_loss`` is batched)."""
     return (torch.is_grad_enabled() or transforms_active()
             or torch._C._functorch.is_legacy_batchedtensor(grad_loss))
+
+
+def first_order(what: str) -> Callable:
+    """A backward decorator for the first-order-only paths (the LLM head, the vocabulary-parallel
+    losses, triton's ``inplace_backward``): under ``create_graph=True`` the gradients it returns
+    carry a node that raises when differentiated, naming ``what``. ``once_differentiable`` does
+    that only when an argument of the backward requires grad, and ``grad_output`` usually does
+    not, so a gradient penalty through it was a silent zero."""
+    msg = (f"fusedloss: {what} is first order: differentiating its gradient (a double backward) is "
+           "not implemented; fusedloss.softmax_loss on the logits supports it (docs/autograd.md)").encode()
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(ctx, *args):
+            with torch.no_grad():
+                outputs = fn(ctx, *args)
+            if not torch.is_grad_enabled():
+                return outputs
+            outs = outputs if isinstance(outputs, tuple) else (outputs,)
+            idx = [i for i, o in enumerate(outs) if isinstance(o, Tensor)]
+            if not idx:
+                return outputs
+            wrapped = torch._C._functions.DelayedError(msg, len(idx))(
+                *[outs[i].detach().requires_grad_() for i in idx])
+            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            res = list(outs)
+            for i, w in zip(idx, wrapped):
+                res[i] = w
+            return tuple(res) if isinstance(outputs, tuple) else res[0]
+        return wrapper
+    return deco
 
 
 def register_autograd(fwd_name: str, bwd_op: Callable,

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import dispatch, reference, validation
+from . import dispatch, ops, reference, validation
 from .head import (_blocks, _scale, _WeightGrad, check_chunk_rows, check_linear_inputs, check_loss_options,
                    default_chunk_rows, run_blocks)
 from .variants import Reduction, Variant
@@ -944,6 +944,7 @@ class _VocabParallelSoftmaxLoss(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @ops.first_order("fusedloss.parallel.softmax_loss")  # a double backward raises, never a silent 0
     def backward(ctx, grad_loss: Tensor):
         x, weight, *fields = ctx.saved_tensors
         state = ctx.state_type(*fields)
@@ -1018,7 +1019,7 @@ class _VocabParallelLinearLoss(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @ops.first_order("fusedloss.parallel.linear_softmax_loss")
     def backward(ctx, grad_loss, _grad_lse):
         nones = (None,) * 8
         if grad_loss is None:
