@@ -173,8 +173,12 @@ def softmax_loss(
         if return_lse:
             raise NotImplementedError("return_lse=True with inplace_backward=True is not implemented")
         out = be.fwd_inplace(x2d, t1d, weight, *scalars)
-    else:
+    elif torch.compiler.is_compiling():
         out, stats, _ = be.fwd(x2d, t1d, weight, *scalars, compute_grad)
+    elif logits.requires_grad and torch.is_grad_enabled():
+        out, stats, _ = ops.eager_fwd(be.fwd)(x2d, t1d, weight, *scalars, compute_grad)
+    else:
+        out, stats, _ = ops.call_below_autograd(be.fwd, x2d, t1d, weight, *scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
     out = out.to(logits.dtype)
