@@ -30,9 +30,14 @@ def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
     (``torch.compile``: fake or functional tensors) and on GPUs, the product."""
     if grad_loss is None:  # the loss output got no gradient (grads are not materialized)
         return None
-    if (grad.device.type == "cpu" and type(grad_loss) is Tensor
-            and not torch.compiler.is_compiling() and bool((grad_loss == 1).all())):
-        return grad
+    if grad.device.type == "cpu" and type(grad_loss) is Tensor and not torch.compiler.is_compiling():
+        # A 0-d grad_output (loss.backward() of 'mean'/'sum') is read as one number: cheaper
+        # than the elementwise comparison and its reduction.
+        if grad_loss.dim() == 0 and not grad_loss.requires_grad:
+            if grad_loss.item() == 1.0:
+                return grad
+        elif bool((grad_loss == 1).all()):
+            return grad
     return ops.scale_fused_grad(grad, grad_loss)
 
 

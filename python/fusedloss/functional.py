@@ -7,10 +7,13 @@ checked inside the ops (see ``validation.py``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
-from . import dispatch, mixup, ops, validation
+from . import dispatch, mixup, ops, reference, validation
 from .variants import Reduction, Variant, reduction_id, variant_id
 
 
@@ -98,29 +101,67 @@ def softmax_loss(
     variant = variant_id(loss)
     red = reduction_id(reduction)
     cap = validation.check_z_loss_softcap(z_loss, softcap)
-    validation.check_logits(logits)
+    validation.check_logits(logits, allow_no_classes=True)
     validation.check_hyperparameters(alpha, beta, gamma, label_smoothing)
     ignore_index = validation.check_ignore_index(ignore_index)
     num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
     weight = validation.check_weight(weight, num_classes, logits)
+    composite = _composite_wanted(logits, target, weight)
     if isinstance(target, tuple):
+        if composite:
+            if inplace_backward or return_lse:
+                raise NotImplementedError("inplace_backward and return_lse are not implemented for mixed targets")
+            ya, yb, lam = mixup.check_mixed_target(logits, tuple(_index_dtype(t) for t in target[:2]) + target[2:])
+            x2d, ta = _composite_rows(logits, ya)
+            _check_values(ta, num_classes, ignore_index, x2d.device)
+            _check_values(yb, num_classes, ignore_index, x2d.device)
+            scalars = (int(variant), int(red), ignore_index, float(label_smoothing), float(alpha), float(beta),
+                       float(gamma), float(z_loss), cap)
+            out = mixup.composite_mixed_loss(x2d, ta, yb.reshape(ta.shape), _composite_lam(lam, ta, x2d), weight,
+                                             scalars)
+            return (out.reshape(ya.shape) if red == Reduction.NONE else out).to(logits.dtype)
         return _mixed(logits, target, weight, variant, red, ignore_index, label_smoothing, alpha, beta, gamma,
                       float(z_loss), cap, backend, inplace_backward, return_lse)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor or a mixup tuple (y_a, y_b, lam); got "
                         f"{type(target).__name__}")
+    if composite and inplace_backward:
+        raise NotImplementedError(_COMPOSITE_WHY + "inplace_backward=True is not implemented there")
 
     if target.is_floating_point():
         if variant != Variant.CE:
             raise NotImplementedError(
                 f"class-probability (soft) targets are defined for loss='ce' only; got loss={loss!r}")
         validation.check_prob_target(logits, target)
+        if ignore_index >= 0:  # PyTorch's rule: a probability target has no index to ignore
+            raise ValueError(f"ignore_index={ignore_index} is not supported for class-probability (floating) "
+                             "targets; leave it at a negative value (the default -100)")
         if z_loss or softcap is not None:
             raise NotImplementedError("z_loss and softcap with class-probability (soft) targets are not implemented")
+        if num_classes == 0:
+            return _no_classes(logits, target, weight, red, ignore_index, return_lse, soft=True)
+        if composite:
+            return _composite_soft(logits, target, weight, red, label_smoothing, return_lse)
         be = dispatch.resolve(backend, logits.device)
         return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse, be)
 
+    target = _index_dtype(target)
     validation.check_class_target(logits, target)
+    if num_classes == 0:
+        return _no_classes(logits, target, weight, red, ignore_index, return_lse, soft=False)
+    if composite:
+        x2d, t1d = _composite_rows(logits, target)
+        _check_values(t1d, num_classes, ignore_index, x2d.device)
+        out, lse = reference.differentiable_forward(x2d, t1d, weight, int(variant), int(red), ignore_index,
+                                                    float(label_smoothing), float(alpha), float(beta), float(gamma),
+                                                    float(z_loss), cap)
+        if red == Reduction.NONE:
+            out = out.reshape(target.shape)
+        out = out.to(logits.dtype)
+        if return_lse:
+            lse = torch.where(t1d != ignore_index, lse.detach(), torch.zeros((), dtype=lse.dtype, device=lse.device))
+            return out, lse.reshape(target.shape)
+        return out
     be = dispatch.resolve(backend, logits.device)
     x2d, t1d = _rows_view(logits, target)
     one = be.one_target
@@ -133,8 +174,12 @@ def softmax_loss(
         if return_lse:
             raise NotImplementedError("return_lse=True with inplace_backward=True is not implemented")
         out = one.fwd_inplace(x2d, t1d, weight, *scalars)
-    else:
+    elif torch.compiler.is_compiling():
         out, stats, _ = one.fwd(x2d, t1d, weight, *scalars, compute_grad)
+    elif logits.requires_grad and torch.is_grad_enabled():
+        out, stats, _ = ops.eager_fwd(one.fwd)(x2d, t1d, weight, *scalars, compute_grad)
+    else:
+        out, stats, _ = ops.call_below_autograd(one.fwd, x2d, t1d, weight, *scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
     out = out.to(logits.dtype)
@@ -144,12 +189,114 @@ def softmax_loss(
     return out
 
 
+_COMPOSITE_WHY = ("the loss runs as differentiable PyTorch ops (a torch.func transform, forward AD or a weight "
+                  "that requires grad is active; docs/autograd.md); ")
+
+
+def _composite_wanted(logits: Tensor, target, weight: Tensor | None) -> bool:
+    """Whether the call takes the composite path (``reference.differentiable_*``) instead of the
+    backend's op: under a ``torch.func`` transform (vmap, grad, jvp: the ops have no batching or
+    forward-AD rule), with forward-AD dual inputs, or when a gradient is asked of an input the
+    ops do not differentiate (``weight``, a mixup ``lam`` tensor). Never while compiling: the
+    traced graph takes the ops (docs/autograd.md)."""
+    if torch.compiler.is_compiling():
+        return False
+    if ops.transforms_active():
+        return True
+    lam = target[2] if isinstance(target, tuple) and len(target) == 3 and isinstance(target[2], Tensor) else None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, lam)):
+        return True
+    if _fwAD._current_level >= 0:  # a forward-AD level is open: is any input dual?
+        probs = target if isinstance(target, Tensor) and target.is_floating_point() else None
+        return any(t is not None and _fwAD.unpack_dual(t).tangent is not None
+                   for t in (logits, probs, weight, lam))
+    return False
+
+
+def _plain(t: Tensor) -> Tensor:
+    """The tensor under any ``torch.func`` wrappers (vmap's batch included): its values."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def _check_values(target: Tensor, num_classes: int, ignore_index: int, device: torch.device) -> None:
+    """The ops' target-value check, for the composite path: on CPU always (on the values under
+    the transforms' wrappers), elsewhere in strict mode; otherwise a bad row's loss is NaN."""
+    if validation.must_check_targets(device):
+        validation.check_target_values(_plain(target), num_classes, ignore_index)
+
+
+def _index_dtype(target):
+    """uint8 class indices (PyTorch takes them) as int32 for the kernels."""
+    return target.to(torch.int32) if isinstance(target, Tensor) and target.dtype == torch.uint8 else target
+
+
+def _composite_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(N, C, d...)`` -> ``(rows, C)`` by reshapes alone (no stride is read: batched tensors
+    have none)."""
+    if logits.dim() == 1:
+        return logits[None, :], target.reshape(1)
+    if logits.dim() > 2:
+        return logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1)
+    return logits, target
+
+
+def _composite_lam(lam, ta: Tensor, x: Tensor) -> Tensor:
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(lam, Tensor):
+        return lam.to(dtype).reshape(-1).expand(ta.shape[0]) if lam.dim() == 0 else lam.reshape(-1).to(dtype)
+    return torch.full((ta.shape[0],), float(lam), dtype=dtype, device=x.device)
+
+
+def _composite_soft(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float,
+                    return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+    if logits.dim() == 1:
+        x, y = logits[None, :], probs[None, :]
+    else:
+        x = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        y = probs.movedim(1, -1).reshape(-1, logits.shape[1])
+    out, lse = reference.differentiable_soft_forward(x, y, weight, int(red), float(eps))
+    row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
+    if red == Reduction.NONE:
+        out = out.reshape(row_shape)
+    if return_lse:
+        return out.to(logits.dtype), lse.detach().reshape(row_shape)
+    return out.to(logits.dtype)
+
+
+def _no_classes(logits: Tensor, target: Tensor, weight, red: Reduction, ignore_index: int, return_lse: bool,
+                soft: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """``C = 0``, as PyTorch: a row's loss is an empty sum, 0 (only ignored rows are valid class
+    targets: any other index is out of range); ``'mean'`` is NaN (PyTorch divides by the counted
+    rows, none, or for probabilities by ``numel / C``); the gradient is the empty tensor."""
+    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    class_dim = 1 if logits.dim() > 1 else 0
+    rows = logits.sum(class_dim).to(cdtype)  # zeros of the rows' shape, on the logits' graph
+    if soft:
+        rows = rows + target.sum(class_dim).to(cdtype)  # on the targets' graph too
+    else:
+        _check_values(target, 0, ignore_index, logits.device)
+        rows = torch.where(target != ignore_index, torch.full_like(rows, math.nan), rows)
+    if red == Reduction.NONE:
+        out = rows
+    elif red == Reduction.SUM:
+        out = rows.sum()
+    else:
+        out = rows.sum() / 0.0
+    out = out.to(logits.dtype)
+    # lse of an empty row: -inf (probabilities); class targets' rows are all ignored: 0.
+    return (out, torch.full_like(rows.detach(), -math.inf if soft else 0.0)) if return_lse else out
+
+
 def _mixed(logits: Tensor, target: tuple, weight, variant, red, ignore_index, eps, alpha, beta, gamma, z_loss,
            cap, backend, inplace_backward, return_lse) -> Tensor:
     """``target = (y_a, y_b, lam)``: ``lam * L(y_a) + (1 - lam) * L(y_b)`` (fusedloss.mixup)."""
     if inplace_backward or return_lse:
         raise NotImplementedError("inplace_backward and return_lse are not implemented for mixed targets")
-    ya, yb, lam = mixup.check_mixed_target(logits, target)
+    ya, yb, lam = mixup.check_mixed_target(logits, tuple(_index_dtype(t) for t in target[:2]) + target[2:])
+    if logits.shape[1 if logits.dim() > 1 else 0] == 0:
+        raise ValueError(f"logits must have at least one class for mixed targets; got shape {tuple(logits.shape)}")
     be = dispatch.resolve(backend, logits.device)
     x2d, ta = _rows_view(logits, ya)
     tb = yb.reshape(ta.shape)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import dispatch, reference, validation
+from . import dispatch, ops, reference, validation
 from .ops import NAMESPACE, SCALARS, stats_dtype
 from .validation import check_target_values, must_check_targets
 from .variants import STATS_COLS, Reduction, Variant, reduction_id, variant_id
@@ -297,7 +297,7 @@ def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
     return grad.mul_(grad_loss.to(grad.dtype) if grad.dtype != torch.float64 else grad_loss)
 
 
-@torch.autograd.function.once_differentiable  # the gradients carry no graph back to the inputs
+@ops.first_order("linear_softmax_loss (the LLM head)")  # the gradients carry no graph back to the inputs
 def _backward(ctx, grad_loss, *_):
     nones = (None,) * 16
     if grad_loss is None:

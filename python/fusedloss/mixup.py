@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch, reference
-from .ops import NAMESPACE, SCALARS, fake_backward, fake_forward, scale_fused_grad
+from .ops import (NAMESPACE, SCALARS, composite_backward_needed, composite_vjp, fake_backward, fake_forward,
+                  scale_fused_grad)
 from .validation import check_class_target
 from .variants import Reduction
 
@@ -57,13 +58,19 @@ def register_mix_op(fwd_name: str, bwd_op: Callable,
         ctx.fused = bool(compute_grad)
         ctx.mark_non_differentiable(stats, grad)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad if ctx.fused else logits, ta, tb, lam, weight, stats)
+        # The logits are saved with the fused gradient too (a double backward reads them).
+        ctx.save_for_backward(grad if ctx.fused else logits, ta, tb, lam, weight, stats, logits)
 
     def backward(ctx, grad_loss, _grad_stats, _grad_grad):
         nones = (None,) * 14
         if grad_loss is None:
             return (None,) + nones
-        saved, ta, tb, lam, weight, stats = ctx.saved_tensors
+        saved, ta, tb, lam, weight, stats, logits = ctx.saved_tensors
+        if composite_backward_needed(grad_loss):
+            scalars = ctx.scalars
+            (gx,) = composite_vjp(lambda x: composite_mixed_loss(x, ta, tb, lam, weight, scalars), grad_loss,
+                                  (logits,), (True,))
+            return (gx,) + nones
         if ctx.fused:
             return (scale_grad(saved, grad_loss),) + nones
         return (bwd_op(grad_loss, saved, ta, tb, lam, weight, stats, *ctx.scalars),) + nones
@@ -122,6 +129,29 @@ class TwoTargetOps:
     fuses: Callable[[int, float], bool] = lambda variant, softcap: True
 
 
+def composite_mixed_loss(x: Tensor, ta: Tensor, tb: Tensor, lam: Tensor, weight: Tensor | None,
+                         scalars: tuple) -> Tensor:
+    """The two-target loss in differentiable PyTorch ops (``reference.differentiable_forward`` per
+    part; ``lam`` differentiable too): the composite path of docs/autograd.md."""
+    variant, red = scalars[0], scalars[1]
+    none_scalars = (variant, int(Reduction.NONE)) + tuple(scalars[2:])
+    return _combine([(reference.differentiable_forward(x, t, weight, *none_scalars)[0], k)
+                     for t, k in ((ta, lam), (tb, 1.0 - lam))], red, ta, tb, weight, scalars[2])
+
+
+def _combine(parts: list, red: int, ta: Tensor, tb: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    """``k_a L_a + k_b L_b`` from the parts' per-row losses, each part reduced on its own."""
+    # where, not a product: a row whose part counts 0 adds 0 even when its loss is inf
+    parts = [torch.where(k == 0, torch.zeros_like(rows), k * rows) for rows, k in parts]
+    if red == Reduction.NONE:
+        return parts[0] + parts[1]
+    if red == Reduction.SUM:
+        return parts[0].sum() + parts[1].sum()
+    dt = parts[0].dtype
+    return (parts[0].sum() / reference.mean_denominator(ta, weight, ignore_index, dt)
+            + parts[1].sum() / reference.mean_denominator(tb, weight, ignore_index, dt))
+
+
 def mixed_loss(be: dispatch.Backend, x: Tensor, ta: Tensor, tb: Tensor, lam: Tensor, weight: Tensor | None,
                scalars: tuple, compute_grad: bool) -> Tensor:
     """The reduced (or per-row) two-target loss of ``(N, C)`` rows, fused where the backend
@@ -131,16 +161,6 @@ def mixed_loss(be: dispatch.Backend, x: Tensor, ta: Tensor, tb: Tensor, lam: Ten
     if mix is not None and mix.fuses(variant, softcap):
         out, _, _ = mix.fwd(x, ta, tb, lam, weight, *scalars, compute_grad)
         return out
-    parts = []
     none_scalars = (variant, int(Reduction.NONE)) + tuple(scalars[2:])
-    for t, k in ((ta, lam), (tb, 1.0 - lam)):
-        rows, _, _ = be.one_target.fwd(x, t, weight, *none_scalars, compute_grad)
-        # where, not a product: a row whose part counts 0 adds 0 even when its loss is inf
-        parts.append(torch.where(k == 0, torch.zeros_like(rows), k * rows))
-    if red == Reduction.NONE:
-        return parts[0] + parts[1]
-    if red == Reduction.SUM:
-        return parts[0].sum() + parts[1].sum()
-    dt = parts[0].dtype
-    return (parts[0].sum() / reference.mean_denominator(ta, weight, ignore_index, dt)
-            + parts[1].sum() / reference.mean_denominator(tb, weight, ignore_index, dt))
+    parts = [(be.one_target.fwd(x, t, weight, *none_scalars, compute_grad)[0], k) for t, k in ((ta, lam), (tb, 1.0 - lam))]
+    return _combine(parts, red, ta, tb, weight, ignore_index)

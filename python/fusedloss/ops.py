@@ -23,6 +23,7 @@ already produced the gradient, that gradient instead of the logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from typing import Callable
 
 import torch
@@ -67,6 +68,86 @@ def scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
     return (grad * scale).to(grad.dtype)
 
 
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is active: the kernels' ops have
+    no batching or forward-AD rule, so the loss and its backward take the composite path then."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def composite_vjp(fn: Callable[..., Tensor], grad_loss: Tensor, inputs: tuple, needs: tuple) -> tuple:
+    """``grad_loss`` times the derivative of ``fn(*inputs)`` (``reference.differentiable_*``) with
+    respect to each input whose ``needs`` is true (None for the others): the backward's
+    composite path. With grad mode on (``create_graph=True``: a double backward was asked for)
+    the result is built on the saved inputs themselves, so it carries a graph to them and to
+    ``grad_loss``; otherwise (a ``torch.func`` transform over the backward, e.g. the batched
+    gradients of vmap) by ``torch.func.vjp`` on detached inputs."""
+    idx = [i for i, need in enumerate(needs) if need]
+    create = torch.is_grad_enabled()
+    if create or not transforms_active():  # autograd (also under gradcheck's legacy vmap)
+        xs = list(inputs)
+        for i in idx:
+            if not (create and xs[i].requires_grad):
+                xs[i] = xs[i].detach().requires_grad_()
+        with torch.enable_grad():
+            out = fn(*xs)
+        grads = torch.autograd.grad(out, [xs[i] for i in idx], grad_loss, create_graph=create, allow_unused=True)
+        grads = [torch.zeros_like(xs[i]) if g is None else g for i, g in zip(idx, grads)]
+    else:
+        rest = [t.detach() if t is not None else None for t in inputs]
+
+        def part(*wrt):
+            args = list(rest)
+            for i, t in zip(idx, wrt):
+                args[i] = t
+            return fn(*args)
+
+        _, vjp_fn = torch.func.vjp(part, *[rest[i] for i in idx])
+        grads = vjp_fn(grad_loss)
+    res = [None] * len(inputs)
+    for i, g in zip(idx, grads):
+        res[i] = g
+    return tuple(res)
+
+
+def composite_backward_needed(grad_loss: Tensor) -> bool:
+    """A registered backward takes the composite path when a graph is to be built through it
+    (grad mode on: ``create_graph=True``) or a vmap wraps it (``torch.func`` transforms, or the
+    legacy vmap of ``gradcheck(check_batched_grad=True)``, whose ``grad_loss`` is batched)."""
+    return (torch.is_grad_enabled() or transforms_active()
+            or torch._C._functorch.is_legacy_batchedtensor(grad_loss))
+
+
+def first_order(what: str) -> Callable:
+    """A backward decorator for the first-order-only paths (the LLM head, the vocabulary-parallel
+    losses, triton's ``inplace_backward``): under ``create_graph=True`` the gradients it returns
+    carry a node that raises when differentiated, naming ``what``. ``once_differentiable`` does
+    that only when an argument of the backward requires grad, and ``grad_output`` usually does
+    not, so a gradient penalty through it was a silent zero."""
+    msg = (f"fusedloss: {what} is first order: differentiating its gradient (a double backward) is "
+           "not implemented; fusedloss.softmax_loss on the logits supports it (docs/autograd.md)").encode()
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(ctx, *args):
+            with torch.no_grad():
+                outputs = fn(ctx, *args)
+            if not torch.is_grad_enabled():
+                return outputs
+            outs = outputs if isinstance(outputs, tuple) else (outputs,)
+            idx = [i for i, o in enumerate(outs) if isinstance(o, Tensor)]
+            if not idx:
+                return outputs
+            wrapped = torch._C._functions.DelayedError(msg, len(idx))(
+                *[outs[i].detach().requires_grad_() for i in idx])
+            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            res = list(outs)
+            for i, w in zip(idx, wrapped):
+                res[i] = w
+            return tuple(res) if isinstance(outputs, tuple) else res[0]
+        return wrapper
+    return deco
+
+
 def register_autograd(fwd_name: str, bwd_op: Callable,
                       scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
     """Attach the shared autograd formula to ``fusedloss::<fwd_name>``: the backward
@@ -84,23 +165,64 @@ def register_autograd(fwd_name: str, bwd_op: Callable,
         # The stats and grad outputs never receive a gradient; without this autograd
         # would hand backward() an (N, C) tensor of zeros for `grad`, allocated every step.
         ctx.set_materialize_grads(False)
-        if ctx.fused:
-            ctx.save_for_backward(grad)
-        else:
-            ctx.save_for_backward(logits, target, weight, stats)
+        # The logits are saved with the fused gradient too: a double backward differentiates
+        # the gradient through them (docs/autograd.md); they cost no memory while the caller
+        # holds them (as training loops and gradient penalties do).
+        ctx.save_for_backward(logits, target, weight, grad if ctx.fused else stats)
 
     def backward(ctx, grad_loss, _grad_stats, _grad_grad):
         if grad_loss is None:  # the loss itself got no gradient (grads are not materialized)
             return (None,) * 13
-        if ctx.fused:
-            (grad,) = ctx.saved_tensors
-            grad_logits = scale_grad(grad, grad_loss)
+        logits, target, weight, saved = ctx.saved_tensors
+        if composite_backward_needed(grad_loss):
+            scalars = ctx.scalars
+            grad_logits, _ = composite_vjp(
+                lambda x, w: reference.differentiable_forward(x, target, w, *scalars)[0], grad_loss,
+                (logits, weight), (True, False))
+        elif ctx.fused:
+            grad_logits = scale_grad(saved, grad_loss)
         else:
-            logits, target, weight, stats = ctx.saved_tensors
-            grad_logits = bwd_op(grad_loss, logits, target, weight, stats, *ctx.scalars)
+            grad_logits = bwd_op(grad_loss, logits, target, weight, saved, *ctx.scalars)
         return (grad_logits,) + (None,) * 12
 
     torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+    op = getattr(getattr(torch.ops, NAMESPACE), fwd_name).default
+    formula = backward
+
+    class EagerFwd(torch.autograd.Function):
+        """The same formula as an ``autograd.Function`` that calls the op below the Autograd key:
+        the eager path skips the Python wrapper ``register_autograd`` builds around the op
+        (``fill_defaults`` over the 14-argument schema on every call, about a third of the
+        per-call cost at small sizes). ``torch.compile`` and ``opcheck`` use the op itself."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                out = op(*inputs)
+            setup_context(ctx, inputs, out)
+            return out
+
+        backward = staticmethod(formula)
+
+    EagerFwd.__name__ = EagerFwd.__qualname__ = f"{fwd_name}_eager"
+    _EAGER[op] = EagerFwd.apply
+
+
+#: OpOverload of a forward op -> the apply of its eager autograd.Function (register_autograd).
+_EAGER: dict = {}
+
+
+def eager_fwd(fwd: Callable) -> Callable:
+    """What the functional calls for a forward op in eager mode (no transform, not compiling):
+    below the Autograd key when no gradient is needed, else the eager ``autograd.Function``."""
+    op = getattr(fwd, "_opoverload", fwd)  # a torch.library.custom_op's CustomOpDef -> its OpOverload
+    return _EAGER.get(op, fwd)
+
+
+def call_below_autograd(fwd: Callable, *args):
+    """The forward op without its autograd wrapper (nothing requires grad, or grad mode is off)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd(*args)
 
 
 def register_fakes(fwd_name: str, bwd_name: str) -> None:
@@ -194,6 +316,12 @@ def register_soft_autograd(fwd_name: str, bwd_op: Callable,
         if grad_loss is None:
             return (None,) * 6
         logits, probs, weight, stats, grad = ctx.saved_tensors
+        if composite_backward_needed(grad_loss):
+            args = ctx.args
+            gx, gy = composite_vjp(
+                lambda x, y: reference.differentiable_soft_forward(x, y, weight, *args)[0], grad_loss,
+                (logits, probs), tuple(ctx.needs_input_grad[:2]))
+            return (gx, gy) + (None,) * 4
         gx = gy = None
         if ctx.needs_input_grad[0]:
             gx = scale_grad(grad, grad_loss) if ctx.fused else bwd_op(grad_loss, logits, probs, weight, stats,

@@ -52,23 +52,28 @@ def shifted(x: Tensor, shift: Tensor, cdtype: torch.dtype) -> Tensor:
     return x.to(cdtype).sub_(shift[:, None])
 
 
-def lse_excluding(x: Tensor, excluded: Tensor, cdtype: torch.dtype) -> Tensor:
+def lse_excluding(x: Tensor, excluded: Tensor, cdtype: torch.dtype, differentiable: bool = False) -> Tensor:
     """``log sum_{k != excluded} exp(x_k)`` per row, exactly (no ``lse - x`` cancellation).
 
     The shift is the max over the *competitors* (top-2 of the row), so the sum
     is >= 1 whenever a competitor is finite and cannot underflow even when the
-    excluded class leads by 1000. One (N, C) float buffer, updated in place.
+    excluded class leads by 1000. One (N, C) float buffer, updated in place;
+    ``differentiable``: out of place (autograd, forward AD and vmap go through it), the
+    shift held constant (the value does not depend on it).
     """
     n, c = x.shape
     if c == 1:
         return torch.full((n,), -math.inf, dtype=cdtype, device=x.device)
-    top_v, top_i = x.topk(2, dim=1)
+    top_v, top_i = x.detach().topk(2, dim=1) if differentiable else x.topk(2, dim=1)
     m_ex = torch.where(top_i[:, 0] == excluded, top_v[:, 1], top_v[:, 0]).to(cdtype)
     # All competitors -inf: shift by 0 so exp() gives 0, not NaN from (-inf) - (-inf).
     shift = torch.where(torch.isfinite(m_ex), m_ex, torch.zeros_like(m_ex))
-    e = shifted(x, shift, cdtype)
-    e.exp_()
-    e.scatter_(1, excluded[:, None], 0.0)
+    if differentiable:
+        e = (x.to(cdtype) - shift[:, None]).exp().scatter(1, excluded[:, None], 0.0)
+    else:
+        e = shifted(x, shift, cdtype)
+        e.exp_()
+        e.scatter_(1, excluded[:, None], 0.0)
     return shift + e.sum(1).log()
 
 
@@ -206,12 +211,13 @@ def _row_grad_scale(grad_loss: Tensor, rows: _Rows, reduction: int, target, weig
     return torch.where(keep, rows.scale * g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
-def capped(logits: Tensor, softcap: float) -> Tensor:
+def capped(logits: Tensor, softcap: float, differentiable: bool = False) -> Tensor:
     """Gemma's soft cap ``s tanh(x / s)`` in the compute dtype, or the logits themselves for
     ``softcap = 0`` (no cap)."""
     if not softcap:
         return logits
-    return torch.tanh(logits.to(compute_dtype(logits)) / softcap).mul_(softcap)
+    t = torch.tanh(logits.to(compute_dtype(logits)) / softcap)
+    return t * softcap if differentiable else t.mul_(softcap)
 
 
 def softcap_slope(logits: Tensor, softcap: float, cdtype) -> Tensor:
@@ -228,17 +234,40 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """Loss (reduced as asked, compute dtype) and the per-row stats ``(N, STATS_COLS)``
     (of the capped logits when ``softcap``)."""
-    x = capped(logits, softcap)
+    return _forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing, alpha, beta,
+                    gamma, z_loss, softcap, differentiable=False)
+
+
+def differentiable_forward(
+    logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
+    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
+    z_loss: float = 0.0, softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`forward`'s loss and the rows' ``lse``, built of out-of-place PyTorch ops only: the
+    same stable forms, differentiable to any order in the logits (and the class weights), under
+    forward AD and under ``torch.func`` transforms (vmap included). The composite path of
+    docs/autograd.md: double backward, ``jvp``, per-sample gradients."""
+    return _forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing, alpha, beta,
+                    gamma, z_loss, softcap, differentiable=True)
+
+
+def _forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing, alpha, beta, gamma,
+             z_loss, softcap, differentiable):
+    x = capped(logits, softcap, differentiable)
     cdtype = compute_dtype(x)
     rows = _rows(x, target, weight, ignore_index, cdtype)
-    lse_ex = lse_excluding(x, rows.tgt, cdtype)
+    lse_ex = lse_excluding(x, rows.tgt, cdtype, differentiable)
     lse = torch.logaddexp(lse_ex, rows.x_c)
     d = lse_ex - rows.x_c
-    stats = torch.zeros((x.shape[0], STATS_COLS), dtype=cdtype, device=x.device)
-    stats[:, 0], stats[:, 1] = lse, lse_ex
+    if differentiable:
+        stats = lse
+    else:
+        stats = torch.zeros((x.shape[0], STATS_COLS), dtype=cdtype, device=x.device)
+        stats[:, 0], stats[:, 1] = lse, lse_ex
 
     if variant == Variant.BCE:
-        per_row = _bce_loss(x, rows, lse, d, stats, cdtype)
+        per_row = (_bce_loss_differentiable(x, rows, lse, d, cdtype) if differentiable
+                   else _bce_loss(x, rows, lse, d, stats, cdtype))
     else:
         per_row, _ = TARGET_ONLY_MATH[Variant(variant)](d, Params(alpha, beta, gamma))
     if label_smoothing > 0:
@@ -349,6 +378,17 @@ def _bce_loss(x: Tensor, rows: _Rows, lse: Tensor, d: Tensor, stats: Tensor, cdt
     return softplus(d) - t.sum(1)
 
 
+def _bce_loss_differentiable(x: Tensor, rows: _Rows, lse: Tensor, d: Tensor, cdtype) -> Tensor:
+    """``_bce_loss`` out of place: ``p`` is zeroed at ``w`` and ``c`` before ``log(1 - p)``, so
+    the terms left out (``p_w`` may round to 1) carry no ``0 * inf`` into any derivative."""
+    w = x.detach().argmax(1)
+    log1m_pw = lse_excluding(x, w, cdtype, differentiable=True) - lse
+    p = (x.to(cdtype) - lse[:, None]).exp()
+    p = p.scatter(1, w[:, None], 0.0).scatter(1, rows.tgt[:, None], 0.0)
+    t = torch.log1p(-p).scatter(1, w[:, None], log1m_pw[:, None]).scatter(1, rows.tgt[:, None], 0.0)
+    return softplus(d) - t.sum(1)
+
+
 def _bce_grad(x: Tensor, rows: _Rows, stats: Tensor, cdtype) -> Tensor:
     lse, log1m_pw = stats[:, 0], stats[:, 2]
     w = stats[:, 3].long()
@@ -415,9 +455,8 @@ def _smoothed(y: Tensor, eps: float) -> Tensor:
     return y if eps == 0 else y * (1 - eps) + eps / y.shape[1]
 
 
-def soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction: int,
-                 label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """Loss and the stats ``(N, STATS_COLS)``: ``lse``, ``S = sum_k w_k y'_k``, 0, 0."""
+def _soft_rows(logits: Tensor, probs: Tensor, weight: Tensor | None, label_smoothing: float):
+    """Per-row loss, ``lse`` and ``w y'`` (out of place: differentiable in all three inputs)."""
     cdtype = compute_dtype(logits)
     x = logits.to(cdtype)
     lse = torch.logsumexp(x, 1)
@@ -427,12 +466,30 @@ def soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction
     # sum_k wy_k (lse - x_k): every term >= 0 (no cancellation for large logits), and a -inf
     # logit with zero target mass gives 0, not NaN.
     per_row = torch.where(wy == 0, torch.zeros_like(x), wy * (lse[:, None] - x)).sum(1)
-    stats = torch.zeros((x.shape[0], STATS_COLS), dtype=cdtype, device=x.device)
-    stats[:, 0], stats[:, 1] = lse, wy.sum(1)
+    return per_row, lse, wy
+
+
+def _soft_reduce(per_row: Tensor, reduction: int) -> Tensor:
     if reduction == Reduction.NONE:
-        return per_row, stats
+        return per_row
     total = per_row.sum()
-    return (total if reduction == Reduction.SUM else total / x.shape[0]), stats
+    return total if reduction == Reduction.SUM else total / per_row.shape[0]
+
+
+def soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction: int,
+                 label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """Loss and the stats ``(N, STATS_COLS)``: ``lse``, ``S = sum_k w_k y'_k``, 0, 0."""
+    per_row, lse, wy = _soft_rows(logits, probs, weight, label_smoothing)
+    stats = torch.zeros((per_row.shape[0], STATS_COLS), dtype=lse.dtype, device=lse.device)
+    stats[:, 0], stats[:, 1] = lse, wy.sum(1)
+    return _soft_reduce(per_row, reduction), stats
+
+
+def differentiable_soft_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, reduction: int,
+                                label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """:func:`soft_forward`'s loss and ``lse``, out of place (the composite path, docs/autograd.md)."""
+    per_row, lse, _ = _soft_rows(logits, probs, weight, label_smoothing)
+    return _soft_reduce(per_row, reduction), lse
 
 
 def _soft_row_grad_output(grad_loss: Tensor, n: int, reduction: int, cdtype) -> Tensor:
@@ -520,4 +577,5 @@ def extreme_logits(n: int, c: int, *, dtype: torch.dtype = torch.float32, device
 
 
 __all__ = ["LOSSES", "forward", "backward", "soft_forward", "soft_backward", "naive_loss",
+           "differentiable_forward", "differentiable_soft_forward",
            "extreme_logits", "mean_denominator", "lse_excluding", "TARGET_ONLY_MATH"]

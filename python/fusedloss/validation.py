@@ -66,14 +66,15 @@ def check_z_loss_softcap(z_loss: float, softcap: float | None) -> float:
     return 0.0 if softcap is None else float(softcap)
 
 
-def check_logits(logits: object) -> torch.Tensor:
+def check_logits(logits: object, allow_no_classes: bool = False) -> torch.Tensor:
+    """``allow_no_classes``: ``C = 0`` passes (the functional gives PyTorch's answer for it)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor; got {type(logits).__name__}")
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64; got {logits.dtype}")
     if logits.dim() == 0:
         raise ValueError("logits must have shape (C,), (N, C) or (N, C, d1, ...); got a 0-d tensor")
-    if logits.shape[1 if logits.dim() > 1 else 0] == 0:
+    if not allow_no_classes and logits.shape[1 if logits.dim() > 1 else 0] == 0:
         raise ValueError(f"logits must have at least one class; got shape {tuple(logits.shape)}")
     return logits
 
@@ -83,7 +84,7 @@ def check_class_target(logits: torch.Tensor, target: object) -> torch.Tensor:
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor; got {type(target).__name__}")
     if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"target must be int64 or int32 class indices; got {target.dtype}")
+        raise TypeError(f"target must be int64, int32 (or uint8) class indices; got {target.dtype}")
     expected = (logits.shape[0],) + tuple(logits.shape[2:]) if logits.dim() > 1 else ()
     if tuple(target.shape) != expected:
         raise ValueError(

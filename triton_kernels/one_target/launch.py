@@ -175,6 +175,7 @@ class _InplaceLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @ops.first_order("inplace_backward=True")  # the logits are consumed: a double backward raises
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         return (scale_fused_grad(grad, grad_loss),) + (None,) * 11

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import dispatch, reference
+from .. import dispatch, ops, reference
 from ..head import _scale, _WeightGrad, default_chunk_rows, run_blocks
 from ..variants import Reduction
 from .loss import _check_targets, _grad, _reduce, _row_grad_output, _rows
@@ -174,7 +174,7 @@ class _VocabParallelLinearLoss(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @ops.first_order("fusedloss.parallel.linear_softmax_loss")
     def backward(ctx, grad_loss, _grad_lse):
         nones = (None,) * 8
         if grad_loss is None:

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import dispatch, reference, validation
+from .. import dispatch, ops, reference, validation
 from ..variants import Reduction, Variant
 from .bce import _BceState, _bce_grad, _bce_rows
 from .plan import Plan, _Config, _check_local, _device_of, _k0_masked, _plan, _unwrap_dtensors
@@ -149,6 +149,7 @@ class _VocabParallelSoftmaxLoss(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @ops.first_order("fusedloss.parallel.softmax_loss")  # a double backward raises, never a silent 0
     def backward(ctx, grad_loss: Tensor):
         x, weight, *fields = ctx.saved_tensors
         state = ctx.state_type(*fields)

@@ -1,0 +1,114 @@
+"""Per-call cost of fusedloss against ``nn.CrossEntropyLoss`` (issue 24), one thread, CPU.
+
+Small problems are where a loss's fixed cost shows: argument checks, backend choice, the
+autograd wrapper of the ``torch.library`` op, allocations. For each shape and loss this times,
+in one process and interleaved with PyTorch's ``nn.CrossEntropyLoss`` on the same tensors:
+
+* ``fwd+bwd``: ``loss_fn(x, t).backward()`` (``x.grad`` set to None before each call);
+* ``fwd no_grad``: ``loss_fn(x, t)`` under ``torch.no_grad()``.
+
+Each figure is the median over ``--rounds`` rounds of the mean of ``--calls`` calls. The ratio
+column divides by PyTorch's time for the same shape and mode (PyTorch has only ce: every loss
+is compared with PyTorch's ce).
+
+    python bench/per_call.py                   # writes bench/results/per_call_cpu.md
+    python bench/per_call.py --backend reference --out -
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fusedloss as fl
+
+SHAPES = ((32, 10), (256, 100), (256, 1000))
+ROOT = Path(__file__).resolve().parent
+
+
+def _time(fn, calls: int, rounds: int) -> float:
+    for _ in range(max(3, calls // 10)):
+        fn()
+    per = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per.append((time.perf_counter() - t0) / calls)
+    return statistics.median(per)
+
+
+def measure(backend: str, calls: int, rounds: int, losses) -> list[dict]:
+    rows = []
+    for n, c in SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, c, generator=g).requires_grad_()
+        t = torch.randint(0, c, (n,), generator=g)
+        fns = {"nn.CrossEntropyLoss": torch.nn.CrossEntropyLoss()}
+        for loss in losses:
+            fns[loss] = fl.SoftmaxLoss(loss, backend=backend)
+
+        def fwd_bwd(fn):
+            def run():
+                x.grad = None
+                fn(x, t).backward()
+            return run
+
+        def fwd(fn):
+            def run():
+                with torch.no_grad():
+                    fn(x, t)
+            return run
+
+        for mode, make in (("fwd+bwd", fwd_bwd), ("fwd no_grad", fwd)):
+            base = None
+            for name, fn in fns.items():
+                us = 1e6 * _time(make(fn), calls, rounds)
+                if base is None:
+                    base = us
+                rows.append(dict(shape=f"{n} x {c}", mode=mode, loss=name, us=us, ratio=us / base))
+    return rows
+
+
+def to_markdown(rows: list[dict], backend: str, calls: int, rounds: int) -> str:
+    lines = [
+        "# Per-call cost, CPU, one thread",
+        "",
+        f"`python bench/per_call.py` (backend `{backend}`; {calls} calls x {rounds} rounds, median of the "
+        f"rounds' means); torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()}. Ratio: the time over `nn.CrossEntropyLoss`'s for the same shape and mode, "
+        "measured in the same process, interleaved.",
+        "",
+        "| shape | mode | loss | us per call | ratio |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['loss']} | {r['us']:.1f} | {r['ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--losses", default=",".join(fl.LOSSES))
+    ap.add_argument("--out", default=str(ROOT / "results" / "per_call_cpu.md"), help="'-': print only")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = measure(a.backend, a.calls, a.rounds, a.losses.split(","))
+    md = to_markdown(rows, a.backend, a.calls, a.rounds)
+    if a.out == "-":
+        sys.stdout.write(md)
+    else:
+        Path(a.out).write_text(md)
+        sys.stdout.write(md)
+
+
+if __name__ == "__main__":
+    main()
