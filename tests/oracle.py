@@ -104,7 +104,9 @@ def oracle_soft_loss(x, q, loss="ce", weight=None, reduction="mean", label_smoot
         q = (1 - label_smoothing) * q + label_smoothing / c
     m = q if weight is None else q * weight.double()[None, :]
     per = per_class_loss(x, loss, alpha, beta, gamma)
-    rows = torch.where(m == 0, torch.zeros_like(per), m * per).sum(1)
+    # An infinite loss with no mass adds 0 (and keeps autograd's d/dm = L(x, k) where it is finite).
+    per = torch.where(torch.isinf(per) & (m == 0), torch.zeros_like(per), per)
+    rows = (m * per).sum(1)
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.sum() / x.shape[0]
