@@ -8,4 +8,6 @@ dispatch.register(dispatch.Backend(
     supports=lambda device: True,
     fused_grad=False,
     soft_fwd=ops.reference_soft_fwd,
+    soft_loss_fwd=ops.reference_soft_loss_fwd,
+    expected_smoothing=True,
 ))

@@ -36,6 +36,13 @@ class Backend:
     # Class-probability targets (ce): fusedloss::<name>_soft_fwd / _soft_bwd (ops.SOFT_*_SCHEMA);
     # None: the functional runs the reference's on this device.
     soft_fwd: Callable | None = None
+    # Class-probability targets for every loss (the expected loss): fusedloss::<name>_soft_loss_fwd
+    # (ops.SOFT_LOSS_*_SCHEMA); None: the functional runs the reference's on this device.
+    soft_loss_fwd: Callable | None = None
+    # Whether fwd/mix_fwd give label smoothing's term for loss != 'ce' as the expected loss
+    # (eps / C) sum_k w_k L(x, k) (docs/losses.md). False: the functional raises NotImplementedError
+    # for label_smoothing > 0 with loss != 'ce' on this backend (never the older smoothed-CE number).
+    expected_smoothing: bool = False
     # Mixup's two targets: fusedloss::<name>_mix_fwd (mixup.MIX_FWD_SCHEMA); None: two passes.
     mix_fwd: Callable | None = None
     # Which (variant, softcap) the mix op fuses; the others run two passes of fwd.
@@ -48,6 +55,16 @@ class Backend:
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why and how to get it."""
+
+
+def check_smoothing(be: Backend, variant: int, label_smoothing: float) -> None:
+    """Raise where ``be`` has not been updated to the expected-loss label smoothing of a loss other
+    than ce (its kernels would give the older smoothed-CE term: a silent difference)."""
+    if label_smoothing > 0 and variant != 0 and not be.expected_smoothing:
+        raise NotImplementedError(
+            f"label_smoothing > 0 with a loss other than 'ce' is not implemented by backend {be.name!r} yet "
+            "(label smoothing is the expected loss (eps / C) sum_k w_k L(x, k) for every loss, docs/losses.md); "
+            "use backend='cpu' (CPU tensors) or backend='reference' (any device), or label_smoothing=0")
 
 
 _registry: dict[str, Backend] = {}

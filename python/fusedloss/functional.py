@@ -111,17 +111,25 @@ def softmax_loss(
                         f"{type(target).__name__}")
 
     if target.is_floating_point():
-        if variant != Variant.CE:
-            raise NotImplementedError(
-                f"class-probability (soft) targets are defined for loss='ce' only; got loss={loss!r}")
         validation.check_prob_target(logits, target)
+        if ignore_index >= 0:
+            # PyTorch refuses it too: a row of probabilities has no class index to ignore.
+            raise ValueError(f"ignore_index={ignore_index} cannot be used with class-probability (soft) targets "
+                             "(PyTorch raises as well); leave ignore_index at its default (-100)")
         if z_loss or softcap is not None:
-            raise NotImplementedError("z_loss and softcap with class-probability (soft) targets are not implemented")
+            raise NotImplementedError("z_loss and softcap with class-probability (soft) targets are not implemented; "
+                                      "use class-index targets (or the mixup tuple (y_a, y_b, lam)) for them")
+        if inplace_backward:
+            raise NotImplementedError("inplace_backward=True is not implemented for class-probability (soft) "
+                                      "targets; leave it False")
         be = dispatch.resolve(backend, logits.device)
-        return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse, be)
+        if variant == Variant.CE:
+            return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse, be)
+        return _soft_loss(logits, target, weight, variant, red, label_smoothing, alpha, beta, gamma, return_lse, be)
 
     validation.check_class_target(logits, target)
     be = dispatch.resolve(backend, logits.device)
+    dispatch.check_smoothing(be, variant, label_smoothing)
     x2d, t1d = _rows_view(logits, target)
     compute_grad = be.fused_grad and logits.requires_grad and torch.is_grad_enabled()
     if inplace_backward and be.fwd_inplace is None:
@@ -150,6 +158,7 @@ def _mixed(logits: Tensor, target: tuple, weight, variant, red, ignore_index, ep
         raise NotImplementedError("inplace_backward and return_lse are not implemented for mixed targets")
     ya, yb, lam = mixup.check_mixed_target(logits, target)
     be = dispatch.resolve(backend, logits.device)
+    dispatch.check_smoothing(be, variant, eps)
     x2d, ta = _rows_view(logits, ya)
     tb = yb.reshape(ta.shape)
     lam_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -175,8 +184,7 @@ def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return logits, target
 
 
-def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float,
-                        return_lse: bool, be: dispatch.Backend) -> Tensor | tuple[Tensor, Tensor]:
+def _soft_rows(logits: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     if logits.dim() == 1:
         x, y = logits[None, :], probs[None, :]
     else:
@@ -186,19 +194,42 @@ def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, e
     y = y.to(x.dtype)
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
+    return x, y
+
+
+def _soft_output(out: Tensor, stats: Tensor, logits: Tensor, red, return_lse: bool):
+    row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
+    if red == Reduction.NONE:
+        out = out.reshape(row_shape)
+    if return_lse:
+        return out.to(logits.dtype), stats[:, 0].reshape(row_shape)
+    return out.to(logits.dtype)
+
+
+def _soft_loss(logits: Tensor, probs: Tensor, weight, variant, red, eps: float, alpha, beta, gamma,
+               return_lse: bool, be: dispatch.Backend) -> Tensor | tuple[Tensor, Tensor]:
+    """Class probabilities for a loss other than ce: the expected loss ``sum_k w_k q'_k L(x, k)``."""
+    x, y = _soft_rows(logits, probs)
+    if be.soft_loss_fwd is not None:
+        fwd, fused = be.soft_loss_fwd, be.fused_grad
+    else:  # no kernel for it in this backend (triton for now): the reference's, on the same device
+        fwd, fused = ops.reference_soft_loss_fwd, False
+    compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
+    out, stats, _ = fwd(x, y, weight, int(variant), int(red), float(eps), float(alpha), float(beta), float(gamma),
+                        compute_grad)
+    return _soft_output(out, stats, logits, red, return_lse)
+
+
+def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float,
+                        return_lse: bool, be: dispatch.Backend) -> Tensor | tuple[Tensor, Tensor]:
+    x, y = _soft_rows(logits, probs)
     if be.soft_fwd is not None:
         fwd, fused = be.soft_fwd, be.fused_grad
     else:  # no soft-target kernel in this backend: the reference's, on the same device
         fwd, fused = ops.reference_soft_fwd, False
     compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
     out, stats, _ = fwd(x, y, weight, int(red), float(eps), compute_grad)
-    lse = stats[:, 0]
-    row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
-    if red == Reduction.NONE:
-        out = out.reshape(row_shape)
-    if return_lse:
-        return out.to(logits.dtype), lse.reshape(row_shape)
-    return out.to(logits.dtype)
+    return _soft_output(out, stats, logits, red, return_lse)
 
 
 def cross_entropy(
