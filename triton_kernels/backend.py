@@ -27,6 +27,8 @@ dispatch.register(dispatch.Backend(
     fused_grad=True,
     fwd_inplace=launch.forward_inplace,
     soft_fwd=launch_soft.triton_soft_fwd,
+    # every loss's class probabilities: the expected loss (probs/loss_kernels.py)
+    soft_loss_fwd=launch_soft.triton_soft_loss_fwd,
     mix_fwd=launch_mix.triton_mix_fwd,
     mix_fuses=launch_mix.fuses,
     # fusedloss.parallel's bce given global numbers (ops.BCE_PARTIAL_SCHEMA)

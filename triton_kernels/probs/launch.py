@@ -26,7 +26,7 @@ from fusedloss.variants import STATS_COLS, Reduction, Variant
 from ..heuristics import bwd_config, fwd_config
 from ..launch_common import (PARTIAL_BLOCK, _check_rows, _dense, _empty_loss, _option_scalars, _stream_grid,
                      _unit_class_stride, row_align, scale_fused_grad)
-from . import kernels
+from . import kernels, loss_kernels
 
 #: The launch heuristic family the soft kernels use (heuristics.py's target-only limits).
 FAMILY = Variant.CE
@@ -137,3 +137,107 @@ def triton_soft_bwd(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Te
 
 
 ops.register_soft_autograd("triton_soft_fwd", triton_soft_bwd, scale_grad=scale_fused_grad)
+
+
+# ----------------------------------------------------------------------------
+# Every loss: the expected loss (loss_kernels.py), ops.SOFT_LOSS_FWD_SCHEMA / SOFT_LOSS_BWD_SCHEMA
+# ----------------------------------------------------------------------------
+
+#: The launch heuristic family of the expected-loss kernels: bce's limits (three passes, more live
+#: per-row sums and per-lane terms than the ce kernels).
+LOSS_FAMILY = Variant.BCE
+
+
+def loss_config(kernel: str, n_cols: int, elem_size: int):
+    """The configuration of ``soft_loss_fwd`` and ``soft_loss_bwd`` alike (one row function):
+    bce's forward configuration (on chip up to its limit, streamed above)."""
+    return fwd_config(n_cols, elem_size, LOSS_FAMILY)
+
+
+def launch_soft_loss_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, variant: int, reduction: int,
+                             label_smoothing: float, alpha: float, beta: float, gamma: float,
+                             compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n, c = logits.shape
+    _check_rows(n)
+    logits, probs, weight = _unit_class_stride(logits), _unit_class_stride(probs), _dense(weight)
+    stats = logits.new_empty((n, STATS_COLS), dtype=torch.float32)
+    grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty((0,))
+    if n == 0:
+        return _empty_loss(logits, reduction), stats, grad
+    cfg = loss_config("soft_loss_fwd", c, logits.element_size())
+    grid = triton.cdiv(n, cfg.block_n)
+    if not cfg.single:
+        grid = min(grid, _stream_grid(c, logits.element_size() + probs.element_size(), LOSS_FAMILY, logits.device))
+    dev = logits.device
+    if reduction == Reduction.NONE:
+        counter = torch.empty((1,), dtype=torch.int32, device=dev)
+        denom = torch.empty((1,), dtype=torch.float32, device=dev)
+        partial = denom
+    else:
+        counter, denom = _prologue(dev, n)
+        partial = torch.empty((grid,), dtype=torch.float32, device=dev)
+    loss = logits.new_empty((n,) if reduction == Reduction.NONE else (), dtype=torch.float32)
+    g = grad if compute_grad else logits
+    w = weight if weight is not None else denom
+    own, per_class = _smoothing(label_smoothing, c)
+    wrap_triton(loss_kernels.soft_loss_fwd_kernel)[(grid,)](
+        logits, logits.stride(0), probs, probs.stride(0), w, loss, stats, g, g.stride(0), denom, partial, counter,
+        n, c, own, per_class, alpha, beta, gamma, reduction,
+        VARIANT=int(variant), HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
+        COMPUTE_GRAD=compute_grad, SINGLE=cfg.single, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
+        PARTIAL_BLOCK=PARTIAL_BLOCK, ROW_ALIGN=row_align(logits.stride(0), probs.stride(0), g.stride(0), c),
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    return loss, stats, grad
+
+
+def launch_soft_loss_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None,
+                              stats: Tensor, variant: int, reduction: int, label_smoothing: float, alpha: float,
+                              beta: float, gamma: float) -> Tensor:
+    n, c = logits.shape
+    _check_rows(n)
+    logits, probs = _unit_class_stride(logits), _unit_class_stride(probs)
+    grad_loss, weight, stats = _dense(grad_loss), _dense(weight), _dense(stats.to(torch.float32))
+    grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    if reduction == Reduction.MEAN:
+        _, denom = _prologue(logits.device, n)
+    else:
+        denom = torch.empty((1,), dtype=torch.float32, device=logits.device)
+    cfg = loss_config("soft_loss_bwd", c, logits.element_size())
+    own, per_class = _smoothing(label_smoothing, c)
+    wrap_triton(loss_kernels.soft_loss_bwd_kernel)[(triton.cdiv(n, cfg.block_n),)](
+        grad_loss.to(torch.float32), logits, logits.stride(0), probs, probs.stride(0),
+        weight if weight is not None else denom, stats, grad, grad.stride(0), denom, n, c, own, per_class,
+        alpha, beta, gamma, reduction, VARIANT=int(variant), HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0, GO_PER_ROW=reduction == Reduction.NONE, SINGLE=cfg.single,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, ROW_ALIGN=row_align(logits.stride(0), probs.stride(0), c),
+        num_warps=cfg.num_warps)
+    return grad
+
+
+@triton_op("fusedloss::triton_soft_loss_fwd", mutates_args=(), schema=ops.SOFT_LOSS_FWD_SCHEMA)
+def triton_soft_loss_fwd(logits: Tensor, probs: Tensor, weight: Tensor | None, variant: int, reduction: int,
+                         label_smoothing: float, alpha: float, beta: float, gamma: float,
+                         compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _check_inputs(logits, probs, "triton_soft_loss_fwd")
+    if logits.dtype == torch.float64:
+        return ops.reference_soft_loss_fwd(logits, probs, weight, variant, reduction, label_smoothing, alpha, beta,
+                                           gamma, compute_grad)
+    return launch_soft_loss_forward(logits, probs, weight, variant, reduction, label_smoothing, alpha, beta, gamma,
+                                    compute_grad)
+
+
+@triton_op("fusedloss::triton_soft_loss_bwd", mutates_args=(), schema=ops.SOFT_LOSS_BWD_SCHEMA)
+def triton_soft_loss_bwd(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, stats: Tensor,
+                         variant: int, reduction: int, label_smoothing: float, alpha: float, beta: float,
+                         gamma: float) -> Tensor:
+    _check_inputs(logits, probs, "triton_soft_loss_bwd")
+    if logits.dtype == torch.float64:
+        return ops.reference_soft_loss_bwd(grad_loss, logits, probs, weight, stats, variant, reduction,
+                                           label_smoothing, alpha, beta, gamma)
+    return launch_soft_loss_backward(grad_loss, logits, probs, weight, stats, variant, reduction, label_smoothing,
+                                     alpha, beta, gamma)
+
+
+ops.register_soft_loss_autograd("triton_soft_loss_fwd", triton_soft_loss_bwd, scale_grad=scale_fused_grad)
