@@ -25,6 +25,8 @@ dispatch.register(dispatch.Backend(
     bwd=launch.triton_bwd,
     supports=_supports,
     fused_grad=True,
+    # label smoothing for loss != 'ce' is the expected loss (probs/loss_kernels.py, index_loss_*)
+    expected_smoothing=True,
     fwd_inplace=launch.forward_inplace,
     soft_fwd=launch_soft.triton_soft_fwd,
     # every loss's class probabilities: the expected loss (probs/loss_kernels.py)

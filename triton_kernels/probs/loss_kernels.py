@@ -38,8 +38,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..rows import (ACC, BCE, CE, CRL, FOCAL, LACE, NEG_INF, NLLR, RED_NONE, _bce_stats_pass, _finish_reduction,
-                    _grad_row_scale, _load_tile, _log1p, _no_tile, _softplus, _store_stats, _variant_math)
+from ..rows import (ACC, BCE, CE, CRL, FOCAL, LACE, NEG_INF, NLLR, RED_MEAN, RED_NONE, RED_SUM, _bce_stats_pass,
+                    _capped, _finish_reduction, _grad_row_scale, _load_tile, _log1p, _mean_denominator, _no_tile,
+                    _rows_setup, _softplus, _store_stats, _variant_math)
 from .kernels import _row_block
 
 
@@ -132,13 +133,13 @@ def _tile_sums(VARIANT: tl.constexpr, x, mask, q, w, cols, Wi, lse, alpha, beta,
 
 
 @triton.jit
-def _grad_tile(VARIANT: tl.constexpr, x, mask, q, w, cols, Wi, lse, lse_ow, c1, m_w, log_s_w, s_w_mass, s_tot, g_w,
-               ay, u, go, alpha, beta, gamma, HAS_SMOOTHING: tl.constexpr):
-    """Pass 3: the gradient of one tile (the module docstring's forms), times go; c1 is
-    ``A_w`` (target-only) or ``A_w - S R_w + S`` (bce)."""
+def _grad_tile(VARIANT: tl.constexpr, x, mask, slope, q, w, cols, Wi, lse, lse_ow, c1, m_w, log_s_w, s_w_mass, s_tot,
+               g_w, ay, u, go, alpha, beta, gamma, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Pass 3: the gradient of one tile (the module docstring's forms), times go (and the soft cap's
+    slope); c1 is ``A_w`` (target-only) or ``A_w - S R_w + S`` (bce), plus z-loss's ``2 z' lse``."""
     p, h, s, l1m, a = _lane_terms(VARIANT, x, lse, alpha, beta, gamma)
     if HAS_SMOOTHING:
-        m = (ay * q + u) * w[None, :]
+        m = (ay * q + u[:, None]) * w[None, :]
     else:
         m = q * w[None, :]
     ms = tl.where(m == 0.0, 0.0, m * s)
@@ -151,28 +152,91 @@ def _grad_tile(VARIANT: tl.constexpr, x, mask, q, w, cols, Wi, lse, lse_ow, c1, 
     else:
         big = tl.exp(x + (log_s_w - lse)[:, None])
         g = p * c1[:, None] + tl.where(m_w[:, None] == 0.0, 0.0, m_w[:, None] * big) - ms
-    g = tl.where(cols[None, :] == Wi[:, None], g_w[:, None], g)
-    return tl.where(mask, g * go[:, None], 0.0)
+    g = tl.where(cols[None, :] == Wi[:, None], g_w[:, None], g) * go[:, None]
+    if SOFTCAP:
+        g = g * slope
+    return tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def _target_tile(Y, y_off, row_ok, cols, n_cols, ta, ka, tb, kb, EVICT: tl.constexpr, TARGETS: tl.constexpr):
+    """The tile of the targets q: read from Y (TARGETS = 0), or formed on the fly from class indices,
+    ``ka [k == a] (+ kb [k == b])`` (TARGETS = 1, 2): no (N, C) target is read or written."""
+    if TARGETS == 0:
+        q = _load_q(Y, y_off, row_ok, cols, n_cols, EVICT)
+    else:
+        q = tl.where(cols[None, :] == ta[:, None], ka[:, None], 0.0)
+        if TARGETS == 2:
+            q += tl.where(cols[None, :] == tb[:, None], kb[:, None], 0.0)
+    return q
 
 
 @triton.jit
 def _soft_loss_rows(
-    rb, X, stride_x, Y, stride_y, W, LOSS, STATS, G, stride_g, GO, DENOM, n_rows, n_cols, smooth_own, smooth_class,
-    alpha, beta, gamma, reduction, VARIANT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    FROM_STATS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, GO_PER_ROW: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
+    rb, X, stride_x, Y, stride_y, TA, TB, LAM, W, LOSS, STATS, G, stride_g, GO, DENOM, DENOM_B, n_denom, n_rows,
+    n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k, reduction,
+    VARIANT: tl.constexpr, TARGETS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr, FROM_STATS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    GO_PER_ROW: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Rows of row block ``rb``: the forward (FROM_STATS false: pass 1, the loss and the stats,
     with COMPUTE_GRAD the gradient for grad_output = 1) or the backward (FROM_STATS: the stats
-    read back, the gradient for GO). Returns the sum of the rows' losses (0 for the backward)."""
+    read back, the gradient for GO). Returns the sum of the rows' losses (0 for the backward).
+
+    TARGETS = 0: probabilities Y (stride_y), 'mean' divides by DENOM[0] = N. TARGETS = 1: a class
+    index TA with label smoothing (``m = w ((1 - eps) e_c + eps / C)``, the row's weight w_c only
+    in 'mean''s denominator, the prologue's partials DENOM), z-loss ``z w_c lse^2``, ignored rows 0,
+    out-of-range targets NaN. TARGETS = 2: mixup's (TA, TB, LAM), each part's mass scaled by
+    ``k_a = lam``, ``k_b = 1 - lam`` (divided by its own denominator DENOM / DENOM_B for 'mean', then
+    summed: the kernel reduces as 'sum'), an ignored part's k = 0, z-loss ``z (k_a w_a + k_b w_b)``."""
     P2_EVICT: tl.constexpr = "evict_last" if COMPUTE_GRAD else "evict_first"
-    rows, row_ok = _row_block(rb, n_rows, BLOCK_N)
+    cols0 = tl.arange(0, BLOCK_C)
+    zero = tl.zeros([BLOCK_N], ACC)
+    # ---- the rows and their targets ----------------------------------------------------------
+    if TARGETS == 0:
+        rows, row_ok = _row_block(rb, n_rows, BLOCK_N)
+        keep = row_ok
+        bad = rows < 0
+        ta = tl.zeros([BLOCK_N], tl.int32)
+        tb = ta
+        ka = zero
+        kb = zero
+        u = zero + smooth_class
+        red_go = reduction
+        go_n = 1
+    else:
+        rows, row_ok, ta, keep_a, bad, w_a = _rows_setup(rb, TA, W, n_rows, n_cols, ignore_index, BLOCK_N,
+                                                         HAS_WEIGHT, ACC)
+        if TARGETS == 1:
+            tb = ta
+            ka = tl.where(keep_a, 1.0, 0.0)
+            kb = zero
+            keep = keep_a
+            zc = ka * w_a
+            red_go = reduction
+            go_n = n_denom
+        else:
+            _, _, tb, keep_b, bad_b, w_b = _rows_setup(rb, TB, W, n_rows, n_cols, ignore_index, BLOCK_N, HAS_WEIGHT,
+                                                       ACC)
+            lam = tl.load(LAM + rows, mask=row_ok, other=0.0).to(ACC)
+            ka = lam
+            kb = 1.0 - lam
+            if reduction == RED_MEAN:
+                ka = ka / _mean_denominator(DENOM, n_denom)
+                kb = kb / _mean_denominator(DENOM_B, n_denom)
+            ka = tl.where(keep_a, ka, 0.0)
+            kb = tl.where(keep_b, kb, 0.0)
+            bad = bad | bad_b
+            keep = keep_a | keep_b
+            zc = ka * w_a + kb * w_b
+            red_go = RED_SUM                              # 'mean' is folded into ka, kb
+            go_n = n_denom
+        u = smooth_class * (ka + kb)
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
     x_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
     y_off = tl.multiple_of(rows.to(tl.int64) * stride_y, ROW_ALIGN)
-    cols0 = tl.arange(0, BLOCK_C)
     ay = smooth_own
-    u = smooth_class
 
     # ---- pass 1 (or the stats): lse, w, x_w, lse_{k != w} ----------------------------------
     if FROM_STATS:
@@ -180,27 +244,33 @@ def _soft_loss_rows(
         lse = tl.load(st, mask=row_ok, other=0.0).to(ACC)
         log1m_w = tl.load(st + 2, mask=row_ok, other=0.0).to(ACC)
         Wi = tl.minimum(tl.maximum(tl.load(st + 3, mask=row_ok, other=0.0).to(tl.int32), 0), n_cols - 1)
-        x_w = tl.load(X + x_off + Wi, mask=row_ok, other=0.0).to(ACC)
+        x_w = _capped(tl.load(X + x_off + Wi, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
         lse_ow = lse + log1m_w
         if SINGLE:
-            x, mask, _ = _load_tile(X, x_off, row_ok, cols0, n_cols, 0.0, 0.0, ACC, "evict_first", False)
+            x, mask, slope = _load_tile(X, x_off, row_ok, cols0, n_cols, softcap, softcap_k, ACC, "evict_first",
+                                        SOFTCAP)
         else:
-            x, mask, _ = _no_tile(BLOCK_N, BLOCK_C)
+            x, mask, slope = _no_tile(BLOCK_N, BLOCK_C)
     else:
-        x_w, Wi, lse_ow, lse, _, _, x, mask, _ = _bce_stats_pass(
-            X, x_off, row_ok, n_cols, W, 0.0, 0.0, HAS_WEIGHT, False, False, SINGLE, BLOCK_N, BLOCK_C, NUM_STAGES)
+        x_w, Wi, lse_ow, lse, _, _, x, mask, slope = _bce_stats_pass(
+            X, x_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT, False, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C,
+            NUM_STAGES)
         log1m_w = tl.where(lse_ow == NEG_INF, NEG_INF, lse_ow - lse)
-    y_w = tl.load(Y + y_off + Wi, mask=row_ok, other=0.0).to(ACC)
+    if TARGETS == 0:
+        y_w = tl.load(Y + y_off + Wi, mask=row_ok, other=0.0).to(ACC)
+    else:
+        y_w = tl.where(Wi == ta, ka, 0.0)
+        if TARGETS == 2:
+            y_w += tl.where(Wi == tb, kb, 0.0)
     if HAS_WEIGHT:
         w_w = tl.load(W + Wi, mask=row_ok, other=0.0).to(ACC)
     else:
-        w_w = tl.full([BLOCK_N], 1.0, ACC)
+        w_w = zero + 1.0
 
     # ---- pass 2: the sums over k != w ------------------------------------------------------
-    zero = tl.zeros([BLOCK_N], ACC)
     syh, sys_, sy, suh, sus, su, syl, sul, tw, rw = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
     if SINGLE:
-        q = _load_q(Y, y_off, row_ok, cols0, n_cols, "evict_first")
+        q = _target_tile(Y, y_off, row_ok, cols0, n_cols, ta, ka, tb, kb, "evict_first", TARGETS)
         w = _load_w(W, cols0, n_cols, HAS_WEIGHT)
         syh, sys_, sy, suh, sus, su, syl, sul, tw, rw = _tile_sums(VARIANT, x, mask, q, w, cols0, Wi, lse, alpha,
                                                                    beta, gamma, HAS_SMOOTHING)
@@ -208,8 +278,8 @@ def _soft_loss_rows(
         nb = tl.cdiv(n_cols, BLOCK_C)
         for i in tl.range(0, nb, num_stages=NUM_STAGES):
             cols = (nb - 1 - i) * BLOCK_C + cols0          # reverse: pass 1's last blocks are L2-warm
-            xb, maskb, _ = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, P2_EVICT, False)
-            qb = _load_q(Y, y_off, row_ok, cols, n_cols, P2_EVICT)
+            xb, maskb, _ = _load_tile(X, x_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P2_EVICT, SOFTCAP)
+            qb = _target_tile(Y, y_off, row_ok, cols, n_cols, ta, ka, tb, kb, P2_EVICT, TARGETS)
             wb = _load_w(W, cols, n_cols, HAS_WEIGHT)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _tile_sums(VARIANT, xb, maskb, qb, wb, cols, Wi, lse, alpha,
                                                                 beta, gamma, HAS_SMOOTHING)
@@ -230,8 +300,7 @@ def _soft_loss_rows(
         h_w, log_s_w, log_gc_w, _ = _variant_math(CE, d_w, alpha, beta, gamma)    # w's -log p_w
     else:
         h_w, log_s_w, log_gc_w, _ = _variant_math(VARIANT, d_w, alpha, beta, gamma)
-    log_p_w = -_softplus(d_w)
-    p_w = tl.exp(log_p_w)
+    p_w = tl.exp(-_softplus(d_w))
     if HAS_SMOOTHING:
         if not HAS_WEIGHT:
             su = zero + (n_cols - 1)                      # sum_{k != w} 1, exact
@@ -260,34 +329,47 @@ def _soft_loss_rows(
     else:
         c1 = a_w
         g_w = p_w * a_w - tl.where(m_w == 0.0, 0.0, m_w * tl.exp(log_gc_w))
+    if HAS_ZLOSS:
+        if TARGETS != 0:
+            zl = 2.0 * z_loss * zc * lse
+            lrow = lrow + z_loss * zc * lse * lse
+            c1 = c1 + zl
+            g_w = g_w + zl * p_w
     part = tl.sum(zero, 0)
     if not FROM_STATS:
-        _store_stats(STATS, rows, row_ok, lse, s_tot, log1m_w, Wi.to(ACC))
+        lrow = tl.where(bad, float("nan"), tl.where(keep, lrow, 0.0))
+        if TARGETS == 0:
+            col1 = s_tot
+        else:   # lse_ex of target a, as the one-target kernels and the reference store it
+            x_a = _capped(tl.load(X + x_off + ta, mask=row_ok, other=0.0).to(ACC), softcap, softcap_k, SOFTCAP)
+            col1 = tl.where(ta == Wi, lse_ow, lse + _log1p(-tl.exp(x_a - lse)))
+        _store_stats(STATS, rows, row_ok, lse, col1, log1m_w, Wi.to(ACC))
         if reduction == RED_NONE:
             tl.store(LOSS + rows, lrow, mask=row_ok)
         part = tl.sum(tl.where(row_ok, lrow, 0.0), 0)
 
     # ---- pass 3: the gradient ----------------------------------------------------------------
     if COMPUTE_GRAD:
-        ones = tl.full([BLOCK_N], 1.0, ACC)
+        ones = zero + 1.0
         if FROM_STATS:
-            _, go = _grad_row_scale(row_ok, rows < 0, ones, GO, rows, row_ok, DENOM, 1, reduction, GO_PER_ROW)
+            _, go = _grad_row_scale(keep, bad, ones, GO, rows, row_ok, DENOM, go_n, red_go, GO_PER_ROW)
         else:
-            _, go = _grad_row_scale(row_ok, rows < 0, ones, None, rows, row_ok, DENOM, 1, reduction, False)
+            _, go = _grad_row_scale(keep, bad, ones, None, rows, row_ok, DENOM, go_n, red_go, False)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
-            g = _grad_tile(VARIANT, x, mask, q, w, cols0, Wi, lse, lse_ow, c1, m_w, log_s_w, s_wm, s_tot, g_w, ay, u,
-                           go, alpha, beta, gamma, HAS_SMOOTHING)
+            g = _grad_tile(VARIANT, x, mask & keep[:, None], slope, q, w, cols0, Wi, lse, lse_ow, c1, m_w, log_s_w, s_wm, s_tot, g_w,
+                           ay, u, go, alpha, beta, gamma, HAS_SMOOTHING, SOFTCAP)
             tl.store(G + g_off[:, None] + cols0[None, :], g.to(G.dtype.element_ty), mask=mask,
                      eviction_policy="evict_first")
         else:
             for start in tl.range(0, n_cols, BLOCK_C, num_stages=NUM_STAGES):
                 cols = start + cols0                         # forward: pass 2 ended on the first blocks
-                xb, maskb, _ = _load_tile(X, x_off, row_ok, cols, n_cols, 0.0, 0.0, ACC, "evict_first", False)
-                qb = _load_q(Y, y_off, row_ok, cols, n_cols, "evict_first")
+                xb, maskb, slb = _load_tile(X, x_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, "evict_first",
+                                            SOFTCAP)
+                qb = _target_tile(Y, y_off, row_ok, cols, n_cols, ta, ka, tb, kb, "evict_first", TARGETS)
                 wb = _load_w(W, cols, n_cols, HAS_WEIGHT)
-                g = _grad_tile(VARIANT, xb, maskb, qb, wb, cols, Wi, lse, lse_ow, c1, m_w, log_s_w, s_wm, s_tot, g_w,
-                               ay, u, go, alpha, beta, gamma, HAS_SMOOTHING)
+                g = _grad_tile(VARIANT, xb, maskb & keep[:, None], slb, qb, wb, cols, Wi, lse, lse_ow, c1, m_w, log_s_w, s_wm, s_tot,
+                               g_w, ay, u, go, alpha, beta, gamma, HAS_SMOOTHING, SOFTCAP)
                 tl.store(G + g_off[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=maskb,
                          eviction_policy="evict_first")
     return part
@@ -301,21 +383,22 @@ def soft_loss_fwd_kernel(
     SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr,
     ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Forward of the expected loss for BLOCK_N rows (SINGLE: one program per row block, the rows
-    in registers) or, streamed, a persistent program looping over row blocks; with COMPUTE_GRAD
-    the gradient for grad_output = 1 into G. smooth_own = 1 - eps, smooth_class = eps / C."""
+    """Forward of the expected loss of probability rows Y for BLOCK_N rows (SINGLE: one program per
+    row block, the rows in registers) or, streamed, a persistent program looping over row blocks;
+    with COMPUTE_GRAD the gradient for grad_output = 1 into G. smooth_own = 1 - eps,
+    smooth_class = eps / C. 'mean' divides by DENOM[0] = N (probs/kernels.soft_prologue_kernel)."""
     acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
     if SINGLE:
-        acc += _soft_loss_rows(tl.program_id(0), X, stride_x, Y, stride_y, W, LOSS, STATS, G, stride_g, None, DENOM,
-                               n_rows, n_cols, smooth_own, smooth_class, alpha, beta, gamma, reduction, VARIANT,
-                               HAS_WEIGHT, HAS_SMOOTHING, False, COMPUTE_GRAD, False, SINGLE, BLOCK_N, BLOCK_C,
-                               ROW_ALIGN, NUM_STAGES)
+        acc += _soft_loss_rows(tl.program_id(0), X, stride_x, Y, stride_y, None, None, None, W, LOSS, STATS, G,
+                               stride_g, None, DENOM, None, 1, n_rows, n_cols, 0, smooth_own, smooth_class, alpha,
+                               beta, gamma, 0.0, 0.0, 0.0, reduction, VARIANT, 0, HAS_WEIGHT, HAS_SMOOTHING, False,
+                               False, False, COMPUTE_GRAD, False, SINGLE, BLOCK_N, BLOCK_C, ROW_ALIGN, NUM_STAGES)
     else:
         for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
-            acc += _soft_loss_rows(rb, X, stride_x, Y, stride_y, W, LOSS, STATS, G, stride_g, None, DENOM, n_rows,
-                                   n_cols, smooth_own, smooth_class, alpha, beta, gamma, reduction, VARIANT,
-                                   HAS_WEIGHT, HAS_SMOOTHING, False, COMPUTE_GRAD, False, SINGLE, BLOCK_N, BLOCK_C,
-                                   ROW_ALIGN, NUM_STAGES)
+            acc += _soft_loss_rows(rb, X, stride_x, Y, stride_y, None, None, None, W, LOSS, STATS, G, stride_g, None,
+                                   DENOM, None, 1, n_rows, n_cols, 0, smooth_own, smooth_class, alpha, beta, gamma,
+                                   0.0, 0.0, 0.0, reduction, VARIANT, 0, HAS_WEIGHT, HAS_SMOOTHING, False, False,
+                                   False, COMPUTE_GRAD, False, SINGLE, BLOCK_N, BLOCK_C, ROW_ALIGN, NUM_STAGES)
     _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, 1, reduction, PARTIAL_BLOCK)
 
 
@@ -328,6 +411,57 @@ def soft_loss_bwd_kernel(
 ):
     """Backward from the saved stats (lse, S, log(1 - p_w), w): passes 2 and 3 of one row block.
     grad_output per row ('none') or a scalar; 'mean' divides by DENOM[0] = N."""
-    _soft_loss_rows(tl.program_id(0), X, stride_x, Y, stride_y, W, None, STATS, G, stride_g, GO, DENOM, n_rows,
-                    n_cols, smooth_own, smooth_class, alpha, beta, gamma, reduction, VARIANT, HAS_WEIGHT,
-                    HAS_SMOOTHING, True, True, GO_PER_ROW, SINGLE, BLOCK_N, BLOCK_C, ROW_ALIGN, 1)
+    _soft_loss_rows(tl.program_id(0), X, stride_x, Y, stride_y, None, None, None, W, None, STATS, G, stride_g, GO,
+                    DENOM, None, 1, n_rows, n_cols, 0, smooth_own, smooth_class, alpha, beta, gamma, 0.0, 0.0, 0.0,
+                    reduction, VARIANT, 0, HAS_WEIGHT, HAS_SMOOTHING, False, False, True, True, GO_PER_ROW, SINGLE,
+                    BLOCK_N, BLOCK_C, ROW_ALIGN, 1)
+
+
+@triton.jit
+def index_loss_fwd_kernel(
+    X, stride_x, TA, TB, LAM, W, LOSS, STATS, G, stride_g, DENOM, DENOM_B, PARTIAL, COUNTER,
+    n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k,
+    reduction, n_denom, VARIANT: tl.constexpr, TARGETS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_BLOCK: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """The expected loss of class indices (TARGETS = 1: TA; 2: mixup's TA, TB, LAM) with label
+    smoothing, the (two-)hot target formed on the fly (:func:`_soft_loss_rows`): the one- and
+    two-target launchers route ``label_smoothing > 0`` with ``loss != 'ce'`` here. 'mean' divides by
+    the prologue's partial denominators (one target), or is folded into each part's scale (two)."""
+    acc = tl.sum(tl.zeros([BLOCK_N], ACC), 0)
+    if SINGLE:
+        acc += _soft_loss_rows(tl.program_id(0), X, stride_x, None, 0, TA, TB, LAM, W, LOSS, STATS, G, stride_g,
+                               None, DENOM, DENOM_B, n_denom, n_rows, n_cols, ignore_index, smooth_own, smooth_class,
+                               alpha, beta, gamma, z_loss, softcap, softcap_k, reduction, VARIANT, TARGETS,
+                               HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, False, COMPUTE_GRAD, False, SINGLE,
+                               BLOCK_N, BLOCK_C, ROW_ALIGN, NUM_STAGES)
+    else:
+        for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
+            acc += _soft_loss_rows(rb, X, stride_x, None, 0, TA, TB, LAM, W, LOSS, STATS, G, stride_g, None, DENOM,
+                                   DENOM_B, n_denom, n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha,
+                                   beta, gamma, z_loss, softcap, softcap_k, reduction, VARIANT, TARGETS, HAS_WEIGHT,
+                                   HAS_SMOOTHING, HAS_ZLOSS, SOFTCAP, False, COMPUTE_GRAD, False, SINGLE, BLOCK_N,
+                                   BLOCK_C, ROW_ALIGN, NUM_STAGES)
+    if TARGETS == 2:
+        # 'mean' is folded into each part's scale: the partial sums are added as for 'sum'
+        _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, tl.where(reduction == RED_MEAN, RED_SUM,
+                                                                                 reduction), PARTIAL_BLOCK)
+    else:
+        _finish_reduction(acc, LOSS, PARTIAL, COUNTER, DENOM, n_denom, reduction, PARTIAL_BLOCK)
+
+
+@triton.jit
+def index_loss_bwd_kernel(
+    GO, X, stride_x, TA, TB, LAM, W, STATS, G, stride_g, DENOM, DENOM_B, n_rows, n_cols, ignore_index, smooth_own,
+    smooth_class, alpha, beta, gamma, z_loss, softcap, softcap_k, reduction, n_denom, VARIANT: tl.constexpr,
+    TARGETS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr, GO_PER_ROW: tl.constexpr, SINGLE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+):
+    """Backward of :func:`index_loss_fwd_kernel` from its stats (lse, lse_ex(a), log(1 - p_w), w)."""
+    _soft_loss_rows(tl.program_id(0), X, stride_x, None, 0, TA, TB, LAM, W, None, STATS, G, stride_g, GO, DENOM,
+                    DENOM_B, n_denom, n_rows, n_cols, ignore_index, smooth_own, smooth_class, alpha, beta, gamma,
+                    z_loss, softcap, softcap_k, reduction, VARIANT, TARGETS, HAS_WEIGHT, HAS_SMOOTHING, HAS_ZLOSS,
+                    SOFTCAP, True, True, GO_PER_ROW, SINGLE, BLOCK_N, BLOCK_C, ROW_ALIGN, 1)
