@@ -24,8 +24,9 @@ import torch
 pytest.importorskip("triton")
 
 import fusedloss as fl  # noqa: E402
+from fusedloss import ops  # noqa: E402
 from fusedloss.variants import LOSSES, Reduction, variant_id  # noqa: E402
-from oracle import TOLERANCES, assert_close, oracle_soft_loss_and_grad  # noqa: E402
+from oracle import TOLERANCES, assert_close, oracle_loss, oracle_loss_and_grad, oracle_soft_loss_and_grad  # noqa: E402
 from test_expected_loss import C, _batch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -90,7 +91,6 @@ def test_backward_op_from_stats(loss, regime):
     """fusedloss::triton_soft_loss_bwd (the gradient from the forward's stats, no fused gradient) and
     the forward's stats (lse, S, log(1 - p_w), w) against the reference's, weight and smoothing on, N
     odd (a masked row in the last row block)."""
-    from fusedloss import ops
     from fusedloss.triton_kernels import heuristics
     from fusedloss.triton_kernels.probs import launch as launch_soft
     x, q = _batch(torch.float32, seed=7)
@@ -111,11 +111,13 @@ def test_backward_op_from_stats(loss, regime):
 
 
 @interpreter
+@pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_one_hot_is_class_index_and_two_hot_is_two_targets(loss, regime):
+def test_one_hot_is_class_index_and_two_hot_is_two_targets(loss, regime, eps):
     """Row by row ('none'), with weights: one-hot probabilities == the class index, two-hot ==
-    mixup's two targets (the Triton one- and two-target kernels); the targets lead by 30 and 200."""
+    mixup's two targets (the Triton one- and two-target kernels; with eps > 0 and loss != ce the
+    expected-loss kernels with the (two-)hot target formed on the fly); the targets lead by 30 and 200."""
     from fusedloss.triton_kernels import heuristics
     x, _ = _batch(torch.float32, seed=2)
     n = x.shape[0]
@@ -127,7 +129,7 @@ def test_one_hot_is_class_index_and_two_hot_is_two_targets(loss, regime):
     tb[13] = 3
     lam = torch.rand(n, generator=g)
     tol = TOLERANCES[torch.float32]["loss"]
-    kw = dict(weight=w, reduction="none", backend="triton")
+    kw = dict(weight=w, reduction="none", backend="triton", label_smoothing=eps)
     one_hot = torch.nn.functional.one_hot(ta, C).float()
     two_hot = lam[:, None] * one_hot + (1 - lam)[:, None] * torch.nn.functional.one_hot(tb, C).float()
     with heuristics.override(**REGIMES[regime]):
@@ -161,7 +163,13 @@ def test_masked_logits_and_large_offsets(loss):
         assert_close(out, ref, torch.float32, "loss", regime)
         assert_close(gx, rgx, torch.float32, "grad", regime)
     x1, q1 = torch.randn(4, 1), torch.ones(4, 1)
-    _check(x1, q1, loss, None, "single", "C = 1", label_smoothing=0.1)
+    if loss == "bce":  # p = 1 and no other class: -log 1 = 0 (the oracle's T - log(1 - p) reads -inf - -inf)
+        out, gx, _ = _run(x1, q1, loss, None, "single", label_smoothing=0.1)
+        assert out.item() == 0.0 and (gx == 0).all()
+    elif loss == "nllr":  # log(1 - p) - log p = log 0: unbounded below by definition
+        assert _run(x1, q1, loss, None, "single", label_smoothing=0.1)[0].item() == -math.inf
+    else:
+        _check(x1, q1, loss, None, "single", "C = 1", label_smoothing=0.1)
 
 
 @interpreter
@@ -189,6 +197,107 @@ def test_smoothed_mass_long_row_and_strided():
     x, q = xb[::2, 3:3 + C], torch.softmax(qb[:, :2 * C:2].float() * 3, 1)
     assert x.stride(0) == 4 * C and q.stride(1) == 2
     _check(x, q, "crl", None, "stream", "strided", weight=_weight(), label_smoothing=0.1)
+
+
+def _mix_oracle(x, ta, tb, lam, loss, go, **kw):
+    """float64 lam L(a) + (1 - lam) L(b), each part reduced on its own ('mean': by its own
+    denominator), and its gradient."""
+    x64 = x.double().requires_grad_(True)
+    red = kw.pop("reduction")
+    ra = oracle_loss(x64, ta, loss, reduction="none", **kw)
+    rb = oracle_loss(x64, tb, loss, reduction="none", **kw)
+    rows = lam.double() * ra + (1 - lam.double()) * rb
+    if red == "none":
+        ref = rows
+    else:
+        w = kw.get("weight")
+        w = torch.ones(x.shape[1]) if w is None else w
+
+        def den(t):
+            return (w[t.clamp(min=0)] * (t != -100)).sum().double() if red == "mean" else 1.0
+        ref = (lam.double() * ra).sum() / den(ta) + ((1 - lam.double()) * rb).sum() / den(tb)
+    (g,) = torch.autograd.grad(ref, x64, torch.ones_like(ref) if go is None else go.double())
+    return ref.detach(), g
+
+
+@interpreter
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("loss", [l for l in LOSSES if l != "ce"])
+def test_class_index_smoothing_against_float64(loss, reduction, regime):
+    """Label smoothing with class indices (one target, and mixup's two) for loss != ce: the expected
+    loss (1 - eps) w_c L(x, c) + (eps / C) sum_k w_k L(x, k) against the float64 oracle, with weight,
+    an ignored row, the target leading by 30, a wrong class leading by 200, grad_output != 1; then with
+    z-loss and a soft cap (fp32 and bf16)."""
+    from fusedloss.triton_kernels import heuristics
+    x, _ = _batch(torch.float32, seed=5)
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(6)
+    w = _weight(seed=7)
+    t = torch.randint(0, C, (n,), generator=g)
+    t[11] = 3
+    t[12] = 4
+    t[0] = -100
+    tb = t.flip(0)
+    lam = torch.rand(n, generator=g)
+    go = torch.linspace(0.5, 2.0, n) if reduction == "none" else torch.tensor(0.8)
+    for dtype, extra in ((torch.float32, {}), (torch.float32, dict(z_loss=1e-3, softcap=15.0)),
+                         (torch.bfloat16, dict(z_loss=1e-3))):
+        xd = x.to(dtype)
+        kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, **extra)
+        for target in (t, (t, tb, lam)):
+            xr = xd.clone().requires_grad_(True)
+            with heuristics.override(**REGIMES[regime]):
+                out = fl.softmax_loss(xr, target, loss, backend="triton", **kw)
+                out.backward(go.to(out.dtype))
+            if isinstance(target, tuple):
+                ref, rg = _mix_oracle(xd, t, tb, lam, loss, go, **kw)
+            else:
+                ref, rg = oracle_loss_and_grad(xd, t, loss, go, **kw)
+            msg = f"{loss} {dtype} {extra} {'mix' if isinstance(target, tuple) else 'one'}"
+            assert_close(out.detach(), ref, dtype, "loss", msg)
+            assert_close(xr.grad, rg, dtype, "grad", msg)
+            assert (xr.grad[0] == 0).all() or isinstance(target, tuple)
+
+
+@interpreter
+@pytest.mark.parametrize("loss", ["bce", "focal"])
+def test_class_index_smoothing_backward_ops_and_inplace(loss):
+    """The backward ops from the stats (fusedloss::triton_bwd / triton_mix_bwd, the forward without the
+    gradient) and inplace_backward=True, against the fused gradient; 'mean' with weights, streamed."""
+    from fusedloss.triton_kernels import heuristics
+    from fusedloss.triton_kernels.one_target import launch as one
+    from fusedloss.triton_kernels.two_targets import launch as two
+    x, _ = _batch(torch.float32, seed=12)
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(13)
+    w = _weight(seed=14)
+    t = torch.randint(0, C, (n,), generator=g)
+    t[3] = -100
+    tb = t.roll(1)
+    lam = torch.rand(n, generator=g)
+    v = variant_id(loss)
+    scalars = (v, int(Reduction.MEAN), -100, 0.1, 1.5, 1.0, 2.0, 1e-3, 0.0)
+    go = torch.tensor(1.7)
+    with heuristics.override(**REGIMES["stream"]):
+        _, stats, gf = one.triton_fwd(x, t, w, *scalars, True)
+        _, stats0, _ = one.triton_fwd(x, t, w, *scalars, False)
+        gb = one.triton_bwd(go, x, t, w, stats0, *scalars)
+        torch.testing.assert_close(gb, gf * go, rtol=1e-5, atol=1e-7)
+        _, mstats, mg = two.triton_mix_fwd(x, t, tb, lam, w, *scalars, True)
+        mgb = two.triton_mix_bwd(go, x, t, tb, lam, w, mstats, *scalars)
+        torch.testing.assert_close(mgb, mg * go, rtol=1e-5, atol=1e-7)
+        xi = x.clone()
+        out = fl.softmax_loss(xi.requires_grad_(True) * 1.0, t, loss, weight=w, label_smoothing=0.1, z_loss=1e-3,
+                              backend="triton", inplace_backward=True)
+        out.backward()
+    ref, rg = oracle_loss_and_grad(x, t, loss, weight=w, label_smoothing=0.1, z_loss=1e-3)
+    assert_close(xi.grad, rg, torch.float32, "grad", "inplace")
+    assert_close(gf, rg, torch.float32, "grad", "fused")
+    # stats: lse and lse_ex(a), the reference's columns 0 and 1
+    r_stats = ops.reference_fwd(x, t, w, *scalars, False)[1]
+    keep = t != -100
+    torch.testing.assert_close(stats[keep][:, :2], r_stats[keep][:, :2].float(), rtol=1e-5, atol=1e-5)
 
 
 @interpreter

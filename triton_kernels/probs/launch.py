@@ -15,6 +15,8 @@ class dimension that is not dense (a transposed buffer) is copied once here
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 from torch import Tensor
@@ -23,6 +25,7 @@ from torch.library import triton_op, wrap_triton
 from fusedloss import ops
 from fusedloss.variants import STATS_COLS, Reduction, Variant
 
+from .. import heuristics
 from ..heuristics import bwd_config, fwd_config
 from .. import rows
 from ..launch_common import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _dense, _empty_loss, _launch_prologue,
@@ -150,10 +153,22 @@ ops.register_soft_autograd("triton_soft_fwd", triton_soft_bwd, scale_grad=scale_
 LOSS_FAMILY = Variant.BCE
 
 
+#: Streamed rows of the expected-loss kernels: column blocks and warps (see :func:`loss_config`).
+LOSS_STREAM_BLOCK = 1024
+LOSS_STREAM_WARPS = 8
+
+
 def loss_config(kernel: str, n_cols: int, elem_size: int):
-    """The configuration of ``soft_loss_fwd`` and ``soft_loss_bwd`` alike (one row function):
-    bce's forward configuration (on chip up to its limit, streamed above)."""
-    return fwd_config(n_cols, elem_size, LOSS_FAMILY)
+    """The configuration of every expected-loss kernel (one row function, forward and backward):
+    bce's forward configuration on chip (rows up to 2048 classes); streamed rows take blocks of
+    LOSS_STREAM_BLOCK columns with LOSS_STREAM_WARPS warps (4 values per thread). ptxas spilled with
+    bce's streamed 2048 x 4 warps (168 registers, 24-36 bytes), with 2048 x 8 warps and with
+    1024 x 4 warps (72-128 registers, 4-28 bytes: crl with every option, bce fp32) on sm_90; with
+    1024 x 8 warps no specialization spills (docs/triton.md, "Registers")."""
+    cfg = fwd_config(n_cols, elem_size, LOSS_FAMILY)
+    if not cfg.single and heuristics.family(LOSS_FAMILY).stream_programs is None:
+        cfg = dataclasses.replace(cfg, block_c=LOSS_STREAM_BLOCK, num_warps=LOSS_STREAM_WARPS)
+    return cfg
 
 
 def launch_soft_loss_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, variant: int, reduction: int,

@@ -69,7 +69,9 @@ def _lane_terms(VARIANT: tl.constexpr, x, lse, alpha, beta, gamma):
     lp = x - lse[:, None]
     p = tl.exp(lp)
     l1m = _log1p(-p)
-    a = p / (1.0 - p)
+    # p / (1 - p) with p <= 1/2: the approximate division (2 ulp, no call to the IEEE slow path,
+    # whose register saves ptxas counted as spills in the streamed kernels)
+    a = tl.fdiv(p, 1.0 - p, ieee_rounding=False)
     if VARIANT == CE:
         h = -lp
         s = tl.full(p.shape, 1.0, ACC)
@@ -80,9 +82,9 @@ def _lane_terms(VARIANT: tl.constexpr, x, lse, alpha, beta, gamma):
         h = l1m - lp
         s = 1.0 + a
     elif VARIANT == CRL:
-        t = p / (1.0 + alpha)
+        t = tl.fdiv(p, 1.0 + alpha, ieee_rounding=False)
         h = tl.where(beta == 0.0, 0.0, beta * (tl.log(1.0 + alpha) + _log1p(-t))) - lp
-        s = 1.0 + beta * (t / (1.0 - t))
+        s = 1.0 + beta * tl.fdiv(t, 1.0 - t, ieee_rounding=False)
     elif VARIANT == LACE:
         h = -(1.0 - p) * lp
         s = (1.0 - p) - tl.where(p == 0.0, 0.0, p * lp)
@@ -217,7 +219,7 @@ def _soft_loss_rows(
             red_go = reduction
             go_n = n_denom
         else:
-            _, _, tb, keep_b, bad_b, w_b = _rows_setup(rb, TB, W, n_rows, n_cols, ignore_index, BLOCK_N, HAS_WEIGHT,
+            _rb, _okb, tb, keep_b, bad_b, w_b = _rows_setup(rb, TB, W, n_rows, n_cols, ignore_index, BLOCK_N, HAS_WEIGHT,
                                                        ACC)
             lam = tl.load(LAM + rows, mask=row_ok, other=0.0).to(ACC)
             ka = lam
@@ -252,7 +254,7 @@ def _soft_loss_rows(
         else:
             x, mask, slope = _no_tile(BLOCK_N, BLOCK_C)
     else:
-        x_w, Wi, lse_ow, lse, _, _, x, mask, slope = _bce_stats_pass(
+        x_w, Wi, lse_ow, lse, _swx, _wt, x, mask, slope = _bce_stats_pass(
             X, x_off, row_ok, n_cols, W, softcap, softcap_k, HAS_WEIGHT, False, SOFTCAP, SINGLE, BLOCK_N, BLOCK_C,
             NUM_STAGES)
         log1m_w = tl.where(lse_ow == NEG_INF, NEG_INF, lse_ow - lse)
@@ -278,7 +280,7 @@ def _soft_loss_rows(
         nb = tl.cdiv(n_cols, BLOCK_C)
         for i in tl.range(0, nb, num_stages=NUM_STAGES):
             cols = (nb - 1 - i) * BLOCK_C + cols0          # reverse: pass 1's last blocks are L2-warm
-            xb, maskb, _ = _load_tile(X, x_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P2_EVICT, SOFTCAP)
+            xb, maskb, slb2 = _load_tile(X, x_off, row_ok, cols, n_cols, softcap, softcap_k, ACC, P2_EVICT, SOFTCAP)
             qb = _target_tile(Y, y_off, row_ok, cols, n_cols, ta, ka, tb, kb, P2_EVICT, TARGETS)
             wb = _load_w(W, cols, n_cols, HAS_WEIGHT)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _tile_sums(VARIANT, xb, maskb, qb, wb, cols, Wi, lse, alpha,
@@ -297,9 +299,9 @@ def _soft_loss_rows(
     # ---- the row: w's own terms, the mass sums, the loss ------------------------------------
     d_w = lse_ow - x_w
     if VARIANT == BCE:
-        h_w, log_s_w, log_gc_w, _ = _variant_math(CE, d_w, alpha, beta, gamma)    # w's -log p_w
+        h_w, log_s_w, log_gc_w, _lq = _variant_math(CE, d_w, alpha, beta, gamma)    # w's -log p_w
     else:
-        h_w, log_s_w, log_gc_w, _ = _variant_math(VARIANT, d_w, alpha, beta, gamma)
+        h_w, log_s_w, log_gc_w, _lq = _variant_math(VARIANT, d_w, alpha, beta, gamma)
     p_w = tl.exp(-_softplus(d_w))
     if HAS_SMOOTHING:
         if not HAS_WEIGHT:
@@ -352,9 +354,9 @@ def _soft_loss_rows(
     if COMPUTE_GRAD:
         ones = zero + 1.0
         if FROM_STATS:
-            _, go = _grad_row_scale(keep, bad, ones, GO, rows, row_ok, DENOM, go_n, red_go, GO_PER_ROW)
+            _r, go = _grad_row_scale(keep, bad, ones, GO, rows, row_ok, DENOM, go_n, red_go, GO_PER_ROW)
         else:
-            _, go = _grad_row_scale(keep, bad, ones, None, rows, row_ok, DENOM, go_n, red_go, False)
+            _r, go = _grad_row_scale(keep, bad, ones, None, rows, row_ok, DENOM, go_n, red_go, False)
         g_off = tl.multiple_of(rows.to(tl.int64) * stride_g, ROW_ALIGN)
         if SINGLE:
             g = _grad_tile(VARIANT, x, mask & keep[:, None], slope, q, w, cols0, Wi, lse, lse_ow, c1, m_w, log_s_w, s_wm, s_tot, g_w,
