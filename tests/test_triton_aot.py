@@ -45,6 +45,15 @@ def test_soft_kernels_compile_without_spills(spec, arch):
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("spec", probs_specs.loss_ci_specs(),
+                         ids=lambda s: s.label() + (":two" if s.kernel == "index_loss_fwd" and s.go_per_row else ""))
+def test_expected_loss_kernels_compile_without_spills(spec, arch):
+    """The expected-loss kernels (triton_kernels/probs/loss_kernels.py): probabilities for every loss,
+    class indices (one and two targets) with label smoothing for loss != ce."""
+    test_compiles_without_spills(spec, arch)
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("spec", two_targets_specs.ci_specs(), ids=lambda s: s.label())
 def test_mix_kernels_compile_without_spills(spec, arch):
     """Mixup's two-target kernels (triton_kernels/two_targets/kernels.py)."""
