@@ -62,15 +62,23 @@ def _load_w(W, cols, n_cols, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _log1p_lane(x):
+    """rows._log1p with the approximate division (2 ulp; ``u - 1`` is exact, the ratio is about 1):
+    no per-lane call of the IEEE division's slow path, whose register saves ptxas counted as
+    spills (4-16 bytes, sm_90) in the streamed kernels."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * tl.fdiv(x, u - 1.0, ieee_rounding=False))
+
+
+@triton.jit
 def _lane_terms(VARIANT: tl.constexpr, x, lse, alpha, beta, gamma):
     """Per lane with ``p <= 1/2`` (every k != w): ``p``, ``h = L(x, k)`` (bce: its ``-log p_k``
     part), ``s = -p h'(p)``, ``log(1 - p)`` and ``a = p / (1 - p)`` (docs/losses.md, "Kernels").
     ``p log p`` and ``a log p`` are 0 at ``p = 0`` (a -inf logit)."""
     lp = x - lse[:, None]
     p = tl.exp(lp)
-    l1m = _log1p(-p)
-    # p / (1 - p) with p <= 1/2: the approximate division (2 ulp, no call to the IEEE slow path,
-    # whose register saves ptxas counted as spills in the streamed kernels)
+    l1m = _log1p_lane(-p)
+    # p / (1 - p) with p <= 1/2: the approximate division (2 ulp), as in _log1p_lane
     a = tl.fdiv(p, 1.0 - p, ieee_rounding=False)
     if VARIANT == CE:
         h = -lp
@@ -83,7 +91,7 @@ def _lane_terms(VARIANT: tl.constexpr, x, lse, alpha, beta, gamma):
         s = 1.0 + a
     elif VARIANT == CRL:
         t = tl.fdiv(p, 1.0 + alpha, ieee_rounding=False)
-        h = tl.where(beta == 0.0, 0.0, beta * (tl.log(1.0 + alpha) + _log1p(-t))) - lp
+        h = tl.where(beta == 0.0, 0.0, beta * (tl.log(1.0 + alpha) + _log1p_lane(-t))) - lp
         s = 1.0 + beta * tl.fdiv(t, 1.0 - t, ieee_rounding=False)
     elif VARIANT == LACE:
         h = -(1.0 - p) * lp
