@@ -75,6 +75,12 @@ def _run(loss, x, t, go=None, regime="stream", **kw):
 
 
 def _check(loss, x, t, regime="stream", go=None, msg="", **kw):
+    if loss != "ce" and kw.get("label_smoothing"):
+        # The Triton kernels still compute the older smoothed-CE term for loss != ce: the functional
+        # refuses it (docs/losses.md, "Soft targets", what changed) until they are updated.
+        with pytest.raises(NotImplementedError, match="label_smoothing"):
+            _run(loss, x, t, go, regime, **kw)
+        return None, None
     out, grad = _run(loss, x, t, go, regime, **kw)
     ref, gref = oracle_loss_and_grad(x, t, loss, grad_output=None if go is None else go.double(), **kw)
     assert_close(out, ref, x.dtype, "loss", msg)
@@ -520,7 +526,9 @@ def test_options_standalone_backward(loss, reduction, regime):
         go = _grad_output(out, seed=45)
         grad = launch.triton_bwd(go, x, t, w, stats, *scal)
     red = {Reduction.NONE: "none", Reduction.MEAN: "mean"}[reduction]
-    ref, gref = oracle_loss_and_grad(x, t, loss, grad_output=go.double(), weight=w, reduction=red, **ALL_OPTIONS)
+    # The kernels called directly: the older smoothing term (until the Triton kernels are updated).
+    ref, gref = oracle_loss_and_grad(x, t, loss, grad_output=go.double(), weight=w, reduction=red,
+                                     smoothing_term="ce", **ALL_OPTIONS)
     assert_close(out, ref, torch.float32, "loss")
     assert_close(grad, gref, torch.float32, "grad")
     cap = ALL_OPTIONS["softcap"]
@@ -578,6 +586,8 @@ def test_options_extreme_logits(loss, opts, regime):
     w = _weight(seed=49)
     out, grad = _check(loss, x, t, regime, go=_grad_output(torch.empty(7), seed=50), msg=f"{loss} {opts}",
                        weight=w, reduction="none", **opts)
+    if out is None:  # refused: loss != ce with smoothing (see _check)
+        return
     assert torch.isfinite(grad).all()
     finite = torch.ones(7, dtype=torch.bool)
     if "softcap" not in opts and opts.get("label_smoothing"):
@@ -598,7 +608,8 @@ def test_softcap_slope_exact_where_saturated(loss, regime):
     t = torch.tensor([2, 7, 11, 30])
     x[:, 2:12] = 750.0 + 300.0 * torch.rand(4, 10, generator=g)   # ten tied near +s, targets among them
     x[:, 20:25] = -750.0 - 300.0 * torch.rand(4, 5, generator=g)
-    cap, opts = 30.0, dict(z_loss=1e-3, label_smoothing=0.1)
+    # smoothing only for ce: the Triton kernels refuse it for the other losses until updated
+    cap, opts = 30.0, dict(z_loss=1e-3, label_smoothing=0.1 if loss == "ce" else 0.0)
     w = _weight(seed=53)
     _, grad = _run(loss, x, t, regime=regime, reduction="sum", weight=w, softcap=cap, **opts)
     x64 = x.double()

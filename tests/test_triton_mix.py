@@ -82,7 +82,17 @@ def _run(x, target, loss, regime="stream", go=None, **kw):
     return out.detach(), xr.grad
 
 
+def _refused(loss, kw) -> bool:
+    """The Triton kernels still compute the older smoothed-CE term for loss != ce: the functional refuses
+    label smoothing with those losses (docs/losses.md, "Soft targets", what changed) until they are updated."""
+    return loss != "ce" and bool(kw.get("label_smoothing"))
+
+
 def _check(x, ya, yb, lam, loss, regime="stream", go=None, msg="", **kw):
+    if _refused(loss, kw):
+        with pytest.raises(NotImplementedError, match="label_smoothing"):
+            _run(x, (ya, yb, lam), loss, regime, go, **kw)
+        return None, None
     out, grad = _run(x, (ya, yb, lam), loss, regime, go, **kw)
     ref, gref = oracle_mixed_and_grad(x, ya, yb, lam, loss, grad_output=go, **kw)
     assert_close(out, ref, x.dtype, "loss", msg)
@@ -166,8 +176,9 @@ def test_lam_zero_and_one_with_an_infinite_part(loss):
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_same_targets_are_the_one_target_loss(loss):
     x, ya, _, lam, w = _mix(seed=5)
-    out, grad = _run(x, (ya, ya, lam), loss, weight=w, label_smoothing=0.05)
-    ref, gref = oracle_loss_and_grad(x, ya, loss, weight=w, label_smoothing=0.05)
+    eps = 0.05 if loss == "ce" else 0.0  # smoothing of the other losses: refused on triton (see _refused)
+    out, grad = _run(x, (ya, ya, lam), loss, weight=w, label_smoothing=eps)
+    ref, gref = oracle_loss_and_grad(x, ya, loss, weight=w, label_smoothing=eps)
     assert_close(out, ref, torch.float32, "loss")
     assert_close(grad, gref, torch.float32, "grad")
 
@@ -185,7 +196,11 @@ def test_extreme_logits(loss, regime):
     ya, yb = torch.tensor([0, 0, 0, 1, 30, 3]), torch.tensor([1, 1, 2, 2, 3, 30])
     lam = torch.tensor([0.3, 0.9, 0.5, 0.2, 0.6, 0.4])
     out, grad = _check(x, ya, yb, lam, loss, regime, _go("none", 6), reduction="none", label_smoothing=0.1)
-    assert torch.isfinite(grad).all()
+    if loss == "ce":
+        assert torch.isfinite(grad).all()
+    else:  # the same rows without smoothing (refused for loss != ce on triton)
+        _, grad = _check(x, ya, yb, lam, loss, regime, _go("none", 6), reduction="none")
+        assert torch.isfinite(grad).all()
 
 
 # ----------------------------------------------------------------------------
@@ -219,11 +234,10 @@ def test_bce_expanded_grad_output_and_float64():
     for reduce in ("sum", "mean"):
         leaf = wide.clone().requires_grad_(True)
         out = fl.softmax_loss(leaf[:, 2:2 + C], (ya, yb, lam.float()), "bce", backend="triton", reduction="none",
-                              label_smoothing=0.1, z_loss=1e-2)
+                              z_loss=1e-2)
         getattr(out, reduce)().backward()
         go = torch.full((len(ya),), 1.0 if reduce == "sum" else 1.0 / len(ya))
-        ref, gref = oracle_mixed_and_grad(x, ya, yb, lam, "bce", reduction="none", grad_output=go,
-                                          label_smoothing=0.1, z_loss=1e-2)
+        ref, gref = oracle_mixed_and_grad(x, ya, yb, lam, "bce", reduction="none", grad_output=go, z_loss=1e-2)
         assert_close(out.detach(), ref, torch.float32, "loss", reduce)
         assert_close(leaf.grad[:, 2:2 + C], gref, torch.float32, "grad", reduce)
         assert (leaf.grad[:, :2] == 0).all() and (leaf.grad[:, 2 + C:] == 0).all()
@@ -337,8 +351,9 @@ def test_standalone_backward_and_stats(reduction, regime):
             out, stats, g0 = torch.ops.fusedloss.triton_mix_fwd(x, ya, yb, lam, w, *scal, False)
             grad = torch.ops.fusedloss.triton_mix_bwd(go, x, ya, yb, lam, w, stats, *scal)
         assert g0.numel() == 0 and stats.shape == (N, 4)
+        # the ops called directly: the older smoothing term (until the Triton kernels are updated)
         ref, gref = oracle_mixed_and_grad(x, ya, yb, lam, loss, grad_output=go, weight=w, reduction=reduction,
-                                          label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
+                                          label_smoothing=0.1, z_loss=1e-2, softcap=4.0, smoothing_term="ce")
         assert_close(out, ref, torch.float32, "loss", loss)
         assert_close(grad, gref, torch.float32, "grad", loss)
     y = 4.0 * torch.tanh(x.double() / 4.0)
@@ -500,7 +515,7 @@ def test_gpu_standalone_backward_and_opcheck():
     out, stats, _ = launch_mix.triton_mix_fwd(xd, ya_d, yb_d, lam_d, w_d, *scal, False)
     grad = launch_mix.triton_mix_bwd(torch.tensor(0.7, device="cuda"), xd, ya_d, yb_d, lam_d, w_d, stats, *scal)
     ref, gref = oracle_mixed_and_grad(x, ya, yb, lam, "focal", grad_output=torch.tensor(0.7), weight=w,
-                                      label_smoothing=0.1, z_loss=1e-3)
+                                      label_smoothing=0.1, z_loss=1e-3, smoothing_term="ce")
     assert_close(out.cpu(), ref, torch.float32, "loss")
     assert_close(grad.cpu(), gref, torch.float32, "grad")
     torch.library.opcheck(launch_mix.triton_mix_fwd, (xd, ya_d, yb_d, lam_d, w_d, *scal, False), test_utils=OPCHECK)
