@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="path prefix of the .json and .md (default: bench/results/cpu_kernels, "
                                   "with --targets bench/results/cpu_targets)")
     ap.add_argument("--targets", nargs="+", choices=TARGET_MODES,
-                    help="time the recipe's targets instead of class indices: soft (probability targets, ce), "
+                    help="time the recipe's targets instead of class indices: soft (probability targets, every loss), "
                          "mixup (the two-target form, every loss); shapes default to 4096x1000 1024x32000")
     ap.add_argument("--warmup", type=int, default=2, help="--targets: untimed calls per row before timing")
     ap.add_argument("--repeat", help="timed repeats per cell (default: fusedloss-bench's time budget)")
