@@ -123,12 +123,16 @@ def oracle_soft_loss_and_grad(x, q, loss="ce", grad_output=None, **kw):
 
 
 def oracle_loss(x, target, loss="ce", weight=None, ignore_index=-100, reduction="mean",
-                label_smoothing=0.0, alpha=1.5, beta=1.0, gamma=2.0, z_loss=0.0, softcap=None):
+                label_smoothing=0.0, alpha=1.5, beta=1.0, gamma=2.0, z_loss=0.0, softcap=None,
+                smoothing_term="expected"):
     """Float64 loss of (N, C) logits with PyTorch's weight / ignore_index / reduction semantics.
     ``x`` must be float64 (pass ``requires_grad`` to get the gradient by autograd).
 
     ``softcap``: the loss of ``softcap * tanh(x / softcap)``; ``z_loss``: ``z_loss * lse^2`` added
-    to each counted row's loss, times its class weight (docs/losses.md)."""
+    to each counted row's loss, times its class weight (docs/losses.md). Label smoothing is the
+    expected loss under the uniform part, ``(eps / C) sum_k w_k L(x, k)``; ``smoothing_term="ce"``
+    gives the older smoothed-CE term ``(eps / C) sum_k w_k (lse - x_k)`` beside every loss, which the
+    Triton kernels still compute when called directly (the functional refuses it for loss != ce)."""
     assert x.dtype == torch.float64
     if softcap:
         x = softcap * torch.tanh(x / softcap)
@@ -142,7 +146,8 @@ def oracle_loss(x, target, loss="ce", weight=None, ignore_index=-100, reduction=
     rows = torch.where(keep, rows * w_row, torch.zeros_like(rows))
     if label_smoothing:
         # The expected loss under the uniform part of the target: (eps / C) sum_k w_k L(x, k).
-        smooth = (per_class_loss(x, loss, alpha, beta, gamma) * w[None, :]).sum(1)
+        per = per_class_loss(x, "ce" if smoothing_term == "ce" else loss, alpha, beta, gamma)
+        smooth = (per * w[None, :]).sum(1)
         rows = (1 - label_smoothing) * rows + torch.where(keep, label_smoothing / c * smooth, torch.zeros_like(smooth))
     if z_loss:
         rows = rows + torch.where(keep, z_loss * torch.logsumexp(x, 1).square() * w_row, torch.zeros_like(rows))

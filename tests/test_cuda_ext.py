@@ -54,6 +54,16 @@ def test_cuda_mix_ops_registered():
 
 
 @needs_cuda_build
+def test_cuda_soft_loss_ops_registered():
+    """Class probabilities for every loss and the expected-loss label smoothing have CUDA kernels
+    (row_kernels.cuh expected_row), and the cuda backend says so (no reference fallback, no refusal)."""
+    for op in ("fusedloss::ext_soft_loss_fwd", "fusedloss::ext_soft_loss_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+    be = dispatch._registry["cuda"]
+    assert be.soft_loss_fwd is torch.ops.fusedloss.ext_soft_loss_fwd.default and be.expected_smoothing
+
+
+@needs_cuda_build
 def test_cuda_kernels_registered_and_library_loads():
     for op in ("fusedloss::ext_fwd", "fusedloss::ext_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"

@@ -22,7 +22,13 @@ from oracle import (TOLERANCES, assert_close, oracle_loss_and_grad, oracle_soft_
 timm_mixup = pytest.importorskip("timm.data.mixup")
 
 BACKENDS = [b for b in ("reference", "cpu") if b in fl.available_backends()]
+if torch.cuda.is_available() and "cuda" in fl.available_backends():
+    BACKENDS.append("cuda")  # the CUDA kernels (compile-checked on machines without a GPU)
 C = 37
+
+
+def _dev(backend: str) -> str:
+    return "cuda" if backend == "cuda" else "cpu"
 
 
 def _batch(dtype, seed=0, c=C):
@@ -73,11 +79,14 @@ def test_soft_targets_against_float64(backend, loss, reduction, use_weight, eps,
     w = (torch.rand(C, generator=torch.Generator().manual_seed(3)) + 0.3) if use_weight else None
     go = torch.linspace(0.5, 2.0, x.shape[0]) if reduction == "none" else None
     kw = dict(weight=w, reduction=reduction, label_smoothing=eps)
-    out, gx, gq = _run(lambda a, b, **k: fl.softmax_loss(a, b, loss, backend=backend, **k), x, q, go, **kw)
+    d = _dev(backend)
+    kw_d = dict(kw, weight=None if w is None else w.to(d))
+    out, gx, gq = _run(lambda a, b, **k: fl.softmax_loss(a, b, loss, backend=backend, **k), x.to(d), q.to(d),
+                       None if go is None else go.to(d), **kw_d)
     ref, rgx, rgq = oracle_soft_loss_and_grad(x, q, loss, go, **kw)
-    assert_close(out, ref, dtype, "loss", f"{backend} {loss}")
-    assert_close(gx, rgx, dtype, "grad", f"{backend} {loss} d/dx")
-    assert_close(gq, rgq, dtype, "grad", f"{backend} {loss} d/dq")
+    assert_close(out.cpu(), ref, dtype, "loss", f"{backend} {loss}")
+    assert_close(gx.cpu(), rgx, dtype, "grad", f"{backend} {loss} d/dx")
+    assert_close(gq.cpu(), rgq, dtype, "grad", f"{backend} {loss} d/dq")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,6 +105,9 @@ def test_one_hot_is_class_index_and_two_hot_is_two_targets(backend, loss, use_we
     tb[13] = 3           # ... or the second target
     lam = torch.rand(n, generator=g, dtype=dtype)
     tol = TOLERANCES[dtype]["loss"]
+    d = _dev(backend)
+    x, ta, tb, lam = x.to(d), ta.to(d), tb.to(d), lam.to(d)
+    w = None if w is None else w.to(d)
     kw = dict(weight=w, reduction="none", label_smoothing=eps, backend=backend)
     one_hot = torch.nn.functional.one_hot(ta, C).to(dtype)
     a = fl.softmax_loss(x, ta, loss, **kw)
@@ -107,8 +119,9 @@ def test_one_hot_is_class_index_and_two_hot_is_two_targets(backend, loss, use_we
     b = fl.softmax_loss(x, two_hot, loss, **kw)
     torch.testing.assert_close(b, a, rtol=tol[0], atol=tol[1])
     # ... and the class-index forms against the float64 oracle (smoothing as the expected loss)
-    ref = oracle_loss_and_grad(x, ta, loss, weight=w, reduction="none", label_smoothing=eps)[0]
-    assert_close(fl.softmax_loss(x, ta, loss, **kw), ref, dtype, "loss", loss)
+    ref = oracle_loss_and_grad(x.cpu(), ta.cpu(), loss, weight=None if w is None else w.cpu(), reduction="none",
+                               label_smoothing=eps)[0]
+    assert_close(fl.softmax_loss(x, ta, loss, **kw).cpu(), ref, dtype, "loss", loss)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

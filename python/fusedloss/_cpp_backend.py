@@ -17,6 +17,7 @@ from . import dispatch, mixup, ops
 
 ops.register_fakes("ext_fwd", "ext_bwd")
 ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
+ops.register_soft_loss_fakes("ext_soft_loss_fwd", "ext_soft_loss_bwd")
 ops.register_bce_parallel_fakes("ext_bce_partial", "ext_bce_global_bwd")
 
 
@@ -39,6 +40,8 @@ def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
 ops.register_autograd("ext_fwd", torch.ops.fusedloss.ext_bwd.default, scale_grad=_scale_fused_grad)
 
 ops.register_soft_autograd("ext_soft_fwd", torch.ops.fusedloss.ext_soft_bwd.default, scale_grad=_scale_fused_grad)
+ops.register_soft_loss_autograd("ext_soft_loss_fwd", torch.ops.fusedloss.ext_soft_loss_bwd.default,
+                                scale_grad=_scale_fused_grad)
 
 _fwd = torch.ops.fusedloss.ext_fwd.default
 _bwd = torch.ops.fusedloss.ext_bwd.default
@@ -51,7 +54,8 @@ _mix_fwd = torch.ops.fusedloss.ext_mix_fwd.default
 # vocabulary-parallel bce ops have CPU kernels only.
 dispatch.register(dispatch.Backend(
     name="cpu", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cpu", fused_grad=True,
-    soft_fwd=_soft_fwd, mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
+    soft_fwd=_soft_fwd, soft_loss_fwd=torch.ops.fusedloss.ext_soft_loss_fwd.default, expected_smoothing=True,
+    mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
     bce_partial=torch.ops.fusedloss.ext_bce_partial.default,
     bce_global_bwd=torch.ops.fusedloss.ext_bce_global_bwd.default,
 ))
@@ -65,5 +69,6 @@ def cuda_compiled() -> bool:
 if cuda_compiled():
     dispatch.register(dispatch.Backend(
         name="cuda", fwd=_fwd, bwd=_bwd, supports=lambda device: device.type == "cuda", fused_grad=True,
-        soft_fwd=_soft_fwd, mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
+        soft_fwd=_soft_fwd, soft_loss_fwd=torch.ops.fusedloss.ext_soft_loss_fwd.default, expected_smoothing=True,
+        mix_fwd=_mix_fwd, mix_fuses=lambda variant, softcap: True,
     ))
