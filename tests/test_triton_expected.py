@@ -193,6 +193,14 @@ def test_masked_logits_and_large_offsets(loss):
         assert torch.isfinite(out).all() and torch.isfinite(gx).all(), regime
         assert (gx[0, 5:20] == 0).all()
         ref, rgx, _ = oracle_soft_loss_and_grad(x, q, loss, go, reduction="none", weight=_weight())
+        # row 0: a -inf logit without mass has p = 0 exactly (derivative 0) and changes nothing else, so
+        # its float64 gradient is that of the row without those classes (autograd of the oracle's
+        # (1 - p)^g log p, lace and focal, reads 0 * inf = NaN there and spreads it over the row)
+        cols = torch.isfinite(x[0])
+        _, r0, _ = oracle_soft_loss_and_grad(x[:1, cols], q[:1, cols], loss, go[:1], reduction="none",
+                                             weight=_weight()[cols])
+        rgx[0] = 0.0
+        rgx[0, cols] = r0[0]
         assert_close(out, ref, torch.float32, "loss", regime)
         assert_close(gx, rgx, torch.float32, "grad", regime)
     x1, q1 = torch.randn(4, 1), torch.ones(4, 1)
@@ -227,7 +235,10 @@ def test_smoothed_mass_long_row_and_strided():
             assert (out.double() - ref).abs().max().item() <= 2e-6 * ref.abs().max().item(), (loss, regime)
             assert (xr.grad.double() - rg).abs().max().item() <= 2e-6 * rg.abs().max().item(), (loss, regime)
     xb, qb = _batch(torch.float32, seed=10, c=2 * C)
-    x, q = xb[::2, 3:3 + C], torch.softmax(qb[:, :2 * C:2].float() * 3, 1)
+    x = xb[::2, 3:3 + C]
+    qfull = torch.zeros(7, 2 * C)
+    qfull[:, ::2] = torch.softmax(qb[::2, :C].float() * 3, 1)
+    q = qfull[:, ::2]
     assert x.stride(0) == 4 * C and q.stride(1) == 2
     _check(x, q, "crl", None, "stream", "strided", weight=_weight(), label_smoothing=0.1)
 
@@ -340,8 +351,10 @@ def test_ops_opcheck():
     w = _weight()
     for variant in (variant_id("bce"), variant_id("focal")):
         args = (x, q, w, variant, int(Reduction.MEAN), 0.1, 1.5, 1.0, 2.0, True)
+        # schema and autograd registration (the fake-tensor checks need a GPU: the interpreter launches on
+        # CPU data, as in tests/test_triton_soft.py's INTERPRETER_OPCHECK)
         torch.library.opcheck(launch_soft.triton_soft_loss_fwd, args,
-                              test_utils=("test_schema", "test_faketensor"))
+                              test_utils=("test_schema", "test_autograd_registration"))
 
 
 # ----------------------------------------------------------------------------
