@@ -23,8 +23,8 @@ N x C grid, runs them once per thread count, and adds the summary table.
 ``bench/results/cpu_targets.{json,md}``), fwd+bwd, every row as a multiple of a copy sampled
 alternately with it:
 
-* ``soft``: class-probability targets for ce, ``fl.cross_entropy(x, probs)`` on the fused
-  ``cpu`` backend against ``F.cross_entropy(x, probs)``;
+* ``soft``: class-probability targets for every loss, ``fl.softmax_loss(x, probs, loss)`` on the
+  fused ``cpu`` backend (the expected loss), and for ce against ``F.cross_entropy(x, probs)``;
 * ``mixup``: for every loss ``fl.softmax_loss(x, (y_a, y_b, lam), loss)`` on backend ``cpu``
   (whatever the library does with it: the ops it dispatched are recorded per row), against
   two plain fl calls (``lam * L(y_a) + (1 - lam) * L(y_b)``, ``train_recipe``'s stand-in);
@@ -127,8 +127,8 @@ def _write(doc: dict, out: Path) -> str:
 # --targets soft|mixup: the modern recipe's targets
 
 TARGET_MODES = ("soft", "mixup")
-SOFT_ROWS = (("fused", "fl.cross_entropy(x, probs), backend cpu"),
-             ("torch", "F.cross_entropy(x, probs)"))
+SOFT_ROWS = (("fused", "fl.softmax_loss(x, probs, loss), backend cpu"),
+             ("torch", "F.cross_entropy(x, probs)"))  # torch: ce only
 # Mixup rows: (key, header, losses it applies to; None = every loss).
 MIXUP_ROWS = (("fused", "fl.softmax_loss(x, (y_a, y_b, lam)), backend cpu", None),
               ("two_calls", "two fl calls: lam L(y_a) + (1 - lam) L(y_b)", None),
@@ -173,10 +173,10 @@ def _target_inputs(n: int, c: int, dtype: torch.dtype, seed: int = 0) -> dict[st
     return {"x": x, "probs": probs, "ya": ya, "yb": yb, "lam": lam, "mixed": mixed}
 
 
-def _soft_fns(inp: dict[str, torch.Tensor], key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _soft_fns(inp: dict[str, torch.Tensor], key: str, loss: str = "ce") -> Callable[[torch.Tensor], torch.Tensor]:
     probs = inp["mixed"] if key.startswith("soft_") else inp["probs"]
     if key in ("fused", "soft_fused"):
-        return lambda x: fl.cross_entropy(x, probs, backend="cpu")
+        return lambda x: fl.softmax_loss(x, probs, loss, backend="cpu", **bk.HYPER)
     return lambda x: F.cross_entropy(x, probs)
 
 
@@ -207,7 +207,10 @@ def _oracle(inp: dict[str, torch.Tensor], loss: str, key: str) -> tuple[torch.Te
     ``F.cross_entropy`` (PyTorch's math, not ours), mixup rows from two calls of the
     float64 reference backend combined per row."""
     x64 = inp["x"].detach().double().requires_grad_()
-    if key == "soft" or key.startswith("soft_"):
+    if (key == "soft" or key.startswith("soft_")) and loss != "ce":
+        # the expected loss of the other losses: the float64 reference backend
+        out = fl.softmax_loss(x64, inp["probs"].double(), loss, backend="reference", **bk.HYPER)
+    elif key == "soft" or key.startswith("soft_"):
         probs = (inp["mixed"] if key.startswith("soft_") else inp["probs"]).double()
         out = F.cross_entropy(x64, probs)
     else:
@@ -277,14 +280,15 @@ def _run_targets(modes: list[str], shapes, dtypes, threads: list[int], repeat: s
                                                "peak_extra_bytes": memory.peak_extra_bytes(x.detach().clone, cpu)}))
                 cells = []
                 if "soft" in modes:
-                    cells += [("soft", "ce", key) for key, _ in SOFT_ROWS]
+                    cells += [("soft", loss, key) for loss in fl.LOSSES for key, _ in SOFT_ROWS
+                              if key == "fused" or loss == "ce"]
                 if "mixup" in modes:  # last: the two-target API is the newest
                     cells += [("mixup", loss, key) for loss in fl.LOSSES for key, _, only in MIXUP_ROWS
                               if only is None or loss in only]
                 refs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
                 for mode, loss, key in cells:
                     print(f"  {th}T {mode} {loss} {key} N={n} C={c} {dtype_s}", file=sys.stderr, flush=True)
-                    fn = _soft_fns(inp, key) if mode == "soft" else _mixup_fn(inp, loss, key)
+                    fn = _soft_fns(inp, key, loss) if mode == "soft" else _mixup_fn(inp, loss, key)
                     ref = None
                     if accuracy:
                         ref_key = (mode if mode == "soft" else ("soft_" if key.startswith("soft_") else "mix"), loss)
@@ -374,6 +378,24 @@ def _targets_markdown(doc: dict) -> str:
                        f"{_fmt(fused.get('median_ms'))} | {x_copy(k, 'soft', 'ce', 'fused')} | "
                        f"{x_copy(k, 'soft', 'ce', 'torch')} | {_fmt(ratio)} | {_fmt(fused.get('x_logits'))} | "
                        f"{_fmt((torch_ or {}).get('x_logits'))} | {errs} |")
+        out.append("")
+        out += ["## Soft targets, every loss (the expected loss, dense class probabilities)", "",
+                "| N x C | dtype | threads | " + " | ".join(f"{loss} (x copy)" for loss in fl.LOSSES)
+                + " | " + " | ".join(f"{loss} / ce" for loss in fl.LOSSES if loss != "ce")
+                + " | loss err / grad err (worst loss) |",
+                "|" + "---|" * (3 + 2 * len(fl.LOSSES))]
+        for k in keys:
+            ce = cell.get((*k, "soft", "ce", "fused"))
+            if ce is None or "median_ms" not in ce:
+                continue
+            rows = {loss: cell.get((*k, "soft", loss, "fused")) for loss in fl.LOSSES}
+            ratios = [_fmt(r["median_ms"] / ce["median_ms"]) if r and "median_ms" in r else "–"
+                      for loss, r in rows.items() if loss != "ce"]
+            worst = max((r for r in rows.values() if r and "loss_err" in r), key=lambda r: r["grad_err"], default=None)
+            errs = f"{worst['loss_err']:.1e} / {worst['grad_err']:.1e} ({worst['loss']})" if worst else "–"
+            out.append(f"| {k[0]} x {k[1]} | {k[2]} | {k[3]} | "
+                       + " | ".join(x_copy(k, "soft", loss, "fused") for loss in fl.LOSSES) + " | "
+                       + " | ".join(ratios) + f" | {errs} |")
         out.append("")
     if "mixup" in modes:
         heads = [h for _, h, _ in MIXUP_ROWS]
@@ -480,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="path prefix of the .json and .md (default: bench/results/cpu_kernels, "
                                   "with --targets bench/results/cpu_targets)")
     ap.add_argument("--targets", nargs="+", choices=TARGET_MODES,
-                    help="time the recipe's targets instead of class indices: soft (probability targets, ce), "
+                    help="time the recipe's targets instead of class indices: soft (probability targets, every loss), "
                          "mixup (the two-target form, every loss); shapes default to 4096x1000 1024x32000")
     ap.add_argument("--warmup", type=int, default=2, help="--targets: untimed calls per row before timing")
     ap.add_argument("--repeat", help="timed repeats per cell (default: fusedloss-bench's time budget)")

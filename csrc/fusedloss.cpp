@@ -33,6 +33,14 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "ext_soft_bwd(Tensor grad_loss, Tensor logits, Tensor probs, Tensor? weight, Tensor stats, "
       "int reduction, float label_smoothing) -> Tensor");
+  // Class-probability targets, every loss (the expected loss): ops.SOFT_LOSS_FWD_SCHEMA /
+  // ops.SOFT_LOSS_BWD_SCHEMA. Stats: lse, S = sum_k w_k q'_k, log(1 - p_w), w.
+  m.def(
+      "ext_soft_loss_fwd(Tensor logits, Tensor probs, Tensor? weight, int variant, int reduction, "
+      "float label_smoothing, float alpha, float beta, float gamma, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_soft_loss_bwd(Tensor grad_loss, Tensor logits, Tensor probs, Tensor? weight, Tensor stats, "
+      "int variant, int reduction, float label_smoothing, float alpha, float beta, float gamma) -> Tensor");
   // bce of a vocabulary-parallel row given its global numbers (CPU only; layout in
   // cpu/ops_cpu_bce_parallel.cpp): ops.BCE_PARTIAL_SCHEMA / ops.BCE_GLOBAL_BWD_SCHEMA.
   m.def("ext_bce_partial(Tensor logits, Tensor stats, Tensor slice_idx, float softcap) -> Tensor");

@@ -69,13 +69,70 @@ def per_row_loss(x: torch.Tensor, t: torch.Tensor, loss: str, alpha=1.5, beta=1.
     raise ValueError(loss)
 
 
+def per_class_loss(x: torch.Tensor, loss: str, alpha=1.5, beta=1.0, gamma=2.0) -> torch.Tensor:
+    """(N, C): L(x, k), the loss of each row had its target been class k (docs/losses.md's table),
+    from log p_k and log(1 - p_k) of every k (log(1 - p_k) exact at the arg-max, _bce_log1m)."""
+    lse = torch.logsumexp(x, 1)
+    log_q = _bce_log1m(x, lse)                    # log(1 - p_k)
+    # log p_k = -softplus(lse_{j != k} - x_k), lse_{j != k} = lse + log(1 - p_k): exact where p_k -> 1.
+    log_p = -_softplus(lse[:, None] + log_q - x)
+    q = torch.exp(log_q)
+    if loss == "ce":
+        return -log_p
+    if loss == "bce":
+        return -log_p - (log_q.sum(1, keepdim=True) - log_q)
+    if loss == "nllr":
+        return log_q - log_p
+    if loss == "crl":
+        return (beta * torch.log(alpha + q) if beta else 0.0) - log_p
+    if loss == "lace":
+        return -q * log_p
+    if loss == "focal":
+        return -(torch.ones_like(q) if gamma == 0 else q ** gamma) * log_p
+    raise ValueError(loss)
+
+
+def oracle_soft_loss(x, q, loss="ce", weight=None, reduction="mean", label_smoothing=0.0, alpha=1.5, beta=1.0,
+                     gamma=2.0):
+    """Float64 expected loss sum_k w_k q'_k L(x, k) of class probabilities q (N, C), q' = (1 - eps) q + eps / C;
+    'mean' divides by N (PyTorch's rule for probability targets). A class with no mass adds 0 even where its
+    loss is infinite."""
+    assert x.dtype == torch.float64
+    c = x.shape[1]
+    q = q.double()
+    if label_smoothing:
+        q = (1 - label_smoothing) * q + label_smoothing / c
+    m = q if weight is None else q * weight.double()[None, :]
+    per = per_class_loss(x, loss, alpha, beta, gamma)
+    # An infinite loss with no mass adds 0 (and keeps autograd's d/dm = L(x, k) where it is finite).
+    per = torch.where(torch.isinf(per) & (m == 0), torch.zeros_like(per), per)
+    rows = (m * per).sum(1)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / x.shape[0]
+
+
+def oracle_soft_loss_and_grad(x, q, loss="ce", grad_output=None, **kw):
+    """(loss, d loss/d x, d loss/d q) in float64 by autograd of :func:`oracle_soft_loss`."""
+    x64 = x.detach().double().requires_grad_(True)
+    q64 = q.detach().double().requires_grad_(True)
+    out = oracle_soft_loss(x64, q64, loss, **kw)
+    go = torch.ones_like(out) if grad_output is None else grad_output.double()
+    gx, gq = torch.autograd.grad(out, (x64, q64), go)
+    return out.detach(), gx, gq
+
+
 def oracle_loss(x, target, loss="ce", weight=None, ignore_index=-100, reduction="mean",
-                label_smoothing=0.0, alpha=1.5, beta=1.0, gamma=2.0, z_loss=0.0, softcap=None):
+                label_smoothing=0.0, alpha=1.5, beta=1.0, gamma=2.0, z_loss=0.0, softcap=None,
+                smoothing_term="expected"):
     """Float64 loss of (N, C) logits with PyTorch's weight / ignore_index / reduction semantics.
     ``x`` must be float64 (pass ``requires_grad`` to get the gradient by autograd).
 
     ``softcap``: the loss of ``softcap * tanh(x / softcap)``; ``z_loss``: ``z_loss * lse^2`` added
-    to each counted row's loss, times its class weight (docs/losses.md)."""
+    to each counted row's loss, times its class weight (docs/losses.md). Label smoothing is the
+    expected loss under the uniform part, ``(eps / C) sum_k w_k L(x, k)``; ``smoothing_term="ce"``
+    gives the older smoothed-CE term ``(eps / C) sum_k w_k (lse - x_k)`` beside every loss, which the
+    Triton kernels still compute when called directly (the functional refuses it for loss != ce)."""
     assert x.dtype == torch.float64
     if softcap:
         x = softcap * torch.tanh(x / softcap)
@@ -88,8 +145,9 @@ def oracle_loss(x, target, loss="ce", weight=None, ignore_index=-100, reduction=
     rows = per_row_loss(x, t, loss, alpha, beta, gamma)
     rows = torch.where(keep, rows * w_row, torch.zeros_like(rows))
     if label_smoothing:
-        lse = torch.logsumexp(x, 1)
-        smooth = ((lse[:, None] - x) * w[None, :]).sum(1)
+        # The expected loss under the uniform part of the target: (eps / C) sum_k w_k L(x, k).
+        per = per_class_loss(x, "ce" if smoothing_term == "ce" else loss, alpha, beta, gamma)
+        smooth = (per * w[None, :]).sum(1)
         rows = (1 - label_smoothing) * rows + torch.where(keep, label_smoothing / c * smooth, torch.zeros_like(smooth))
     if z_loss:
         rows = rows + torch.where(keep, z_loss * torch.logsumexp(x, 1).square() * w_row, torch.zeros_like(rows))

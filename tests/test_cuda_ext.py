@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fusedloss as fl
-from fusedloss import dispatch, mixup
+from fusedloss import dispatch, mixup, ops
 from fusedloss.reference import extreme_logits
 from fusedloss.variants import Reduction, Variant, reduction_id, variant_id
 from oracle import assert_close, oracle_loss_and_grad
@@ -52,6 +52,17 @@ def test_cuda_mix_ops_registered():
     mix = be.family(mixup.TwoTargetOps)
     assert mix.fwd is torch.ops.fusedloss.ext_mix_fwd.default
     assert all(mix.fuses(int(v), cap) for v in Variant for cap in (0.0, 5.0))
+
+
+@needs_cuda_build
+def test_cuda_soft_loss_ops_registered():
+    """Class probabilities for every loss and the expected-loss label smoothing have CUDA kernels
+    (row_kernels.cuh expected_row), and the cuda backend says so (no reference fallback, no refusal)."""
+    for op in ("fusedloss::ext_soft_loss_fwd", "fusedloss::ext_soft_loss_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+    be = dispatch._registry["cuda"]
+    assert be.family(ops.ProbsOps).loss_fwd is torch.ops.fusedloss.ext_soft_loss_fwd.default
+    assert be.one_target.expected_smoothing
 
 
 @needs_cuda_build

@@ -169,16 +169,23 @@ def test_return_lse_is_of_the_capped_logits():
         torch.testing.assert_close(lse.double(), expect, rtol=1e-6, atol=1e-6)
 
 
-def test_smoothing_for_every_loss_is_one_minus_eps_plus_smoothed_ce():
-    """The definition written out: (1 - eps) L + eps * (the smoothed ce term), per row."""
+def test_smoothing_for_every_loss_is_the_expected_loss_under_the_smoothed_target():
+    """The definition written out: (1 - eps) L(x, c) + eps * mean_k L(x, k), per row, with L(x, k) the
+    loss of each class as the target (the loss itself, C times), for every loss; for ce the smoothed
+    ce term."""
     x, t, _ = _data(6, 8, torch.float64, seed=6)
     t[1] = 2
     eps = 0.2
-    smooth_ce = (torch.logsumexp(x, 1)[:, None] - x).mean(1)
     for loss in fl.LOSSES:
         plain = fl.softmax_loss(x, t, loss, reduction="none", backend="reference")
+        per_class = torch.stack([fl.softmax_loss(x, torch.full_like(t, k), loss, reduction="none", backend="reference")
+                                 for k in range(x.shape[1])], 1)
         got = fl.softmax_loss(x, t, loss, reduction="none", label_smoothing=eps, backend=BACKENDS[-1])
-        torch.testing.assert_close(got, (1 - eps) * plain + eps * smooth_ce)
+        torch.testing.assert_close(got, (1 - eps) * plain + eps * per_class.mean(1))
+    smooth_ce = (torch.logsumexp(x, 1)[:, None] - x).mean(1)
+    got = fl.softmax_loss(x, t, "ce", reduction="none", label_smoothing=eps, backend=BACKENDS[-1])
+    plain = fl.softmax_loss(x, t, "ce", reduction="none", backend="reference")
+    torch.testing.assert_close(got, (1 - eps) * plain + eps * smooth_ce)
 
 
 def test_modules_take_the_options():

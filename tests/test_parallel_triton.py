@@ -33,7 +33,10 @@ N = 6
 
 
 def _cases() -> list[dict]:
-    return [dict(loss=loss, option=o, v=v, sizes=sizes) for v, sizes, opts in SHAPES for o in opts for loss in LOSSES]
+    # smooth_z for ce only: fusedloss.parallel refuses label smoothing with the other losses until its split
+    # losses compute the expected-loss term (docs/losses.md; tests/test_expected_loss.py checks the error)
+    return [dict(loss=loss, option=o, v=v, sizes=sizes) for v, sizes, opts in SHAPES for o in opts for loss in LOSSES
+            if o != "smooth_z" or loss == "ce"]
 
 
 def _data(case: dict, seed: int):

@@ -25,7 +25,7 @@ CASES = [
     (dict(target=[0, 1, 2, 3]), TypeError, ["target", "list"]),
     (dict(target=T.to(torch.int16)), TypeError, ["target", "int16"]),
     (dict(target=T[:3]), ValueError, ["target", "(4,)", "(3,)"]),
-    (dict(target=torch.rand(4, 5), loss="nllr"), NotImplementedError, ["soft", "nllr"]),
+    (dict(target=torch.rand(4, 5), loss="nllr", ignore_index=0), ValueError, ["ignore_index", "soft"]),
     (dict(target=torch.rand(4, 6)), ValueError, ["target", "(4, 5)", "(4, 6)"]),
     (dict(weight=torch.ones(4)), ValueError, ["weight", "(5,)", "(4,)"]),
     (dict(weight=torch.ones(5, dtype=torch.long)), TypeError, ["weight", "int64"]),

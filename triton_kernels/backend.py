@@ -24,9 +24,11 @@ dispatch.register(dispatch.Backend(
     name="triton",
     supports=_supports,
     families=(
+        # label smoothing for loss != 'ce' is the expected loss (probs/loss_kernels.py, index_loss_*)
         ops.OneTargetOps(fwd=one_target.triton_fwd, bwd=one_target.triton_bwd, fused_grad=True,
-                         fwd_inplace=one_target.forward_inplace),
-        ops.ProbsOps(fwd=probs.triton_soft_fwd, fused_grad=True),
+                         fwd_inplace=one_target.forward_inplace, expected_smoothing=True),
+        # ce's class probabilities (probs/kernels.py) and every loss's: the expected loss (probs/loss_kernels.py)
+        ops.ProbsOps(fwd=probs.triton_soft_fwd, fused_grad=True, loss_fwd=probs.triton_soft_loss_fwd),
         mixup.TwoTargetOps(fwd=two_targets.triton_mix_fwd, fuses=two_targets.fuses),
         # fusedloss.parallel's bce given global numbers (ops.BCE_PARTIAL_SCHEMA)
         ops.SplitVocabOps(bce_partial=split_vocab.triton_bce_partial,

@@ -10,7 +10,8 @@ need no extension, and the GPU idles while nvcc compiles):
                  the device probe: always runs, whatever ``--steps`` says
   nvidia-smi     ``nvidia-smi -q`` (again at the end of the run, after the load)
   build          ``setup.py build_ext --inplace`` for this GPU's arch (TORCH_CUDA_ARCH_LIST)
-  pytest-triton  ``pytest -m gpu tests/test_triton_gpu.py tests/test_triton_soft.py tests/test_triton_mix.py``
+  pytest-triton  ``pytest -m gpu tests/test_triton_gpu.py tests/test_triton_soft.py tests/test_triton_mix.py
+                 tests/test_triton_expected.py``
   pytest-ext     ``pytest -m gpu`` on the CUDA extension, the bench CLI, the training script, the LLM head
   sanitize       ``compute-sanitizer --tool memcheck`` on ``bench/gpu/sanitize_drive.py``
   sweep          ``fusedloss-bench`` over every loss, bf16/fp32, C in {1000, 32000, 128256, 262144},

@@ -29,7 +29,8 @@ TOOL_PROBE_S = 20  # each version probe (nvcc, compute-sanitizer, gcc, the drive
 #: compiling on the CPU, one core per process, while the machine has many.
 TRITON_SHARDS = ("real_shapes", "not real_shapes")
 #: The files of the pytest-triton step: the one-target kernels, the soft-target and the mixup kernels.
-TRITON_GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_triton_soft.py", "tests/test_triton_mix.py"]
+TRITON_GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_triton_soft.py", "tests/test_triton_mix.py",
+                    "tests/test_triton_expected.py"]
 MIN_STEP_S = 20  # a step squeezed by the reserves still gets this much, budget permitting
 LOSSES = ("ce", "bce", "nllr", "crl", "lace", "focal")
 GPU_CS = (1000, 32000, 128256, 262144)

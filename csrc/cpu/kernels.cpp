@@ -684,12 +684,20 @@ struct Rows {
     acc_t lse, S;
     if (forward) {
       lse = lse_pass<false, false>(x, -1, e, buf.shifts, g).lse();
+      // S = (1 - eps) sum_k w_k y_k + (eps / C) W: the smoothing's part exact, not C sums of eps / C.
       Vec s(acc_t(0));
       for (int64_t j = 0; j < C; j += RV::kWidth) {
-        const Step v = smoothed_wy(y, j, std::min(RV::kWidth, C - j));
+        const int64_t n = std::min(RV::kWidth, C - j);
+        Step v = RV::pad(RV::load(y + j, n), n, acc_t(0));
+        if (weight) {
+          const Step w = RV::load_acc(weight + j, n);
+          for (int q = 0; q < RV::kParts; ++q) v.v[q] = v.v[q] * w.v[q];
+        }
         for (int q = 0; q < RV::kParts; ++q) s = s + v.v[q];
       }
+      const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
       S = RV::hsum(s);
+      if (eps != acc_t(0)) S = (acc_t(1) - eps) * S + eps / acc_t(C) * static_cast<acc_t>(pb.weight_total);
       st[0] = lse;
       st[1] = S;
       st[2] = st[3] = acc_t(0);
@@ -735,6 +743,353 @@ struct Rows {
     }
   }
 
+  // ------------------------------------------------------------------------
+  // The expected loss sum_k m_k L(x, k) (docs/losses.md, "Soft targets"), every loss but the
+  // soft ce above: class-probability targets, and label smoothing of loss != ce with class
+  // indices or mixup's two (the uniform part of the target). The target mass is
+  //   m_k = ay w_k y_k + u w_k + sum_t beta_t w_k [k == c_t]
+  // (ay = 1 - eps and u = eps / C for probabilities y; for class indices ay = 0, u = eps / C
+  // times the parts' coefficients, a spike (1 - eps) k_t at each target). Only the arg-max w can
+  // have p_w > 1/2: every k != w is summed in the passes with log(1 - p_k) = log1p(-p_k), w and
+  // the spikes are scalars (losses.h), log(1 - p_w) from the pass's P = sum_{k != w} p_k or, below
+  // bce_sum_floor, lse_{k != w} - lse (bce's mechanism). Sums of the mass are formed as
+  // ay sum w y + u sum w, so nothing sums C nearly equal eps / C values.
+  //   pass 1 (forward): lse, w, the e_k; sum_k w_k y_k (the targets' only DRAM read)
+  //   pass 2 (cached): over k != w: sum m h (loss), A_w = sum m s, S_w = sum m, P; bce: R_w = sum a,
+  //                    sum (m - S) log(1 - p)
+  //   pass 3 (cached): g_j = p_j B1 + r_j B2 - m_j s_j (+ S a_j for bce), r_j = p_j / (1 - p_w);
+  //                    w and the spikes stored after by their scalar forms
+  // Stats: lse, S, log(1 - p_w), w.
+  // ------------------------------------------------------------------------
+  struct Mass {
+    const scalar_t* y;  // probabilities, or nullptr
+    acc_t ay, u;        // coefficients of w y and of w
+    int64_t c[2];       // spikes (index, coefficient; -1: none)
+    acc_t beta[2];
+    acc_t z;            // z-loss coefficient: z sum_t k_t w_{c_t} (class indices)
+  };
+
+  struct LaneConsts {
+    Vec alpha, beta, gamma, log1a, inv1a;
+  };
+
+  LaneConsts lane_consts() const {
+    const acc_t alpha = static_cast<acc_t>(pb.cfg.alpha);
+    return {Vec(alpha), Vec(static_cast<acc_t>(pb.cfg.beta)), Vec(static_cast<acc_t>(pb.cfg.gamma)),
+            Vec(std::log1p(alpha)), Vec(acc_t(1) / (acc_t(1) + alpha))};
+  }
+
+  // x * y with x = 0 giving 0 whatever y is (p log p at p = 0, 0 mass times an infinite loss).
+  static Vec zero_times(const Vec& x, const Vec& y) {
+    return Vec::blendv(x * y, Vec(acc_t(0)), x == Vec(acc_t(0)));
+  }
+
+  // A lane's h (the loss of target k; bce: -log p) and s (dh_k/dx_j = s_k (p_j - [j == k])), and
+  // bce's log(1 - p) and a = p / (1 - p), for p = p_k <= 1/2 and lp = log p_k = x_k - lse.
+  template <int64_t V>
+  static void lane_terms(const Vec& p, const Vec& lp, bool small, const LaneConsts& k, Vec& h, Vec& s, Vec& l1m,
+                         Vec& a) {
+    const Vec one(acc_t(1));
+    if constexpr (V == kNLLR || V == kBCE) {
+      l1m = log1m(p, small);
+      a = odds(p, small);
+      h = V == kBCE ? -lp : l1m - lp;
+      s = one + a;
+    } else if constexpr (V == kCRL) {
+      const Vec t = p * k.inv1a;  // p / (1 + alpha) <= p: the same series bounds
+      h = k.beta * (k.log1a + log1m(t, small)) - lp;
+      s = one + k.beta * odds(t, small);
+    } else if constexpr (V == kLACE) {
+      const Vec q = one - p;
+      h = -(q * lp);
+      s = q - zero_times(p, lp);
+    } else if constexpr (V == kFocal) {
+      const Vec qg = vexp(k.gamma * log1m(p, small));  // (1 - p)^g
+      h = -(qg * lp);
+      // s = (1 - p)^g + g p (1 - p)^(g - 1) (-log p) = (1 - p)^g (1 - g a log p)
+      s = qg * (one - k.gamma * zero_times(odds(p, small), lp));
+    } else {  // kCE
+      h = -lp;
+      s = one;
+    }
+  }
+
+  // The scalar h and log s of one class j from d_j = log(1 - p_j) - log p_j (losses.h).
+  TargetOnlyTerms<acc_t> class_terms(acc_t d) const {
+    const int64_t v = pb.cfg.variant == kBCE ? int64_t(kNLLR) : pb.cfg.variant;  // bce's s is nllr's
+    return target_only_terms<acc_t>(v, d, static_cast<acc_t>(pb.cfg.alpha), static_cast<acc_t>(pb.cfg.beta),
+                                    static_cast<acc_t>(pb.cfg.gamma));
+  }
+
+  struct ExpSums {
+    acc_t ly = 0, lu = 0, ay = 0, au = 0, sy = 0, ty = 0, tu = 0, t = 0, r = 0, p = 0;
+  };
+
+  // Pass 2 over k != w: sums of h, s, 1, (bce) log(1 - p) weighted by w y and by w, and of
+  // log(1 - p), a, p. kY: probabilities (the sums weighted by w alone are formed either way).
+  template <int64_t V, bool kY>
+  FUSEDLOSS_ROW_PASS ExpSums expected_sums(const PSource& src, const scalar_t* y, int64_t w) const {
+    const LaneConsts kc = lane_consts();
+    const Vec vlse(src.lse), zero(acc_t(0));
+    Vec ly(zero), lu(zero), ay(zero), au(zero), sy(zero), ty(zero), tu(zero), t(zero), r(zero), ps(zero);
+    src.for_each(pb.classes, [&](Step p, int64_t j, int64_t n) {
+      const bool has_w = static_cast<uint64_t>(w - j) < static_cast<uint64_t>(n);
+      if (has_w) p = RV::set_lane(p, w - j, acc_t(0));
+      Step xs = RV::load(src.x + j, n);
+      Step wv;
+      if (weight) {
+        wv = RV::load_acc(weight + j, n);
+      } else {
+        for (int q = 0; q < RV::kParts; ++q) wv.v[q] = Vec(acc_t(1));
+      }
+      wv = RV::pad(wv, n, acc_t(0));
+      if (has_w) wv = RV::set_lane(wv, w - j, acc_t(0));
+      Step yv;
+      if constexpr (kY) yv = RV::pad(RV::load(y + j, n), n, acc_t(0));
+      const bool small = all_small(p);
+      for (int q = 0; q < RV::kParts; ++q) {
+        Vec h, s, l1m, a;
+        const Vec lp = xs.v[q] - vlse;
+        lane_terms<V>(p.v[q], lp, small, kc, h, s, l1m, a);
+        lu = lu + zero_times(wv.v[q], h);
+        au = au + zero_times(wv.v[q], s);
+        if constexpr (kY) {
+          const Vec my = wv.v[q] * yv.v[q];
+          ly = ly + zero_times(my, h);
+          ay = ay + zero_times(my, s);
+          sy = sy + my;
+          if constexpr (V == kBCE) ty = ty + my * l1m;
+        }
+        if constexpr (V == kBCE) {
+          tu = tu + wv.v[q] * l1m;
+          t = t + l1m;
+          r = r + a;
+        }
+        ps = ps + p.v[q];
+      }
+    });
+    ExpSums e;
+    e.ly = RV::hsum(ly), e.lu = RV::hsum(lu), e.ay = RV::hsum(ay), e.au = RV::hsum(au), e.sy = RV::hsum(sy);
+    e.ty = RV::hsum(ty), e.tu = RV::hsum(tu), e.t = RV::hsum(t), e.r = RV::hsum(r), e.p = RV::hsum(ps);
+    return e;
+  }
+
+  // Pass 3: g_j = go (p_j B1 + r_j B2 - m_j s_j + S a_j [bce]) for every j (w and the spikes are
+  // stored after); r_j = exp(x_j - lse_ex_w) where B2 != 0, else the caller folded it into B1.
+  template <int64_t V, bool kY>
+  FUSEDLOSS_ROW_PASS void expected_grad_pass(const PSource& src, const scalar_t* y, scalar_t* g, acc_t b1,
+                                             acc_t b2, acc_t lse_ex_w, acc_t ay_go, acc_t u_go, acc_t s_go) const {
+    const bool ratio = b2 != acc_t(0);
+    const LaneConsts kc = lane_consts();
+    const Vec vlse(src.lse), vb1(b1), vb2(b2), vlex(lse_ex_w), vay(ay_go), vu(u_go), vs(s_go);
+    src.write(g, pb.classes, stream, [&](Step p, int64_t j, int64_t n) {
+      Step xs = RV::load(src.x + j, n);
+      Step wv, yv;
+      if (weight) wv = RV::load_acc(weight + j, n);
+      if constexpr (kY) yv = RV::load(y + j, n);
+      const bool small = all_small(p);
+      for (int q = 0; q < RV::kParts; ++q) {
+        Vec h, s, l1m, a;
+        const Vec lp = xs.v[q] - vlse;
+        lane_terms<V>(p.v[q], lp, small, kc, h, s, l1m, a);
+        // m_j go = (ay y_j + u) w_j go
+        Vec m = vu;
+        if constexpr (kY) m = at::vec::fmadd(vay, yv.v[q], vu);
+        if (weight) m = m * wv.v[q];
+        Vec gq = p.v[q] * vb1 - zero_times(m, s);
+        if (ratio) gq = gq + vexp(xs.v[q] - vlex) * vb2;
+        if constexpr (V == kBCE) gq = gq + vs * a;
+        p.v[q] = gq;
+      }
+      return p;
+    });
+  }
+
+  template <int64_t V>
+  void expected_row(int64_t i, bool forward, const Buffers& buf, const Mass& mass) const {
+    mass.y ? expected_row_t<V, true>(i, forward, buf, mass) : expected_row_t<V, false>(i, forward, buf, mass);
+  }
+
+  template <int64_t V, bool kY>
+  void expected_row_t(int64_t i, bool forward, const Buffers& buf, const Mass& mass) const {
+    const int64_t C = pb.classes;
+    const scalar_t* x = row(i);
+    const scalar_t* y = mass.y;
+    scalar_t* g = grad_row(i);
+    acc_t* st = stats_row(i);
+    acc_t* e = forward ? buf.e : nullptr;
+    const acc_t W = static_cast<acc_t>(pb.weight_total);
+    acc_t lse, log1m_w = 0, S;
+    int64_t w;
+    // S = ay sum_k w_k y_k + u W + sum_t beta_t w_{c_t}
+    const auto spikes_total = [&] {
+      acc_t v = 0;
+      for (int t = 0; t < 2; ++t) {
+        if (mass.c[t] >= 0) v += mass.beta[t] * weight_of(mass.c[t]);
+      }
+      return v;
+    };
+    if (forward) {
+      const auto acc = lse_pass<true, false>(x, -1, e, buf.shifts, g);
+      lse = acc.lse();
+      w = acc.argmax >= 0 ? acc.argmax : 0;
+      acc_t wy = 0;
+      if constexpr (kY) {
+        Vec s(acc_t(0));
+        for (int64_t j = 0; j < C; j += RV::kWidth) {
+          const int64_t n = std::min(RV::kWidth, C - j);
+          Step v = RV::pad(RV::load(y + j, n), n, acc_t(0));
+          if (weight) {
+            const Step wv = RV::load_acc(weight + j, n);
+            for (int q = 0; q < RV::kParts; ++q) v.v[q] = v.v[q] * wv.v[q];
+          }
+          for (int q = 0; q < RV::kParts; ++q) s = s + v.v[q];
+        }
+        wy = RV::hsum(s);
+      }
+      S = mass.ay * wy + mass.u * W + spikes_total();
+    } else {
+      lse = st[0];
+      S = st[1];
+      log1m_w = st[2];
+      w = static_cast<int64_t>(st[3]);
+    }
+    const PSource src{x, e, buf.shifts, lse, -1, -1};
+    const ExpSums sums = expected_sums<V, kY>(src, y, w);
+    const acc_t x_w = static_cast<acc_t>(x[w]);
+    if (forward) {
+      if (C == 1) {
+        log1m_w = neg_inf<acc_t>();
+      } else if (sums.p >= bce_sum_floor<acc_t>()) {
+        log1m_w = std::log(sums.p);
+      } else {
+        log1m_w = bce_log1m_pw_exact(x, w, lse);
+      }
+    }
+    // w's own numbers, and the mass at w.
+    const acc_t w_w = weight_of(w);
+    acc_t m_w = (kY ? mass.ay * static_cast<acc_t>(y[w]) : acc_t(0)) + mass.u;
+    for (int t = 0; t < 2; ++t) {
+      if (mass.c[t] == w) m_w += mass.beta[t];
+    }
+    m_w *= w_w;
+    const acc_t d_w = (lse + log1m_w) - x_w;
+    const auto tw = class_terms(d_w);
+    // The spikes off w: their h, s (and bce's a, log(1 - p)), as a lane would have them.
+    acc_t loss_spikes = 0, a_spikes = 0, s_spikes = 0, t_spikes = 0;
+    for (int t = 0; t < 2; ++t) {
+      const int64_t c = mass.c[t];
+      if (c < 0 || c == w || mass.beta[t] == acc_t(0)) continue;
+      const acc_t mc = mass.beta[t] * weight_of(c);
+      const acc_t lp = static_cast<acc_t>(x[c]) - lse, pc = std::exp(lp), l1m = std::log1p(-pc);
+      const auto tc = class_terms(l1m - lp);
+      loss_spikes += mc * (V == kBCE ? -lp : tc.loss);
+      a_spikes += mc * std::exp(tc.log_s);
+      s_spikes += mc;
+      t_spikes += mc * l1m;
+    }
+    const acc_t A_w = mass.ay * sums.ay + mass.u * sums.au + a_spikes;
+    const acc_t S_w = mass.ay * sums.sy + mass.u * (W - w_w) + s_spikes;
+    const acc_t z = mass.z;
+    if (forward) {
+      acc_t loss;
+      if constexpr (V == kBCE) {
+        // sum_k m_k (-log p_k) + sum_{k != w} (m_k - S) log(1 - p_k) - S_w log(1 - p_w): terms >= 0
+        const acc_t ce = mass.ay * sums.ly + mass.u * sums.lu + loss_spikes + (m_w == 0 ? 0 : m_w * softplus(d_w));
+        const acc_t rest = mass.ay * sums.ty + mass.u * sums.tu + t_spikes - S * sums.t;
+        loss = ce + rest - (S_w == 0 ? acc_t(0) : S_w * log1m_w);
+      } else {
+        loss = mass.ay * sums.ly + mass.u * sums.lu + loss_spikes + (m_w == 0 ? acc_t(0) : m_w * tw.loss);
+      }
+      if (z != acc_t(0)) loss += z * lse * lse;
+      static_cast<acc_t*>(pb.loss_rows)[i] = loss;
+      st[0] = lse;
+      st[1] = S;
+      st[2] = log1m_w;
+      st[3] = static_cast<acc_t>(w);
+    }
+    if (!g) return;
+    const acc_t go = grad_out(i);
+    const acc_t zt = z == acc_t(0) ? acc_t(0) : acc_t(2) * z * lse;
+    // B1 multiplies p_j, B2 r_j = p_j / (1 - p_w) (both times go below).
+    acc_t b1, b2;
+    if constexpr (V == kBCE) {
+      b1 = A_w - S * sums.r + S + zt;
+      b2 = -S_w;
+    } else {
+      b1 = A_w + zt;
+      b2 = m_w == acc_t(0) ? acc_t(0) : m_w * std::exp(tw.log_s + log1m_w);
+    }
+    // r_j from the e_k while they keep their precision (an e_k is not subnormal where r_j matters
+    // while log(1 - p_w) > -60 in float); else its own exp from x.
+    const bool ratio = b2 != acc_t(0) && log1m_w < (sizeof(acc_t) == 4 ? acc_t(-60) : acc_t(-600));
+    const acc_t lse_ex_w = lse + log1m_w;
+    acc_t b1_all = b1;
+    if (!ratio && b2 != acc_t(0)) b1_all += b2 * std::exp(-log1m_w);
+    acc_t scale = go;
+    // vexp clamps a NaN argument: a NaN row reaches the output through the coefficients.
+    if (std::isnan(lse) || std::isnan(log1m_w)) scale = std::numeric_limits<acc_t>::quiet_NaN();
+    expected_grad_pass<V, kY>(src, y, g, (ratio ? b1 : b1_all) * scale, ratio ? b2 * scale : acc_t(0), lse_ex_w,
+                              mass.ay * scale, mass.u * scale, S * scale);
+    // The stored entries: w, then the spikes off w.
+    {
+      const acc_t p_w = std::exp(x_w - lse);
+      acc_t v;
+      if constexpr (V == kBCE) {
+        v = p_w * (A_w - S * sums.r + zt) + S_w - S * std::exp(log1m_w);
+      } else {
+        v = p_w * (A_w + zt) - (m_w == acc_t(0) ? acc_t(0) : m_w * std::exp(tw.log_s + log1m_w));
+      }
+      g[w] = static_cast<scalar_t>(v * scale);
+    }
+    for (int t = 0; t < 2; ++t) {
+      const int64_t c = mass.c[t];
+      if (c < 0 || c == w || (t == 1 && c == mass.c[0])) continue;
+      const acc_t x_c = static_cast<acc_t>(x[c]);
+      const acc_t lp = x_c - lse, pc = std::exp(lp), l1m = std::log1p(-pc);
+      const auto tc = class_terms(l1m - lp);
+      acc_t m_c = (kY ? mass.ay * static_cast<acc_t>(y[c]) : acc_t(0)) + mass.u;
+      for (int k = 0; k < 2; ++k) {
+        if (mass.c[k] == c) m_c += mass.beta[k];
+      }
+      m_c *= weight_of(c);
+      const acc_t s_c = std::exp(tc.log_s);
+      const acc_t r_c = std::exp(x_c - lse_ex_w);
+      acc_t v = pc * b1 + r_c * b2 - (m_c == acc_t(0) ? acc_t(0) : m_c * s_c);
+      if constexpr (V == kBCE) v += S * (pc / (acc_t(1) - pc));
+      g[c] = static_cast<scalar_t>(v * scale);
+    }
+  }
+
+  void expected_dispatch(int64_t i, bool forward, const Buffers& buf, const Mass& mass) const {
+    switch (pb.cfg.variant) {
+      case kBCE: return expected_row<kBCE>(i, forward, buf, mass);
+      case kNLLR: return expected_row<kNLLR>(i, forward, buf, mass);
+      case kCRL: return expected_row<kCRL>(i, forward, buf, mass);
+      case kLACE: return expected_row<kLACE>(i, forward, buf, mass);
+      case kFocal: return expected_row<kFocal>(i, forward, buf, mass);
+      default: return expected_row<kCE>(i, forward, buf, mass);
+    }
+  }
+
+  // The target mass of a row: probabilities, or class indices (one target, or mixup's two)
+  // with label smoothing.
+  Mass row_mass(int64_t i) const {
+    const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
+    const acc_t u1 = eps / static_cast<acc_t>(pb.classes);
+    const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
+    if (pb.probs) return {probs_row(i), acc_t(1) - eps, u1, {-1, -1}, {0, 0}, acc_t(0)};
+    const Parts t = pb.target_b ? two_targets(i) : one_target(i);
+    Mass m{nullptr, acc_t(0), u1 * (t.k_a + t.k_b), {t.a, t.b}, {(acc_t(1) - eps) * t.k_a, (acc_t(1) - eps) * t.k_b},
+           z * (t.k_a * weight_of(t.a) + t.k_b * weight_of(t.b))};
+    if (t.a == t.b) {
+      m.beta[0] += m.beta[1];
+      m.c[1] = -1;
+      m.beta[1] = 0;
+    }
+    return m;
+  }
+
   void run(int64_t begin, int64_t end, Pass pass) const {
     if (pass == Pass::kBcePartial || pass == Pass::kBceGlobalBackward) {
       for (int64_t i = begin; i < end; ++i) {
@@ -746,14 +1101,18 @@ struct Rows {
     const bool forward = pass == Pass::kForward;
     const bool smooth = pb.cfg.label_smoothing > 0;
     const Buffers buf = buffers();
+    // Label smoothing of a loss other than ce is the expected loss under the smoothed target.
+    const bool expected = smooth && pb.cfg.variant != kCE;
     for (int64_t i = begin; i < end; ++i) {
       if (pb.probs) {
-        soft_ce(i, forward, buf);
+        pb.cfg.variant == kCE ? soft_ce(i, forward, buf) : expected_dispatch(i, forward, buf, row_mass(i));
       } else if (pb.target_b) {
         if (pb.target[i] == pb.cfg.ignore_index && pb.target_b[i] == pb.cfg.ignore_index) {
           ignore_row(i, forward);
         } else if (pb.cfg.softcap > 0) {
           capped_row(i, pass);
+        } else if (expected) {
+          expected_dispatch(i, forward, buf, row_mass(i));
         } else if (pb.cfg.variant == kBCE) {
           smooth ? bce<true>(i, forward, buf, two_targets(i)) : bce<false>(i, forward, buf, two_targets(i));
         } else {
@@ -763,6 +1122,8 @@ struct Rows {
         ignore_row(i, forward);
       } else if (pb.cfg.softcap > 0) {
         capped_row(i, pass);
+      } else if (expected) {
+        expected_dispatch(i, forward, buf, row_mass(i));
       } else if (pb.cfg.variant == kBCE) {
         smooth ? bce<true>(i, forward, buf, one_target(i)) : bce<false>(i, forward, buf, one_target(i));
       } else if (smooth) {

@@ -66,7 +66,16 @@ void launch_kind(const RowsArgs& a, bool vec, bool forward, int threads, int64_t
 
 template <typename scalar_t>
 void launch_typed(const RowsArgs& a, bool vec, bool forward, int threads, int64_t blocks) {
-  if (a.probs) return launch_kind<scalar_t, kSoftRows>(a, vec, forward, threads, blocks);
+  if (a.probs) {
+    if (a.cfg.variant == kCE) return launch_kind<scalar_t, kSoftRows>(a, vec, forward, threads, blocks);
+    return launch_kind<scalar_t, kSoftLossRows>(a, vec, forward, threads, blocks);
+  }
+  // Label smoothing of a loss other than ce: the expected loss under the smoothed target.
+  const bool expected = a.cfg.label_smoothing > 0 && a.cfg.variant != kCE;
+  if (expected) {
+    if (a.target_b) return launch_kind<scalar_t, kMixExpectedRows>(a, vec, forward, threads, blocks);
+    return launch_kind<scalar_t, kExpectedRows>(a, vec, forward, threads, blocks);
+  }
   if (a.target_b) {
     if (a.cfg.variant == kBCE) return launch_kind<scalar_t, kMixBceRows>(a, vec, forward, threads, blocks);
     return launch_kind<scalar_t, kMixTargetOnlyRows>(a, vec, forward, threads, blocks);
@@ -252,7 +261,7 @@ at::Tensor ext_mix_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logit
 // Class-probability targets (ce): PyTorch's 'mean' divides by the number of rows N, a
 // device scalar here like the class-index mean's denominator.
 RowsArgs soft_args(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& weight_acc,
-                   const at::Tensor& rows_count, int64_t reduction, double label_smoothing) {
+                   const at::Tensor& weight_total, const at::Tensor& rows_count, const LossConfig& cfg) {
   RowsArgs a{};
   a.logits = logits.const_data_ptr();
   a.rows = logits.size(0);
@@ -261,37 +270,73 @@ RowsArgs soft_args(const at::Tensor& logits, const at::Tensor& probs, const at::
   a.probs = probs.const_data_ptr();
   a.probs_stride = probs.size(0) > 1 ? probs.stride(0) : probs.size(1);
   a.weight = weight_acc.defined() ? weight_acc.const_data_ptr() : nullptr;
-  a.denominator = reduction == kMean ? rows_count.const_data_ptr() : nullptr;
-  a.cfg = make_config(kCE, reduction, -100, label_smoothing, 0.0, 0.0, 0.0, 0.0, 0.0);
+  a.weight_total = weight_total.defined() ? weight_total.const_data_ptr() : nullptr;
+  a.denominator = cfg.reduction == kMean ? rows_count.const_data_ptr() : nullptr;
+  a.cfg = cfg;
   return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_forward_cuda(const at::Tensor& logits, const at::Tensor& probs,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const LossConfig& cfg, bool compute_grad,
+                                                                 const char* op) {
+  const at::Tensor y = check_soft_inputs(logits, probs, weight, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_dtype(logits);
+  const at::Tensor w = weight_in_acc(weight, logits);
+  const at::Tensor wt = w.defined() ? w.sum() : at::Tensor();
+  const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
+  const ForwardOutputs out = run_forward(soft_args(logits, y, w, wt, n, cfg), logits, compute_grad);
+  at::Tensor loss = out.loss_rows;
+  if (cfg.reduction == kSum) loss = loss.sum();
+  if (cfg.reduction == kMean) loss = loss.sum() / n;
+  return {loss, out.stats, out.grad};
+}
+
+at::Tensor soft_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& probs,
+                              const std::optional<at::Tensor>& weight, const at::Tensor& stats, const LossConfig& cfg,
+                              const char* op) {
+  const at::Tensor y = check_soft_inputs(logits, probs, weight, op);
+  check_backward_inputs(grad_loss, logits, stats, cfg);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_dtype(logits);
+  const at::Tensor w = weight_in_acc(weight, logits);
+  const at::Tensor wt = w.defined() ? w.sum() : at::Tensor();
+  const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
+  return run_backward(soft_args(logits, y, w, wt, n, cfg), logits, stats, grad_loss);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_soft_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& weight,
     int64_t reduction, double label_smoothing, bool compute_grad) {
-  const at::Tensor y = check_soft_inputs(logits, probs, weight, "fusedloss::ext_soft_fwd");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = acc_dtype(logits);
-  const at::Tensor w = weight_in_acc(weight, logits);
-  const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
-  const ForwardOutputs out = run_forward(soft_args(logits, y, w, n, reduction, label_smoothing), logits, compute_grad);
-  at::Tensor loss = out.loss_rows;
-  if (reduction == kSum) loss = loss.sum();
-  if (reduction == kMean) loss = loss.sum() / n;
-  return {loss, out.stats, out.grad};
+  return soft_forward_cuda(logits, probs, weight, make_config(kCE, reduction, -100, label_smoothing, 0.0, 0.0, 0.0, 0.0, 0.0),
+                           compute_grad, "fusedloss::ext_soft_fwd");
 }
 
 at::Tensor ext_soft_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& probs,
                              const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t reduction,
                              double label_smoothing) {
-  const at::Tensor y = check_soft_inputs(logits, probs, weight, "fusedloss::ext_soft_bwd");
-  const LossConfig cfg = make_config(kCE, reduction, -100, label_smoothing, 0.0, 0.0, 0.0, 0.0, 0.0);
-  check_backward_inputs(grad_loss, logits, stats, cfg);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = acc_dtype(logits);
-  const at::Tensor w = weight_in_acc(weight, logits);
-  const at::Tensor n = at::full({}, static_cast<double>(logits.size(0)), logits.options().dtype(acc));
-  return run_backward(soft_args(logits, y, w, n, reduction, label_smoothing), logits, stats, grad_loss);
+  return soft_backward_cuda(grad_loss, logits, probs, weight, stats,
+                            make_config(kCE, reduction, -100, label_smoothing, 0.0, 0.0, 0.0, 0.0, 0.0),
+                            "fusedloss::ext_soft_bwd");
+}
+
+// Class-probability targets, every loss (the expected loss; row_kernels.cuh expected_row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_soft_loss_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& weight, int64_t variant,
+    int64_t reduction, double label_smoothing, double alpha, double beta, double gamma, bool compute_grad) {
+  return soft_forward_cuda(logits, probs, weight,
+                           make_config(variant, reduction, -100, label_smoothing, alpha, beta, gamma, 0.0, 0.0),
+                           compute_grad, "fusedloss::ext_soft_loss_fwd");
+}
+
+at::Tensor ext_soft_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& probs,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t variant,
+                                  int64_t reduction, double label_smoothing, double alpha, double beta,
+                                  double gamma) {
+  return soft_backward_cuda(grad_loss, logits, probs, weight, stats,
+                            make_config(variant, reduction, -100, label_smoothing, alpha, beta, gamma, 0.0, 0.0),
+                            "fusedloss::ext_soft_loss_bwd");
 }
 
 }  // namespace
@@ -301,6 +346,8 @@ TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("ext_bwd", &ext_bwd_cuda);
   m.impl("ext_soft_fwd", &ext_soft_fwd_cuda);
   m.impl("ext_soft_bwd", &ext_soft_bwd_cuda);
+  m.impl("ext_soft_loss_fwd", &ext_soft_loss_fwd_cuda);
+  m.impl("ext_soft_loss_bwd", &ext_soft_loss_bwd_cuda);
   m.impl("ext_mix_fwd", &ext_mix_fwd_cuda);
   m.impl("ext_mix_bwd", &ext_mix_bwd_cuda);
 }

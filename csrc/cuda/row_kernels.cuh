@@ -386,12 +386,13 @@ __device__ void soft_row(const RowsArgs& a, int64_t i, bool forward) {
     acc_t sums[1] = {acc_t(0)};
     visit_row<scalar_t, kVec>(x, C, [&](int64_t j, acc_t v) {
       s.add(v, j);
-      sums[0] += wy(j);
+      sums[0] += weight ? weight[j] * static_cast<acc_t>(y[j]) : static_cast<acc_t>(y[j]);
     });
     s = block_merge(s);
     block_sum(sums);
     lse = s.lse();
-    S = sums[0];
+    // S = (1 - eps) sum_k w_k y_k + (eps / C) W: the smoothing's part exact, not C sums of eps / C.
+    S = eps != acc_t(0) ? (acc_t(1) - eps) * sums[0] + eps / acc_t(C) * weight_total<acc_t>(a) : sums[0];
     acc_t loss[1] = {acc_t(0)};
     visit_row<scalar_t, kVec>(x, C, [&](int64_t j, acc_t v) {
       const acc_t w = wy(j);
@@ -413,7 +414,178 @@ __device__ void soft_row(const RowsArgs& a, int64_t i, bool forward) {
   map_row<scalar_t, kVec>(x, g, C, [&](int64_t j, acc_t v) { return (std::exp(v - lse) * S - wy(j)) * go; });
 }
 
-enum RowKind { kTargetOnlyRows = 0, kBceRows = 1, kSoftRows = 2, kMixTargetOnlyRows = 3, kMixBceRows = 4 };
+// ---------------------------------------------------------------------------
+// The expected loss sum_k m_k L(x, k) (docs/losses.md, "Soft targets"; the CPU's expected_row):
+// class-probability targets for every loss but ce (kSource 0), and label smoothing of a loss
+// other than ce with class indices (kSource 1) or mixup's two (kSource 2). The mass is
+//   m_k = ay w_k y_k + u w_k + sum_t beta_t w_k [k == c_t]
+// Only the arg-max w can have p_w > 1/2: the sums run over k != w with log1p(-p_k); w and the
+// spikes are scalars; log(1 - p_w) from P = sum_{k != w} p_k or, below bce_sum_floor, the lse
+// over k != w. Stats: lse, S, log(1 - p_w), w.
+// ---------------------------------------------------------------------------
+template <typename scalar_t, bool kVec, int kSource>
+__device__ void expected_row(const RowsArgs& a, int64_t i, bool forward) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kMix = kSource == 2;
+  const int64_t C = a.classes;
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + i * a.row_stride;
+  scalar_t* g = a.grad ? static_cast<scalar_t*>(a.grad) + i * C : nullptr;
+  acc_t* st = static_cast<acc_t*>(a.stats) + i * kStatsCols;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t eps = static_cast<acc_t>(a.cfg.label_smoothing);
+  const acc_t W = weight_total<acc_t>(a);
+  auto wt = [&](int64_t j) { return weight ? weight[j] : acc_t(1); };
+  const scalar_t* y = nullptr;
+  acc_t ay = acc_t(0), u = eps / acc_t(C), zc = acc_t(0), beta0 = acc_t(0), beta1 = acc_t(0);
+  int64_t c0 = -1, c1 = -1;
+  bool bad = false;
+  if constexpr (kSource == 0) {
+    y = static_cast<const scalar_t*>(a.probs) + i * a.probs_stride;
+    ay = acc_t(1) - eps;
+  } else {
+    const RowView<scalar_t, kMix> r(a, i);
+    u = eps / acc_t(C) * (r.k_a + r.k_b);
+    c0 = r.a;
+    c1 = r.b;
+    beta0 = (acc_t(1) - eps) * r.k_a;
+    beta1 = (acc_t(1) - eps) * r.k_b;
+    if (r.same) {
+      beta0 += beta1;
+      beta1 = acc_t(0);
+      c1 = -1;
+    }
+    zc = static_cast<acc_t>(a.cfg.z_loss) * (r.k_a * r.w_a + r.k_b * r.w_b);
+    bad = r.bad;
+  }
+  auto yv = [&](int64_t j) { return y ? static_cast<acc_t>(y[j]) : acc_t(0); };
+  // The mass at j without its spikes, and with them.
+  auto mass_of = [&](int64_t j) {
+    acc_t m = ay * yv(j) + u;
+    if (j == c0) m += beta0;
+    if (j == c1) m += beta1;
+    return m * wt(j);
+  };
+  const int64_t variant = a.cfg.variant;
+  const int64_t sv = variant == kBCE ? int64_t(kNLLR) : variant;  // bce's s is nllr's
+  const acc_t alpha = static_cast<acc_t>(a.cfg.alpha), beta = static_cast<acc_t>(a.cfg.beta),
+              gamma = static_cast<acc_t>(a.cfg.gamma);
+  acc_t lse, S, log1m_w = acc_t(0);
+  int64_t w;
+  if (forward) {
+    LseState<acc_t> s = LseState<acc_t>::empty();
+    acc_t sums[1] = {acc_t(0)};
+    visit_row<scalar_t, kVec>(x, C, [&](int64_t j, acc_t v) {
+      s.add(loss_logit<acc_t>(a, v), j);
+      if (y) sums[0] += wt(j) * yv(j);
+    });
+    s = block_merge(s);
+    block_sum(sums);
+    lse = s.lse();
+    w = s.arg >= 0 && s.arg < C ? s.arg : 0;
+    S = ay * sums[0] + u * W + (c0 >= 0 ? beta0 * wt(c0) : acc_t(0)) + (c1 >= 0 ? beta1 * wt(c1) : acc_t(0));
+  } else {
+    lse = st[0];
+    S = st[1];
+    log1m_w = st[2];
+    w = static_cast<int64_t>(st[3]);
+    if (w < 0 || w >= C) w = 0;  // stats from elsewhere: never index with them unchecked
+  }
+  // Pass 2 over k != w: sum m h split as ay sum w y h + u sum w h (so is every sum of the mass).
+  enum { LY, LU, AY, AU, SY, TY, TU, T, R, P, kSums };
+  acc_t sums[kSums] = {};
+  visit_row<scalar_t, kVec>(x, C, [&](int64_t j, acc_t v) {
+    if (j == w) return;
+    const acc_t lp = loss_logit<acc_t>(a, v) - lse;
+    const acc_t p = std::exp(lp), l1m = ::log1p(-p);
+    const auto t = target_only_terms<acc_t>(sv, l1m - lp, alpha, beta, gamma);
+    const acc_t h = variant == kBCE ? -lp : t.loss, s = std::exp(t.log_s);
+    const acc_t wk = wt(j), my = wk * yv(j);
+    if (my != acc_t(0)) sums[LY] += my * h, sums[AY] += my * s, sums[SY] += my, sums[TY] += my * l1m;
+    if (wk != acc_t(0)) sums[LU] += wk * h, sums[AU] += wk * s, sums[TU] += wk * l1m;
+    sums[T] += l1m;
+    sums[R] += p / (acc_t(1) - p);
+    sums[P] += p;
+  });
+  block_sum(sums);
+  const acc_t x_w = loss_logit<acc_t>(a, static_cast<acc_t>(x[w]));
+  if (forward) {
+    if (C == 1) {
+      log1m_w = neg_inf<acc_t>();
+    } else if (sums[P] >= bce_sum_floor<acc_t>()) {
+      log1m_w = std::log(sums[P]);
+    } else {  // block-uniform: P lost its precision (a class leads by ~41+ in fp32)
+      LseState<acc_t> e = LseState<acc_t>::empty();
+      visit_row<scalar_t, kVec>(x, C, [&](int64_t j, acc_t v) {
+        if (j != w) e.add(loss_logit<acc_t>(a, v), j);
+      });
+      e = block_merge(e);
+      log1m_w = e.lse() - lse;
+    }
+  }
+  const acc_t m_w = mass_of(w);
+  const auto tw = target_only_terms<acc_t>(sv, (lse + log1m_w) - x_w, alpha, beta, gamma);
+  // The spikes off w.
+  acc_t loss_sp = 0, a_sp = 0, s_sp = 0, t_sp = 0;
+  for (int t = 0; t < 2; ++t) {
+    const int64_t c = t == 0 ? c0 : c1;
+    const acc_t bt = t == 0 ? beta0 : beta1;
+    if (c < 0 || c == w || bt == acc_t(0)) continue;
+    const acc_t mc = bt * wt(c);
+    const acc_t lp = loss_logit<acc_t>(a, static_cast<acc_t>(x[c])) - lse, l1m = ::log1p(-std::exp(lp));
+    const auto tc = target_only_terms<acc_t>(sv, l1m - lp, alpha, beta, gamma);
+    loss_sp += mc * (variant == kBCE ? -lp : tc.loss);
+    a_sp += mc * std::exp(tc.log_s);
+    s_sp += mc;
+    t_sp += mc * l1m;
+  }
+  const acc_t A_w = ay * sums[AY] + u * sums[AU] + a_sp;
+  const acc_t S_w = ay * sums[SY] + u * (W - wt(w)) + s_sp;
+  if (forward && threadIdx.x == 0) {
+    acc_t loss;
+    if (variant == kBCE) {
+      const acc_t ce = ay * sums[LY] + u * sums[LU] + loss_sp + (m_w == acc_t(0) ? acc_t(0) : m_w * softplus((lse + log1m_w) - x_w));
+      const acc_t rest = ay * sums[TY] + u * sums[TU] + t_sp - S * sums[T];
+      loss = ce + rest - (S_w == acc_t(0) ? acc_t(0) : S_w * log1m_w);
+    } else {
+      loss = ay * sums[LY] + u * sums[LU] + loss_sp + (m_w == acc_t(0) ? acc_t(0) : m_w * tw.loss);
+    }
+    if (zc != acc_t(0)) loss += zc * lse * lse;
+    static_cast<acc_t*>(a.loss_rows)[i] = bad ? nan_value<acc_t>() : loss;
+    st[0] = lse;
+    st[1] = S;
+    st[2] = log1m_w;
+    st[3] = static_cast<acc_t>(w);
+  }
+  if (!g) return;
+  const acc_t go = grad_out<acc_t>(a, i);
+  const acc_t zt = zc == acc_t(0) ? acc_t(0) : acc_t(2) * zc * lse;
+  // g_j = go (p_j B1 + r_j B2 - m_j s_j [+ S a_j]), r_j = p_j / (1 - p_w) = exp(x_j - lse_{k != w})
+  const acc_t b1 = variant == kBCE ? A_w - S * sums[R] + S + zt : A_w + zt;
+  const acc_t b2 = variant == kBCE ? -S_w : (m_w == acc_t(0) ? acc_t(0) : m_w * std::exp(tw.log_s + log1m_w));
+  const acc_t lse_ex_w = lse + log1m_w;
+  const acc_t p_w = std::exp(x_w - lse);
+  const acc_t g_w = variant == kBCE ? p_w * (A_w - S * sums[R] + zt) + S_w - S * std::exp(log1m_w)
+                                    : p_w * (A_w + zt) - (m_w == acc_t(0) ? acc_t(0) : m_w * std::exp(tw.log_s + log1m_w));
+  map_row<scalar_t, kVec>(x, g, C, [&](int64_t j, acc_t v) {
+    if (bad) return nan_value<acc_t>();
+    if (j == w) return raw_grad<acc_t>(a, g_w * go, v);
+    const acc_t xj = loss_logit<acc_t>(a, v);
+    const acc_t lp = xj - lse;
+    const acc_t p = std::exp(lp), l1m = ::log1p(-p);
+    const acc_t s = std::exp(target_only_terms<acc_t>(sv, l1m - lp, alpha, beta, gamma).log_s);
+    const acc_t m = mass_of(j);
+    acc_t gj = p * b1 - (m == acc_t(0) ? acc_t(0) : m * s);
+    if (b2 != acc_t(0)) gj += std::exp(xj - lse_ex_w) * b2;
+    if (variant == kBCE) gj += S * (p / (acc_t(1) - p));
+    return raw_grad<acc_t>(a, gj * go, v);
+  });
+}
+
+enum RowKind {
+  kTargetOnlyRows = 0, kBceRows = 1, kSoftRows = 2, kMixTargetOnlyRows = 3, kMixBceRows = 4,
+  // the expected loss: probabilities (loss != ce), and smoothing of loss != ce with one or two targets
+  kSoftLossRows = 5, kExpectedRows = 6, kMixExpectedRows = 7
+};
 
 // One block per row (grid-stride over rows). Ignored rows: loss 0, gradient 0.
 template <typename scalar_t, bool kVec, int kKind>
@@ -424,7 +596,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rows_kernel(const RowsArgs a, 
       soft_row<scalar_t, kVec>(a, i, forward);
       continue;
     }
-    constexpr bool kMix = kKind == kMixTargetOnlyRows || kKind == kMixBceRows;
+    if constexpr (kKind == kSoftLossRows) {
+      expected_row<scalar_t, kVec, 0>(a, i, forward);
+      continue;
+    }
+    constexpr bool kMix = kKind == kMixTargetOnlyRows || kKind == kMixBceRows || kKind == kMixExpectedRows;
     if (row_ignored<kMix>(a, i)) {  // block-uniform
       if (forward && threadIdx.x == 0) {
         static_cast<acc_t*>(a.loss_rows)[i] = acc_t(0);
@@ -437,7 +613,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) rows_kernel(const RowsArgs a, 
       }
       continue;
     }
-    if constexpr (kKind == kBceRows || kKind == kMixBceRows) {
+    if constexpr (kKind == kExpectedRows || kKind == kMixExpectedRows) {
+      expected_row<scalar_t, kVec, kMix ? 2 : 1>(a, i, forward);
+    } else if constexpr (kKind == kBceRows || kKind == kMixBceRows) {
       bce_row<scalar_t, kVec, kMix>(a, i, forward);
     } else {
       target_only_row<scalar_t, kVec, kMix>(a, i, forward);

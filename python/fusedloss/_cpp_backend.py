@@ -17,6 +17,7 @@ from . import dispatch, mixup, ops
 
 ops.register_fakes("ext_fwd", "ext_bwd")
 ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
+ops.register_soft_loss_fakes("ext_soft_loss_fwd", "ext_soft_loss_bwd")
 ops.register_bce_parallel_fakes("ext_bce_partial", "ext_bce_global_bwd")
 
 
@@ -44,6 +45,8 @@ def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
 ops.register_autograd("ext_fwd", torch.ops.fusedloss.ext_bwd.default, scale_grad=_scale_fused_grad)
 
 ops.register_soft_autograd("ext_soft_fwd", torch.ops.fusedloss.ext_soft_bwd.default, scale_grad=_scale_fused_grad)
+ops.register_soft_loss_autograd("ext_soft_loss_fwd", torch.ops.fusedloss.ext_soft_loss_bwd.default,
+                                scale_grad=_scale_fused_grad)
 
 mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, scale_grad=_scale_fused_grad)
 
@@ -51,8 +54,9 @@ mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, sc
 # The two-target op fuses every loss, with or without the soft cap, on both devices. The
 # vocabulary-parallel bce ops have CPU kernels only.
 _ONE_TARGET = ops.OneTargetOps(fwd=torch.ops.fusedloss.ext_fwd.default, bwd=torch.ops.fusedloss.ext_bwd.default,
-                               fused_grad=True)
-_PROBS = ops.ProbsOps(fwd=torch.ops.fusedloss.ext_soft_fwd.default, fused_grad=True)
+                               fused_grad=True, expected_smoothing=True)
+_PROBS = ops.ProbsOps(fwd=torch.ops.fusedloss.ext_soft_fwd.default, fused_grad=True,
+                      loss_fwd=torch.ops.fusedloss.ext_soft_loss_fwd.default)
 _TWO_TARGETS = mixup.TwoTargetOps(fwd=torch.ops.fusedloss.ext_mix_fwd.default, fuses=lambda variant, softcap: True)
 _SPLIT_VOCAB = ops.SplitVocabOps(bce_partial=torch.ops.fusedloss.ext_bce_partial.default,
                                  bce_global_bwd=torch.ops.fusedloss.ext_bce_global_bwd.default)

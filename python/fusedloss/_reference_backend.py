@@ -7,7 +7,7 @@ dispatch.register(dispatch.Backend(
     name="reference",
     supports=lambda device: True,
     families=(
-        ops.OneTargetOps(fwd=ops.reference_fwd, bwd=ops.reference_bwd, fused_grad=False),
-        ops.ProbsOps(fwd=ops.reference_soft_fwd, fused_grad=False),
+        ops.OneTargetOps(fwd=ops.reference_fwd, bwd=ops.reference_bwd, fused_grad=False, expected_smoothing=True),
+        ops.ProbsOps(fwd=ops.reference_soft_fwd, fused_grad=False, loss_fwd=ops.reference_soft_loss_fwd),
     ),
 ))

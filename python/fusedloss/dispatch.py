@@ -77,6 +77,16 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why and how to get it."""
 
 
+def check_smoothing(be: Backend, variant: int, label_smoothing: float) -> None:
+    """Raise where ``be`` has not been updated to the expected-loss label smoothing of a loss other
+    than ce (its kernels would give the older smoothed-CE term: a silent difference)."""
+    if label_smoothing > 0 and variant != 0 and not be.one_target.expected_smoothing:
+        raise NotImplementedError(
+            f"label_smoothing > 0 with a loss other than 'ce' is not implemented by backend {be.name!r} yet "
+            "(label smoothing is the expected loss (eps / C) sum_k w_k L(x, k) for every loss, docs/losses.md); "
+            "use backend='cpu' (CPU tensors) or backend='reference' (any device), or label_smoothing=0")
+
+
 _registry: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}
 _warned: set[str] = set()

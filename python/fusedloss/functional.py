@@ -129,21 +129,28 @@ def softmax_loss(
         raise NotImplementedError(_COMPOSITE_WHY + "inplace_backward=True is not implemented there")
 
     if target.is_floating_point():
-        if variant != Variant.CE:
-            raise NotImplementedError(
-                f"class-probability (soft) targets are defined for loss='ce' only; got loss={loss!r}")
         validation.check_prob_target(logits, target)
-        if ignore_index >= 0:  # PyTorch's rule: a probability target has no index to ignore
-            raise ValueError(f"ignore_index={ignore_index} is not supported for class-probability (floating) "
-                             "targets; leave it at a negative value (the default -100)")
+        if ignore_index >= 0:
+            # PyTorch refuses it too: a row of probabilities has no class index to ignore.
+            raise ValueError(f"ignore_index={ignore_index} cannot be used with class-probability (soft) targets "
+                             "(PyTorch raises as well); leave ignore_index at its default (-100)")
         if z_loss or softcap is not None:
-            raise NotImplementedError("z_loss and softcap with class-probability (soft) targets are not implemented")
+            raise NotImplementedError("z_loss and softcap with class-probability (soft) targets are not implemented; "
+                                      "use class-index targets (or the mixup tuple (y_a, y_b, lam)) for them")
+        if inplace_backward:
+            raise NotImplementedError("inplace_backward=True is not implemented for class-probability (soft) "
+                                      "targets; leave it False")
         if num_classes == 0:
             return _no_classes(logits, target, weight, red, ignore_index, return_lse, soft=True)
         if composite:
-            return _composite_soft(logits, target, weight, red, label_smoothing, return_lse)
+            if variant == Variant.CE:
+                return _composite_soft(logits, target, weight, red, label_smoothing, return_lse)
+            return _composite_soft_loss(logits, target, weight, variant, red, label_smoothing, alpha, beta, gamma,
+                                        return_lse)
         be = dispatch.resolve(backend, logits.device)
-        return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse, be)
+        if variant == Variant.CE:
+            return _soft_cross_entropy(logits, target, weight, red, label_smoothing, return_lse, be)
+        return _soft_loss(logits, target, weight, variant, red, label_smoothing, alpha, beta, gamma, return_lse, be)
 
     target = _index_dtype(target)
     validation.check_class_target(logits, target)
@@ -163,6 +170,7 @@ def softmax_loss(
             return out, lse.reshape(target.shape)
         return out
     be = dispatch.resolve(backend, logits.device)
+    dispatch.check_smoothing(be, variant, label_smoothing)
     x2d, t1d = _rows_view(logits, target)
     one = be.one_target
     compute_grad = one.fused_grad and logits.requires_grad and torch.is_grad_enabled()
@@ -265,6 +273,21 @@ def _composite_soft(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: 
     return out.to(logits.dtype)
 
 
+def _composite_soft_loss(logits: Tensor, probs: Tensor, weight, variant, red: Reduction, eps: float, alpha,
+                         beta, gamma, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """Class probabilities for a loss other than ce on the composite path: the reference's expected
+    loss in PyTorch ops, differentiable (docs/autograd.md)."""
+    x, y = _soft_rows(logits, probs)
+    out, stats = reference.soft_loss_forward(x, y, weight, int(variant), int(red), float(eps), float(alpha),
+                                             float(beta), float(gamma))
+    row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
+    if red == Reduction.NONE:
+        out = out.reshape(row_shape)
+    if return_lse:
+        return out.to(logits.dtype), stats[:, 0].detach().reshape(row_shape)
+    return out.to(logits.dtype)
+
+
 def _no_classes(logits: Tensor, target: Tensor, weight, red: Reduction, ignore_index: int, return_lse: bool,
                 soft: bool) -> Tensor | tuple[Tensor, Tensor]:
     """``C = 0``, as PyTorch: a row's loss is an empty sum, 0 (only ignored rows are valid class
@@ -298,6 +321,7 @@ def _mixed(logits: Tensor, target: tuple, weight, variant, red, ignore_index, ep
     if logits.shape[1 if logits.dim() > 1 else 0] == 0:
         raise ValueError(f"logits must have at least one class for mixed targets; got shape {tuple(logits.shape)}")
     be = dispatch.resolve(backend, logits.device)
+    dispatch.check_smoothing(be, variant, eps)
     x2d, ta = _rows_view(logits, ya)
     tb = yb.reshape(ta.shape)
     lam_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -323,8 +347,7 @@ def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return logits, target
 
 
-def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float,
-                        return_lse: bool, be: dispatch.Backend) -> Tensor | tuple[Tensor, Tensor]:
+def _soft_rows(logits: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     if logits.dim() == 1:
         x, y = logits[None, :], probs[None, :]
     else:
@@ -334,19 +357,44 @@ def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, e
     y = y.to(x.dtype)
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
-    probs = be.family(ops.ProbsOps)
-    if probs is None:  # no soft-target kernel in this backend: the reference's, on the same device
-        probs = ops.ProbsOps(ops.reference_soft_fwd, fused_grad=False)
-    fwd, fused = probs.fwd, probs.fused_grad
-    compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
-    out, stats, _ = fwd(x, y, weight, int(red), float(eps), compute_grad)
-    lse = stats[:, 0]
+    return x, y
+
+
+def _soft_output(out: Tensor, stats: Tensor, logits: Tensor, red, return_lse: bool):
     row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
     if red == Reduction.NONE:
         out = out.reshape(row_shape)
     if return_lse:
-        return out.to(logits.dtype), lse.reshape(row_shape)
+        return out.to(logits.dtype), stats[:, 0].reshape(row_shape)
     return out.to(logits.dtype)
+
+
+def _soft_loss(logits: Tensor, probs: Tensor, weight, variant, red, eps: float, alpha, beta, gamma,
+               return_lse: bool, be: dispatch.Backend) -> Tensor | tuple[Tensor, Tensor]:
+    """Class probabilities for a loss other than ce: the expected loss ``sum_k w_k q'_k L(x, k)``."""
+    x, y = _soft_rows(logits, probs)
+    probs_ops = be.family(ops.ProbsOps)
+    if probs_ops is not None and probs_ops.loss_fwd is not None:
+        fwd, fused = probs_ops.loss_fwd, probs_ops.fused_grad
+    else:  # no kernel for it in this backend: the reference's, on the same device
+        fwd, fused = ops.reference_soft_loss_fwd, False
+    compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
+    out, stats, _ = fwd(x, y, weight, int(variant), int(red), float(eps), float(alpha), float(beta), float(gamma),
+                        compute_grad)
+    return _soft_output(out, stats, logits, red, return_lse)
+
+
+def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: float,
+                        return_lse: bool, be: dispatch.Backend) -> Tensor | tuple[Tensor, Tensor]:
+    x, y = _soft_rows(logits, probs)
+    probs_ops = be.family(ops.ProbsOps)
+    if probs_ops is not None:
+        fwd, fused = probs_ops.fwd, probs_ops.fused_grad
+    else:  # no soft-target kernel in this backend: the reference's, on the same device
+        fwd, fused = ops.reference_soft_fwd, False
+    compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
+    out, stats, _ = fwd(x, y, weight, int(red), float(eps), compute_grad)
+    return _soft_output(out, stats, logits, red, return_lse)
 
 
 def cross_entropy(

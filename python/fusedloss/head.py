@@ -411,6 +411,7 @@ def linear_softmax_loss_float(
     v = check_linear_inputs(hidden, weight, bias, target)
     class_weight = validation.check_weight(class_weight, v, hidden)
     be = dispatch.resolve(backend, hidden.device)
+    dispatch.check_smoothing(be, variant, label_smoothing)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(hidden.numel() // max(hidden.shape[-1], 1), v, hidden.element_size())
     else:

@@ -358,6 +358,94 @@ register_soft_autograd("reference_soft_fwd", reference_soft_bwd)
 
 
 # ----------------------------------------------------------------------------
+# Class-probability targets for every loss: the expected loss sum_k w_k q'_k L(x, k)
+# (docs/losses.md, "Soft targets"); a third op family, so the ce family above keeps its schema.
+#   soft_loss_fwd(logits, probs, weight?, variant, reduction, label_smoothing, alpha, beta, gamma,
+#                 compute_grad) -> (loss, stats (N, STATS_COLS): lse, S = sum_k w_k q'_k, log(1 - p_w), w, grad)
+#   soft_loss_bwd(grad_loss, logits, probs, weight?, stats, <same scalars>) -> d loss / d logits
+# The targets' gradient, go (1 - eps) w_k L(x, k), is reference.soft_loss_target_grad on every backend.
+# ----------------------------------------------------------------------------
+
+SOFT_LOSS_SCALARS = "int variant, int reduction, float label_smoothing, float alpha, float beta, float gamma"
+SOFT_LOSS_FWD_SCHEMA = (f"(Tensor logits, Tensor probs, Tensor? weight, {SOFT_LOSS_SCALARS}, bool compute_grad) "
+                        "-> (Tensor, Tensor, Tensor)")
+SOFT_LOSS_BWD_SCHEMA = (f"(Tensor grad_loss, Tensor logits, Tensor probs, Tensor? weight, Tensor stats, "
+                        f"{SOFT_LOSS_SCALARS}) -> Tensor")
+
+
+def fake_soft_loss_forward(logits, probs, weight, variant, reduction, label_smoothing, alpha, beta, gamma,
+                           compute_grad):
+    return fake_forward(logits, None, weight, variant, reduction, 0, label_smoothing, alpha, beta, gamma, 0.0, 0.0,
+                        compute_grad)
+
+
+def fake_soft_loss_backward(grad_loss, logits, probs, weight, stats, variant, reduction, label_smoothing, alpha,
+                            beta, gamma):
+    return logits.new_empty(logits.shape)
+
+
+def register_soft_loss_autograd(fwd_name: str, bwd_op: Callable,
+                                scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
+    """The autograd formula of ``fusedloss::<fwd_name>`` (a soft_loss_fwd op)."""
+
+    def setup_context(ctx, inputs, output):
+        logits, probs, weight, *scalars, compute_grad = inputs
+        _, stats, grad = output
+        ctx.args = tuple(scalars)
+        ctx.fused = bool(compute_grad)
+        ctx.mark_non_differentiable(stats, grad)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, probs, weight, stats, grad if ctx.fused else None)
+
+    def backward(ctx, grad_loss, _grad_stats, _grad_grad):
+        if grad_loss is None:
+            return (None,) * 10
+        logits, probs, weight, stats, grad = ctx.saved_tensors
+        if composite_backward_needed(grad_loss):  # a double backward or a vmap: docs/autograd.md
+            args = ctx.args
+            gx, gy = composite_vjp(
+                lambda x, y: reference.soft_loss_forward(x, y, weight, *args)[0], grad_loss,
+                (logits, probs), tuple(ctx.needs_input_grad[:2]))
+            return (gx, gy) + (None,) * 8
+        gx = gy = None
+        if ctx.needs_input_grad[0]:
+            gx = scale_grad(grad, grad_loss) if ctx.fused else bwd_op(grad_loss, logits, probs, weight, stats,
+                                                                      *ctx.args)
+        if ctx.needs_input_grad[1]:
+            gy = reference.soft_loss_target_grad(grad_loss, logits, probs, weight, stats, *ctx.args)
+        return (gx, gy) + (None,) * 8
+
+    torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+
+
+def register_soft_loss_fakes(fwd_name: str, bwd_name: str) -> None:
+    torch.library.register_fake(f"{NAMESPACE}::{fwd_name}")(fake_soft_loss_forward)
+    torch.library.register_fake(f"{NAMESPACE}::{bwd_name}")(fake_soft_loss_backward)
+
+
+def _reference_soft_loss_fwd(logits, probs, weight, variant, reduction, label_smoothing, alpha, beta, gamma,
+                             compute_grad):
+    loss, stats = reference.soft_loss_forward(logits, probs, weight, variant, reduction, label_smoothing, alpha,
+                                              beta, gamma)
+    if compute_grad:
+        grad = reference.soft_loss_backward(torch.ones_like(loss), logits, probs, weight, stats, variant, reduction,
+                                            label_smoothing, alpha, beta, gamma)
+    else:
+        grad = logits.new_empty((0,))
+    return loss, stats, grad
+
+
+reference_soft_loss_fwd = torch.library.custom_op(f"{NAMESPACE}::reference_soft_loss_fwd", _reference_soft_loss_fwd,
+                                                  mutates_args=(), schema=SOFT_LOSS_FWD_SCHEMA)
+reference_soft_loss_bwd = torch.library.custom_op(f"{NAMESPACE}::reference_soft_loss_bwd",
+                                                  reference.soft_loss_backward, mutates_args=(),
+                                                  schema=SOFT_LOSS_BWD_SCHEMA)
+reference_soft_loss_fwd.register_fake(fake_soft_loss_forward)
+reference_soft_loss_bwd.register_fake(fake_soft_loss_backward)
+register_soft_loss_autograd("reference_soft_loss_fwd", reference_soft_loss_bwd)
+
+
+# ----------------------------------------------------------------------------
 # bce of a vocabulary-parallel row given its global numbers (fusedloss.parallel; the C++ CPU kernels'
 # ext_bce_partial / ext_bce_global_bwd, csrc/cpu/ops_cpu_bce_parallel.cpp). Not differentiable:
 # the caller's autograd.Function calls them. Layout:
@@ -407,14 +495,22 @@ class OneTargetOps:
     # forward writes the gradient into the logits' storage (the logits are consumed). None:
     # inplace_backward=True raises NotImplementedError.
     fwd_inplace: Callable | None = None
+    # Whether fwd (and the backend's two-target op) give label smoothing's term for loss != 'ce' as the
+    # expected loss (eps / C) sum_k w_k L(x, k) (docs/losses.md). False: label_smoothing > 0 with
+    # loss != 'ce' raises NotImplementedError on this backend (dispatch.check_smoothing), never the
+    # older smoothed-CE number.
+    expected_smoothing: bool = False
 
 
 @dataclass(frozen=True)
 class ProbsOps:
-    """Class-probability targets (ce): ``fusedloss::<name>_soft_fwd`` (SOFT_FWD_SCHEMA; its backward
-    is the op's registered autograd). Absent: the reference's op, on the same device."""
+    """Class-probability targets: ``fwd`` is ce's ``fusedloss::<name>_soft_fwd`` (SOFT_FWD_SCHEMA),
+    ``loss_fwd`` every loss's expected loss ``fusedloss::<name>_soft_loss_fwd`` (SOFT_LOSS_FWD_SCHEMA);
+    their backwards are the ops' registered autograd. Absent (or ``loss_fwd`` None): the
+    reference's op, on the same device."""
     fwd: Callable
     fused_grad: bool = False
+    loss_fwd: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -277,7 +277,13 @@ def _forward(logits, target, weight, variant, reduction, ignore_index, label_smo
     # where, not a product: an ignored row's clamped index may point at a -inf logit (inf * 0 = NaN).
     loss_rows = torch.where(rows.scale == 0, torch.zeros_like(per_row), per_row * rows.scale)
     if label_smoothing > 0:
-        loss_rows = loss_rows + _smoothing_loss(x, lse, rows, weight, target, ignore_index, label_smoothing)
+        if variant == Variant.CE:
+            smooth = _smoothing_loss(x, lse, rows, weight, target, ignore_index, label_smoothing)
+        else:  # (eps / C) sum_k w_k L(x, k): the expected loss under the uniform part of the target
+            m = _uniform_mass(x, weight, label_smoothing, cdtype)
+            smooth = expected_loss(x, m, variant, Params(alpha, beta, gamma))[0]
+            smooth = torch.where(target != ignore_index, smooth, torch.zeros_like(smooth))
+        loss_rows = loss_rows + smooth
     return _reduce(loss_rows, reduction, target, weight, ignore_index), stats
 
 
@@ -302,9 +308,14 @@ def backward(
         g = shifted(x, lse - log_s, cdtype)
         g.exp_()
         g.scatter_(1, rows.tgt[:, None], (-torch.exp(log_s + (lse_ex - lse)))[:, None])
-    if label_smoothing > 0:
+    if label_smoothing > 0 and variant == Variant.CE:
         g = _smoothing_grad(g, x, lse, rows, row_scale, weight, label_smoothing, grad_loss,
                             target, ignore_index, reduction)
+    elif label_smoothing > 0:
+        g.mul_(((1 - label_smoothing) * row_scale)[:, None])
+        go = _smoothing_row_grad_output(grad_loss, target, weight, ignore_index, reduction, cdtype)
+        m = _uniform_mass(x, weight, label_smoothing, cdtype)
+        g.add_(expected_grad(x, m, variant, Params(alpha, beta, gamma)).mul_(go[:, None]))
     else:
         g.mul_(row_scale[:, None])
     if z_loss:
@@ -445,6 +456,188 @@ def bce_grad_argmax(log_pw: Tensor, log1m_pw: Tensor, r: Tensor, w_is_c: Tensor)
 
 
 # ----------------------------------------------------------------------------
+# The expected loss under a distribution of targets, every loss (docs/losses.md, "Soft targets"):
+#   L_i = sum_k m_ik L(x_i, k),   m_ik = w_k q_ik   (weights folded into the target mass)
+# with L(x, k) the loss's own term for target k (no z-loss). For the target-only family
+# L(x, k) = h(p_k); for bce, with T = sum_j log(1 - p_j),
+#   L(x, k) = -log p_k - (T - log(1 - p_k)).
+# Only the arg-max w can have p_w > 1/2: every k != w takes log(1 - p_k) = log1p(-p_k) (exact
+# there), w takes log(1 - p_w) = lse_{k != w} - lse (bce's mechanism). The gradient keeps w
+# apart (A_w = sum_{k != w} m_k s_k, S_w = sum_{k != w} m_k, R_w = sum_{k != w} a_k, a = p / (1 - p)):
+#   target-only, j != w: g_j = p_j A_w + m_w exp(log p_j + log s_w) - m_j s_j
+#                  j == w: g_w = p_w A_w - m_w exp(log s_w + log(1 - p_w))
+#   bce,         j != w: g_j = p_j (A_w - S R_w + S) - S_w p_j / (1 - p_w) - m_j s_j + S a_j
+#                  j == w: g_w = p_w (A_w - S R_w) + S_w - S (1 - p_w)
+# (S = S_w + m_w; bce's s_k = 1 / (1 - p_k), nllr's). No term is formed as 1 - p_w or lse - x_w.
+# ----------------------------------------------------------------------------
+
+class _Expected(NamedTuple):
+    lp: Tensor       # (N, C) log p_k (k != w: x_k - lse; at w: -softplus(d_w))
+    d: Tensor        # (N, C) d_k = log(1 - p_k) - log p_k
+    l1m: Tensor      # (N, C) log(1 - p_k), exact at w too
+    w: Tensor        # (N,) the arg-max
+    log1m_w: Tensor  # (N,)
+    lse: Tensor
+
+
+def _expected_rows(x: Tensor) -> _Expected:
+    cdtype = compute_dtype(x)
+    xf = x.to(cdtype)
+    lse = torch.logsumexp(xf, 1)
+    w = xf.argmax(1)
+    lse_ex_w = lse_excluding(xf, w, cdtype)
+    log1m_w = lse_ex_w - lse
+    lp = xf - lse[:, None]
+    # At the arg-max p_w may round to 1: log p_w from d_w = lse_ex_w - x_w, never lse - x_w.
+    x_w = xf.gather(1, w[:, None])[:, 0]
+    d_w = lse_ex_w - x_w
+    # log1p(-p) for k != w (p_k <= 1/2); p_w is zeroed first (log1p(-1) = -inf is replaced below).
+    l1m = torch.log1p(-lp.exp().scatter(1, w[:, None], 0.0))
+    l1m.scatter_(1, w[:, None], log1m_w[:, None])
+    lp.scatter_(1, w[:, None], (-softplus(d_w))[:, None])
+    d = l1m - lp
+    d.scatter_(1, w[:, None], d_w[:, None])
+    return _Expected(lp, d, l1m, w, log1m_w, lse)
+
+
+def _at(t: Tensor, w: Tensor) -> Tensor:
+    return t.gather(1, w[:, None])[:, 0]
+
+
+def _off_w(t: Tensor, w: Tensor) -> Tensor:
+    return t.scatter(1, w[:, None], 0.0)
+
+
+def _masked_product(m: Tensor, v: Tensor) -> Tensor:
+    """``m * v`` with ``0 * inf = 0``: a class with no target mass adds nothing, also where its
+    loss is infinite (a -inf logit)."""
+    return torch.where(m == 0, torch.zeros_like(v), m * v)
+
+
+def expected_loss(x: Tensor, m: Tensor, variant: int, p: Params) -> tuple[Tensor, _Expected]:
+    """Row losses ``sum_k m_k L(x, k)`` of ``(N, C)`` logits (already capped) and the target mass
+    ``m = w q`` (any shape broadcasting to ``(N, C)``), in the compute dtype."""
+    r = _expected_rows(x)
+    m = m.to(r.lse.dtype).expand_as(r.lp)
+    if variant == Variant.BCE:
+        s_tot = m.sum(1)
+        s_w = _off_w(m, r.w).sum(1)
+        # sum_k m_k (-log p_k) + sum_{k != w} (m_k - S) log(1 - p_k) - S_w log(1 - p_w): every term >= 0.
+        ce_part = _masked_product(m, softplus(r.d)).sum(1)
+        rest = _off_w((m - s_tot[:, None]) * r.l1m, r.w).sum(1)
+        w_part = torch.where(s_w == 0, torch.zeros_like(s_w), -s_w * r.log1m_w)
+        return ce_part + rest + w_part, r
+    h, _ = TARGET_ONLY_MATH[Variant(variant)](r.d, p)
+    return _masked_product(m, h).sum(1), r
+
+
+def expected_grad(x: Tensor, m: Tensor, variant: int, p: Params) -> Tensor:
+    """``d/dx sum_k m_k L(x, k)``, ``(N, C)`` in the compute dtype (see the block comment above)."""
+    r = _expected_rows(x)
+    m = m.to(r.lse.dtype).expand_as(r.lp)
+    w = r.w
+    p_ = r.lp.exp()
+    m_w = _at(m, w)
+    if variant == Variant.BCE:
+        a = _off_w(torch.exp(-r.d), w)  # a = p / (1 - p) = e^-d
+        s = a + 1.0                     # s = 1 / (1 - p), nllr's
+        a_sum = _off_w(_masked_product(m, s), w).sum(1)
+        s_w = _off_w(m, w).sum(1)
+        s_tot = s_w + m_w
+        r_w = a.sum(1)
+        coef = a_sum - s_tot * r_w + s_tot
+        # S_w p_j / (1 - p_j): exp(log p_j - log(1 - p_w)), 0 where S_w = 0.
+        ratio = torch.exp(r.lp - r.log1m_w[:, None])
+        g = p_ * coef[:, None] - torch.where(s_w[:, None] == 0, torch.zeros_like(ratio), ratio * s_w[:, None])
+        g = g - _masked_product(m, s) + s_tot[:, None] * a
+        g_w = _at(p_, w) * (a_sum - s_tot * r_w) + s_w - s_tot * r.log1m_w.exp()
+        return g.scatter_(1, w[:, None], g_w[:, None])
+    _, log_s = TARGET_ONLY_MATH[Variant(variant)](r.d, p)
+    log_s_w = _at(log_s, w)
+    s = _off_w(log_s.exp(), w)
+    a_sum = _off_w(_masked_product(m, s), w).sum(1)
+    # m_w p_j s_w = m_w exp(log p_j + log s_w): p_j s_w stays bounded where s_w is huge (nllr, p_w -> 1).
+    big = torch.exp(r.lp + log_s_w[:, None])
+    g = p_ * a_sum[:, None] + torch.where(m_w[:, None] == 0, torch.zeros_like(big), big * m_w[:, None])
+    g = g - _masked_product(m, s)
+    g_w = _at(p_, w) * a_sum - torch.where(m_w == 0, torch.zeros_like(m_w), m_w * torch.exp(log_s_w + r.log1m_w))
+    return g.scatter_(1, w[:, None], g_w[:, None])
+
+
+def expected_per_class_loss(x: Tensor, variant: int, p: Params) -> Tensor:
+    """``L(x, k)`` for every ``k``, ``(N, C)``: the targets' gradient ``d/dq_k sum_k w_k q_k L(x, k)``
+    is ``w_k L(x, k)``."""
+    r = _expected_rows(x)
+    if variant == Variant.BCE:
+        t_w = _off_w(r.l1m, r.w).sum(1)
+        t_others = (t_w + r.log1m_w)[:, None] - r.l1m  # T - log(1 - p_k) for k != w
+        t_others.scatter_(1, r.w[:, None], t_w[:, None])
+        return softplus(r.d) - t_others
+    return TARGET_ONLY_MATH[Variant(variant)](r.d, p)[0]
+
+
+def _uniform_mass(x: Tensor, weight: Tensor | None, eps: float, cdtype) -> Tensor:
+    """Label smoothing's part of the target mass, ``(eps / C) w_k``, as a ``(1, C)`` row."""
+    c = x.shape[1]
+    w = torch.ones(c, dtype=cdtype, device=x.device) if weight is None else weight.to(cdtype)
+    return (w * (eps / c))[None, :]
+
+
+def _smoothing_row_grad_output(grad_loss, target, weight, ignore_index, reduction, cdtype) -> Tensor:
+    """dLoss/dloss_i per row, without the class weight: 0 on ignored rows, 'mean''s denominator in."""
+    go = grad_loss.to(cdtype)
+    if reduction == Reduction.MEAN:
+        go = go / mean_denominator(target, weight, ignore_index, cdtype)
+    keep = target != ignore_index
+    return torch.where(keep, go.expand(keep.shape) if go.dim() else go, torch.zeros((), dtype=cdtype, device=keep.device))
+
+
+# Class-probability targets, every loss (fusedloss::<backend>_soft_loss_fwd / _bwd, ops.py):
+#   q' = (1 - eps) q + eps / C,   L_i = sum_k w_k q'_ik L(x_i, k)
+# 'mean' divides by the number of rows (PyTorch's rule for probability targets). Stats:
+# lse, S = sum_k w_k q'_k, log(1 - p_w), w.
+
+def _soft_mass(probs: Tensor, weight: Tensor | None, eps: float, cdtype) -> Tensor:
+    m = _smoothed(probs.to(cdtype), eps)
+    return m if weight is None else m * weight.to(cdtype)
+
+
+def soft_loss_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, variant: int, reduction: int,
+                      label_smoothing: float, alpha: float, beta: float, gamma: float) -> tuple[Tensor, Tensor]:
+    cdtype = compute_dtype(logits)
+    m = _soft_mass(probs, weight, label_smoothing, cdtype)
+    per_row, r = expected_loss(logits, m, variant, Params(alpha, beta, gamma))
+    stats = torch.zeros((logits.shape[0], STATS_COLS), dtype=cdtype, device=logits.device)
+    stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3] = r.lse, m.sum(1), r.log1m_w, r.w.to(cdtype)
+    if reduction == Reduction.NONE:
+        return per_row, stats
+    total = per_row.sum()
+    return (total if reduction == Reduction.SUM else total / logits.shape[0]), stats
+
+
+def soft_loss_backward(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, stats: Tensor,
+                       variant: int, reduction: int, label_smoothing: float, alpha: float, beta: float,
+                       gamma: float) -> Tensor:
+    cdtype = stats.dtype
+    go = _soft_row_grad_output(grad_loss, logits.shape[0], reduction, cdtype)
+    m = _soft_mass(probs, weight, label_smoothing, cdtype)
+    g = expected_grad(logits, m, variant, Params(alpha, beta, gamma)).mul_(go)
+    return g.to(logits.dtype)
+
+
+def soft_loss_target_grad(grad_loss: Tensor, logits: Tensor, probs: Tensor, weight: Tensor | None, stats: Tensor,
+                          variant: int, reduction: int, label_smoothing: float, alpha: float, beta: float,
+                          gamma: float) -> Tensor:
+    """``d loss / d q_k = go (1 - eps) w_k L(x, k)`` in the targets' dtype."""
+    cdtype = stats.dtype
+    go = _soft_row_grad_output(grad_loss, logits.shape[0], reduction, cdtype)
+    g = expected_per_class_loss(logits, variant, Params(alpha, beta, gamma))
+    if weight is not None:
+        g.mul_(weight.to(cdtype))
+    return g.mul_((1 - label_smoothing) * go).to(probs.dtype)
+
+
+# ----------------------------------------------------------------------------
 # Class-probability (soft) targets, CE only: F.cross_entropy's semantics.
 #   L_i = sum_k w_k y_ik (lse_i - x_ik),  y = (1 - eps) y + eps / C
 #   dL_i/dx_j = (sum_k w_k y_ik) p_j - w_j y_ij;  dL_i/dy_ij = (1 - eps) w_j (lse_i - x_ij)
@@ -576,6 +769,7 @@ def extreme_logits(n: int, c: int, *, dtype: torch.dtype = torch.float32, device
     return x.to(dtype=dtype, device=device), t.to(device)
 
 
-__all__ = ["LOSSES", "forward", "backward", "soft_forward", "soft_backward", "naive_loss",
+__all__ = ["LOSSES", "forward", "backward", "soft_forward", "soft_backward", "soft_loss_forward",
+           "soft_loss_backward", "expected_loss", "expected_grad", "naive_loss",
            "differentiable_forward", "differentiable_soft_forward",
            "extreme_logits", "mean_denominator", "lse_excluding", "TARGET_ONLY_MATH"]

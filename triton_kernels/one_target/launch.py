@@ -32,13 +32,19 @@ from ..launch_common import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_
                              _workspace, row_align, scale_fused_grad)
 
 from . import kernels
+from ..probs import launch as probs_launch
 
 
 def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, variant: int, reduction: int,
                    ignore_index: int, label_smoothing: float, alpha: float, beta: float, gamma: float,
                    z_loss: float, softcap: float, grad: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run the forward kernel; with ``grad`` (an (N, C) tensor with unit class stride,
-    possibly ``logits`` itself) write d loss/d logits for grad_output = 1 into it."""
+    possibly ``logits`` itself) write d loss/d logits for grad_output = 1 into it. Label smoothing
+    with a loss other than ce runs the expected-loss kernel (probs/launch.py)."""
+    if probs_launch.routes_to_expected(variant, label_smoothing):
+        return probs_launch.launch_index_loss_forward(logits, target, None, None, weight, variant, reduction,
+                                                      ignore_index, label_smoothing, alpha, beta, gamma, z_loss,
+                                                      softcap, grad)
     n, c = logits.shape
     _check_rows(n)
     if grad is not logits:  # in place, the caller guarantees a unit class stride
@@ -73,6 +79,10 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Tensor | None, varian
 def launch_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor,
                     variant: int, reduction: int, ignore_index: int, label_smoothing: float, alpha: float,
                     beta: float, gamma: float, z_loss: float, softcap: float) -> Tensor:
+    if probs_launch.routes_to_expected(variant, label_smoothing):
+        return probs_launch.launch_index_loss_backward(grad_loss, logits, target, None, None, weight, stats, variant,
+                                                       reduction, ignore_index, label_smoothing, alpha, beta, gamma,
+                                                       z_loss, softcap)
     n, c = logits.shape
     _check_rows(n)
     logits = _unit_class_stride(logits)

@@ -34,6 +34,7 @@ from ..launch_common import (PARTIAL_BLOCK, PROLOGUE_BLOCK, _check_rows, _check_
                      _launch_prologue, _option_flags, _option_scalars, _unit_class_stride, _workspace, row_align,
                      scale_fused_grad)
 from . import kernels
+from ..probs import launch as probs_launch
 
 
 def fuses(variant: int, softcap: float) -> bool:
@@ -104,7 +105,12 @@ def launch_mix_forward(logits: Tensor, target_a: Tensor, target_b: Tensor, lam: 
                        beta: float, gamma: float, z_loss: float, softcap: float,
                        grad: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run the two-target forward kernel; with ``grad`` (an (N, C) tensor with unit class
-    stride) write d loss/d logits for grad_output = 1 into it."""
+    stride) write d loss/d logits for grad_output = 1 into it. Label smoothing with a loss other
+    than ce runs the expected-loss kernel with the two-hot target formed on the fly (probs/launch.py)."""
+    if probs_launch.routes_to_expected(variant, label_smoothing):
+        return probs_launch.launch_index_loss_forward(logits, target_a, target_b, lam, weight, variant, reduction,
+                                                      ignore_index, label_smoothing, alpha, beta, gamma, z_loss,
+                                                      softcap, grad)
     n, c = logits.shape
     _check_rows(n)
     logits = _unit_class_stride(logits)
@@ -134,6 +140,10 @@ def launch_mix_backward(grad_loss: Tensor, logits: Tensor, target_a: Tensor, tar
                         weight: Tensor | None, stats: Tensor, variant: int, reduction: int, ignore_index: int,
                         label_smoothing: float, alpha: float, beta: float, gamma: float, z_loss: float,
                         softcap: float) -> Tensor:
+    if probs_launch.routes_to_expected(variant, label_smoothing):
+        return probs_launch.launch_index_loss_backward(grad_loss, logits, target_a, target_b, lam, weight, stats,
+                                                       variant, reduction, ignore_index, label_smoothing, alpha, beta,
+                                                       gamma, z_loss, softcap)
     n, c = logits.shape
     _check_rows(n)
     logits = _unit_class_stride(logits)

@@ -7,6 +7,7 @@ the code is ours.
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -215,9 +216,13 @@ class MixedTargetLoss(nn.Module):
     handed in directly (``F.cross_entropy`` semantics, label smoothing applied inside the loss as
     torchvision's reference does). For unweighted ``ce`` the two forms agree (CE is linear in the
     target distribution, smoothing included); the two-target form reads half the bytes (no (N, C)
-    targets). Drop-in for a reference script's criterion:
-    ``MixedTargetLoss(fl.CompetingRatioLoss(label_smoothing=0.1), num_classes)``.
+    targets). Class probabilities go to the criterion as they are, for every loss (the expected loss
+    ``sum_k w_k q_k L(x, k)``, docs/losses.md): a script needs no wrapper for them, ``criterion(logits,
+    soft_targets)`` is the whole change, so this class stays one release for :class:`MixedTarget` (the
+    training command's exact pairs) and warns when handed probabilities.
     """
+
+    _warned = False
 
     def __init__(self, criterion: fl.SoftmaxLoss, num_classes: int, fused_two_target: bool | None = None) -> None:
         super().__init__()
@@ -242,10 +247,15 @@ class MixedTargetLoss(nn.Module):
         return f"two-target (two passes of the {be.name} kernel)"
 
     def forward(self, logits: Tensor, target: Tensor | MixedTarget) -> Tensor:
-        if isinstance(target, Tensor) and target.is_floating_point() and target.dim() == 2:
-            if self.criterion.loss == "ce":
-                return self.criterion(logits, target)
-            target = split_soft_targets(target)
+        if isinstance(target, Tensor) and target.is_floating_point():
+            # Class probabilities are the expected loss for every loss now: no split into two classes
+            # (which recovered 0.9 lam + 0.01 from timm's targets with their smoothing folded in).
+            if not self._warned:
+                warnings.warn("MixedTargetLoss is deprecated for class-probability targets: every fusedloss "
+                              "loss takes them directly (criterion(logits, soft_targets), the expected loss); "
+                              "it will be removed in the next release", FutureWarning, stacklevel=2)
+                type(self)._warned = True
+            return self.criterion(logits, target)
         if not isinstance(target, MixedTarget):
             return self.criterion(logits, target)
         if self._soft_for_mixed():
