@@ -237,8 +237,8 @@ def test_cpu_backward_ops_from_stats(loss):
         torch.testing.assert_close(g, grad * (go[:, None] if go.dim() else go), rtol=1e-5, atol=1e-7)
         t = torch.randint(0, C, (x.shape[0],))
         scalars = (v, int(red), -100, 0.1, 1.5, 1.0, 2.0, 0.01, 0.0)
-        lf, st, gf = be.fwd(x, t, w, *scalars, True)
-        g = be.bwd(go, x, t, w, st, *scalars)
+        lf, st, gf = be.one_target.fwd(x, t, w, *scalars, True)
+        g = be.one_target.bwd(go, x, t, w, st, *scalars)
         torch.testing.assert_close(g, gf * (go[:, None] if go.dim() else go), rtol=1e-5, atol=1e-7)
 
 
@@ -273,5 +273,5 @@ def test_backend_not_updated_raises_for_smoothing():
     dispatch.check_smoothing(be, variant_id("ce"), 0.1)
     dispatch.check_smoothing(be, variant_id("focal"), 0.0)
     with pytest.raises(NotImplementedError, match="fusedloss.parallel"):
-        parallel._config("crl", "mean", -100, 0.1, 1.5, 1.0, 2.0, 0.0, None)
-    parallel._config("ce", "mean", -100, 0.1, 1.5, 1.0, 2.0, 0.0, None)
+        parallel.plan._config("crl", "mean", -100, 0.1, 1.5, 1.0, 2.0, 0.0, None)
+    parallel.plan._config("ce", "mean", -100, 0.1, 1.5, 1.0, 2.0, 0.0, None)
