@@ -279,7 +279,7 @@ def _composite_soft_loss(logits: Tensor, probs: Tensor, weight, variant, red: Re
     loss in PyTorch ops, differentiable (docs/autograd.md)."""
     x, y = _soft_rows(logits, probs)
     out, stats = reference.soft_loss_forward(x, y, weight, int(variant), int(red), float(eps), float(alpha),
-                                             float(beta), float(gamma))
+                                             float(beta), float(gamma), differentiable=True)
     row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
     if red == Reduction.NONE:
         out = out.reshape(row_shape)

@@ -404,7 +404,7 @@ def register_soft_loss_autograd(fwd_name: str, bwd_op: Callable,
         if composite_backward_needed(grad_loss):  # a double backward or a vmap: docs/autograd.md
             args = ctx.args
             gx, gy = composite_vjp(
-                lambda x, y: reference.soft_loss_forward(x, y, weight, *args)[0], grad_loss,
+                lambda x, y: reference.soft_loss_forward(x, y, weight, *args, differentiable=True)[0], grad_loss,
                 (logits, probs), tuple(ctx.needs_input_grad[:2]))
             return (gx, gy) + (None,) * 8
         gx = gy = None

@@ -281,7 +281,7 @@ def _forward(logits, target, weight, variant, reduction, ignore_index, label_smo
             smooth = _smoothing_loss(x, lse, rows, weight, target, ignore_index, label_smoothing)
         else:  # (eps / C) sum_k w_k L(x, k): the expected loss under the uniform part of the target
             m = _uniform_mass(x, weight, label_smoothing, cdtype)
-            smooth = expected_loss(x, m, variant, Params(alpha, beta, gamma))[0]
+            smooth = expected_loss(x, m, variant, Params(alpha, beta, gamma), differentiable)[0]
             smooth = torch.where(target != ignore_index, smooth, torch.zeros_like(smooth))
         loss_rows = loss_rows + smooth
     return _reduce(loss_rows, reduction, target, weight, ignore_index), stats
@@ -480,12 +480,14 @@ class _Expected(NamedTuple):
     lse: Tensor
 
 
-def _expected_rows(x: Tensor) -> _Expected:
+def _expected_rows(x: Tensor, differentiable: bool = False) -> _Expected:
+    """``differentiable``: out of place only (the composite path of docs/autograd.md: a double
+    backward, forward AD and vmap go through it); else the columns at w are set in place."""
     cdtype = compute_dtype(x)
     xf = x.to(cdtype)
     lse = torch.logsumexp(xf, 1)
-    w = xf.argmax(1)
-    lse_ex_w = lse_excluding(xf, w, cdtype)
+    w = (xf.detach() if differentiable else xf).argmax(1)
+    lse_ex_w = lse_excluding(xf, w, cdtype, differentiable)
     log1m_w = lse_ex_w - lse
     lp = xf - lse[:, None]
     # At the arg-max p_w may round to 1: log p_w from d_w = lse_ex_w - x_w, never lse - x_w.
@@ -493,10 +495,15 @@ def _expected_rows(x: Tensor) -> _Expected:
     d_w = lse_ex_w - x_w
     # log1p(-p) for k != w (p_k <= 1/2); p_w is zeroed first (log1p(-1) = -inf is replaced below).
     l1m = torch.log1p(-lp.exp().scatter(1, w[:, None], 0.0))
-    l1m.scatter_(1, w[:, None], log1m_w[:, None])
-    lp.scatter_(1, w[:, None], (-softplus(d_w))[:, None])
-    d = l1m - lp
-    d.scatter_(1, w[:, None], d_w[:, None])
+    if differentiable:
+        l1m = l1m.scatter(1, w[:, None], log1m_w[:, None])
+        lp = lp.scatter(1, w[:, None], (-softplus(d_w))[:, None])
+        d = (l1m - lp).scatter(1, w[:, None], d_w[:, None])
+    else:
+        l1m.scatter_(1, w[:, None], log1m_w[:, None])
+        lp.scatter_(1, w[:, None], (-softplus(d_w))[:, None])
+        d = l1m - lp
+        d.scatter_(1, w[:, None], d_w[:, None])
     return _Expected(lp, d, l1m, w, log1m_w, lse)
 
 
@@ -514,10 +521,12 @@ def _masked_product(m: Tensor, v: Tensor) -> Tensor:
     return torch.where(m == 0, torch.zeros_like(v), m * v)
 
 
-def expected_loss(x: Tensor, m: Tensor, variant: int, p: Params) -> tuple[Tensor, _Expected]:
+def expected_loss(x: Tensor, m: Tensor, variant: int, p: Params,
+                  differentiable: bool = False) -> tuple[Tensor, _Expected]:
     """Row losses ``sum_k m_k L(x, k)`` of ``(N, C)`` logits (already capped) and the target mass
-    ``m = w q`` (any shape broadcasting to ``(N, C)``), in the compute dtype."""
-    r = _expected_rows(x)
+    ``m = w q`` (any shape broadcasting to ``(N, C)``), in the compute dtype (``differentiable``:
+    out of place only, see :func:`_expected_rows`)."""
+    r = _expected_rows(x, differentiable)
     m = m.to(r.lse.dtype).expand_as(r.lp)
     if variant == Variant.BCE:
         s_tot = m.sum(1)
@@ -603,12 +612,17 @@ def _soft_mass(probs: Tensor, weight: Tensor | None, eps: float, cdtype) -> Tens
 
 
 def soft_loss_forward(logits: Tensor, probs: Tensor, weight: Tensor | None, variant: int, reduction: int,
-                      label_smoothing: float, alpha: float, beta: float, gamma: float) -> tuple[Tensor, Tensor]:
+                      label_smoothing: float, alpha: float, beta: float, gamma: float,
+                      differentiable: bool = False) -> tuple[Tensor, Tensor]:
+    """``differentiable``: out of place only, in the logits and the targets (the composite path)."""
     cdtype = compute_dtype(logits)
     m = _soft_mass(probs, weight, label_smoothing, cdtype)
-    per_row, r = expected_loss(logits, m, variant, Params(alpha, beta, gamma))
-    stats = torch.zeros((logits.shape[0], STATS_COLS), dtype=cdtype, device=logits.device)
-    stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3] = r.lse, m.sum(1), r.log1m_w, r.w.to(cdtype)
+    per_row, r = expected_loss(logits, m, variant, Params(alpha, beta, gamma), differentiable)
+    if differentiable:
+        stats = torch.stack([r.lse, m.sum(1).expand_as(r.lse), r.log1m_w, r.w.to(cdtype)], 1)
+    else:
+        stats = torch.zeros((logits.shape[0], STATS_COLS), dtype=cdtype, device=logits.device)
+        stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3] = r.lse, m.sum(1), r.log1m_w, r.w.to(cdtype)
     if reduction == Reduction.NONE:
         return per_row, stats
     total = per_row.sum()
