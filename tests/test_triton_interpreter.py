@@ -577,6 +577,11 @@ def test_options_extreme_logits(loss, opts, regime):
     100 / 1000 with z-loss and smoothing (s of nllr overflows, focal's underflows), a -inf
     logit (capped: -s; uncapped with smoothing: an infinite loss, as the oracle's)."""
     x, t = _extreme_rows()
+    if loss in ("lace", "focal") and opts.get("label_smoothing") and "softcap" not in opts:
+        # Smoothing's (eps / C) (1 - p_k)^g (-log p_k) is +inf at a -inf logit, and float64 autograd of it
+        # reads 0 * inf = NaN: here the logit is far out instead (-1e4, p_k = 0 in float32 and float64);
+        # the -inf row itself is checked in test_triton_expected against the row without that class.
+        x = torch.where(torch.isneginf(x), torch.full_like(x, -1e4), x)
     w = _weight(seed=49)
     out, grad = _check(loss, x, t, regime, go=_grad_output(torch.empty(7), seed=50), msg=f"{loss} {opts}",
                        weight=w, reduction="none", **opts)

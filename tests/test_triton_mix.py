@@ -178,7 +178,10 @@ def test_extreme_logits(loss, regime):
     competitors, all-equal rows."""
     x = torch.zeros(6, C)
     x[0, 0], x[1, 1], x[2, 2], x[2, 0] = 200.0, 200.0, 200.0, -200.0
-    x[3, 5:] = float("-inf")
+    # With smoothing, lace/focal's (eps / C) (1 - p_k)^g (-log p_k) is +inf at a -inf logit and float64
+    # autograd of it reads 0 * inf = NaN: a far-out logit (-1e4) there; the -inf row itself is checked in
+    # test_triton_expected against the row without those classes.
+    x[3, 5:] = -1e4 if loss in ("lace", "focal") else float("-inf")
     x[4] = torch.linspace(-3, 3, C)
     x[4, 30] = 1000.0
     ya, yb = torch.tensor([0, 0, 0, 1, 30, 3]), torch.tensor([1, 1, 2, 2, 3, 30])
