@@ -297,15 +297,17 @@ def fake_soft_backward(grad_loss, logits, probs, weight, stats, reduction, label
     return logits.new_empty(logits.shape)
 
 
-def register_soft_autograd(fwd_name: str, bwd_op: Callable,
-                           scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
-    """The autograd formula of ``fusedloss::<fwd_name>`` (a soft_fwd op): the logits' gradient
-    from the fused forward or ``bwd_op``, the targets' from :func:`reference.soft_target_grad`."""
+def _register_probs_autograd(fwd_name: str, bwd_op: Callable, scale_grad: Callable[[Tensor, Tensor], Tensor],
+                             differentiable_loss: Callable, target_grad: Callable) -> None:
+    """The autograd formula shared by the class-probability ops, ``(logits, probs, weight, *scalars,
+    compute_grad)``: the logits' gradient from the fused forward or ``bwd_op``, the targets' from
+    ``target_grad``; a double backward or a vmap through it goes through ``differentiable_loss``
+    (``(logits, probs, weight, *scalars)`` -> loss, PyTorch ops: the composite path of docs/autograd.md)."""
 
     def setup_context(ctx, inputs, output):
-        logits, probs, weight, reduction, label_smoothing, compute_grad = inputs
+        logits, probs, weight, *scalars, compute_grad = inputs
         _, stats, grad = output
-        ctx.args = (reduction, label_smoothing)
+        ctx.args = tuple(scalars)
         ctx.fused = bool(compute_grad)
         ctx.mark_non_differentiable(stats, grad)
         ctx.set_materialize_grads(False)
@@ -313,24 +315,32 @@ def register_soft_autograd(fwd_name: str, bwd_op: Callable,
         ctx.save_for_backward(logits, probs, weight, stats, grad if ctx.fused else None)
 
     def backward(ctx, grad_loss, _grad_stats, _grad_grad):
+        rest = (None,) * (len(ctx.args) + 2)  # weight, the scalars, compute_grad
         if grad_loss is None:
-            return (None,) * 6
+            return (None, None) + rest
         logits, probs, weight, stats, grad = ctx.saved_tensors
+        args = ctx.args
         if composite_backward_needed(grad_loss):
-            args = ctx.args
-            gx, gy = composite_vjp(
-                lambda x, y: reference.differentiable_soft_forward(x, y, weight, *args)[0], grad_loss,
-                (logits, probs), tuple(ctx.needs_input_grad[:2]))
-            return (gx, gy) + (None,) * 4
+            gx, gy = composite_vjp(lambda x, y: differentiable_loss(x, y, weight, *args), grad_loss,
+                                   (logits, probs), tuple(ctx.needs_input_grad[:2]))
+            return (gx, gy) + rest
         gx = gy = None
         if ctx.needs_input_grad[0]:
-            gx = scale_grad(grad, grad_loss) if ctx.fused else bwd_op(grad_loss, logits, probs, weight, stats,
-                                                                      *ctx.args)
+            gx = scale_grad(grad, grad_loss) if ctx.fused else bwd_op(grad_loss, logits, probs, weight, stats, *args)
         if ctx.needs_input_grad[1]:
-            gy = reference.soft_target_grad(grad_loss, logits, probs, weight, stats, *ctx.args)
-        return (gx, gy) + (None,) * 4
+            gy = target_grad(grad_loss, logits, probs, weight, stats, *args)
+        return (gx, gy) + rest
 
     torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+
+
+def register_soft_autograd(fwd_name: str, bwd_op: Callable,
+                           scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
+    """The autograd formula of ``fusedloss::<fwd_name>`` (a soft_fwd op, ce): the targets' gradient
+    from :func:`reference.soft_target_grad`."""
+    _register_probs_autograd(fwd_name, bwd_op, scale_grad,
+                             lambda x, y, w, *args: reference.differentiable_soft_forward(x, y, w, *args)[0],
+                             reference.soft_target_grad)
 
 
 def register_soft_fakes(fwd_name: str, bwd_name: str) -> None:
@@ -386,36 +396,12 @@ def fake_soft_loss_backward(grad_loss, logits, probs, weight, stats, variant, re
 
 def register_soft_loss_autograd(fwd_name: str, bwd_op: Callable,
                                 scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
-    """The autograd formula of ``fusedloss::<fwd_name>`` (a soft_loss_fwd op)."""
-
-    def setup_context(ctx, inputs, output):
-        logits, probs, weight, *scalars, compute_grad = inputs
-        _, stats, grad = output
-        ctx.args = tuple(scalars)
-        ctx.fused = bool(compute_grad)
-        ctx.mark_non_differentiable(stats, grad)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, probs, weight, stats, grad if ctx.fused else None)
-
-    def backward(ctx, grad_loss, _grad_stats, _grad_grad):
-        if grad_loss is None:
-            return (None,) * 10
-        logits, probs, weight, stats, grad = ctx.saved_tensors
-        if composite_backward_needed(grad_loss):  # a double backward or a vmap: docs/autograd.md
-            args = ctx.args
-            gx, gy = composite_vjp(
-                lambda x, y: reference.soft_loss_forward(x, y, weight, *args, differentiable=True)[0], grad_loss,
-                (logits, probs), tuple(ctx.needs_input_grad[:2]))
-            return (gx, gy) + (None,) * 8
-        gx = gy = None
-        if ctx.needs_input_grad[0]:
-            gx = scale_grad(grad, grad_loss) if ctx.fused else bwd_op(grad_loss, logits, probs, weight, stats,
-                                                                      *ctx.args)
-        if ctx.needs_input_grad[1]:
-            gy = reference.soft_loss_target_grad(grad_loss, logits, probs, weight, stats, *ctx.args)
-        return (gx, gy) + (None,) * 8
-
-    torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+    """The autograd formula of ``fusedloss::<fwd_name>`` (a soft_loss_fwd op, every loss): the targets'
+    gradient from :func:`reference.soft_loss_target_grad`."""
+    _register_probs_autograd(
+        fwd_name, bwd_op, scale_grad,
+        lambda x, y, w, *args: reference.soft_loss_forward(x, y, w, *args, differentiable=True)[0],
+        reference.soft_loss_target_grad)
 
 
 def register_soft_loss_fakes(fwd_name: str, bwd_name: str) -> None:
