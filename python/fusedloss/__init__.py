@@ -5,6 +5,7 @@ computed from per-row log-sum-exp statistics so they stay finite where the textb
 formulas give inf or NaN. See :func:`softmax_loss`.
 """
 from . import ops  # noqa: F401  (registers the torch.library ops)
+from . import distill  # noqa: F401  (registers the distillation op)
 from .dispatch import BackendUnavailableError, available_backends
 from .functional import (competing_ratio, cross_entropy, focal, linearly_adaptive, multiclass_bce, nllr,
                          softmax_loss)
