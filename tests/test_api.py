@@ -86,3 +86,20 @@ def test_crl_hyperparameters_reach_the_loss():
     t = torch.randint(0, 4, (5,))
     assert not torch.allclose(fl.competing_ratio(x, t, alpha=1.5), fl.competing_ratio(x, t, alpha=3.0))
     assert not torch.allclose(fl.focal(x, t, gamma=2.0), fl.focal(x, t, gamma=0.5))
+
+
+def test_first_call_compiled() -> None:
+    # A script whose first loss call is inside torch.compile(fullgraph=True): the backend must
+    # already be loaded (dispatch.preload at import), Dynamo cannot trace its import. A fresh
+    # process, so no earlier test has loaded it.
+    import subprocess
+    import sys
+
+    code = ("import torch, fusedloss as fl\n"
+            "f = torch.compile(lambda x, t: fl.cross_entropy(x, t), fullgraph=True, backend='eager')\n"
+            "x = torch.randn(8, 10, requires_grad=True); t = torch.randint(0, 10, (8,))\n"
+            "loss = f(x, t); loss.backward()\n"
+            "ref = torch.nn.functional.cross_entropy(x.detach().double(), t)\n"
+            "assert abs(loss.item() - ref.item()) < 1e-5, (loss, ref)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -16,6 +16,10 @@ from .variants import LOSSES
 
 __version__ = "0.1.0"
 
+from . import dispatch as _dispatch  # noqa: E402
+
+_dispatch.preload()  # before any torch.compile traces a loss (dispatch.preload)
+
 
 def __getattr__(name: str):
     # fusedloss.parallel (vocabulary-parallel losses over torch.distributed) on first use, so that

@@ -3,8 +3,9 @@
 A backend is its op families (``torch.library`` ops, see ``ops.py``; :class:`Backend`) plus the
 devices it runs on. ``"auto"`` picks, per device: CUDA -> triton, else the CUDA extension,
 else the reference; CPU -> the C++ kernel, else the reference. The environment
-variable ``FUSEDLOSS_BACKEND`` overrides ``"auto"``. Kernel backends are loaded
-lazily on first use, so importing fusedloss never compiles or launches anything.
+variable ``FUSEDLOSS_BACKEND`` overrides ``"auto"``. ``import fusedloss`` loads the backends
+that can run on this machine's devices (:func:`preload`); importing one compiles and launches
+nothing. The others are loaded on first use.
 """
 from __future__ import annotations
 
@@ -118,6 +119,18 @@ def _load(name: str) -> Backend | None:
     if name not in _registry:
         _load_errors[name] = "not built into this install"
     return _registry.get(name)
+
+
+def preload() -> None:
+    """Load, at ``import fusedloss``, every backend that can run on a device this process sees:
+    the reference and the C++ extension always, triton where a CUDA device is visible or
+    ``TRITON_INTERPRET=1`` is set. A loss whose first call is inside ``torch.compile`` then finds its
+    backend registered: Dynamo cannot trace the import that a lazy load would run there."""
+    names = ["reference", "cpu"]
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        names.append("triton")
+    for name in names:
+        _load(name)
 
 
 def unavailable_reason(name: str, device: torch.device | None = None) -> str | None:

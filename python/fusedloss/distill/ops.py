@@ -92,6 +92,14 @@ def distill_rows(student: Tensor, teacher: Tensor, temperature: float, divergenc
         g = qu - q * qu.sum(-1, keepdim=True)
         if divergence == DIVERGENCES["jsd"]:
             g = g * (1 - jsd_beta)
+    # Each row of g sums to 0 (the divergence depends on the student's logits only through the
+    # softmax, which ignores a constant added to them). At the student's dominant class w the
+    # forms above subtract two numbers within e^-L of each other (Q_w ~ 1: Q_w - P_w with P_w ~ 1,
+    # r_w - sum_k Q_k r_k with the sum ~ r_w) and lose all of a gradient ~ e^-L to rounding;
+    # minus the sum over the other classes is the same number without the cancellation.
+    if g.shape[-1] > 1:
+        w = log_q.argmax(-1, keepdim=True)
+        g = g.scatter(-1, w, -g.scatter(-1, w, 0.0).sum(-1, keepdim=True))
     return t2 * d, temperature * g
 
 
