@@ -41,8 +41,8 @@ a row with ``row_scale`` 0 is left as it was / written 0; float32, rounded once 
 * jsd: a middle pass sums ``KL(P || M)``, ``KL(Q || M)`` (= ``sum_k Q_k u_k``) and the same sum
   over ``k != w``; then ``u_j - sum Q u`` and, at ``w``, ``(1 - Q_w) u_w - sum_{k != w} Q_k u_k``.
   ``log P - log M = -log(b + (1 - b) e^-rho)`` and ``log Q - log M = -log((1 - b) + b e^rho)``
-  with ``rho = log P - log Q`` (:func:`_log_mix`: ``log1p((1 - a) expm1(t))`` for small
-  ``|t|``, where ``log M`` itself would round ``log b`` away).
+  with ``rho = log P - log Q``, each ``max(+-rho, 0) + log1p(k expm1(-|rho|))`` (:func:`_jsd_logs`: one exp,
+  exact near ``rho = 0``, where ``log M`` itself would round ``log b`` away).
 
 **Traffic.** On chip (``SINGLE``, rows up to bce's family limit, 2048 classes) both rows are
 read once and kept in registers, the gradient written once (read too with ACCUMULATE).
@@ -123,20 +123,13 @@ def _load_rows(S, s_off, Tt, t_off, row_ok, cols, n_cols, t_inv, EVICT: tl.const
 
 
 @triton.jit
-def _expm1(t):
-    """exp(t) - 1 with the rounding of u = exp(t) corrected (Kahan): (u - 1) t / log u."""
+def _expm1_neg(t):
+    """exp(t) - 1 for t <= 0 (-inf included: -1): for t > -1 the rounding of u = exp(t) corrected
+    (Kahan: (u - 1) t / log u), below it u - 1 itself (no cancellation; and u may be a subnormal
+    there, whose log is not t)."""
     u = tl.exp(t)
-    return tl.where(u == 1.0, t, (u - 1.0) * (t / tl.log(u)))
-
-
-@triton.jit
-def _log_mix(t, a, one_minus_a, log_a, log_one_minus_a):
-    """log(a + (1 - a) e^t) for a in (0, 1): log1p((1 - a) expm1(t)) for |t| <= 1/2 (exact near
-    t = 0, where the value is small), else logaddexp(log a, log(1 - a) + t) (+inf at t = +inf,
-    log a at t = -inf)."""
-    small = tl.abs(t) <= 0.5
-    ts = tl.where(small, t, 0.0)
-    return tl.where(small, _log1p(one_minus_a * _expm1(ts)), _logaddexp(tl.zeros_like(t) + log_a, log_one_minus_a + t))
+    near = t > -1.0
+    return tl.where(u == 1.0, t, tl.where(near, (u - 1.0) * (t / tl.log(tl.where(near, u, 0.5))), u - 1.0))
 
 
 @triton.jit
@@ -148,19 +141,35 @@ def _probs(y, z, shp, lp, shq, lq):
 
 
 @triton.jit
-def _jsd_terms(y, z, shp, lp, shq, lq, beta, omb, log_b, log_omb):
-    """P, Q, log P - log M and u = log Q - log M of a tile (rho = log P - log Q)."""
+def _jsd_logs(rho, beta, omb, WITH_HP: tl.constexpr):
+    """u = log Q - log M and (WITH_HP) log P - log M from rho = log P - log Q. With
+    E = expm1(-|rho|) (one exp, shared):
+        u = -log((1 - b) + b e^rho)  = -(max(rho, 0) + log1p(k_u E)),  k_u = b (rho <= 0), 1 - b (rho > 0)
+        log P - log M = -log(b + (1 - b) e^-rho) = -(max(-rho, 0) + log1p(k_p E)),  k_p = 1 - b (rho >= 0), b
+    exact near rho = 0 (where log M would round log b away) and finite at rho = +-inf."""
+    e = _expm1_neg(-tl.abs(rho))
+    pos = rho > 0.0
+    u = -(tl.maximum(rho, 0.0) + _log1p(tl.where(pos, omb, beta) * e))
+    if WITH_HP:
+        hp = -(tl.maximum(-rho, 0.0) + _log1p(tl.where(pos | (rho == 0.0), omb, beta) * e))
+    else:
+        hp = u
+    return hp, u
+
+
+@triton.jit
+def _jsd_terms(y, z, shp, lp, shq, lq, beta, omb, WITH_HP: tl.constexpr):
+    """P, Q, log P - log M (WITH_HP) and u = log Q - log M of a tile (:func:`_jsd_logs`)."""
     p, q = _probs(y, z, shp, lp, shq, lq)
     rho = ((y - shp[:, None]) - (z - shq[:, None])) - (lp - lq)[:, None]
-    hp = -_log_mix(-rho, beta, omb, log_b, log_omb)
-    u = -_log_mix(rho, omb, beta, log_omb, log_b)
+    hp, u = _jsd_logs(rho, beta, omb, WITH_HP)
     return p, q, hp, u
 
 
 @triton.jit
-def _jsd_update(kpm, kqm, uex, y, z, cols, shp, lp, shq, lq, wq, beta, omb, log_b, log_omb):
+def _jsd_update(kpm, kqm, uex, y, z, cols, shp, lp, shq, lq, wq, beta, omb):
     """A tile of jsd's middle pass: KL(P || M), KL(Q || M) = sum Q u, and sum_{k != w} Q_k u_k."""
-    p, q, hp, u = _jsd_terms(y, z, shp, lp, shq, lq, beta, omb, log_b, log_omb)
+    p, q, hp, u = _jsd_terms(y, z, shp, lp, shq, lq, beta, omb, True)
     kpm += _weighted_sum(p, hp)
     kqm += _weighted_sum(q, u)
     qx = tl.where(cols[None, :] == wq[:, None], 0.0, q)
@@ -169,12 +178,12 @@ def _jsd_update(kpm, kqm, uex, y, z, cols, shp, lp, shq, lq, wq, beta, omb, log_
 
 
 @triton.jit
-def _grad_tile(y, z, cols, shp, lp, shq, lq, wp, wq, c0, c1, c2, temperature, coef, beta, omb, log_b, log_omb,
+def _grad_tile(y, z, cols, shp, lp, shq, lq, wp, wq, c0, c1, c2, temperature, coef, beta, omb,
                DIV: tl.constexpr):
     """dD/ds of a tile (float32), without row_scale; reverse kl: also this tile's part of
     sum_{k != w} Q_k (v_k - v_w) (c1 = v_w; 0 for the other divergences).
     kl: c0 = the arg-max lane's value when both rows' arg-max is w (else unused);
-    reverse kl: c0 = B / (1 + s_ex_q); jsd: c0 = sum Q u, c1 = the lane w's value."""
+    reverse kl: c0 = B / (1 + s_ex_q); jsd: c0 = sum Q u, c2 = the lane w's value."""
     is_w = cols[None, :] == wq[:, None]
     part = tl.zeros_like(shp)
     if DIV == KL:
@@ -187,7 +196,7 @@ def _grad_tile(y, z, cols, shp, lp, shq, lq, wp, wq, c0, c1, c2, temperature, co
         g = -temperature * tl.where(q == 0.0, 0.0, q * (v + c0[:, None]))
         part = _weighted_sum(tl.where(is_w, 0.0, q), v - c1[:, None])
     else:
-        p, q, hp, u = _jsd_terms(y, z, shp, lp, shq, lq, beta, omb, log_b, log_omb)
+        p, q, hp, u = _jsd_terms(y, z, shp, lp, shq, lq, beta, omb, False)
         g = coef * tl.where(q == 0.0, 0.0, q * (u - c0[:, None]))
         g = tl.where(is_w, c2[:, None], g)
     return g, part
@@ -209,8 +218,8 @@ def _store_grad_tile(G, g_off, cols, g, mask, rs, ACCUMULATE: tl.constexpr):
 
 @triton.jit
 def _distill_rows(
-    rb, S, stride_s, Tt, stride_t, RS, D, G, stride_g, n_rows, n_cols, t_inv, temperature, t2, beta, omb, log_b,
-    log_omb, coef, DIV: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE: tl.constexpr,
+    rb, S, stride_x, Tt, stride_y, RS, D, G, stride_g, n_rows, n_cols, t_inv, temperature, t2, beta, omb, coef,
+    DIV: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """The rows of row block ``rb``: D into D, and with COMPUTE_GRAD the gradient into G."""
@@ -220,8 +229,8 @@ def _distill_rows(
     rows = (tl.zeros([BLOCK_N], tl.int32) + rb) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
-    s_off = tl.multiple_of(rows.to(tl.int64) * stride_s, ROW_ALIGN)
-    t_off = tl.multiple_of(rows.to(tl.int64) * stride_t, ROW_ALIGN)
+    s_off = tl.multiple_of(rows.to(tl.int64) * stride_x, ROW_ALIGN)
+    t_off = tl.multiple_of(rows.to(tl.int64) * stride_y, ROW_ALIGN)
     cols0 = tl.arange(0, BLOCK_C)
     zero = tl.zeros([BLOCK_N], ACC)
     izero = tl.zeros([BLOCK_N], tl.int32)
@@ -253,14 +262,13 @@ def _distill_rows(
     else:
         kpm = zero
         if SINGLE:
-            kpm, kqm, uex = _jsd_update(kpm, kqm, uex, y, z, cols0, shp, lp, shq, lq, wq, beta, omb, log_b, log_omb)
+            kpm, kqm, uex = _jsd_update(kpm, kqm, uex, y, z, cols0, shp, lp, shq, lq, wq, beta, omb)
         else:
             for i in tl.range(0, nb, num_stages=NUM_STAGES):
                 cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
                 yb, zb, _ = _load_rows(S, s_off, Tt, t_off, row_ok, cols, n_cols, t_inv,
                                        "evict_last" if COMPUTE_GRAD else "evict_first")
-                kpm, kqm, uex = _jsd_update(kpm, kqm, uex, yb, zb, cols, shp, lp, shq, lq, wq, beta, omb, log_b,
-                                            log_omb)
+                kpm, kqm, uex = _jsd_update(kpm, kqm, uex, yb, zb, cols, shp, lp, shq, lq, wq, beta, omb)
         d = beta * kpm + omb * kqm
     tl.store(D + rows, t2 * d, mask=row_ok)
 
@@ -282,13 +290,12 @@ def _distill_rows(
             # lane w: (1 - Q_w) u_w - sum_{k != w} Q_k u_k, times T (1 - b) Q_w
             q_w = 1.0 / (1.0 + sq)
             y_w = tl.load(Tt + t_off + wq, mask=row_ok, other=0.0).to(ACC) * t_inv
-            rho_w = (y_w - shp) - lp + lq
-            u_w = -_log_mix(rho_w, omb, beta, log_omb, log_b)
+            _, u_w = _jsd_logs(((y_w - shp) - lp) + lq, beta, omb, False)
             c2 = coef * q_w * ((sq / (1.0 + sq)) * u_w - uex)
         fix = zero
         if SINGLE:
             g, part = _grad_tile(y, z, cols0, shp, lp, shq, lq, wp, wq, c0, c1, c2, temperature, coef, beta, omb,
-                                 log_b, log_omb, DIV)
+                                 DIV)
             fix += part
             smask = mask
             if DIV == REVERSE_KL:
@@ -302,7 +309,7 @@ def _distill_rows(
                     cols = (nb - 1 - i) * BLOCK_C + cols0       # reverse: L2-warm blocks first
                 yb, zb, maskb = _load_rows(S, s_off, Tt, t_off, row_ok, cols, n_cols, t_inv, "evict_first")
                 g, part = _grad_tile(yb, zb, cols, shp, lp, shq, lq, wp, wq, c0, c1, c2, temperature, coef, beta,
-                                     omb, log_b, log_omb, DIV)
+                                     omb, DIV)
                 fix += part
                 if DIV == REVERSE_KL:
                     maskb = maskb & (cols[None, :] != wq[:, None])
@@ -321,20 +328,20 @@ def _distill_rows(
 
 @triton.jit
 def distill_kernel(
-    S, stride_s, Tt, stride_t, RS, D, G, stride_g, n_rows, n_cols, t_inv, temperature, t2, beta, omb, log_b,
-    log_omb, coef, DIV: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE: tl.constexpr,
+    S, stride_x, Tt, stride_y, RS, D, G, stride_g, n_rows, n_cols, t_inv, temperature, t2, beta, omb, coef,
+    DIV: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """The distillation op for BLOCK_N rows (SINGLE: one program per row block, both rows in
     registers) or, streamed, a persistent program looping over rows. Scalars from the host (never
     derived here: they would stay in registers across the loop): t_inv = 1 / T, temperature,
-    t2 = T^2, beta, omb = 1 - beta, log_b, log_omb = log(1 - beta), coef = T (1 - beta)."""
+    t2 = T^2, beta, omb = 1 - beta, coef = T (1 - beta)."""
     if SINGLE:
-        _distill_rows(tl.program_id(0), S, stride_s, Tt, stride_t, RS, D, G, stride_g, n_rows, n_cols, t_inv,
-                      temperature, t2, beta, omb, log_b, log_omb, coef, DIV, COMPUTE_GRAD, ACCUMULATE, SINGLE,
+        _distill_rows(tl.program_id(0), S, stride_x, Tt, stride_y, RS, D, G, stride_g, n_rows, n_cols, t_inv,
+                      temperature, t2, beta, omb, coef, DIV, COMPUTE_GRAD, ACCUMULATE, SINGLE,
                       BLOCK_N, BLOCK_C, ROW_ALIGN, NUM_STAGES)
     else:
         for rb in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
-            _distill_rows(rb, S, stride_s, Tt, stride_t, RS, D, G, stride_g, n_rows, n_cols, t_inv, temperature,
-                          t2, beta, omb, log_b, log_omb, coef, DIV, COMPUTE_GRAD, ACCUMULATE, SINGLE, BLOCK_N,
+            _distill_rows(rb, S, stride_x, Tt, stride_y, RS, D, G, stride_g, n_rows, n_cols, t_inv, temperature,
+                          t2, beta, omb, coef, DIV, COMPUTE_GRAD, ACCUMULATE, SINGLE, BLOCK_N,
                           BLOCK_C, ROW_ALIGN, NUM_STAGES)

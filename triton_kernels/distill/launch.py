@@ -16,6 +16,7 @@ both rows in flight in L2 (``launch_common._stream_grid`` with the two rows' byt
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -38,9 +39,18 @@ FAMILY = 1  # Variant.BCE
 OP = "fusedloss::triton_distill"
 
 
+#: Warps of the streamed regime: 8, i.e. 8 values per thread of each row's 2048-column block. With
+#: bce's 4 warps jsd's streamed kernel took 164-255 registers (an earlier form of its logs spilled
+#: 24-48 bytes), kl and reverse kl 80-128; with 8 warps jsd takes 99-128, kl and reverse kl 56-64
+#: (sm_80 / sm_90, no spills: tests/test_triton_aot.py).
+STREAM_WARPS = 8
+
+
 def config(n_cols: int, elem_size: int):
-    """The kernel's configuration for rows of ``n_cols`` classes of ``elem_size`` bytes."""
-    return fwd_config(n_cols, elem_size, FAMILY)
+    """The kernel's configuration for rows of ``n_cols`` classes of ``elem_size`` bytes: bce's
+    family of ``heuristics.fwd_config``, streamed with STREAM_WARPS warps."""
+    cfg = fwd_config(n_cols, elem_size, FAMILY)
+    return cfg if cfg.single else dataclasses.replace(cfg, num_warps=STREAM_WARPS)
 
 
 def _check(student: Tensor, teacher: Tensor, row_scale: Tensor, temperature: float, divergence: int,
@@ -72,10 +82,10 @@ def _check(student: Tensor, teacher: Tensor, row_scale: Tensor, temperature: flo
 
 def _scalars(temperature: float, jsd_beta: float) -> tuple:
     """The kernel's scalar arguments, formed in float64 on the host: 1 / T, T, T^2, b, 1 - b,
-    log b, log(1 - b), T (1 - b) (b is only read for jsd; any value in (0, 1) otherwise)."""
+    T (1 - b) (b is only read for jsd; any value in (0, 1) otherwise)."""
     t = float(temperature)
     b = float(jsd_beta) if 0 < jsd_beta < 1 else 0.5
-    return 1.0 / t, t, t * t, b, 1.0 - b, math.log(b), math.log1p(-b), t * (1.0 - b)
+    return 1.0 / t, t, t * t, b, 1.0 - b, t * (1.0 - b)
 
 
 def launch(student: Tensor, teacher: Tensor, row_scale: Tensor, temperature: float, divergence: int,
