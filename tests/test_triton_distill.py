@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 
 from fusedloss.distill import ops as distill_ops  # noqa: E402
 from fusedloss.distill.ops import DIVERGENCES  # noqa: E402
-from oracle import TOLERANCES, assert_close  # noqa: E402
+from oracle import assert_close  # noqa: E402
 from oracle_distill import check_logs_math, divergence_grad, divergence_rows  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -56,7 +56,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..rows import ACC, NEG_INF, _load_tile, _log1p, _logaddexp, _safe_shift
+from ..rows import ACC, NEG_INF, _load_tile, _log1p, _safe_shift
 
 # Divergence ids: the op ABI (fusedloss.distill.ops.DIVERGENCES; checked by the tests).
 KL: tl.constexpr = tl.constexpr(0)
