@@ -225,6 +225,29 @@ def test_float64_runs_the_reference_and_bad_inputs_raise():
 
 
 @interpreter
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_traffic(div):
+    """Triton's interpreter counts every byte: on chip both rows are read once, the gradient read
+    (accumulate) and written once; streamed, kl and reverse kl read both rows twice (statistics, then
+    gradient), jsd three times (its middle pass); without a gradient once (jsd twice). Reverse kl and
+    jsd also load the teacher's logit at the student's arg-max, one element per row."""
+    from fusedloss.triton_kernels import traffic
+    s, t, rs = _data(seed=9, n_random=0)
+    n, lb = s.shape[0], s.numel() * s.element_size()
+    per_row = n * s.element_size() if div != "kl" else 0
+    for regime, passes in (("single", 1), ("stream", 3 if div == "jsd" else 2)):
+        for with_grad in (True, False):
+            grad = torch.zeros_like(s) if with_grad else None
+            with traffic.count_interpreter_traffic() as tr:
+                _run(s, t, rs, 1.0, div, regime=regime, grad=grad, accumulate=True)
+            reads = passes if with_grad or regime == "single" else passes - 1
+            assert tr.bytes("load", s) == reads * lb, (regime, with_grad)
+            assert tr.bytes("load", t) == reads * lb + (per_row if with_grad else 0), (regime, with_grad)
+            if with_grad:
+                assert tr.bytes("load", grad) == lb and tr.bytes("store", grad) == lb, regime
+
+
+@interpreter
 def test_backend_family_and_opcheck():
     """The triton backend's DistillOps is this op; opcheck's schema check (the fake-tensor checks
     run on a GPU: under the interpreter a launch reads the fake tensors' data)."""
