@@ -49,8 +49,8 @@ def test_dry_run_passes_every_step(dry_run) -> None:
     summary = json.loads((results / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"env": "pass", "build": "skipped", "pytest-triton-1": "pass", "pytest-triton-2": "pass",
-                      "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass", "sweep": "pass", "report": "pass"}, \
-        summary["steps"]
+                      "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass", "distill": "pass", "sweep": "pass",
+                      "report": "pass"}, summary["steps"]
     assert summary["final"] and summary["outcome"] == "pass" and summary["dry_run"]
     # (the digest of this tree may have moved on since: other work shares it)
     assert summary["env"]["torch"] and len(summary["env"]["source_digest"]) == 12
@@ -66,7 +66,7 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
         assert root.iter("testcase"), name
     shards = [gpucheck_report.parse_junit(results / f"junit-pytest-triton-{k}.xml") for k in (1, 2)]
     # every gpu test of test_triton_gpu.py in exactly one shard (all skipped here)
-    assert shards[0]["tests"] == 72 and shards[1]["tests"] > 40
+    assert shards[0]["tests"] == 90 and shards[1]["tests"] > 40
     assert all(c["failures"] == c["errors"] == 0 for c in shards)
     steps = ET.parse(results / "gpucheck.junit.xml").getroot()
     assert steps.get("name") == "gpucheck" and steps.get("failures") == "0"
@@ -88,6 +88,13 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
     assert "| loss | backend | N | C |" in (results / "sweep_full.md").read_text()
     drive = json.loads((results / "sanitize_drive.json").read_text())
     assert drive["failed"] == 0 and drive["cases"] > 100 and drive["complete"]
+    # the distill step: the fused op (kl, reverse kl, jsd) and F.kl_div at the tiny shapes, liger listed
+    distill = json.loads((results / "distill.json").read_text())
+    assert distill["complete"] and not [r for r in distill["rows"] if r.get("error")]
+    assert {(r["method"], r["divergence"], r["v"]) for r in distill["rows"]} >= {
+        (m, d, v) for v in (64, 2100) for m, d in (("fused", "kl"), ("fused", "reverse_kl"), ("fused", "jsd"),
+                                                   ("torch", "kl"))}
+    assert "liger" in distill["unavailable"] and "| fused | jsd |" in (results / "distill.md").read_text()
     assert {r["backend"] for r in drive["results"]} == {"triton", "cpu"}
     summary_md = (results / "summary.md").read_text()
     assert "| sweep | pass |" in summary_md and "## Time as a multiple" in summary_md
@@ -286,6 +293,10 @@ elif argv[:2] == ["-m", "pytest"]:
     Path(junit).write_text('<testsuites><testsuite tests="2" failures="0" errors="0" skipped="1" time="1">'
                            '<testcase classname="t" name="a"/><testcase classname="t" name="b"><skipped/></testcase>'
                            '</testsuite></testsuites>')
+elif argv[0].endswith("distill_bench.py"):
+    Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"rows": [
+        {"v": 32000, "n": 4194, "method": "fused", "divergence": "kl", "ms": 1.0, "x_copy": 0.9}],
+        "unavailable": {}, "complete": True}))
 elif argv[0].endswith("sanitize_drive.py"):
     Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"cases": 3, "failed": 0, "skipped": {}}))
 elif "--sweep-child" in argv:
@@ -361,7 +372,8 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"env": "pass", "nvidia-smi": "pass", "build": "pass", "pytest-triton-1": "pass",
                       "pytest-triton-2": "pass", "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass",
-                      "sweep": "partial", "report": "pass", "nvidia-smi-end": "pass"}, proc.stdout[-3000:]
+                      "distill": "pass", "sweep": "partial", "report": "pass", "nvidia-smi-end": "pass"}, \
+        proc.stdout[-3000:]
     assert proc.returncode == 0 and summary["outcome"] == "pass" and summary["partial"] == ["sweep"]
     sweep = next(s for s in summary["steps"] if s["name"] == "sweep")
     assert sweep["chunks_done"] == 1 and sweep["detail"].startswith("1/20 chunks measured")
@@ -386,6 +398,10 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     # the fake sanitizer is an "old" one that refuses --report-api-errors: one retry without it
     assert "unrecognized option" in (results / "logs" / "sanitize-first-try.log").read_text()
     assert drive["argv"][drive["argv"].index("--device") + 1] == "cuda" and "triton,cuda" in drive["argv"]
+    distill = next(c["argv"] for c in calls if c["argv"][0].endswith("distill_bench.py"))
+    assert distill[distill.index("--device") + 1] == "cuda" and "--no-compile" not in distill
+    assert distill[distill.index("--vocab") + 1:distill.index("--vocab") + 3] == ["32000", "128256"]
+    assert "fused x copy: kl V32000 0.90x" in next(s for s in summary["steps"] if s["name"] == "distill")["detail"]
     plan = json.loads((results / "sweep" / "plan.json").read_text())
     assert len(plan["chunks"]) == 20 and all(ch["argv"][1] == "cuda" for ch in plan["chunks"])
     assert summary["env"]["gpu"] == "Fake H200" and summary["env"]["commit_arg"] == "abc123"

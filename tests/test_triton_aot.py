@@ -19,6 +19,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
                 allow_module_level=True)
 
 from fusedloss.triton_kernels import aot  # noqa: E402
+from fusedloss.triton_kernels.distill import aot_specs as distill_specs  # noqa: E402
 from fusedloss.triton_kernels.one_target import aot_specs  # noqa: E402
 from fusedloss.triton_kernels.probs import aot_specs as probs_specs  # noqa: E402
 from fusedloss.triton_kernels.two_targets import aot_specs as two_targets_specs  # noqa: E402
@@ -72,6 +73,23 @@ def test_expected_loss_kernels_compile_without_spills(spec, arch):
 def test_mix_kernels_compile_without_spills(spec, arch):
     """Mixup's two-target kernels (triton_kernels/two_targets/kernels.py)."""
     test_compiles_without_spills(spec, arch)
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("spec", distill_specs.ci_specs(), ids=lambda s: s.label())
+def test_distill_kernels_compile_without_spills(spec, arch):
+    """The distillation kernel (triton_kernels/distill/kernels.py): kl, reverse kl and jsd."""
+    test_compiles_without_spills(spec, arch)
+
+
+def test_every_form_is_compiled_here():
+    """Each form of aot.FORMS has its specializations compiled by a test (split_vocab's are in
+    tests/test_triton_bce_parallel.py), and every kernel named by a spec resolves to its form."""
+    compiled_here = {"one_target": SPECS, "probs": probs_specs.ci_specs() + probs_specs.loss_ci_specs(),
+                     "two_targets": two_targets_specs.ci_specs(), "distill": distill_specs.ci_specs()}
+    assert set(aot.FORMS) == set(compiled_here) | {"split_vocab"}
+    for form, specs in compiled_here.items():
+        assert specs and all(aot.form_of(s.kernel).__name__.endswith(f".{form}.aot_specs") for s in specs), form
 
 
 def test_ci_specs_cover_every_variant_dtype_and_regime():

@@ -189,3 +189,115 @@ def test_auto_picks_triton_on_cuda():
     from fusedloss import dispatch
     assert dispatch.resolve("auto", torch.device("cuda")).name == "triton"
     assert "triton" in fl.available_backends()
+
+
+# ----------------------------------------------------------------------------
+# Knowledge distillation: fusedloss::triton_distill (triton_kernels/distill/), the op itself
+# (tests/test_triton_distill.py has the interpreter's cases; the API's own tests run it through
+# fl.distill_loss)
+# ----------------------------------------------------------------------------
+
+DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def _distill_data(n, v, dtype, seed=0, extreme=False):
+    g = torch.Generator().manual_seed(seed)
+    s = 2 * torch.randn(n, v, generator=g)
+    t = 2 * torch.randn(n, v, generator=g)
+    if extreme:  # leads of 30 and 100, teacher and student on different classes, then on the same one
+        for i, (lead, tc) in enumerate(((30.0, 5), (100.0, 5), (30.0, 20), (100.0, 20))):
+            s[i, 20] += lead
+            t[i, tc] += lead
+    rs = 0.5 + torch.rand(n, generator=g)
+    rs[-1] = 0.0
+    return s.to(dtype), t.to(dtype), rs
+
+
+def _gpu_distill(s, t, rs, temperature, div, beta=0.5, accumulate=True, seed=1):
+    from fusedloss.triton_kernels.distill import launch
+    g0 = torch.randn(s.shape, generator=torch.Generator().manual_seed(seed)).to(s.dtype)
+    grad = g0.cuda()
+    d = launch.triton_distill(s.cuda(), t.cuda(), rs.cuda(), temperature, DIVERGENCE_IDS[div], beta, grad,
+                              accumulate)
+    return d.cpu(), grad.cpu(), g0
+
+
+@pytest.mark.parametrize("shape", ((64, 1000), (32, 32000), (8, 128256)), ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("div", DIVERGENCE_IDS)
+def test_distill_real_shapes_match_float64(div, dtype, shape):
+    """On chip (V 1000) and streamed (V 32000, 128256), T = 2, accumulated into a buffer, a row of
+    row_scale 0 left unchanged."""
+    from oracle_distill import divergence_grad, divergence_rows
+    s, t, rs = _distill_data(*shape, dtype)
+    d, grad, g0 = _gpu_distill(s, t, rs, 2.0, div, 0.3)
+    assert_close(d, divergence_rows(s, t, 2.0, div, 0.3), dtype, "loss", div)
+    expected = g0.double() + divergence_grad(s, t, 2.0, div, 0.3, rs)
+    assert_close(grad[:-1], expected[:-1], dtype, "grad", div)
+    assert torch.equal(grad[-1], g0[-1])
+
+
+@pytest.mark.parametrize("v", (1000, 5000), ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("temperature", (1.0, 4.0))
+@pytest.mark.parametrize("div", DIVERGENCE_IDS)
+def test_distill_extreme_rows(div, temperature, v):
+    """Leads of 30 and 100 (different and same classes), fp32, on chip and streamed, written (not
+    accumulated): against the cancellation-free float64 gradient of tests/test_triton_distill.py.
+    (GPU exp flushes subnormals to zero: values below ~1e-38 compare within the gradient's atol.)"""
+    from oracle_distill import divergence_rows
+    from test_triton_distill import _exact_grad
+    s, t, rs = _distill_data(5, v, torch.float32, seed=2, extreme=True)
+    d, grad, _ = _gpu_distill(s, t, rs, temperature, div, accumulate=False)
+    assert_close(d, divergence_rows(s, t, temperature, div), torch.float32, "loss", div)
+    assert_close(grad[:-1], (rs.double()[:, None] * _exact_grad(s, t, temperature, div))[:-1], torch.float32,
+                 "grad", div)
+    assert not grad[-1].any()
+
+
+@pytest.mark.parametrize("div", DIVERGENCE_IDS)
+def test_distill_no_host_sync_deterministic_and_strided(div):
+    """No host synchronization inside the op; two runs bit-identical; rows of a wider buffer read in
+    place give the same numbers as contiguous rows; without a gradient the same D."""
+    from fusedloss.triton_kernels.distill import launch
+    s, t, rs = _distill_data(256, 32000, torch.bfloat16, seed=3)
+    s, t, rs = s.cuda(), t.cuda(), rs.cuda()
+    outs = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            grad = torch.zeros_like(s)
+            outs.append((launch.triton_distill(s, t, rs, 2.0, DIVERGENCE_IDS[div], 0.5, grad, False), grad))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    wide = torch.zeros(256, 32000 + 64, device="cuda", dtype=s.dtype)
+    wide[:, 64:] = s
+    gw = torch.zeros(256, 32000 + 8, device="cuda", dtype=s.dtype)
+    d = launch.triton_distill(wide[:, 64:], t, rs, 2.0, DIVERGENCE_IDS[div], 0.5, gw[:, 8:], False)
+    assert torch.equal(d, outs[0][0]) and torch.equal(gw[:, 8:], outs[0][1]) and not gw[:, :8].any()
+    assert torch.equal(launch.triton_distill(s, t, rs, 2.0, DIVERGENCE_IDS[div], 0.5, None, False), d)
+
+
+def test_distill_torch_compile_fullgraph_and_opcheck():
+    """torch.compile(fullgraph=True) traces into the triton_op (the mutated gradient buffer
+    functionalized) with the eager numbers; opcheck's schema and fake-tensor checks."""
+    from fusedloss.triton_kernels.distill import launch
+    s, t, rs = (x.cuda() for x in _distill_data(128, 32000, torch.bfloat16, seed=4))
+
+    def step(s, t, rs, grad):
+        return launch.triton_distill(s, t, rs, 2.0, 2, 0.5, grad, True)
+
+    g_eager, g_comp = torch.ones_like(s), torch.ones_like(s)
+    d_eager = step(s, t, rs, g_eager)
+    d_comp = torch.compile(step, fullgraph=True)(s, t, rs, g_comp)
+    assert torch.equal(d_eager, d_comp) and torch.equal(g_eager, g_comp)
+    torch.library.opcheck(launch.triton_distill, (s[:16], t[:16], rs[:16], 2.0, 1, 0.5, torch.zeros_like(s[:16]),
+                                                  False), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_backend_has_the_distill_family():
+    from fusedloss import dispatch
+    from fusedloss.distill.ops import DistillOps
+    from fusedloss.triton_kernels.distill import launch
+    assert dispatch.resolve("triton", torch.device("cuda")).family(DistillOps).fwd is launch.triton_distill

@@ -7,6 +7,8 @@ ahead-of-time specializations::
     two_targets/   mixup / cutmix: lam L(x, a) + (1 - lam) L(x, b) in one pass
     probs/         class probabilities (soft targets): F.cross_entropy(x, probs)
     split_vocab/   bce of a vocabulary-parallel row given its global numbers (fusedloss.parallel)
+    distill/       knowledge distillation: kl / reverse kl / jsd of the teacher's and the student's
+                   softmax at temperature T, D per row and the student's gradient in one launch
 
         kernels.py     the @triton.jit kernels of the form
         launch.py      their torch.library.triton_ops (fusedloss::triton_*), the shapes and checks
@@ -26,6 +28,6 @@ Shared by the forms:
     report.py        ``python -m fusedloss.triton_kernels.report``: registers, spills and traffic
     backend.py       registers the "triton" backend: one op family per form (dispatch.Backend)
 
-A new form (e.g. ``distill/``) is a new folder of the same three files, one entry in
+A new form is a new folder of the same three files (as ``distill/`` was), one entry in
 ``aot.FORMS`` and one op family in ``backend.py``.
 """

@@ -104,7 +104,7 @@ def pointer_type(dtype: str) -> str:
 #: ``KERNELS`` (values of ``Spec.kernel``) and gives ``config(spec)`` (the launcher's choice),
 #: ``signature(spec)`` (kernel fn, argument types, constexprs), optionally ``num_warps(spec)``
 #: (default: the config's), and ``ci_specs()``, the specializations the test suite compiles.
-FORMS = ("one_target", "probs", "two_targets", "split_vocab")
+FORMS = ("one_target", "probs", "two_targets", "split_vocab", "distill")
 
 
 @lru_cache(maxsize=None)

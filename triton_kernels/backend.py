@@ -8,7 +8,9 @@ tests run on a machine without a GPU).
 import os
 
 from fusedloss import dispatch, mixup, ops
+from fusedloss.distill import ops as distill_ops
 
+from .distill import launch as distill
 from .one_target import launch as one_target
 from .probs import launch as probs
 from .split_vocab import launch as split_vocab
@@ -33,5 +35,7 @@ dispatch.register(dispatch.Backend(
         # fusedloss.parallel's bce given global numbers (ops.BCE_PARTIAL_SCHEMA)
         ops.SplitVocabOps(bce_partial=split_vocab.triton_bce_partial,
                           bce_global_bwd=split_vocab.triton_bce_global_bwd),
+        # knowledge distillation: the teacher's logits as the target (distill/, DISTILL_SCHEMA)
+        distill_ops.DistillOps(fwd=distill.triton_distill),
     ),
 ))

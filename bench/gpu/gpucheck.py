@@ -14,6 +14,9 @@ need no extension, and the GPU idles while nvcc compiles):
                  tests/test_triton_expected.py``
   pytest-ext     ``pytest -m gpu`` on the CUDA extension, the bench CLI, the training script, the LLM head
   sanitize       ``compute-sanitizer --tool memcheck`` on ``bench/gpu/sanitize_drive.py``
+  distill        ``bench/gpu/distill_bench.py``: the fused distillation op's fwd+bwd (kl, reverse kl, jsd)
+                 at V 32000 and 128256, bf16, as a multiple of a copy of both logits, beside F.kl_div
+                 eager and compiled and Liger's KL/JSD (when carried); its gpu tests run in pytest-triton
   sweep          ``fusedloss-bench`` over every loss, bf16/fp32, C in {1000, 32000, 128256, 262144},
                  in order of value; cut by the budget after one chunk or more it is ``partial``
   report         sweep.md/sweep.png, the summary
@@ -52,7 +55,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from gpucheck_plan import (CAPS, MARGIN_S, PARALLEL_ARGS, PARALLEL_DRY_ARGS, REPO, STEPS, STOP_WAITS, TOOL_PROBE_S,
+from gpucheck_plan import (CAPS, DISTILL_VOCABS, MARGIN_S, PARALLEL_ARGS, PARALLEL_DRY_ARGS, REPO, STEPS, STOP_WAITS, TOOL_PROBE_S,
                            TRITON_GPU_TESTS, TRITON_SHARDS, source_digest, step_timeout, sweep_plan)
 from gpucheck_report import (_write_atomic, parse_junit, parse_nvidia_smi, parse_sanitizer_log, render_sweep,
                              sweep_child)
@@ -515,6 +518,36 @@ print("GPUCHECK_ENV " + json.dumps(out))
         self.finish(job, status=status, sanitizer=parsed,
                     detail=f"memcheck errors: {parsed['errors']}; " + self._drive_detail(drive_json))
 
+    def step_distill(self) -> None:
+        """bench/gpu/distill_bench.py: fused distillation fwd+bwd vs a copy, F.kl_div (eager, compiled)
+        and Liger (when carried). It rewrites its JSON after every row: cut by the budget after one
+        row or more, the step is ``partial``."""
+        out = self.results / "distill.json"
+        cmd = [self.py, "bench/gpu/distill_bench.py", "--json", str(out), "--md", str(self.results / "distill.md")]
+        if self.dry:
+            cmd += ["--device", "cpu", "--tiny"]
+        else:
+            cmd += ["--device", "cuda", "--vocab", *map(str, DISTILL_VOCABS)]
+            cmd += ["--no-compile"] if self.args.no_compile else []
+        job = self.wait_one(self.start("distill", cmd, self.timeout("distill", self.later("distill"))))
+        try:
+            doc = json.loads(out.read_text()) if out.exists() else {}
+        except ValueError:
+            doc = {}
+        rows = doc.get("rows", [])
+        measured = [r for r in rows if "ms" in r]
+        errors = [f"{r['method']}/{r['divergence']}/V{r['v']}" for r in rows if r.get("error")]
+        fused = [f"{r['divergence']} V{r['v']} {r['x_copy']:.2f}x" for r in measured if r["method"] == "fused"]
+        detail = f"{len(measured)} rows measured" + (f"; fused x copy: {', '.join(fused)}" if fused else "")
+        if errors:
+            detail += f"; errors: {', '.join(errors)}"
+        if doc.get("unavailable"):
+            detail += f"; not measured: {', '.join(sorted(doc['unavailable']))}"
+        status = None
+        if job["timed_out"] and measured and not errors:
+            status, detail = "partial", detail + f" (the step's {job['timeout']:.0f} s ran out)"
+        self.finish(job, status=status, detail=detail)
+
     @staticmethod
     def _drive_detail(path: Path) -> str:
         if not path.exists():
@@ -589,7 +622,7 @@ print("GPUCHECK_ENV " + json.dumps(out))
                 self.step_nvidia_smi()
             for name, fn in (("build+triton", self.step_build_and_triton_tests), ("pytest-ext", self.step_pytest_ext),
                              ("parallel", self.step_parallel), ("sanitize", self.step_sanitize),
-                             ("sweep", self.step_sweep)):
+                             ("distill", self.step_distill), ("sweep", self.step_sweep)):
                 names = ["build", "pytest-triton"] if name == "build+triton" else [name]
                 wanted = [n for n in names if n in self.selected]
                 if not wanted:

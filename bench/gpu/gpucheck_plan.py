@@ -9,11 +9,14 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "parallel", "sanitize", "sweep", "report")
+STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "parallel", "sanitize", "distill", "sweep",
+         "report")
 #: Longest a step may take (seconds); the budget may cut it shorter.
 CAPS = {"env": 90, "nvidia-smi": 30, "build": 300, "pytest-triton": 270, "pytest-ext": 120, "parallel": 75,
-        "sanitize": 90, "sweep": 600, "report": 60}
+        "sanitize": 90, "distill": 150, "sweep": 600, "report": 60}
 #: Time kept back for a step while earlier ones run, so every step gets a turn.
+#: distill keeps none: it runs after the tests and before the sweep, whose reserve protects the sweep's
+#: first chunks, so the earlier steps' time is what it was before it (at least MIN_STEP_S, budget permitting).
 RESERVE = {"pytest-ext": 45, "parallel": 20, "sanitize": 40, "sweep": 90, "report": 10}
 #: How a step is stopped (its timeout, or a signal to this script): SIGINT (pytest still
 #: writes its JUnit XML, the sweep keeps its finished chunks), then SIGTERM, then SIGKILL,
@@ -28,7 +31,8 @@ TOOL_PROBE_S = 20  # each version probe (nvcc, compute-sanitizer, gcc, the drive
 #: pytest-triton runs as parallel shards (``-k``): its time is mostly Triton and Inductor
 #: compiling on the CPU, one core per process, while the machine has many.
 TRITON_SHARDS = ("real_shapes", "not real_shapes")
-#: The files of the pytest-triton step: the one-target kernels, the soft-target and the mixup kernels.
+#: The files of the pytest-triton step: the one-target kernels, the soft-target and the mixup kernels
+#: (test_triton_gpu.py also holds the distillation op's gpu tests).
 TRITON_GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_triton_soft.py", "tests/test_triton_mix.py",
                     "tests/test_triton_expected.py"]
 MIN_STEP_S = 20  # a step squeezed by the reserves still gets this much, budget permitting
@@ -43,6 +47,9 @@ DRY_ELEMENTS = 1 << 11     # the interpreter runs a program per row: few rows, t
 #: the device's backends and collectives; bench/results has the CPU timings at full size).
 PARALLEL_ARGS = ("--steps", "20", "--time-rows", "256", "--time-classes", "32768", "--repeat", "5")
 PARALLEL_DRY_ARGS = ("--steps", "4", "--classes", "37", "--time-rows", "16", "--time-classes", "64", "--repeat", "1")
+#: The distill step (bench/gpu/distill_bench.py): bf16 distillation fwd+bwd at these vocabularies,
+#: N = GPU_ELEMENTS // V; the dry run's tiny shapes are the script's --tiny.
+DISTILL_VOCABS = (32000, 128256)
 SOURCE_DIRS = ("csrc", "python/fusedloss", "triton_kernels", "tests", "bench/gpu")
 SOURCE_FILES = ("setup.py", "pyproject.toml")
 SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".toml"}
