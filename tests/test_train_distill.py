@@ -181,6 +181,7 @@ def test_teacher_of_another_architecture(tiny_data, tmp_path):
     (["--teacher", "{r34}", "--distill-temperature", "nan"], "--distill-temperature must be a finite number > 0"),
     (["--teacher", "{r34}", "--kd-weight", "1.5"], "--kd-weight must be in [0, 1]"),
     (["--teacher", "{r34}", "--distill-jsd-beta", "1"], "--distill-jsd-beta must be in (0, 1)"),
+    (["--teacher", "{r34}", "--distill-jsd-beta", "0.3"], "jsd_beta=0.3 is used by divergence='jsd' only"),
     (["--teacher", "{dir}/nowhere.pt"], "nowhere.pt': no such file"),
     (["--teacher", "{r34}", "--teacher-arch", "resnet35"], "--teacher-arch 'resnet35': not a torchvision"),
     (["--teacher", "{garbage}"], "not a readable weights file"),
