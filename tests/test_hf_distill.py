@@ -116,6 +116,22 @@ def test_num_items_in_batch_and_attention_mask():
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["fused", "logits"])
+def test_bfloat16_teacher_float32_student(mode):
+    """A bfloat16 teacher beside a float32 student: the teacher's bfloat16 logits promoted (as fl.distill_loss
+    promotes), the loss float32, equal to the float64 loss of the two stock models' logits."""
+    stock, teacher = _model("llama"), _teacher().to(torch.bfloat16)
+    student = patch_causal_lm(copy.deepcopy(stock), "ce", teacher=teacher, temperature=2.0,
+                              skip_logits=mode == "fused")
+    ids, labels = _batch()
+    out = student.train()(input_ids=ids, labels=labels)
+    out.loss.backward()
+    ref = _stock_reference(stock, teacher, ids, labels, loss="ce", temperature=2.0, divergence="kl", kd_weight=0.5)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(stock, student)
+
+
 def test_softcap_needs_the_logits_path():
     """Gemma 2's final soft cap has no fused linear form: refused unless skip_logits=False, where the
     stock (capped) logits of both models go to fl.distill_loss."""
