@@ -44,16 +44,18 @@ def linear_distill(student_hidden: Tensor, student_weight: Tensor, student_bias:
 
     Until ``fl.linear_distill_loss`` (helper D's, branch distill-linear-parallel) is merged, this is
     ``fl.distill_loss`` of the two projections: the same value and gradients, but it holds both
-    ``(N, V)`` logits. Switch: ``return linear_distill_loss(student_hidden, student_weight,
-    teacher_hidden, teacher_weight, target, loss, student_bias=student_bias, teacher_bias=teacher_bias, **kw)``.
+    ``(N, V)`` logits (``chunk_rows`` is linear_distill_loss's). Switch: replace the last line by
+    ``return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, loss,
+    student_bias=student_bias, teacher_bias=teacher_bias, **kw)`` (and check the float32 loss of 16-bit
+    models: the stand-in's is float32 like the stock ``logits.float()`` loss).
     """
     from ..distill.loss import distill_loss
 
-    kw.pop("chunk_rows", None)
     student = nn.functional.linear(student_hidden, student_weight, student_bias)
     teacher = nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
     acc = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
-    return distill_loss(student.to(acc), teacher.to(acc), target, loss, **kw)
+    return distill_loss(student.to(acc), teacher.to(acc), target, loss,
+                        **{k: v for k, v in kw.items() if k != "chunk_rows"})
 
 
 @dataclass
@@ -130,9 +132,7 @@ def make_teacher(student: nn.Module, teacher: nn.Module, loss: str, opts: dict, 
                                  f"linear distillation has no soft cap: pass skip_logits=False (the stock logits of "
                                  f"both models then go to fl.distill_loss)")
     options = {**DISTILL_DEFAULTS, **distill}
-    hard = {k: v for k, v in opts.items() if k != "chunk_rows"}
-    if "class_weight" in hard:
-        hard["weight"] = hard.pop("class_weight")
+    hard = {k: v for k, v in hard_options(opts).items() if k != "chunk_rows"}
     make_config(loss, **options, **hard)  # ValueError naming the argument
     return Teacher(teacher, base, family, options)
 
