@@ -218,3 +218,20 @@ def test_bad_hard_loss_option_with_teacher(tmp_path, capsys):
                "--teacher", str(path), "--output", str(tmp_path / "o")])
     assert rc == 2 and "gamma" in capsys.readouterr().err
 
+
+
+@pytest.mark.gpu
+def test_distill_on_gpu_bf16_channels_last(tmp_path):
+    """The teacher under the student's bf16 autocast and channels-last memory format, on one GPU."""
+    if not torch.cuda.is_available():  # checked here, not at import: test modules must not touch the GPU
+        pytest.skip("needs CUDA")
+    path = tmp_path / "teacher.pth"
+    torch.save(build_model("resnet34", 100).state_dict(), path)
+    args = ["--dummy", "--device", "cuda", "--amp", "bf16", "--channels-last", "--num-classes", "100",
+            "--dummy-train-size", "128", "--dummy-val-size", "64", "--arch", "resnet18", "--image-size", "64",
+            "--batch-size", "64", "--workers", "0", "--progress", "none", "--epochs", "1", "--loss", "crl",
+            "--teacher", str(path), "--teacher-arch", "resnet34", "--distill-temperature", "2",
+            "--mixup-alpha", "0.2", "--output", str(tmp_path / "o")]
+    assert main(args) == 0
+    (record,) = read_log(tmp_path / "o")
+    assert record["train_images"] == 128 and torch.isfinite(torch.tensor(record["train_loss"]))
