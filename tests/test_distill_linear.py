@@ -100,8 +100,9 @@ def test_linear_distill_float64_options(backend, divergence):
     blocks, jsd_beta 0.3; teacher and student confident on different classes (biases leading by 30)."""
     args, t = _problem(n=11, dtype=torch.float64, seed=3, lead=True)
     w = torch.rand(37, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    beta = {"jsd_beta": 0.3} if divergence == "jsd" else {}
     _check(args, t, torch.float64, 1, backend, "mean", loss="crl", temperature=4.0, divergence=divergence,
-           jsd_beta=0.3, kd_weight=0.6, weight=w, z_loss=1e-2, alpha=1.2, beta=0.5)
+           kd_weight=0.6, weight=w, z_loss=1e-2, alpha=1.2, beta=0.5, **beta)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -178,6 +179,10 @@ def test_linear_distill_bad_input():
         fl.linear_distill_loss(hs, ws, ht, wt, t, chunk_rows=0)
     with pytest.raises(TypeError, match="student_bias"):
         fl.linear_distill_loss(hs, ws, ht, wt, t, student_bias=bs.double())
+    with pytest.raises(ValueError, match="kd_weight=0 with target=None"):
+        fl.linear_distill_loss(hs, ws, ht, wt, None, kd_weight=0.0)
+    with pytest.raises(ValueError, match="would be silently ignored"):
+        fl.linear_distill_loss(hs, ws, ht, wt, None, "focal")
     with pytest.raises(IndexError):
         fl.linear_distill_loss(hs, ws, ht, wt, torch.full_like(t, 37))
 

@@ -149,7 +149,7 @@ def _run_case(case: dict, rank: int, seed: int) -> str | None:
         hard["weight"] = w
     backend = case.get("backend", "auto")
     (start, size) = SPLITS[case["split"]][rank]
-    s, t = s64.to(dtype), t64.to(tdtype)
+    s, t = s64.to(dtype).clone(), t64.to(tdtype).clone()  # copies: the oracle's leaf below is s64's own
     local = s[:, start:start + size].clone()
     tl = t[:, start:start + size].clone().requires_grad_()  # the teacher gets no gradient, even so
     if case.get("three_d"):
@@ -163,7 +163,7 @@ def _run_case(case: dict, rank: int, seed: int) -> str | None:
     go = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
     out.backward(go.to(out.dtype))
 
-    s_o = s.double().requires_grad_()
+    s_o = s.detach().double().clone().requires_grad_()
     kw_o = dict(kw)
     ref = _oracle(s_o, t.double(), target, loss or "ce", weight=w64.float().double() if w64 is not None else None,
                   **kw_o)
@@ -179,7 +179,7 @@ def _run_case(case: dict, rank: int, seed: int) -> str | None:
         assert torch.isfinite(g).all() and torch.isfinite(out).all()
         if case.get("compare_single", True):
             import fusedloss as fl
-            full = s.clone().requires_grad_()
+            full = s.detach().clone().requires_grad_()
             single = fl.distill_loss(full, t, target, backend=backend, **hard, **kw)
             single.backward(go.reshape(single.shape).to(single.dtype))
             torch.testing.assert_close(out.reshape(single.shape), single.detach(), **_single_tol(dtype))

@@ -96,6 +96,18 @@ def check_linear_distill_inputs(student_hidden, student_weight, student_bias, te
     return v
 
 
+def check_without_target(cfg, weight) -> None:
+    """``fl.distill_loss``'s rules for ``target=None`` (the row loss is the divergence alone): ``kd_weight
+    = 0`` leaves nothing, and a hard-loss option away from its default would be silently ignored."""
+    if cfg.kd_weight == 0.0:
+        raise ValueError("kd_weight=0 with target=None: the loss would be empty (without a target the row loss "
+                         "is the divergence alone); pass a target or kd_weight > 0")
+    used = cfg.hard_loss_used(weight)
+    if used:
+        raise ValueError(f"target=None: the row loss is the divergence alone, so {', '.join(used)} (options of the "
+                         "hard loss) would be silently ignored; pass a target or leave them out")
+
+
 def _blocks_pass(hs, ws, bs, ht, wt, bt, target, cfg, weight, chunk_rows: int, grad_scale: Tensor | None,
                  need: tuple[bool, bool, bool], rows_out: Tensor | None):
     """One pass of blocks: per block both logits, ``distill_rows``, and (``grad_scale`` given) the
@@ -142,7 +154,8 @@ class _LinearDistill(torch.autograd.Function):
         fused = red != Reduction.NONE and any(need)
         count = counted_rows(target, n, cfg.ignore_index).to(device=hs.device, dtype=acc)
         rows = torch.empty((n,), dtype=acc, device=hs.device)
-        grad_scale = _row_scale(torch.ones((), dtype=acc, device=hs.device), n, red, count) if fused else None
+        grad_scale = (_row_scale(torch.ones((), dtype=acc, device=hs.device), n, red, count, target, cfg.ignore_index)
+                      if fused else None)
         grads = _blocks_pass(hs, ws, bs, ht, wt, bt, target, cfg, weight, chunk_rows, grad_scale, need, rows)
         if red == Reduction.NONE:
             out = rows
@@ -168,17 +181,22 @@ class _LinearDistill(torch.autograd.Function):
             dh, dw, db = (_scale(g, grad_out) if g is not None else None for g in grads)
         else:  # 'none', or a second backward through the same graph: the blocks again
             hs, ws, bs, ht, wt, bt, target, weight, count = ctx.saved_tensors
-            scale = _row_scale(grad_out, hs.shape[0], red, count)
+            scale = _row_scale(grad_out, hs.shape[0], red, count, target, cfg.ignore_index)
             dh, dw, db = _blocks_pass(hs, ws, bs, ht, wt, bt, target, cfg, weight, chunk_rows, scale, need, None)
         return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + nones
 
 
-def _row_scale(grad_out: Tensor, n: int, red: int, count: Tensor) -> Tensor:
-    """d loss / d row_i for grad_output ``grad_out`` (a scalar, or ``(N,)`` for ``'none'``)."""
+def _row_scale(grad_out: Tensor, n: int, red: int, count: Tensor, target: Tensor | None,
+               ignore_index: int) -> Tensor:
+    """d loss / d row_i for grad_output ``grad_out`` (a scalar, or ``(N,)`` for ``'none'``), 0 on the rows
+    whose target is ``ignore_index`` (``distill_rows`` adds the divergence's gradient of every row it is
+    given a scale for, as ``fl.distill_loss``'s own ``_row_grad_scale`` expects)."""
     go = grad_out.to(count.dtype)
     go = go.expand(n) if go.dim() == 0 else go.reshape(n)
     if red == Reduction.MEAN:
         go = go / torch.where(count > 0, count, torch.ones_like(count))
+    if target is not None:
+        go = torch.where(target != ignore_index, go, torch.zeros((), dtype=go.dtype, device=go.device))
     return go.contiguous()
 
 
@@ -230,6 +248,8 @@ def linear_distill_loss(
     cfg, weight = make_config(loss, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
                               kd_weight=kd_weight, ignore_index=ignore_index, backend=backend, **loss_options)
     red = reduction_id(reduction)
+    if target is None:
+        check_without_target(cfg, weight)
     v = check_linear_distill_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                     teacher_bias, target)
     if weight is not None:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import dispatch, ops, validation
+from ..distill.linear import check_without_target
 from ..distill.ops import DIVERGENCES
 from ..variants import Reduction, reduction_id
 from .loss import _check_targets, _grad, _rows
@@ -156,6 +157,8 @@ def distill_loss(
         dcfg, weight = _make_config(loss, temperature, divergence, jsd_beta, kd_weight, ignore_index, backend,
                                     dict(loss_options))
         hcfg = _hard_config(dcfg, reduction)
+        if target is None:
+            check_without_target(dcfg, weight)
         _check_pair(student_logits, teacher_logits, target)
         if weight is not None:
             if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 1:
@@ -397,7 +400,7 @@ def linear_distill_loss(
     accepted, with ``Shard(0)`` biases. Other keywords as :func:`distill_loss`. Every rank must call
     it, and its backward, alike.
     """
-    from ..distill.linear import check_linear_distill_inputs, default_chunk_rows
+    from ..distill.linear import check_linear_distill_inputs, default_chunk_rows  # noqa: F811
 
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, group,
      class_start) = _unwrap_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -409,6 +412,8 @@ def linear_distill_loss(
         dcfg, weight = _make_config(loss, temperature, divergence, jsd_beta, kd_weight, ignore_index, backend,
                                     dict(loss_options))
         hcfg = _hard_config(dcfg, reduction)
+        if target is None:
+            check_without_target(dcfg, weight)
         check_linear_distill_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                     teacher_bias, target)
         if weight is not None:
