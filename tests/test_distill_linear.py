@@ -203,3 +203,29 @@ def test_linear_distill_peak_memory(target):
         out.backward()
     logits_bytes = n * v * 4
     assert m.peak_bytes < 0.3 * logits_bytes, f"peak {m.peak_bytes / logits_bytes:.3f}x the logits"
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_distill_equals_distill_loss_of_the_projections(divergence, reduction):
+    """The same loss and student gradients as fl.distill_loss on the materialized logits (float32, the
+    same backend), hidden sizes that differ, a mixed-dtype teacher (float64 hidden and weight: both
+    promoted to float64, as fl.distill_loss promotes)."""
+    args, t = _problem(n=21, seed=12)
+    hs, ws, bs, ht, wt, bt = args
+    for teacher_dtype in (torch.float32, torch.float64):
+        ht_, wt_, bt_ = (a.to(teacher_dtype) for a in (ht, wt, bt))
+        mine = [a.clone().requires_grad_() for a in (hs, ws, bs)]
+        out = fl.linear_distill_loss(mine[0], mine[1], ht_, wt_, t, "focal", student_bias=mine[2], teacher_bias=bt_,
+                                     chunk_rows=6, divergence=divergence, temperature=2.0, reduction=reduction)
+        theirs = [a.clone().requires_grad_() for a in (hs, ws, bs)]
+        ref = fl.distill_loss(theirs[0] @ theirs[1].T + theirs[2], ht_ @ wt_.T + bt_, t, "focal",
+                              divergence=divergence, temperature=2.0, reduction=reduction)
+        go = torch.rand(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype) + 0.5
+        out.backward(go)
+        ref.backward(go)
+        assert out.dtype == ref.dtype == torch.promote_types(torch.float32, teacher_dtype)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+        for a, b in zip(mine, theirs):
+            assert a.grad.dtype == torch.float32
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
