@@ -121,7 +121,10 @@ def _data(case: dict, seed: int):
     t[1, 30] += 30.0
     s[2, 35] += 100.0
     t[2, 5] += 100.0
-    t[3, int(y[3]) if y[3] >= 0 else 0] += 100.0
+    if not case.get("masked"):
+        # (Not with the masked classes: there the slice's largest gradient is small, and reverse_kl's
+        # entries of this row, T q_j (r_j - sum q r) with r ~ 100, carry float32's rounding of 100.)
+        t[3, int(y[3]) if y[3] >= 0 else 0] += 100.0
     if case.get("masked"):  # padded classes: -inf in both models, rank 0's whole slice on row 6 (uneven split)
         s[6, :13] = t[6, :13] = -math.inf
         s[6, 36] = t[6, 36] = -math.inf

@@ -5,10 +5,11 @@ rank holds its rows of both heads' weights).
 The divergence of a row depends on it through the global log-sum-exps of both rows at temperature
 ``T`` and then through one or two sums over the classes (docs/distillation.md):
 
-1. each rank's local ``lse`` of ``s / T`` and ``t / T``; one all-reduce MAX (``2N``), one all-reduce
-   SUM of ``exp(lse_r - M)`` (``2N``): the global ``lse_s``, ``lse_t``;
-2. ``log q = s / T - lse_s`` and ``log p = t / T - lse_t`` on the slice (log space, never
-   ``log(exp(.))``), the slice's part of the divergence's sums, one all-reduce SUM (``N``; ``2N``
+1. each rank's row maxima of ``s / T`` and ``t / T``, one all-reduce MAX (``2N``): the global ``M``; the
+   slice's ``sum exp(x / T - M)`` of both, one all-reduce SUM (``2N``): ``L = log`` of the total;
+2. ``log q = (s / T - M_s) - L_s`` and ``log p = (t / T - M_t) - L_t`` on the slice (log space, never
+   ``log(exp(.))``; ``torch.log_softmax``'s own order, so no rounding of an ``lse`` at the logits'
+   magnitude), the slice's part of the divergence's sums, one all-reduce SUM (``N``; ``2N``
    for jsd): ``kl: sum p (log p - log q)``, ``reverse_kl: sum q (log q - log p)``,
    ``jsd: sum p (log p - log m), sum q (log q - log m)``;
 3. the backward is local, from the saved global numbers (distill/ops.py's gradients): ``kl:
@@ -206,14 +207,19 @@ def distill_loss(
 # The divergence on a slice: global lse of both rows, the sums, the local gradient
 # ----------------------------------------------------------------------------------------------
 
-def _global_lse(parts: Tensor, group) -> Tensor:
-    """``log sum_r exp(parts_r)`` over the ranks, per entry: MAX, then SUM of ``exp(part - M)``."""
-    m = parts.clone()
+def _global_shift_and_log_sum(z: Tensor, y: Tensor, group) -> tuple[Tensor, Tensor]:
+    """Each row's global max ``M`` and ``L = log sum_k exp(x_k - M)`` over every rank's classes, of the
+    student's ``z`` and the teacher's ``y`` (``(2, N)`` each: student, teacher): all-reduce MAX of the
+    local maxima, then all-reduce SUM of the slices' ``sum_k exp(x_k - M)`` (every term <= 1). The log
+    softmax is then ``(x - M) - L``, as ``torch.log_softmax`` forms it on one process: never
+    ``x - lse`` with ``lse`` rounded at the logits' magnitude."""
+    m = torch.stack([z.amax(1), y.amax(1)]) if z.shape[1] else torch.full((2, z.shape[0]), -math.inf,
+                                                                            dtype=z.dtype, device=z.device)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
-    e = torch.exp(parts - shift)
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))  # all -inf: exp gives 0
+    e = torch.stack([torch.exp(z - m[0][:, None]).sum(1), torch.exp(y - m[1][:, None]).sum(1)])
     dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
-    return shift + e.log()
+    return m, e.log()
 
 
 def _xlog(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -222,9 +228,11 @@ def _xlog(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
 
 
 def _logs(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, temperature: float, cd):
-    """``log q``, ``log p`` on the slice from the global log-sum-exps (log space)."""
+    """``log q``, ``log p`` on the slice from each row's global ``(M, L)`` (``lse_s``, ``lse_t``: ``(2, N)``;
+    log space: ``(x / T - M) - L``)."""
     inv = 1.0 / temperature
-    return s.to(cd) * inv - lse_s[:, None], t.to(cd) * inv - lse_t[:, None]
+    return ((s.to(cd) * inv - lse_s[0][:, None]) - lse_s[1][:, None],
+            (t.to(cd) * inv - lse_t[0][:, None]) - lse_t[1][:, None])
 
 
 def _log_m(log_p: Tensor, log_q: Tensor, b: float) -> Tensor:
@@ -233,11 +241,13 @@ def _log_m(log_p: Tensor, log_q: Tensor, b: float) -> Tensor:
 
 def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, jsd_beta: float, group):
     """``(D (N,), lse_s, lse_t, sums)`` of the slices ``s``, ``t`` (same dtype): D with the ``T^2``,
-    in the math type; ``sums`` the divergence's global sums (``(k, N)``) the gradient reads."""
+    in the math type; ``lse_s``, ``lse_t`` each row's global ``(M, L)`` at temperature T (``(2, N)``,
+    :func:`_global_shift_and_log_sum`); ``sums`` the divergence's global sums (``(k, N)``) the
+    gradient reads."""
     cd = torch.float64 if s.dtype == torch.float64 else torch.float32
     inv = 1.0 / temperature
-    local = torch.stack([torch.logsumexp(s.to(cd) * inv, 1), torch.logsumexp(t.to(cd) * inv, 1)])
-    lse_s, lse_t = _global_lse(local, group)
+    m, log_sum = _global_shift_and_log_sum(s.to(cd) * inv, t.to(cd) * inv, group)
+    lse_s, lse_t = torch.stack([m[0], log_sum[0]]), torch.stack([m[1], log_sum[1]])
     log_q, log_p = _logs(s, t, lse_s, lse_t, temperature, cd)
     if divergence == DIVERGENCES["kl"]:
         parts = [_xlog(log_p.exp(), log_p, log_q)]
