@@ -229,3 +229,6 @@ def test_linear_distill_equals_distill_loss_of_the_projections(divergence, reduc
         for a, b in zip(mine, theirs):
             assert a.grad.dtype == torch.float32
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    for dtype in (torch.int32, torch.uint8):  # the target dtypes fl.distill_loss takes
+        torch.testing.assert_close(fl.linear_distill_loss(hs, ws, ht, wt, t.clamp(min=0).to(dtype), chunk_rows=6),
+                                   fl.distill_loss(hs @ ws.T, ht @ wt.T, t.clamp(min=0).to(dtype)), rtol=1e-5, atol=1e-6)

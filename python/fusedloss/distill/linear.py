@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import ops, validation
+from .. import functional, ops, validation
 from ..head import MIN_CHUNK_BYTES, _fold, _logits_into, _scale, _WeightGrad, check_chunk_rows
 from ..variants import Reduction, reduction_id
 
@@ -86,8 +86,8 @@ def check_linear_distill_inputs(student_hidden, student_weight, student_bias, te
             raise TypeError(f"target must be a torch.Tensor or None; got {type(target).__name__}")
         if target.is_floating_point():
             raise NotImplementedError("linear_distill_loss takes class-index targets (or None)")
-        if target.dtype not in validation.TARGET_DTYPES:
-            raise TypeError(f"target must be int64 or int32 class indices; got {target.dtype}")
+        if target.dtype not in validation.TARGET_DTYPES + (torch.uint8,):
+            raise TypeError(f"target must be int64, int32 (or uint8) class indices; got {target.dtype}")
         if tuple(target.shape) != tuple(student_hidden.shape[:-1]):
             raise ValueError(f"target must have shape {tuple(student_hidden.shape[:-1])} (student_hidden's without "
                              f"D); got {tuple(target.shape)}")
@@ -266,7 +266,8 @@ def linear_distill_loss(
     ht = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
     out = _LinearDistill.apply(hs, student_weight, student_bias, ht, teacher_weight.detach(),
                                None if teacher_bias is None else teacher_bias.detach(),
-                               None if target is None else target.reshape(-1), weight, cfg, int(red), int(chunk_rows))
+                               None if target is None else functional._index_dtype(target).reshape(-1), weight, cfg,
+                               int(red), int(chunk_rows))
     if red == Reduction.NONE:
         out = out.reshape(student_hidden.shape[:-1])
     return out.to(dtype)
