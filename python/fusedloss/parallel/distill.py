@@ -89,7 +89,7 @@ def _check_pair(student, teacher, target, name_s="student_logits", name_t="teach
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
         validation.check_logits(x)
-        if x.dim() < 2:
+        if x.dim() not in (2, 3):
             raise ValueError(f"{name} must be (N, V_local) or (B, T, V_local); got shape {tuple(x.shape)}")
     if tuple(student.shape) != tuple(teacher.shape):
         raise ValueError(f"{name_t} must have {name_s}'s shape {tuple(student.shape)}; got {tuple(teacher.shape)}")
