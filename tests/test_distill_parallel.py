@@ -50,6 +50,10 @@ def _cases() -> list[dict]:
              dtype="bfloat16", temperature=2.0),
         dict(name="reverse_kl-reference-crl-mean-uneven", divergence="reverse_kl", loss="crl", reduction="mean",
              split="uneven", backend="reference"),
+        dict(name="jsd-blocks5-focal-none-uneven", divergence="jsd", loss="focal", reduction="none", split="uneven",
+             block_rows=5, temperature=2.0),
+        dict(name="reverse_kl-blocks4-None-mean-reversed", divergence="reverse_kl", loss=None, reduction="mean",
+             split="reversed", block_rows=4),
         dict(name="kl-3d-ce-none-uneven", divergence="kl", loss="ce", reduction="none", split="uneven", three_d=True),
         # -inf classes: the float64 oracle's gradient of reverse_kl/jsd is NaN there (autograd's 0 * inf in its
         # log-ratio), so these rows' gradient is compared with the single-process fl.distill_loss only.
@@ -173,10 +177,15 @@ def _run_case(case: dict, rank: int, seed: int) -> str | None:
     else:
         tl_in, target_in = tl, target
     local.requires_grad_()
-    out = flp.distill_loss(local, tl_in, target_in, class_start=start if case["split"] == "reversed" else None,
-                           backend=backend, **hard, **kw)
-    go = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
-    out.backward(go.to(out.dtype))
+    from fusedloss.parallel import distill as par_distill
+    par_distill.BLOCK_ROWS = case.get("block_rows")  # the slice's passes in blocks of rows (None: one here)
+    try:
+        out = flp.distill_loss(local, tl_in, target_in, class_start=start if case["split"] == "reversed" else None,
+                               backend=backend, **hard, **kw)
+        go = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
+        out.backward(go.to(out.dtype))
+    finally:
+        par_distill.BLOCK_ROWS = None
 
     s_o = s.detach().double().clone().requires_grad_()
     kw_o = dict(kw)

@@ -207,21 +207,6 @@ def distill_loss(
 # The divergence on a slice: global lse of both rows, the sums, the local gradient
 # ----------------------------------------------------------------------------------------------
 
-def _global_shift_and_log_sum(z: Tensor, y: Tensor, group) -> tuple[Tensor, Tensor]:
-    """Each row's global max ``M`` and ``L = log sum_k exp(x_k - M)`` over every rank's classes, of the
-    student's ``z`` and the teacher's ``y`` (``(2, N)`` each: student, teacher): all-reduce MAX of the
-    local maxima, then all-reduce SUM of the slices' ``sum_k exp(x_k - M)`` (every term <= 1). The log
-    softmax is then ``(x - M) - L``, as ``torch.log_softmax`` forms it on one process: never
-    ``x - lse`` with ``lse`` rounded at the logits' magnitude."""
-    m = torch.stack([z.amax(1), y.amax(1)]) if z.shape[1] else torch.full((2, z.shape[0]), -math.inf,
-                                                                            dtype=z.dtype, device=z.device)
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))  # all -inf: exp gives 0
-    e = torch.stack([torch.exp(z - m[0][:, None]).sum(1), torch.exp(y - m[1][:, None]).sum(1)])
-    dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
-    return m, e.log()
-
-
 def _xlog(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
     """``sum_k a_k (log a_k - log b_k)`` over the slice, ``0 log 0 = 0``."""
     return torch.where(a > 0, a * (log_a - log_b), 0).sum(-1)
@@ -239,25 +224,59 @@ def _log_m(log_p: Tensor, log_q: Tensor, b: float) -> Tensor:
     return torch.logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
 
 
+#: Rows per block of the slice's elementwise passes; None: ``head.default_chunk_rows`` (tests set it small).
+BLOCK_ROWS: int | None = None
+
+
+def _row_blocks(x: Tensor):
+    """Blocks of rows of a slice for its elementwise passes (``head.default_chunk_rows``: the block's
+    float32 temporaries within 48 MiB each), so that no ``(N, V_local)`` temporary is held."""
+    from ..head import default_chunk_rows
+
+    n = x.shape[0]
+    rows = BLOCK_ROWS or default_chunk_rows(n, x.shape[1], 4)
+    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
 def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, jsd_beta: float, group):
     """``(D (N,), lse_s, lse_t, sums)`` of the slices ``s``, ``t`` (same dtype): D with the ``T^2``,
-    in the math type; ``lse_s``, ``lse_t`` each row's global ``(M, L)`` at temperature T (``(2, N)``,
-    :func:`_global_shift_and_log_sum`); ``sums`` the divergence's global sums (``(k, N)``) the
-    gradient reads."""
+    in the math type; ``lse_s``, ``lse_t`` each row's global ``(M, L)`` at temperature T (``(2, N)``):
+    ``M`` the row's max over every rank's classes (all-reduce MAX of the slices' maxima) and
+    ``L = log sum_k exp(x_k / T - M)`` (all-reduce SUM of the slices' sums, every term <= 1), so that
+    ``log q = (s / T - M) - L`` as ``torch.log_softmax`` forms it on one process (never ``s / T - lse``
+    with ``lse`` rounded at the logits' magnitude); ``sums`` the divergence's global sums (``(k, N)``)
+    the gradient reads. Three collectives of ``O(N)``; the slice is read in blocks of rows."""
     cd = torch.float64 if s.dtype == torch.float64 else torch.float32
     inv = 1.0 / temperature
-    m, log_sum = _global_shift_and_log_sum(s.to(cd) * inv, t.to(cd) * inv, group)
+    n = s.shape[0]
+    blocks = _row_blocks(s)
+    m = torch.full((2, n), -math.inf, dtype=cd, device=s.device)
+    if s.shape[1]:
+        for a, b in blocks:
+            m[0, a:b] = s[a:b].amax(1).to(cd) * inv
+            m[1, a:b] = t[a:b].amax(1).to(cd) * inv
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=cd, device=s.device))  # all -inf: exp gives 0
+    e = torch.zeros((2, n), dtype=cd, device=s.device)
+    for a, b in blocks:
+        e[0, a:b] = torch.exp(s[a:b].to(cd) * inv - m[0, a:b, None]).sum(1)
+        e[1, a:b] = torch.exp(t[a:b].to(cd) * inv - m[1, a:b, None]).sum(1)
+    dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
+    log_sum = e.log()
     lse_s, lse_t = torch.stack([m[0], log_sum[0]]), torch.stack([m[1], log_sum[1]])
-    log_q, log_p = _logs(s, t, lse_s, lse_t, temperature, cd)
-    if divergence == DIVERGENCES["kl"]:
-        parts = [_xlog(log_p.exp(), log_p, log_q)]
-    elif divergence == DIVERGENCES["reverse_kl"]:
-        parts = [_xlog(log_q.exp(), log_q, log_p)]
-    else:
-        log_m = _log_m(log_p, log_q, jsd_beta)
-        parts = [_xlog(log_p.exp(), log_p, log_m), _xlog(log_q.exp(), log_q, log_m)]
-    del log_q, log_p
-    sums = torch.stack(parts)
+    k = 2 if divergence == DIVERGENCES["jsd"] else 1
+    sums = torch.zeros((k, n), dtype=cd, device=s.device)
+    for a, b in blocks:
+        log_q, log_p = _logs(s[a:b], t[a:b], lse_s[:, a:b], lse_t[:, a:b], temperature, cd)
+        if divergence == DIVERGENCES["kl"]:
+            sums[0, a:b] = _xlog(log_p.exp(), log_p, log_q)
+        elif divergence == DIVERGENCES["reverse_kl"]:
+            sums[0, a:b] = _xlog(log_q.exp(), log_q, log_p)
+        else:
+            log_m = _log_m(log_p, log_q, jsd_beta)
+            sums[0, a:b] = _xlog(log_p.exp(), log_p, log_m)
+            sums[1, a:b] = _xlog(log_q.exp(), log_q, log_m)
+        del log_q, log_p
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     if divergence == DIVERGENCES["jsd"]:
         d = jsd_beta * sums[0] + (1 - jsd_beta) * sums[1]
@@ -266,9 +285,9 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, j
     return temperature * temperature * d, lse_s, lse_t, sums
 
 
-def divergence_grad(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, sums: Tensor, go: Tensor,
-                    temperature: float, divergence: int, jsd_beta: float) -> Tensor:
-    """``go_i dD_i / ds`` on the slice (math type), local: from the saved global numbers."""
+def _divergence_grad_block(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, sums: Tensor, go: Tensor,
+                           temperature: float, divergence: int, jsd_beta: float) -> Tensor:
+    """``go_i dD_i / ds`` of a block of rows (math type), from the saved global numbers."""
     cd = lse_s.dtype
     log_q, log_p = _logs(s, t, lse_s, lse_t, temperature, cd)
     q = log_q.exp()
@@ -284,6 +303,21 @@ def divergence_grad(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, sums: Te
             g = g * scale
     g = g * (temperature * go)[:, None]
     return torch.where((go != 0)[:, None], g, 0)
+
+
+def divergence_grad(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, sums: Tensor, go: Tensor,
+                    temperature: float, divergence: int, jsd_beta: float, into: Tensor | None = None) -> Tensor:
+    """``go_i dD_i / ds`` on the slice, local (no collective), in ``s``'s dtype, block by block: added to
+    ``into`` (the hard loss's gradient of the slice, updated in place, each entry rounded once) or
+    written into a new buffer."""
+    out = torch.empty(s.shape, dtype=s.dtype, device=s.device) if into is None else into
+    for a, b in _row_blocks(s):
+        g = _divergence_grad_block(s[a:b], t[a:b], lse_s[:, a:b], lse_t[:, a:b], sums[:, a:b], go[a:b],
+                                   temperature, divergence, jsd_beta)
+        if into is not None:
+            g = g + into[a:b].to(g.dtype)
+        out[a:b] = g
+    return out
 
 
 class _VocabParallelDistill(torch.autograd.Function):
@@ -331,12 +365,15 @@ class _VocabParallelDistill(torch.autograd.Function):
         zero = torch.zeros((), dtype=cd, device=s.device)
         go = torch.where(keep, go, zero)
         kd = 1.0 if ctx.state_type is None else dcfg.kd_weight
-        g = divergence_grad(s, t, lse_s, lse_t, sums, kd * go, dcfg.temperature, DIVERGENCES[dcfg.divergence],
-                            dcfg.jsd_beta)
+        hard = None
         if ctx.state_type is not None and dcfg.kd_weight < 1:
             state = ctx.state_type(*fields)
-            g = g + _grad(s, state, (1 - dcfg.kd_weight) * go, weight, plan, be, hcfg).to(cd)
-        return g.to(s.dtype), None, None, None, None, None, None, None, None, None
+            hard = _grad(s, state, (1 - dcfg.kd_weight) * go, weight, plan, be, hcfg)
+            if hard.dtype != s.dtype or not hard.is_contiguous():
+                hard = hard.to(s.dtype).contiguous()
+        g = divergence_grad(s, t, lse_s, lse_t, sums, kd * go, dcfg.temperature, DIVERGENCES[dcfg.divergence],
+                            dcfg.jsd_beta, into=hard)
+        return g, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,9 +550,11 @@ def _split_blocks(hs, ws, bs, ht, wt, bt, target, weight, plan, be, hcfg, dcfg, 
             rows_out[s:e] = r
         if grads:
             gb = go[s:e] if keep is None else torch.where(keep, go[s:e], zero)
-            g = divergence_grad(xs, xt, lse_s, lse_t, sums, w * gb, dcfg.temperature, div, dcfg.jsd_beta)
+            hard_g = None
             if state is not None and w < 1:
-                g = g + _grad(xs, state, (1 - w) * gb, weight, plan, be, hcfg).to(cd)
+                hard_g = _grad(xs, state, (1 - w) * gb, weight, plan, be, hcfg).to(xs.dtype).contiguous()
+            g = divergence_grad(xs, xt, lse_s, lse_t, sums, w * gb, dcfg.temperature, div, dcfg.jsd_beta,
+                                into=hard_g)
             _fold(g.to(hs.dtype), hs[s:e], ws, dh[s:e] if dh is not None else None, dw, db)
             del g
     if db is not None and bs is not None:
