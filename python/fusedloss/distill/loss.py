@@ -334,6 +334,19 @@ class _DistillFunction(torch.autograd.Function):
         return (_scale(grad, grad_loss),) + (None,) * 5
 
 
+class _CompiledDistillFunction(_DistillFunction):
+    """The Function ``torch.compile`` traces: Dynamo traces the backward itself, and the composite
+    path's checks (functorch state) are not traceable; a compiled region runs first order (as the
+    one-target ops under compile, docs/autograd.md), so its backward is the product alone."""
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        grad = ctx.saved_tensors[4]
+        return (ops.scale_fused_grad(grad, grad_loss),) + (None,) * 5
+
+
 # ----------------------------------------------------------------------------
 # The public API
 # ----------------------------------------------------------------------------
@@ -439,20 +452,24 @@ def _distill(student: Tensor, teacher: Tensor, target: Tensor | None, cfg: Disti
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     s = student.to(dtype).reshape(-1, v)
     t = teacher.detach().to(dtype).reshape(-1, v)
-    if v > 1 and s.stride(1) != 1:
-        s = s.contiguous()
-    if v > 1 and t.stride(1) != 1:
-        t = t.contiguous()
     y = None
     if target is not None:
         y = functional._index_dtype(target).reshape(-1)
         weight = validation.check_weight(weight, v, s)
+    dispatch.resolve(cfg.backend, s.device)  # loads the backend here, not inside the Function (a traced import)
     if functional._composite_wanted(s, y, weight):
         if y is not None:
             functional._check_values(y, v, cfg.ignore_index, s.device)
         out = _composite_loss(s, t, y, cfg, weight, red)
     else:
-        out = _DistillFunction.apply(s, t, y, weight, cfg, red)
+        # the ops read rows of any stride but unit class stride (batched tensors have no strides:
+        # this is the ops' path only)
+        if v > 1 and s.stride(1) != 1:
+            s = s.contiguous()
+        if v > 1 and t.stride(1) != 1:
+            t = t.contiguous()
+        fn = _CompiledDistillFunction if torch.compiler.is_compiling() else _DistillFunction
+        out = fn.apply(s, t, y, weight, cfg, red)
     if red == Reduction.NONE:
         out = out.reshape(row_shape)
     return out.to(dtype)
