@@ -132,6 +132,22 @@ def test_bfloat16_teacher_float32_student(mode):
     _assert_same_grads(stock, student)
 
 
+def test_bfloat16_pair_fused_loss_is_bfloat16():
+    """Both models bfloat16: the fused path's loss is linear_distill_loss's, bfloat16 (float32 math rounded once),
+    within bfloat16 rounding of the float64 loss of the stock bfloat16 logits; the logits path's is float32."""
+    stock, teacher = _model("llama").to(torch.bfloat16), _teacher().to(torch.bfloat16)
+    ids, labels = _batch()
+    with torch.no_grad():
+        ref = _oracle(stock(input_ids=ids).logits, teacher(input_ids=ids).logits, labels, loss="ce", temperature=2.0,
+                      divergence="kl", kd_weight=0.5)
+    for mode, dtype in (("fused", torch.bfloat16), ("logits", torch.float32)):
+        student = patch_causal_lm(copy.deepcopy(stock), "ce", teacher=teacher, temperature=2.0,
+                                  skip_logits=mode == "fused")
+        out = student.train()(input_ids=ids, labels=labels)
+        assert out.loss.dtype == dtype, mode
+        torch.testing.assert_close(out.loss.double(), ref, rtol=2e-2, atol=0, msg=mode)
+
+
 def test_softcap_needs_the_logits_path():
     """Gemma 2's final soft cap has no fused linear form: refused unless skip_logits=False, where the
     stock (capped) logits of both models go to fl.distill_loss."""

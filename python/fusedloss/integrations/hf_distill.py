@@ -40,22 +40,17 @@ REFUSED_INPUTS = ("inputs_embeds", "past_key_values")
 def linear_distill(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
                    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Tensor | None, target: Tensor,
                    loss: str, **kw) -> Tensor:
-    """The fused linear distillation of the two models' last hidden states (the one place to switch).
+    """The fused linear distillation of the two models' last hidden states: :func:`fusedloss.linear_distill_loss`
+    (blocks of rows of both projections, neither ``(N, V)`` logits held).
 
-    Until ``fl.linear_distill_loss`` (helper D's, branch distill-linear-parallel) is merged, this is
-    ``fl.distill_loss`` of the two projections: the same value and gradients, but it holds both
-    ``(N, V)`` logits (``chunk_rows`` is linear_distill_loss's). Switch: replace the last line by
-    ``return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, loss,
-    student_bias=student_bias, teacher_bias=teacher_bias, **kw)`` (and check the float32 loss of 16-bit
-    models: the stand-in's is float32 like the stock ``logits.float()`` loss).
+    The loss comes back in the promoted dtype of the two models (``linear_distill_loss``'s contract): for a
+    16-bit pair it is computed in float32 and rounded once to that dtype, where the stock loss and this
+    patch's logits path give float32.
     """
-    from ..distill.loss import distill_loss
+    from ..distill.linear import linear_distill_loss
 
-    student = nn.functional.linear(student_hidden, student_weight, student_bias)
-    teacher = nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
-    acc = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
-    return distill_loss(student.to(acc), teacher.to(acc), target, loss,
-                        **{k: v for k, v in kw.items() if k != "chunk_rows"})
+    return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, loss,
+                               student_bias=student_bias, teacher_bias=teacher_bias, **kw)
 
 
 @dataclass
