@@ -22,6 +22,15 @@ plain-vs-recipe table; such a run writes ``digits_losses_mixup.*`` unless ``--na
 otherwise::
 
     python bench/compare_losses.py --mixup-alpha 0.2 --cutmix-alpha 1.0 --label-smoothing 0.1 --with-plain
+
+Knowledge distillation (``--kd-weight W > 0``): a teacher is trained first, once per invocation (the
+same CNN with ``--teacher-width`` times the channels, ``ce``, ``--teacher-epochs`` epochs, seed
+``--teacher-seed``, on the same training split), then every student trains on
+``(1 - W) H + W T^2 KL`` as ``python -m fusedloss.train --teacher`` does (``fl.distill_loss``; with
+mixup/cutmix the teacher sees the mixed images); ``--with-plain`` adds the same students without
+the teacher, paired by seed. Such a run writes ``digits_distill.*``::
+
+    python bench/compare_losses.py --kd-weight 0.5 --distill-temperature 4 --with-plain
 """
 from __future__ import annotations
 
@@ -44,12 +53,14 @@ try:
 except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
     import fusedloss as fl
+from fusedloss.train.distill import Distiller  # noqa: E402  (python -m fusedloss.train --teacher's loss)
 from fusedloss.train.recipe import BatchMix, MixedTargetLoss  # noqa: E402  (the route fusedloss.train takes)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 NAME = "digits_losses"
 NAME_MIXED = "digits_losses_mixup"
+NAME_DISTILL = "digits_distill"
 NUM_CLASSES = 10
 # Bins of the expected calibration error (Guo et al. 2017 use 15).
 ECE_BINS = 15
@@ -70,20 +81,30 @@ class Recipe:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     label_smoothing: float = 0.0
+    # Knowledge distillation from the teacher (kd_weight 0 = off): (1 - W) H + W T^2 divergence.
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    kd_divergence: str = "kl"
 
     @property
     def mixes(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @property
+    def distills(self) -> bool:
+        return self.kd_weight > 0
+
+    @property
     def plain(self) -> bool:
-        return not self.mixes and self.label_smoothing == 0
+        return not self.mixes and self.label_smoothing == 0 and not self.distills
 
     @property
     def label(self) -> str:
         """Short name of the recipe in tables: ``plain`` or e.g. ``mixup 0.2 / cutmix 1 / ls 0.1``."""
         parts = [f"{name} {value:g}" for name, value in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha),
                                                           ("ls", self.label_smoothing)) if value > 0]
+        if self.distills:
+            parts.append(f"KD {self.kd_divergence} T {self.kd_temperature:g} W {self.kd_weight:g}")
         return " / ".join(parts) or "plain"
 
     def plain_twin(self) -> "Recipe":
@@ -107,6 +128,10 @@ class RunResult:
     test_confidence: list[float] = field(default_factory=list)
     test_max_logit: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    model: nn.Module | None = field(default=None, repr=False)  # kept for the teacher only (not in the JSON)
+
+    def record(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "model"}
 
 
 def load_split(train_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,13 +153,15 @@ def load_split(train_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch
             torch.from_numpy((x_test - mean) / std), torch.from_numpy(y_test))
 
 
-def small_cnn(num_classes: int = 10) -> nn.Module:
-    """Three 3x3 conv blocks (32, 64, 128 channels, one 2x2 pool) and a linear head: ~94k parameters."""
+def small_cnn(num_classes: int = 10, width: int = 1) -> nn.Module:
+    """Three 3x3 conv blocks (32, 64, 128 channels x ``width``, one 2x2 pool) and a linear head: ~94k
+    parameters (width 2, the distillation teacher: ~371k)."""
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-    return nn.Sequential(*block(1, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+    c = 32 * width
+    return nn.Sequential(*block(1, c), *block(c, 2 * c), nn.MaxPool2d(2), *block(2 * c, 4 * c),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, num_classes))
 
 
 def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -171,12 +198,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
             logits.abs().max().item())
 
 
-def train_one(loss: str, seed: int, data: tuple[torch.Tensor, ...], recipe: Recipe) -> RunResult:
+def train_one(loss: str, seed: int, data: tuple[torch.Tensor, ...], recipe: Recipe, teacher: nn.Module | None = None,
+              width: int = 1, keep_model: bool = False) -> RunResult:
     x_train, y_train, x_test, y_test = data
     # The same initial weights for every loss at this seed; the mixes (drawn by torchvision's
     # transforms from the same global generator, which nothing else here consumes) too.
     torch.manual_seed(seed)
-    model = small_cnn(NUM_CLASSES)
+    model = small_cnn(NUM_CLASSES, width)
     order = torch.Generator().manual_seed(seed)  # and the same batch order
     criterion = MixedTargetLoss(fl.SoftmaxLoss(loss=loss, label_smoothing=recipe.label_smoothing,
                                                **LOSS_KWARGS.get(loss, {})), NUM_CLASSES)
@@ -185,6 +213,13 @@ def train_one(loss: str, seed: int, data: tuple[torch.Tensor, ...], recipe: Reci
                                 weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
     result = RunResult(loss, seed, recipe.label, criterion.mixed_path() if mix is not None else "-")
+    distiller = None
+    if recipe.distills:
+        if teacher is None:
+            raise ValueError(f"recipe {recipe.label!r} distills: a teacher is needed")
+        distiller = Distiller(teacher, "teacher", criterion, distill_namespace(loss, recipe))
+        # Without mixing the teacher sees the training images as they are: its logits once, not every step.
+        cached = None if mix is not None else _teacher_logits(teacher, x_train)
     start = time.perf_counter()
     for _ in range(recipe.epochs):
         model.train()
@@ -196,7 +231,12 @@ def train_one(loss: str, seed: int, data: tuple[torch.Tensor, ...], recipe: Reci
             images, target = x_train[idx], y_train[idx]
             if mix is not None:
                 images, target = mix(images, target)
-            value = criterion(model(images), target)
+            if distiller is None:
+                value = criterion(model(images), target)
+            elif cached is not None:
+                value = fl.distill_loss(model(images), cached[idx], target, loss, **distiller.kw)
+            else:
+                value = distiller(images, model(images), target)  # fusedloss.train's route, teacher on the mix
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -210,6 +250,31 @@ def train_one(loss: str, seed: int, data: tuple[torch.Tensor, ...], recipe: Reci
         result.test_confidence.append(confidence)
         result.test_max_logit.append(max_logit)
     result.seconds = time.perf_counter() - start
+    if keep_model:
+        result.model = model.eval()
+    return result
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return teacher.eval()(x)
+
+
+def distill_namespace(loss: str, recipe: Recipe) -> argparse.Namespace:
+    """The flags of ``python -m fusedloss.train`` that :class:`Distiller` reads."""
+    kw = LOSS_KWARGS.get(loss, {})
+    return argparse.Namespace(loss=loss, alpha=kw.get("alpha", 1.5), beta=kw.get("beta", 1.0),
+                              gamma=kw.get("gamma", 2.0), label_smoothing=recipe.label_smoothing,
+                              distill_temperature=recipe.kd_temperature, distill_divergence=recipe.kd_divergence,
+                              distill_jsd_beta=0.5, kd_weight=recipe.kd_weight)
+
+
+def train_teacher(data: tuple[torch.Tensor, ...], recipe: Recipe, width: int, epochs: int, seed: int) -> RunResult:
+    """The distillation teacher: the CNN ``width`` times as wide, ``ce``, the plain recipe for ``epochs``."""
+    teacher_recipe = Recipe(epochs=epochs, batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum,
+                            weight_decay=recipe.weight_decay)
+    result = train_one("ce", seed, data, teacher_recipe, width=width, keep_model=True)
+    result.recipe = f"teacher: width x{width}, ce, {epochs} epochs, seed {seed}"
     return result
 
 
@@ -274,7 +339,7 @@ def _paired_table(results: list[RunResult], losses: list[str], plain: str, recip
 
 
 def markdown_table(results: list[RunResult], recipes: list[Recipe], seeds: list[int], split: tuple[int, int],
-                   command: str, seconds: float) -> str:
+                   command: str, seconds: float, teacher: RunResult | None = None) -> str:
     """The results of each recipe, one row per loss; with a plain and a modern recipe, the paired comparison."""
     losses = list(dict.fromkeys(r.loss for r in results))
     base = recipes[0]
@@ -311,6 +376,15 @@ def markdown_table(results: list[RunResult], recipes: list[Recipe], seeds: list[
                           "`lam * L(y_a) + (1 - lam) * L(y_b)` (`MixedTargetLoss`; the column says which path ran)")
         if recipe.label_smoothing > 0:
             what.append(f"label smoothing {recipe.label_smoothing:g} for every loss (docs/losses.md)")
+        if recipe.distills and teacher is not None:
+            n_params = sum(p.numel() for p in teacher.model.parameters())
+            what.append(
+                f"knowledge distillation from one teacher trained first ({teacher.recipe}: the same CNN with "
+                f"{n_params / 1e3:.0f}k parameters against 94k, on the same training split; its test accuracy "
+                f"{teacher.test_acc[-1]:.2f} %, test cross-entropy {teacher.test_nll[-1]:.3f}): each student "
+                f"trains on `(1 - W) H + W T^2 D` per image with W = {recipe.kd_weight:g}, T = "
+                f"{recipe.kd_temperature:g}, D = {recipe.kd_divergence} (`fl.distill_loss`, the loss of `python -m "
+                f"fusedloss.train --teacher`), H the loss of the row")
         lines += ["", f"Recipe `{recipe.label}`: the recipe above plus " + "; ".join(what) + "."]
     for recipe in recipes:
         if len(recipes) > 1:
@@ -380,8 +454,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutmix-alpha", type=float, default=0.0,
                    help="cutmix alpha (0: off); with both, each batch gets one of the two at random")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of every loss")
+    p.add_argument("--kd-weight", type=float, default=0.0,
+                   help="knowledge distillation from a teacher trained first (0: off): (1 - W) H + W T^2 D")
+    p.add_argument("--distill-temperature", type=float, default=4.0, help="--kd-weight: the temperature T")
+    p.add_argument("--distill-divergence", choices=("kl", "reverse_kl", "jsd"), default="kl",
+                   help="--kd-weight: the divergence D")
+    p.add_argument("--teacher-width", type=int, default=2, help="--kd-weight: the teacher's channels x this")
+    p.add_argument("--teacher-epochs", type=int, default=60, help="--kd-weight: the teacher's epochs")
+    p.add_argument("--teacher-seed", type=int, default=1000, help="--kd-weight: the teacher's seed")
     p.add_argument("--with-plain", action="store_true",
-                   help="also run the plain recipe (no mixing, no smoothing) and add the paired comparison")
+                   help="also run the plain recipe (no mixing, no smoothing, no teacher) and add the paired comparison")
     p.add_argument("--train-fraction", type=float, default=0.25, help="share of the 1797 digits used for training")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder of the .md, .json and .png")
     p.add_argument("--name", help=f"file name stem (default: {NAME} for the plain recipe, {NAME_MIXED} otherwise)")
@@ -390,6 +472,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mixup_alpha < 0 or args.cutmix_alpha < 0 or not 0 <= args.label_smoothing <= 1:
         p.error("--mixup-alpha and --cutmix-alpha must be >= 0, --label-smoothing in [0, 1]")
+    if not 0 <= args.kd_weight <= 1 or not args.distill_temperature > 0:
+        p.error("--kd-weight must be in [0, 1], --distill-temperature > 0")
+    if args.teacher_width < 1 or args.teacher_epochs < 1:
+        p.error("--teacher-width and --teacher-epochs must be at least 1")
     return args
 
 
@@ -397,16 +483,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(epochs=args.epochs, lr=args.lr, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
-                    label_smoothing=args.label_smoothing)
+                    label_smoothing=args.label_smoothing, kd_weight=args.kd_weight,
+                    kd_temperature=args.distill_temperature, kd_divergence=args.distill_divergence)
     recipes = [recipe.plain_twin(), recipe] if args.with_plain and not recipe.plain else [recipe]
-    name = args.name or (NAME if recipe.plain else NAME_MIXED)
+    name = args.name or (NAME if recipe.plain else NAME_DISTILL if recipe.distills else NAME_MIXED)
     seeds = list(range(args.seeds))
     data = load_split(args.train_fraction)
     results, start = [], time.perf_counter()
+    teacher = None
+    if recipe.distills:
+        teacher = train_teacher(data, recipe, args.teacher_width, args.teacher_epochs, args.teacher_seed)
+        print(f"{teacher.recipe}: test accuracy {teacher.test_acc[-1]:.2f} %, cross-entropy "
+              f"{teacher.test_nll[-1]:.4f} ({teacher.seconds:.1f} s)", flush=True)
     for rec in recipes:
         for loss in args.losses:
             for seed in seeds:
-                r = train_one(loss, seed, data, rec)
+                r = train_one(loss, seed, data, rec, teacher.model if teacher is not None else None)
                 results.append(r)
                 print(f"{rec.label}: {loss:6s} seed {seed}: test accuracy {r.test_acc[-1]:.2f} %, cross-entropy "
                       f"{r.test_nll[-1]:.4f}, ECE {r.test_ece[-1]:.2f} % ({r.seconds:.1f} s)", flush=True)
@@ -415,12 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     command = "python bench/compare_losses.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                   " " + " ".join(sys.argv[1:] if argv is None else argv))
-    table = markdown_table(results, recipes, seeds, (len(data[0]), len(data[2])), command, seconds)
+    table = markdown_table(results, recipes, seeds, (len(data[0]), len(data[2])), command, seconds, teacher)
     with open(os.path.join(args.out, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(table)
     with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as f:
         json.dump({"recipe": recipe.__dict__, "recipes": {r.label: r.__dict__ for r in recipes}, "seeds": seeds,
-                   "command": command, "fusedloss_commit": _commit(), "runs": [r.__dict__ for r in results]},
+                   "command": command, "fusedloss_commit": _commit(), "runs": [r.record() for r in results],
+                   "teacher": None if teacher is None else teacher.record()},
                   f, indent=1)
     plot_curves(results, os.path.join(args.out, f"{name}.png"))
     print(table)

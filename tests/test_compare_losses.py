@@ -77,3 +77,37 @@ def test_expected_calibration_error_by_hand():
     logits = torch.stack([torch.log(conf / (1 - conf)), torch.zeros(4, dtype=torch.float64)], 1)  # class 0 wins
     y = torch.tensor([0, 1, 0, 1])
     assert load_script().expected_calibration_error(logits, y) == pytest.approx(27.5, abs=1e-9)
+
+
+def test_compare_losses_teacher_mode(tmp_path):
+    """--kd-weight with --with-plain: a teacher trained first (recorded in the JSON and the table), then
+    the same seeds with and without it, paired; the mixed route runs the teacher on the mixed images."""
+    threads = torch.get_num_threads()
+    argv = ["--seeds", "1", "--epochs", "1", "--losses", "ce", "crl", "--kd-weight", "0.5", "--distill-temperature",
+            "2", "--teacher-epochs", "2", "--teacher-width", "1", "--with-plain", "--out", str(tmp_path)]
+    try:
+        script = load_script()
+        assert script.main(argv) == 0
+        assert script.main(["--seeds", "1", "--epochs", "1", "--losses", "focal", "--kd-weight", "0.3",
+                            "--distill-divergence", "jsd", "--mixup-alpha", "0.2", "--teacher-epochs", "1",
+                            "--teacher-width", "1", "--out", str(tmp_path), "--name", "mixed"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads((tmp_path / "digits_distill.json").read_text())
+    recipe = "KD kl T 2 W 0.5"
+    assert list(doc["recipes"]) == ["plain", recipe]
+    assert doc["recipes"][recipe]["kd_weight"] == 0.5 and doc["recipes"]["plain"]["kd_weight"] == 0.0
+    teacher = doc["teacher"]
+    assert teacher["loss"] == "ce" and len(teacher["test_acc"]) == 2 and teacher["seed"] == 1000
+    runs = {(r["recipe"], r["loss"]): r for r in doc["runs"]}
+    assert set(runs) == {(rec, loss) for rec in ("plain", recipe) for loss in ("ce", "crl")}
+    # Same seed, same initial weights and batch order: the teacher is what changed the training loss.
+    for loss in ("ce", "crl"):
+        assert runs[(recipe, loss)]["train_loss"] != runs[("plain", loss)]["train_loss"]
+    table = (tmp_path / "digits_distill.md").read_text()
+    assert f"## plain against {recipe}, paired by seed" in table
+    assert f"its test accuracy {teacher['test_acc'][-1]:.2f} %" in table
+    mixed = json.loads((tmp_path / "mixed.json").read_text())
+    (run,) = mixed["runs"]
+    assert run["recipe"] == "mixup 0.2 / KD jsd T 4 W 0.3" and run["target_path"] == "two-target (fused, cpu)"
+    assert all(math.isfinite(x) for x in run["train_loss"])

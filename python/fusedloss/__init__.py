@@ -11,6 +11,7 @@ from .dispatch import BackendUnavailableError, available_backends
 from .functional import (competing_ratio, cross_entropy, focal, linearly_adaptive, multiclass_bce, nllr,
                          softmax_loss)
 from .head import linear_softmax_loss
+from .distill.linear import LinearDistillLoss, linear_distill_loss  # issue 26: distillation from hidden states
 from .modules import (CompetingRatioLoss, CrossEntropyLoss, FocalLoss, LinearlyAdaptiveLoss,
                       LinearSoftmaxLoss, MultiClassBCELoss, NLLRLoss, SoftmaxLoss)
 from .variants import LOSSES
@@ -37,4 +38,5 @@ __all__ = [
     "SoftmaxLoss", "CrossEntropyLoss", "MultiClassBCELoss", "NLLRLoss", "CompetingRatioLoss",
     "LinearlyAdaptiveLoss", "FocalLoss", "linear_softmax_loss", "LinearSoftmaxLoss",
     "distill_loss", "DistillLoss",
+    "linear_distill_loss", "LinearDistillLoss",
 ]

@@ -44,7 +44,7 @@ from ..head import linear_softmax_loss_float
 
 __all__ = ["FAMILIES", "LOGIT_ATTRIBUTES", "Family", "FusedLossTrainer", "PatchError", "causal_lm_loss",
            "check_patchable", "patch_causal_lm",
-           "patched_loss", "unpatch_causal_lm"]
+           "patched_loss", "patched_teacher", "unpatch_causal_lm", "DistillationTrainer"]
 
 
 # ----------------------------------------------------------------------------
@@ -261,6 +261,7 @@ class _Call:
     mode: str                      # "fused" or "logits"
     capture: _HeadCapture | None
     loss_calls: int = 0
+    teacher_out: Any = None        # with a teacher: (hidden, weight, bias) on the fused path, else its logits
 
 
 @dataclass
@@ -275,6 +276,8 @@ class _Patch:
     old_loss_function: Any
     call: _Call | None = None
     labels_index: int | None = None
+    teacher: Any = None            # hf_distill.Teacher when distilling
+    arg_names: tuple = ()          # the stock forward's positional parameter names
 
     # The model's loss_function while patched: transformers calls it as
     # loss_function(logits, labels, vocab_size, **kwargs) (ForCausalLMLoss's signature).
@@ -300,11 +303,21 @@ class _Patch:
                 hidden = hidden * scale
                 bias = None if bias is None else bias * scale
             shift = shift.to(hidden.device)
+            if self.teacher is not None:
+                from .hf_distill import fused_loss
+                value = fused_loss(self.teacher, call.teacher_out, hidden, weight, bias, shift, self.loss, self.opts,
+                                   ignore_index, reduction)
+                return _reduce(value, num_items_in_batch)
             value, _ = linear_softmax_loss_float(hidden, weight, shift, self.loss, bias=bias,
                                                  ignore_index=ignore_index, reduction=reduction, softcap=softcap,
                                                  **self.opts)
             return _reduce(value, num_items_in_batch)
         # The logits path: the stock forward computed (and post-processed) the logits.
+        if self.teacher is not None:
+            from .hf_distill import logits_loss
+            value = logits_loss(self.teacher, call.teacher_out, logits, shift, self.loss, self.opts, ignore_index,
+                                reduction)
+            return _reduce(value, num_items_in_batch)
         v = vocab_size if vocab_size is not None else logits.shape[-1]
         flat = logits.float().view(-1, v)
         shift = shift.reshape(-1).to(flat.device)
@@ -386,8 +399,12 @@ class _PatchedForward:
             return original(*args, **kwargs)
         if patch.call is not None:
             raise RuntimeError(f"{_name(model)}: a patched forward was re-entered")
+        teacher_out = None
+        if patch.teacher is not None:  # before the student: the teacher's run holds no graph
+            inputs = patch.teacher.inputs(list(patch.arg_names), args, kwargs, model)
+            teacher_out = patch.teacher.hidden(inputs) if patch.fused() else patch.teacher.logits(inputs)
         if not patch.fused():
-            patch.call = _Call("logits", None)
+            patch.call = _Call("logits", None, teacher_out=teacher_out)
             try:
                 out = original(*args, **kwargs)
             finally:
@@ -401,7 +418,7 @@ class _PatchedForward:
         if head is None:
             raise PatchError(f"{_name(model)}: get_output_embeddings() is None; no LM head to fuse")
         with _HeadCapture(model, head) as capture:
-            patch.call = _Call("fused", capture)
+            patch.call = _Call("fused", capture, teacher_out=teacher_out)
             try:
                 out = original(*args, return_dict=True, **kwargs)
             finally:
@@ -450,7 +467,9 @@ def check_patchable(model: nn.Module) -> Family:
     return fam
 
 
-def patch_causal_lm(model: nn.Module, loss: str = "ce", *, skip_logits: bool | None = None, **opts) -> nn.Module:
+def patch_causal_lm(model: nn.Module, loss: str = "ce", *, skip_logits: bool | None = None,
+                    teacher: nn.Module | None = None, temperature: float | None = None, divergence: str | None = None,
+                    jsd_beta: float | None = None, kd_weight: float | None = None, **opts) -> nn.Module:
     """Make the model's labelled loss the fused ``loss`` (any of the six), everything else stock.
 
     Args:
@@ -465,6 +484,14 @@ def patch_causal_lm(model: nn.Module, loss: str = "ce", *, skip_logits: bool | N
             ``label_smoothing``, ``alpha``, ``beta``, ``gamma``, ``z_loss``, ``backend``,
             ``chunk_rows``. Not ``softcap``, ``bias``, ``reduction``, ``ignore_index``,
             ``return_lse``: the model and the forward set them.
+        teacher: a causal LM of :data:`FAMILIES` (or a PEFT model around one) with the student's
+            vocabulary: the labelled loss becomes knowledge distillation from it,
+            ``(1 - kd_weight) H + kd_weight T^2 divergence`` per counted token
+            (:func:`fusedloss.distill_loss`; :mod:`fusedloss.integrations.hf_distill`). The teacher runs
+            in the patched forward on the same ``input_ids``/``attention_mask``/``position_ids``, without
+            gradients, in whatever mode it is in (put it in eval mode: :class:`DistillationTrainer` does).
+        temperature, divergence, jsd_beta, kd_weight: the distillation's keywords (defaults 1.0, ``"kl"``,
+            0.5, 0.5, those of :func:`fusedloss.distill_loss`); only with ``teacher``.
 
     Returns the model, patched in place (its ``forward`` wrapped with the stock signature, its
     ``loss_function`` replaced); :func:`unpatch_causal_lm` restores it. Patching again replaces
@@ -480,6 +507,15 @@ def patch_causal_lm(model: nn.Module, loss: str = "ce", *, skip_logits: bool | N
     variant_id(loss)
     fam = check_patchable(target)
     _check_opts(loss, opts)
+    distill = {k: v for k, v in dict(temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
+                                     kd_weight=kd_weight).items() if v is not None}
+    teacher_state = None
+    if teacher is not None:
+        from .hf_distill import make_teacher
+        teacher_state = make_teacher(target, teacher, loss, opts, skip_logits, distill)
+    elif distill:
+        raise ValueError(f"patch_causal_lm got {', '.join(f'{k}=' for k in distill)} without teacher=: "
+                         f"distillation needs a teacher model")
     if "_fusedloss_patch" in target.__dict__:
         unpatch_causal_lm(target)
     original = target.forward
@@ -488,7 +524,8 @@ def patch_causal_lm(model: nn.Module, loss: str = "ce", *, skip_logits: bool | N
              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     patch = _Patch(target, fam, loss, dict(opts), skip_logits, original,
                    "_loss_function" in target.__dict__, target.__dict__.get("_loss_function"),
-                   labels_index=names.index("labels") if "labels" in names else None)
+                   labels_index=names.index("labels") if "labels" in names else None, teacher=teacher_state,
+                   arg_names=tuple(names))
     target._fusedloss_patch = patch
     target.forward = _PatchedForward(patch)
     target.loss_function = patch.loss_function
@@ -515,6 +552,12 @@ def patched_loss(model: nn.Module) -> tuple[str, dict] | None:
     """``(loss, options)`` of a patched model (or of the model inside a PEFT model), else None."""
     p = _unwrap(model).__dict__.get("_fusedloss_patch")
     return None if p is None else (p.loss, dict(p.opts))
+
+
+def patched_teacher(model: nn.Module) -> tuple[nn.Module, dict] | None:
+    """``(teacher, distillation keywords)`` of a model patched with a teacher, else None."""
+    p = _unwrap(model).__dict__.get("_fusedloss_patch")
+    return None if p is None or p.teacher is None else (p.teacher.model, dict(p.teacher.options))
 
 
 def unpatch_causal_lm(model: nn.Module) -> nn.Module:
@@ -562,10 +605,19 @@ def _make_trainer_class():
             self._fusedloss_patch(model)
             return model
 
+        #: DistillationTrainer: (teacher, distillation keywords); None for FusedLossTrainer.
+        _fusedloss_teacher: tuple | None = None
+
         def _fusedloss_patch(self, model) -> None:
             loss, options, skip_logits = self._fusedloss
             eps = float(self.args.label_smoothing_factor)
             current = patched_loss(model)
+            teacher = self._fusedloss_teacher
+            if current is not None and teacher is not None:
+                have = patched_teacher(model)
+                if have is None or have[0] is not teacher[0] or have[1] != {**_distill_defaults(), **teacher[1]}:
+                    raise PatchError("the model is already patched (with another or no teacher); DistillationTrainer "
+                                     "patches the student itself: pass it unpatched")
             if current is None:
                 options = dict(options or {})
                 have = float(options.get("label_smoothing", 0.0))
@@ -573,7 +625,8 @@ def _make_trainer_class():
                     raise PatchError(f"label_smoothing_factor={eps} but loss_options has label_smoothing={have}")
                 if eps != 0.0:
                     options["label_smoothing"] = eps
-                patch_causal_lm(model, loss or "ce", skip_logits=skip_logits, **options)
+                distill = {} if teacher is None else dict(teacher=teacher[0], **teacher[1])
+                patch_causal_lm(model, loss or "ce", skip_logits=skip_logits, **distill, **options)
                 return
             if (loss is not None and loss != current[0]) or (options is not None and options != current[1]):
                 raise PatchError(f"the model is already patched with {current[0]!r} {current[1]}; FusedLossTrainer "
@@ -588,16 +641,45 @@ def _make_trainer_class():
                                      f"label_smoothing={have}")
                 patch.opts["label_smoothing"] = eps
 
-    return FusedLossTrainer
+    class DistillationTrainer(FusedLossTrainer):
+        """``FusedLossTrainer`` distilling the model (the student) from ``teacher_model``:
+        ``DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+        temperature=2.0, divergence="kl", kd_weight=0.5, loss="ce")``.
+
+        ``teacher_model`` is TRL's keyword (``GKDTrainer``); the loss per counted token is
+        ``(1 - kd_weight) H + kd_weight T^2 divergence`` (:func:`fusedloss.distill_loss`, through the
+        fused linear form while training: :func:`patch_causal_lm` with ``teacher=``). The teacher is
+        put in eval mode and moved to ``args.device``; it is not a submodule of the student (the
+        Trainer neither trains nor saves it). ``loss``, ``loss_options``, ``skip_logits`` and
+        ``label_smoothing_factor`` as :class:`FusedLossTrainer` (they configure the hard loss ``H``).
+        """
+
+        def __init__(self, *args, teacher_model: nn.Module, temperature: float = 1.0, divergence: str = "kl",
+                     jsd_beta: float = 0.5, kd_weight: float = 0.5, **kwargs):
+            if not isinstance(teacher_model, nn.Module):
+                raise TypeError(f"teacher_model must be a transformers causal LM (an nn.Module, loaded by the "
+                                f"caller); got {type(teacher_model).__name__}")
+            self._fusedloss_teacher = (teacher_model, dict(temperature=temperature, divergence=divergence,
+                                                            jsd_beta=jsd_beta, kd_weight=kd_weight))
+            teacher_model.eval()
+            super().__init__(*args, **kwargs)
+            teacher_model.to(self.args.device)
+            self.teacher_model = teacher_model
+
+    return FusedLossTrainer, DistillationTrainer
 
 
-_TRAINER = None
+def _distill_defaults() -> dict:
+    from .hf_distill import DISTILL_DEFAULTS
+    return dict(DISTILL_DEFAULTS)
+
+
+_TRAINERS: dict = {}
 
 
 def __getattr__(name):
-    if name == "FusedLossTrainer":
-        global _TRAINER
-        if _TRAINER is None:
-            _TRAINER = _make_trainer_class()
-        return _TRAINER
+    if name in ("FusedLossTrainer", "DistillationTrainer"):
+        if not _TRAINERS:
+            _TRAINERS["FusedLossTrainer"], _TRAINERS["DistillationTrainer"] = _make_trainer_class()
+        return _TRAINERS[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

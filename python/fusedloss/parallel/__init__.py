@@ -40,8 +40,9 @@ arguments), ``loss`` (:func:`softmax_loss`: the rows of a call and the autograd 
 ``target_only`` and ``bce`` (each family's rounds and gradient), ``terms`` (the per-row pieces both
 share: weights, label smoothing, z-loss), ``head`` (:func:`linear_softmax_loss`).
 """
+from .distill import distill_loss, linear_distill_loss
 from .head import linear_softmax_loss
 from .loss import softmax_loss
 from .plan import BCE_MAX_CLASSES_FP32, K0, LOCAL_IGNORE, Plan  # noqa: F401  (the module's constants, as before)
 
-__all__ = ["softmax_loss", "linear_softmax_loss", "Plan"]
+__all__ = ["softmax_loss", "linear_softmax_loss", "distill_loss", "linear_distill_loss", "Plan"]

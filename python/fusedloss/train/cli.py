@@ -39,6 +39,7 @@ from torch import nn
 
 import fusedloss as fl
 from fusedloss._extras import MissingExtraError, require_extra
+from fusedloss.train import distill
 from fusedloss.train.ckpt import (BEST, FORMAT, LAST, capture_rng, check_resume_compatible, load_checkpoint,
                                   load_training_state, restore_rng, save_atomic)
 from fusedloss.train.data import Augment, Loaders, TrainInputError, image_folder_loaders, synthetic_loaders
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                      help="tqdm bar, meter lines, or nothing (auto: a bar on a terminal, lines otherwise)")
 
+    distill.add_arguments(p)
+
     plot = p.add_argument_group("plotting (no training)")
     plot.add_argument("--plot", metavar="RUN", nargs="+", default=None,
                       help="draw the curves of these run directories (or log.jsonl files) and exit")
@@ -185,6 +188,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.lr_warmup_epochs >= args.epochs:
         raise TrainInputError(f"--lr-warmup-epochs {args.lr_warmup_epochs} must be below --epochs {args.epochs}")
     make_criterion(args)  # the loss library's own checks (e.g. label smoothing for a loss without it)
+    distill.check_args(args)
 
 
 def make_criterion(args: argparse.Namespace, num_classes: int = 2) -> MixedTargetLoss:
@@ -290,6 +294,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
         ckpt = load_checkpoint(resume_path) if resume_path else None
         if ckpt is not None:
             check_resume_compatible(ckpt, resume_path, args.arch, loaders.classes)  # type: ignore[arg-type]
+        teacher = distill.load_teacher(args, loaders.classes, ctx.device) if args.teacher else None
     except TrainInputError as err:
         failure = err
     if not all_agree(failure is None, ctx):
@@ -309,6 +314,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
     ema = ModelEma(raw_model, args.model_ema_decay, args.model_ema_steps, args.batch_size, args.epochs,
                    args.lr_warmup_epochs, ctx.device) if args.model_ema else None
     mix = BatchMix(args.mixup_alpha, args.cutmix_alpha) if args.mixup_alpha > 0 or args.cutmix_alpha > 0 else None
+    distiller = distill.Distiller(*teacher, criterion, args) if teacher is not None else None
 
     start_epoch, best_top1, history = 0, 0.0, []
     if ckpt is not None:
@@ -357,6 +363,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
     extras = []
     if mix is not None:
         extras.append(f"mixup {args.mixup_alpha:g} / cutmix {args.cutmix_alpha:g} -> {criterion.mixed_path(ctx.device)}")
+    if distiller is not None:
+        extras.append(distiller.describe(args.teacher))
     if ema is not None:
         extras.append(f"EMA decay {ema.decay:.6g} every {args.model_ema_steps} steps")
     say(f"{args.arch} with --loss {args.loss} on {num_classes} classes: {ctx.world_size} process(es) on "
@@ -373,7 +381,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
         epoch_lr = optimizer.param_groups[0]["lr"]
         after_step = functools.partial(ema.after_step, epoch=epoch) if ema is not None else None
         tr = train_one_epoch(train_model, criterion, optimizer, scaler, loaders.train,
-                             f"train {epoch + 1}/{args.epochs}", step_cfg, ctx, mix=mix, after_step=after_step)
+                             f"train {epoch + 1}/{args.epochs}", step_cfg, ctx, mix=mix, after_step=after_step,
+                             distill=distiller)
         va = evaluate(eval_model, criterion, loaders.val, f"val {epoch + 1}/{args.epochs}", step_cfg, ctx)
         scheduler.step()
         is_best = va["top1"] > best_top1 or not history
@@ -413,8 +422,10 @@ def json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = resolve_args(build_parser(), argv)
+    parser = build_parser()
+    args = resolve_args(parser, argv)
     try:
+        distill.check_flags(parser, argv, args)
         # Before any work: training needs the whole [train] extra, --plot only its matplotlib.
         if args.plot:
             require_extra("train", "--plot", ("matplotlib",))

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,12 +114,16 @@ def to_device(images: torch.Tensor, target: torch.Tensor, cfg: StepConfig) -> tu
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, loader: Iterable, desc: str, cfg: StepConfig,
                     ctx: DistContext, mix: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
-                    after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+                    after_step: Callable[[int], None] | None = None,
+                    distill: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None,
+                    ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's means over all ranks.
 
     ``mix(images, labels) -> (images, MixedTarget)`` (mixup/cutmix) runs on the device before the
     forward; top-1/top-5 are then scored against each row's dominant class, as torchvision's
     reference does. ``after_step(i)`` runs after optimizer step ``i`` (the model EMA).
+    ``distill(images, logits, target) -> loss`` (``--teacher``, :class:`fusedloss.train.distill.Distiller`)
+    replaces ``criterion`` in training: it runs the teacher on the same (mixed) images.
     """
     model.train()
     meters = Meters(cfg.device)
@@ -130,7 +135,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             images, loss_target = mix(images, target)
         with autocast(cfg):
             logits = model(images)
-            loss = criterion(logits, loss_target)
+            loss = criterion(logits, loss_target) if distill is None else distill(images, logits, loss_target)
         optimizer.zero_grad(set_to_none=True)
         # The scaler is a pass-through unless --amp fp16.
         scaler.scale(loss).backward()
