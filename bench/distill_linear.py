@@ -46,7 +46,7 @@ def main() -> None:
         runs = [("eager fl.distill_loss(h @ W.T)", None,
                  lambda: fl.distill_loss(hs @ ws.T, ht @ wt.T, t, backend=a.backend, temperature=a.temperature))]
         for c in a.chunks:
-            rows = c or default_chunk_rows(a.n, a.v, 4)
+            rows = c or default_chunk_rows(a.n, a.v, 4, be.family(DistillOps) is not None)
             runs.append(("fl.linear_distill_loss", rows,
                          lambda rows=rows: fl.linear_distill_loss(hs, ws, ht, wt, t, backend=a.backend,
                                                                   temperature=a.temperature, chunk_rows=rows)))
