@@ -292,21 +292,25 @@ class LinearDistillLoss(nn.Module):
         super().__init__()
         from .loss import make_config
 
-        make_config(loss, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, kd_weight=kd_weight,
-                    ignore_index=ignore_index, backend=backend, **dict(loss_options))  # fail at construction
+        _, weight = make_config(loss, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
+                                kd_weight=kd_weight, ignore_index=ignore_index, backend=backend,
+                                **dict(loss_options))  # fail at construction
         reduction_id(reduction)
         if chunk_rows is not None:
             check_chunk_rows(chunk_rows)
         self.loss = loss
+        loss_options.pop("weight", None)
         self.options = dict(temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, kd_weight=kd_weight,
                             reduction=reduction, ignore_index=ignore_index, backend=backend, chunk_rows=chunk_rows,
                             **loss_options)
+        self.register_buffer("weight", weight)  # the hard loss's class weights: follow .to(device), state dict
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                 target: Tensor | None = None, *, student_bias: Tensor | None = None,
                 teacher_bias: Tensor | None = None) -> Tensor:
+        extra = {} if self.weight is None else {"weight": self.weight}
         return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, self.loss,
-                                   student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+                                   student_bias=student_bias, teacher_bias=teacher_bias, **self.options, **extra)
 
     def extra_repr(self) -> str:
         return f"loss={self.loss!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
