@@ -186,10 +186,10 @@ def distill_rows(student: Tensor, teacher: Tensor, target: Tensor | None, cfg: D
     n = student.shape[0]
     kd = cfg.kd_weight
     grad = None
-    if target is None:
-        if cfg.hard_loss_used(weight):
-            raise ValueError(f"target=None: the row loss is the divergence alone, so {', '.join(cfg.hard_loss_used(weight))} "
-                             "(options of the hard loss) would be ignored; pass a target or leave them out")
+    if target is None and cfg.hard_loss_used(weight):
+        raise ValueError(f"target=None: the row loss is the divergence alone, so "
+                         f"{', '.join(cfg.hard_loss_used(weight))} (options of the hard loss) would be ignored; "
+                         "pass a target or leave them out")
     hard = target is not None and kd < 1.0
     use_d = target is None or kd > 0.0
     if target is not None:
