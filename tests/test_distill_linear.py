@@ -149,11 +149,13 @@ def test_linear_distill_all_rows_ignored_and_module():
     out = fl.linear_distill_loss(h, ws, ht, wt, torch.full_like(t, -100), chunk_rows=4)
     out.backward()
     assert torch.isnan(out) and not h.grad.any()
-    crit = fl.LinearDistillLoss("ce", temperature=2.0, divergence="jsd", kd_weight=0.25)
+    cw = torch.rand(37, generator=torch.Generator().manual_seed(3)) + 0.5
+    crit = fl.LinearDistillLoss("ce", temperature=2.0, divergence="jsd", kd_weight=0.25, weight=cw)
+    assert crit.state_dict()["weight"] is not None
     assert "jsd" in repr(crit)
     torch.testing.assert_close(crit(hs, ws, ht, wt, t, student_bias=bs, teacher_bias=bt),
                                fl.linear_distill_loss(hs, ws, ht, wt, t, student_bias=bs, teacher_bias=bt,
-                                                      temperature=2.0, divergence="jsd", kd_weight=0.25))
+                                                      temperature=2.0, divergence="jsd", kd_weight=0.25, weight=cw))
 
 
 def test_linear_distill_bad_input():

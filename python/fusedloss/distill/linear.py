@@ -16,22 +16,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import functional, ops, validation
+from .. import dispatch, functional, ops, validation
 from ..head import MIN_CHUNK_BYTES, _fold, _logits_into, _scale, _WeightGrad, check_chunk_rows
 from ..variants import Reduction, reduction_id
+from .ops import DistillOps
 
-#: The largest block (the student's and the teacher's logits block and the block's gradient), and its
-#: largest share of one full (N, V) logits tensor: a sixteenth, so that the blocks, their math
-#: temporaries and d weight stay within the issue's 0.3x of one logits tensor at N 2048, V 32000.
+#: The largest block, and its largest share of one full (N, V) logits tensor: the block's buffers (the
+#: student's and the teacher's logits and the block's gradient) and, where the backend has no fused
+#: distillation kernel, the reference op's float32 temporaries (``REFERENCE_TEMPORARIES`` block-sized
+#: rows: it holds log-probabilities, probabilities and products of both rows). A seventh: at N 2048,
+#: V 32000 float32, 96 rows with the fused kernel, whose blocks take 0.14x of the logits; smaller
+#: blocks make the skinny GEMMs slow on the CPU (32 rows took 2.7x the time of 128 there).
 CHUNK_BUDGET_BYTES = 48 * 2**20
-CHUNK_SHARE = 1 / 16
+CHUNK_SHARE = 1 / 7
+REFERENCE_TEMPORARIES = 7
 
 
-def default_chunk_rows(n: int, v: int, element_size: int) -> int:
-    """Rows per block: the three ``(rows, V)`` block buffers within ``CHUNK_SHARE`` of one logits
-    tensor and ``CHUNK_BUDGET_BYTES`` (at least ``MIN_CHUNK_BYTES``), a multiple of 32 rows when
-    that is at least 32."""
-    per_row = 3 * max(v, 1) * element_size
+def default_chunk_rows(n: int, v: int, element_size: int, fused: bool = True) -> int:
+    """Rows per block: the block's three ``(rows, V)`` buffers (plus the reference op's float32
+    temporaries when ``fused`` is False) within ``CHUNK_SHARE`` of one logits tensor and
+    ``CHUNK_BUDGET_BYTES`` (at least ``MIN_CHUNK_BYTES``), a multiple of 32 rows when that is at
+    least 32."""
+    per_row = max(v, 1) * (3 * element_size + (0 if fused else 4 * REFERENCE_TEMPORARIES))
     budget = min(CHUNK_BUDGET_BYTES, max(MIN_CHUNK_BYTES, int(n * v * element_size * CHUNK_SHARE)))
     rows = max(1, budget // per_row)
     if rows >= 32:
@@ -257,7 +263,8 @@ def linear_distill_loss(
     dtype = torch.promote_types(student_hidden.dtype, teacher_hidden.dtype)
     n = student_hidden.numel() // max(student_hidden.shape[-1], 1)
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(n, v, dtype.itemsize)
+        fused = dispatch.resolve(cfg.backend, student_hidden.device).family(DistillOps) is not None
+        chunk_rows = default_chunk_rows(n, v, dtype.itemsize, fused)
     else:
         check_chunk_rows(chunk_rows)
     if target is not None and validation.must_check_targets(student_hidden.device):
@@ -285,21 +292,25 @@ class LinearDistillLoss(nn.Module):
         super().__init__()
         from .loss import make_config
 
-        make_config(loss, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, kd_weight=kd_weight,
-                    ignore_index=ignore_index, backend=backend, **dict(loss_options))  # fail at construction
+        _, weight = make_config(loss, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
+                                kd_weight=kd_weight, ignore_index=ignore_index, backend=backend,
+                                **dict(loss_options))  # fail at construction
         reduction_id(reduction)
         if chunk_rows is not None:
             check_chunk_rows(chunk_rows)
         self.loss = loss
+        loss_options.pop("weight", None)
         self.options = dict(temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, kd_weight=kd_weight,
                             reduction=reduction, ignore_index=ignore_index, backend=backend, chunk_rows=chunk_rows,
                             **loss_options)
+        self.register_buffer("weight", weight)  # the hard loss's class weights: follow .to(device), state dict
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                 target: Tensor | None = None, *, student_bias: Tensor | None = None,
                 teacher_bias: Tensor | None = None) -> Tensor:
+        extra = {} if self.weight is None else {"weight": self.weight}
         return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, self.loss,
-                                   student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+                                   student_bias=student_bias, teacher_bias=teacher_bias, **self.options, **extra)
 
     def extra_repr(self) -> str:
         return f"loss={self.loss!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

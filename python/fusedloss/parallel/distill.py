@@ -499,7 +499,8 @@ def linear_distill_loss(
     plan = _plan(validate, _device_of(student_hidden), shape, tgt, weight, class_start, num_classes, hcfg, error,
                  group, extra)
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(n, -(-plan.num_classes // plan.world_size), dtype.itemsize)
+        # The divergence's passes over a block are PyTorch's (float32 temporaries), not a fused kernel.
+        chunk_rows = default_chunk_rows(n, -(-plan.num_classes // plan.world_size), dtype.itemsize, fused=False)
     red = reduction_id(reduction)
     out = _VocabParallelLinearDistill.apply(
         student_hidden.reshape(n, -1), student_weight, student_bias, teacher_hidden.detach().reshape(n, -1),
