@@ -6,6 +6,7 @@ formulas give inf or NaN. See :func:`softmax_loss`.
 """
 from . import ops  # noqa: F401  (registers the torch.library ops)
 from . import distill  # noqa: F401  (registers the distillation op)
+from .distill.loss import DistillLoss, distill_loss
 from .dispatch import BackendUnavailableError, available_backends
 from .functional import (competing_ratio, cross_entropy, focal, linearly_adaptive, multiclass_bce, nllr,
                          softmax_loss)
@@ -31,4 +32,5 @@ __all__ = [
     "softmax_loss", "cross_entropy", "multiclass_bce", "nllr", "competing_ratio", "linearly_adaptive", "focal",
     "SoftmaxLoss", "CrossEntropyLoss", "MultiClassBCELoss", "NLLRLoss", "CompetingRatioLoss",
     "LinearlyAdaptiveLoss", "FocalLoss", "linear_softmax_loss", "LinearSoftmaxLoss",
+    "distill_loss", "DistillLoss",
 ]
