@@ -406,6 +406,12 @@ def test_bad_arguments_raise():
         EXT(s.int(), t.int(), rs, 1.0, 0, 0.5, None, False)
 
 
+def test_schema_is_distill_schema():
+    """csrc/fusedloss.cpp's ext_distill is DISTILL_SCHEMA, character for character."""
+    assert str(EXT._schema) == f"fusedloss::ext_distill{distill_ops.DISTILL_SCHEMA}"
+    assert str(REF._schema) == f"fusedloss::reference_distill{distill_ops.DISTILL_SCHEMA}"
+
+
 def test_cpu_backend_family():
     fam = dispatch._load("cpu").family(distill_ops.DistillOps)
     assert fam is not None and fam.fwd is EXT
