@@ -27,7 +27,7 @@ setup.py's messages go to stderr; pip shows them (and the compiler's) with `pip 
 CPU vector code: ``at::vec::Vectorized`` only uses real vector instructions when a file
 is compiled with a capability's flags and macro (e.g. ``-mavx2 -mfma
 -DCPU_CAPABILITY_AVX2``); ``-O3`` alone, even ``-march=native``, leaves the generic
-scalar-array fallback. So ``csrc/cpu/kernels.cpp`` is compiled once per capability
+scalar-array fallback. So ``csrc/cpu/kernels.cpp`` (and ``kernels_distill.cpp``) is compiled once per capability
 (DEFAULT, plus AVX2 and AVX512 on x86-64) into separate objects, and the op picks
 one at run time from ``at::get_cpu_capability()``, as ATen does for its own kernels.
 """
@@ -45,6 +45,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Compiled once per CPU capability; every other csrc/ file once, with plain flags.
 CPU_KERNEL_SOURCE = os.path.join("csrc", "cpu", "kernels.cpp")
+# Every source compiled once per capability: the losses' row kernels and distillation's.
+CPU_KERNEL_SOURCES = [CPU_KERNEL_SOURCE, os.path.join("csrc", "cpu", "kernels_distill.cpp")]
 X86_CAPABILITIES = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
@@ -284,7 +286,7 @@ def extension_modules():
 
     caps = _cpu_capabilities()
     sources = sorted(p for p in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
-                     if p != CPU_KERNEL_SOURCE and not p.startswith(os.path.join("csrc", "cuda", "")))
+                     if p not in CPU_KERNEL_SOURCES and not p.startswith(os.path.join("csrc", "cuda", "")))
     # -fopenmp: at::parallel_for is a header template whose threads are OpenMP pragmas
     # (torch is built with AT_PARALLEL_OPENMP); without the flag it runs on one thread.
     # The libgomp.so.1 it links resolves at run time to the copy torch already loaded.
@@ -299,7 +301,7 @@ def extension_modules():
     macros = [(f"FUSEDLOSS_CPU_{cap}", None) for cap in caps if cap != "DEFAULT"]
     # What a rebuild must notice besides `sources`: the capability file and every header
     # (setuptools relinks only when one of sources + depends is newer than _C.so).
-    depends = [CPU_KERNEL_SOURCE] + sorted(p for ext in ("h", "cuh")
+    depends = list(CPU_KERNEL_SOURCES) + sorted(p for ext in ("h", "cuh")
                                            for p in glob.glob(os.path.join("csrc", "**", f"*.{ext}"), recursive=True))
     with_cuda = _want_cuda()
     if with_cuda:
@@ -313,7 +315,7 @@ def extension_modules():
                            extra_link_args=openmp, depends=depends)
 
     class BuildWithCpuCapabilities(BuildExtension):
-        """Compiles CPU_KERNEL_SOURCE once per capability and links the objects in.
+        """Compiles CPU_KERNEL_SOURCES once per capability and links the objects in.
 
         The capability objects compile in threads (each its own one-file ninja run: the
         flags differ per object, which one ninja file of torch's cannot express) while
@@ -332,7 +334,7 @@ def extension_modules():
             jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
             plain = [s for s in extension.sources]
             _log(f"compiling {len(plain)} sources ({', '.join(os.path.basename(p) for p in plain)}) and "
-                 f"{os.path.basename(CPU_KERNEL_SOURCE)} once per CPU capability ({', '.join(caps)}), "
+                 f"{' and '.join(os.path.basename(p) for p in CPU_KERNEL_SOURCES)} once per CPU capability ({', '.join(caps)}), "
                  f"{jobs} jobs; measured: 3.5 CPU-minutes without the CUDA kernels, more with them, "
                  f"a line per object below (docs/install.md)")
             start = time.monotonic()
@@ -341,7 +343,7 @@ def extension_modules():
 
             def compile_capability(cap, flags):
                 objects = self.compiler.compile(
-                    [CPU_KERNEL_SOURCE],
+                    CPU_KERNEL_SOURCES,
                     output_dir=os.path.join(self.build_temp, f"cpu_{cap.lower()}"),
                     macros=list(extension.define_macros)
                     + [("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{ATEN_CAPABILITY.get(cap, cap)}", None)],
@@ -351,7 +353,7 @@ def extension_modules():
                                     "nvcc": extension.extra_compile_args.get("nvcc", [])},
                     depends=extension.depends,
                 )
-                _log(f"{CPU_KERNEL_SOURCE} for {cap}: done at {time.monotonic() - start:.0f} s")
+                _log(f"{', '.join(CPU_KERNEL_SOURCES)} for {cap}: done at {time.monotonic() - start:.0f} s")
                 return objects
 
             pool = ThreadPoolExecutor(max_workers=max(1, min(len(caps), jobs)))

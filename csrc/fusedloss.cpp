@@ -47,6 +47,11 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "ext_bce_global_bwd(Tensor grad_rows, Tensor logits, Tensor stats, Tensor slice_idx, float z_loss, "
       "float softcap) -> Tensor");
+  // Knowledge distillation (the teacher's logits as the target): distill.ops.DISTILL_SCHEMA
+  // (cpu/ops_cpu_distill.cpp, cuda/ops_cuda_distill.cu).
+  m.def(
+      "ext_distill(Tensor student, Tensor teacher, Tensor row_scale, float temperature, int divergence, "
+      "float jsd_beta, Tensor(a!)? grad, bool accumulate) -> Tensor");
 }
 
 namespace {

@@ -14,11 +14,13 @@ from torch import Tensor
 import fusedloss._C as _C  # noqa: F401  (ImportError: backend unavailable, handled by dispatch)
 
 from . import dispatch, mixup, ops
+from .distill import ops as distill_ops
 
 ops.register_fakes("ext_fwd", "ext_bwd")
 ops.register_soft_fakes("ext_soft_fwd", "ext_soft_bwd")
 ops.register_soft_loss_fakes("ext_soft_loss_fwd", "ext_soft_loss_bwd")
 ops.register_bce_parallel_fakes("ext_bce_partial", "ext_bce_global_bwd")
+distill_ops.register_distill_fake("ext_distill")
 
 
 def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
@@ -58,12 +60,14 @@ _ONE_TARGET = ops.OneTargetOps(fwd=torch.ops.fusedloss.ext_fwd.default, bwd=torc
 _PROBS = ops.ProbsOps(fwd=torch.ops.fusedloss.ext_soft_fwd.default, fused_grad=True,
                       loss_fwd=torch.ops.fusedloss.ext_soft_loss_fwd.default)
 _TWO_TARGETS = mixup.TwoTargetOps(fwd=torch.ops.fusedloss.ext_mix_fwd.default, fuses=lambda variant, softcap: True)
+# Distillation (teacher logits as the target): csrc/cpu/ops_cpu_distill.cpp, csrc/cuda/ops_cuda_distill.cu.
+_DISTILL = distill_ops.DistillOps(fwd=torch.ops.fusedloss.ext_distill.default)
 _SPLIT_VOCAB = ops.SplitVocabOps(bce_partial=torch.ops.fusedloss.ext_bce_partial.default,
                                  bce_global_bwd=torch.ops.fusedloss.ext_bce_global_bwd.default)
 
 dispatch.register(dispatch.Backend(
     name="cpu", supports=lambda device: device.type == "cpu",
-    families=(_ONE_TARGET, _PROBS, _TWO_TARGETS, _SPLIT_VOCAB),
+    families=(_ONE_TARGET, _PROBS, _TWO_TARGETS, _SPLIT_VOCAB, _DISTILL),
 ))
 
 
@@ -75,5 +79,5 @@ def cuda_compiled() -> bool:
 if cuda_compiled():
     dispatch.register(dispatch.Backend(
         name="cuda", supports=lambda device: device.type == "cuda",
-        families=(_ONE_TARGET, _PROBS, _TWO_TARGETS),
+        families=(_ONE_TARGET, _PROBS, _TWO_TARGETS, _DISTILL),
     ))

@@ -1,0 +1,399 @@
+// Fused row kernels of the distillation op (fusedloss::ext_distill; contract:
+// python/fusedloss/distill/ops.py). Compiled once per CPU capability by setup.py, as
+// kernels.cpp is (same flags, same vec_row.h machinery); ops_cpu_distill.cpp picks one.
+//
+// With z = x / T, P = softmax(z_t) (teacher), Q = softmax(z_s) (student), per row:
+//   pass 1 (the rows' only DRAM read): in blocks of kBlock classes, each row's online max and
+//     sum exp(z - shift) (vec_row.h's scheme: exps against the running shift, a block redone
+//     from L1 only when its max jumps kSlack above it), e = exp(z - shift_b) kept in a
+//     per-thread row, and for kl / reverse kl the divergence as one more online sum in the
+//     same pass:  KL(P || Q) = sum_j P_j (z_t_j - z_s_j) - lse_t + lse_s, the sum accumulated
+//     as sum_j e_t_j (z_t_j - z_s_j) with the same rescaling as sum_j e_t_j (0 where e_t_j = 0);
+//     reverse kl the same with the rows' roles swapped.
+//   reverse kl, pass 2 (cached, with grad only): sum Q d / sum Q, d_j = c_j - c_m, c = z_s - z_t,
+//     about the student's arg-max m (tracked in pass 1);
+//   jsd, pass 2 (cached): P_j, Q_j from the kept e, M_j = b P_j + (1 - b) Q_j, u_j = log Q_j -
+//     log M_j (log Q_j = (z_s_j - shift) - log sum, in log space), the divergence's two sums, and
+//     sum Q (u - u_m) / sum Q; u_j kept in place of e_t.
+//   gradient pass (cached rows, one write of the gradient row):
+//     kl:          T rs (Q_j - P_j)                               from the kept e, no exp
+//     reverse kl:  T rs Q_j (d_j - sum Q d / sum Q)
+//     jsd:         T (1 - b) rs Q_j ((u_j - u_m) - sum Q (u - u_m) / sum Q)
+//   The means about the pivot m (rather than c_j - E_Q[c]) keep the gradient's relative precision
+//   at a dominant class (a student leading by 30 or 100), where E_Q[c] ~ c_m and the true
+//   difference is ~exp(-lead); dividing by the computed sum Q makes a constant c give 0 exactly.
+//   0 log 0 terms are 0: every term is masked where its probability is 0 (a -inf logit).
+// A row with row_scale 0 writes zeros (accumulate=False) or leaves its gradient row alone.
+#include "distill_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "vec_row.h"
+
+namespace fusedloss::cpu::CPU_CAPABILITY {
+namespace {
+
+// Per-thread rows kept between calls: slots 0, 1 the student's and the teacher's e (the
+// teacher's then jsd's u), slots 2, 3 their block shifts.
+template <typename T>
+T* distill_buffer(int slot, size_t n) {
+  thread_local std::vector<T> buffers[4];
+  auto& v = buffers[slot];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// Gradients of at least this many bytes go out with streaming stores: kernels.cpp's rule and
+// its override, FUSEDLOSS_CPU_STREAM_BYTES (docs/cpu_kernel.md).
+int64_t stream_grad_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("FUSEDLOSS_CPU_STREAM_BYTES");
+    return env && *env ? std::atoll(env) : int64_t(24) << 20;
+  }();
+  return bytes;
+}
+
+template <typename scalar_t>
+struct DistillRows {
+  using RV = RowVec<scalar_t>;
+  using acc_t = typename RV::acc_t;
+  using Vec = typename RV::Vec;
+  using Step = typename RV::Step;
+  // As OnlineLse's: a block's exps against a shift at most kSlack below its elements.
+  static constexpr acc_t kSlack = 30;
+
+  const DistillProblem& pb;
+  bool stream;
+  acc_t temperature, inv_t, beta;
+
+  DistillRows(const DistillProblem& p, bool stream_grad)
+      : pb(p),
+        stream(stream_grad),
+        temperature(static_cast<acc_t>(p.temperature)),
+        inv_t(static_cast<acc_t>(1.0 / p.temperature)),
+        beta(static_cast<acc_t>(p.jsd_beta)) {}
+
+  // One row's online statistics at temperature T: lane sums of exp(z - shift) and of
+  // exp(z - shift) (z - z_other) (the cross sum, 0 where the exp is 0).
+  struct Side {
+    acc_t shift = kNegInf<acc_t>;
+    acc_t max = kNegInf<acc_t>;
+    int64_t argmax = 0;  // the first index of max (tracked on request)
+    Vec sum = Vec(acc_t(0));
+    Vec cross = Vec(acc_t(0));
+    // lse = shift + log_sum, kept in two parts: z - lse is formed as (z - shift) - log_sum, so
+    // the probabilities sum to 1 within a few ulps even where |lse| is large (shift + log_sum
+    // rounded to one float is off by up to |lse| ulps, which every exp(z - lse) would inherit).
+    acc_t log_sum() const { return std::log(RV::hsum(sum)); }
+    acc_t lse() const { return shift == kNegInf<acc_t> ? shift : shift + log_sum(); }
+  };
+  struct Sums {
+    Vec sum, cross;
+  };
+  struct Buffers {
+    acc_t *e_s, *e_t, *shift_s, *shift_t;
+  };
+  Buffers buffers() const {
+    const size_t blocks = static_cast<size_t>(pb.classes / kBlock<scalar_t> + 2);
+    return {distill_buffer<acc_t>(0, pb.classes), distill_buffer<acc_t>(1, pb.classes),
+            distill_buffer<acc_t>(2, blocks), distill_buffer<acc_t>(3, blocks)};
+  }
+
+  // x[b, e) against `shift` (in z units): the lane sums of e = exp(z - shift), and with kCross
+  // of e (z - z_y); e stored at e_out[b, e) when given. kFirst: the first read (prefetch ahead,
+  // the max; y read too when kCross; g_ahead's lines asked for writing).
+  template <bool kFirst, bool kCross>
+  FUSEDLOSS_ROW_PASS Sums block_pass(const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t shift,
+                                     Vec& vmax, acc_t* e_out, const scalar_t* g_ahead) const {
+    const Vec vshift(shift), vinv(inv_t), zero(acc_t(0));
+    Vec acc(acc_t(0)), cross(acc_t(0));
+    RV::template for_each<kFirst>(x, b, e, [&](Step s, int64_t i, int64_t n) {
+      Step o;
+      if constexpr (kCross) {
+        if constexpr (kFirst) RV::prefetch(y + i);
+        o = RV::load(y + i, n);
+      }
+#if defined(__GNUC__)
+      if (kFirst && g_ahead) __builtin_prefetch(g_ahead + i, 1, 3);
+#endif
+      s = RV::pad(s, n, kNegInf<acc_t>);
+      for (int k = 0; k < RV::kParts; ++k) {
+        const Vec z = s.v[k] * vinv;
+        if constexpr (kFirst) vmax = vmax_first_read(vmax, z);
+        const Vec ex = vexp(z - vshift);
+        acc = acc + ex;
+        if constexpr (kCross) {
+          const Vec term = ex * (z - o.v[k] * vinv);
+          cross = cross + Vec::blendv(term, zero, ex == zero);
+        }
+        s.v[k] = ex;
+      }
+      if (e_out) RV::store_acc(e_out + i, n, s);
+    });
+    return {acc, cross};
+  }
+
+  // Adds x[b, e) to the side's statistics (OnlineLse::add_block's scheme); returns the block's shift.
+  template <bool kCross>
+  acc_t add_block(Side& sd, const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t* e_out,
+                  const scalar_t* g_ahead, bool track_argmax = false) const {
+    const bool first = sd.shift == kNegInf<acc_t>;
+    acc_t block_shift = sd.shift;
+    if (first) {
+      const acc_t z0 = static_cast<acc_t>(x[b]) * inv_t;
+      block_shift = std::isfinite(z0) ? z0 : acc_t(0);
+    }
+    Vec vmax(kNegInf<acc_t>);
+    Sums r = block_pass<true, kCross>(x, y, b, e, block_shift, vmax, e_out, g_ahead);
+    const acc_t bmax = RV::hmax(vmax);
+    if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0
+    if (!(bmax <= block_shift + kSlack) || (first && bmax < block_shift - kSlack)) {
+      block_shift = bmax;
+      r = block_pass<false, kCross>(x, y, b, e, block_shift, vmax, e_out, nullptr);
+    }
+    if (!(bmax <= sd.max)) {  // a new max (or NaN)
+      sd.max = bmax;
+      if (track_argmax) sd.argmax = first_index_of(x, b, e, bmax);
+    }
+    if (first) {
+      sd.sum = r.sum;
+      sd.cross = r.cross;
+      sd.shift = block_shift;
+    } else if (block_shift > sd.shift) {
+      const Vec f(std::exp(sd.shift - block_shift));
+      sd.sum = sd.sum * f + r.sum;
+      sd.cross = sd.cross * f + r.cross;
+      sd.shift = block_shift;
+    } else if (block_shift == sd.shift) {
+      sd.sum = sd.sum + r.sum;
+      sd.cross = sd.cross + r.cross;
+    } else {  // below the shift, or NaN (which poisons the sums for good)
+      const Vec f(std::exp(block_shift - sd.shift));
+      sd.sum = sd.sum + r.sum * f;
+      sd.cross = sd.cross + r.cross * f;
+    }
+    return block_shift;
+  }
+
+  // The first j in [b, e) with x_j / T == value (the same product the vector pass formed);
+  // only when a block raises the row's max. b when none (a NaN max).
+  int64_t first_index_of(const scalar_t* x, int64_t b, int64_t e, acc_t value) const {
+    for (int64_t j = b; j < e; ++j) {
+      if (static_cast<acc_t>(x[j]) * inv_t == value) return j;
+    }
+    return b;
+  }
+
+  // Adds `add` (the step about to be stored) to the gradient row's current values when accumulating.
+  Step accumulated(Step u, const scalar_t* g, int64_t j, int64_t n) const {
+    if (pb.accumulate) {
+      const Step old = RV::load(g + j, n);
+      for (int k = 0; k < RV::kParts; ++k) u.v[k] = u.v[k] + old.v[k];
+    }
+    return u;
+  }
+
+  FUSEDLOSS_ROW_PASS void row(int64_t i, const Buffers& buf) const {
+    const int64_t C = pb.classes;
+    const scalar_t* s = static_cast<const scalar_t*>(pb.student) + i * pb.student_stride;
+    const scalar_t* t = static_cast<const scalar_t*>(pb.teacher) + i * pb.teacher_stride;
+    const acc_t rs = static_cast<const acc_t*>(pb.row_scale)[i];
+    scalar_t* g = pb.grad ? static_cast<scalar_t*>(pb.grad) + i * pb.grad_stride : nullptr;
+    const bool kl = pb.divergence == kDistillKL, rkl = pb.divergence == kDistillReverseKL;
+    const bool jsd = !kl && !rkl;
+    const bool write = g && rs != acc_t(0);
+    if (g && !write && !pb.accumulate) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * C);
+    acc_t* e_s = write || jsd ? buf.e_s : nullptr;
+    acc_t* e_t = (write && kl) || jsd ? buf.e_t : nullptr;
+    const scalar_t* g_ahead = write && !stream ? g : nullptr;
+
+    // Pass 1: the teacher's block first (kl: its cross term reads the student's block, which
+    // the student's pass then finds in L1), then the student's.
+    Side st, ss;
+    // The student's arg-max m is the pivot of the reverse kl / jsd gradients (below).
+    const bool pivot = write && !kl;
+    int64_t b_idx = 0;
+    for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {
+      buf.shift_t[b_idx] = kl ? add_block<true>(st, t, s, b, e, e_t, nullptr)
+                              : add_block<false>(st, t, s, b, e, e_t, nullptr);
+      buf.shift_s[b_idx] = rkl ? add_block<true>(ss, s, t, b, e, e_s, g_ahead, pivot)
+                               : add_block<false>(ss, s, t, b, e, e_s, g_ahead, pivot);
+      ++b_idx;
+    });
+    const acc_t ls_s = ss.log_sum(), ls_t = st.log_sum();
+    // lse_t - lse_s, for the divergences' constants.
+    const acc_t dlse = (st.shift - ss.shift) + (ls_t - ls_s);
+    const acc_t t2 = temperature * temperature;
+    auto* out = static_cast<acc_t*>(pb.out);
+    const Vec zero(acc_t(0)), vinv(inv_t);
+    // exp(z - lse) of the kept e of block b_idx: e * this.
+    auto factor_s = [&](int64_t bi) { return std::exp((buf.shift_s[bi] - ss.shift) - ls_s); };
+    auto factor_t = [&](int64_t bi) { return std::exp((buf.shift_t[bi] - st.shift) - ls_t); };
+    const int64_t m = ss.argmax;
+    const int64_t m_block = m / kBlock<scalar_t>;
+
+    if (kl) {
+      out[i] = t2 * (RV::hsum(st.cross) / RV::hsum(st.sum) - dlse);
+      if (!write) return;
+      const acc_t c = temperature * rs;
+      b_idx = 0;
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {  // T rs (Q - P)
+        const Vec fs(c * factor_s(b_idx)), ft(c * factor_t(b_idx));
+        ++b_idx;
+        RV::write(g, b, e, stream, [&](int64_t j, int64_t n) {
+          const Step q = RV::load_acc(e_s + j, n), pp = RV::load_acc(e_t + j, n);
+          Step u;
+          for (int k = 0; k < RV::kParts; ++k) u.v[k] = q.v[k] * fs - pp.v[k] * ft;
+          return accumulated(u, g, j, n);
+        });
+      });
+      return;
+    }
+
+    if (rkl) {
+      out[i] = t2 * (RV::hsum(ss.cross) / RV::hsum(ss.sum) + dlse);
+      if (!write) return;
+      // g_j = T rs Q_j (c_j - E_Q[c]), c = z_s - z_t (the lse's cancel: sum Q = 1), formed about
+      // the pivot m: d_j = (z_s_j - z_s_m) - (z_t_j - z_t_m), E_Q[d] = sum Q d / sum Q, so the
+      // gradient at a dominant class m (where E_Q[c] ~ c_m) keeps its relative precision.
+      const Vec zs_m(static_cast<acc_t>(s[m]) * inv_t), zt_m(static_cast<acc_t>(t[m]) * inv_t);
+      auto d_of = [&](const Step& xs, const Step& xt, int k) {
+        return (xs.v[k] * vinv - zs_m) - (xt.v[k] * vinv - zt_m);
+      };
+      Vec qd(acc_t(0)), qs(acc_t(0));
+      b_idx = 0;
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {
+        const Vec fs(factor_s(b_idx++));
+        RV::for_each(s, b, e, [&](Step xs, int64_t j, int64_t n) {
+          const Step q = RV::load_acc(e_s + j, n), xt = RV::load(t + j, n);
+          for (int k = 0; k < RV::kParts; ++k) {
+            const Vec qk = q.v[k] * fs;
+            qd = qd + Vec::blendv(qk * d_of(xs, xt, k), zero, qk == zero);
+            qs = qs + qk;
+          }
+        });
+      });
+      const Vec mean_d(RV::hsum(qd) / RV::hsum(qs)), vc(temperature * rs);
+      b_idx = 0;
+      for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {
+        const Vec fs(factor_s(b_idx++));
+        RV::write(g, b, e, stream, [&](int64_t j, int64_t n) {
+          const Step q = RV::load_acc(e_s + j, n), xs = RV::load(s + j, n), xt = RV::load(t + j, n);
+          Step u;
+          for (int k = 0; k < RV::kParts; ++k) {
+            const Vec qk = q.v[k] * fs;
+            u.v[k] = Vec::blendv(vc * qk * (d_of(xs, xt, k) - mean_d), zero, qk == zero);
+          }
+          return accumulated(u, g, j, n);
+        });
+      });
+      return;
+    }
+
+    // jsd, pass 2 (cached): P_j, Q_j, log M_j = log(b P_j + (1 - b) Q_j), u_j = log Q_j - log M_j;
+    // sum P (log P - log M) and sum Q u (the divergence), and about the pivot m (as reverse kl's)
+    // sum Q (u - u_m) / sum Q for the gradient. A class where M underflows to 0 (P and Q both
+    // below ~1e-38) adds nothing. u kept in e_t (u_m where M = 0) for the gradient pass.
+    const Vec vb(beta), vb1(acc_t(1) - beta), vsh_s(ss.shift), vsh_t(st.shift), vls_s(ls_s), vls_t(ls_t);
+    struct Terms {
+      Vec q, m, u, lp_minus_lm, p;
+    };
+    auto terms = [&](const Vec& es, const Vec& et, const Vec& fs, const Vec& ft, const Vec& xs, const Vec& xt) {
+      Terms r;
+      r.q = es * fs;
+      r.p = et * ft;
+      r.m = vb * r.p + vb1 * r.q;
+      const Vec lm = r.m.log();
+      r.u = ((xs * vinv - vsh_s) - vls_s) - lm;
+      r.lp_minus_lm = ((xt * vinv - vsh_t) - vls_t) - lm;
+      return r;
+    };
+    // u_m by the same vector arithmetic as the pass (so u_m - u_m is 0 exactly at m).
+    Vec u_m(acc_t(0));
+    if (write) {
+      u_m = terms(Vec(e_s[m]), Vec(e_t[m]), Vec(factor_s(m_block)), Vec(factor_t(m_block)),
+                  Vec(static_cast<acc_t>(s[m])), Vec(static_cast<acc_t>(t[m]))).u;
+    }
+    Vec dp(acc_t(0)), squ(acc_t(0)), qdu(acc_t(0)), qs(acc_t(0));
+    b_idx = 0;
+    for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {
+      const Vec fs(factor_s(b_idx)), ft(factor_t(b_idx));
+      ++b_idx;
+      RV::for_each(s, b, e, [&](Step xs, int64_t j, int64_t n) {
+        const Step q = RV::load_acc(e_s + j, n), pp = RV::load_acc(e_t + j, n), xt = RV::load(t + j, n);
+        Step u;
+        for (int k = 0; k < RV::kParts; ++k) {
+          const Terms r = terms(q.v[k], pp.v[k], fs, ft, xs.v[k], xt.v[k]);
+          // Padded lanes (past n) load 0 e: masked like any zero probability.
+          const Vec m0 = r.m == zero;
+          dp = dp + Vec::blendv(Vec::blendv(r.p * r.lp_minus_lm, zero, r.p == zero), zero, m0);
+          const Vec qz = r.q == zero;
+          squ = squ + Vec::blendv(Vec::blendv(r.q * r.u, zero, qz), zero, m0);
+          u.v[k] = Vec::blendv(r.u, u_m, m0);
+          qdu = qdu + Vec::blendv(r.q * (u.v[k] - u_m), zero, qz);
+          qs = qs + r.q;
+        }
+        if (write) RV::store_acc(e_t + j, n, u);
+      });
+    });
+    out[i] = t2 * (beta * RV::hsum(dp) + (acc_t(1) - beta) * RV::hsum(squ));
+    if (!write) return;
+    // g_j = T (1 - b) rs Q_j ((u_j - u_m) - sum Q (u - u_m) / sum Q).
+    const Vec vc(temperature * (acc_t(1) - beta) * rs), mean_du(RV::hsum(qdu) / RV::hsum(qs));
+    b_idx = 0;
+    for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {
+      const Vec fs(factor_s(b_idx++));
+      RV::write(g, b, e, stream, [&](int64_t j, int64_t n) {
+        const Step q = RV::load_acc(e_s + j, n), uu = RV::load_acc(e_t + j, n);
+        Step u;
+        for (int k = 0; k < RV::kParts; ++k) {
+          const Vec qk = q.v[k] * fs;
+          u.v[k] = Vec::blendv(vc * qk * ((uu.v[k] - u_m) - mean_du), zero, qk == zero);
+        }
+        return accumulated(u, g, j, n);
+      });
+    });
+  }
+};
+
+template <typename scalar_t>
+void run_rows(const DistillProblem& pb) {
+  // As kernels.cpp: a task gets at least 32K elements of each row pair.
+  constexpr int64_t kGrainElements = 32768;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / pb.classes);
+  const bool stream = pb.grad && pb.grad_stride == pb.classes &&
+                      pb.rows * pb.classes * int64_t(sizeof(scalar_t)) >= stream_grad_bytes();
+  const DistillRows<scalar_t> rows(pb, stream);
+  at::parallel_for(0, pb.rows, grain, [&](int64_t b, int64_t e) {
+    const auto buf = rows.buffers();
+    for (int64_t i = b; i < e; ++i) rows.row(i, buf);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (stream) _mm_sfence();  // streaming stores drained before the task ends
+#endif
+  });
+}
+
+void distill(const DistillProblem& pb) {
+#if defined(__AVX512BF16__)
+  // This object exists for its bfloat16 stores; every other dtype runs the AVX512 object.
+  if (pb.dtype != c10::ScalarType::BFloat16) return AVX512::distill_kernel()(pb);
+#endif
+  switch (pb.dtype) {
+    case c10::ScalarType::Float: return run_rows<float>(pb);
+    case c10::ScalarType::Double: return run_rows<double>(pb);
+    case c10::ScalarType::BFloat16: return run_rows<c10::BFloat16>(pb);
+    case c10::ScalarType::Half: return run_rows<c10::Half>(pb);
+    default: TORCH_CHECK(false, "fusedloss: unsupported logits dtype ", pb.dtype);
+  }
+}
+
+}  // namespace
+
+DistillFn distill_kernel() { return &distill; }
+
+}  // namespace fusedloss::cpu::CPU_CAPABILITY
