@@ -102,8 +102,8 @@ def _go(reduction, n=N):
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_matches_float64(loss, regime, option):
     """Every reduction, per-row and scalar lam, weights, the special rows of _mix. Each reduction once,
-    lam per row for 'none' and 'sum', scalar for 'mean' (the kernel reads a scalar lam as a stride-0 row
-    vector: one code path). The streamed plain kernel is test_bf16's and test_each_option_alone's."""
+    lam per row for 'none' and 'sum', a float for 'mean' (it reaches the kernel as a row vector too,
+    mixup.lam_rows: one code path). The streamed plain kernel is test_bf16's and test_each_option_alone's."""
     x, ya, yb, lam, w = _mix(seed=1)
     for reduction, lam_arg in (("none", lam), ("mean", 0.3), ("sum", lam)):
         _check(x, ya, yb, lam_arg, loss, regime, _go(reduction), f"{reduction} lam={type(lam_arg).__name__}",
