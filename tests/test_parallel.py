@@ -464,9 +464,50 @@ def _run_dtensor(rank: int, world: int, seed: int) -> str | None:
     return None
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")  # the names gloo gives its worker and transport threads
+
+
+def _gloo_threads() -> list[str]:
+    """This process's threads that belong to a gloo process group (Linux: /proc/self/task/*/comm)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(n for n in names if n in GLOO_THREADS)
+
+
+def init_gloo(rank: int, world: int, init_file: str) -> None:
+    """Join a gloo group such that destroy_process_group() really ends it.
+
+    The first call of a ``torch.library`` custom op (fusedloss's reference ops) imports torch._dynamo,
+    and that import, made while a process group exists, takes references to it that
+    destroy_process_group() does not drop: the group then outlives it with its gloo threads running
+    until the interpreter exits, which tore them down mid-flight in ~1 of 5 runs under load (SIGABRT,
+    "terminate called without an active exception"). Imported before the group exists, it holds none.
+    """
+    import torch._dynamo  # noqa: F401  (see above)
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+def close_gloo() -> str | None:
+    """Leave the group after every rank is done with it (no collective in flight anywhere), destroy it
+    and check its threads ended with it; the verdict, None when they did."""
+    import gc
+
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+    left = _gloo_threads()
+    return f"gloo threads still running after destroy_process_group: {left}" if left else None
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    init_gloo(rank, world, init_file)
     results = {}
 
     def record(name, fn):
@@ -483,9 +524,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         record(f"error-{name}", lambda: _run_error_case(name, rank, world))
         dist.barrier()  # the group still works after every rejected call (no rank left waiting)
     record("dtensor", lambda: _run_dtensor(rank, world, 7))
+    record("teardown", close_gloo)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
 
 
 _RESULTS: dict[int, list[dict]] = {}
@@ -506,13 +547,14 @@ def results(tmp_path_factory):
 
 def _names(world: int) -> list[str]:
     return ([c["name"] for c in _cases(world) + _head_cases(world)] + [f"error-{n}" for n in ERROR_CASES]
-            + ["dtensor"])
+            + ["dtensor", "teardown"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_matches_single_process(results, world):
     """Every case on every rank: loss and gradient slice equal to fl.softmax_loss on the full
-    logits (float32 to 1e-5), and every bad call rejected on every rank."""
+    logits (float32 to 1e-5), every bad call rejected on every rank, and the group's gloo threads
+    ended by destroy_process_group() before the process exits ("teardown", see init_gloo)."""
     per_rank = results(world)
     failures = [f"rank {r} {name}: {res[name]}" for r, res in enumerate(per_rank) for name in _names(world)
                 if res.get(name, "missing") is not None]

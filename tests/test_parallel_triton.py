@@ -19,9 +19,9 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from oracle import assert_close, oracle_loss_and_grad
+from test_parallel import close_gloo, init_gloo
 
 LOSSES = ("ce", "bce", "nllr", "crl", "lace", "focal")
 OPTIONS = {"plain": {}, "smooth_z": {"label_smoothing": 0.1, "z_loss": 1e-2}, "cap": {"softcap": 5.0},
@@ -84,8 +84,7 @@ def _run(case: dict, rank: int, seed: int) -> str | None:
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # before fusedloss imports triton
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)  # torch._dynamo imported first: destroy_process_group then ends the group
     results = {}
     for i, case in enumerate(_cases()):
         name = f"{case['loss']}-{case['option']}-V{case['v']}"
@@ -93,9 +92,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[name] = _run(case, rank, 500 + i)
         except Exception:  # noqa: BLE001 - reported to the parent with its traceback
             results[name] = traceback.format_exc()
+    results["teardown"] = close_gloo()  # the group's gloo threads ended before the process exits
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
 
 
 def test_triton_backend_split_over_two_processes(tmp_path):
@@ -103,7 +102,7 @@ def test_triton_backend_split_over_two_processes(tmp_path):
 
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert all(len(res) == len(_cases()) for res in per_rank)
+    assert all(len(res) == len(_cases()) + 1 for res in per_rank)  # and "teardown"
     failures = [f"rank {r} {name}: {msg}" for r, res in enumerate(per_rank) for name, msg in res.items() if msg]
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:10])
 

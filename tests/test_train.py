@@ -118,35 +118,43 @@ def test_resume_continues_exactly(ce_run, tiny_data, tmp_path):
     assert len(read_log(tmp_path)) == 2
 
 
-def test_killed_run_resumes(tiny_data, tmp_path):
-    """SIGKILL the script (run as the bench wrapper) after its first epoch, then --resume one more epoch."""
-    cmd = [sys.executable, str(REPO / "bench" / "imagenet" / "train.py"), "--data", str(tiny_data), *TINY,
-           "--output", str(tmp_path)]
-    proc = subprocess.Popen([*cmd, "--epochs", "50"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log, deadline = tmp_path / "log.jsonl", time.monotonic() + 120
+def test_killed_run_resumes_exactly_with_workers(tiny_data, tmp_path):
+    """SIGKILL the script (run as the bench wrapper) in its second epoch, --resume to the third: the log and
+    the weights equal a straight 3-epoch run's, bit for bit, with --workers 2 (persistent validation workers,
+    fresh training workers each epoch) and mixup (the global torch RNG drawn in the main process)."""
+    args = [*TINY, "--workers", "2", "--mixup-alpha", "0.4", "--epochs", "3"]  # the later --workers wins
+    run = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "bench" / "imagenet" / "train.py"), "--data", str(tiny_data), *args,
+           "--output", str(run)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log, deadline = run / "log.jsonl", time.monotonic() + 120
     try:
         while not (log.is_file() and log.read_text().strip()):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no epoch finished in 120 s"
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
-    killed = load(tmp_path / "checkpoint.pt")  # complete, whatever moment the kill hit
+    killed = load(run / "checkpoint.pt")  # complete, whatever moment the kill hit
     done = killed["epoch"]
-    assert 1 <= done < 50
+    assert 1 <= done < 3
 
-    assert main(["--data", str(tiny_data), *TINY, "--output", str(tmp_path), "--epochs", str(done + 1),
-                 "--resume", str(tmp_path / "checkpoint.pt")]) == 0
-    final = load(tmp_path / "checkpoint.pt")
-    assert final["epoch"] == done + 1 and final["scheduler"]["last_epoch"] == done + 1
-    assert [r["epoch"] for r in read_log(tmp_path)] == list(range(1, done + 2))
+    assert main(["--data", str(tiny_data), *args, "--output", str(run), "--resume", str(run / "checkpoint.pt")]) == 0
+    assert main(["--data", str(tiny_data), *args, "--output", str(tmp_path / "straight")]) == 0
+    final, straight = load(run / "checkpoint.pt"), load(tmp_path / "straight" / "checkpoint.pt")
+    assert final["epoch"] == 3 and final["scheduler"]["last_epoch"] == 3
+    assert [r["epoch"] for r in read_log(run)] == [1, 2, 3]
     assert final["history"][:done] == killed["history"]
-    # The momentum buffers moved on from the checkpoint's, they did not restart from zero.
-    key = next(iter(final["optimizer"]["state"]))
-    before, after = killed["optimizer"]["state"][key]["momentum_buffer"], final["optimizer"]["state"][key]["momentum_buffer"]
-    assert not torch.equal(before, after) and before.abs().sum() > 0
+    assert [without_timing(r) for r in read_log(run)] == [without_timing(r) for r in read_log(tmp_path / "straight")]
+    for name, tensor in straight["model"].items():
+        torch.testing.assert_close(final["model"][name], tensor, rtol=0, atol=0, msg=name)
+    for key, state in straight["optimizer"]["state"].items():
+        torch.testing.assert_close(final["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"],
+                                   rtol=0, atol=0)
+    # Every rank's checkpoint holds its loaders' own generators (restored on resume).
+    assert set(final["rng"][0]["loaders"]) == {"train", "val"}
 
 
 def test_torchrun_two_processes(tiny_data, tmp_path):
@@ -169,6 +177,27 @@ def test_dummy_data(tmp_path):
     (record,) = read_log(tmp_path)
     assert record["train_images"] == 16 and record["val_images"] == 8
     assert load(tmp_path / "checkpoint.pt")["num_classes"] == 10
+
+
+def test_matplotlib_is_imported_only_for_plot(tmp_path):
+    """``python -m fusedloss.train --help`` and a training run without --plot do not import matplotlib
+    (seconds of start-up, and a display back end on some machines); --plot does (test_plot_several_runs)."""
+    train = ["--dummy", "--num-classes", "4", "--dummy-train-size", "8", "--dummy-val-size", "8", *TINY,
+             "--epochs", "1", "--output", str(tmp_path / "run")]
+    code = "\n".join([
+        "import runpy, sys",
+        "sys.argv = ['fusedloss.train', '--help']",
+        "try:",
+        "    runpy.run_module('fusedloss.train', run_name='__main__', alter_sys=True)",
+        "except SystemExit as e:",
+        "    assert e.code == 0, e.code",
+        "assert 'matplotlib' not in sys.modules, 'imported by --help'",
+        "from fusedloss.train import main",
+        f"assert main({train!r}) == 0",
+        "assert 'matplotlib' not in sys.modules, 'imported by a training run'",
+        "print('ok')"])
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_plot_several_runs(ce_run, tmp_path):

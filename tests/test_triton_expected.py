@@ -144,13 +144,14 @@ def test_backward_op_from_stats(loss, regime):
 
 
 @interpreter
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("regime, eps", [("single", 0.0), ("single", 0.1), ("stream", 0.0)])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_one_hot_is_class_index_and_two_hot_is_two_targets(loss, regime, eps):
     """Row by row ('none'), with weights: one-hot probabilities == the class index, two-hot ==
     mixup's two targets (the Triton one- and two-target kernels; with eps > 0 and loss != ce the
-    expected-loss kernels with the (two-)hot target formed on the fly); the targets lead by 30 and 200."""
+    expected-loss kernels with the (two-)hot target formed on the fly); the targets lead by 30 and 200.
+    Streamed with eps > 0 both sides are those same expected-loss kernels, each checked streamed against
+    float64 (test_soft_targets_against_float64, test_class_index_smoothing_against_float64): not repeated."""
     from fusedloss.triton_kernels import heuristics
     x, _ = _batch(torch.float32, seed=2)
     n = x.shape[0]
@@ -264,15 +265,30 @@ def _mix_oracle(x, ta, tb, lam, loss, go, **kw):
     return ref.detach(), g
 
 
+#: (dtype, options) of the class-index smoothing cases: fp32 plain, fp32 with z-loss and a soft cap, bf16 with z-loss.
+INDEX_CONFIGS = ((torch.float32, {}), (torch.float32, dict(z_loss=1e-3, softcap=15.0)),
+                 (torch.bfloat16, dict(z_loss=1e-3)))
+SMOOTHED_LOSSES = [l for l in LOSSES if l != "ce"]
+
+
+def _index_smoothing_cases():
+    """On chip ("single"): every loss x every (dtype, options) config, the reduction turning with the loss.
+    Streamed (blocks of 16 over C = 37, a persistent grid; ~5x the interpreter's time of a tile on chip): one
+    config and one reduction per loss, turning so that the five losses meet every config and every
+    reduction. Each case runs both target forms (one index, mixup's two)."""
+    reds = ("none", "mean", "sum")
+    single = [("single", loss, reds[i % 3], INDEX_CONFIGS) for i, loss in enumerate(SMOOTHED_LOSSES)]
+    stream = [("stream", loss, reds[(i + 1) % 3], (INDEX_CONFIGS[i % 3],)) for i, loss in enumerate(SMOOTHED_LOSSES)]
+    return [pytest.param(*c, id=f"{c[1]}-{c[2]}-{c[0]}") for c in single + stream]
+
+
 @interpreter
-@pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("loss", [l for l in LOSSES if l != "ce"])
-def test_class_index_smoothing_against_float64(loss, reduction, regime):
+@pytest.mark.parametrize("regime, loss, reduction, configs", _index_smoothing_cases())
+def test_class_index_smoothing_against_float64(loss, reduction, regime, configs):
     """Label smoothing with class indices (one target, and mixup's two) for loss != ce: the expected
     loss (1 - eps) w_c L(x, c) + (eps / C) sum_k w_k L(x, k) against the float64 oracle, with weight,
-    an ignored row, the target leading by 30, a wrong class leading by 200, grad_output != 1; then with
-    z-loss and a soft cap (fp32 and bf16)."""
+    an ignored row, the target leading by 30, a wrong class leading by 200, grad_output != 1; fp32,
+    fp32 with z-loss and a soft cap, bf16 with z-loss (see _index_smoothing_cases)."""
     from fusedloss.triton_kernels import heuristics
     x, _ = _batch(torch.float32, seed=5)
     n = x.shape[0]
@@ -285,8 +301,7 @@ def test_class_index_smoothing_against_float64(loss, reduction, regime):
     tb = t.flip(0)
     lam = torch.rand(n, generator=g)
     go = torch.linspace(0.5, 2.0, n) if reduction == "none" else torch.tensor(0.8)
-    for dtype, extra in ((torch.float32, {}), (torch.float32, dict(z_loss=1e-3, softcap=15.0)),
-                         (torch.bfloat16, dict(z_loss=1e-3))):
+    for dtype, extra in configs:
         xd = x.to(dtype)
         kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, **extra)
         for target in (t, (t, tb, lam)):
@@ -305,10 +320,11 @@ def test_class_index_smoothing_against_float64(loss, reduction, regime):
 
 
 @interpreter
-@pytest.mark.parametrize("loss", ["bce", "focal"])
-def test_class_index_smoothing_backward_ops_and_inplace(loss):
+@pytest.mark.parametrize("loss, regime", [("bce", "stream"), ("focal", "single")])
+def test_class_index_smoothing_backward_ops_and_inplace(loss, regime):
     """The backward ops from the stats (fusedloss::triton_bwd / triton_mix_bwd, the forward without the
-    gradient) and inplace_backward=True, against the fused gradient; 'mean' with weights, streamed."""
+    gradient) and inplace_backward=True, against the fused gradient; 'mean' with weights; bce (its arg-max
+    statistics) streamed, focal on chip."""
     from fusedloss.triton_kernels import heuristics
     from fusedloss.triton_kernels.one_target import launch as one
     from fusedloss.triton_kernels.two_targets import launch as two
@@ -323,7 +339,7 @@ def test_class_index_smoothing_backward_ops_and_inplace(loss):
     v = variant_id(loss)
     scalars = (v, int(Reduction.MEAN), -100, 0.1, 1.5, 1.0, 2.0, 1e-3, 0.0)
     go = torch.tensor(1.7)
-    with heuristics.override(**REGIMES["stream"]):
+    with heuristics.override(**REGIMES[regime]):
         _, stats, gf = one.triton_fwd(x, t, w, *scalars, True)
         _, stats0, _ = one.triton_fwd(x, t, w, *scalars, False)
         gb = one.triton_bwd(go, x, t, w, stats0, *scalars)

@@ -98,24 +98,28 @@ def _go(reduction, n=N):
 # Numerics against float64
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option", ["plain", "all"])
-@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("regime, option", [("single", "plain"), ("single", "all"), ("stream", "all")])
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_matches_float64(loss, regime, option):
-    """Every reduction, per-row and scalar lam, weights, the special rows of _mix."""
+    """Every reduction, per-row and scalar lam, weights, the special rows of _mix. Each reduction once,
+    lam per row for 'none' and 'sum', a float for 'mean' (it reaches the kernel as a row vector too,
+    mixup.lam_rows: one code path). The streamed plain kernel is test_bf16's and test_each_option_alone's."""
     x, ya, yb, lam, w = _mix(seed=1)
-    for reduction in ("none", "mean", "sum"):
-        for lam_arg in (lam, 0.3):
-            _check(x, ya, yb, lam_arg, loss, regime, _go(reduction), f"{reduction} lam={type(lam_arg).__name__}",
-                   weight=w, reduction=reduction, **OPTIONS[option])
+    for reduction, lam_arg in (("none", lam), ("mean", 0.3), ("sum", lam)):
+        _check(x, ya, yb, lam_arg, loss, regime, _go(reduction), f"{reduction} lam={type(lam_arg).__name__}",
+               weight=w, reduction=reduction, **OPTIONS[option])
 
 
 @pytest.mark.parametrize("option", ["smooth", "zloss", "cap"])
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_each_option_alone(loss, option):
+    """One call per (loss, option), streamed ('none', grad_output per row) or on chip ('mean', weight) in
+    turn: every option meets both regimes, and so does every loss."""
     x, ya, yb, lam, w = _mix(seed=2)
-    _check(x, ya, yb, lam, loss, "stream", _go("none"), reduction="none", **OPTIONS[option])
-    _check(x, ya, yb, lam, loss, "single", weight=w, reduction="mean", **OPTIONS[option])
+    if (fl.LOSSES.index(loss) + ("smooth", "zloss", "cap").index(option)) % 2 == 0:
+        _check(x, ya, yb, lam, loss, "stream", _go("none"), reduction="none", **OPTIONS[option])
+    else:
+        _check(x, ya, yb, lam, loss, "single", weight=w, reduction="mean", **OPTIONS[option])
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -138,15 +142,13 @@ def test_lam_zero_and_one_with_an_infinite_part(loss):
     rows = torch.arange(N)
     inf_a = x.clone()
     inf_a[rows, ya] = float("-inf")
-    for red in ("none", "mean", "sum"):
-        out, grad = _run(inf_a, (ya, yb, 0.0), loss, reduction=red, weight=w)
+    for red, lams in (("none", (0.0, 1.0)), ("mean", (0.0,)), ("sum", (1.0,))):
         ref, gref = oracle_loss_and_grad(inf_a, yb, loss, reduction=red, weight=w)
-        assert torch.isfinite(grad).all()
-        assert_close(out, ref, torch.float32, "loss", red)
-        assert_close(grad, gref, torch.float32, "grad", red)
-        out, grad = _run(inf_a, (yb, ya, 1.0), loss, reduction=red, weight=w)
-        assert_close(out, ref, torch.float32, "loss", red)
-        assert_close(grad, gref, torch.float32, "grad", red)
+        for lam_s in lams:  # lam 0: part a counts 0; lam 1 with the targets swapped: part b counts 0
+            out, grad = _run(inf_a, (ya, yb, 0.0) if lam_s == 0.0 else (yb, ya, 1.0), loss, reduction=red, weight=w)
+            assert torch.isfinite(grad).all()
+            assert_close(out, ref, torch.float32, "loss", f"{red} lam={lam_s}")
+            assert_close(grad, gref, torch.float32, "grad", f"{red} lam={lam_s}")
     # per row: lam_i = 0 where part a is inf, else 1 with part b inf
     lam01 = (rows % 2).float()
     xm = x.clone()
@@ -254,12 +256,13 @@ def test_backend_fuses_every_loss(loss, softcap):
 
 @pytest.mark.parametrize("loss", fl.LOSSES)
 def test_fused_equals_two_passes(loss):
+    """One reduction per loss, in turn (each reduction twice; all of them against float64 above)."""
     from fusedloss.triton_kernels import heuristics
     be = _triton_backend()
     two_pass = be.without(mixup.TwoTargetOps)
     x, ya, yb, lam, w = _mix(seed=6)
     with heuristics.override(**REGIMES["stream"]):
-        for red in Reduction:
+        for red in [list(Reduction)[fl.LOSSES.index(loss) % len(Reduction)]]:
             scal = (int(variant_id(loss)), int(red), -100, 0.05, 1.5, 1.0, 2.0, 1e-3, 3.0)
             fused = mixup.mixed_loss(be, x, ya, yb, lam, w, scal, False)
             ref = mixup.mixed_loss(two_pass, x, ya, yb, lam, w, scal, False)
@@ -334,7 +337,10 @@ def test_standalone_backward_and_stats(reduction, regime):
     x, ya, yb, lam, w = _mix(seed=10)
     red = int(Reduction[reduction.upper()])
     go = _go(reduction)
-    for loss in fl.LOSSES:  # bce's stats: lse, lse_ex(a), log(1 - p_w), w
+    # Half the losses per (reduction, regime), in turn: every loss meets both regimes and two or more
+    # reductions; bce's stats: lse, lse_ex(a), log(1 - p_w), w.
+    parity = (("none", "mean", "sum").index(reduction) + list(REGIMES).index(regime)) % 2
+    for loss in fl.LOSSES[parity::2]:
         scal = (int(variant_id(loss)), red, -100, 0.1, 1.5, 1.0, 2.0, 1e-2, 4.0)
         with heuristics.override(**REGIMES[regime]):
             out, stats, g0 = torch.ops.fusedloss.triton_mix_fwd(x, ya, yb, lam, w, *scal, False)

@@ -35,8 +35,9 @@ def save_atomic(obj: Any, path: str) -> None:
             os.remove(tmp)
 
 
-def capture_rng(device: torch.device) -> dict[str, Any]:
-    """This process's random states: Python, NumPy, torch CPU and (on GPU) the device's generator.
+def capture_rng(device: torch.device, loaders: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """This process's random states: Python, NumPy, torch CPU, (on GPU) the device's generator and
+    the data loaders' own generators (``Loaders.generators()``).
 
     NumPy's state is stored as plain types so the checkpoint loads with ``weights_only=True``.
     """
@@ -47,12 +48,14 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "loaders": {name: gen.get_state() for name, gen in (loaders or {}).items()},
     }
     return state
 
 
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    """Inverse of :func:`capture_rng`."""
+def restore_rng(state: dict[str, Any], device: torch.device,
+                loaders: dict[str, torch.Generator] | None = None) -> None:
+    """Inverse of :func:`capture_rng` (a checkpoint without loader states leaves ``loaders`` alone)."""
     random.setstate(state["python"])
     np_state = state["numpy"]
     np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
@@ -60,6 +63,10 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+    saved = state.get("loaders", {})
+    for name, gen in (loaders or {}).items():
+        if name in saved:
+            gen.set_state(saved[name])
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

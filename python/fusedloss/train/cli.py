@@ -331,7 +331,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
         start_epoch, best_top1, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
         rng = ckpt["rng"]
         if len(rng) == ctx.world_size:
-            restore_rng(rng[ctx.rank], ctx.device)
+            restore_rng(rng[ctx.rank], ctx.device, loaders.generators())
         else:  # a different process count cannot replay the same streams anyway
             say(f"note: checkpoint was written by {len(rng)} processes, this run has {ctx.world_size}: "
                 "random streams are re-seeded, the run continues but not bit-for-bit", flush=True)
@@ -397,7 +397,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> int:
             ev = evaluate(ema.averaged, criterion, loaders.val, f"val EMA {epoch + 1}/{args.epochs}", step_cfg, ctx)
             record.update({f"ema_val_{k}": ev[k] for k in ("loss", "nll", "top1", "top5")})
         history = history + [record]
-        rng_states = all_gather_objects(capture_rng(ctx.device), ctx)  # every rank takes part
+        rng_states = all_gather_objects(capture_rng(ctx.device, loaders.generators()), ctx)  # every rank takes part
         if ctx.is_main:
             ckpt_out = {"format": FORMAT, "epoch": epoch + 1, "arch": args.arch, "loss": args.loss,
                         "num_classes": num_classes, "classes": loaders.classes, "args": json_safe(vars(args)),

@@ -33,19 +33,30 @@ class Loaders:
     val: DataLoader | SyntheticBatches
     classes: list[str]
     train_sampler: DistributedSampler | None  # needs set_epoch() each epoch; None for synthetic data
-    generator: torch.Generator | None  # re-seeded each epoch, see seed_epoch()
+    generator: torch.Generator | None  # the training loader's; re-seeded each epoch, see seed_epoch()
+    val_generator: torch.Generator | None = None  # the validation loader's; re-seeded each epoch
 
     def seed_epoch(self, seed: int, epoch: int, rank: int) -> None:
         """Make the epoch's sample order and augmentation seeds a function of (seed, epoch, rank) only.
 
-        The order comes from DistributedSampler(seed, epoch); the DataLoader draws its
-        workers' base seed from ``generator``. Seeding both per epoch means a resumed
-        run reads exactly the batches the uninterrupted run would have read.
+        The order comes from DistributedSampler(seed, epoch); each DataLoader draws its
+        workers' base seed from its own generator when an iterator starts (a DataLoader
+        without one draws it from the global torch RNG, which the persistent validation
+        workers would then advance once per process: once in a straight run, once more in
+        a resumed one). Seeding both per epoch means a resumed run reads exactly the
+        batches, and continues the global random streams, of the uninterrupted run.
         """
         if self.train_sampler is not None:
             self.train_sampler.set_epoch(epoch)
-        if self.generator is not None:
-            self.generator.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+        for stream, gen in enumerate((self.generator, self.val_generator)):
+            if gen is not None:
+                streams = [seed, epoch, rank] + ([stream] if stream else [])
+                gen.manual_seed(int(np.random.SeedSequence(streams).generate_state(1)[0]))
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The loaders' own generators by name, for the checkpoint (ckpt.capture_rng / restore_rng)."""
+        return {name: gen for name, gen in (("train", self.generator), ("val", self.val_generator))
+                if gen is not None}
 
 
 class ShardSampler(Sampler[int]):
@@ -188,13 +199,16 @@ def image_folder_loaders(data: str, batch_size: int, workers: int, aug: Augment,
     # Training workers are NOT persistent: fresh workers each epoch take their seeds from
     # `generator`, re-seeded per epoch, so a resumed run replays the same augmentations
     # (persistent workers would carry RNG state across epochs that no checkpoint holds).
-    # Starting them costs seconds per epoch. Validation has no randomness: its workers persist.
+    # Starting them costs seconds per epoch. Validation has no randomness: its workers persist,
+    # with a generator of their own all the same (see Loaders.seed_epoch).
     train = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler, num_workers=workers,
                        pin_memory=pin_memory, drop_last=True,  # a batch of 1 breaks BatchNorm at 1x1 maps
                        generator=generator, persistent_workers=False)
+    val_generator = torch.Generator()
     val = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), rank, world_size),
-                     num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
-    return Loaders(train, val, classes, train_sampler, generator)
+                     num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                     generator=val_generator)
+    return Loaders(train, val, classes, train_sampler, generator, val_generator)
 
 
 def synthetic_loaders(train_size: int, val_size: int, num_classes: int, batch_size: int, train_crop_size: int,
