@@ -98,7 +98,7 @@ def _rows(x: Tensor, t: Tensor, weight, plan: Plan, be, cfg: _Config, group, nee
     if cfg.variant == Variant.BCE:
         h, lse, wx_sum, state = _bce_rows(x, t, keep, weight, plan, be, cfg, group, need_grad)
     else:
-        h, lse, wx_sum, state = _target_only_rows(x, t, keep, weight, plan, be, cfg, group)
+        h, lse, wx_sum, state = _target_only_rows(x, t, keep, weight, plan, be, cfg, group, need_grad)
     lse = torch.where(keep, lse, _zero(lse.dtype, x.device))
     return _row_losses(h, lse, t, keep, weight, plan, cfg, wx_sum), lse, state
 
