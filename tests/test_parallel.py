@@ -164,9 +164,9 @@ def _data(case: dict, world: int, seed: int):
         t[12] = max(s for s, n in _slices(world, case["split"]) if n > 1) + 1  # a class not masked
     x[4, t[4]] = x[4].max() + 25.0             # a confident row (p_c rounds to 1 in float32)
     x[5, (t[5] + 1) % v] = x[5].max() + 40.0   # a wrong class leads by 40
-    # A wrong class leading by 60 and by 100 on another rank than the target's (bce's arg-max w lives
+    # A wrong class leading by 60, 100 and 200 on another rank than the target's (bce's arg-max w lives
     # elsewhere; in float32 p_w rounds to 1 and a_w = p_w / (1 - p_w) overflows at a lead of 89).
-    for row, lead in ((9, 60.0), (10, 100.0)):
+    for row, lead in ((9, 60.0), (10, 100.0), (13, 200.0)):
         k = _class_elsewhere(int(t[row]), world, case["split"])
         x[row, k] = x[row].max() + lead
     ii = case.get("ignore_index", -100)
