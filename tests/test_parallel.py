@@ -88,6 +88,10 @@ def _cases(world: int) -> list[dict]:
                         first=True, weight=True))
     # Ignored rows under a wrong class leading by 40/60/100 (rows 5, 9, 10 ignored too): the
     # reference's backward read the zero stats parallel passes for an ignored row (exp(100) * 0 = NaN).
+    # Label smoothing's passes over the slice in blocks of 5 rows (a ragged last block).
+    for loss in ("nllr", "bce"):
+        out.append(dict(name=f"{loss}-blocks5-smooth-weight-none-uneven", loss=loss, reduction="none", split="uneven",
+                        weight=True, label_smoothing=0.3, smooth_blocks=5))
     for loss, backend, red, split, o in (("nllr", "reference", "none", "reversed", {}),
                                          ("nllr", "auto", "none", "reversed", {}),
                                          ("focal", "reference", "mean", "even", {"label_smoothing": 0.1,
@@ -193,7 +197,7 @@ def _slices(world: int, split: str) -> list[tuple[int, int]]:
 def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
     import fusedloss as fl
     import fusedloss.parallel as flp
-    from fusedloss.parallel import target_only
+    from fusedloss.parallel import smoothing, target_only
 
     dtype = getattr(torch, case.get("dtype", "float32"))
     x64, t, w64 = _data(case, world, seed)
@@ -221,12 +225,17 @@ def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
     sync_free = target_only._sync_free
     if case.get("sync_free"):
         target_only._sync_free = lambda device: True
+    row_blocks = smoothing._row_blocks
+    if case.get("smooth_blocks"):
+        b = case["smooth_blocks"]
+        smoothing._row_blocks = lambda n, vl, cdtype: [(i, min(i + b, n)) for i in range(0, n, b)]
     try:
         out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=case["reduction"], backend=backend,
                                class_start=start if reverse or unchecked else None, **kw)
         out.backward(go)
     finally:
         target_only._sync_free = sync_free
+        smoothing._row_blocks = row_blocks
     if case.get("view"):
         outside = torch.ones(x.shape[-1], dtype=torch.bool)
         outside[start:start + size] = False

@@ -59,10 +59,16 @@ def argmax_of_gathered(m_all: Tensor, idx_all: Tensor) -> tuple[Tensor, Tensor, 
 def local_argmax_cols(x: Tensor, cap: float, class_start: int, cdtype) -> list[Tensor]:
     """This rank's ``[local max, its global index, local lse, log sum_{local k != arg-max} exp(x_k)]``
     of the (capped) slice, for the all-gather that gives the global ``w`` and ``log(1 - p_w)``."""
-    xc = _cap(x.to(cdtype), cap)
-    k = xc.argmax(1)
-    m_r = xc.gather(1, k[:, None])[:, 0]
-    return [m_r, (k + class_start).to(cdtype), torch.logsumexp(xc, 1), reference.lse_excluding(xc, k, cdtype)]
+    n, vl = x.shape
+    out = torch.empty((4, n), dtype=cdtype, device=x.device)
+    for s, e in _row_blocks(n, vl, cdtype):  # bounded memory: one capped block at a time
+        xc = _cap(x[s:e].to(cdtype), cap)
+        k = xc.argmax(1)
+        out[0, s:e] = xc.gather(1, k[:, None])[:, 0]
+        out[1, s:e] = (k + class_start).to(cdtype)
+        out[2, s:e] = torch.logsumexp(xc, 1)
+        out[3, s:e] = reference.lse_excluding(xc, k, cdtype)
+    return list(out)
 
 
 def _mass(weight: Tensor | None, plan: Plan, cs: int, vl: int, cfg: _Config, cdtype, device):
