@@ -88,6 +88,10 @@ def _cases(world: int) -> list[dict]:
                         first=True, weight=True))
     # Ignored rows under a wrong class leading by 40/60/100 (rows 5, 9, 10 ignored too): the
     # reference's backward read the zero stats parallel passes for an ignored row (exp(100) * 0 = NaN).
+    # Label smoothing's passes over the slice in blocks of 5 rows (a ragged last block).
+    for loss in ("nllr", "bce"):
+        out.append(dict(name=f"{loss}-blocks5-smooth-weight-none-uneven", loss=loss, reduction="none", split="uneven",
+                        weight=True, label_smoothing=0.3, smooth_blocks=5))
     for loss, backend, red, split, o in (("nllr", "reference", "none", "reversed", {}),
                                          ("nllr", "auto", "none", "reversed", {}),
                                          ("focal", "reference", "mean", "even", {"label_smoothing": 0.1,
@@ -95,17 +99,7 @@ def _cases(world: int) -> list[dict]:
                                          ("bce", "reference", "sum", "uneven", {"z_loss": 1e-2})):
         out.append(dict(name=f"{loss}-{backend}-ignoredlead-{red}-{split}", loss=loss, reduction=red, split=split,
                         backend=backend, ignore_index=3, weight=True, ignore_leads=True, **o))
-    return _without_non_ce_smoothing(out)
-
-
-def _without_non_ce_smoothing(cases: list[dict]) -> list[dict]:
-    """fusedloss.parallel refuses label_smoothing > 0 with a loss other than ce until its split losses
-    compute the expected-loss smoothing term (docs/losses.md; tests/test_expected_loss.py checks the
-    error): those cases run without smoothing, their other options kept."""
-    for c in cases:
-        if c["loss"] != "ce" and c.get("label_smoothing"):
-            c["label_smoothing"] = 0.0
-    return cases
+    return out
 
 
 def _head_cases(world: int) -> list[dict]:
@@ -139,7 +133,7 @@ def _head_cases(world: int) -> list[dict]:
         dict(name="head-bce-partial-none-reversed", loss="bce", reduction="none", split="reversed", partial=True),
         dict(name="head-lace-twice-mean-uneven", loss="lace", reduction="mean", split="uneven", twice=True),
     ]
-    return _without_non_ce_smoothing(out)
+    return out
 
 
 #: Error case -> words its ValueError must contain on every rank.
@@ -174,9 +168,9 @@ def _data(case: dict, world: int, seed: int):
         t[12] = max(s for s, n in _slices(world, case["split"]) if n > 1) + 1  # a class not masked
     x[4, t[4]] = x[4].max() + 25.0             # a confident row (p_c rounds to 1 in float32)
     x[5, (t[5] + 1) % v] = x[5].max() + 40.0   # a wrong class leads by 40
-    # A wrong class leading by 60 and by 100 on another rank than the target's (bce's arg-max w lives
+    # A wrong class leading by 60, 100 and 200 on another rank than the target's (bce's arg-max w lives
     # elsewhere; in float32 p_w rounds to 1 and a_w = p_w / (1 - p_w) overflows at a lead of 89).
-    for row, lead in ((9, 60.0), (10, 100.0)):
+    for row, lead in ((9, 60.0), (10, 100.0), (13, 200.0)):
         k = _class_elsewhere(int(t[row]), world, case["split"])
         x[row, k] = x[row].max() + lead
     ii = case.get("ignore_index", -100)
@@ -203,7 +197,7 @@ def _slices(world: int, split: str) -> list[tuple[int, int]]:
 def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
     import fusedloss as fl
     import fusedloss.parallel as flp
-    from fusedloss.parallel import target_only
+    from fusedloss.parallel import smoothing, target_only
 
     dtype = getattr(torch, case.get("dtype", "float32"))
     x64, t, w64 = _data(case, world, seed)
@@ -231,12 +225,17 @@ def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
     sync_free = target_only._sync_free
     if case.get("sync_free"):
         target_only._sync_free = lambda device: True
+    row_blocks = smoothing._row_blocks
+    if case.get("smooth_blocks"):
+        b = case["smooth_blocks"]
+        smoothing._row_blocks = lambda n, vl, cdtype: [(i, min(i + b, n)) for i in range(0, n, b)]
     try:
         out = flp.softmax_loss(local, t, case["loss"], weight=w, reduction=case["reduction"], backend=backend,
                                class_start=start if reverse or unchecked else None, **kw)
         out.backward(go)
     finally:
         target_only._sync_free = sync_free
+        smoothing._row_blocks = row_blocks
     if case.get("view"):
         outside = torch.ones(x.shape[-1], dtype=torch.bool)
         outside[start:start + size] = False
@@ -253,9 +252,32 @@ def _run_case(case: dict, rank: int, world: int, seed: int) -> str | None:
         torch.testing.assert_close(out, ref.detach(), rtol=tol, atol=tol, equal_nan=True, msg=lambda m: "loss: " + m)
         torch.testing.assert_close(local.grad, full.grad[..., start:start + size], rtol=tol, atol=tol,
                                    msg=lambda m: "grad: " + m)
+        if case.get("label_smoothing"):
+            _check_oracle(case, x, t, w, kw, go, out, local.grad, start, size)
     except AssertionError as e:
         return str(e)
     return None
+
+
+def _check_oracle(case, x, t, w, kw, go, out, grad, start, size) -> None:
+    """Label smoothing's expected loss against the float64 oracle too (tests/oracle.py): the loss, and
+    this rank's slice of the gradient where the oracle's is finite (a row with -inf logits has an
+    infinite smoothed loss; the float64 autograd of some losses gives NaN at its -inf entries)."""
+    from oracle import assert_close, oracle_loss_and_grad
+
+    okw = {k: v for k, v in kw.items() if k in ("label_smoothing", "z_loss", "softcap", "alpha", "beta", "gamma",
+                                                 "ignore_index")}
+    x2 = x if x.dim() == 2 else x[None]
+    t2 = t.reshape(-1)
+    red = case["reduction"]
+    go2 = go if go.dim() == 0 else go.reshape(-1)
+    o_loss, o_grad = oracle_loss_and_grad(x2, t2, case["loss"], grad_output=go2, weight=w, reduction=red, **okw)
+    o_grad = o_grad[:, start:start + size].reshape(grad.shape)
+    o_loss = o_loss.reshape(out.shape)
+    assert_close(out, o_loss, x.dtype, "loss", "oracle loss")
+    fin = torch.isfinite(o_grad)
+    assert fin.any(), "no finite oracle gradient"
+    assert_close(grad[fin], o_grad[fin], x.dtype, "grad", "oracle grad")
 
 
 def _head_data(case: dict, world: int, seed: int):

@@ -38,7 +38,8 @@ the block's loss as above (its collectives per block), and folds the block's loc
 Modules: ``plan`` (each rank's checks, the one exchange that agrees on the :class:`Plan`, DTensor
 arguments), ``loss`` (:func:`softmax_loss`: the rows of a call and the autograd Function),
 ``target_only`` and ``bce`` (each family's rounds and gradient), ``terms`` (the per-row pieces both
-share: weights, label smoothing, z-loss), ``head`` (:func:`linear_softmax_loss`).
+share: weights, label smoothing, z-loss), ``smoothing`` (label smoothing's expected term for the
+losses other than ce), ``head`` (:func:`linear_softmax_loss`).
 """
 from .distill import distill_loss, linear_distill_loss
 from .head import linear_softmax_loss

@@ -4,7 +4,6 @@ and one all-reduce SUM; the gradient, local from the global numbers. By the back
 numbers where it has them, else by the reference's per-element functions in blocks of rows."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor
 from .. import ops, reference
 from ..head import _blocks, default_chunk_rows
 from ..variants import Reduction, Variant
+from . import smoothing
 from .plan import LOCAL_IGNORE, Plan, _Config
 from .terms import (_add_smoothing, _cap, _class_weight_of, _local_target, _owner, _p_and_class_terms, _put,
                     _weight_total, _weighted_x_sum, _zero)
@@ -24,6 +24,7 @@ class _BceState(NamedTuple):
     w: Tensor          # the global arg-max (int64)
     stats: Tensor      # (N, 4): lse, R = sum_{k != w} a_k, log(1 - p_w), x_w (capped)
     slice_idx: Tensor  # (N, 3) int64: local c, local w (-1: elsewhere), w == c (1, 0; -1: ignored row)
+    sm: Tensor         # (N, 3) label smoothing's summed terms (smoothing.partial_sums); (N, 0) without it
 
 
 def _bce_kernels(be) -> ops.SplitVocabOps | None:
@@ -60,7 +61,7 @@ def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad
             lse_r + st[:, 2],                         # log sum_{local k != w_r} exp(x_k)
             torch.where(owner, st[:, 1], lse_r),      # log sum_{local k != c} exp(x_k)
             torch.where(owner, x_t, zero)]
-    if cfg.label_smoothing > 0:
+    if cfg.label_smoothing > 0 and not smoothing.expected(cfg):
         cols.append(_weighted_x_sum(x, weight, plan, cap, cdtype))
     # One all-gather: every rank forms the arg-max (the max value, the lowest index among ties) and
     # three log-sum-exps over different sets of classes, each shifted by its own max (torch.logsumexp),
@@ -69,17 +70,13 @@ def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad
     parts = [torch.empty_like(mine) for _ in range(plan.world_size)]
     dist.all_gather(parts, mine, group=group)
     allr = torch.stack(parts)                         # (P, k, N)
-    m_all, idx_all = allr[:, 0], allr[:, 1]
-    x_w = m_all.max(0).values
-    cand = m_all == x_w[None]
-    w_f = torch.where(cand, idx_all, torch.full_like(idx_all, math.inf)).min(0).values
-    holds_w = cand & (idx_all == w_f[None])           # the one rank whose slice holds w
-    w = torch.where(torch.isfinite(w_f), w_f, torch.zeros_like(w_f)).long()  # a NaN row: any index, its loss is NaN
+    # the one rank whose slice holds w (holds_w); a NaN row: any index, its loss is NaN
+    x_w, w, holds_w = smoothing.argmax_of_gathered(allr[:, 0], allr[:, 1])
     lse = torch.logsumexp(allr[:, 2], 0)
     lse_ex_w = torch.logsumexp(torch.where(holds_w, allr[:, 3], allr[:, 2]), 0)
     lse_ex = torch.logsumexp(allr[:, 4], 0)
     x_c = allr[:, 5].sum(0)
-    wx_sum = allr[:, 6].sum(0) if cfg.label_smoothing > 0 else None
+    wx_sum = allr[:, 6].sum(0) if cfg.label_smoothing > 0 and not smoothing.expected(cfg) else None
     log1m_pw = lse_ex_w - lse
     w_is_c = w == t
     c_loc, w_loc = t - cs, w - cs
@@ -104,18 +101,30 @@ def _bce_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad
                 _put(buf, w_loc[s:e], holds_w[s:e], 0.0)
                 sums[k, s:e] = buf.sum(1)
             del p, odds, buf
+    sm = torch.empty((n, 0), dtype=cdtype, device=x.device)
+    if smoothing.expected(cfg):
+        # Label smoothing's sums over the slice given the global lse, w and log(1 - p_w) ride in the
+        # same all-reduce.
+        g = smoothing.Global(torch.where(keep, lse, zero), w, torch.where(keep, log1m_pw, zero), x_w)
+        k = sums.shape[0]
+        sums = torch.cat([sums, smoothing.partial_sums(x, g, keep, weight, plan, cfg, need_grad)])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    if smoothing.expected(cfg):
+        sums, sm_sums = sums[:k], sums[k:]
+        wx_sum = smoothing.row_term(g, sm_sums, keep, weight, plan, cfg)
+        sm = sm_sums.T.contiguous()
     h = reference.softplus(lse_ex - x_c) - (sums[0] + torch.where(w_is_c, zero, log1m_pw))
     if need_grad:
         stats[:, 1] = sums[1] - torch.where(w_is_c, zero, torch.ones_like(zero))  # a_c = -1
-    return h, lse, wx_sum, _BceState(t, w, stats, slice_idx)
+    return h, lse, wx_sum, _BceState(t, w, stats, slice_idx, sm)
 
 
 def _bce_grad(x, st: _BceState, go, weight, plan: Plan, be, cfg: _Config) -> Tensor:
     """docs/losses.md's three-case form from the global ``lse``, ``w``, ``R``, ``log(1 - p_w)`` on this
     rank's slice: the backend's kernel given those numbers, or the reference's per-element functions,
     one block of rows at a time."""
-    t, w, stats, slice_idx = st
+    t, w, stats, slice_idx, sm = st
+    exp_smooth = smoothing.expected(cfg)
     vl = x.shape[1]
     cs = plan.class_start
     cdtype = stats.dtype
@@ -131,6 +140,8 @@ def _bce_grad(x, st: _BceState, go, weight, plan: Plan, be, cfg: _Config) -> Ten
         if eps < 1:
             z_k = z / (1 - eps) if eps > 0 else z
             g = _bce_kernels(be).bce_global_bwd(((1 - eps) * rs).contiguous(), x, stats, slice_idx, z_k, cap)
+        if exp_smooth:
+            return smoothing.add_grad(g, x, _global(st, keep), sm.T, go, rs, keep, weight, plan, cfg)
         return _add_smoothing(g, x, lse, go, rs, keep, weight, plan, cfg)
     holds_c = _owner(t, keep, cs, vl)
     w_loc = w - cs
@@ -143,7 +154,7 @@ def _bce_grad(x, st: _BceState, go, weight, plan: Plan, be, cfg: _Config) -> Ten
     # z-loss 2 z lse w_c go p_j and smoothing (eps / V) go (W p_j - w_j): p_j extra - per_class w_j.
     extra = 2 * z * lse * rs if z else None
     per_class = w_loc_weight = None
-    if eps > 0:
+    if eps > 0 and not exp_smooth:
         per_class = (eps / plan.num_classes) * go
         smooth = per_class * _weight_total(weight, plan, cdtype)
         extra = smooth if extra is None else extra + smooth
@@ -168,4 +179,12 @@ def _bce_grad(x, st: _BceState, go, weight, plan: Plan, be, cfg: _Config) -> Ten
             g.mul_(reference.softcap_slope(x[s:e], cap, cdtype))
         out[s:e] = g.masked_fill_(~keep[s:e, None], 0.0)  # ignored rows: 0 (their numbers are arbitrary)
         del g
+    if exp_smooth:  # z-loss is in out already
+        return smoothing.add_grad(out, x, _global(st, keep), sm.T, go, rs, keep, weight, plan, cfg, add_z=False)
     return out
+
+
+def _global(st: _BceState, keep: Tensor) -> smoothing.Global:
+    zero = _zero(st.stats.dtype, st.stats.device)
+    lse, _, log1m_pw, x_w = st.stats.unbind(1)
+    return smoothing.Global(torch.where(keep, lse, zero), st.w, torch.where(keep, log1m_pw, zero), x_w)

@@ -63,11 +63,16 @@ def softmax_loss(
     Other keywords as :func:`fusedloss.softmax_loss` (label smoothing divides by the global
     ``V`` and uses the global weight total; z-loss and soft-capping per row as there).
 
+    Label smoothing with every loss is the expected loss ``(1 - eps) w_c L(x, c) + (eps / V) sum_k
+    w_k L(x, k)`` of the single-process function (docs/parallel.md, "Label smoothing with a loss
+    other than ce").
+
     Collectives per call, besides the validation all-gather: target-only losses, forward one
-    all-reduce MAX of ``N`` floats and one all-reduce SUM of ``2N`` floats (``3N`` with label
-    smoothing), backward none; ``bce``, forward one all-gather of ``6N`` floats per rank (``7N``
-    with label smoothing) and one all-reduce SUM of ``2N`` floats (``N`` without a gradient),
-    backward none.
+    all-reduce MAX of ``N`` floats and one all-reduce SUM of ``2N`` floats (``ce`` with label
+    smoothing: ``3N``); ``nllr, crl, lace, focal`` with label smoothing, one all-gather of ``6N``
+    floats per rank and one all-reduce SUM of ``2N`` (``N`` without a gradient); ``bce``, forward
+    one all-gather of ``6N`` floats per rank and one all-reduce SUM of ``2N`` floats (``N`` without
+    a gradient; with label smoothing ``3N`` more, ``N`` without a gradient). Backward: none.
     """
     local_logits, target, group, class_start = _unwrap_dtensors(local_logits, target, group, class_start)
     error: Exception | None = None
@@ -98,7 +103,7 @@ def _rows(x: Tensor, t: Tensor, weight, plan: Plan, be, cfg: _Config, group, nee
     if cfg.variant == Variant.BCE:
         h, lse, wx_sum, state = _bce_rows(x, t, keep, weight, plan, be, cfg, group, need_grad)
     else:
-        h, lse, wx_sum, state = _target_only_rows(x, t, keep, weight, plan, be, cfg, group)
+        h, lse, wx_sum, state = _target_only_rows(x, t, keep, weight, plan, be, cfg, group, need_grad)
     lse = torch.where(keep, lse, _zero(lse.dtype, x.device))
     return _row_losses(h, lse, t, keep, weight, plan, cfg, wx_sum), lse, state
 

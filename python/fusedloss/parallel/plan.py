@@ -114,13 +114,6 @@ def _unwrap_head_dtensors(hidden, weight, bias, target, group, class_start):
 def _config(loss, reduction, ignore_index, eps, alpha, beta, gamma, z_loss, softcap) -> _Config:
     variant, red, ignore_index, cap = check_loss_options(loss, reduction, ignore_index, eps, alpha, beta, gamma,
                                                          z_loss, softcap)
-    if eps > 0 and variant != Variant.CE:
-        # The split losses still add the older smoothed-CE term beside loss != 'ce'; label smoothing is
-        # now the expected loss (eps / V) sum_k w_k L(x, k) (docs/losses.md): refuse rather than differ.
-        raise NotImplementedError(
-            "label_smoothing > 0 with a loss other than 'ce' is not implemented by fusedloss.parallel yet "
-            "(label smoothing is the expected loss (eps / V) sum_k w_k L(x, k) for every loss, docs/losses.md); "
-            "use label_smoothing=0, or loss='ce'")
     return _Config(int(variant), int(red), ignore_index, float(eps), float(alpha), float(beta), float(gamma),
                    float(z_loss), cap)
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import reference
 from ..variants import Reduction, Variant
 from .plan import K0, LOCAL_IGNORE, Plan, _Config
+from . import smoothing
 from .terms import _add_smoothing, _cap, _class_weight_of, _local_target, _owner, _put, _weighted_x_sum, _zero
 
 
@@ -22,6 +23,8 @@ class _TargetOnlyState(NamedTuple):
     stats: Tensor      # (N, 4): global lse and lse_ex as the backward kernel reads them
     log_s: Tensor      # log s of the variant (docs/losses.md)
     x_t: Tensor        # the (capped) logit at the local target
+    sm: Tensor         # (N, 2 + sums) label smoothing's log(1 - p_w), x_w and summed terms; (N, 0) without it
+    sm_w: Tensor       # (N, 1) int64: the global arg-max w; (N, 0) without label smoothing
 
 
 def _sync_free(device: torch.device) -> bool:
@@ -64,7 +67,7 @@ def _avoid_masked_fake_targets(x: Tensor, local_t: Tensor, absent: Tensor, cap: 
     return masked
 
 
-def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group):
+def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group, need_grad: bool = True):
     vl = x.shape[1]
     cs = plan.class_start
     cdtype = reference.compute_dtype(x)
@@ -82,6 +85,8 @@ def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group):
         part = torch.where(masked, torch.full_like(part, -math.inf), part)
         x_t = torch.where(masked, torch.zeros_like(x_t), x_t)
     zero = _zero(cdtype, x.device)
+    if smoothing.expected(cfg):
+        return _expected_rows(x, t, keep, weight, plan, cfg, group, owner, local_t, part, x_t, need_grad)
     # log-sum-exp over ranks: MAX, then SUM of exp(part - M) (each term <= 1, the max rank's is 1).
     m = part.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -93,6 +98,16 @@ def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group):
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
     lse_ex = shift + buf[0].log()
     x_c = buf[1]
+    wx_sum = buf[2] if cfg.label_smoothing > 0 else None
+    none = torch.empty((x.shape[0], 0), dtype=cdtype, device=x.device)
+    h, lse, state = _row_numbers(x, t, keep, owner, local_t, lse_ex, x_c, x_t, none, none.long(), cfg)
+    return h, lse, wx_sum, state
+
+
+def _row_numbers(x, t, keep, owner, local_t, lse_ex, x_c, x_t, sm, sm_w, cfg: _Config):
+    """The row's ``h``, ``lse`` and the backward's state from the global ``lse_ex`` and ``x_c``."""
+    cdtype = lse_ex.dtype
+    zero = _zero(cdtype, x.device)
     lse = torch.logaddexp(lse_ex, x_c)
     d = lse_ex - x_c
     # Ignored rows: neutral numbers (their loss and gradient are 0 by select).
@@ -106,12 +121,38 @@ def _target_only_rows(x, t, keep, weight, plan: Plan, be, cfg: _Config, group):
     stats_g = torch.zeros((x.shape[0], 4), dtype=cdtype, device=x.device)
     stats_g[:, 0] = lse
     stats_g[:, 1] = torch.where(owner, lse_ex, torch.where(keep & (local_t >= 0), d + x_t, zero))
-    wx_sum = buf[2] if cfg.label_smoothing > 0 else None
-    return h, lse, wx_sum, _TargetOnlyState(t, local_t, stats_g, log_s, x_t)
+    return h, lse, _TargetOnlyState(t, local_t, stats_g, log_s, x_t, sm, sm_w)
+
+
+def _expected_rows(x, t, keep, weight, plan: Plan, cfg: _Config, group, owner, local_t, part, x_t, need_grad):
+    """The rounds with label smoothing's expected term: one all-gather of the partial ``lse_ex``, the
+    target's logit and the slice's arg-max numbers (as bce's round one: every rank forms the global
+    arg-max ``w`` and ``log(1 - p_w)`` from log-sum-exps over ranks, each shifted by its own max), then
+    one all-reduce SUM of the slice's smoothing sums given the global ``lse``: two collectives, as
+    without smoothing."""
+    cdtype = part.dtype
+    zero = _zero(cdtype, x.device)
+    cols = [part, torch.where(owner, x_t, zero)] + smoothing.local_argmax_cols(x, cfg.softcap, plan.class_start,
+                                                                               cdtype)
+    mine = torch.stack(cols)
+    parts = [torch.empty_like(mine) for _ in range(plan.world_size)]
+    dist.all_gather(parts, mine, group=group)
+    allr = torch.stack(parts)                         # (P, 6, N)
+    lse_ex = torch.logsumexp(allr[:, 0], 0)
+    x_c = allr[:, 1].sum(0)
+    x_w, w, holds_w = smoothing.argmax_of_gathered(allr[:, 2], allr[:, 3])
+    lse_ex_w = torch.logsumexp(torch.where(holds_w, allr[:, 5], allr[:, 4]), 0)
+    h, lse, state = _row_numbers(x, t, keep, owner, local_t, lse_ex, x_c, x_t, None, None, cfg)
+    g = smoothing.Global(lse, w, torch.where(keep, lse_ex_w - lse, zero), x_w)
+    sums = smoothing.partial_sums(x, g, keep, weight, plan, cfg, need_grad)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    term = smoothing.row_term(g, sums, keep, weight, plan, cfg)
+    sm = torch.cat([torch.stack([g.log1m_pw, x_w], 1), sums.T], 1)
+    return h, lse, term, state._replace(sm=sm, sm_w=w[:, None])
 
 
 def _target_only_grad(x, st: _TargetOnlyState, go, weight, plan: Plan, be, cfg: _Config) -> Tensor:
-    t, local_t, stats_g, log_s, x_t = st
+    t, local_t, stats_g, log_s, x_t = st[:5]
     vl = x.shape[1]
     cs = plan.class_start
     cdtype = stats_g.dtype
@@ -143,4 +184,7 @@ def _target_only_grad(x, st: _TargetOnlyState, go, weight, plan: Plan, be, cfg: 
         _put(g, idx, absent, val)
     else:
         g = None
+    if smoothing.expected(cfg):
+        g_num = smoothing.Global(lse, st.sm_w[:, 0], st.sm[:, 0], st.sm[:, 1])
+        return smoothing.add_grad(g, x, g_num, st.sm[:, 2:].T, go, rs, keep, weight, plan, cfg)
     return _add_smoothing(g, x, lse, go, rs, keep, weight, plan, cfg)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..variants import Variant
 from .plan import K0, LOCAL_IGNORE, Plan, _Config
 
 
@@ -57,8 +58,10 @@ def _put(buf: Tensor, idx: Tensor, mask: Tensor, value) -> None:
 
 def _row_losses(h: Tensor, lse: Tensor, t: Tensor, keep: Tensor, weight, plan: Plan, cfg: _Config,
                 wx_sum: Tensor | None) -> Tensor:
-    """Weighted row losses from the loss's own term ``h`` (unweighted): ``(1 - eps) w_c h + z w_c lse^2 +
-    (eps / V)(W lse - sum_k w_k x_k)``, 0 on ignored rows (reference.forward's, with the global V, W)."""
+    """Weighted row losses from the loss's own term ``h`` (unweighted): ``(1 - eps) w_c h + z w_c lse^2 +``
+    the smoothing term, 0 on ignored rows (reference.forward's, with the global V, W). ce: ``(eps / V)(W lse -
+    sum_k w_k x_k)`` from ``wx_sum``; the other losses: ``wx_sum`` is their expected term itself
+    (smoothing.row_term, 0 on ignored rows)."""
     cdtype = h.dtype
     zero = _zero(cdtype, h.device)
     eps = cfg.label_smoothing
@@ -67,7 +70,9 @@ def _row_losses(h: Tensor, lse: Tensor, t: Tensor, keep: Tensor, weight, plan: P
     if cfg.z_loss:
         per_row = per_row + cfg.z_loss * lse.square()
     loss_rows = torch.where(scale == 0, torch.zeros_like(per_row), per_row * scale)
-    if eps > 0:
+    if eps > 0 and cfg.variant != Variant.CE:  # wx_sum holds the expected term (smoothing.row_term)
+        loss_rows = loss_rows + wx_sum
+    elif eps > 0:
         smooth = (eps / plan.num_classes) * (_weight_total(weight, plan, cdtype) * lse - wx_sum)
         loss_rows = loss_rows + torch.where(keep, smooth, zero)
     return loss_rows
