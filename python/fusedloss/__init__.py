@@ -4,6 +4,12 @@
 computed from per-row log-sum-exp statistics so they stay finite where the textbook
 formulas give inf or NaN. See :func:`softmax_loss`.
 """
+# The first call of any torch.library op imports torch._dynamo; made while a torch.distributed
+# process group exists, that import keeps references to the group, so destroy_process_group()
+# leaves its gloo threads running until exit (where they can abort the process). Importing it
+# here, at `import fusedloss` (before a script creates its group), moves that cost to import time.
+import torch._dynamo  # noqa: F401,E402
+
 from . import ops  # noqa: F401  (registers the torch.library ops)
 from . import distill  # noqa: F401  (registers the distillation op)
 from .distill.loss import DistillLoss, distill_loss
