@@ -65,6 +65,12 @@ def _cases() -> list[dict]:
              masked=True),
         dict(name="jsd-mixed-dtypes-ce-mean-uneven", divergence="jsd", loss="ce", reduction="mean", split="uneven",
              teacher_dtype="float64"),
+        # label smoothing with a loss other than ce: the expected loss, in the split rounds (parallel/smoothing.py);
+        # last in the list: each case's data is seeded by its position
+        dict(name="reverse_kl-focal-smooth-mean-uneven", divergence="reverse_kl", loss="focal", reduction="mean",
+             split="uneven", temperature=2.0, weight=True, label_smoothing=0.1, kd_weight=0.4),
+        dict(name="kl-bce-smooth-sum-reversed", divergence="kl", loss="bce", reduction="sum", split="reversed",
+             label_smoothing=0.2, kd_weight=0.6, ignore_index=3),
     ]
     return out
 
