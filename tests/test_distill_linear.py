@@ -189,12 +189,14 @@ def test_linear_distill_bad_input():
         fl.linear_distill_loss(hs, ws, ht, wt, torch.full_like(t, 37))
 
 
+@pytest.mark.parametrize("ds", [64, 256])
 @pytest.mark.parametrize("target", [False, True])
-def test_linear_distill_peak_memory(target):
+def test_linear_distill_peak_memory(target, ds):
     """Forward + backward, everything counted (d weight and d hidden included), default blocks, the
-    cpu backend: below the issue's goal of 0.3x one (N, V) float32 logits tensor."""
+    cpu backend: below the issue's goal of 0.3x one (N, V) float32 logits tensor. At D 256 the
+    gradients alone take 0.19x (``d weight`` is V x D): the default blocks take what they leave."""
     torch.manual_seed(0)
-    n, ds, dt, v = 2048, 64, 96, 4000
+    n, dt, v = 2048, 96, 4000
     hs = torch.randn(n, ds, requires_grad=True)
     ws = (0.1 * torch.randn(v, ds)).requires_grad_(True)
     ht, wt = torch.randn(n, dt), 0.1 * torch.randn(v, dt)

@@ -26,23 +26,56 @@ from .ops import DistillOps
 #: distillation kernel, the reference op's float32 temporaries (``REFERENCE_TEMPORARIES`` block-sized
 #: rows: it holds log-probabilities, probabilities and products of both rows). A seventh: at N 2048,
 #: V 32000 float32, 96 rows with the fused kernel, whose blocks take 0.14x of the logits; smaller
-#: blocks make the skinny GEMMs slow on the CPU (32 rows took 2.7x the time of 128 there).
+#: blocks make the skinny GEMMs slow on the CPU (each block reads both weights and reads and writes
+#: d weight once, whatever its rows).
 CHUNK_BUDGET_BYTES = 48 * 2**20
 CHUNK_SHARE = 1 / 7
 REFERENCE_TEMPORARIES = 7
+#: The issue's goal for the whole op: the blocks plus the gradients it hands back (``d weight``,
+#: ``d hidden``, ``d bias``) within this share of one logits tensor. Where the gradients leave less than
+#: ``CHUNK_SHARE`` for the blocks, the blocks get what is left, but never less than ``MIN_SHARE`` of
+#: the logits (where the gradients alone reach the goal, smaller blocks would cost time for nothing).
+TOTAL_SHARE = 0.3
+MIN_SHARE = 1 / 32
+#: O(N + V) bytes per row and class kept aside from the blocks' budget: the rows, the row scales, the
+#: ops' row statistics, ``d bias``'s block sum.
+SMALL_BYTES = 16
 
 
-def default_chunk_rows(n: int, v: int, element_size: int, fused: bool = True) -> int:
+def default_chunk_rows(n: int, v: int, element_size: int, fused: bool = True, grad_bytes: int = 0) -> int:
     """Rows per block: the block's three ``(rows, V)`` buffers (plus the reference op's float32
     temporaries when ``fused`` is False) within ``CHUNK_SHARE`` of one logits tensor and
     ``CHUNK_BUDGET_BYTES`` (at least ``MIN_CHUNK_BYTES``), a multiple of 32 rows when that is at
-    least 32."""
+    least 32; and, with ``grad_bytes`` (the gradients the op holds: ``d weight``, ``d hidden``,
+    ``d bias``), within what they leave of ``TOTAL_SHARE`` of the logits, but at least ``MIN_SHARE``
+    of them."""
     per_row = max(v, 1) * (3 * element_size + (0 if fused else 4 * REFERENCE_TEMPORARIES))
-    budget = min(CHUNK_BUDGET_BYTES, max(MIN_CHUNK_BYTES, int(n * v * element_size * CHUNK_SHARE)))
+    logits = n * v * element_size
+    budget = min(CHUNK_BUDGET_BYTES, max(MIN_CHUNK_BYTES, int(logits * CHUNK_SHARE)))
+    if grad_bytes:
+        left = int(logits * TOTAL_SHARE) - grad_bytes - SMALL_BYTES * (n + v)
+        budget = min(budget, max(left, int(logits * MIN_SHARE), MIN_CHUNK_BYTES))
     rows = max(1, budget // per_row)
     if rows >= 32:
         rows -= rows % 32
     return int(min(rows, max(n, 1)))
+
+
+def held_grad_bytes(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> int:
+    """The bytes of the gradients :func:`linear_distill_loss` holds for the student's tensors that
+    require grad (``_blocks_pass``): ``d hidden`` in the hidden's dtype, ``d weight`` in the weight's
+    dtype (plus a float32 sum for 16-bit weights, ``head._WeightGrad``), ``d bias`` (float32 sum)."""
+    if not torch.is_grad_enabled():
+        return 0
+    total = 0
+    if hidden.requires_grad:
+        total += hidden.numel() * hidden.element_size()
+    if weight.requires_grad:
+        sixteen = weight.dtype in (torch.float16, torch.bfloat16)
+        total += weight.numel() * (weight.element_size() + (4 if sixteen else 0))
+    if bias is not None and bias.requires_grad:
+        total += bias.numel() * (bias.element_size() + 4)
+    return total
 
 
 def _check_head(name: str, hidden, weight, bias) -> int:
@@ -244,7 +277,8 @@ def linear_distill_loss(
         target: class ids of shape ``student_hidden.shape[:-1]``, or None (the divergence alone).
         loss, temperature, divergence, jsd_beta, kd_weight, reduction, ignore_index, backend,
         loss_options: as :func:`fusedloss.distill_loss` (``weight`` = the hard loss's class weights).
-        chunk_rows: rows per block (default :func:`default_chunk_rows`).
+        chunk_rows: rows per block (default :func:`default_chunk_rows`: the blocks and the gradients
+            within 0.3x of one logits tensor where a block of 1/32 of it allows, docs/distillation.md).
 
     Returns:
         The loss in the promoted dtype: a scalar, or ``student_hidden.shape[:-1]`` for ``'none'``.
@@ -264,7 +298,8 @@ def linear_distill_loss(
     n = student_hidden.numel() // max(student_hidden.shape[-1], 1)
     if chunk_rows is None:
         fused = dispatch.resolve(cfg.backend, student_hidden.device).family(DistillOps) is not None
-        chunk_rows = default_chunk_rows(n, v, dtype.itemsize, fused)
+        chunk_rows = default_chunk_rows(n, v, dtype.itemsize, fused,
+                                        held_grad_bytes(student_hidden, student_weight, student_bias))
     else:
         check_chunk_rows(chunk_rows)
     if target is not None and validation.must_check_targets(student_hidden.device):
