@@ -222,6 +222,60 @@ def _run_case(case: dict, rank: int, seed: int) -> str | None:
     return None
 
 
+def _pairwise_grad(s64, t64, temperature, divergence, beta=0.5):
+    """dD/ds in float64 without the textbook form's cancellation at a dominant class (as
+    tests/test_distill_kernels.py's pairwise_grad): reverse_kl T q_j sum_k q_k (c_j - c_k),
+    c = log q - log p; jsd T (1 - b) q_j sum_k q_k (u_j - u_k), u = log q - log m; kl T (q - p)."""
+    log_q = torch.log_softmax(s64 / temperature, -1)
+    log_p = torch.log_softmax(t64 / temperature, -1)
+    q = log_q.exp()
+    if divergence == "kl":
+        return temperature * (q - log_p.exp())
+    c = log_q - (log_p if divergence == "reverse_kl" else
+                 torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q))
+    g = torch.stack([qi * ((ci[:, None] - ci[None, :]) @ qi) for qi, ci in zip(q, c)])
+    return temperature * (g if divergence == "reverse_kl" else (1 - beta) * g)
+
+
+#: The saturated rows: (student's class, teacher's class), on different ranks of the uneven split.
+SATURATED = ((2, 30), (35, 5))
+
+
+def _run_saturated_case(divergence: str, rank: int) -> str | None:
+    """Teacher and student confident on different classes (on different ranks), leading by 30 and 100,
+    T 1, 2, 4: every entry of the rank's gradient slice, row by row, against the cancellation-free
+    float64 form (at the student's class the true gradient is ~e^-lead; the textbook form
+    c_w - sum_k q_k c_k leaves it to float32's rounding of c_w ~ lead)."""
+    import fusedloss.parallel as flp
+    from oracle import TOLERANCES
+
+    start, size = SPLITS["uneven"][rank]
+    rtol, atol = TOLERANCES[torch.float32]["grad"]
+    g = torch.Generator().manual_seed(5)
+    try:
+        for lead in (30.0, 100.0):
+            s = torch.randn(len(SATURATED), V, generator=g)
+            t = torch.randn(len(SATURATED), V, generator=g)
+            for r, (a, b) in enumerate(SATURATED):
+                s[r, a] = s[r].max() + lead
+                t[r, b] = t[r].max() + lead
+            for temperature in (1.0, 2.0, 4.0):
+                local = s[:, start:start + size].clone().requires_grad_()
+                out = flp.distill_loss(local, t[:, start:start + size], divergence=divergence,
+                                       temperature=temperature, reduction="sum")
+                out.backward()
+                expected = _pairwise_grad(s.double(), t.double(), temperature, divergence)[:, start:start + size]
+                for r in range(len(SATURATED)):
+                    # Per row, atol scaled by the row's largest entry on this rank; nothing below float32's
+                    # smallest normal number is relatively exact (e^-100 there).
+                    tol = atol * float(expected[r].abs().max()) + torch.finfo(torch.float32).tiny
+                    torch.testing.assert_close(local.grad[r].double(), expected[r], rtol=rtol, atol=tol,
+                                               msg=lambda m: f"lead {lead} T {temperature} row {r}: {m}")
+    except AssertionError as e:
+        return str(e)
+    return None
+
+
 def _single_tol(dtype):
     return {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
@@ -402,6 +456,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         record(case["name"], lambda: _run_case(case, rank, 100 + i))
     for i, case in enumerate(_head_cases()):
         record(case["name"], lambda: _run_head_case(case, rank, 300 + i))
+    for div in ("kl", "reverse_kl", "jsd"):
+        record(f"saturated-{div}", lambda: _run_saturated_case(div, rank))
     for name in ERROR_CASES:
         record(f"error-{name}", lambda: _run_error_case(name, rank))
         dist.barrier()  # the group still works after every rejected call
@@ -421,15 +477,17 @@ def results(tmp_path_factory):
 
 
 def _names() -> list[str]:
-    return ([c["name"] for c in _cases() + _head_cases()] + [f"error-{n}" for n in ERROR_CASES] + ["dtensor"])
+    return ([c["name"] for c in _cases() + _head_cases()] + [f"error-{n}" for n in ERROR_CASES] + ["dtensor"]
+            + [f"saturated-{d}" for d in ("kl", "reverse_kl", "jsd")])
 
 
-@pytest.mark.parametrize("group", ["distill_loss", "linear_distill_loss", "errors", "dtensor"])
+@pytest.mark.parametrize("group", ["distill_loss", "linear_distill_loss", "errors", "dtensor", "saturated"])
 def test_distill_parallel_two_ranks(results, group):
     """Every case on both ranks: loss and the rank's gradient slice equal to the float64 oracle (and to the
     single-process form); every bad call rejected on both ranks, the group still usable after."""
     names = {"distill_loss": [c["name"] for c in _cases()], "linear_distill_loss": [c["name"] for c in _head_cases()],
-             "errors": [f"error-{n}" for n in ERROR_CASES], "dtensor": ["dtensor"]}[group]
+             "errors": [f"error-{n}" for n in ERROR_CASES], "dtensor": ["dtensor"],
+             "saturated": [f"saturated-{d}" for d in ("kl", "reverse_kl", "jsd")]}[group]
     failures = [f"rank {r} {name}: {res.get(name, 'missing')}" for r, res in enumerate(results) for name in names
                 if res.get(name, "missing") is not None]
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:20])

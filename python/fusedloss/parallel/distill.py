@@ -14,7 +14,9 @@ The divergence of a row depends on it through the global log-sum-exps of both ro
    ``jsd: sum p (log p - log m), sum q (log q - log m)``;
 3. the backward is local, from the saved global numbers (distill/ops.py's gradients): ``kl:
    T (q - p)``, ``reverse_kl: T q (r - sum q r)``, ``jsd: T (1 - b) q (u - sum q u)``; the sums are
-   those of step 2.
+   those of step 2. At a dominant class ``w`` (``q_w > 1/2``) reverse_kl's and jsd's entry is formed
+   about the pivot, ``r_w - sum q r = -sum_{k != w} q_k (r_k - r_w)`` (one more sum in step 2, and
+   the teacher's logit at ``w`` in step 1's SUM), as the single-process op forms it (:func:`_pivot`).
 
 The hard loss (``target`` given) is ``fusedloss.parallel``'s own split loss (its rows and its local
 gradient, :mod:`.loss`), inside the same autograd Function, with the validation exchange of this
@@ -145,7 +147,8 @@ def distill_loss(
         group, class_start, num_classes, validate: as :func:`fusedloss.parallel.softmax_loss`.
 
     Collectives per call, besides the validation all-gather: forward, all-reduce MAX of ``2N``,
-    all-reduce SUM of ``2N``, all-reduce SUM of ``N`` (``2N`` for jsd), and with a target the split
+    all-reduce SUM of ``2N`` (``3N`` for reverse_kl and jsd), all-reduce SUM of ``N`` (``2N`` for
+    reverse_kl, ``3N`` for jsd), and with a target the split
     hard loss's own (MAX of ``N`` and SUM of ``2N`` for the target-only losses; bce's all-gather and
     SUM); backward none. ``O(N)`` floats, never the logits.
     """
@@ -245,7 +248,10 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, j
     ``L = log sum_k exp(x_k / T - M)`` (all-reduce SUM of the slices' sums, every term <= 1), so that
     ``log q = (s / T - M) - L`` as ``torch.log_softmax`` forms it on one process (never ``s / T - lse``
     with ``lse`` rounded at the logits' magnitude); ``sums`` the divergence's global sums (``(k, N)``)
-    the gradient reads. Three collectives of ``O(N)``; the slice is read in blocks of rows."""
+    the gradient reads, and for reverse_kl and jsd one more row, the pivot sum
+    ``sum_{k != w} q_k (c_k - c_w)`` about the student's arg-max ``w`` (``c = log q - log p``; jsd
+    ``log q - log m``; see :func:`_pivot`). Three collectives of ``O(N)``; the slice is read in blocks
+    of rows."""
     cd = torch.float64 if s.dtype == torch.float64 else torch.float32
     inv = 1.0 / temperature
     n = s.shape[0]
@@ -257,15 +263,28 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, j
             m[1, a:b] = t[a:b].amax(1).to(cd) * inv
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=cd, device=s.device))  # all -inf: exp gives 0
-    e = torch.zeros((2, n), dtype=cd, device=s.device)
+    # reverse_kl, jsd: a third row, the teacher's (t / T - M_t) at the student's arg-max, from the rank
+    # that holds it (0 from the others), for the pivot form of the dominant class (_pivot).
+    pivot = divergence != DIVERGENCES["kl"]
+    e = torch.zeros((3 if pivot else 2, n), dtype=cd, device=s.device)
     for a, b in blocks:
         e[0, a:b] = torch.exp(s[a:b].to(cd) * inv - m[0, a:b, None]).sum(1)
         e[1, a:b] = torch.exp(t[a:b].to(cd) * inv - m[1, a:b, None]).sum(1)
+        if pivot and s.shape[1]:
+            idx, owner = _argmax_here(s[a:b], m[0, a:b], inv)
+            y = t[a:b].gather(1, idx).squeeze(1).to(cd) * inv - m[1, a:b]
+            e[2, a:b] = torch.where(owner, y, torch.zeros((), dtype=cd, device=s.device))
     dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
-    log_sum = e.log()
+    log_sum = e[:2].log()
     lse_s, lse_t = torch.stack([m[0], log_sum[0]]), torch.stack([m[1], log_sum[1]])
     k = 2 if divergence == DIVERGENCES["jsd"] else 1
-    sums = torch.zeros((k, n), dtype=cd, device=s.device)
+    sums = torch.zeros((k + int(pivot), n), dtype=cd, device=s.device)
+    if pivot:
+        # The other ratio at the student's arg-max w, as the rank holding it forms it (_logs's order):
+        # log q_w = (s_w / T - M_s) - L_s = -L_s, log p_w = (t_w / T - M_t) - L_t.
+        log_q_w = -log_sum[0]
+        log_p_w = e[2] - log_sum[1]
+        c_w = log_q_w - (log_p_w if divergence == DIVERGENCES["reverse_kl"] else _log_m(log_p_w, log_q_w, jsd_beta))
     for a, b in blocks:
         log_q, log_p = _logs(s[a:b], t[a:b], lse_s[:, a:b], lse_t[:, a:b], temperature, cd)
         if divergence == DIVERGENCES["kl"]:
@@ -276,6 +295,14 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, j
             log_m = _log_m(log_p, log_q, jsd_beta)
             sums[0, a:b] = _xlog(log_p.exp(), log_p, log_m)
             sums[1, a:b] = _xlog(log_q.exp(), log_q, log_m)
+        if pivot and s.shape[1]:
+            c = log_q - (log_p if divergence == DIVERGENCES["reverse_kl"] else log_m)
+            q = log_q.exp()
+            terms = torch.where(q > 0, q * (c - c_w[a:b, None]), 0)
+            idx, owner = _argmax_here(s[a:b], m[0, a:b], inv)
+            terms = terms.scatter(1, idx, torch.where(owner[:, None], 0, terms.gather(1, idx)))  # k = w: none
+            sums[k, a:b] = terms.sum(1)
+            del c, q, terms
         del log_q, log_p
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     if divergence == DIVERGENCES["jsd"]:
@@ -299,10 +326,34 @@ def _divergence_grad_block(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, s
         else:
             other, total, scale = _log_m(log_p, log_q, jsd_beta), sums[1], 1 - jsd_beta
         g = torch.where(q > 0, q * (log_q - other), 0) - q * total[:, None]
+        g = _pivot(g, s, q, lse_s, sums[-1], temperature)
         if scale != 1.0:
             g = g * scale
     g = g * (temperature * go)[:, None]
     return torch.where((go != 0)[:, None], g, 0)
+
+
+def _argmax_here(s: Tensor, m_s: Tensor, inv: float) -> tuple[Tensor, Tensor]:
+    """Each row's arg-max on this slice (``(rows, 1)``) and whether it is the row's global one
+    (``s_w / T == M_s``, the global max; a tie across ranks makes two owners, but then no class holds
+    more than half of the mass and :func:`_pivot` leaves the row alone)."""
+    idx = s.argmax(1, keepdim=True)
+    return idx, s.gather(1, idx).squeeze(1).to(m_s.dtype) * inv == m_s
+
+
+def _pivot(g: Tensor, s: Tensor, q: Tensor, lse_s: Tensor, pivot_sum: Tensor, temperature: float) -> Tensor:
+    """reverse_kl, jsd: at a dominant class ``w`` (``Q_w > 1/2``, on the rank that holds it), the entry
+    ``q_w (c_w - sum_k q_k c_k)`` of the textbook form subtracts two numbers within ``e^-lead`` of each
+    other and loses that whole gradient to rounding (of ``c_w``, about the lead); about the pivot,
+    ``c_w - sum_k q_k c_k = -sum_{k != w} q_k (c_k - c_w)`` (``pivot_sum``, all-reduced in the forward)
+    is the same number from differences that do not cancel (the single-process C++ kernel's form; the
+    reference op's minus the sum of the others). Other entries keep the textbook form."""
+    if s.shape[1] < 1:
+        return g
+    idx, owner = _argmax_here(s, lse_s[0], 1.0 / temperature)
+    dominant = owner & (lse_s[1] < math.log(2.0)) & torch.isfinite(pivot_sum)
+    at_w = torch.where(dominant, -q.gather(1, idx).squeeze(1) * pivot_sum, g.gather(1, idx).squeeze(1))
+    return g.scatter(1, idx, at_w[:, None])
 
 
 def divergence_grad(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, sums: Tensor, go: Tensor,
