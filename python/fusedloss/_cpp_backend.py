@@ -9,7 +9,6 @@ the reference backend (with a one-time warning).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 import fusedloss._C as _C  # noqa: F401  (ImportError: backend unavailable, handled by dispatch)
 
@@ -23,25 +22,7 @@ ops.register_bce_parallel_fakes("ext_bce_partial", "ext_bce_global_bwd")
 distill_ops.register_distill_fake("ext_distill")
 
 
-def _scale_fused_grad(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
-    """Backward of the fused forward: ``grad * grad_loss``, without a second (N, C)
-    buffer when ``grad_loss`` is one (``loss.backward()``): then the gradient the
-    forward wrote *is* the answer, and autograd hands that very buffer to ``.grad``.
-
-    The shortcut reads ``grad_loss``'s values, so it runs only in eager mode on CPU
-    tensors, where that is a memory read and not a device synchronization. Traced
-    (``torch.compile``: fake or functional tensors) and on GPUs, the product."""
-    if grad_loss is None:  # the loss output got no gradient (grads are not materialized)
-        return None
-    if grad.device.type == "cpu" and type(grad_loss) is Tensor and not torch.compiler.is_compiling():
-        # A 0-d grad_output (loss.backward() of 'mean'/'sum') is read as one number: cheaper
-        # than the elementwise comparison and its reduction.
-        if grad_loss.dim() == 0 and not grad_loss.requires_grad:
-            if grad_loss.item() == 1.0:
-                return grad
-        elif bool((grad_loss == 1).all()):
-            return grad
-    return ops.scale_fused_grad(grad, grad_loss)
+_scale_fused_grad = ops.scale_fused_grad_reusing  # the forward's buffer when grad_output is 1 (CPU, eager)
 
 
 ops.register_autograd("ext_fwd", torch.ops.fusedloss.ext_bwd.default, scale_grad=_scale_fused_grad)

@@ -68,6 +68,27 @@ def scale_fused_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
     return (grad * scale).to(grad.dtype)
 
 
+def scale_fused_grad_reusing(grad: Tensor, grad_loss: Tensor | None) -> Tensor | None:
+    """Backward of a fused forward: ``grad * grad_loss``, without a second (N, C)
+    buffer when ``grad_loss`` is one (``loss.backward()``): then the gradient the
+    forward wrote *is* the answer, and autograd hands that very buffer to ``.grad``.
+
+    The shortcut reads ``grad_loss``'s values, so it runs only in eager mode on CPU
+    tensors, where that is a memory read and not a device synchronization. Traced
+    (``torch.compile``: fake or functional tensors) and on GPUs, the product."""
+    if grad_loss is None:  # the loss output got no gradient (grads are not materialized)
+        return None
+    if grad.device.type == "cpu" and type(grad_loss) is Tensor and not torch.compiler.is_compiling():
+        # A 0-d grad_output (loss.backward() of 'mean'/'sum') is read as one number: cheaper
+        # than the elementwise comparison and its reduction.
+        if grad_loss.dim() == 0 and not grad_loss.requires_grad:
+            if grad_loss.item() == 1.0:
+                return grad
+        elif bool((grad_loss == 1).all()):
+            return grad
+    return scale_fused_grad(grad, grad_loss)
+
+
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is active: the kernels' ops have
     no batching or forward-AD rule, so the loss and its backward take the composite path then."""

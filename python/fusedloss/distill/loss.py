@@ -294,15 +294,6 @@ def _composite_loss(student, teacher, target, cfg, weight, red) -> Tensor:
 # The autograd Function over the ops
 # ----------------------------------------------------------------------------
 
-def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
-    """``grad * grad_output`` (per row for 'none'); on CPU in eager mode a 0-d ``grad_output`` of 1
-    (``loss.backward()``) returns the forward's buffer itself (a host read there, not a sync)."""
-    if (grad.device.type == "cpu" and type(grad_loss) is Tensor and grad_loss.dim() == 0
-            and not torch.compiler.is_compiling() and not grad_loss.requires_grad and grad_loss.item() == 1.0):
-        return grad
-    return ops.scale_fused_grad(grad, grad_loss)
-
-
 class _DistillFunction(torch.autograd.Function):
     """(student, teacher, target, weight) -> the reduced loss (math type); the gradient to the
     student only. ``cfg`` and ``red`` ride along as constants."""
@@ -331,7 +322,7 @@ class _DistillFunction(torch.autograd.Function):
             (gs,) = ops.composite_vjp(lambda s: _composite_loss(s, teacher, target, cfg, weight, red), grad_loss,
                                       (student,), (True,))
             return (gs.to(student.dtype),) + (None,) * 5
-        return (_scale(grad, grad_loss),) + (None,) * 5
+        return (ops.scale_fused_grad_reusing(grad, grad_loss),) + (None,) * 5
 
 
 class _CompiledDistillFunction(_DistillFunction):

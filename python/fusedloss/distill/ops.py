@@ -93,13 +93,17 @@ def distill_rows(student: Tensor, teacher: Tensor, temperature: float, divergenc
         if divergence == DIVERGENCES["jsd"]:
             g = g * (1 - jsd_beta)
     # Each row of g sums to 0 (the divergence depends on the student's logits only through the
-    # softmax, which ignores a constant added to them). At the student's dominant class w the
-    # forms above subtract two numbers within e^-L of each other (Q_w ~ 1: Q_w - P_w with P_w ~ 1,
+    # softmax, which ignores a constant added to them). At a dominant class w (Q_w > 1/2) the
+    # forms above subtract two numbers within e^-L of each other (Q_w - P_w with P_w ~ 1,
     # r_w - sum_k Q_k r_k with the sum ~ r_w) and lose all of a gradient ~ e^-L to rounding;
-    # minus the sum over the other classes is the same number without the cancellation.
+    # minus the sum over the other classes (in float64) is the same number without the
+    # cancellation. Only there: in an ordinary row that sum would add V roundings to an entry the
+    # forms above give to one.
     if g.shape[-1] > 1:
         w = log_q.argmax(-1, keepdim=True)
-        g = g.scatter(-1, w, -g.scatter(-1, w, 0.0).sum(-1, keepdim=True))
+        others = -g.scatter(-1, w, 0.0).sum(-1, keepdim=True, dtype=torch.float64).to(g.dtype)
+        dominant = log_q.gather(-1, w) > -math.log(2.0)
+        g = g.scatter(-1, w, torch.where(dominant, others, g.gather(-1, w)))
     return t2 * d, temperature * g
 
 
