@@ -8,11 +8,13 @@
 //     from L1 only when its max jumps kSlack above it), e = exp(z - shift_b) kept in a
 //     per-thread row, and for kl / reverse kl the divergence as one more online sum in the
 //     same pass:  KL(P || Q) = sum_j P_j (z_t_j - z_s_j) - lse_t + lse_s, the sum accumulated
-//     as sum_j e_t_j (z_t_j - z_s_j) with the same rescaling as sum_j e_t_j (0 where e_t_j = 0);
-//     reverse kl the same with the rows' roles swapped. Both rows' blocks are read in one loop
-//     (pair_pass: each step's teacher and student vectors loaded and widened once, z_s formed
-//     once for both the student's exp and the cross term); a block one row must redo is redone
-//     for that row alone.
+//     as sum_j e_t_j (x_t_j - x_s_j) / T with the same rescaling as sum_j e_t_j (0 where
+//     e_t_j = 0); reverse kl the same with the rows' roles swapped. Both rows' blocks are read in
+//     one loop (pair_pass: each step's teacher and student vectors loaded and widened once,
+//     z - shift formed as one fused multiply-add x (1/T) - shift); a block one row must redo is
+//     redone for that row alone. On AVX-512 float math a side whose max nothing else needs (the
+//     teacher's, and the student's in kl) is not tracked: its block's exp sum tells when the
+//     block must be redone (kMaxFree).
 //   reverse kl, pass 2 (cached, with grad only): sum Q d / sum Q, d_j = c_j - c_m, c = z_s - z_t,
 //     about the student's arg-max m (tracked in pass 1);
 //   jsd, pass 2 (cached): P_j, Q_j from the kept e, M_j = b P_j + (1 - b) Q_j, u_j = log Q_j -
@@ -113,20 +115,38 @@ struct DistillRows {
   using Step = typename RV::Step;
   // As OnlineLse's: a block's exps against a shift at most kSlack below its elements.
   static constexpr acc_t kSlack = 30;
+  // Whether a side's first read may go without its running max (AVX-512 float math, where
+  // vexp_row keeps NaN): its block is then judged by its exp sum instead. Every e is at most
+  // the block's sum, so a sum <= e^kSlack means every z lies at most kSlack above the shift
+  // (the max's test); a larger sum (an element above it, inf, NaN: vexp_row gives inf or NaN
+  // for those lanes) has the block redone against its max, found then by a scan from L1. A
+  // large sum from many elements just below the bound is redone too, needlessly but exactly.
+  // Elsewhere exp_u20 clamps NaN, which only the max then carries: both sides keep it.
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kMaxFree = std::is_same_v<acc_t, float>;
+#else
+  static constexpr bool kMaxFree = false;
+#endif
 
   const DistillProblem& pb;
   bool stream;
-  acc_t temperature, inv_t, beta;
+  acc_t temperature, inv_t, beta, sum_bound;
 
   DistillRows(const DistillProblem& p, bool stream_grad)
       : pb(p),
         stream(stream_grad),
         temperature(static_cast<acc_t>(p.temperature)),
         inv_t(static_cast<acc_t>(1.0 / p.temperature)),
-        beta(static_cast<acc_t>(p.jsd_beta)) {}
+        beta(static_cast<acc_t>(p.jsd_beta)),
+        sum_bound(std::exp(kSlack)) {}
+
+  // z - shift = x / T - shift for every pass that forms e = exp(z - shift): one fused
+  // multiply-add (x inv_t - shift rounded once), nshift = -shift.
+  static Vec z_minus(const Vec& x, const Vec& vinv, const Vec& nshift) { return at::vec::fmadd(x, vinv, nshift); }
 
   // One row's online statistics at temperature T: lane sums of exp(z - shift) and of
-  // exp(z - shift) (z - z_other) (the cross sum, 0 where the exp is 0).
+  // exp(z - shift) (x - x_other) (the cross sum in logit units, 0 where the exp is 0; times
+  // 1/T at the end).
   struct Side {
     acc_t shift = kNegInf<acc_t>;
     acc_t max = kNegInf<acc_t>;
@@ -152,22 +172,21 @@ struct DistillRows {
   }
 
   // x[b, e) against `shift` (in z units), from L1 (a block redone, one row): the lane sums of
-  // e = exp(z - shift), and with kCross of e (z - z_y) (0 where e = 0); e stored at e_out[b, e)
+  // e = exp(z - shift), and with kCross of e (x - y) (0 where e = 0); e stored at e_out[b, e)
   // when given.
   template <bool kCross>
   FUSEDLOSS_ROW_PASS Sums block_pass(const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t shift,
                                      acc_t* e_out) const {
-    const Vec vshift(shift), vinv(inv_t);
+    const Vec nshift(-shift), vinv(inv_t);
     Vec acc(acc_t(0)), cross(acc_t(0));
     RV::for_each(x, b, e, [&](Step s, int64_t i, int64_t n) {
       Step o;
       if constexpr (kCross) o = RV::load(y + i, n);
       s = RV::pad(s, n, kNegInf<acc_t>);
       for (int k = 0; k < RV::kParts; ++k) {
-        const Vec z = s.v[k] * vinv;
-        const Vec v = z - vshift, ex = vexp_row(v);
+        const Vec v = z_minus(s.v[k], vinv, nshift), ex = vexp_row(v);
         acc = acc + ex;
-        if constexpr (kCross) cross = cross_add(cross, ex, z - o.v[k] * vinv, v);
+        if constexpr (kCross) cross = cross_add(cross, ex, s.v[k] - o.v[k], v);
         s.v[k] = ex;
       }
       if (e_out) RV::store_acc(e_out + i, n, s);
@@ -193,29 +212,29 @@ struct DistillRows {
   }
 
   // Both rows' first read of [b, e) (from memory: prefetched ahead), each against its own
-  // shift: the lane maxima of z_t and z_s, the lane sums of e_t = exp(z_t - shift_t) and
+  // shift: with kMaxT / kMaxS the lane maxima of x_t / x_s (logit units; the max of z is the
+  // max of x times 1/T, rounding being monotonic), the lane sums of e_t = exp(z_t - shift_t) and
   // e_s = exp(z_s - shift_s), e_t and e_s stored when et_out / es_out are given, and the cross
-  // sums: kCrossT (kl) sum e_t (z_t - z_s), kCrossS (reverse kl) sum e_s (z_s - z_t), each 0
+  // sums: kCrossT (kl) sum e_t (x_t - x_s), kCrossS (reverse kl) sum e_s (x_s - x_t), each 0
   // where its e is 0. g_ahead's lines are asked for writing.
-  template <bool kCrossT, bool kCrossS>
+  template <bool kCrossT, bool kCrossS, bool kMaxT, bool kMaxS>
   FUSEDLOSS_ROW_PASS void pair_pass(const scalar_t* t, const scalar_t* s, int64_t b, int64_t e, acc_t shift_t,
                                     acc_t shift_s, Vec& vmax_t, Vec& vmax_s, Sums& rt, Sums& rs, acc_t* et_out,
                                     acc_t* es_out, const scalar_t* g_ahead) const {
-    const Vec vsh_t(shift_t), vsh_s(shift_s), vinv(inv_t);
+    const Vec nsh_t(-shift_t), nsh_s(-shift_s), vinv(inv_t);
     Vec acc_t_(acc_t(0)), acc_s(acc_t(0)), cross_t(acc_t(0)), cross_s(acc_t(0));
     auto step = [&](Step xt, Step xs, int64_t i, int64_t n) {
       xt = RV::pad(xt, n, kNegInf<acc_t>);
       xs = RV::pad(xs, n, kNegInf<acc_t>);
       for (int k = 0; k < RV::kParts; ++k) {
-        const Vec zt = xt.v[k] * vinv, zs = xs.v[k] * vinv;
-        vmax_t = vmax_first_read(vmax_t, zt);
-        vmax_s = vmax_first_read(vmax_s, zs);
-        const Vec vt = zt - vsh_t, vs = zs - vsh_s;
+        if constexpr (kMaxT) vmax_t = vmax_first_read(vmax_t, xt.v[k]);
+        if constexpr (kMaxS) vmax_s = vmax_first_read(vmax_s, xs.v[k]);
+        const Vec vt = z_minus(xt.v[k], vinv, nsh_t), vs = z_minus(xs.v[k], vinv, nsh_s);
         const Vec et = vexp_row(vt), es = vexp_row(vs);
         acc_t_ = acc_t_ + et;
         acc_s = acc_s + es;
-        if constexpr (kCrossT) cross_t = cross_add(cross_t, et, zt - zs, vt);
-        if constexpr (kCrossS) cross_s = cross_add(cross_s, es, zs - zt, vs);
+        if constexpr (kCrossT) cross_t = cross_add(cross_t, et, xt.v[k] - xs.v[k], vt);
+        if constexpr (kCrossS) cross_s = cross_add(cross_s, es, xs.v[k] - xt.v[k], vs);
         xt.v[k] = et;
         xs.v[k] = es;
       }
@@ -245,21 +264,47 @@ struct DistillRows {
     return std::isfinite(z0) ? z0 : acc_t(0);
   }
 
-  // Adds a block read by pair_pass against block_shift (its sums r, its lane maxima vmax) to
-  // the side's statistics (OnlineLse::add_block's scheme: the block redone against its max
-  // when that max lies more than kSlack above the shift, or on the side's first block as far
-  // below it); returns the block's shift.
+  // The largest z of x[b, e) (NaN lanes as vmax_first_read treats them), from L1: a block
+  // whose first read took no max and must be redone.
+  acc_t block_max(const scalar_t* x, int64_t b, int64_t e) const {
+    Vec vm(kNegInf<acc_t>);
+    RV::for_each(x, b, e, [&](Step s, int64_t, int64_t n) {
+      s = RV::pad(s, n, kNegInf<acc_t>);
+      for (int k = 0; k < RV::kParts; ++k) vm = vmax_first_read(vm, s.v[k]);
+    });
+    return RV::hmax(vm) * inv_t;
+  }
+
+  // Adds a block read by pair_pass against block_shift (its sums r, and its lane maxima of x
+  // when vmax is given) to the side's statistics (OnlineLse::add_block's scheme: the block
+  // redone against its max when that max lies more than kSlack above the shift, or on the
+  // side's first block as far below it; without vmax, when its sum says so: kMaxFree); returns
+  // the block's shift. The running max (and argmax) is kept only with vmax.
   template <bool kCross>
   acc_t add_block(Side& sd, const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t block_shift, Sums r,
-                  const Vec& vmax, acc_t* e_out, bool track_argmax = false) const {
+                  const Vec* vmax, acc_t* e_out, bool track_argmax = false) const {
     const bool first = sd.shift == kNegInf<acc_t>;
-    const acc_t bmax = RV::hmax(vmax);
-    if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0
-    if (!(bmax <= block_shift + kSlack) || (first && bmax < block_shift - kSlack)) {
+    acc_t bmax = kNegInf<acc_t>;
+    bool redo;
+    if (vmax) {
+      bmax = RV::hmax(*vmax) * inv_t;
+      if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0
+      redo = !(bmax <= block_shift + kSlack) || (first && bmax < block_shift - kSlack);
+    } else {
+      // A first block against its own first element (finite) holds an e of ~1: a sum below
+      // 1/2 means a first element that was not finite (shift 0), the max maybe far below.
+      const acc_t hs = RV::hsum(r.sum);
+      redo = !(hs <= sum_bound) || (first && !(hs >= acc_t(0.5)));
+      if (redo) {
+        bmax = block_max(x, b, e);
+        if (bmax == kNegInf<acc_t>) return block_shift;
+      }
+    }
+    if (redo) {
       block_shift = bmax;
       r = block_pass<kCross>(x, y, b, e, block_shift, e_out);
     }
-    if (!(bmax <= sd.max)) {  // a new max (or NaN)
+    if (vmax && !(bmax <= sd.max)) {  // a new max (or NaN)
       sd.max = bmax;
       if (track_argmax) sd.argmax = first_index_of(x, b, e, bmax);
     }
@@ -284,9 +329,21 @@ struct DistillRows {
   }
 
   // The first j in [b, e) with x_j / T == value (the same product the vector pass formed);
-  // only when a block raises the row's max. b when none (a NaN max).
+  // only when a block raises the row's max (the student's, for the reverse kl / jsd pivot):
+  // every row's first block, then a handful of times. A vector scan of the block just read
+  // (OnlineLse::first_index_of's, on the products); b when none (a NaN max).
   int64_t first_index_of(const scalar_t* x, int64_t b, int64_t e, acc_t value) const {
-    for (int64_t j = b; j < e; ++j) {
+    const Vec target(value), vinv(inv_t);
+    int64_t j = b;
+    for (; j + RV::kWidth <= e; j += RV::kWidth) {
+      const Step s = load_step(x + j);
+      for (int k = 0; k < RV::kParts; ++k) {
+        // zero_mask: a bit per lane where (z != value) is false, i.e. z == value.
+        const int hit = (s.v[k] * vinv != target).zero_mask();
+        if (hit) return j + k * RV::kLanes + __builtin_ctz(static_cast<unsigned>(hit));
+      }
+    }
+    for (; j < e; ++j) {
       if (static_cast<acc_t>(x[j]) * inv_t == value) return j;
     }
     return b;
@@ -320,22 +377,27 @@ struct DistillRows {
     // The student's arg-max m is the pivot of the reverse kl / jsd gradients (below).
     const bool pivot = write && !kl;
     int64_t b_idx = 0;
+    // The teacher's max is needed only for its blocks' shifts, the student's also for the pivot
+    // (reverse kl, jsd): with kMaxFree, the sums stand in for the first (kMax* false, vmax null).
+    constexpr bool kMax = !kMaxFree;
+    const Vec* no_max = nullptr;
     for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {
       const acc_t sh_t = first_shift(st, t, b), sh_s = first_shift(ss, s, b);
       Vec vmax_t(kNegInf<acc_t>), vmax_s(kNegInf<acc_t>);
+      const Vec* mt = kMax ? &vmax_t : no_max;
       Sums rt, rs_;
       if (kl) {
-        pair_pass<true, false>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
-        buf.shift_t[b_idx] = add_block<true>(st, t, s, b, e, sh_t, rt, vmax_t, e_t);
-        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, vmax_s, e_s, pivot);
+        pair_pass<true, false, kMax, kMax>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
+        buf.shift_t[b_idx] = add_block<true>(st, t, s, b, e, sh_t, rt, mt, e_t);
+        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, kMax ? &vmax_s : no_max, e_s);
       } else if (rkl) {
-        pair_pass<false, true>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
-        buf.shift_t[b_idx] = add_block<false>(st, t, s, b, e, sh_t, rt, vmax_t, e_t);
-        buf.shift_s[b_idx] = add_block<true>(ss, s, t, b, e, sh_s, rs_, vmax_s, e_s, pivot);
+        pair_pass<false, true, kMax, true>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
+        buf.shift_t[b_idx] = add_block<false>(st, t, s, b, e, sh_t, rt, mt, e_t);
+        buf.shift_s[b_idx] = add_block<true>(ss, s, t, b, e, sh_s, rs_, &vmax_s, e_s, pivot);
       } else {
-        pair_pass<false, false>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
-        buf.shift_t[b_idx] = add_block<false>(st, t, s, b, e, sh_t, rt, vmax_t, e_t);
-        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, vmax_s, e_s, pivot);
+        pair_pass<false, false, kMax, true>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
+        buf.shift_t[b_idx] = add_block<false>(st, t, s, b, e, sh_t, rt, mt, e_t);
+        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, &vmax_s, e_s, pivot);
       }
       ++b_idx;
     });
@@ -352,7 +414,7 @@ struct DistillRows {
     const int64_t m_block = m / kBlock<scalar_t>;
 
     if (kl) {
-      out[i] = t2 * (RV::hsum(st.cross) / RV::hsum(st.sum) - dlse);
+      out[i] = t2 * (inv_t * RV::hsum(st.cross) / RV::hsum(st.sum) - dlse);
       if (!write) return;
       const acc_t c = temperature * rs;
       b_idx = 0;
@@ -370,7 +432,7 @@ struct DistillRows {
     }
 
     if (rkl) {
-      out[i] = t2 * (RV::hsum(ss.cross) / RV::hsum(ss.sum) + dlse);
+      out[i] = t2 * (inv_t * RV::hsum(ss.cross) / RV::hsum(ss.sum) + dlse);
       if (!write) return;
       // g_j = T rs Q_j (c_j - E_Q[c]), c = z_s - z_t (the lse's cancel: sum Q = 1), formed about
       // the pivot m: d_j = (z_s_j - z_s_m) - (z_t_j - z_t_m), E_Q[d] = sum Q d / sum Q, so the
@@ -413,7 +475,7 @@ struct DistillRows {
     // sum P (log P - log M) and sum Q u (the divergence), and about the pivot m (as reverse kl's)
     // sum Q (u - u_m) / sum Q for the gradient. A class where M underflows to 0 (P and Q both
     // below ~1e-38) adds nothing. u kept in e_t (u_m where M = 0) for the gradient pass.
-    const Vec vb(beta), vb1(acc_t(1) - beta), vsh_s(ss.shift), vsh_t(st.shift), vls_s(ls_s), vls_t(ls_t);
+    const Vec vb(beta), vb1(acc_t(1) - beta), nsh_s(-ss.shift), nsh_t(-st.shift), vls_s(ls_s), vls_t(ls_t);
     struct Terms {
       Vec q, m, u, lp_minus_lm, p;
     };
@@ -423,8 +485,8 @@ struct DistillRows {
       r.p = et * ft;
       r.m = vb * r.p + vb1 * r.q;
       const Vec lm = r.m.log();
-      r.u = ((xs * vinv - vsh_s) - vls_s) - lm;
-      r.lp_minus_lm = ((xt * vinv - vsh_t) - vls_t) - lm;
+      r.u = (z_minus(xs, vinv, nsh_s) - vls_s) - lm;
+      r.lp_minus_lm = (z_minus(xt, vinv, nsh_t) - vls_t) - lm;
       return r;
     };
     // u_m by the same vector arithmetic as the pass (so u_m - u_m is 0 exactly at m).
