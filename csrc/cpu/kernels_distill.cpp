@@ -8,8 +8,13 @@
 //     from L1 only when its max jumps kSlack above it), e = exp(z - shift_b) kept in a
 //     per-thread row, and for kl / reverse kl the divergence as one more online sum in the
 //     same pass:  KL(P || Q) = sum_j P_j (z_t_j - z_s_j) - lse_t + lse_s, the sum accumulated
-//     as sum_j e_t_j (z_t_j - z_s_j) with the same rescaling as sum_j e_t_j (0 where e_t_j = 0);
-//     reverse kl the same with the rows' roles swapped.
+//     as sum_j e_t_j (x_t_j - x_s_j) / T with the same rescaling as sum_j e_t_j (0 where
+//     e_t_j = 0); reverse kl the same with the rows' roles swapped. Both rows' blocks are read in
+//     one loop (pair_pass: each step's teacher and student vectors loaded and widened once,
+//     z - shift formed as one fused multiply-add x (1/T) - shift); a block one row must redo is
+//     redone for that row alone. On AVX-512 float math a side whose max nothing else needs (the
+//     teacher's, and the student's in kl) is not tracked: its block's exp sum tells when the
+//     block must be redone (kMaxFree).
 //   reverse kl, pass 2 (cached, with grad only): sum Q d / sum Q, d_j = c_j - c_m, c = z_s - z_t,
 //     about the student's arg-max m (tracked in pass 1);
 //   jsd, pass 2 (cached): P_j, Q_j from the kept e, M_j = b P_j + (1 - b) Q_j, u_j = log Q_j -
@@ -37,6 +42,50 @@
 
 namespace fusedloss::cpu::CPU_CAPABILITY {
 namespace {
+
+// exp(v) for the row passes, valid for v <= kSlack (30): every exp a kept block sum holds
+// (a first read's block whose max lies further above its shift is redone against that max,
+// and its first-read exps are thrown away). On AVX-512 float: vec_row.h's vexp_avx512 without
+// its clamp of v to [ln(FLT_MIN), ln(FLT_MAX)]: the same bits for every lane it keeps (v >=
+// ln(FLT_MIN), and NaN), 0 for the rest (the zero-masked vscalefps); eleven instructions where
+// vexp_avx512 has thirteen. A lane above ln(FLT_MAX) (only in a block then redone) may come
+// out inf or NaN. Elsewhere: vexp.
+template <typename Vec>
+inline Vec vexp_row(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    const __m512 x = v;
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+    return Vec(_mm512_maskz_scalef_ps(keep, p, n));
+  }
+#endif
+  return vexp(v);
+}
+
+// cross + e d where e = vexp_row(v) is not 0, cross where it is (a 0 probability's 0 log 0
+// term, even where d is inf or NaN). On AVX-512 float: one fused multiply-add under vexp_row's
+// own mask (e is 0 exactly where v < ln(FLT_MIN): the compare is the exp's, which the compiler
+// shares), where a product, Vec::blendv of a compared vector and an add cost six.
+template <typename Vec>
+inline Vec cross_add(const Vec& cross, const Vec& e, const Vec& d, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);
+    return Vec(_mm512_mask3_fmadd_ps(e, d, cross, keep));
+  }
+#endif
+  using T = typename Vec::value_type;
+  return cross + Vec::blendv(e * d, Vec(T(0)), e == Vec(T(0)));
+}
 
 // Per-thread rows kept between calls: slots 0, 1 the student's and the teacher's e (the
 // teacher's then jsd's u), slots 2, 3 their block shifts.
@@ -66,20 +115,38 @@ struct DistillRows {
   using Step = typename RV::Step;
   // As OnlineLse's: a block's exps against a shift at most kSlack below its elements.
   static constexpr acc_t kSlack = 30;
+  // Whether a side's first read may go without its running max (AVX-512 float math, where
+  // vexp_row keeps NaN): its block is then judged by its exp sum instead. Every e is at most
+  // the block's sum, so a sum <= e^kSlack means every z lies at most kSlack above the shift
+  // (the max's test); a larger sum (an element above it, inf, NaN: vexp_row gives inf or NaN
+  // for those lanes) has the block redone against its max, found then by a scan from L1. A
+  // large sum from many elements just below the bound is redone too, needlessly but exactly.
+  // Elsewhere exp_u20 clamps NaN, which only the max then carries: both sides keep it.
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kMaxFree = std::is_same_v<acc_t, float>;
+#else
+  static constexpr bool kMaxFree = false;
+#endif
 
   const DistillProblem& pb;
   bool stream;
-  acc_t temperature, inv_t, beta;
+  acc_t temperature, inv_t, beta, sum_bound;
 
   DistillRows(const DistillProblem& p, bool stream_grad)
       : pb(p),
         stream(stream_grad),
         temperature(static_cast<acc_t>(p.temperature)),
         inv_t(static_cast<acc_t>(1.0 / p.temperature)),
-        beta(static_cast<acc_t>(p.jsd_beta)) {}
+        beta(static_cast<acc_t>(p.jsd_beta)),
+        sum_bound(std::exp(kSlack)) {}
+
+  // z - shift = x / T - shift for every pass that forms e = exp(z - shift): one fused
+  // multiply-add (x inv_t - shift rounded once), nshift = -shift.
+  static Vec z_minus(const Vec& x, const Vec& vinv, const Vec& nshift) { return at::vec::fmadd(x, vinv, nshift); }
 
   // One row's online statistics at temperature T: lane sums of exp(z - shift) and of
-  // exp(z - shift) (z - z_other) (the cross sum, 0 where the exp is 0).
+  // exp(z - shift) (x - x_other) (the cross sum in logit units, 0 where the exp is 0; times
+  // 1/T at the end).
   struct Side {
     acc_t shift = kNegInf<acc_t>;
     acc_t max = kNegInf<acc_t>;
@@ -104,33 +171,22 @@ struct DistillRows {
             distill_buffer<acc_t>(2, blocks), distill_buffer<acc_t>(3, blocks)};
   }
 
-  // x[b, e) against `shift` (in z units): the lane sums of e = exp(z - shift), and with kCross
-  // of e (z - z_y); e stored at e_out[b, e) when given. kFirst: the first read (prefetch ahead,
-  // the max; y read too when kCross; g_ahead's lines asked for writing).
-  template <bool kFirst, bool kCross>
+  // x[b, e) against `shift` (in z units), from L1 (a block redone, one row): the lane sums of
+  // e = exp(z - shift), and with kCross of e (x - y) (0 where e = 0); e stored at e_out[b, e)
+  // when given.
+  template <bool kCross>
   FUSEDLOSS_ROW_PASS Sums block_pass(const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t shift,
-                                     Vec& vmax, acc_t* e_out, const scalar_t* g_ahead) const {
-    const Vec vshift(shift), vinv(inv_t), zero(acc_t(0));
+                                     acc_t* e_out) const {
+    const Vec nshift(-shift), vinv(inv_t);
     Vec acc(acc_t(0)), cross(acc_t(0));
-    RV::template for_each<kFirst>(x, b, e, [&](Step s, int64_t i, int64_t n) {
+    RV::for_each(x, b, e, [&](Step s, int64_t i, int64_t n) {
       Step o;
-      if constexpr (kCross) {
-        if constexpr (kFirst) RV::prefetch(y + i);
-        o = RV::load(y + i, n);
-      }
-#if defined(__GNUC__)
-      if (kFirst && g_ahead) __builtin_prefetch(g_ahead + i, 1, 3);
-#endif
+      if constexpr (kCross) o = RV::load(y + i, n);
       s = RV::pad(s, n, kNegInf<acc_t>);
       for (int k = 0; k < RV::kParts; ++k) {
-        const Vec z = s.v[k] * vinv;
-        if constexpr (kFirst) vmax = vmax_first_read(vmax, z);
-        const Vec ex = vexp(z - vshift);
+        const Vec v = z_minus(s.v[k], vinv, nshift), ex = vexp_row(v);
         acc = acc + ex;
-        if constexpr (kCross) {
-          const Vec term = ex * (z - o.v[k] * vinv);
-          cross = cross + Vec::blendv(term, zero, ex == zero);
-        }
+        if constexpr (kCross) cross = cross_add(cross, ex, s.v[k] - o.v[k], v);
         s.v[k] = ex;
       }
       if (e_out) RV::store_acc(e_out + i, n, s);
@@ -138,25 +194,117 @@ struct DistillRows {
     return {acc, cross};
   }
 
-  // Adds x[b, e) to the side's statistics (OnlineLse::add_block's scheme); returns the block's shift.
+  // A full step of x (kWidth elements) in the math type: RV::load's values. bfloat16 on
+  // AVX-512: each half widened straight from memory (vpmovzxwd with a memory operand, a shift),
+  // without ATen's 64-byte load and 256-bit extract.
+  static Step load_step(const scalar_t* x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      Step r;
+      for (int k = 0; k < RV::kParts; ++k) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * RV::kLanes));
+        r.v[k] = Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+      return r;
+    }
+#endif
+    return RV::load(x, RV::kWidth);
+  }
+
+  // Both rows' first read of [b, e) (from memory: prefetched ahead), each against its own
+  // shift: with kMaxT / kMaxS the lane maxima of x_t / x_s (logit units; the max of z is the
+  // max of x times 1/T, rounding being monotonic), the lane sums of e_t = exp(z_t - shift_t) and
+  // e_s = exp(z_s - shift_s), e_t and e_s stored when et_out / es_out are given, and the cross
+  // sums: kCrossT (kl) sum e_t (x_t - x_s), kCrossS (reverse kl) sum e_s (x_s - x_t), each 0
+  // where its e is 0. g_ahead's lines are asked for writing.
+  template <bool kCrossT, bool kCrossS, bool kMaxT, bool kMaxS>
+  FUSEDLOSS_ROW_PASS void pair_pass(const scalar_t* t, const scalar_t* s, int64_t b, int64_t e, acc_t shift_t,
+                                    acc_t shift_s, Vec& vmax_t, Vec& vmax_s, Sums& rt, Sums& rs, acc_t* et_out,
+                                    acc_t* es_out, const scalar_t* g_ahead) const {
+    const Vec nsh_t(-shift_t), nsh_s(-shift_s), vinv(inv_t);
+    Vec acc_t_(acc_t(0)), acc_s(acc_t(0)), cross_t(acc_t(0)), cross_s(acc_t(0));
+    auto step = [&](Step xt, Step xs, int64_t i, int64_t n) {
+      xt = RV::pad(xt, n, kNegInf<acc_t>);
+      xs = RV::pad(xs, n, kNegInf<acc_t>);
+      for (int k = 0; k < RV::kParts; ++k) {
+        if constexpr (kMaxT) vmax_t = vmax_first_read(vmax_t, xt.v[k]);
+        if constexpr (kMaxS) vmax_s = vmax_first_read(vmax_s, xs.v[k]);
+        const Vec vt = z_minus(xt.v[k], vinv, nsh_t), vs = z_minus(xs.v[k], vinv, nsh_s);
+        const Vec et = vexp_row(vt), es = vexp_row(vs);
+        acc_t_ = acc_t_ + et;
+        acc_s = acc_s + es;
+        if constexpr (kCrossT) cross_t = cross_add(cross_t, et, xt.v[k] - xs.v[k], vt);
+        if constexpr (kCrossS) cross_s = cross_add(cross_s, es, xs.v[k] - xt.v[k], vs);
+        xt.v[k] = et;
+        xs.v[k] = es;
+      }
+      if (et_out) RV::store_acc(et_out + i, n, xt);
+      if (es_out) RV::store_acc(es_out + i, n, xs);
+    };
+    int64_t i = b;
+    for (; i + RV::kWidth <= e; i += RV::kWidth) {
+      // One prefetch per 64-byte line of each row (a step is 64 bytes on AVX-512, 32 on AVX2).
+      RV::prefetch(t + i);
+      RV::prefetch(s + i);
+#if defined(__GNUC__)
+      if (g_ahead) __builtin_prefetch(g_ahead + i, 1, 3);
+#endif
+      step(load_step(t + i), load_step(s + i), i, RV::kWidth);
+    }
+    if (i < e) step(RV::load(t + i, e - i), RV::load(s + i, e - i), i, e - i);
+    rt = {acc_t_, cross_t};
+    rs = {acc_s, cross_s};
+  }
+
+  // The shift a side's block is first read against: the running shift, or on the side's first
+  // block (nothing finite yet) its first element (0 if not finite).
+  acc_t first_shift(const Side& sd, const scalar_t* x, int64_t b) const {
+    if (sd.shift != kNegInf<acc_t>) return sd.shift;
+    const acc_t z0 = static_cast<acc_t>(x[b]) * inv_t;
+    return std::isfinite(z0) ? z0 : acc_t(0);
+  }
+
+  // The largest z of x[b, e) (NaN lanes as vmax_first_read treats them), from L1: a block
+  // whose first read took no max and must be redone.
+  acc_t block_max(const scalar_t* x, int64_t b, int64_t e) const {
+    Vec vm(kNegInf<acc_t>);
+    RV::for_each(x, b, e, [&](Step s, int64_t, int64_t n) {
+      s = RV::pad(s, n, kNegInf<acc_t>);
+      for (int k = 0; k < RV::kParts; ++k) vm = vmax_first_read(vm, s.v[k]);
+    });
+    return RV::hmax(vm) * inv_t;
+  }
+
+  // Adds a block read by pair_pass against block_shift (its sums r, and its lane maxima of x
+  // when vmax is given) to the side's statistics (OnlineLse::add_block's scheme: the block
+  // redone against its max when that max lies more than kSlack above the shift, or on the
+  // side's first block as far below it; without vmax, when its sum says so: kMaxFree); returns
+  // the block's shift. The running max (and argmax) is kept only with vmax.
   template <bool kCross>
-  acc_t add_block(Side& sd, const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t* e_out,
-                  const scalar_t* g_ahead, bool track_argmax = false) const {
+  acc_t add_block(Side& sd, const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t block_shift, Sums r,
+                  const Vec* vmax, acc_t* e_out, bool track_argmax = false) const {
     const bool first = sd.shift == kNegInf<acc_t>;
-    acc_t block_shift = sd.shift;
-    if (first) {
-      const acc_t z0 = static_cast<acc_t>(x[b]) * inv_t;
-      block_shift = std::isfinite(z0) ? z0 : acc_t(0);
+    acc_t bmax = kNegInf<acc_t>;
+    bool redo;
+    if (vmax) {
+      bmax = RV::hmax(*vmax) * inv_t;
+      if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0
+      redo = !(bmax <= block_shift + kSlack) || (first && bmax < block_shift - kSlack);
+    } else {
+      // A first block against its own first element (finite) holds an e of ~1: a sum below
+      // 1/2 means a first element that was not finite (shift 0), the max maybe far below.
+      const acc_t hs = RV::hsum(r.sum);
+      redo = !(hs <= sum_bound) || (first && !(hs >= acc_t(0.5)));
+      if (redo) {
+        bmax = block_max(x, b, e);
+        if (bmax == kNegInf<acc_t>) return block_shift;
+      }
     }
-    Vec vmax(kNegInf<acc_t>);
-    Sums r = block_pass<true, kCross>(x, y, b, e, block_shift, vmax, e_out, g_ahead);
-    const acc_t bmax = RV::hmax(vmax);
-    if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0
-    if (!(bmax <= block_shift + kSlack) || (first && bmax < block_shift - kSlack)) {
+    if (redo) {
       block_shift = bmax;
-      r = block_pass<false, kCross>(x, y, b, e, block_shift, vmax, e_out, nullptr);
+      r = block_pass<kCross>(x, y, b, e, block_shift, e_out);
     }
-    if (!(bmax <= sd.max)) {  // a new max (or NaN)
+    if (vmax && !(bmax <= sd.max)) {  // a new max (or NaN)
       sd.max = bmax;
       if (track_argmax) sd.argmax = first_index_of(x, b, e, bmax);
     }
@@ -181,9 +329,21 @@ struct DistillRows {
   }
 
   // The first j in [b, e) with x_j / T == value (the same product the vector pass formed);
-  // only when a block raises the row's max. b when none (a NaN max).
+  // only when a block raises the row's max (the student's, for the reverse kl / jsd pivot):
+  // every row's first block, then a handful of times. A vector scan of the block just read
+  // (OnlineLse::first_index_of's, on the products); b when none (a NaN max).
   int64_t first_index_of(const scalar_t* x, int64_t b, int64_t e, acc_t value) const {
-    for (int64_t j = b; j < e; ++j) {
+    const Vec target(value), vinv(inv_t);
+    int64_t j = b;
+    for (; j + RV::kWidth <= e; j += RV::kWidth) {
+      const Step s = load_step(x + j);
+      for (int k = 0; k < RV::kParts; ++k) {
+        // zero_mask: a bit per lane where (z != value) is false, i.e. z == value.
+        const int hit = (s.v[k] * vinv != target).zero_mask();
+        if (hit) return j + k * RV::kLanes + __builtin_ctz(static_cast<unsigned>(hit));
+      }
+    }
+    for (; j < e; ++j) {
       if (static_cast<acc_t>(x[j]) * inv_t == value) return j;
     }
     return b;
@@ -212,17 +372,33 @@ struct DistillRows {
     acc_t* e_t = (write && kl) || jsd ? buf.e_t : nullptr;
     const scalar_t* g_ahead = write && !stream ? g : nullptr;
 
-    // Pass 1: the teacher's block first (kl: its cross term reads the student's block, which
-    // the student's pass then finds in L1), then the student's.
+    // Pass 1: both rows' block in one loop (pair_pass), then each row's bookkeeping.
     Side st, ss;
     // The student's arg-max m is the pivot of the reverse kl / jsd gradients (below).
     const bool pivot = write && !kl;
     int64_t b_idx = 0;
+    // The teacher's max is needed only for its blocks' shifts, the student's also for the pivot
+    // (reverse kl, jsd): with kMaxFree, the sums stand in for the first (kMax* false, vmax null).
+    constexpr bool kMax = !kMaxFree;
+    const Vec* no_max = nullptr;
     for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {
-      buf.shift_t[b_idx] = kl ? add_block<true>(st, t, s, b, e, e_t, nullptr)
-                              : add_block<false>(st, t, s, b, e, e_t, nullptr);
-      buf.shift_s[b_idx] = rkl ? add_block<true>(ss, s, t, b, e, e_s, g_ahead, pivot)
-                               : add_block<false>(ss, s, t, b, e, e_s, g_ahead, pivot);
+      const acc_t sh_t = first_shift(st, t, b), sh_s = first_shift(ss, s, b);
+      Vec vmax_t(kNegInf<acc_t>), vmax_s(kNegInf<acc_t>);
+      const Vec* mt = kMax ? &vmax_t : no_max;
+      Sums rt, rs_;
+      if (kl) {
+        pair_pass<true, false, kMax, kMax>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
+        buf.shift_t[b_idx] = add_block<true>(st, t, s, b, e, sh_t, rt, mt, e_t);
+        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, kMax ? &vmax_s : no_max, e_s);
+      } else if (rkl) {
+        pair_pass<false, true, kMax, true>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
+        buf.shift_t[b_idx] = add_block<false>(st, t, s, b, e, sh_t, rt, mt, e_t);
+        buf.shift_s[b_idx] = add_block<true>(ss, s, t, b, e, sh_s, rs_, &vmax_s, e_s, pivot);
+      } else {
+        pair_pass<false, false, kMax, true>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
+        buf.shift_t[b_idx] = add_block<false>(st, t, s, b, e, sh_t, rt, mt, e_t);
+        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, &vmax_s, e_s, pivot);
+      }
       ++b_idx;
     });
     const acc_t ls_s = ss.log_sum(), ls_t = st.log_sum();
@@ -238,7 +414,7 @@ struct DistillRows {
     const int64_t m_block = m / kBlock<scalar_t>;
 
     if (kl) {
-      out[i] = t2 * (RV::hsum(st.cross) / RV::hsum(st.sum) - dlse);
+      out[i] = t2 * (inv_t * RV::hsum(st.cross) / RV::hsum(st.sum) - dlse);
       if (!write) return;
       const acc_t c = temperature * rs;
       b_idx = 0;
@@ -256,7 +432,7 @@ struct DistillRows {
     }
 
     if (rkl) {
-      out[i] = t2 * (RV::hsum(ss.cross) / RV::hsum(ss.sum) + dlse);
+      out[i] = t2 * (inv_t * RV::hsum(ss.cross) / RV::hsum(ss.sum) + dlse);
       if (!write) return;
       // g_j = T rs Q_j (c_j - E_Q[c]), c = z_s - z_t (the lse's cancel: sum Q = 1), formed about
       // the pivot m: d_j = (z_s_j - z_s_m) - (z_t_j - z_t_m), E_Q[d] = sum Q d / sum Q, so the
@@ -299,7 +475,7 @@ struct DistillRows {
     // sum P (log P - log M) and sum Q u (the divergence), and about the pivot m (as reverse kl's)
     // sum Q (u - u_m) / sum Q for the gradient. A class where M underflows to 0 (P and Q both
     // below ~1e-38) adds nothing. u kept in e_t (u_m where M = 0) for the gradient pass.
-    const Vec vb(beta), vb1(acc_t(1) - beta), vsh_s(ss.shift), vsh_t(st.shift), vls_s(ls_s), vls_t(ls_t);
+    const Vec vb(beta), vb1(acc_t(1) - beta), nsh_s(-ss.shift), nsh_t(-st.shift), vls_s(ls_s), vls_t(ls_t);
     struct Terms {
       Vec q, m, u, lp_minus_lm, p;
     };
@@ -309,8 +485,8 @@ struct DistillRows {
       r.p = et * ft;
       r.m = vb * r.p + vb1 * r.q;
       const Vec lm = r.m.log();
-      r.u = ((xs * vinv - vsh_s) - vls_s) - lm;
-      r.lp_minus_lm = ((xt * vinv - vsh_t) - vls_t) - lm;
+      r.u = (z_minus(xs, vinv, nsh_s) - vls_s) - lm;
+      r.lp_minus_lm = (z_minus(xt, vinv, nsh_t) - vls_t) - lm;
       return r;
     };
     // u_m by the same vector arithmetic as the pass (so u_m - u_m is 0 exactly at m).
