@@ -36,10 +36,11 @@ enum class Pass { kForward, kBackward, kBcePartial, kBceGlobalBackward };
 
 // Per-thread row buffers, kept between calls (no allocation per row):
 // slot 0: the e_k of the exp pass; slot 1: the per-block shifts; slots 2-4: a
-// soft-capped row, its slopes and its gradient (see capped_row).
+// soft-capped row, its slopes and its gradient (see capped_row); slot 5: the expected
+// loss's m_j s_j, pass 2 to pass 3 (see expected_row_t).
 template <typename T>
 T* thread_buffer(int slot, size_t n) {
-  thread_local std::vector<T> buffers[5];
+  thread_local std::vector<T> buffers[6];
   auto& v = buffers[slot];
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -754,10 +755,12 @@ struct Rows {
   // the spikes are scalars (losses.h), log(1 - p_w) from the pass's P = sum_{k != w} p_k or, below
   // bce_sum_floor, lse_{k != w} - lse (bce's mechanism). Sums of the mass are formed as
   // ay sum w y + u sum w, so nothing sums C nearly equal eps / C values.
-  //   pass 1 (forward): lse, w, the e_k; sum_k w_k y_k (the targets' only DRAM read)
+  //   pass 1 (forward): lse, w, the e_k
   //   pass 2 (cached): over k != w: sum m h (loss), A_w = sum m s, S_w = sum m, P; bce: R_w = sum a,
-  //                    sum (m - S) log(1 - p)
-  //   pass 3 (cached): g_j = p_j B1 + r_j B2 - m_j s_j (+ S a_j for bce), r_j = p_j / (1 - p_w);
+  //                    sum (m - S) log(1 - p); sum w y (S = its value plus w's term: the targets'
+  //                    only DRAM read); with the gradient, m_j s_j into a thread buffer
+  //   pass 3 (cached): g_j = p_j B1 + r_j B2 - m_j s_j (+ S a_j for bce), r_j = p_j / (1 - p_w),
+  //                    m_j s_j from pass 2 (each element's h, s and transcendentals computed once);
   //                    w and the spikes stored after by their scalar forms
   // Stats: lse, S, log(1 - p_w), w.
   // ------------------------------------------------------------------------
@@ -825,17 +828,72 @@ struct Rows {
     acc_t ly = 0, lu = 0, ay = 0, au = 0, sy = 0, ty = 0, tu = 0, t = 0, r = 0, p = 0;
   };
 
-  // Pass 2 over k != w: sums of h, s, 1, (bce) log(1 - p) weighted by w y and by w, and of
-  // log(1 - p), a, p. kY: probabilities (the sums weighted by w alone are formed either way).
+  template <int64_t V>
+  void expected_row(int64_t i, bool forward, const Buffers& buf, const Mass& mass) const {
+    mass.y ? expected_row_t<V, true>(i, forward, buf, mass) : expected_row_t<V, false>(i, forward, buf, mass);
+  }
+
+  // Per vector: every lane below kSmall (or NaN), so odds and log1m may take their series.
+  static bool small_lanes(const Vec& p) {
+    constexpr int kAllLanes = (1 << RV::kLanes) - 1;
+    return (p >= Vec(kSmall)).zero_mask() == kAllLanes;
+  }
+
+  // focal's gamma where (1 - p)^gamma is a product (an integer in [0, 4]), else -1.
+  int focal_power() const {
+    const double g = pb.cfg.gamma;
+    return g >= 0 && g <= 4 && g == std::floor(g) ? static_cast<int>(g) : -1;
+  }
+
+  // (1 - p)^gamma for p <= 1/2: for an integer gamma in [0, 4] a product of 1 - p (exact in
+  // float to its few roundings, no exp), else exp(gamma log(1 - p)).
+  static Vec pow1m(const Vec& p, bool small, const LaneConsts& k, int ig) {
+    const Vec q = Vec(acc_t(1)) - p;
+    switch (ig) {
+      case 0: return Vec(acc_t(1));
+      case 1: return q;
+      case 2: return q * q;
+      case 3: return q * q * q;
+      case 4: {
+        const Vec q2 = q * q;
+        return q2 * q2;
+      }
+      default: return vexp(k.gamma * log1m(p, small));
+    }
+  }
+
+  // lane_terms, with focal's power as pow1m (ig: focal_power()).
+  template <int64_t V>
+  static void lane_terms_pow(const Vec& p, const Vec& lp, bool small, const LaneConsts& k, int ig, Vec& h, Vec& s,
+                             Vec& l1m, Vec& a) {
+    if constexpr (V == kFocal) {
+      const Vec qg = pow1m(p, small, k, ig);
+      h = -(qg * lp);
+      s = qg * (Vec(acc_t(1)) - k.gamma * zero_times(odds(p, small), lp));
+    } else {
+      lane_terms<V>(p, lp, small, k, h, s, l1m, a);
+    }
+  }
+
+  // Pass 2 over k != w: sums of h, s, 1, (bce) log(1 - p) weighted by w y (kY: probabilities)
+  // and by w (only where the mass has a uniform part, u != 0), and of log(1 - p), a, p; and
+  // m_j s_j into `ms_out` (0 at w and where m_j = 0; null: none), so pass 3 computes no h, s
+  // (no transcendental) of its own. With `p_out` (the backward op, p from x) also p_j.
   template <int64_t V, bool kY>
-  FUSEDLOSS_ROW_PASS ExpSums expected_sums(const PSource& src, const scalar_t* y, int64_t w) const {
+  FUSEDLOSS_ROW_PASS ExpSums expected_sums(const PSource& src, const scalar_t* y, int64_t w, const Mass& mass,
+                                           acc_t* ms_out, acc_t* p_out) const {
     const LaneConsts kc = lane_consts();
-    const Vec vlse(src.lse), zero(acc_t(0));
+    const int ig = V == kFocal ? focal_power() : -1;
+    const Vec vlse(src.lse), zero(acc_t(0)), vay(mass.ay), vu(mass.u);
+    const bool with_u = mass.u != acc_t(0);
+    // m_j = w_j y_j (probabilities, no smoothing): m_j s_j is the sum's own term.
+    const bool plain = kY && !with_u && mass.ay == acc_t(1);
     Vec ly(zero), lu(zero), ay(zero), au(zero), sy(zero), ty(zero), tu(zero), t(zero), r(zero), ps(zero);
     src.for_each(pb.classes, [&](Step p, int64_t j, int64_t n) {
+      if (p_out) RV::store_acc(p_out + j, n, p);
       const bool has_w = static_cast<uint64_t>(w - j) < static_cast<uint64_t>(n);
       if (has_w) p = RV::set_lane(p, w - j, acc_t(0));
-      Step xs = RV::load(src.x + j, n);
+      const Step xs = RV::load(src.x + j, n);
       Step wv;
       if (weight) {
         wv = RV::load_acc(weight + j, n);
@@ -846,19 +904,28 @@ struct Rows {
       if (has_w) wv = RV::set_lane(wv, w - j, acc_t(0));
       Step yv;
       if constexpr (kY) yv = RV::pad(RV::load(y + j, n), n, acc_t(0));
-      const bool small = all_small(p);
+      Step msv;
       for (int q = 0; q < RV::kParts; ++q) {
-        Vec h, s, l1m, a;
+        Vec h, s, l1m, a, ms;
         const Vec lp = xs.v[q] - vlse;
-        lane_terms<V>(p.v[q], lp, small, kc, h, s, l1m, a);
-        lu = lu + zero_times(wv.v[q], h);
-        au = au + zero_times(wv.v[q], s);
+        lane_terms_pow<V>(p.v[q], lp, small_lanes(p.v[q]), kc, ig, h, s, l1m, a);
+        if (with_u) {
+          lu = lu + zero_times(wv.v[q], h);
+          au = au + zero_times(wv.v[q], s);
+        }
         if constexpr (kY) {
           const Vec my = wv.v[q] * yv.v[q];
+          const Vec mys = zero_times(my, s);
           ly = ly + zero_times(my, h);
-          ay = ay + zero_times(my, s);
+          ay = ay + mys;
           sy = sy + my;
           if constexpr (V == kBCE) ty = ty + my * l1m;
+          if (plain) ms = mys;
+        }
+        if (!plain) {
+          Vec m = vu;
+          if constexpr (kY) m = at::vec::fmadd(vay, yv.v[q], vu);
+          ms = zero_times(m * wv.v[q], s);
         }
         if constexpr (V == kBCE) {
           tu = tu + wv.v[q] * l1m;
@@ -866,7 +933,9 @@ struct Rows {
           r = r + a;
         }
         ps = ps + p.v[q];
+        msv.v[q] = ms;
       }
+      if (ms_out) RV::store_acc(ms_out + j, n, msv);
     });
     ExpSums e;
     e.ly = RV::hsum(ly), e.lu = RV::hsum(lu), e.ay = RV::hsum(ay), e.au = RV::hsum(au), e.sy = RV::hsum(sy);
@@ -874,42 +943,44 @@ struct Rows {
     return e;
   }
 
-  // Pass 3: g_j = go (p_j B1 + r_j B2 - m_j s_j + S a_j [bce]) for every j (w and the spikes are
-  // stored after); r_j = exp(x_j - lse_ex_w) where B2 != 0, else the caller folded it into B1.
-  template <int64_t V, bool kY>
-  FUSEDLOSS_ROW_PASS void expected_grad_pass(const PSource& src, const scalar_t* y, scalar_t* g, acc_t b1,
-                                             acc_t b2, acc_t lse_ex_w, acc_t ay_go, acc_t u_go, acc_t s_go) const {
-    const bool ratio = b2 != acc_t(0);
-    const LaneConsts kc = lane_consts();
-    const Vec vlse(src.lse), vb1(b1), vb2(b2), vlex(lse_ex_w), vay(ay_go), vu(u_go), vs(s_go);
-    src.write(g, pb.classes, stream, [&](Step p, int64_t j, int64_t n) {
-      Step xs = RV::load(src.x + j, n);
-      Step wv, yv;
-      if (weight) wv = RV::load_acc(weight + j, n);
-      if constexpr (kY) yv = RV::load(y + j, n);
-      const bool small = all_small(p);
-      for (int q = 0; q < RV::kParts; ++q) {
-        Vec h, s, l1m, a;
-        const Vec lp = xs.v[q] - vlse;
-        lane_terms<V>(p.v[q], lp, small, kc, h, s, l1m, a);
-        // m_j go = (ay y_j + u) w_j go
-        Vec m = vu;
-        if constexpr (kY) m = at::vec::fmadd(vay, yv.v[q], vu);
-        if (weight) m = m * wv.v[q];
-        Vec gq = p.v[q] * vb1 - zero_times(m, s);
-        if (ratio) gq = gq + vexp(xs.v[q] - vlex) * vb2;
-        if constexpr (V == kBCE) gq = gq + vs * a;
-        p.v[q] = gq;
-      }
-      return p;
-    });
-  }
-
+  // Pass 3 from the cache: g_j = p_j B1 + r_j B2 - m_j s_j scale (+ S a_j for bce; a_j's series
+  // or division, no transcendental); b1, b2 and s_go already times the scale. One step.
   template <int64_t V>
-  void expected_row(int64_t i, bool forward, const Buffers& buf, const Mass& mass) const {
-    mass.y ? expected_row_t<V, true>(i, forward, buf, mass) : expected_row_t<V, false>(i, forward, buf, mass);
+  Step expected_grad_step(Step p, const Step& ms, const scalar_t* x, int64_t j, int64_t n, bool ratio,
+                          const Vec& vb1, const Vec& vb2, const Vec& vlex, const Vec& vscale, const Vec& vs) const {
+    Step xs;
+    if (ratio) xs = RV::load(x + j, n);
+    for (int q = 0; q < RV::kParts; ++q) {
+      Vec gq = p.v[q] * vb1 - ms.v[q] * vscale;
+      if (ratio) gq = gq + vexp(xs.v[q] - vlex) * vb2;
+      if constexpr (V == kBCE) gq = gq + vs * odds(p.v[q], small_lanes(p.v[q]));
+      p.v[q] = gq;
+    }
+    return p;
   }
 
+  // Pass 3: p_j from pass 1's e_j (src.e, the forward) or pass 2's p_j (p_in, the backward op).
+  template <int64_t V>
+  FUSEDLOSS_ROW_PASS void expected_grad_cached(const PSource& src, const acc_t* p_in, scalar_t* g, const acc_t* ms,
+                                               acc_t b1, acc_t b2, acc_t lse_ex_w, acc_t scale, acc_t s_go) const {
+    const bool ratio = b2 != acc_t(0);
+    const Vec vb1(b1), vb2(b2), vlex(lse_ex_w), vscale(scale), vs(s_go);
+    if (p_in) {
+      RV::write(g, 0, pb.classes, stream, [&](int64_t j, int64_t n) {
+        return expected_grad_step<V>(RV::load_acc(p_in + j, n), RV::load_acc(ms + j, n), src.x, j, n, ratio, vb1,
+                                     vb2, vlex, vscale, vs);
+      });
+    } else {
+      src.write(g, pb.classes, stream, [&](Step p, int64_t j, int64_t n) {
+        return expected_grad_step<V>(p, RV::load_acc(ms + j, n), src.x, j, n, ratio, vb1, vb2, vlex, vscale, vs);
+      });
+    }
+  }
+
+  // The row (see the comment above Mass): pass 1 lse, w and the e_k; pass 2 every sum and
+  // m_j s_j into a thread buffer; pass 3 the gradient from e_k (p_j) and that buffer. S's
+  // sum of w y comes from pass 2 (its sum over k != w, plus w's term): the targets are read
+  // there only.
   template <int64_t V, bool kY>
   void expected_row_t(int64_t i, bool forward, const Buffers& buf, const Mass& mass) const {
     const int64_t C = pb.classes;
@@ -919,45 +990,32 @@ struct Rows {
     acc_t* st = stats_row(i);
     acc_t* e = forward ? buf.e : nullptr;
     const acc_t W = static_cast<acc_t>(pb.weight_total);
-    acc_t lse, log1m_w = 0, S;
+    acc_t lse, log1m_w = 0, S = 0;
     int64_t w;
-    // S = ay sum_k w_k y_k + u W + sum_t beta_t w_{c_t}
-    const auto spikes_total = [&] {
-      acc_t v = 0;
-      for (int t = 0; t < 2; ++t) {
-        if (mass.c[t] >= 0) v += mass.beta[t] * weight_of(mass.c[t]);
-      }
-      return v;
-    };
     if (forward) {
       const auto acc = lse_pass<true, false>(x, -1, e, buf.shifts, g);
       lse = acc.lse();
       w = acc.argmax >= 0 ? acc.argmax : 0;
-      acc_t wy = 0;
-      if constexpr (kY) {
-        Vec s(acc_t(0));
-        for (int64_t j = 0; j < C; j += RV::kWidth) {
-          const int64_t n = std::min(RV::kWidth, C - j);
-          Step v = RV::pad(RV::load(y + j, n), n, acc_t(0));
-          if (weight) {
-            const Step wv = RV::load_acc(weight + j, n);
-            for (int q = 0; q < RV::kParts; ++q) v.v[q] = v.v[q] * wv.v[q];
-          }
-          for (int q = 0; q < RV::kParts; ++q) s = s + v.v[q];
-        }
-        wy = RV::hsum(s);
-      }
-      S = mass.ay * wy + mass.u * W + spikes_total();
     } else {
       lse = st[0];
       S = st[1];
       log1m_w = st[2];
       w = static_cast<int64_t>(st[3]);
     }
+    acc_t* ms = g ? thread_buffer<acc_t>(5, C) : nullptr;
+    acc_t* p_buf = g && !forward ? buf.e : nullptr;
     const PSource src{x, e, buf.shifts, lse, -1, -1};
-    const ExpSums sums = expected_sums<V, kY>(src, y, w);
+    const ExpSums sums = expected_sums<V, kY>(src, y, w, mass, ms, p_buf);
     const acc_t x_w = static_cast<acc_t>(x[w]);
+    const acc_t w_w = weight_of(w);
     if (forward) {
+      // S = ay sum_k w_k y_k + u W + sum_t beta_t w_{c_t}
+      acc_t spikes = 0;
+      for (int t = 0; t < 2; ++t) {
+        if (mass.c[t] >= 0) spikes += mass.beta[t] * weight_of(mass.c[t]);
+      }
+      const acc_t wy = kY ? sums.sy + w_w * static_cast<acc_t>(y[w]) : acc_t(0);
+      S = mass.ay * wy + mass.u * W + spikes;
       if (C == 1) {
         log1m_w = neg_inf<acc_t>();
       } else if (sums.p >= bce_sum_floor<acc_t>()) {
@@ -967,7 +1025,6 @@ struct Rows {
       }
     }
     // w's own numbers, and the mass at w.
-    const acc_t w_w = weight_of(w);
     acc_t m_w = (kY ? mass.ay * static_cast<acc_t>(y[w]) : acc_t(0)) + mass.u;
     for (int t = 0; t < 2; ++t) {
       if (mass.c[t] == w) m_w += mass.beta[t];
@@ -1029,8 +1086,8 @@ struct Rows {
     acc_t scale = go;
     // vexp clamps a NaN argument: a NaN row reaches the output through the coefficients.
     if (std::isnan(lse) || std::isnan(log1m_w)) scale = std::numeric_limits<acc_t>::quiet_NaN();
-    expected_grad_pass<V, kY>(src, y, g, (ratio ? b1 : b1_all) * scale, ratio ? b2 * scale : acc_t(0), lse_ex_w,
-                              mass.ay * scale, mass.u * scale, S * scale);
+    expected_grad_cached<V>(src, p_buf, g, ms, (ratio ? b1 : b1_all) * scale, ratio ? b2 * scale : acc_t(0),
+                            lse_ex_w, scale, S * scale);
     // The stored entries: w, then the spikes off w.
     {
       const acc_t p_w = std::exp(x_w - lse);
