@@ -180,6 +180,12 @@ struct ExtFwdFunction : public torch::autograd::Function<ExtFwdFunction> {
 FwdOut ext_fwd_autograd(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
                         int64_t variant, int64_t reduction, int64_t ignore_index, double label_smoothing, double alpha,
                         double beta, double gamma, double z_loss, double softcap, bool compute_grad) {
+  // Every call passes here before a backend is chosen: with a tensor on another device the
+  // dispatcher would pick that device's kernel (a meta weight: the fake one, no error).
+  TORCH_CHECK(target.device() == logits.device(), "fusedloss::ext_fwd: target is on ", target.device(),
+              " but logits are on ", logits.device());
+  TORCH_CHECK(!weight.has_value() || weight->device() == logits.device(), "fusedloss::ext_fwd: weight is on ",
+              weight.has_value() ? weight->device() : logits.device(), " but logits are on ", logits.device());
   const bool wants_grad = at::GradMode::is_enabled() &&
                           (logits.requires_grad() || (weight.has_value() && weight->requires_grad()));
   if (!wants_grad) {  // nothing to record: no Node, no saved tensors
