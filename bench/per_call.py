@@ -7,9 +7,11 @@ in one process and interleaved with PyTorch's ``nn.CrossEntropyLoss`` on the sam
 * ``fwd+bwd``: ``loss_fn(x, t).backward()`` (``x.grad`` set to None before each call);
 * ``fwd no_grad``: ``loss_fn(x, t)`` under ``torch.no_grad()``.
 
-Each figure is the median over ``--rounds`` rounds of the mean of ``--calls`` calls. The ratio
-column divides by PyTorch's time for the same shape and mode (PyTorch has only ce: every loss
-is compared with PyTorch's ce).
+Each figure is the median over ``--rounds`` rounds of the mean of ``--calls`` calls; every
+round times every loss once, one after another. The ratio column is the median over the rounds
+of the time over PyTorch's in the same round, for the same shape and mode (PyTorch has only ce:
+every loss is compared with PyTorch's ce). ``--clock thread`` times the thread's CPU time
+instead of wall-clock time: steadier on a machine shared with other jobs.
 
     python bench/per_call.py                   # writes bench/results/per_call_cpu.md
     python bench/per_call.py --backend reference --out -
@@ -31,19 +33,26 @@ SHAPES = ((32, 10), (256, 100), (256, 1000))
 ROOT = Path(__file__).resolve().parent
 
 
-def _time(fn, calls: int, rounds: int) -> float:
-    for _ in range(max(3, calls // 10)):
-        fn()
-    per = []
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _interleaved(runs: dict, calls: int, rounds: int, clock) -> dict:
+    """Per name, the ``rounds`` means of ``calls`` calls, the names timed one after another in
+    every round (so a change of the machine's load hits every name of a round alike)."""
+    for run in runs.values():
+        for _ in range(max(3, calls // 10)):
+            run()
+    per = {name: [] for name in runs}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per.append((time.perf_counter() - t0) / calls)
-    return statistics.median(per)
+        for name, run in runs.items():
+            t0 = clock()
+            for _ in range(calls):
+                run()
+            per[name].append((clock() - t0) / calls)
+    return per
 
 
-def measure(backend: str, calls: int, rounds: int, losses) -> list[dict]:
+def measure(backend: str, calls: int, rounds: int, losses, clock=time.perf_counter) -> list[dict]:
     rows = []
     for n, c in SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -66,23 +75,25 @@ def measure(backend: str, calls: int, rounds: int, losses) -> list[dict]:
             return run
 
         for mode, make in (("fwd+bwd", fwd_bwd), ("fwd no_grad", fwd)):
-            base = None
-            for name, fn in fns.items():
-                us = 1e6 * _time(make(fn), calls, rounds)
-                if base is None:
-                    base = us
-                rows.append(dict(shape=f"{n} x {c}", mode=mode, loss=name, us=us, ratio=us / base))
+            per = _interleaved({name: make(fn) for name, fn in fns.items()}, calls, rounds, clock)
+            base = per["nn.CrossEntropyLoss"]
+            for name, times in per.items():
+                rows.append(dict(shape=f"{n} x {c}", mode=mode, loss=name, us=1e6 * statistics.median(times),
+                                 ratio=statistics.median(t / b for t, b in zip(times, base))))
     return rows
 
 
-def to_markdown(rows: list[dict], backend: str, calls: int, rounds: int) -> str:
+def to_markdown(rows: list[dict], backend: str, calls: int, rounds: int, clock: str = "wall") -> str:
+    what = "wall-clock time" if clock == "wall" else "the calling thread's CPU time (time.thread_time)"
+    flag = "" if clock == "wall" else f" --clock {clock}"
     lines = [
         "# Per-call cost, CPU, one thread",
         "",
-        f"`python bench/per_call.py` (backend `{backend}`; {calls} calls x {rounds} rounds, median of the "
-        f"rounds' means); torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()}. Ratio: the time over `nn.CrossEntropyLoss`'s for the same shape and mode, "
-        "measured in the same process, interleaved.",
+        f"`python bench/per_call.py{flag}` (backend `{backend}`; {what}; {calls} calls x {rounds} rounds, "
+        f"median of the rounds' means); torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()}. Ratio: the median over the rounds of the time over `nn.CrossEntropyLoss`'s "
+        "for the same shape and mode in the same round (every loss is timed in every round, one after "
+        "another).",
         "",
         "| shape | mode | loss | us per call | ratio |",
         "| --- | --- | --- | ---: | ---: |",
@@ -98,11 +109,13 @@ def main(argv=None) -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--losses", default=",".join(fl.LOSSES))
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: time.perf_counter; thread: the thread's CPU time (steadier on a loaded machine)")
     ap.add_argument("--out", default=str(ROOT / "results" / "per_call_cpu.md"), help="'-': print only")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = measure(a.backend, a.calls, a.rounds, a.losses.split(","))
-    md = to_markdown(rows, a.backend, a.calls, a.rounds)
+    rows = measure(a.backend, a.calls, a.rounds, a.losses.split(","), CLOCKS[a.clock])
+    md = to_markdown(rows, a.backend, a.calls, a.rounds, a.clock)
     if a.out == "-":
         sys.stdout.write(md)
     else:

@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(fusedloss, m) {
@@ -65,6 +66,8 @@ PyObject* cpu_capability(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The CPU kernels in use: AVX512, AVX2 or DEFAULT (ATEN_CPU_CAPABILITY lowers it)."},
+    {"_set_ext_fwd_backward", fusedloss::set_python_backward, METH_O,
+     "The Python backward formula of ext_fwd's C++ Autograd kernel for the non-eager cases (autograd.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -15,6 +15,11 @@ LossConfig make_config(int64_t variant, int64_t reduction, int64_t ignore_index,
               reduction, " (0 none, 1 mean, 2 sum)");
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "fusedloss: label_smoothing must be in [0, 1]; got ", label_smoothing);
+  // The functional checks these too, with Python's exceptions; here for direct op calls
+  // and the functional's eager fast path, which leaves the checks to the op.
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0.0, "fusedloss: alpha must be finite and >= 0; got ", alpha);
+  TORCH_CHECK(std::isfinite(beta) && beta >= 0.0, "fusedloss: beta must be finite and >= 0; got ", beta);
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0, "fusedloss: gamma must be finite and >= 0; got ", gamma);
   TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, "fusedloss: z_loss must be finite and >= 0; got ",
               z_loss);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,

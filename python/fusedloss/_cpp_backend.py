@@ -25,7 +25,17 @@ distill_ops.register_distill_fake("ext_distill")
 _scale_fused_grad = ops.scale_fused_grad_reusing  # the forward's buffer when grad_output is 1 (CPU, eager)
 
 
-ops.register_autograd("ext_fwd", torch.ops.fusedloss.ext_bwd.default, scale_grad=_scale_fused_grad)
+# ext_fwd's autograd is the C++ Autograd kernel of csrc/autograd.cpp (no Python in the eager step); it
+# calls this formula for every other backward (a double backward, vmap over it, torch.compile's trace).
+_EXT_BWD = torch.ops.fusedloss.ext_bwd.default
+
+
+def _ext_fwd_backward(grad_loss, logits, target, weight, saved, fused, *scalars):
+    return ops.one_target_backward(grad_loss, logits, target, weight, saved, fused, scalars, _EXT_BWD,
+                                   _scale_fused_grad)
+
+
+_C._set_ext_fwd_backward(_ext_fwd_backward)
 
 ops.register_soft_autograd("ext_soft_fwd", torch.ops.fusedloss.ext_soft_bwd.default, scale_grad=_scale_fused_grad)
 ops.register_soft_loss_autograd("ext_soft_loss_fwd", torch.ops.fusedloss.ext_soft_loss_bwd.default,
@@ -37,7 +47,7 @@ mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, sc
 # The two-target op fuses every loss, with or without the soft cap, on both devices. The
 # vocabulary-parallel bce ops have CPU kernels only.
 _ONE_TARGET = ops.OneTargetOps(fwd=torch.ops.fusedloss.ext_fwd.default, bwd=torch.ops.fusedloss.ext_bwd.default,
-                               fused_grad=True, expected_smoothing=True)
+                               fused_grad=True, expected_smoothing=True, checked_op=True)
 _PROBS = ops.ProbsOps(fwd=torch.ops.fusedloss.ext_soft_fwd.default, fused_grad=True,
                       loss_fwd=torch.ops.fusedloss.ext_soft_loss_fwd.default)
 _TWO_TARGETS = mixup.TwoTargetOps(fwd=torch.ops.fusedloss.ext_mix_fwd.default, fuses=lambda variant, softcap: True)

@@ -101,8 +101,31 @@ _LOADERS: dict[str, tuple[str, str]] = {
 }
 
 
+#: (backend, device type, FUSEDLOSS_BACKEND's raw value when backend is "auto") -> ``(fwd, ops)``: the
+#: one-target ops that choice resolves to, where they check their own arguments
+#: (``OneTargetOps.checked_op``), and the callable of their forward op; else None. What the
+#: functional's eager fast path calls (:func:`checked_one_target`): the choice is made once per device
+#: type and environment value; :func:`register` clears it.
+_checked: dict = {}
+
+
+def checked_one_target(key: tuple, logits: torch.Tensor) -> tuple[Callable, OneTargetOps] | None:
+    """The cached :data:`_checked` entry for ``key`` (``key[0]`` the backend name), resolved on first
+    use for ``logits``' device."""
+    try:
+        return _checked[key]
+    except KeyError:
+        pass
+    one = resolve(key[0], logits.device).one_target
+    # An OpOverload's __call__ is one Python frame around its C++ callable: call that.
+    entry = (getattr(one.fwd, "_op", one.fwd), one) if one.checked_op else None
+    _checked[key] = entry
+    return entry
+
+
 def register(backend: Backend) -> None:
     _registry[backend.name] = backend
+    _checked.clear()
 
 
 def _load(name: str) -> Backend | None:

@@ -8,6 +8,7 @@ checked inside the ops (see ``validation.py``).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.autograd.forward_ad as _fwAD
@@ -98,6 +99,19 @@ def softmax_loss(
     row's loss is NaN instead (no memory is read with the bad index) unless
     ``FUSEDLOSS_STRICT=1``, which adds the raising check.
     """
+    if (not torch.compiler.is_compiling() and type(logits) is Tensor and type(target) is Tensor
+            and not inplace_backward and not return_lse):
+        # The eager fast path: a backend whose op checks every argument itself (C++, before its
+        # kernel) and carries its autograd (the C++ Autograd kernel) is called at once. Anything it
+        # does not take, and any error, goes to the checked path below, which gives the same
+        # result or raises the exception that names the argument.
+        try:
+            out = _eager_fast(logits, target, loss, weight, ignore_index, reduction, label_smoothing, alpha, beta,
+                              gamma, backend, z_loss, softcap)
+        except Exception:  # noqa: BLE001 - the checked path raises the error that names the argument
+            out = None
+        if out is not None:
+            return out
     variant = variant_id(loss)
     red = reduction_id(reduction)
     cap = validation.check_z_loss_softcap(z_loss, softcap)
@@ -182,12 +196,9 @@ def softmax_loss(
         if return_lse:
             raise NotImplementedError("return_lse=True with inplace_backward=True is not implemented")
         out = one.fwd_inplace(x2d, t1d, weight, *scalars)
-    elif torch.compiler.is_compiling():
-        out, stats, _ = one.fwd(x2d, t1d, weight, *scalars, compute_grad)
-    elif logits.requires_grad and torch.is_grad_enabled():
-        out, stats, _ = ops.eager_fwd(one.fwd)(x2d, t1d, weight, *scalars, compute_grad)
     else:
-        out, stats, _ = ops.call_below_autograd(one.fwd, x2d, t1d, weight, *scalars, compute_grad)
+        out, stats, _ = ops.call_eager(one.fwd, logits.requires_grad and torch.is_grad_enabled(), x2d, t1d, weight,
+                                       *scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
     out = out.to(logits.dtype)
@@ -195,6 +206,54 @@ def softmax_loss(
         lse = torch.where(t1d != ignore_index, stats[:, 0], torch.zeros((), dtype=stats.dtype, device=stats.device))
         return out, lse.reshape(target.shape)
     return out
+
+
+_VARIANT_IDS = {name: int(variant_id(name)) for name in ("ce", "bce", "nllr", "crl", "lace", "focal")}
+_REDUCTION_IDS = {name: int(reduction_id(name)) for name in ("none", "mean", "sum")}
+_ENV_KEY = os.environ.encodekey(dispatch.BACKEND_ENV)
+
+
+def _eager_fast(logits: Tensor, target: Tensor, loss, weight, ignore_index, reduction, label_smoothing, alpha, beta,
+                gamma, backend, z_loss, softcap) -> Tensor | None:
+    """``softmax_loss`` for 2-D logits and class indices on a backend with a checked op
+    (``OneTargetOps.checked_op``: the cpu and cuda extension), or None where the checked path must
+    run: other target forms and shapes, the composite path's conditions (a ``torch.func``
+    transform, forward AD, a ``weight`` that requires grad), Python scalars of other types than
+    ``int``/``float`` (``True`` would pass the op's argument parser). The op raises for every bad
+    value (shapes, dtypes, devices, ranges, target values) before its kernel runs; the caller then
+    runs the checked path for the error that names the argument. Same op, same arguments, same
+    result as the checked path."""
+    if logits.dim() != 2 or (target.dtype is not torch.int64 and target.dtype is not torch.int32):
+        return None
+    if ops.transforms_active() or _fwAD._current_level >= 0:
+        return None
+    grad_mode = torch.is_grad_enabled()
+    if weight is not None and (type(weight) is not Tensor or (grad_mode and weight.requires_grad)):
+        return None
+    if type(ignore_index) is not int:
+        return None
+    for value in (label_smoothing, alpha, beta, gamma, z_loss):
+        if type(value) is not float and type(value) is not int:
+            return None
+    if softcap is None:
+        cap = 0.0
+    elif (type(softcap) is float or type(softcap) is int) and softcap > 0:
+        cap = softcap
+    else:
+        return None
+    key = (backend, "cpu" if logits.is_cpu else logits.device.type,
+           os.environ._data.get(_ENV_KEY) if backend == "auto" else None)
+    fast = dispatch.checked_one_target(key, logits)
+    if fast is None:
+        return None
+    fwd, one = fast
+    variant = _VARIANT_IDS[loss]
+    if label_smoothing > 0 and variant and not one.expected_smoothing:
+        return None
+    out = fwd(logits, target, weight, variant, _REDUCTION_IDS[reduction], ignore_index, label_smoothing, alpha, beta,
+              gamma, z_loss, cap, one.fused_grad and grad_mode and logits.requires_grad)[0]
+    dtype = logits.dtype
+    return out if out.dtype is dtype else out.to(dtype)
 
 
 _COMPOSITE_WHY = ("the loss runs as differentiable PyTorch ops (a torch.func transform, forward AD or a weight "
@@ -378,9 +437,11 @@ def _soft_loss(logits: Tensor, probs: Tensor, weight, variant, red, eps: float, 
         fwd, fused = probs_ops.loss_fwd, probs_ops.fused_grad
     else:  # no kernel for it in this backend: the reference's, on the same device
         fwd, fused = ops.reference_soft_loss_fwd, False
-    compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
-    out, stats, _ = fwd(x, y, weight, int(variant), int(red), float(eps), float(alpha), float(beta), float(gamma),
-                        compute_grad)
+    grad_mode = torch.is_grad_enabled()
+    compute_grad = fused and x.requires_grad and grad_mode
+    out, stats, _ = ops.call_eager(fwd, grad_mode and (x.requires_grad or y.requires_grad), x, y, weight,
+                                   int(variant), int(red), float(eps), float(alpha), float(beta), float(gamma),
+                                   compute_grad)
     return _soft_output(out, stats, logits, red, return_lse)
 
 
@@ -392,8 +453,10 @@ def _soft_cross_entropy(logits: Tensor, probs: Tensor, weight, red: Reduction, e
         fwd, fused = probs_ops.fwd, probs_ops.fused_grad
     else:  # no soft-target kernel in this backend: the reference's, on the same device
         fwd, fused = ops.reference_soft_fwd, False
-    compute_grad = fused and x.requires_grad and torch.is_grad_enabled()
-    out, stats, _ = fwd(x, y, weight, int(red), float(eps), compute_grad)
+    grad_mode = torch.is_grad_enabled()
+    compute_grad = fused and x.requires_grad and grad_mode
+    out, stats, _ = ops.call_eager(fwd, grad_mode and (x.requires_grad or y.requires_grad), x, y, weight, int(red),
+                                   float(eps), compute_grad)
     return _soft_output(out, stats, logits, red, return_lse)
 
 

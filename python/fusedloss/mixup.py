@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import dispatch, reference
+from . import dispatch, ops, reference
 from .ops import (NAMESPACE, SCALARS, composite_backward_needed, composite_vjp, fake_backward, fake_forward,
                   scale_fused_grad)
 from .validation import check_class_target
@@ -76,6 +76,7 @@ def register_mix_op(fwd_name: str, bwd_op: Callable,
         return (bwd_op(grad_loss, saved, ta, tb, lam, weight, stats, *ctx.scalars),) + nones
 
     torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+    ops.register_eager(fwd_name, setup_context, backward)
 
 
 def check_mixed_target(logits: Tensor, target: tuple) -> tuple[Tensor, Tensor, float | Tensor]:
@@ -158,9 +159,11 @@ def mixed_loss(be: dispatch.Backend, x: Tensor, ta: Tensor, tb: Tensor, lam: Ten
     has a two-target kernel for this loss, else two passes."""
     variant, red, ignore_index, eps, alpha, beta, gamma, z_loss, softcap = scalars
     mix = be.family(TwoTargetOps)
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
     if mix is not None and mix.fuses(variant, softcap):
-        out, _, _ = mix.fwd(x, ta, tb, lam, weight, *scalars, compute_grad)
+        out, _, _ = ops.call_eager(mix.fwd, needs_grad, x, ta, tb, lam, weight, *scalars, compute_grad)
         return out
     none_scalars = (variant, int(Reduction.NONE)) + tuple(scalars[2:])
-    parts = [(be.one_target.fwd(x, t, weight, *none_scalars, compute_grad)[0], k) for t, k in ((ta, lam), (tb, 1.0 - lam))]
+    parts = [(ops.call_eager(be.one_target.fwd, needs_grad, x, t, weight, *none_scalars, compute_grad)[0], k)
+             for t, k in ((ta, lam), (tb, 1.0 - lam))]
     return _combine(parts, red, ta, tb, weight, ignore_index)

@@ -32,7 +32,8 @@ class SoftmaxLoss(nn.Module):
         self.z_loss, self.softcap = z_loss, softcap
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return softmax_loss(logits, target, self.loss, weight=self.weight, ignore_index=self.ignore_index,
+        # The buffer from _buffers: Module.__getattr__ is the slow way to the same entry.
+        return softmax_loss(logits, target, self.loss, weight=self._buffers["weight"], ignore_index=self.ignore_index,
                             reduction=self.reduction, label_smoothing=self.label_smoothing,
                             alpha=self.alpha, beta=self.beta, gamma=self.gamma, backend=self.backend,
                             z_loss=self.z_loss, softcap=self.softcap)

@@ -169,6 +169,24 @@ def first_order(what: str) -> Callable:
     return deco
 
 
+def one_target_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, saved: Tensor,
+                        fused: bool, scalars: tuple, bwd_op: Callable,
+                        scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> Tensor:
+    """The gradient of a one-target forward op's loss w.r.t. the logits: the composite path when
+    a graph is built through the backward or a vmap wraps it, else the fused gradient times
+    ``grad_loss`` (``saved`` is the forward's gradient) or ``bwd_op`` from the row stats (``saved``
+    is the stats). The formula of :func:`register_autograd`'s Python ops, and of the C++ Autograd
+    kernel of the extension's op outside the eager first-order step (csrc/autograd.cpp)."""
+    if composite_backward_needed(grad_loss):
+        grad_logits, _ = composite_vjp(
+            lambda x, w: reference.differentiable_forward(x, target, w, *scalars)[0], grad_loss,
+            (logits, weight), (True, False))
+        return grad_logits
+    if fused:
+        return scale_grad(saved, grad_loss)
+    return bwd_op(grad_loss, logits, target, weight, saved, *scalars)
+
+
 def register_autograd(fwd_name: str, bwd_op: Callable,
                       scale_grad: Callable[[Tensor, Tensor], Tensor] = scale_fused_grad) -> None:
     """Attach the shared autograd formula to ``fusedloss::<fwd_name>``: the backward
@@ -194,28 +212,23 @@ def register_autograd(fwd_name: str, bwd_op: Callable,
     def backward(ctx, grad_loss, _grad_stats, _grad_grad):
         if grad_loss is None:  # the loss itself got no gradient (grads are not materialized)
             return (None,) * 13
-        logits, target, weight, saved = ctx.saved_tensors
-        if composite_backward_needed(grad_loss):
-            scalars = ctx.scalars
-            grad_logits, _ = composite_vjp(
-                lambda x, w: reference.differentiable_forward(x, target, w, *scalars)[0], grad_loss,
-                (logits, weight), (True, False))
-        elif ctx.fused:
-            grad_logits = scale_grad(saved, grad_loss)
-        else:
-            grad_logits = bwd_op(grad_loss, logits, target, weight, saved, *ctx.scalars)
+        grad_logits = one_target_backward(grad_loss, *ctx.saved_tensors, ctx.fused, ctx.scalars, bwd_op, scale_grad)
         return (grad_logits,) + (None,) * 12
 
     torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+    register_eager(fwd_name, setup_context, backward)
+
+
+def register_eager(fwd_name: str, setup_context: Callable, backward: Callable) -> None:
+    """The autograd formula of ``fusedloss::<fwd_name>`` (as given to ``register_autograd``) as an
+    ``autograd.Function`` that calls the op below the Autograd key, for the eager path
+    (:func:`eager_fwd`, :func:`call_eager`): it skips the Python wrapper ``register_autograd``
+    builds around the op (``fill_defaults`` over the op's schema on every call, about a third of
+    the per-call cost at small sizes). ``torch.compile`` and ``opcheck`` use the op itself."""
     op = getattr(getattr(torch.ops, NAMESPACE), fwd_name).default
     formula = backward
 
     class EagerFwd(torch.autograd.Function):
-        """The same formula as an ``autograd.Function`` that calls the op below the Autograd key:
-        the eager path skips the Python wrapper ``register_autograd`` builds around the op
-        (``fill_defaults`` over the 14-argument schema on every call, about a third of the
-        per-call cost at small sizes). ``torch.compile`` and ``opcheck`` use the op itself."""
-
         @staticmethod
         def forward(ctx, *inputs):
             with torch._C._AutoDispatchBelowAutograd():
@@ -244,6 +257,17 @@ def call_below_autograd(fwd: Callable, *args):
     """The forward op without its autograd wrapper (nothing requires grad, or grad mode is off)."""
     with torch._C._AutoDispatchBelowAutograd():
         return fwd(*args)
+
+
+def call_eager(fwd: Callable, needs_grad: bool, *args):
+    """A forward op called from the functional (no ``torch.func`` transform: the composite path
+    takes those): the op itself while compiling, its eager ``autograd.Function`` when
+    ``needs_grad`` (grad mode on and an input requires grad), else below the Autograd key."""
+    if torch.compiler.is_compiling():
+        return fwd(*args)
+    if needs_grad:
+        return eager_fwd(fwd)(*args)
+    return call_below_autograd(fwd, *args)
 
 
 def register_fakes(fwd_name: str, bwd_name: str) -> None:
@@ -353,6 +377,7 @@ def _register_probs_autograd(fwd_name: str, bwd_op: Callable, scale_grad: Callab
         return (gx, gy) + rest
 
     torch.library.register_autograd(f"{NAMESPACE}::{fwd_name}", backward, setup_context=setup_context)
+    register_eager(fwd_name, setup_context, backward)
 
 
 def register_soft_autograd(fwd_name: str, bwd_op: Callable,
@@ -507,6 +532,11 @@ class OneTargetOps:
     # loss != 'ce' raises NotImplementedError on this backend (dispatch.check_smoothing), never the
     # older smoothed-CE number.
     expected_smoothing: bool = False
+    # fwd checks every argument itself (shapes, dtypes, devices, the scalars' ranges) and raises
+    # before its kernel runs, and has its autograd registered with the op (C++, the Autograd key):
+    # the functional's eager fast path calls it directly and leaves the checks to it
+    # (functional.softmax_loss). False: the functional checks first and calls eager_fwd(fwd).
+    checked_op: bool = False
 
 
 @dataclass(frozen=True)
