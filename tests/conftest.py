@@ -21,6 +21,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = [i for i in items if i not in dropped]
+    # CI runs the suite on two pytest-xdist workers, a file at a time (`-n 2 --dist loadfile`), and
+    # xdist hands out files in collection order: the files holding a `slow` test (a subprocess of
+    # minutes: an interpreter run, a build) go first, so that no worker starts one while the
+    # other has nothing left. The order within and among the rest is unchanged (a stable sort,
+    # the same on every worker, as xdist requires).
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 # Hypothesis budgets: CI runs a fixed, derandomized set of examples (same every run);

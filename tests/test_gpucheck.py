@@ -43,6 +43,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.
     return results, proc, seconds
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_step(dry_run) -> None:
     results, proc, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

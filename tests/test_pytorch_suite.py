@@ -382,6 +382,7 @@ def test_transform_target_check_and_unsupported(backend):
         vmap(lambda z: fl.softmax_loss(z, TARGET, "ce", backend=backend, inplace_backward=True))(x[None])
 
 
+@pytest.mark.slow
 def test_triton_interpreter_subprocess():
     """The triton cases of this module under Triton's interpreter, in a subprocess (the
     interpreter must be chosen before triton is imported)."""

@@ -45,23 +45,9 @@ def test_soft_kernels_compile_without_spills(spec, arch):
     test_compiles_without_spills(spec, arch)
 
 
-def _expected_loss_cases():
-    """(spec, arch) of probs_specs.loss_ci_specs(); the one known to spill is a strict xfail (it fails
-    the day it stops spilling): sm_80, crl's two-target index forward with every option, fp32, streamed
-    (1x512, 4 warps): 64 registers, 4 bytes spilled (ptxas keeps one loop-invariant register on the
-    stack across the persistent loop; docs/triton.md, "Registers")."""
-    cases = []
-    for spec in probs_specs.loss_ci_specs():
-        for arch in aot.ARCHS:
-            label = f"{spec.label()}{':two' if spec.kernel == 'index_loss_fwd' and spec.go_per_row else ''}-sm_{arch}"
-            known = (arch == 80 and spec.kernel == "index_loss_fwd" and spec.variant == Variant.CRL
-                     and spec.dtype == "fp32" and spec.go_per_row and not spec.config.single)
-            marks = [pytest.mark.xfail(strict=True, reason="4 B spill on sm_80 (measured)")] if known else []
-            cases.append(pytest.param(spec, arch, id=label, marks=marks))
-    return cases
-
-
-@pytest.mark.parametrize("spec,arch", _expected_loss_cases())
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("spec", probs_specs.loss_ci_specs(),
+                         ids=lambda s: f"{s.label()}{':two' if s.kernel == 'index_loss_fwd' and s.go_per_row else ''}")
 def test_expected_loss_kernels_compile_without_spills(spec, arch):
     """The expected-loss kernels (triton_kernels/probs/loss_kernels.py): probabilities for every loss,
     class indices (one and two targets) with label smoothing for loss != ce."""

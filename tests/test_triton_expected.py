@@ -377,6 +377,7 @@ def test_ops_opcheck():
 # Without TRITON_INTERPRET: the interpreter cases in a subprocess
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess():
     if INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 already: the interpreter cases run in this process")

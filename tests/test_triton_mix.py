@@ -445,6 +445,7 @@ def test_traffic_one_read_for_both_targets(regime):
 # The interpreter cases from a plain pytest run
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess():
     if INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 already: the interpreter cases run in this process")

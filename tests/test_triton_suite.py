@@ -19,6 +19,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 already: tests/test_triton_interpreter.py runs in this process")
