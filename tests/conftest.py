@@ -21,13 +21,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = [i for i in items if i not in dropped]
-    # CI runs the suite on two pytest-xdist workers, a file at a time (`-n 2 --dist loadfile`), and
-    # xdist hands out files in collection order: the files holding a `slow` test (a subprocess of
-    # minutes: an interpreter run, a build) go first, so that no worker starts one while the
-    # other has nothing left. The order within and among the rest is unchanged (a stable sort,
-    # the same on every worker, as xdist requires).
+    # CI runs the suite on two pytest-xdist workers, a file at a time, in collection order
+    # (`-n 2 --dist loadfile --no-loadscope-reorder`; without the last, xdist hands out the files
+    # with the most tests first). The files holding a `slow` test (a subprocess of minutes: an
+    # interpreter run, a build) go first, the longest of them (LONGEST_FIRST) before the others,
+    # so that no worker starts one while the other has nothing left. The order among the rest is
+    # unchanged (a stable sort, the same on every worker, as xdist requires).
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+
+    def rank(item: pytest.Item) -> tuple[bool, int]:
+        name = item.path.name
+        longest = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return item.path not in slow_files, longest
+
+    items.sort(key=rank)
+
+
+#: The files whose subprocess test takes longest (each 140-210 s on a quiet 2-core CI machine,
+#: pytest --durations), longest first.
+LONGEST_FIRST = ("test_triton_suite.py", "test_triton_expected.py", "test_packaging.py", "test_triton_mix.py")
 
 
 # Hypothesis budgets: CI runs a fixed, derandomized set of examples (same every run);
