@@ -90,3 +90,19 @@ def test_strict_mode_flag(monkeypatch):
     assert not validation.must_check_targets(torch.device("cuda"))
     monkeypatch.setenv(validation.STRICT_ENV, "1")
     assert validation.must_check_targets(torch.device("cuda"))
+
+
+def test_strict_mode_keeps_the_host_target_check_off_the_cpu(monkeypatch):
+    """FUSEDLOSS_STRICT=1 on a GPU: the eager fast path (which calls the extension's op, whose CUDA
+    kernel does not read target values on the host) steps aside for the checked path and its
+    IndexError. Meta tensors stand in for a device that is not the CPU."""
+    from fusedloss import dispatch, functional
+
+    def reached(*args):
+        raise AssertionError("the fast path chose an op under strict mode")
+
+    monkeypatch.setattr(dispatch, "checked_one_target", reached)
+    monkeypatch.setenv("FUSEDLOSS_STRICT", "1")
+    x = torch.empty(4, 3, device="meta")
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    assert functional._eager_fast(x, t, "ce", None, -100, "mean", 0.0, 1.0, 1.0, 2.0, "auto", 0.0, None) is None

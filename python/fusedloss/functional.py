@@ -227,6 +227,8 @@ def _eager_fast(logits: Tensor, target: Tensor, loss, weight, ignore_index, redu
         return None
     if ops.transforms_active() or _fwAD._current_level >= 0:
         return None
+    if not logits.is_cpu and validation.strict_mode():
+        return None  # the checked path's host check of the target values (the op does not read them on a GPU)
     grad_mode = torch.is_grad_enabled()
     if weight is not None and (type(weight) is not Tensor or (grad_mode and weight.requires_grad)):
         return None
