@@ -120,18 +120,7 @@ def check_linear_distill_inputs(student_hidden, student_weight, student_bias, te
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
                          f"{student_hidden.device}; move them to one device")
-    if target is not None:
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None; got {type(target).__name__}")
-        if target.is_floating_point():
-            raise NotImplementedError("linear_distill_loss takes class-index targets (or None)")
-        if target.dtype not in validation.TARGET_DTYPES + (torch.uint8,):
-            raise TypeError(f"target must be int64, int32 (or uint8) class indices; got {target.dtype}")
-        if tuple(target.shape) != tuple(student_hidden.shape[:-1]):
-            raise ValueError(f"target must have shape {tuple(student_hidden.shape[:-1])} (student_hidden's without "
-                             f"D); got {tuple(target.shape)}")
-        if target.device != student_hidden.device:
-            raise ValueError(f"target is on {target.device} but student_hidden is on {student_hidden.device}")
+    validation.check_distill_target(target, student_hidden.shape[:-1], student_hidden.device, "student_hidden")
     return v
 
 

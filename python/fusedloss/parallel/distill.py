@@ -97,15 +97,7 @@ def _check_pair(student, teacher, target, name_s="student_logits", name_t="teach
         raise ValueError(f"{name_t} must have {name_s}'s shape {tuple(student.shape)}; got {tuple(teacher.shape)}")
     if teacher.device != student.device:
         raise ValueError(f"{name_t} is on {teacher.device} but {name_s} is on {student.device}")
-    if target is not None:
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None; got {type(target).__name__}")
-        if target.is_floating_point():
-            raise NotImplementedError("distill_loss takes class-index targets (or None)")
-        if tuple(target.shape) != tuple(student.shape[:-1]):
-            raise ValueError(f"target must have shape {tuple(student.shape[:-1])} ({name_s}'s without the classes); "
-                             f"got {tuple(target.shape)}")
-        validation.check_class_target(student.reshape(-1, student.shape[-1]), target.reshape(-1))
+    validation.check_distill_target(target, student.shape[:-1], student.device, name_s)
 
 
 def distill_loss(
