@@ -61,20 +61,23 @@ def default_chunk_rows(n: int, v: int, element_size: int, fused: bool = True, gr
     return int(min(rows, max(n, 1)))
 
 
-def held_grad_bytes(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> int:
+def held_grad_bytes(hidden: Tensor, weight: Tensor, bias: Tensor | None, weight_rows: int | None = None) -> int:
     """The bytes of the gradients :func:`linear_distill_loss` holds for the student's tensors that
     require grad (``_blocks_pass``): ``d hidden`` in the hidden's dtype, ``d weight`` in the weight's
-    dtype (plus a float32 sum for 16-bit weights, ``head._WeightGrad``), ``d bias`` (float32 sum)."""
+    dtype (plus a float32 sum for 16-bit weights, ``head._WeightGrad``), ``d bias`` (float32 sum).
+    ``weight_rows``: the weight's rows to count instead of its own (the vocabulary-parallel form counts
+    every rank's largest slice, so that every rank picks the same blocks)."""
     if not torch.is_grad_enabled():
         return 0
+    rows = weight.shape[0] if weight_rows is None else weight_rows
     total = 0
     if hidden.requires_grad:
         total += hidden.numel() * hidden.element_size()
     if weight.requires_grad:
         sixteen = weight.dtype in (torch.float16, torch.bfloat16)
-        total += weight.numel() * (weight.element_size() + (4 if sixteen else 0))
+        total += rows * weight.shape[1] * (weight.element_size() + (4 if sixteen else 0))
     if bias is not None and bias.requires_grad:
-        total += bias.numel() * (bias.element_size() + 4)
+        total += rows * (bias.element_size() + 4)
     return total
 
 
