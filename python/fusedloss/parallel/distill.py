@@ -538,8 +538,9 @@ def linear_distill_loss(
         "teacher hidden size D": teacher_hidden.shape[-1] if ok else -1,
         "chunk_rows (None: 0)": (chunk_rows or 0) if ok else -1,
         "student_hidden.requires_grad and reduce_hidden_grad (the backward's all-reduce)": int(reduce_dh),
-        "student hidden, weight, bias requiring grad (the default blocks)": (4 * need[0] + 2 * need[1]
-                                                                             + need[2]) if ok else -1,
+        # the default blocks count the gradients held (default_linear_blocks): the same on every rank
+        "student hidden, weight, bias requiring grad (chunk_rows=None)": (
+            (4 * need[0] + 2 * need[1] + need[2]) if chunk_rows is None else 0) if ok else -1,
     }
     plan = _plan(validate, _device_of(student_hidden), shape, tgt, weight, class_start, num_classes, hcfg, error,
                  group, extra)
