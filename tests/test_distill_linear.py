@@ -169,6 +169,10 @@ def test_linear_distill_bad_input():
         fl.linear_distill_loss(hs, ws[:, :-1], ht, wt, t)
     with pytest.raises(ValueError, match="target"):
         fl.linear_distill_loss(hs, ws, ht, wt, t[:-1])
+    # One target check for every distillation form (validation.check_distill_target): class
+    # probabilities are refused with fl.distill_loss's TypeError, not a form-specific error.
+    with pytest.raises(TypeError, match="target must be int64, int32 \\(or uint8\\) class indices or None"):
+        fl.linear_distill_loss(hs, ws, ht, wt, t.float())
     with pytest.raises(ValueError, match="temperature"):
         fl.linear_distill_loss(hs, ws, ht, wt, t, temperature=0.0)
     with pytest.raises(ValueError, match="divergence"):

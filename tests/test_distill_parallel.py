@@ -502,3 +502,30 @@ def test_case_table_covers_the_issue():
     for red in ("mean", "sum", "none"):
         assert sum(f"-{red}" in n for n in names) >= 3
     assert SPLITS["uneven"][0][1] != SPLITS["uneven"][1][1]
+
+
+def test_linear_default_blocks_count_the_held_gradients_alike_on_every_rank():
+    """The vocabulary-parallel linear form's default blocks follow the single-process rule (the blocks
+    leave room for the gradients the op holds) and do not depend on the rank's own slice: with an
+    uneven split every rank must cut the rows into the same blocks (each block's statistics are
+    reduced across the ranks). No process group needed: the rule is local arithmetic."""
+    from fusedloss.distill import linear as dlin
+    from fusedloss.parallel.distill import default_linear_blocks
+    from fusedloss.parallel.plan import Plan
+
+    n, v, world, d = 2048, 32001, 2, 512
+    plan = Plan(class_start=0, num_classes=v, world_size=world)
+    v_block = -(-v // world)
+    hs = torch.empty(n, d, requires_grad=True)
+    per_rank = []
+    for v_local in (v_block, v - v_block):  # the two ranks' uneven slices
+        ws, bs = torch.empty(v_local, d, requires_grad=True), torch.empty(v_local, requires_grad=True)
+        per_rank.append(default_linear_blocks(n, plan, torch.float32, hs, ws, bs))
+    assert per_rank[0] == per_rank[1]
+    held = n * d * 4 + v_block * d * 4 + v_block * 8  # d hidden, d weight, d bias (float32 sum)
+    assert per_rank[0] == dlin.default_chunk_rows(n, v_block, 4, fused=False, grad_bytes=held)
+    # The gradients take room from the blocks here (the old rule, without them, gave more rows).
+    assert per_rank[0] < dlin.default_chunk_rows(n, v_block, 4, fused=False)
+    with torch.no_grad():  # no gradients held: the blocks get their whole share
+        assert default_linear_blocks(n, plan, torch.float32, hs, ws, bs) == dlin.default_chunk_rows(
+            n, v_block, 4, fused=False)

@@ -7,6 +7,7 @@ that the minutes a GPU is lent go to the GPU. The run itself is in bench/gpu/REA
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -39,7 +40,7 @@ def _check(results: Path, *args: str, timeout: float = 280) -> tuple[subprocess.
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, float]:
     results = tmp_path_factory.mktemp("gpucheck") / "results"
-    proc, seconds = _check(results, "--dry-run", "--budget", "240")
+    proc, seconds = _check(results, "--dry-run", "--budget", "300")
     return results, proc, seconds
 
 
@@ -50,12 +51,12 @@ def test_dry_run_passes_every_step(dry_run) -> None:
     summary = json.loads((results / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"env": "pass", "build": "skipped", "pytest-triton-1": "pass", "pytest-triton-2": "pass",
-                      "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass", "distill": "pass", "sweep": "pass",
-                      "report": "pass"}, summary["steps"]
+                      "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass", "distill": "pass", "targets": "pass",
+                      "sweep": "pass", "report": "pass"}, summary["steps"]
     assert summary["final"] and summary["outcome"] == "pass" and summary["dry_run"]
     # (the digest of this tree may have moved on since: other work shares it)
     assert summary["env"]["torch"] and len(summary["env"]["source_digest"]) == 12
-    assert seconds < 240
+    assert seconds < 300
     assert "# gpucheck: dry run on CPU" in proc.stdout  # the summary is the last thing printed
 
 
@@ -96,6 +97,19 @@ def test_dry_run_writes_junit_sweep_and_summary(dry_run) -> None:
         (m, d, v) for v in (64, 2100) for m, d in (("fused", "kl"), ("fused", "reverse_kl"), ("fused", "jsd"),
                                                    ("torch", "kl"))}
     assert "liger" in distill["unavailable"] and "| fused | jsd |" in (results / "distill.md").read_text()
+    # the targets step: the per-call table (every loss on triton and cpu beside nn.CrossEntropyLoss, both
+    # modes) and soft targets for every loss on both backends beside F.cross_entropy, at the tiny shapes
+    targets = json.loads((results / "targets.json").read_text())
+    assert targets["complete"] and not [r for r in targets["per_call"] + targets["soft"] if r.get("error")]
+    losses = set(gpucheck_plan.LOSSES)
+    for mode in ("fwd+bwd", "fwd no_grad"):
+        assert {(r["loss"], r["backend"]) for r in targets["per_call"] if r["mode"] == mode} == {
+            ("nn.CrossEntropyLoss", "torch")} | {(loss, b) for loss in losses for b in ("triton", "cpu")}
+    assert {(r["loss"], r["backend"], r["c"]) for r in targets["soft"]} == {("ce", "torch", 64)} | {
+        (loss, b, 64) for loss in losses for b in ("triton", "cpu")}
+    assert all(r["x_copy"] > 0 and math.isfinite(r["ms"]) for r in targets["soft"])
+    assert all(r["us"] > 0 and r["ratio"] > 0 for r in targets["per_call"])
+    assert "| bf16 | 32 x 64 | triton | focal |" in (results / "targets.md").read_text()
     assert {r["backend"] for r in drive["results"]} == {"triton", "cpu"}
     summary_md = (results / "summary.md").read_text()
     assert "| sweep | pass |" in summary_md and "## Time as a multiple" in summary_md
@@ -298,6 +312,12 @@ elif argv[0].endswith("distill_bench.py"):
     Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"rows": [
         {"v": 32000, "n": 4194, "method": "fused", "divergence": "kl", "ms": 1.0, "x_copy": 0.9}],
         "unavailable": {}, "complete": True}))
+elif argv[0].endswith("targets_bench.py"):
+    Path(argv[argv.index("--json") + 1]).write_text(json.dumps({
+        "per_call": [{"shape": "32 x 10", "mode": "fwd+bwd", "loss": "ce", "backend": "triton", "us": 30.0,
+                      "ratio": 1.1}],
+        "soft": [{"dtype": "bf16", "c": 32000, "n": 4194, "backend": "triton", "loss": "ce", "ms": 1.0,
+                  "x_copy": 1.0}], "unavailable": {}, "complete": True}))
 elif argv[0].endswith("sanitize_drive.py"):
     Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"cases": 3, "failed": 0, "skipped": {}}))
 elif "--sweep-child" in argv:
@@ -373,7 +393,8 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"env": "pass", "nvidia-smi": "pass", "build": "pass", "pytest-triton-1": "pass",
                       "pytest-triton-2": "pass", "pytest-ext": "pass", "parallel": "pass", "sanitize": "pass",
-                      "distill": "pass", "sweep": "partial", "report": "pass", "nvidia-smi-end": "pass"}, \
+                      "distill": "pass", "targets": "pass", "sweep": "partial", "report": "pass",
+                      "nvidia-smi-end": "pass"}, \
         proc.stdout[-3000:]
     assert proc.returncode == 0 and summary["outcome"] == "pass" and summary["partial"] == ["sweep"]
     sweep = next(s for s in summary["steps"] if s["name"] == "sweep")
@@ -403,6 +424,10 @@ def test_gpu_path_with_a_fake_device(tmp_path: Path) -> None:
     assert distill[distill.index("--device") + 1] == "cuda" and "--no-compile" not in distill
     assert distill[distill.index("--vocab") + 1:distill.index("--vocab") + 3] == ["32000", "128256"]
     assert "fused x copy: kl V32000 0.90x" in next(s for s in summary["steps"] if s["name"] == "distill")["detail"]
+    targets = next(c["argv"] for c in calls if c["argv"][0].endswith("targets_bench.py"))
+    assert targets[targets.index("--device") + 1] == "cuda" and "--tiny" not in targets
+    assert targets[targets.index("--classes") + 1:targets.index("--classes") + 3] == ["32000", "1000"]
+    assert "worst x nn.CrossEntropyLoss 1.10" in next(s for s in summary["steps"] if s["name"] == "targets")["detail"]
     plan = json.loads((results / "sweep" / "plan.json").read_text())
     assert len(plan["chunks"]) == 20 and all(ch["argv"][1] == "cuda" for ch in plan["chunks"])
     assert summary["env"]["gpu"] == "Fake H200" and summary["env"]["commit_arg"] == "abc123"

@@ -17,6 +17,10 @@ need no extension, and the GPU idles while nvcc compiles):
   distill        ``bench/gpu/distill_bench.py``: the fused distillation op's fwd+bwd (kl, reverse kl, jsd)
                  at V 32000 and 128256, bf16, as a multiple of a copy of both logits, beside F.kl_div
                  eager and compiled and Liger's KL/JSD (when carried); its gpu tests run in pytest-triton
+  targets        ``bench/gpu/targets_bench.py``: the per-call cost at small shapes (every loss, triton
+                 and cuda, against nn.CrossEntropyLoss) and soft targets for every loss (the expected
+                 loss, fwd+bwd, x a copy of logits and targets, x the backend's soft ce, beside
+                 F.cross_entropy); its kernels' gpu tests run in pytest-triton and pytest-ext
   sweep          ``fusedloss-bench`` over every loss, bf16/fp32, C in {1000, 32000, 128256, 262144},
                  in order of value; cut by the budget after one chunk or more it is ``partial``
   report         sweep.md/sweep.png, the summary
@@ -56,7 +60,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gpucheck_plan import (CAPS, DISTILL_VOCABS, MARGIN_S, PARALLEL_ARGS, PARALLEL_DRY_ARGS, REPO, STEPS, STOP_WAITS, TOOL_PROBE_S,
-                           TRITON_GPU_TESTS, TRITON_SHARDS, source_digest, step_timeout, sweep_plan)
+                           TARGETS_CLASSES, TRITON_GPU_TESTS, TRITON_SHARDS, source_digest, step_timeout, sweep_plan)
 from gpucheck_report import (_write_atomic, parse_junit, parse_nvidia_smi, parse_sanitizer_log, render_sweep,
                              sweep_child)
 
@@ -548,6 +552,35 @@ print("GPUCHECK_ENV " + json.dumps(out))
             status, detail = "partial", detail + f" (the step's {job['timeout']:.0f} s ran out)"
         self.finish(job, status=status, detail=detail)
 
+    def step_targets(self) -> None:
+        """bench/gpu/targets_bench.py: the per-call table (issue 24) and soft targets for every loss
+        (issue 25). It rewrites its JSON after every row: cut by the budget after one row or more,
+        the step is ``partial``."""
+        out = self.results / "targets.json"
+        cmd = [self.py, "bench/gpu/targets_bench.py", "--json", str(out), "--md", str(self.results / "targets.md")]
+        cmd += ["--tiny"] if self.dry else ["--device", "cuda", "--classes", *map(str, TARGETS_CLASSES)]
+        job = self.wait_one(self.start("targets", cmd, self.timeout("targets", self.later("targets"))))
+        try:
+            doc = json.loads(out.read_text()) if out.exists() else {}
+        except ValueError:
+            doc = {}
+        calls = [r for r in doc.get("per_call", []) if "us" in r]
+        soft = [r for r in doc.get("soft", []) if "ms" in r]
+        errors = [f"{r['loss']}/{r['backend']}" for r in doc.get("per_call", []) + doc.get("soft", [])
+                  if r.get("error")]
+        worst = max((r["ratio"] for r in calls if r["backend"] != "torch"), default=None)
+        detail = f"{len(calls)} per-call rows, {len(soft)} soft-target rows measured"
+        if worst is not None:
+            detail += f"; per call, worst x nn.CrossEntropyLoss {worst:.2f}"
+        if errors:
+            detail += f"; errors: {', '.join(sorted(set(errors)))}"
+        if doc.get("unavailable"):
+            detail += f"; not measured: {', '.join(sorted(doc['unavailable']))}"
+        status = None
+        if job["timed_out"] and (calls or soft) and not errors:
+            status, detail = "partial", detail + f" (the step's {job['timeout']:.0f} s ran out)"
+        self.finish(job, status=status, detail=detail)
+
     @staticmethod
     def _drive_detail(path: Path) -> str:
         if not path.exists():
@@ -622,7 +655,8 @@ print("GPUCHECK_ENV " + json.dumps(out))
                 self.step_nvidia_smi()
             for name, fn in (("build+triton", self.step_build_and_triton_tests), ("pytest-ext", self.step_pytest_ext),
                              ("parallel", self.step_parallel), ("sanitize", self.step_sanitize),
-                             ("distill", self.step_distill), ("sweep", self.step_sweep)):
+                             ("distill", self.step_distill), ("targets", self.step_targets),
+                             ("sweep", self.step_sweep)):
                 names = ["build", "pytest-triton"] if name == "build+triton" else [name]
                 wanted = [n for n in names if n in self.selected]
                 if not wanted:

@@ -9,14 +9,15 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "parallel", "sanitize", "distill", "sweep",
-         "report")
+STEPS = ("env", "nvidia-smi", "build", "pytest-triton", "pytest-ext", "parallel", "sanitize", "distill", "targets",
+         "sweep", "report")
 #: Longest a step may take (seconds); the budget may cut it shorter.
 CAPS = {"env": 90, "nvidia-smi": 30, "build": 300, "pytest-triton": 270, "pytest-ext": 120, "parallel": 75,
-        "sanitize": 90, "distill": 150, "sweep": 600, "report": 60}
+        "sanitize": 90, "distill": 150, "targets": 120, "sweep": 600, "report": 60}
 #: Time kept back for a step while earlier ones run, so every step gets a turn.
-#: distill keeps none: it runs after the tests and before the sweep, whose reserve protects the sweep's
-#: first chunks, so the earlier steps' time is what it was before it (at least MIN_STEP_S, budget permitting).
+#: distill and targets keep none: they run after the tests and before the sweep, whose reserve protects the
+#: sweep's first chunks, so the earlier steps' time is what it was before them (at least MIN_STEP_S, budget
+#: permitting).
 RESERVE = {"pytest-ext": 45, "parallel": 20, "sanitize": 40, "sweep": 90, "report": 10}
 #: How a step is stopped (its timeout, or a signal to this script): SIGINT (pytest still
 #: writes its JUnit XML, the sweep keeps its finished chunks), then SIGTERM, then SIGKILL,
@@ -50,6 +51,10 @@ PARALLEL_DRY_ARGS = ("--steps", "4", "--classes", "37", "--time-rows", "16", "--
 #: The distill step (bench/gpu/distill_bench.py): bf16 distillation fwd+bwd at these vocabularies,
 #: N = GPU_ELEMENTS // V; the dry run's tiny shapes are the script's --tiny.
 DISTILL_VOCABS = (32000, 128256)
+#: The targets step (bench/gpu/targets_bench.py): soft targets for every loss at these C, N = 2^27 // C,
+#: bf16 then fp32 (issue 25's CPU shapes are 1024 x 32000 and 4096 x 1000: the same C); the per-call
+#: table at bench/per_call.py's shapes. The dry run's tiny shapes are the script's --tiny.
+TARGETS_CLASSES = (32000, 1000)
 SOURCE_DIRS = ("csrc", "python/fusedloss", "triton_kernels", "tests", "bench/gpu")
 SOURCE_FILES = ("setup.py", "pyproject.toml")
 SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".toml"}

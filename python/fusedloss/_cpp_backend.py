@@ -22,26 +22,27 @@ ops.register_bce_parallel_fakes("ext_bce_partial", "ext_bce_global_bwd")
 distill_ops.register_distill_fake("ext_distill")
 
 
-_scale_fused_grad = ops.scale_fused_grad_reusing  # the forward's buffer when grad_output is 1 (CPU, eager)
-
-
 # ext_fwd's autograd is the C++ Autograd kernel of csrc/autograd.cpp (no Python in the eager step); it
 # calls this formula for every other backward (a double backward, vmap over it, torch.compile's trace).
+# Every fused gradient here is scaled by ops.scale_fused_grad_reusing: with grad_output 1 (CPU, eager)
+# it returns the forward's buffer itself, no copy.
 _EXT_BWD = torch.ops.fusedloss.ext_bwd.default
 
 
 def _ext_fwd_backward(grad_loss, logits, target, weight, saved, fused, *scalars):
     return ops.one_target_backward(grad_loss, logits, target, weight, saved, fused, scalars, _EXT_BWD,
-                                   _scale_fused_grad)
+                                   ops.scale_fused_grad_reusing)
 
 
 _C._set_ext_fwd_backward(_ext_fwd_backward)
 
-ops.register_soft_autograd("ext_soft_fwd", torch.ops.fusedloss.ext_soft_bwd.default, scale_grad=_scale_fused_grad)
+ops.register_soft_autograd("ext_soft_fwd", torch.ops.fusedloss.ext_soft_bwd.default,
+                           scale_grad=ops.scale_fused_grad_reusing)
 ops.register_soft_loss_autograd("ext_soft_loss_fwd", torch.ops.fusedloss.ext_soft_loss_bwd.default,
-                                scale_grad=_scale_fused_grad)
+                                scale_grad=ops.scale_fused_grad_reusing)
 
-mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default, scale_grad=_scale_fused_grad)
+mixup.register_mix_op("ext_mix_fwd", torch.ops.fusedloss.ext_mix_bwd.default,
+                      scale_grad=ops.scale_fused_grad_reusing)
 
 # The extension's op families, one per target form (csrc/cpu/ops_cpu*.cpp, csrc/cuda/ops_cuda.cu).
 # The two-target op fuses every loss, with or without the soft cap, on both devices. The

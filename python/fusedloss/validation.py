@@ -95,6 +95,26 @@ def check_class_target(logits: torch.Tensor, target: object) -> torch.Tensor:
     return target
 
 
+def check_distill_target(target: object, lead_shape: tuple, device: torch.device, lead_name: str) -> None:
+    """The distillation forms' hard target: ``None``, or class indices (int64, int32 or uint8) of shape
+    ``lead_shape`` (``lead_name``'s shape without its last dim) on ``device``. One check for
+    ``fl.distill_loss``, ``fl.linear_distill_loss`` and their vocabulary-parallel forms: a floating
+    target is refused (the teacher's distribution is the soft target; class probabilities have no hard
+    loss here), whatever the form."""
+    if target is None:
+        return
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices or None; got {type(target).__name__}")
+    if target.dtype not in TARGET_DTYPES + (torch.uint8,):
+        raise TypeError(f"target must be int64, int32 (or uint8) class indices or None; got {target.dtype} "
+                        "(the teacher's distribution is the soft target; the hard loss takes class indices)")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(f"target must have shape {tuple(lead_shape)} ({lead_name}'s without its last dim); "
+                         f"got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but {lead_name} is on {device}")
+
+
 def check_prob_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Class-probability (soft) targets: floating, same shape as the logits."""
     if target.dtype not in LOGIT_DTYPES:

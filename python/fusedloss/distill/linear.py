@@ -61,20 +61,23 @@ def default_chunk_rows(n: int, v: int, element_size: int, fused: bool = True, gr
     return int(min(rows, max(n, 1)))
 
 
-def held_grad_bytes(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> int:
+def held_grad_bytes(hidden: Tensor, weight: Tensor, bias: Tensor | None, weight_rows: int | None = None) -> int:
     """The bytes of the gradients :func:`linear_distill_loss` holds for the student's tensors that
     require grad (``_blocks_pass``): ``d hidden`` in the hidden's dtype, ``d weight`` in the weight's
-    dtype (plus a float32 sum for 16-bit weights, ``head._WeightGrad``), ``d bias`` (float32 sum)."""
+    dtype (plus a float32 sum for 16-bit weights, ``head._WeightGrad``), ``d bias`` (float32 sum).
+    ``weight_rows``: the weight's rows to count instead of its own (the vocabulary-parallel form counts
+    every rank's largest slice, so that every rank picks the same blocks)."""
     if not torch.is_grad_enabled():
         return 0
+    rows = weight.shape[0] if weight_rows is None else weight_rows
     total = 0
     if hidden.requires_grad:
         total += hidden.numel() * hidden.element_size()
     if weight.requires_grad:
         sixteen = weight.dtype in (torch.float16, torch.bfloat16)
-        total += weight.numel() * (weight.element_size() + (4 if sixteen else 0))
+        total += rows * weight.shape[1] * (weight.element_size() + (4 if sixteen else 0))
     if bias is not None and bias.requires_grad:
-        total += bias.numel() * (bias.element_size() + 4)
+        total += rows * (bias.element_size() + 4)
     return total
 
 
@@ -120,18 +123,7 @@ def check_linear_distill_inputs(student_hidden, student_weight, student_bias, te
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
                          f"{student_hidden.device}; move them to one device")
-    if target is not None:
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None; got {type(target).__name__}")
-        if target.is_floating_point():
-            raise NotImplementedError("linear_distill_loss takes class-index targets (or None)")
-        if target.dtype not in validation.TARGET_DTYPES + (torch.uint8,):
-            raise TypeError(f"target must be int64, int32 (or uint8) class indices; got {target.dtype}")
-        if tuple(target.shape) != tuple(student_hidden.shape[:-1]):
-            raise ValueError(f"target must have shape {tuple(student_hidden.shape[:-1])} (student_hidden's without "
-                             f"D); got {tuple(target.shape)}")
-        if target.device != student_hidden.device:
-            raise ValueError(f"target is on {target.device} but student_hidden is on {student_hidden.device}")
+    validation.check_distill_target(target, student_hidden.shape[:-1], student_hidden.device, "student_hidden")
     return v
 
 

@@ -357,17 +357,7 @@ def _check_inputs(student, teacher, target) -> None:
         raise ValueError(f"student_logits must have at least one class; got shape {tuple(student.shape)}")
     if teacher.device != student.device:
         raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
-    if target is None:
-        return
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices or None; got {type(target).__name__}")
-    if target.dtype not in validation.TARGET_DTYPES + (torch.uint8,):
-        raise TypeError(f"target must be int64, int32 (or uint8) class indices; got {target.dtype}")
-    if tuple(target.shape) != tuple(student.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(student.shape[:-1])} for student_logits of shape "
-                         f"{tuple(student.shape)}; got {tuple(target.shape)}")
-    if target.device != student.device:
-        raise ValueError(f"target is on {target.device} but student_logits is on {student.device}")
+    validation.check_distill_target(target, student.shape[:-1], student.device, "student_logits")
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, loss: str = "ce", *,

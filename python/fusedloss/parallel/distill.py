@@ -97,15 +97,7 @@ def _check_pair(student, teacher, target, name_s="student_logits", name_t="teach
         raise ValueError(f"{name_t} must have {name_s}'s shape {tuple(student.shape)}; got {tuple(teacher.shape)}")
     if teacher.device != student.device:
         raise ValueError(f"{name_t} is on {teacher.device} but {name_s} is on {student.device}")
-    if target is not None:
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None; got {type(target).__name__}")
-        if target.is_floating_point():
-            raise NotImplementedError("distill_loss takes class-index targets (or None)")
-        if tuple(target.shape) != tuple(student.shape[:-1]):
-            raise ValueError(f"target must have shape {tuple(student.shape[:-1])} ({name_s}'s without the classes); "
-                             f"got {tuple(target.shape)}")
-        validation.check_class_target(student.reshape(-1, student.shape[-1]), target.reshape(-1))
+    validation.check_distill_target(target, student.shape[:-1], student.device, name_s)
 
 
 def distill_loss(
@@ -493,12 +485,12 @@ def linear_distill_loss(
     ``reduce_hidden_grad=False``: this rank's part). Neither model's ``(N, V_local)`` logits are held:
     blocks of rows as the single-process form, each block with its collectives (``O(rows)`` floats).
 
-    ``chunk_rows`` must agree on every rank (default: :func:`fusedloss.distill.linear.default_chunk_rows`
-    of ``N`` and ``ceil(V / world_size)``). DTensor weights sharded on their rows (``Shard(0)``) are
+    ``chunk_rows`` must agree on every rank (default: :func:`default_linear_blocks`, the single-process
+    rule, gradients counted, for ``ceil(V / world_size)`` classes). DTensor weights sharded on their rows (``Shard(0)``) are
     accepted, with ``Shard(0)`` biases. Other keywords as :func:`distill_loss`. Every rank must call
     it, and its backward, alike.
     """
-    from ..distill.linear import check_linear_distill_inputs, default_chunk_rows  # noqa: F811
+    from ..distill.linear import check_linear_distill_inputs  # noqa: F811
 
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, group,
      class_start) = _unwrap_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -546,12 +538,14 @@ def linear_distill_loss(
         "teacher hidden size D": teacher_hidden.shape[-1] if ok else -1,
         "chunk_rows (None: 0)": (chunk_rows or 0) if ok else -1,
         "student_hidden.requires_grad and reduce_hidden_grad (the backward's all-reduce)": int(reduce_dh),
+        # the default blocks count the gradients held (default_linear_blocks): the same on every rank
+        "student hidden, weight, bias requiring grad (chunk_rows=None)": (
+            (4 * need[0] + 2 * need[1] + need[2]) if chunk_rows is None else 0) if ok else -1,
     }
     plan = _plan(validate, _device_of(student_hidden), shape, tgt, weight, class_start, num_classes, hcfg, error,
                  group, extra)
     if chunk_rows is None:
-        # The divergence's passes over a block are PyTorch's (float32 temporaries), not a fused kernel.
-        chunk_rows = default_chunk_rows(n, -(-plan.num_classes // plan.world_size), dtype.itemsize, fused=False)
+        chunk_rows = default_linear_blocks(n, plan, dtype, student_hidden, student_weight, student_bias)
     red = reduction_id(reduction)
     out = _VocabParallelLinearDistill.apply(
         student_hidden.reshape(n, -1), student_weight, student_bias, teacher_hidden.detach().reshape(n, -1),
@@ -561,6 +555,21 @@ def linear_distill_loss(
     if red == Reduction.NONE:
         out = out.reshape(student_hidden.shape[:-1])
     return out.to(dtype)
+
+
+def default_linear_blocks(n: int, plan: Plan, dtype: torch.dtype, hidden: Tensor, weight: Tensor,
+                          bias: Tensor | None) -> int:
+    """:func:`linear_distill_loss`'s rows per block when ``chunk_rows`` is None: the single-process
+    form's rule (:func:`fusedloss.distill.linear.default_chunk_rows`: the blocks leave room for the
+    gradients the op holds, ``d hidden`` and this rank's ``d weight`` / ``d bias``), for the largest
+    slice (``V / world`` rounded up) rather than this rank's own. Every rank must cut the rows into the
+    same blocks (each block's statistics are reduced across the ranks), and the plan has checked that
+    the tensors requiring grad are the same on every rank, so every rank gets the same number. The
+    divergence's passes over a block are PyTorch's here (float32 temporaries), not a fused kernel."""
+    from ..distill.linear import default_chunk_rows, held_grad_bytes
+    v_block = -(-plan.num_classes // plan.world_size)
+    return default_chunk_rows(n, v_block, dtype.itemsize, fused=False,
+                              grad_bytes=held_grad_bytes(hidden, weight, bias, weight_rows=v_block))
 
 
 def _split_blocks(hs, ws, bs, ht, wt, bt, target, weight, plan, be, hcfg, dcfg, group, chunk_rows: int,
