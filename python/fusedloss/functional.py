@@ -11,6 +11,7 @@ import math
 import os
 
 import torch
+from torch.nn import _reduction as _legacy_reduction
 import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
@@ -108,7 +109,7 @@ def softmax_loss(
         try:
             out = _eager_fast(logits, target, loss, weight, ignore_index, reduction, label_smoothing, alpha, beta,
                               gamma, backend, z_loss, softcap)
-        except Exception:  # noqa: BLE001 - the checked path raises the error that names the argument
+        except _ARGUMENT_ERRORS:  # the checked path raises the error that names the argument
             out = None
         if out is not None:
             return out
@@ -133,7 +134,7 @@ def softmax_loss(
                        float(gamma), float(z_loss), cap)
             out = mixup.composite_mixed_loss(x2d, ta, yb.reshape(ta.shape), _composite_lam(lam, ta, x2d), weight,
                                              scalars)
-            return (out.reshape(ya.shape) if red == Reduction.NONE else out).to(logits.dtype)
+            return (out.reshape(ya.shape) if red == Reduction.NONE else out).to(ops.loss_dtype(logits))
         return _mixed(logits, target, weight, variant, red, ignore_index, label_smoothing, alpha, beta, gamma,
                       float(z_loss), cap, backend, inplace_backward, return_lse)
     if not isinstance(target, Tensor):
@@ -144,6 +145,14 @@ def softmax_loss(
 
     if target.is_floating_point():
         validation.check_prob_target(logits, target)
+        if target.dtype != logits.dtype:
+            # PyTorch's type promotion (its soft cross-entropy multiplies the log-probabilities by the
+            # targets): float32 targets with bfloat16 logits (timm's Mixup under autocast) give a
+            # float32 loss of the float32 targets. Rounding the targets to the logits' dtype instead
+            # would move the loss by up to ~2^-9 relative in bfloat16: the narrower tensor is cast
+            # (differentiably; a copy of the logits when the targets are the wider: docs/usage.md).
+            dt = torch.promote_types(logits.dtype, target.dtype)
+            logits, target = logits.to(dt), target.to(dt)
         if ignore_index >= 0:
             # PyTorch refuses it too: a row of probabilities has no class index to ignore.
             raise ValueError(f"ignore_index={ignore_index} cannot be used with class-probability (soft) targets "
@@ -178,7 +187,7 @@ def softmax_loss(
                                                     float(z_loss), cap)
         if red == Reduction.NONE:
             out = out.reshape(target.shape)
-        out = out.to(logits.dtype)
+        out = out.to(ops.loss_dtype(logits))
         if return_lse:
             lse = torch.where(t1d != ignore_index, lse.detach(), torch.zeros((), dtype=lse.dtype, device=lse.device))
             return out, lse.reshape(target.shape)
@@ -201,7 +210,7 @@ def softmax_loss(
                                        *scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(target.shape)
-    out = out.to(logits.dtype)
+    out = out.to(ops.loss_dtype(logits))
     if return_lse:
         lse = torch.where(t1d != ignore_index, stats[:, 0], torch.zeros((), dtype=stats.dtype, device=stats.device))
         return out, lse.reshape(target.shape)
@@ -211,6 +220,14 @@ def softmax_loss(
 _VARIANT_IDS = {name: int(variant_id(name)) for name in ("ce", "bce", "nllr", "crl", "lace", "focal")}
 _REDUCTION_IDS = {name: int(reduction_id(name)) for name in ("none", "mean", "sum")}
 _ENV_KEY = os.environ.encodekey(dispatch.BACKEND_ENV)
+
+
+#: The errors the fast path's checks and the op's own argument checks raise (TORCH_CHECK*: RuntimeError,
+#: ValueError, IndexError, TypeError; NotImplementedError; LookupError covers IndexError and KeyError). Only these send a call to the checked
+#: path: any other exception is the caller's and passes through untouched, e.g. the exception
+#: ``torch.utils.checkpoint`` (non-reentrant, early stop) raises from a saved-tensor hook to end its
+#: recomputation; retrying on the checked path after it would recompute past the stop and fail.
+_ARGUMENT_ERRORS = (RuntimeError, ValueError, LookupError, TypeError, NotImplementedError)
 
 
 def _eager_fast(logits: Tensor, target: Tensor, loss, weight, ignore_index, reduction, label_smoothing, alpha, beta,
@@ -249,12 +266,14 @@ def _eager_fast(logits: Tensor, target: Tensor, loss, weight, ignore_index, redu
     if fast is None:
         return None
     fwd, one = fast
-    variant = _VARIANT_IDS[loss]
+    variant, red = _VARIANT_IDS.get(loss), _REDUCTION_IDS.get(reduction)
+    if variant is None or red is None:
+        return None  # the checked path names the unknown loss or reduction
     if label_smoothing > 0 and variant and not one.expected_smoothing:
         return None
-    out = fwd(logits, target, weight, variant, _REDUCTION_IDS[reduction], ignore_index, label_smoothing, alpha, beta,
+    out = fwd(logits, target, weight, variant, red, ignore_index, label_smoothing, alpha, beta,
               gamma, z_loss, cap, one.fused_grad and grad_mode and logits.requires_grad)[0]
-    dtype = logits.dtype
+    dtype = ops.loss_dtype(logits)
     return out if out.dtype is dtype else out.to(dtype)
 
 
@@ -330,8 +349,8 @@ def _composite_soft(logits: Tensor, probs: Tensor, weight, red: Reduction, eps: 
     if red == Reduction.NONE:
         out = out.reshape(row_shape)
     if return_lse:
-        return out.to(logits.dtype), lse.detach().reshape(row_shape)
-    return out.to(logits.dtype)
+        return out.to(ops.loss_dtype(logits)), lse.detach().reshape(row_shape)
+    return out.to(ops.loss_dtype(logits))
 
 
 def _composite_soft_loss(logits: Tensor, probs: Tensor, weight, variant, red: Reduction, eps: float, alpha,
@@ -345,8 +364,8 @@ def _composite_soft_loss(logits: Tensor, probs: Tensor, weight, variant, red: Re
     if red == Reduction.NONE:
         out = out.reshape(row_shape)
     if return_lse:
-        return out.to(logits.dtype), stats[:, 0].detach().reshape(row_shape)
-    return out.to(logits.dtype)
+        return out.to(ops.loss_dtype(logits)), stats[:, 0].detach().reshape(row_shape)
+    return out.to(ops.loss_dtype(logits))
 
 
 def _no_classes(logits: Tensor, target: Tensor, weight, red: Reduction, ignore_index: int, return_lse: bool,
@@ -368,7 +387,7 @@ def _no_classes(logits: Tensor, target: Tensor, weight, red: Reduction, ignore_i
         out = rows.sum()
     else:
         out = rows.sum() / 0.0
-    out = out.to(logits.dtype)
+    out = out.to(ops.loss_dtype(logits))
     # lse of an empty row: -inf (probabilities); class targets' rows are all ignored: 0.
     return (out, torch.full_like(rows.detach(), -math.inf if soft else 0.0)) if return_lse else out
 
@@ -392,7 +411,7 @@ def _mixed(logits: Tensor, target: tuple, weight, variant, red, ignore_index, ep
     out = mixup.mixed_loss(be, x2d, ta, tb, lam, weight, scalars, compute_grad)
     if red == Reduction.NONE:
         out = out.reshape(ya.shape)
-    return out.to(logits.dtype)
+    return out.to(ops.loss_dtype(logits))
 
 
 def _rows_view(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -414,8 +433,7 @@ def _soft_rows(logits: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     else:
         x = logits.movedim(1, -1).reshape(-1, logits.shape[1])
         y = probs.movedim(1, -1).reshape(-1, logits.shape[1])
-    # One dtype for both (the kernels read them side by side); a differentiable cast.
-    y = y.to(x.dtype)
+    # One dtype for both (softmax_loss promoted them; the kernels read them side by side).
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
     return x, y
@@ -426,8 +444,8 @@ def _soft_output(out: Tensor, stats: Tensor, logits: Tensor, red, return_lse: bo
     if red == Reduction.NONE:
         out = out.reshape(row_shape)
     if return_lse:
-        return out.to(logits.dtype), stats[:, 0].reshape(row_shape)
-    return out.to(logits.dtype)
+        return out.to(ops.loss_dtype(logits)), stats[:, 0].reshape(row_shape)
+    return out.to(ops.loss_dtype(logits))
 
 
 def _soft_loss(logits: Tensor, probs: Tensor, weight, variant, red, eps: float, alpha, beta, gamma,
@@ -466,7 +484,9 @@ def cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -481,7 +501,14 @@ def cross_entropy(
     weights. Class probabilities ``y`` (a float target of the input's shape), smoothed to
     ``y' = (1 - eps) y + eps / C``: ``L = sum_k w_k y'_k (lse - x_k)``; ``'mean'`` divides by the
     number of rows (PyTorch's rule), and ``y`` gets its gradient when it requires one. Also the
-    mixup pair ``(y_a, y_b, lam)``: ``lam L(y_a) + (1 - lam) L(y_b)``, each part reduced on its own."""
+    mixup pair ``(y_a, y_b, lam)``: ``lam L(y_a) + (1 - lam) L(y_b)``, each part reduced on its own.
+
+    The positional order is PyTorch's, deprecated ``size_average`` and ``reduce`` included (they
+    override ``reduction`` with PyTorch's warning, as there), so a call written for
+    ``F.cross_entropy`` means the same here. Under ``torch.autocast`` a half-precision input gives a
+    float32 loss, as PyTorch's."""
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
     return softmax_loss(input, target, "ce", weight=weight, ignore_index=ignore_index,
                         reduction=reduction, label_smoothing=label_smoothing, backend=backend)
 

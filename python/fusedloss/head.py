@@ -377,7 +377,7 @@ def linear_softmax_loss(
                                          ignore_index=ignore_index, reduction=reduction,
                                          label_smoothing=label_smoothing, alpha=alpha, beta=beta, gamma=gamma,
                                          z_loss=z_loss, softcap=softcap, backend=backend, chunk_rows=chunk_rows)
-    out = out.to(hidden.dtype)
+    out = out.to(ops.loss_dtype(hidden))
     if return_lse:
         return out, lse
     return out

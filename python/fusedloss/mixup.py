@@ -23,7 +23,6 @@ Two implementations:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +32,7 @@ from torch import Tensor
 from . import dispatch, ops, reference
 from .ops import (NAMESPACE, SCALARS, composite_backward_needed, composite_vjp, fake_backward, fake_forward,
                   scale_fused_grad)
-from .validation import check_class_target
+from .validation import check_class_target, finite
 from .variants import Reduction
 
 MIX_FWD_SCHEMA = (f"(Tensor logits, Tensor target_a, Tensor target_b, Tensor lam, Tensor? weight, {SCALARS}, "
@@ -107,7 +106,7 @@ def check_mixed_target(logits: Tensor, target: tuple) -> tuple[Tensor, Tensor, f
         if lam.device != logits.device:
             raise ValueError(f"lam is on {lam.device} but logits are on {logits.device}; move them to one device")
     elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        if not (math.isfinite(lam) and 0.0 <= lam <= 1.0):
+        if not (finite(lam) and 0.0 <= lam <= 1.0):
             raise ValueError(f"mixed target lam must be in [0, 1]; got {lam}")
     else:
         raise TypeError(f"mixed target lam must be a float or a tensor; got {type(lam).__name__}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn import _reduction as _legacy_reduction
 
 from .functional import softmax_loss
 from .head import linear_softmax_loss
@@ -64,14 +65,21 @@ def _options_repr(module: nn.Module, *extra: str) -> str:
 
 
 def _named(name: str, loss: str, formula: str) -> type[SoftmaxLoss]:
-    def __init__(self, weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, alpha: float = 1.5, beta: float = 1.0, gamma: float = 2.0,
-                 backend: str = "auto", z_loss: float = 0.0, softcap: float | None = None) -> None:
+    # nn.CrossEntropyLoss's positional order, deprecated size_average / reduce included (they set
+    # reduction with PyTorch's warning, as nn's losses do): a positional call written for it means
+    # the same here. The options of the other losses are keyword-only.
+    def __init__(self, weight: Tensor | None = None, size_average: bool | None = None, ignore_index: int = -100,
+                 reduce: bool | None = None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 alpha: float = 1.5, beta: float = 1.0, gamma: float = 2.0, backend: str = "auto",
+                 z_loss: float = 0.0, softcap: float | None = None) -> None:
+        if size_average is not None or reduce is not None:
+            reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
         SoftmaxLoss.__init__(self, loss, weight, ignore_index, reduction, label_smoothing,
                              alpha, beta, gamma, backend, z_loss, softcap)
 
-    doc = (f"``{loss}``: ``L = {formula}``. Arguments as :class:`torch.nn.CrossEntropyLoss` "
-           f"(``weight``, ``ignore_index``, ``reduction``) plus those of :func:`fusedloss.softmax_loss`.")
+    doc = (f"``{loss}``: ``L = {formula}``. Arguments as :class:`torch.nn.CrossEntropyLoss`, in its order "
+           f"(``weight``, ``size_average``, ``ignore_index``, ``reduce``, ``reduction``, ``label_smoothing``), "
+           f"then, keyword-only, those of :func:`fusedloss.softmax_loss`.")
     return type(name, (SoftmaxLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 

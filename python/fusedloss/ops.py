@@ -47,6 +47,22 @@ def stats_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def loss_dtype(logits: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of the loss returned for ``logits``: the logits' own, except for float16/bfloat16
+    logits under ``torch.autocast`` for their device type, where it is float32, as PyTorch's losses
+    give there (``log_softmax``, ``nll_loss``, ``cross_entropy``, ``kl_div`` are on autocast's float32
+    list: PyTorch casts the logits to float32 and returns a float32 loss). Our kernels compute in
+    float32 from the half logits in either case (no float32 copy of them); only the final rounding
+    of the loss differs: without this, a bfloat16 mean is rounded to 8 bits and a float16 sum can
+    overflow to inf where PyTorch's is finite. The gradient keeps the logits' dtype, as PyTorch's
+    (the cast's backward rounds it back). ``dtype``: the math dtype when it is not ``logits``' own
+    (the promoted dtype of two inputs)."""
+    d = logits.dtype if dtype is None else dtype
+    if (d is torch.float16 or d is torch.bfloat16) and torch.is_autocast_enabled(logits.device.type):
+        return torch.float32
+    return d
+
+
 def fake_forward(logits, target, weight, variant, reduction, ignore_index, label_smoothing,
                  alpha, beta, gamma, z_loss, softcap, compute_grad):
     n = logits.shape[0]

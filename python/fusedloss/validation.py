@@ -42,11 +42,17 @@ def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: in
         )
 
 
+def finite(value: float) -> bool:
+    """``math.isfinite`` for a Python number, written as comparisons: ``torch.compile(dynamic=True)``
+    cannot trace ``math.isfinite`` (a call returning a non-tensor) but folds comparisons."""
+    return -math.inf < value < math.inf
+
+
 def check_hyperparameters(alpha: float, beta: float, gamma: float, label_smoothing: float) -> None:
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"{name} must be a float; got {type(value).__name__}")
-        if not math.isfinite(value) or value < 0:
+        if not finite(value) or value < 0:
             raise ValueError(f"{name} must be finite and >= 0; got {value}")
     if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool):
         raise TypeError(f"label_smoothing must be a float; got {type(label_smoothing).__name__}")
@@ -61,7 +67,7 @@ def check_z_loss_softcap(z_loss: float, softcap: float | None) -> float:
     if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
                                 or not softcap > 0):
         raise ValueError(f"softcap must be None or a float > 0; got {softcap!r}")
-    if not math.isfinite(z_loss) or (softcap is not None and not math.isfinite(softcap)):
+    if not finite(z_loss) or (softcap is not None and not finite(softcap)):
         raise ValueError(f"z_loss and softcap must be finite; got z_loss={z_loss!r}, softcap={softcap!r}")
     return 0.0 if softcap is None else float(softcap)
 

@@ -304,7 +304,7 @@ def linear_distill_loss(
                                int(red), int(chunk_rows))
     if red == Reduction.NONE:
         out = out.reshape(student_hidden.shape[:-1])
-    return out.to(dtype)
+    return out.to(ops.loss_dtype(student_hidden, dtype))
 
 
 class LinearDistillLoss(nn.Module):

@@ -86,7 +86,7 @@ def _check_float(name: str, value, lo: float, hi: float, lo_open: bool, hi_open:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{name} must be a float; got {value!r}")
     value = float(value)
-    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    ok = validation.finite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ValueError(f"{name} must be in {interval}; got {value!r}")
@@ -453,7 +453,7 @@ def _distill(student: Tensor, teacher: Tensor, target: Tensor | None, cfg: Disti
         out = fn.apply(s, t, y, weight, cfg, red)
     if red == Reduction.NONE:
         out = out.reshape(row_shape)
-    return out.to(dtype)
+    return out.to(ops.loss_dtype(s))
 
 
 class DistillLoss(nn.Module):

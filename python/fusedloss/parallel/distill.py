@@ -195,7 +195,7 @@ def distill_loss(
                                       be, hcfg, dcfg, int(red), group)
     if red == Reduction.NONE:
         out = out.reshape(student_logits.shape[:-1])
-    return out.to(dtype)
+    return out.to(ops.loss_dtype(s))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +554,7 @@ def linear_distill_loss(
         int(chunk_rows), reduce_dh)
     if red == Reduction.NONE:
         out = out.reshape(student_hidden.shape[:-1])
-    return out.to(dtype)
+    return out.to(ops.loss_dtype(student_hidden, dtype))
 
 
 def default_linear_blocks(n: int, plan: Plan, dtype: torch.dtype, hidden: Tensor, weight: Tensor,

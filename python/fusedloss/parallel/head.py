@@ -102,7 +102,7 @@ def linear_softmax_loss(
                                               int(chunk_rows), reduce_dh)
     if cfg.reduction == Reduction.NONE:
         out = out.reshape(target.shape)
-    out = out.to(hidden.dtype)
+    out = out.to(ops.loss_dtype(hidden))
     if return_lse:
         return out, lse.reshape(target.shape)
     return out

@@ -151,7 +151,7 @@ class _VocabParallelSoftmaxLoss(torch.autograd.Function):
         out = _reduce(loss_rows, t, weight, cfg)
         ctx.save_for_backward(x, weight, *state)
         ctx.state_type, ctx.plan, ctx.be, ctx.cfg = type(state), plan, be, cfg
-        return out.to(x.dtype)
+        return out.to(ops.loss_dtype(x))
 
     @staticmethod
     @ops.first_order("fusedloss.parallel.softmax_loss")  # a double backward raises, never a silent 0
