@@ -92,6 +92,33 @@ def test_soft_targets_against_float64(backend, loss, reduction, use_weight, eps,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minus_inf_logits_without_mass(backend, loss, use_weight, dtype):
+    """A -inf logit whose class has no target mass adds 0 (not 0 * inf = NaN) to the loss and
+    gets a 0 gradient: the same numbers as a logit so low that its p is 0 in float64 (the oracle
+    on that stand-in). The CPU kernel's pass 2 takes m h as one multiply-add and redoes the row
+    with the 0 where the sum came out NaN: this is the row that takes that path."""
+    x, q = _batch(dtype, seed=5)
+    x, q = x[:4].clone(), q[:4].clone()
+    for r, cols in ((0, [1, 7]), (1, [0]), (2, [36]), (3, list(range(0, C, 3)))):
+        x[r, cols] = -math.inf
+        q[r, cols] = 0
+    q = (q / q.sum(1, keepdim=True)).to(dtype)
+    w = (torch.rand(C, generator=torch.Generator().manual_seed(6)) + 0.3) if use_weight else None
+    d = _dev(backend)
+    out, gx, _ = _run(lambda a, b, **k: fl.softmax_loss(a, b, loss, backend=backend, **k), x.to(d), q.to(d),
+                      reduction="none", weight=None if w is None else w.to(d))
+    stand_in = torch.where(torch.isinf(x), torch.full_like(x, -1e4), x)
+    ref, rgx, _ = oracle_soft_loss_and_grad(stand_in, q, loss, None, weight=w, reduction="none",
+                                            label_smoothing=0.0)
+    assert torch.isfinite(out).all() and torch.isfinite(gx).all(), (loss, out, gx)
+    assert_close(out.cpu(), ref, dtype, "loss", f"{backend} {loss}")
+    assert_close(gx.cpu(), rgx, dtype, "grad", f"{backend} {loss} d/dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("use_weight", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_one_hot_is_class_index_and_two_hot_is_two_targets(backend, loss, use_weight, eps, dtype):

@@ -879,56 +879,80 @@ struct Rows {
   // and by w (only where the mass has a uniform part, u != 0), and of log(1 - p), a, p; and
   // m_j s_j into `ms_out` (0 at w and where m_j = 0; null: none), so pass 3 computes no h, s
   // (no transcendental) of its own. With `p_out` (the backward op, p from x) also p_j.
-  template <int64_t V, bool kY>
+  //
+  // The targets' first read (from memory) is prefetched ahead as pass 1 does the logits': at
+  // ~20 vector instructions a line the loop otherwise stalls on each line of y (it was ~40% of
+  // this pass at 4096 x 1000). s is finite for every p <= 1/2 (lane_terms), so m s is a plain
+  // product; h is infinite only at a -inf logit, where m h must read 0 when m is 0: !kCareful
+  // takes m h as one fused multiply-add and the caller reruns the pass with kCareful (the
+  // zero_times blend) when the loss sum came out NaN, which such a lane always makes it.
+  // kPlain: probabilities with no weights and no smoothing (m = y; the common case, and timm's
+  // targets with their folded smoothing), a loop with no flag tests and no w vector.
+  template <int64_t V, bool kY, bool kCareful, bool kPlain = false>
   FUSEDLOSS_ROW_PASS ExpSums expected_sums(const PSource& src, const scalar_t* y, int64_t w, const Mass& mass,
                                            acc_t* ms_out, acc_t* p_out) const {
     const LaneConsts kc = lane_consts();
     const int ig = V == kFocal ? focal_power() : -1;
     const Vec vlse(src.lse), zero(acc_t(0)), vay(mass.ay), vu(mass.u);
-    const bool with_u = mass.u != acc_t(0);
+    static_assert(kY || !kPlain, "kPlain: probabilities");
+    const bool with_u = !kPlain && mass.u != acc_t(0);
+    const bool has_weight = !kPlain && weight != nullptr;
     // m_j = w_j y_j (probabilities, no smoothing): m_j s_j is the sum's own term.
-    const bool plain = kY && !with_u && mass.ay == acc_t(1);
+    const bool plain = kPlain || (kY && !with_u && mass.ay == acc_t(1));
+    // The w_j (0 at w and past n) for the terms that need them.
+    const bool need_wv = with_u || has_weight || !plain;
+    // m h + acc; with kCareful 0 where m is 0 (an infinite h at a -inf logit).
+    const auto add_mh = [](const Vec& m, const Vec& h, const Vec& acc) {
+      return kCareful ? acc + zero_times(m, h) : at::vec::fmadd(m, h, acc);
+    };
     Vec ly(zero), lu(zero), ay(zero), au(zero), sy(zero), ty(zero), tu(zero), t(zero), r(zero), ps(zero);
     src.for_each(pb.classes, [&](Step p, int64_t j, int64_t n) {
+      if constexpr (kY) RV::prefetch(y + j);
       if (p_out) RV::store_acc(p_out + j, n, p);
       const bool has_w = static_cast<uint64_t>(w - j) < static_cast<uint64_t>(n);
       if (has_w) p = RV::set_lane(p, w - j, acc_t(0));
       const Step xs = RV::load(src.x + j, n);
       Step wv;
-      if (weight) {
-        wv = RV::load_acc(weight + j, n);
-      } else {
-        for (int q = 0; q < RV::kParts; ++q) wv.v[q] = Vec(acc_t(1));
+      if (need_wv) {
+        if (has_weight) {
+          wv = RV::load_acc(weight + j, n);
+        } else {
+          for (int q = 0; q < RV::kParts; ++q) wv.v[q] = Vec(acc_t(1));
+        }
+        wv = RV::pad(wv, n, acc_t(0));
+        if (has_w) wv = RV::set_lane(wv, w - j, acc_t(0));
       }
-      wv = RV::pad(wv, n, acc_t(0));
-      if (has_w) wv = RV::set_lane(wv, w - j, acc_t(0));
+      // y (0 past n: loadu's contract) and, without weights, 0 at w: then w y is y itself.
       Step yv;
-      if constexpr (kY) yv = RV::pad(RV::load(y + j, n), n, acc_t(0));
+      if constexpr (kY) {
+        yv = RV::load(y + j, n);
+        if (has_w && !has_weight) yv = RV::set_lane(yv, w - j, acc_t(0));
+      }
       Step msv;
       for (int q = 0; q < RV::kParts; ++q) {
         Vec h, s, l1m, a, ms;
         const Vec lp = xs.v[q] - vlse;
         lane_terms_pow<V>(p.v[q], lp, small_lanes(p.v[q]), kc, ig, h, s, l1m, a);
         if (with_u) {
-          lu = lu + zero_times(wv.v[q], h);
-          au = au + zero_times(wv.v[q], s);
+          lu = add_mh(wv.v[q], h, lu);
+          au = at::vec::fmadd(wv.v[q], s, au);
         }
         if constexpr (kY) {
-          const Vec my = wv.v[q] * yv.v[q];
-          const Vec mys = zero_times(my, s);
-          ly = ly + zero_times(my, h);
+          const Vec my = has_weight ? wv.v[q] * yv.v[q] : yv.v[q];
+          const Vec mys = my * s;
+          ly = add_mh(my, h, ly);
           ay = ay + mys;
           sy = sy + my;
-          if constexpr (V == kBCE) ty = ty + my * l1m;
+          if constexpr (V == kBCE) ty = at::vec::fmadd(my, l1m, ty);
           if (plain) ms = mys;
         }
         if (!plain) {
           Vec m = vu;
           if constexpr (kY) m = at::vec::fmadd(vay, yv.v[q], vu);
-          ms = zero_times(m * wv.v[q], s);
+          ms = (m * wv.v[q]) * s;
         }
         if constexpr (V == kBCE) {
-          tu = tu + wv.v[q] * l1m;
+          if (with_u) tu = at::vec::fmadd(wv.v[q], l1m, tu);
           t = t + l1m;
           r = r + a;
         }
@@ -1005,7 +1029,12 @@ struct Rows {
     acc_t* ms = g ? thread_buffer<acc_t>(5, C) : nullptr;
     acc_t* p_buf = g && !forward ? buf.e : nullptr;
     const PSource src{x, e, buf.shifts, lse, -1, -1};
-    const ExpSums sums = expected_sums<V, kY>(src, y, w, mass, ms, p_buf);
+    const bool plain = kY && !weight && mass.u == acc_t(0) && mass.ay == acc_t(1);
+    ExpSums sums = plain ? expected_sums<V, kY, false, kY>(src, y, w, mass, ms, p_buf)
+                         : expected_sums<V, kY, false>(src, y, w, mass, ms, p_buf);
+    // NaN loss terms: a -inf logit with no mass (0 times an infinite h), or a NaN row; the
+    // loss again with 0 for m h where m is 0 (see expected_sums).
+    if (forward && (std::isnan(sums.ly) || std::isnan(sums.lu))) sums = expected_sums<V, kY, true>(src, y, w, mass, ms, p_buf);
     const acc_t x_w = static_cast<acc_t>(x[w]);
     const acc_t w_w = weight_of(w);
     if (forward) {
