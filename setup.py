@@ -14,6 +14,9 @@ Environment:
   FUSEDLOSS_CPU_CAPABILITIES the CPU kernel objects, e.g. "DEFAULT" or "DEFAULT,AVX2" (default:
                              all of DEFAULT, AVX2, AVX512, AVX512_BF16 on x86-64)
   FUSEDLOSS_DEBUG=1          keep debug information (-g); by default -g0 cancels Python's -g
+  FUSEDLOSS_OPT_LEVEL        the compilers' optimization level, 0-3 (default 3). 0 builds in a
+                             fraction of the time, with kernels many times slower: for checking
+                             that the sources build (tests/test_packaging.py's wheel), not for use
   TORCH_CUDA_ARCH_LIST       GPU architectures (default "8.0;9.0+PTX": A100, H100, and PTX
                              that newer GPUs compile at load time)
   CUDA_HOME                  the toolkit root; unset, setup.py finds it: the nvcc on PATH
@@ -59,6 +62,10 @@ X86_CAPABILITIES = {
 # treated as pure functions: the compiler then merges the ones a row computes twice (lse and
 # the loss both take log1p(exp(-|lse_ex - x_c|))). errno is the only thing it changes.
 KERNEL_FLAGS = ["-fno-math-errno"]
+# nvcc compiles a file's GPU architectures (sm_80, sm_90) one after the other unless told to
+# use threads; ops_cuda.cu is the build's longest object (~235 CPU-seconds, most of it per
+# architecture), so with threads its two architectures no longer run back to back at the end.
+NVCC_THREADS = ["--threads", "2"]
 # Which ATen vector implementation a capability object compiles (its own name by default).
 ATEN_CAPABILITY = {"AVX512_BF16": "AVX512"}
 
@@ -112,6 +119,16 @@ def capability_warning_flags(cap, gcc_major):
 def _log(message):
     """setup.py's messages go to stderr: pip shows them with `pip install -v .` (and on a failure)."""
     print(f"fusedloss: {message}", file=sys.stderr, flush=True)
+
+
+def _opt_level(environ=None):
+    """FUSEDLOSS_OPT_LEVEL: "-O3" by default; "-O0" to "-O3" when set to 0-3 (anything else stops
+    the build, naming the variable)."""
+    environ = os.environ if environ is None else environ
+    level = environ.get("FUSEDLOSS_OPT_LEVEL", "").strip() or "3"
+    if level not in ("0", "1", "2", "3"):
+        raise RuntimeError(f"FUSEDLOSS_OPT_LEVEL={level!r}: expected 0, 1, 2 or 3")
+    return f"-O{level}"
 
 
 def _debug_build(environ=None):
@@ -297,7 +314,8 @@ def extension_modules():
     from torch.utils.cpp_extension import include_paths
 
     system_headers = [flag for path in include_paths() for flag in ("-isystem", path)]
-    cxx = ["-O3", *openmp, "-g" if _debug_build() else "-g0", *system_headers]
+    opt = _opt_level()
+    cxx = [opt, *openmp, "-g" if _debug_build() else "-g0", *system_headers]
     macros = [(f"FUSEDLOSS_CPU_{cap}", None) for cap in caps if cap != "DEFAULT"]
     # What a rebuild must notice besides `sources`: the capability file and every header
     # (setuptools relinks only when one of sources + depends is newer than _C.so).
@@ -308,7 +326,8 @@ def extension_modules():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         ext = CUDAExtension("fusedloss._C", sources, define_macros=macros + [("FUSEDLOSS_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=openmp,
+                            extra_compile_args={"cxx": cxx, "nvcc": [opt, "-lineinfo", *NVCC_THREADS]},
+                            extra_link_args=openmp,
                             depends=depends)
     else:
         ext = CppExtension("fusedloss._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
@@ -325,7 +344,12 @@ def extension_modules():
 
         DEFAULT's object comes first among them and after the plain sources: where the
         objects share an inline function from a header (c10, the standard library), the
-        linker keeps the first copy, so the one that runs on any x86-64 wins."""
+        linker keeps the first copy, so the one that runs on any x86-64 wins.
+
+        The CUDA sources (nvcc, the longest objects: ops_cuda.cu ~235 CPU-seconds) compile in
+        a thread of their own too, started first: in the main ninja run they started last
+        (ninja takes its files in path order) and ran alone at the end. They are linked where
+        they were before, among the plain sources in path order."""
 
         def build_extension(self, extension):
             import time
@@ -333,6 +357,7 @@ def extension_modules():
 
             jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
             plain = [s for s in extension.sources]
+            cuda_sources = [s for s in plain if s.endswith(".cu")]
             _log(f"compiling {len(plain)} sources ({', '.join(os.path.basename(p) for p in plain)}) and "
                  f"{' and '.join(os.path.basename(p) for p in CPU_KERNEL_SOURCES)} once per CPU capability ({', '.join(caps)}), "
                  f"{jobs} jobs; measured: 3.5 CPU-minutes without the CUDA kernels, more with them, "
@@ -356,25 +381,51 @@ def extension_modules():
                 _log(f"{', '.join(CPU_KERNEL_SOURCES)} for {cap}: done at {time.monotonic() - start:.0f} s")
                 return objects
 
+            cuda_dir = os.path.join(self.build_temp, "cuda")
+
+            def compile_cuda():
+                objects = self.compiler.compile(
+                    cuda_sources, output_dir=cuda_dir, macros=list(extension.define_macros),
+                    include_dirs=extension.include_dirs, extra_postargs=dict(extension.extra_compile_args),
+                    depends=extension.depends)
+                _log(f"{', '.join(cuda_sources)}: done at {time.monotonic() - start:.0f} s")
+                return objects
+
+            cuda_pool = ThreadPoolExecutor(max_workers=1)
+            cuda_future = cuda_pool.submit(compile_cuda) if cuda_sources else None
             pool = ThreadPoolExecutor(max_workers=max(1, min(len(caps), jobs)))
             futures = [pool.submit(compile_capability, cap, flags) for cap, flags in caps.items()]
             link = self.compiler.link_shared_object
             n_extra = len(extension.extra_objects)
 
+            def in_path_order(obj):  # an object's path under its build folder: csrc/cuda/ops_cuda.o
+                obj, under_cuda = os.path.abspath(obj), os.path.abspath(cuda_dir)
+                return os.path.relpath(obj, under_cuda if obj.startswith(under_cuda + os.sep)
+                                       else os.path.abspath(self.build_temp))
+
             def link_with_capabilities(objects, *args, **kwargs):
                 _log(f"the other sources: done at {time.monotonic() - start:.0f} s")
+                cuda_objects = cuda_future.result() if cuda_future else []
                 cap_objects = [o for f in futures for o in f.result()]
                 objects = list(objects)
                 cut = len(objects) - n_extra  # the plain sources' objects, then the capability ones
-                return link(objects[:cut] + cap_objects + objects[cut:], *args, **kwargs)
+                main = sorted(objects[:cut] + cuda_objects, key=in_path_order)
+                return link(main + cap_objects + objects[cut:], *args, **kwargs)
 
+            # The main ninja run compiles the C++ sources alone; the CUDA ones still count for
+            # setuptools' is-_C.so-out-of-date check (sources + depends).
+            sources, depends = extension.sources, extension.depends
+            extension.sources = [s for s in plain if s not in cuda_sources]
+            extension.depends = list(depends) + cuda_sources
             self.compiler.link_shared_object = link_with_capabilities
             try:
                 super().build_extension(extension)
             finally:
                 self.compiler.link_shared_object = link
-                pool.shutdown(wait=True)  # a failed main compile still waits for (and reports) these
-            for f in futures:
+                extension.sources, extension.depends = sources, depends
+                cuda_pool.shutdown(wait=True)  # a failed main compile still waits for (and reports) these
+                pool.shutdown(wait=True)
+            for f in ([cuda_future] if cuda_future else []) + futures:
                 f.result()
             _log(f"built {self.get_ext_fullpath(extension.name)} in {time.monotonic() - start:.0f} s")
 

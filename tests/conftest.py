@@ -8,6 +8,79 @@ import os
 import pytest
 
 collect_ignore: list[str] = []
+
+
+def _patch_triton_language_once_per_launch() -> None:
+    """Under TRITON_INTERPRET=1, Triton's interpreter swaps triton.language's builtins for
+    interpreted ones when a kernel launches (GridExecutor; undone when it returns), and again
+    at every call of a @triton.jit function inside it (InterpretedFunction.__call__: once per
+    program per call of a helper or of tl.sum, tl.max, tl.zeros, ...): an inspect.getmembers
+    walk over tl, tl.tensor, tl.math (and tl.core) whose builtins are by then swapped already,
+    so it changes nothing; it was a quarter of the interpreter cases' CPU time. Here a call
+    inside a launch skips that walk when the modules it would swap are swapped already: by the
+    launch, or left swapped by an earlier such call (which Triton never undoes); the launch's
+    own swap and everything else run as before. Where Triton's internals differ (another
+    version), nothing is changed: the runs are slower, not different.
+    FUSEDLOSS_TEST_PLAIN_INTERPRETER=1 leaves Triton as it is (to compare)."""
+    try:
+        import inspect
+
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:  # noqa: BLE001 - no triton (or a broken one): the tests that need it say so
+        return
+    grid_executor = getattr(interp, "GridExecutor", None)
+    original = getattr(interp, "_patch_lang", None)
+    if grid_executor is None or original is None or getattr(original, "_fusedloss_once", False):
+        return
+    langs_of: dict = {}
+
+    def langs(fn) -> frozenset:
+        """The language modules _patch_lang(fn) swaps (those fn's module sees), cached per function."""
+        if fn not in langs_of:
+            langs_of[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                     if inspect.ismodule(v) and v in (tl, tl.core))
+        return langs_of[fn]
+
+    # The running launch's kernel, the modules its swap covers (None until it swapped them) and
+    # the modules that calls inside launches swapped and Triton left so.
+    state = {"fn": None, "langs": None, "kept": frozenset()}
+
+    class _Unchanged:
+        def restore(self) -> None:
+            pass
+
+    def patch_lang(fn):
+        if state["fn"] is fn and state["langs"] is None:  # the launch's own swap, undone at its end
+            state["langs"] = langs(fn)
+            return original(fn)
+        if state["langs"] is None:  # outside a launch: as Triton does it
+            return original(fn)
+        if langs(fn) <= state["langs"] | state["kept"]:
+            return _Unchanged()
+        scope = original(fn)  # a call inside the launch: its caller never undoes it
+        state["kept"] = state["kept"] | (langs(fn) - state["langs"])
+        return scope
+
+    patch_lang._fusedloss_once = True
+    run_launch = grid_executor.__call__
+
+    def call(self, *args, **kwargs):
+        outer = dict(state)
+        state.update(fn=self.fn, langs=None)
+        try:
+            return run_launch(self, *args, **kwargs)
+        finally:
+            ended = state["langs"] or frozenset()
+            # The launch's swap is undone: its modules are no longer swapped, whatever a call in it did.
+            state.update(fn=outer["fn"], langs=outer["langs"], kept=state["kept"] - ended)
+
+    interp._patch_lang = patch_lang
+    grid_executor.__call__ = call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FUSEDLOSS_TEST_PLAIN_INTERPRETER") != "1":
+    _patch_triton_language_once_per_launch()
 if os.environ.get("TRITON_INTERPRET") != "1":
     # Triton fixes interpreted vs compiled mode when it is first imported; test_triton_suite.py
     # runs this file in a subprocess with TRITON_INTERPRET=1.
@@ -37,8 +110,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)
 
 
-#: The files whose subprocess test takes longest (each 140-210 s on a quiet 2-core CI machine,
-#: pytest --durations), longest first.
+#: The files whose subprocess test takes longest, longest first (pytest --durations at load ~3
+#: on the 2-core machine, with the interpreter shortcut above and the -O0 wheel: suite 151 s,
+#: expected ~100 s, mix 73 s; before them, CI's quiet run gave 235, 179, 218 (packaging), 234 s).
 LONGEST_FIRST = ("test_triton_suite.py", "test_triton_expected.py", "test_packaging.py", "test_triton_mix.py")
 
 
