@@ -71,3 +71,20 @@ def check_logs_math(student, teacher, temperature, divergence, jsd_beta=0.5):
             d = jsd_beta * kl(p, m) + (1 - jsd_beta) * kl(q, m)
         out.append(temperature * temperature * d)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def kl_grad_stable(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """kl's dD/dstudent = T (Q_j - P_j) in float64 without the cancellation at a class where Q_j or
+    P_j exceeds 1/2 (both near 1 when teacher and student lead on the same class: the plain
+    difference of two numbers within e^-lead of 1 reads 0 in float64 at a lead of 100): there
+    T ((1 - P_j) - (1 - Q_j)) = T (sum_{k != j} P_k - sum_{k != j} Q_k), each sum over the other
+    classes. Elsewhere the plain difference (no cancellation: both are below 1/2)."""
+    s = student.double() / temperature
+    t = teacher.double() / temperature
+    q, p = torch.softmax(s, -1), torch.softmax(t, -1)
+    g = q - p
+    for i, j in ((p > 0.5) | (q > 0.5)).nonzero().tolist():
+        others = torch.ones(s.shape[-1], dtype=torch.bool)
+        others[j] = False
+        g[i, j] = p[i, others].sum() - q[i, others].sum()
+    return temperature * g

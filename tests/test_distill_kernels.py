@@ -19,8 +19,8 @@ import torch
 from fusedloss import dispatch
 from fusedloss.distill import ops as distill_ops
 from fusedloss.distill.ops import DIVERGENCES
-from oracle import assert_close
-from oracle_distill import check_logs_math, divergence_grad, divergence_rows
+from oracle import TOLERANCES, assert_close
+from oracle_distill import check_logs_math, divergence_grad, divergence_rows, kl_grad_stable
 
 _C = pytest.importorskip("fusedloss._C", reason="C++ extension not built")
 from fusedloss import _cpp_backend  # noqa: E402  (registers the fake and the families)
@@ -80,13 +80,14 @@ def pairwise_grad(student, teacher, temperature, div, beta=0.5, row_weight=None)
     u = log q - log m (sum_k q_k = 1 makes these the textbook forms). Where the student leads by
     L, q_j (c_j - E_q[c]) at its class is ~e^-L and the textbook form leaves it to float64 rounding
     of c_j ~ L; here every term is formed from one difference c_j - c_k. One row at a time
-    (a (V, V) matrix of differences); kl's T (q - p) has no such cancellation."""
+    (a (V, V) matrix of differences); kl: T (q - p) from oracle_distill.kl_grad_stable (the sums of
+    the other classes at a class holding over half of either row's mass)."""
     s = student.double() / temperature
     t = teacher.double() / temperature
     log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     q, p = log_q.exp(), log_p.exp()
     if div == "kl":
-        g = q - p
+        g = kl_grad_stable(student, teacher, temperature) / temperature
     else:
         if div == "reverse_kl":
             c = log_q - log_p
@@ -262,6 +263,51 @@ def test_extreme_rows(op, div, lead, temperature, dtype):
     s, t = confident_rows(5000, lead, dtype)
     d, _ = check(OPS[op], s, t, temperature, div, 0.5, grad_oracle=pairwise_grad)
     assert torch.isfinite(d).all()
+
+
+def shared_confident_rows(v, lead, dtype):
+    """Teacher and student both confident on the same class, each leading by `lead` (independent
+    other logits): the class in the first block, just past the middle (another block for the CPU
+    kernel's bfloat16 / float32 blocks of 4096 / 2048), and last but one."""
+    g = torch.Generator().manual_seed(int(lead) + 1)
+    s = torch.randn(3, v, generator=g)
+    t = torch.randn(3, v, generator=g)
+    classes = [1, v // 2 + 1, v - 2]
+    for r, c in enumerate(classes):
+        s[r, c] = s[r].max() + lead
+        t[r, c] = t[r].max() + lead
+    return s.to(dtype), t.to(dtype), classes
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("lead", [30.0, 100.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_kl_shared_confident_class(op, lead, temperature, dtype, accumulate):
+    """kl's gradient T (Q_m - P_m) at a class m both rows are confident on: ~e^-lead / T, while Q_m
+    and P_m are within that of 1, so their plain difference is rounding noise (float32: ~1e-7 for a
+    true 1e-10; float64 at lead 100: 0). Against the float64 sums of the other classes
+    (kl_grad_stable) to the dtype's relative gradient tolerance, the entry alone; below the math
+    type's smallest normal number nothing is relatively exact (e^-100). The rest of each row to the
+    usual tolerance."""
+    s, t, classes = shared_confident_rows(5000, lead, dtype)
+    rs = torch.tensor([1.0, 0.25, 2.0], dtype=stats_dtype(dtype))
+    before = torch.zeros_like(s)
+    if accumulate:
+        before[:, classes[0] + 3] = 1.0  # other entries of the buffer, not the confident class's
+    grad = before.clone() if accumulate else torch.full_like(s, float("nan"))
+    d = OPS[op](s, t, rs, float(temperature), DIVERGENCES["kl"], 0.5, grad, accumulate)
+    assert torch.isfinite(d).all()
+    expected = kl_grad_stable(s, t, temperature) * rs.double()[:, None] + before.double()
+    rtol, _ = TOLERANCES[dtype]["grad"]
+    tiny = torch.finfo(stats_dtype(dtype)).tiny
+    for r, c in enumerate(classes):
+        got, want = float(grad[r, c]), float(expected[r, c])
+        assert abs(got - want) <= rtol * abs(want) + 4 * tiny, (
+            f"row {r} class {c}: {got:.6e} vs {want:.6e} (plain Q - P in float64: "
+            f"{float(temperature * rs[r] * (torch.softmax(s[r].double() / temperature, -1)[c] - torch.softmax(t[r].double() / temperature, -1)[c])):.6e})")
+        assert_close(grad[r], expected[r], dtype, "grad", msg=f"row {r}")
 
 
 @pytest.mark.parametrize("op", OPS)

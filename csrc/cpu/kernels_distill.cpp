@@ -46,7 +46,8 @@ namespace {
 // exp(v) for the row passes, valid for v <= kSlack (30): every exp a kept block sum holds
 // (a first read's block whose max lies further above its shift is redone against that max,
 // and its first-read exps are thrown away). On AVX-512 float: vec_row.h's vexp_avx512 without
-// its clamp of v to [ln(FLT_MIN), ln(FLT_MAX)]: the same bits for every lane it keeps (v >=
+// its clamp of v to [ln(FLT_MIN), ln(FLT_MAX)] (its core, vexp_avx512_core, on v itself under
+// its mask, vexp_keep_avx512): the same bits for every lane it keeps (v >=
 // ln(FLT_MIN), and NaN), 0 for the rest (the zero-masked vscalefps); eleven instructions where
 // vexp_avx512 has thirteen. A lane above ln(FLT_MAX) (only in a block then redone) may come
 // out inf or NaN. Elsewhere: vexp.
@@ -55,17 +56,7 @@ inline Vec vexp_row(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
     const __m512 x = v;
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
-    return Vec(_mm512_maskz_scalef_ps(keep, p, n));
+    return Vec(vexp_avx512_core(x, vexp_keep_avx512(x)));
   }
 #endif
   return vexp(v);
@@ -79,8 +70,7 @@ template <typename Vec>
 inline Vec cross_add(const Vec& cross, const Vec& e, const Vec& d, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);
-    return Vec(_mm512_mask3_fmadd_ps(e, d, cross, keep));
+    return Vec(_mm512_mask3_fmadd_ps(e, d, cross, vexp_keep_avx512(v)));
   }
 #endif
   using T = typename Vec::value_type;
@@ -88,10 +78,10 @@ inline Vec cross_add(const Vec& cross, const Vec& e, const Vec& d, const Vec& v)
 }
 
 // Per-thread rows kept between calls: slots 0, 1 the student's and the teacher's e (the
-// teacher's then jsd's u), slots 2, 3 their block shifts.
+// teacher's then jsd's u), slots 2, 3 their block shifts, slot 4 the student's block sums (kl).
 template <typename T>
 T* distill_buffer(int slot, size_t n) {
-  thread_local std::vector<T> buffers[4];
+  thread_local std::vector<T> buffers[5];
   auto& v = buffers[slot];
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -163,12 +153,12 @@ struct DistillRows {
     Vec sum, cross;
   };
   struct Buffers {
-    acc_t *e_s, *e_t, *shift_s, *shift_t;
+    acc_t *e_s, *e_t, *shift_s, *shift_t, *sum_s;
   };
   Buffers buffers() const {
     const size_t blocks = static_cast<size_t>(pb.classes / kBlock<scalar_t> + 2);
     return {distill_buffer<acc_t>(0, pb.classes), distill_buffer<acc_t>(1, pb.classes),
-            distill_buffer<acc_t>(2, blocks), distill_buffer<acc_t>(3, blocks)};
+            distill_buffer<acc_t>(2, blocks), distill_buffer<acc_t>(3, blocks), distill_buffer<acc_t>(4, blocks)};
   }
 
   // x[b, e) against `shift` (in z units), from L1 (a block redone, one row): the lane sums of
@@ -279,13 +269,15 @@ struct DistillRows {
   // when vmax is given) to the side's statistics (OnlineLse::add_block's scheme: the block
   // redone against its max when that max lies more than kSlack above the shift, or on the
   // side's first block as far below it; without vmax, when its sum says so: kMaxFree); returns
-  // the block's shift. The running max (and argmax) is kept only with vmax.
+  // the block's shift. The running max (and argmax) is kept only with vmax. With block_sum: the
+  // sum of the block's e (against the returned shift) stored there.
   template <bool kCross>
   acc_t add_block(Side& sd, const scalar_t* x, const scalar_t* y, int64_t b, int64_t e, acc_t block_shift, Sums r,
-                  const Vec* vmax, acc_t* e_out, bool track_argmax = false) const {
+                  const Vec* vmax, acc_t* e_out, bool track_argmax = false, acc_t* block_sum = nullptr) const {
     const bool first = sd.shift == kNegInf<acc_t>;
     acc_t bmax = kNegInf<acc_t>;
     bool redo;
+    if (block_sum) *block_sum = acc_t(0);
     if (vmax) {
       bmax = RV::hmax(*vmax) * inv_t;
       if (bmax == kNegInf<acc_t>) return block_shift;  // only -inf: every e is 0
@@ -304,6 +296,7 @@ struct DistillRows {
       block_shift = bmax;
       r = block_pass<kCross>(x, y, b, e, block_shift, e_out);
     }
+    if (block_sum) *block_sum = RV::hsum(r.sum);
     if (vmax && !(bmax <= sd.max)) {  // a new max (or NaN)
       sd.max = bmax;
       if (track_argmax) sd.argmax = first_index_of(x, b, e, bmax);
@@ -389,7 +382,8 @@ struct DistillRows {
       if (kl) {
         pair_pass<true, false, kMax, kMax>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
         buf.shift_t[b_idx] = add_block<true>(st, t, s, b, e, sh_t, rt, mt, e_t);
-        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, kMax ? &vmax_s : no_max, e_s);
+        buf.shift_s[b_idx] = add_block<false>(ss, s, t, b, e, sh_s, rs_, kMax ? &vmax_s : no_max, e_s, false,
+                                              write ? &buf.sum_s[b_idx] : nullptr);
       } else if (rkl) {
         pair_pass<false, true, kMax, true>(t, s, b, e, sh_t, sh_s, vmax_t, vmax_s, rt, rs_, e_t, e_s, g_ahead);
         buf.shift_t[b_idx] = add_block<false>(st, t, s, b, e, sh_t, rt, mt, e_t);
@@ -417,10 +411,46 @@ struct DistillRows {
       out[i] = t2 * (inv_t * RV::hsum(st.cross) / RV::hsum(st.sum) - dlse);
       if (!write) return;
       const acc_t c = temperature * rs;
+      // At a class m holding over half of the student's mass (Q_m > 1/2), Q_m - P_m is a
+      // difference of two numbers near 1 when the teacher is confident on m too (both lead by
+      // 30 or 100: the true gradient ~e^-lead, the plain difference rounding noise). There it is
+      // (1 - P_m) - (1 - Q_m) = -sum_{k != m} (Q_k - P_k): minus the sum of the row's other
+      // entries, as the reference op forms it (distill/ops.py). m is found from pass 1's block
+      // sums (a block holding over half of the mass, then its largest e): no work per element
+      // in a row without such a class. In one with it, e at m is zeroed for the pass (its
+      // entry written 0, or left as it was), which sums the other entries; m is written after.
+      int64_t dom = -1;
+      acc_t old_m = acc_t(0);
+      for (int64_t bi = 0, b = 0; b < C; ++bi, b += kBlock<scalar_t>) {
+        const acc_t f = factor_s(bi);
+        if (!(buf.sum_s[bi] * f > acc_t(0.5))) continue;
+        const int64_t e = std::min(C, b + kBlock<scalar_t>);
+        int64_t j = b;
+        for (int64_t k = b + 1; k < e; ++k) j = e_s[k] > e_s[j] ? k : j;
+        if (e_s[j] * f > acc_t(0.5)) dom = j;
+        break;
+      }
+      if (dom >= 0) {
+        e_s[dom] = e_t[dom] = acc_t(0);
+        if (pb.accumulate) old_m = static_cast<acc_t>(g[dom]);
+      }
+      Vec others(acc_t(0));
       b_idx = 0;
       for_each_block<scalar_t>(C, [&](int64_t b, int64_t e) {  // T rs (Q - P)
         const Vec fs(c * factor_s(b_idx)), ft(c * factor_t(b_idx));
         ++b_idx;
+        if (dom >= 0) {
+          RV::write(g, b, e, stream, [&](int64_t j, int64_t n) {
+            const Step q = RV::load_acc(e_s + j, n), pp = RV::load_acc(e_t + j, n);
+            Step u;
+            for (int k = 0; k < RV::kParts; ++k) {
+              u.v[k] = q.v[k] * fs - pp.v[k] * ft;
+              others = others + u.v[k];  // lanes past n: 0
+            }
+            return accumulated(u, g, j, n);
+          });
+          return;
+        }
         RV::write(g, b, e, stream, [&](int64_t j, int64_t n) {
           const Step q = RV::load_acc(e_s + j, n), pp = RV::load_acc(e_t + j, n);
           Step u;
@@ -428,6 +458,12 @@ struct DistillRows {
           return accumulated(u, g, j, n);
         });
       });
+      if (dom >= 0) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+        if (stream) _mm_sfence();  // the row's streaming stores ordered before this plain one
+#endif
+        g[dom] = static_cast<scalar_t>(old_m - RV::hsum(others));
+      }
       return;
     }
 

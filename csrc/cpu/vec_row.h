@@ -228,13 +228,16 @@ struct RowVec {
 // keeps a NaN, and the kernels carry a NaN row's NaN in a scalar.
 // For double, Sleef's exp and at::vec::maximum.
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512 vexp_avx512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654475f);  // ln(FLT_MIN)
-  const __m512 hi = _mm512_set1_ps(88.72283905f);   // ln(FLT_MAX)
-  // Lanes at or above ln(FLT_MIN), and NaN lanes (unordered): kept; the rest are 0.
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
-  // Operand order: vminps/vmaxps return the second operand when one is NaN.
-  const __m512 v = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+// The lanes vexp_avx512 keeps: at or above ln(FLT_MIN), and NaN lanes (unordered); the rest are 0.
+inline __mmask16 vexp_keep_avx512(__m512 x) {
+  return _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);  // ln(FLT_MIN)
+}
+
+// The core of vexp_avx512: p 2^n for v = n ln2 + r, lanes outside `keep` 0 (the zero-masked
+// vscalefps). Exact range reduction for |v| <= 128 ln 2; callers pass v clamped to
+// [ln(FLT_MIN), ln(FLT_MAX)] (vexp_avx512), or v unclamped where every lane they keep lies
+// in that range (kernels_distill.cpp's vexp_row: 11 instructions with the mask's compare).
+inline __m512 vexp_avx512_core(__m512 v, __mmask16 keep) {
   // v = n ln2 + r, |r| <= ln2 / 2: n rounded to nearest, ln 2 in two parts
   // (ln2_hi has 16 significant bits, so n ln2_hi is exact for |n| <= 128).
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
@@ -248,6 +251,14 @@ inline __m512 vexp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
   return _mm512_maskz_scalef_ps(keep, p, n);  // p 2^n, exact
+}
+
+inline __m512 vexp_avx512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654475f);  // ln(FLT_MIN)
+  const __m512 hi = _mm512_set1_ps(88.72283905f);   // ln(FLT_MAX)
+  const __mmask16 keep = vexp_keep_avx512(x);
+  // Operand order: vminps/vmaxps return the second operand when one is NaN.
+  return vexp_avx512_core(_mm512_max_ps(lo, _mm512_min_ps(hi, x)), keep);
 }
 #endif
 

@@ -10,7 +10,9 @@
 //   pass 3 (only with grad): row_scale times the gradient, written (or added) once:
 //     kl T (Q - P); reverse kl T Q (c - E_Q[c]), c = z_s - z_t; jsd T (1 - b) Q (u - E_Q[u]),
 //     u = log Q - log M; the means formed about the student's arg-max m (sum Q (c - c_m) / sum Q),
-//     so the gradient at a dominant class keeps its relative precision.
+//     so the gradient at a dominant class keeps its relative precision; kl's entry at m, where
+//     Q_m > 1/2, as -sum_{k != m} (Q_k - P_k) (pass 2's sum): Q_m - P_m of two numbers near 1 when
+//     the teacher is confident on m too is rounding noise (the reference op's form, distill/ops.py).
 //     A row with row_scale 0 writes zeros (accumulate=False) or nothing.
 // Passes 2 and 3 re-read the rows (from L2 for the rows in flight).
 #include <ATen/ATen.h>
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_kernel(const DistillAr
     auto log_p = [&](acc_t z) { return (z - max_t) - lsum_t; };
     const acc_t u_m = log_q(zs_m) - logaddexp(log_b + log_p(zt_m), log_b1 + log_q(zs_m));
 
-    // kl: v[0] = sum P (log P - log Q); reverse kl: v[0] = sum Q (log Q - log P), v[1] = sum Q d,
+    // kl: v[0] = sum P (log P - log Q), v[1] = sum_{k != m} (Q_k - P_k); reverse kl: v[0] = sum Q (log Q - log P), v[1] = sum Q d,
     // d = (z_s - z_s_m) - (z_t - z_t_m), v[2] = sum Q; jsd: v[0] = sum P (log P - log M),
     // v[1] = sum Q u, v[2] = sum Q (u - u_m), v[3] = sum Q.
     acc_t v[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
@@ -85,6 +87,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_kernel(const DistillAr
       const acc_t p = std::exp(lp), q = std::exp(lq);
       if constexpr (kDiv == kKL) {
         if (p > acc_t(0)) v[0] += p * (lp - lq);
+        if (j != m) v[1] += q - p;
       } else if constexpr (kDiv == kReverseKL) {
         if (q > acc_t(0)) {
           v[0] += q * (lq - lp);
@@ -117,13 +120,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1) distill_kernel(const DistillAr
     const acc_t c = (kDiv == kKL || kDiv == kReverseKL ? temp : temp * (acc_t(1) - beta)) * rs;
     // The mean about the pivot: sum Q d / sum Q (reverse kl), sum Q (u - u_m) / sum Q (jsd).
     const acc_t mean = kDiv == kReverseKL ? v[1] / v[2] : kDiv == kKL ? acc_t(0) : v[2] / v[3];
+    // kl: whether m holds over half of the student's mass (log Q_m > -log 2).
+    const bool dominant = kDiv == kKL && log_q(zs_m) > -acc_t(0.69314718055994531);
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
       const acc_t zs = static_cast<acc_t>(s[j]) * inv_t, zt = static_cast<acc_t>(t[j]) * inv_t;
       const acc_t lq = log_q(zs), lp = log_p(zt);
       const acc_t q = std::exp(lq);
       acc_t d;
       if constexpr (kDiv == kKL) {
-        d = c * (q - std::exp(lp));
+        d = dominant && j == m ? -c * v[1] : c * (q - std::exp(lp));
       } else if constexpr (kDiv == kReverseKL) {
         d = q > acc_t(0) ? c * q * (((zs - zs_m) - (zt - zt_m)) - mean) : acc_t(0);
       } else {

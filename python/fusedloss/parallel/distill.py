@@ -9,14 +9,16 @@ The divergence of a row depends on it through the global log-sum-exps of both ro
    slice's ``sum exp(x / T - M)`` of both, one all-reduce SUM (``2N``): ``L = log`` of the total;
 2. ``log q = (s / T - M_s) - L_s`` and ``log p = (t / T - M_t) - L_t`` on the slice (log space, never
    ``log(exp(.))``; ``torch.log_softmax``'s own order, so no rounding of an ``lse`` at the logits'
-   magnitude), the slice's part of the divergence's sums, one all-reduce SUM (``N``; ``2N``
-   for jsd): ``kl: sum p (log p - log q)``, ``reverse_kl: sum q (log q - log p)``,
+   magnitude), the slice's part of the divergence's sums and the pivot sum of step 3, one all-reduce
+   SUM (``2N``; ``3N`` for jsd): ``kl: sum p (log p - log q)``, ``reverse_kl: sum q (log q - log p)``,
    ``jsd: sum p (log p - log m), sum q (log q - log m)``;
 3. the backward is local, from the saved global numbers (distill/ops.py's gradients): ``kl:
    T (q - p)``, ``reverse_kl: T q (r - sum q r)``, ``jsd: T (1 - b) q (u - sum q u)``; the sums are
    those of step 2. At a dominant class ``w`` (``q_w > 1/2``) reverse_kl's and jsd's entry is formed
    about the pivot, ``r_w - sum q r = -sum_{k != w} q_k (r_k - r_w)`` (one more sum in step 2, and
-   the teacher's logit at ``w`` in step 1's SUM), as the single-process op forms it (:func:`_pivot`).
+   the teacher's logit at ``w`` in step 1's SUM), and kl's as ``q_w - p_w = -sum_{k != w} (q_k - p_k)``
+   (one more sum in step 2: no difference of two numbers near 1 when the teacher is confident on ``w``
+   too), as the single-process op forms them (:func:`_pivot`).
 
 The hard loss (``target`` given) is ``fusedloss.parallel``'s own split loss (its rows and its local
 gradient, :mod:`.loss`), inside the same autograd Function, with the validation exchange of this
@@ -240,9 +242,9 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, j
     ``L = log sum_k exp(x_k / T - M)`` (all-reduce SUM of the slices' sums, every term <= 1), so that
     ``log q = (s / T - M) - L`` as ``torch.log_softmax`` forms it on one process (never ``s / T - lse``
     with ``lse`` rounded at the logits' magnitude); ``sums`` the divergence's global sums (``(k, N)``)
-    the gradient reads, and for reverse_kl and jsd one more row, the pivot sum
-    ``sum_{k != w} q_k (c_k - c_w)`` about the student's arg-max ``w`` (``c = log q - log p``; jsd
-    ``log q - log m``; see :func:`_pivot`). Three collectives of ``O(N)``; the slice is read in blocks
+    the gradient reads, and one more row, the pivot sum about the student's arg-max ``w``: reverse_kl,
+    jsd ``sum_{k != w} q_k (c_k - c_w)`` (``c = log q - log p``; jsd ``log q - log m``), kl
+    ``sum_{k != w} (q_k - p_k)`` (see :func:`_pivot`). Three collectives of ``O(N)``; the slice is read in blocks
     of rows."""
     cd = torch.float64 if s.dtype == torch.float64 else torch.float32
     inv = 1.0 / temperature
@@ -270,7 +272,7 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, j
     log_sum = e[:2].log()
     lse_s, lse_t = torch.stack([m[0], log_sum[0]]), torch.stack([m[1], log_sum[1]])
     k = 2 if divergence == DIVERGENCES["jsd"] else 1
-    sums = torch.zeros((k + int(pivot), n), dtype=cd, device=s.device)
+    sums = torch.zeros((k + 1, n), dtype=cd, device=s.device)
     if pivot:
         # The other ratio at the student's arg-max w, as the rank holding it forms it (_logs's order):
         # log q_w = (s_w / T - M_s) - L_s = -L_s, log p_w = (t_w / T - M_t) - L_t.
@@ -287,14 +289,18 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: int, j
             log_m = _log_m(log_p, log_q, jsd_beta)
             sums[0, a:b] = _xlog(log_p.exp(), log_p, log_m)
             sums[1, a:b] = _xlog(log_q.exp(), log_q, log_m)
-        if pivot and s.shape[1]:
-            c = log_q - (log_p if divergence == DIVERGENCES["reverse_kl"] else log_m)
+        if s.shape[1]:
             q = log_q.exp()
-            terms = torch.where(q > 0, q * (c - c_w[a:b, None]), 0)
+            if pivot:
+                c = log_q - (log_p if divergence == DIVERGENCES["reverse_kl"] else log_m)
+                terms = torch.where(q > 0, q * (c - c_w[a:b, None]), 0)
+                del c
+            else:
+                terms = q - log_p.exp()
             idx, owner = _argmax_here(s[a:b], m[0, a:b], inv)
             terms = terms.scatter(1, idx, torch.where(owner[:, None], 0, terms.gather(1, idx)))  # k = w: none
             sums[k, a:b] = terms.sum(1)
-            del c, q, terms
+            del q, terms
         del log_q, log_p
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     if divergence == DIVERGENCES["jsd"]:
@@ -311,7 +317,7 @@ def _divergence_grad_block(s: Tensor, t: Tensor, lse_s: Tensor, lse_t: Tensor, s
     log_q, log_p = _logs(s, t, lse_s, lse_t, temperature, cd)
     q = log_q.exp()
     if divergence == DIVERGENCES["kl"]:
-        g = q - log_p.exp()
+        g = _pivot(q - log_p.exp(), s, q, lse_s, sums[-1], temperature, kl=True)
     else:
         if divergence == DIVERGENCES["reverse_kl"]:
             other, total, scale = log_p, sums[0], 1.0
@@ -333,18 +339,23 @@ def _argmax_here(s: Tensor, m_s: Tensor, inv: float) -> tuple[Tensor, Tensor]:
     return idx, s.gather(1, idx).squeeze(1).to(m_s.dtype) * inv == m_s
 
 
-def _pivot(g: Tensor, s: Tensor, q: Tensor, lse_s: Tensor, pivot_sum: Tensor, temperature: float) -> Tensor:
-    """reverse_kl, jsd: at a dominant class ``w`` (``Q_w > 1/2``, on the rank that holds it), the entry
-    ``q_w (c_w - sum_k q_k c_k)`` of the textbook form subtracts two numbers within ``e^-lead`` of each
-    other and loses that whole gradient to rounding (of ``c_w``, about the lead); about the pivot,
-    ``c_w - sum_k q_k c_k = -sum_{k != w} q_k (c_k - c_w)`` (``pivot_sum``, all-reduced in the forward)
-    is the same number from differences that do not cancel (the single-process C++ kernel's form; the
-    reference op's minus the sum of the others). Other entries keep the textbook form."""
+def _pivot(g: Tensor, s: Tensor, q: Tensor, lse_s: Tensor, pivot_sum: Tensor, temperature: float,
+           kl: bool = False) -> Tensor:
+    """At a dominant class ``w`` (``Q_w > 1/2``, on the rank that holds it), the entry of the textbook
+    form subtracts two numbers within ``e^-lead`` of each other and loses that whole gradient to
+    rounding. reverse_kl, jsd: ``q_w (c_w - sum_k q_k c_k)`` (the rounding of ``c_w``, about the lead);
+    about the pivot, ``c_w - sum_k q_k c_k = -sum_{k != w} q_k (c_k - c_w)`` (``pivot_sum``, all-reduced
+    in the forward) is the same number from differences that do not cancel (the single-process C++
+    kernel's form; the reference op's minus the sum of the others). kl (``kl=True``): ``q_w - p_w``,
+    both near 1 when the teacher is confident on ``w`` too, is ``-sum_{k != w} (q_k - p_k)``
+    (``pivot_sum``: the reference op's and the C++ kernels' minus the sum of the others). Other entries
+    keep the textbook form."""
     if s.shape[1] < 1:
         return g
     idx, owner = _argmax_here(s, lse_s[0], 1.0 / temperature)
     dominant = owner & (lse_s[1] < math.log(2.0)) & torch.isfinite(pivot_sum)
-    at_w = torch.where(dominant, -q.gather(1, idx).squeeze(1) * pivot_sum, g.gather(1, idx).squeeze(1))
+    fixed = -pivot_sum if kl else -q.gather(1, idx).squeeze(1) * pivot_sum
+    at_w = torch.where(dominant, fixed.to(g.dtype), g.gather(1, idx).squeeze(1))
     return g.scatter(1, idx, at_w[:, None])
 
 
