@@ -87,6 +87,11 @@ def _cpu_capabilities(environ=None, machine=None):
                                f"{', '.join(caps)}")
         if "DEFAULT" not in wanted:
             raise RuntimeError("FUSEDLOSS_CPU_CAPABILITIES must include DEFAULT (the kernels any CPU runs)")
+        if "AVX512_BF16" in wanted and "AVX512" not in wanted:
+            # its object hands every dtype but bfloat16 to the AVX512 one: without it the extension
+            # links with undefined symbols and fails at import
+            raise RuntimeError("FUSEDLOSS_CPU_CAPABILITIES: AVX512_BF16 needs AVX512 too (its object runs only "
+                               "the bfloat16 kernels and calls the AVX512 one for the other dtypes)")
         caps = {cap: flags for cap, flags in caps.items() if cap in wanted}
     return caps
 

@@ -209,6 +209,11 @@ def test_cpu_capabilities_subset(setup_py):
         caps({"FUSEDLOSS_CPU_CAPABILITIES": "AVX2"}, "x86_64")
     with pytest.raises(RuntimeError, match="AVX2 not among this machine's DEFAULT"):
         caps({"FUSEDLOSS_CPU_CAPABILITIES": "DEFAULT,AVX2"}, "aarch64")
+    # the AVX512_BF16 object calls the AVX512 one for every other dtype: alone it would not import
+    with pytest.raises(RuntimeError, match="AVX512_BF16 needs AVX512"):
+        caps({"FUSEDLOSS_CPU_CAPABILITIES": "DEFAULT,AVX512_BF16"}, "x86_64")
+    assert list(caps({"FUSEDLOSS_CPU_CAPABILITIES": "DEFAULT,AVX512,AVX512_BF16"}, "x86_64")) == [
+        "DEFAULT", "AVX512", "AVX512_BF16"]
 
 
 def test_warning_flags_only_for_the_gcc12_avx512_bug(setup_py):
