@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "row_lanes.h"
 #include "vec_row.h"
 
 namespace fusedloss::cpu::CPU_CAPABILITY {
@@ -164,45 +165,122 @@ struct Rows {
   //   g_j = exp(x_j - K) * scale - smooth * w_j,  K = lse - log s  (losses.h)
   // Forward: exp(x_j - K) = e_j * exp(shift_b - K) from pass 1's e_j: no exp.
   // Backward (from stats): the exp itself.
+  //
+  // Rows go in groups of up to Vec::size() (row_lanes.h): pass 1 of each row, then the
+  // rows' scalar terms together, one row per lane, then each row's gradient pass. A
+  // group holds at most kGroupElements logits, so its e_k rows stay in L2 (at large C a
+  // group is one row). Ignored rows are not in a group.
   // ------------------------------------------------------------------------
+  static constexpr int64_t kGroupElements = 16384;
+  static constexpr int kMaxGroup = static_cast<int>(Vec::size());
+
+  int group_size() const {
+    return static_cast<int>(std::clamp<int64_t>(kGroupElements / pb.classes, 1, kMaxGroup));
+  }
+  // Buffers for a group of n rows: row l's e_k at e + l * C, its block shifts at
+  // shifts + l * shift_stride().
+  int64_t shift_stride() const { return pb.classes / kBlock<scalar_t> + 2; }
+  Buffers group_buffers(int n) const {
+    return {thread_buffer<acc_t>(0, pb.classes * n), thread_buffer<acc_t>(1, shift_stride() * n)};
+  }
+
   template <bool kSmooth>
-  FUSEDLOSS_ROW_PASS void target_only(int64_t i, bool forward, const Buffers& buf) const {
-    const int64_t C = pb.classes, c = pb.target[i];
-    const scalar_t* x = row(i);
-    scalar_t* g = grad_row(i);
-    const acc_t x_c = static_cast<acc_t>(x[c]);
-    const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
+  void target_only_rows(int64_t begin, int64_t end, bool forward) const {
+    const int group = group_size();
+    const Buffers buf = group_buffers(group);
+    int64_t idx[kMaxGroup];
+    int n = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      if (pb.target[i] == pb.cfg.ignore_index) {
+        ignore_row(i, forward);
+        continue;
+      }
+      idx[n++] = i;
+      if (n == group) {
+        target_only_group<kSmooth>(idx, n, forward, buf);
+        n = 0;
+      }
+    }
+    if (n > 0) target_only_group<kSmooth>(idx, n, forward, buf);
+  }
+
+  template <bool kSmooth>
+  FUSEDLOSS_ROW_PASS void target_only_group(const int64_t* idx, int n, bool forward, const Buffers& buf) const {
+    using L = Lanes<acc_t>;
+    const int64_t C = pb.classes;
+    const auto& cfg = pb.cfg;
+    const acc_t eps = static_cast<acc_t>(cfg.label_smoothing);
     const acc_t W = static_cast<acc_t>(pb.weight_total);
-    const acc_t w_c = weight_of(c);
-    acc_t* st = stats_row(i);
-    acc_t* e = forward && g ? buf.e : nullptr;
-    acc_t* shifts = buf.shifts;
-    acc_t lse, lse_ex, weighted_x_sum = 0;
+    const acc_t z = static_cast<acc_t>(cfg.z_loss);
+    const bool grad = pb.grad != nullptr;
+    // Lanes past n hold zeros: their numbers are computed and never read.
+    alignas(64) acc_t a_lse[kMaxGroup] = {}, a_lse_ex[kMaxGroup] = {}, a_x_c[kMaxGroup] = {},
+                      a_w_c[kMaxGroup] = {}, a_xs[kMaxGroup] = {}, a_go[kMaxGroup] = {},
+                      a_shift[kMaxGroup] = {}, a_sum[kMaxGroup] = {};
+    for (int l = 0; l < n; ++l) {
+      const int64_t i = idx[l], c = pb.target[i];
+      const scalar_t* x = row(i);
+      a_x_c[l] = static_cast<acc_t>(x[c]);
+      a_w_c[l] = weight_of(c);
+      if (grad) a_go[l] = grad_out(i);
+      if (forward) {
+        acc_t* e = grad ? buf.e + l * C : nullptr;
+        const auto acc = lse_pass<false, kSmooth>(x, c, e, buf.shifts + l * shift_stride(), grad_row(i));
+        // OnlineLse::lse() below, lane by lane: shift + log(sum), -inf when nothing was added.
+        a_shift[l] = acc.shift;
+        a_sum[l] = acc.shift == kNegInf<acc_t> ? acc_t(1) : RV::hsum(acc.sum);
+        if constexpr (kSmooth) a_xs[l] = acc.x_sum() + a_w_c[l] * a_x_c[l];
+      } else {
+        const acc_t* st = stats_row(i);
+        a_lse[l] = st[0];
+        a_lse_ex[l] = st[1];
+      }
+    }
+    const Vec x_c = Vec::loadu(a_x_c), w_c = Vec::loadu(a_w_c);
+    Vec lse, lse_ex;
     if (forward) {
-      const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts, g);
-      lse_ex = acc.lse();
-      lse = logaddexp(lse_ex, x_c);
-      if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_c * x_c;
+      const Vec shift = Vec::loadu(a_shift);
+      lse_ex = L::sel(shift == L::ninf(), shift, shift + Vec::loadu(a_sum).log());
+      lse = L::logaddexp(lse_ex, x_c);
     } else {
-      lse = st[0];
-      lse_ex = st[1];
+      lse = Vec::loadu(a_lse);
+      lse_ex = Vec::loadu(a_lse_ex);
     }
-    const auto terms = target_only_terms<acc_t>(pb.cfg.variant, lse_ex - x_c, pb.cfg.alpha,
-                                                pb.cfg.beta, pb.cfg.gamma);
-    const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
+    const auto terms = L::target_only_terms(cfg.variant, lse_ex - x_c, static_cast<acc_t>(cfg.alpha),
+                                            static_cast<acc_t>(cfg.beta), static_cast<acc_t>(cfg.gamma));
     if (forward) {
-      static_cast<acc_t*>(pb.loss_rows)[i] =
-          row_loss<acc_t>(terms.loss, w_c, lse, eps, acc_t(C), W, weighted_x_sum, z);
-      st[0] = lse;
-      st[1] = lse_ex;
-      st[2] = st[3] = acc_t(0);
+      const Vec loss = L::row_loss(terms.loss, w_c, lse, eps, acc_t(C), W, Vec::loadu(a_xs), z);
+      alignas(64) acc_t a_loss[kMaxGroup];
+      lse_ex.store(a_lse_ex);
+      loss.store(a_loss);
+      lse.store(a_lse);
+      for (int l = 0; l < n; ++l) {
+        const int64_t i = idx[l];
+        static_cast<acc_t*>(pb.loss_rows)[i] = a_loss[l];
+        acc_t* st = stats_row(i);
+        st[0] = a_lse[l];
+        st[1] = a_lse_ex[l];
+        st[2] = st[3] = acc_t(0);
+      }
     }
-    if (!g) return;
-    const acc_t go = grad_out(i);
-    const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, w_c,
-                                           extra_terms<acc_t>(w_c * go, go, lse, eps, acc_t(C), W, z));
-    write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
-    g[c] = static_cast<scalar_t>(k.target);
+    if (!grad) return;
+    const Vec go = Vec::loadu(a_go);
+    const bool plain = eps == acc_t(0) && z == acc_t(0);
+    const auto k = L::target_only_grad(lse, lse_ex, x_c, terms.log_s, w_c,
+                                       L::extra_terms(w_c * go, go, lse, eps, acc_t(C), W, z), plain);
+    alignas(64) acc_t k_shift[kMaxGroup], k_scale[kMaxGroup], k_smooth[kMaxGroup], k_target[kMaxGroup];
+    k.shift.store(k_shift);
+    k.scale.store(k_scale);
+    k.smooth.store(k_smooth);
+    k.target.store(k_target);
+    for (int l = 0; l < n; ++l) {
+      const int64_t i = idx[l];
+      scalar_t* g = grad_row(i);
+      const acc_t* e = forward ? buf.e + l * C : nullptr;
+      write_scaled_exp<kSmooth>(g, row(i), e, buf.shifts + l * shift_stride(), k_shift[l], k_scale[l],
+                                k_smooth[l]);
+      g[pb.target[i]] = static_cast<scalar_t>(k_target[l]);
+    }
   }
 
   // ------------------------------------------------------------------------
@@ -391,6 +469,24 @@ struct Rows {
     return (-p).log1p();
   }
 
+  // log(1 - p), p in [0, 1/2], for pass 2's loss terms. float: a step with a lane at or
+  // above kSmall takes -2 atanh(s), s = p / (2 - p) <= 1/3 (1 - p = (1 - s) / (1 + s)), by
+  // its series to s^13: truncated at a relative (s^2)^7 / 15 < 2^-24, no cancellation (all
+  // terms have the sign of s), ~2 ulps with the rounding of s. Inline: Sleef's log1p is an
+  // out-of-line call costing ~4 cycles per lane, most of bce's forward at small C, where
+  // nearly every step has such a lane. double: log1m's log1p.
+  static Vec log1m_half(const Vec& p, bool small) {
+    if (small || sizeof(acc_t) != 4) return log1m(p, small);
+    const Vec s = p / (Vec(acc_t(2)) - p), u = s * s;
+    Vec poly = at::vec::fmadd(u, Vec(acc_t(1.0 / 13)), Vec(acc_t(1.0 / 11)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 9)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 7)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 5)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 3)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1)));
+    return Vec(acc_t(-2)) * (s * poly);
+  }
+
   // Pass 2: sums over k not in {a, b, w} (w's lanes are masked to p = 0).
   template <bool kLossTerms>
   FUSEDLOSS_ROW_PASS BceSums<acc_t> bce_sums(const PSource& src, int64_t w) const {
@@ -402,7 +498,7 @@ struct Rows {
         sa = sa + odds(p.v[q], small);
         if constexpr (kLossTerms) {
           sp = sp + p.v[q];
-          sl = sl + log1m(p.v[q], small);
+          sl = sl + log1m_half(p.v[q], small);
         }
       }
     });
@@ -444,7 +540,7 @@ struct Rows {
     const int64_t w = s.w;
     const acc_t lse = s.lse;
     const acc_t x_w = static_cast<acc_t>(x[w]);
-    const acc_t p_a = std::exp(x_a - lse), p_b = std::exp(x_b - lse);
+    const acc_t p_a = std::exp(x_a - lse), p_b = t.same ? p_a : std::exp(x_b - lse);
     const PSource src{x, e, buf.shifts, lse, a, b};
     const BceSums<acc_t> sums = forward ? bce_sums<true>(src, w) : bce_sums<false>(src, w);
     acc_t log1m_pw = st[2];
@@ -454,7 +550,9 @@ struct Rows {
     }
     // Each part adds the other target's terms when that is neither its own nor w.
     const auto pa = bce_part<acc_t>(w == a, b != a && b != w, lse, s.lse_ex_a, x_a, x_w, p_b, log1m_pw, sums);
-    const auto pbp = bce_part<acc_t>(w == b, a != b && a != w, lse, s.lse_ex_b, x_b, x_w, p_a, log1m_pw, sums);
+    // One target (a == b): the same part twice (its k_b is 0).
+    const auto pbp =
+        t.same ? pa : bce_part<acc_t>(w == b, a != b && a != w, lse, s.lse_ex_b, x_b, x_w, p_a, log1m_pw, sums);
     if (forward) {
       static_cast<acc_t*>(pb.loss_rows)[i] = mix_row_loss<acc_t>(t.k_a, pa.loss, w_a, t.k_b, pbp.loss, w_b, lse,
                                                                  eps, C, W, s.weighted_x_sum, z);
@@ -1157,9 +1255,12 @@ struct Rows {
     }
     const bool forward = pass == Pass::kForward;
     const bool smooth = pb.cfg.label_smoothing > 0;
-    const Buffers buf = buffers();
     // Label smoothing of a loss other than ce is the expected loss under the smoothed target.
     const bool expected = smooth && pb.cfg.variant != kCE;
+    if (!pb.probs && !pb.target_b && !(pb.cfg.softcap > 0) && !expected && pb.cfg.variant != kBCE) {
+      return smooth ? target_only_rows<true>(begin, end, forward) : target_only_rows<false>(begin, end, forward);
+    }
+    const Buffers buf = buffers();
     for (int64_t i = begin; i < end; ++i) {
       if (pb.probs) {
         pb.cfg.variant == kCE ? soft_ce(i, forward, buf) : expected_dispatch(i, forward, buf, row_mass(i));
@@ -1181,12 +1282,8 @@ struct Rows {
         capped_row(i, pass);
       } else if (expected) {
         expected_dispatch(i, forward, buf, row_mass(i));
-      } else if (pb.cfg.variant == kBCE) {
+      } else {  // bce (the target-only family returned above)
         smooth ? bce<true>(i, forward, buf, one_target(i)) : bce<false>(i, forward, buf, one_target(i));
-      } else if (smooth) {
-        target_only<true>(i, forward, buf);
-      } else {
-        target_only<false>(i, forward, buf);
       }
     }
   }
