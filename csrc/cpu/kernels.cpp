@@ -241,12 +241,14 @@ struct Rows {
     if (forward) {
       const Vec shift = Vec::loadu(a_shift);
       lse_ex = L::sel(shift == L::ninf(), shift, shift + Vec::loadu(a_sum).log());
-      lse = L::logaddexp(lse_ex, x_c);
     } else {
       lse = Vec::loadu(a_lse);
       lse_ex = Vec::loadu(a_lse_ex);
     }
-    const auto terms = L::target_only_terms(cfg.variant, lse_ex - x_c, static_cast<acc_t>(cfg.alpha),
+    const Vec d = lse_ex - x_c;
+    const Vec l = L::log1p_exp_neg(d.abs());  // |d| = |lse_ex - x_c|: logaddexp's argument too
+    if (forward) lse = L::logaddexp_with(lse_ex, x_c, l);
+    const auto terms = L::target_only_terms(cfg.variant, d, l, static_cast<acc_t>(cfg.alpha),
                                             static_cast<acc_t>(cfg.beta), static_cast<acc_t>(cfg.gamma));
     if (forward) {
       const Vec loss = L::row_loss(terms.loss, w_c, lse, eps, acc_t(C), W, Vec::loadu(a_xs), z);

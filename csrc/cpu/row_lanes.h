@@ -12,7 +12,8 @@
 // forms and the same special cases (infinities, NaN, 0 * inf = 0), a branch becoming a
 // select. Lanes are independent: a row's numbers do not depend on the rows beside it, so
 // they do not change with the grouping (thread count, ignored rows, row range).
-// softplus(d) and softplus(-d) share log1p(exp(-|d|)), as the scalar forms compute it.
+// softplus(d), softplus(-d) and the forward's lse = logaddexp(lse_ex, x_c) share one
+// log1p(exp(-|d|)), d = lse_ex - x_c, which the scalar forms compute three times.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -47,9 +48,8 @@ struct Lanes {
   struct Softplus2 {
     Vec pos, neg;
   };
-  static Softplus2 softplus2(const Vec& d) {
+  static Softplus2 softplus2(const Vec& d, const Vec& l) {  // l = log1p(exp(-|d|))
     const Vec zero(T(0));
-    const Vec l = log1p_exp_neg(d.abs());
     return {logaddexp_with(d, zero, l), logaddexp_with(-d, zero, l)};
   }
 
@@ -63,9 +63,10 @@ struct Lanes {
     Vec loss, log_s;
   };
 
-  // losses.h, target_only_terms.
-  static Terms target_only_terms(int64_t variant, const Vec& d, T alpha, T beta, T gamma) {
-    const Softplus2 sp = softplus2(d);
+  // losses.h, target_only_terms, given l = log1p(exp(-|d|)): with d = lse_ex - x_c, the
+  // forward's lse = logaddexp(lse_ex, x_c) takes the same l.
+  static Terms target_only_terms(int64_t variant, const Vec& d, const Vec& l, T alpha, T beta, T gamma) {
+    const Softplus2 sp = softplus2(d, l);
     switch (variant) {
       case kCE:
         return {sp.pos, Vec(T(0))};
