@@ -489,15 +489,16 @@ struct Rows {
     return Vec(acc_t(-2)) * (s * poly);
   }
 
-  // Pass 2: sums over k not in {a, b, w} (w's lanes are masked to p = 0).
-  template <bool kLossTerms>
+  // Pass 2: sums over k not in {a, b, w} (w's lanes are masked to p = 0). kOdds false
+  // (a forward without the gradient, whose loss does not read R): no sum of a_k (0).
+  template <bool kLossTerms, bool kOdds = true>
   FUSEDLOSS_ROW_PASS BceSums<acc_t> bce_sums(const PSource& src, int64_t w) const {
     Vec sp(acc_t(0)), sl(acc_t(0)), sa(acc_t(0));
     src.for_each(pb.classes, [&](Step p, int64_t j, int64_t n) {
       if (static_cast<uint64_t>(w - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, w - j, acc_t(0));
       const bool small = all_small(p);
       for (int q = 0; q < RV::kParts; ++q) {
-        sa = sa + odds(p.v[q], small);
+        if constexpr (kOdds) sa = sa + odds(p.v[q], small);
         if constexpr (kLossTerms) {
           sp = sp + p.v[q];
           sl = sl + log1m_half(p.v[q], small);
@@ -544,7 +545,9 @@ struct Rows {
     const acc_t x_w = static_cast<acc_t>(x[w]);
     const acc_t p_a = std::exp(x_a - lse), p_b = t.same ? p_a : std::exp(x_b - lse);
     const PSource src{x, e, buf.shifts, lse, a, b};
-    const BceSums<acc_t> sums = forward ? bce_sums<true>(src, w) : bce_sums<false>(src, w);
+    const BceSums<acc_t> sums = !forward ? bce_sums<false>(src, w)
+                                : g        ? bce_sums<true>(src, w)
+                                           : bce_sums<true, false>(src, w);
     acc_t log1m_pw = st[2];
     if (forward) {
       const Log1mPw<acc_t> l = bce_log1m_pw<acc_t>(w, a, b, lse, s.lse_ex_a, s.lse_ex_b, sums, p_a, p_b);
