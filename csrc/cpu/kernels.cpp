@@ -167,14 +167,19 @@ struct Rows {
   // Backward (from stats): the exp itself.
   //
   // Rows go in groups of up to Vec::size() (row_lanes.h): pass 1 of each row, then the
-  // rows' scalar terms together, one row per lane, then each row's gradient pass. A
-  // group holds at most kGroupElements logits, so its e_k rows stay in L2 (at large C a
-  // group is one row). Ignored rows are not in a group.
+  // rows' scalar terms together, one row per lane, then each row's gradient pass. With
+  // the e_k (a forward with the gradient) a group holds at most kGroupElements logits, so
+  // its rows, e_k and gradient rows stay in L1 between the passes (DRAM-sized at 4096 x
+  // 1000, groups of 16 rows were 1.3x slower than one row at a time; at C > 2048 a group is
+  // one row); without them (no gradient, or the backward op) a group is Vec::size() rows.
+  // Ignored rows are not in a group.
   // ------------------------------------------------------------------------
-  static constexpr int64_t kGroupElements = 16384;
+  static constexpr int64_t kGroupElements = 2048;
+  static constexpr int64_t kGroupMaxClasses = 256;
   static constexpr int kMaxGroup = static_cast<int>(Vec::size());
 
-  int group_size() const {
+  int group_size(bool with_e) const {
+    if (!with_e) return kMaxGroup;
     return static_cast<int>(std::clamp<int64_t>(kGroupElements / pb.classes, 1, kMaxGroup));
   }
   // Buffers for a group of n rows: row l's e_k at e + l * C, its block shifts at
@@ -184,10 +189,55 @@ struct Rows {
     return {thread_buffer<acc_t>(0, pb.classes * n), thread_buffer<acc_t>(1, shift_stride() * n)};
   }
 
+  // One row at a time with losses.h's scalar forms (libm): rows of more than kGroupMaxClasses
+  // classes, where a group's vector calls no longer pay (a call of Sleef's costs more than
+  // libm's for the one or two rows a group then holds) and groups of 16 rows were slower
+  // DRAM-sized (4096 x 1000 float32, 1 thread: 2.31 against 1.79 ms).
+  template <bool kSmooth>
+  FUSEDLOSS_ROW_PASS void target_only(int64_t i, bool forward, const Buffers& buf) const {
+    const int64_t C = pb.classes, c = pb.target[i];
+    const scalar_t* x = row(i);
+    scalar_t* g = grad_row(i);
+    const acc_t x_c = static_cast<acc_t>(x[c]);
+    const acc_t eps = static_cast<acc_t>(pb.cfg.label_smoothing);
+    const acc_t W = static_cast<acc_t>(pb.weight_total);
+    const acc_t w_c = weight_of(c);
+    acc_t* st = stats_row(i);
+    acc_t* e = forward && g ? buf.e : nullptr;
+    acc_t* shifts = buf.shifts;
+    acc_t lse, lse_ex, weighted_x_sum = 0;
+    if (forward) {
+      const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts, g);
+      lse_ex = acc.lse();
+      lse = logaddexp(lse_ex, x_c);
+      if constexpr (kSmooth) weighted_x_sum = acc.x_sum() + w_c * x_c;
+    } else {
+      lse = st[0];
+      lse_ex = st[1];
+    }
+    const auto terms = target_only_terms<acc_t>(pb.cfg.variant, lse_ex - x_c, pb.cfg.alpha,
+                                                pb.cfg.beta, pb.cfg.gamma);
+    const acc_t z = static_cast<acc_t>(pb.cfg.z_loss);
+    if (forward) {
+      static_cast<acc_t*>(pb.loss_rows)[i] =
+          row_loss<acc_t>(terms.loss, w_c, lse, eps, acc_t(C), W, weighted_x_sum, z);
+      st[0] = lse;
+      st[1] = lse_ex;
+      st[2] = st[3] = acc_t(0);
+    }
+    if (!g) return;
+    const acc_t go = grad_out(i);
+    const auto k = target_only_grad<acc_t>(lse, lse_ex, x_c, terms.log_s, w_c,
+                                           extra_terms<acc_t>(w_c * go, go, lse, eps, acc_t(C), W, z));
+    write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
+    g[c] = static_cast<scalar_t>(k.target);
+  }
+
   template <bool kSmooth>
   void target_only_rows(int64_t begin, int64_t end, bool forward) const {
-    const int group = group_size();
-    const Buffers buf = group_buffers(group);
+    const bool with_e = forward && pb.grad;
+    const int group = group_size(with_e);
+    const Buffers buf = group_buffers(with_e ? group : 1);
     int64_t idx[kMaxGroup];
     int n = 0;
     for (int64_t i = begin; i < end; ++i) {
@@ -225,7 +275,8 @@ struct Rows {
       if (grad) a_go[l] = grad_out(i);
       if (forward) {
         acc_t* e = grad ? buf.e + l * C : nullptr;
-        const auto acc = lse_pass<false, kSmooth>(x, c, e, buf.shifts + l * shift_stride(), grad_row(i));
+        acc_t* shifts = grad ? buf.shifts + l * shift_stride() : buf.shifts;  // written only with e
+        const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts, grad_row(i));
         // OnlineLse::lse() below, lane by lane: shift + log(sum), -inf when nothing was added.
         a_shift[l] = acc.shift;
         a_sum[l] = acc.shift == kNegInf<acc_t> ? acc_t(1) : RV::hsum(acc.sum);
@@ -279,8 +330,8 @@ struct Rows {
       const int64_t i = idx[l];
       scalar_t* g = grad_row(i);
       const acc_t* e = forward ? buf.e + l * C : nullptr;
-      write_scaled_exp<kSmooth>(g, row(i), e, buf.shifts + l * shift_stride(), k_shift[l], k_scale[l],
-                                k_smooth[l]);
+      const acc_t* shifts = forward ? buf.shifts + l * shift_stride() : buf.shifts;  // read only with e
+      write_scaled_exp<kSmooth>(g, row(i), e, shifts, k_shift[l], k_scale[l], k_smooth[l]);
       g[pb.target[i]] = static_cast<scalar_t>(k_target[l]);
     }
   }
@@ -1262,7 +1313,9 @@ struct Rows {
     const bool smooth = pb.cfg.label_smoothing > 0;
     // Label smoothing of a loss other than ce is the expected loss under the smoothed target.
     const bool expected = smooth && pb.cfg.variant != kCE;
-    if (!pb.probs && !pb.target_b && !(pb.cfg.softcap > 0) && !expected && pb.cfg.variant != kBCE) {
+    const bool target_only_family = !pb.probs && !pb.target_b && !(pb.cfg.softcap > 0) && !expected &&
+                                    pb.cfg.variant != kBCE;
+    if (target_only_family && pb.classes <= kGroupMaxClasses) {
       return smooth ? target_only_rows<true>(begin, end, forward) : target_only_rows<false>(begin, end, forward);
     }
     const Buffers buf = buffers();
@@ -1287,8 +1340,12 @@ struct Rows {
         capped_row(i, pass);
       } else if (expected) {
         expected_dispatch(i, forward, buf, row_mass(i));
-      } else {  // bce (the target-only family returned above)
+      } else if (pb.cfg.variant == kBCE) {
         smooth ? bce<true>(i, forward, buf, one_target(i)) : bce<false>(i, forward, buf, one_target(i));
+      } else if (smooth) {
+        target_only<true>(i, forward, buf);
+      } else {
+        target_only<false>(i, forward, buf);
       }
     }
   }
