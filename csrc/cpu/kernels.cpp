@@ -526,7 +526,7 @@ struct Rows {
   // above kSmall takes -2 atanh(s), s = p / (2 - p) <= 1/3 (1 - p = (1 - s) / (1 + s)), by
   // its series to s^13: truncated at a relative (s^2)^7 / 15 < 2^-24, no cancellation (all
   // terms have the sign of s), ~2 ulps with the rounding of s. Inline: Sleef's log1p is an
-  // out-of-line call costing ~4 cycles per lane, most of bce's forward at small C, where
+  // out-of-line call per vector, the largest symbol of bce's forward at small C (perf), where
   // nearly every step has such a lane. double: log1m's log1p.
   static Vec log1m_half(const Vec& p, bool small) {
     if (small || sizeof(acc_t) != 4) return log1m(p, small);
