@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "row_lanes.h"
 #include "vec_row.h"
 
 namespace fusedloss::cpu::CPU_CAPABILITY {
@@ -164,7 +165,34 @@ struct Rows {
   //   g_j = exp(x_j - K) * scale - smooth * w_j,  K = lse - log s  (losses.h)
   // Forward: exp(x_j - K) = e_j * exp(shift_b - K) from pass 1's e_j: no exp.
   // Backward (from stats): the exp itself.
+  //
+  // Rows go in groups of up to Vec::size() (row_lanes.h): pass 1 of each row, then the
+  // rows' scalar terms together, one row per lane, then each row's gradient pass. With
+  // the e_k (a forward with the gradient) a group holds at most kGroupElements logits, so
+  // its rows, e_k and gradient rows stay in L1 between the passes (DRAM-sized at 4096 x
+  // 1000, groups of 16 rows were 1.3x slower than one row at a time; at C > 2048 a group is
+  // one row); without them (no gradient, or the backward op) a group is Vec::size() rows.
+  // Ignored rows are not in a group.
   // ------------------------------------------------------------------------
+  static constexpr int64_t kGroupElements = 2048;
+  static constexpr int64_t kGroupMaxClasses = 256;
+  static constexpr int kMaxGroup = static_cast<int>(Vec::size());
+
+  int group_size(bool with_e) const {
+    if (!with_e) return kMaxGroup;
+    return static_cast<int>(std::clamp<int64_t>(kGroupElements / pb.classes, 1, kMaxGroup));
+  }
+  // Buffers for a group of n rows: row l's e_k at e + l * C, its block shifts at
+  // shifts + l * shift_stride().
+  int64_t shift_stride() const { return pb.classes / kBlock<scalar_t> + 2; }
+  Buffers group_buffers(int n) const {
+    return {thread_buffer<acc_t>(0, pb.classes * n), thread_buffer<acc_t>(1, shift_stride() * n)};
+  }
+
+  // One row at a time with losses.h's scalar forms (libm): rows of more than kGroupMaxClasses
+  // classes, where a group's vector calls no longer pay (a call of Sleef's costs more than
+  // libm's for the one or two rows a group then holds) and groups of 16 rows were slower
+  // DRAM-sized (4096 x 1000 float32, 1 thread: 2.31 against 1.79 ms).
   template <bool kSmooth>
   FUSEDLOSS_ROW_PASS void target_only(int64_t i, bool forward, const Buffers& buf) const {
     const int64_t C = pb.classes, c = pb.target[i];
@@ -203,6 +231,109 @@ struct Rows {
                                            extra_terms<acc_t>(w_c * go, go, lse, eps, acc_t(C), W, z));
     write_scaled_exp<kSmooth>(g, x, e, buf.shifts, k.shift, k.scale, k.smooth);
     g[c] = static_cast<scalar_t>(k.target);
+  }
+
+  template <bool kSmooth>
+  void target_only_rows(int64_t begin, int64_t end, bool forward) const {
+    const bool with_e = forward && pb.grad;
+    const int group = group_size(with_e);
+    const Buffers buf = group_buffers(with_e ? group : 1);
+    int64_t idx[kMaxGroup];
+    int n = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      if (pb.target[i] == pb.cfg.ignore_index) {
+        ignore_row(i, forward);
+        continue;
+      }
+      idx[n++] = i;
+      if (n == group) {
+        target_only_group<kSmooth>(idx, n, forward, buf);
+        n = 0;
+      }
+    }
+    if (n > 0) target_only_group<kSmooth>(idx, n, forward, buf);
+  }
+
+  template <bool kSmooth>
+  FUSEDLOSS_ROW_PASS void target_only_group(const int64_t* idx, int n, bool forward, const Buffers& buf) const {
+    using L = Lanes<acc_t>;
+    const int64_t C = pb.classes;
+    const auto& cfg = pb.cfg;
+    const acc_t eps = static_cast<acc_t>(cfg.label_smoothing);
+    const acc_t W = static_cast<acc_t>(pb.weight_total);
+    const acc_t z = static_cast<acc_t>(cfg.z_loss);
+    const bool grad = pb.grad != nullptr;
+    // Lanes past n hold zeros: their numbers are computed and never read.
+    alignas(64) acc_t a_lse[kMaxGroup] = {}, a_lse_ex[kMaxGroup] = {}, a_x_c[kMaxGroup] = {},
+                      a_w_c[kMaxGroup] = {}, a_xs[kMaxGroup] = {}, a_go[kMaxGroup] = {},
+                      a_shift[kMaxGroup] = {}, a_sum[kMaxGroup] = {};
+    for (int l = 0; l < n; ++l) {
+      const int64_t i = idx[l], c = pb.target[i];
+      const scalar_t* x = row(i);
+      a_x_c[l] = static_cast<acc_t>(x[c]);
+      a_w_c[l] = weight_of(c);
+      if (grad) a_go[l] = grad_out(i);
+      if (forward) {
+        acc_t* e = grad ? buf.e + l * C : nullptr;
+        acc_t* shifts = grad ? buf.shifts + l * shift_stride() : buf.shifts;  // written only with e
+        const auto acc = lse_pass<false, kSmooth>(x, c, e, shifts, grad_row(i));
+        // OnlineLse::lse() below, lane by lane: shift + log(sum), -inf when nothing was added.
+        a_shift[l] = acc.shift;
+        a_sum[l] = acc.shift == kNegInf<acc_t> ? acc_t(1) : RV::hsum(acc.sum);
+        if constexpr (kSmooth) a_xs[l] = acc.x_sum() + a_w_c[l] * a_x_c[l];
+      } else {
+        const acc_t* st = stats_row(i);
+        a_lse[l] = st[0];
+        a_lse_ex[l] = st[1];
+      }
+    }
+    const Vec x_c = Vec::loadu(a_x_c), w_c = Vec::loadu(a_w_c);
+    Vec lse, lse_ex;
+    if (forward) {
+      const Vec shift = Vec::loadu(a_shift);
+      lse_ex = L::sel(shift == L::ninf(), shift, shift + Vec::loadu(a_sum).log());
+    } else {
+      lse = Vec::loadu(a_lse);
+      lse_ex = Vec::loadu(a_lse_ex);
+    }
+    const Vec d = lse_ex - x_c;
+    const Vec l = L::log1p_exp_neg(d.abs());  // |d| = |lse_ex - x_c|: logaddexp's argument too
+    if (forward) lse = L::logaddexp_with(lse_ex, x_c, l);
+    const auto terms = L::target_only_terms(cfg.variant, d, l, static_cast<acc_t>(cfg.alpha),
+                                            static_cast<acc_t>(cfg.beta), static_cast<acc_t>(cfg.gamma));
+    if (forward) {
+      const Vec loss = L::row_loss(terms.loss, w_c, lse, eps, acc_t(C), W, Vec::loadu(a_xs), z);
+      alignas(64) acc_t a_loss[kMaxGroup];
+      lse_ex.store(a_lse_ex);
+      loss.store(a_loss);
+      lse.store(a_lse);
+      for (int l = 0; l < n; ++l) {
+        const int64_t i = idx[l];
+        static_cast<acc_t*>(pb.loss_rows)[i] = a_loss[l];
+        acc_t* st = stats_row(i);
+        st[0] = a_lse[l];
+        st[1] = a_lse_ex[l];
+        st[2] = st[3] = acc_t(0);
+      }
+    }
+    if (!grad) return;
+    const Vec go = Vec::loadu(a_go);
+    const bool plain = eps == acc_t(0) && z == acc_t(0);
+    const auto k = L::target_only_grad(lse, lse_ex, x_c, terms.log_s, w_c,
+                                       L::extra_terms(w_c * go, go, lse, eps, acc_t(C), W, z), plain);
+    alignas(64) acc_t k_shift[kMaxGroup], k_scale[kMaxGroup], k_smooth[kMaxGroup], k_target[kMaxGroup];
+    k.shift.store(k_shift);
+    k.scale.store(k_scale);
+    k.smooth.store(k_smooth);
+    k.target.store(k_target);
+    for (int l = 0; l < n; ++l) {
+      const int64_t i = idx[l];
+      scalar_t* g = grad_row(i);
+      const acc_t* e = forward ? buf.e + l * C : nullptr;
+      const acc_t* shifts = forward ? buf.shifts + l * shift_stride() : buf.shifts;  // read only with e
+      write_scaled_exp<kSmooth>(g, row(i), e, shifts, k_shift[l], k_scale[l], k_smooth[l]);
+      g[pb.target[i]] = static_cast<scalar_t>(k_target[l]);
+    }
   }
 
   // ------------------------------------------------------------------------
@@ -391,18 +522,37 @@ struct Rows {
     return (-p).log1p();
   }
 
-  // Pass 2: sums over k not in {a, b, w} (w's lanes are masked to p = 0).
-  template <bool kLossTerms>
+  // log(1 - p), p in [0, 1/2], for pass 2's loss terms. float: a step with a lane at or
+  // above kSmall takes -2 atanh(s), s = p / (2 - p) <= 1/3 (1 - p = (1 - s) / (1 + s)), by
+  // its series to s^13: truncated at a relative (s^2)^7 / 15 < 2^-24, no cancellation (all
+  // terms have the sign of s), ~2 ulps with the rounding of s. Inline: Sleef's log1p is an
+  // out-of-line call per vector, the largest symbol of bce's forward at small C (perf), where
+  // nearly every step has such a lane. double: log1m's log1p.
+  static Vec log1m_half(const Vec& p, bool small) {
+    if (small || sizeof(acc_t) != 4) return log1m(p, small);
+    const Vec s = p / (Vec(acc_t(2)) - p), u = s * s;
+    Vec poly = at::vec::fmadd(u, Vec(acc_t(1.0 / 13)), Vec(acc_t(1.0 / 11)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 9)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 7)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 5)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1.0 / 3)));
+    poly = at::vec::fmadd(u, poly, Vec(acc_t(1)));
+    return Vec(acc_t(-2)) * (s * poly);
+  }
+
+  // Pass 2: sums over k not in {a, b, w} (w's lanes are masked to p = 0). kOdds false
+  // (a forward without the gradient, whose loss does not read R): no sum of a_k (0).
+  template <bool kLossTerms, bool kOdds = true>
   FUSEDLOSS_ROW_PASS BceSums<acc_t> bce_sums(const PSource& src, int64_t w) const {
     Vec sp(acc_t(0)), sl(acc_t(0)), sa(acc_t(0));
     src.for_each(pb.classes, [&](Step p, int64_t j, int64_t n) {
       if (static_cast<uint64_t>(w - j) < static_cast<uint64_t>(n)) p = RV::set_lane(p, w - j, acc_t(0));
       const bool small = all_small(p);
       for (int q = 0; q < RV::kParts; ++q) {
-        sa = sa + odds(p.v[q], small);
+        if constexpr (kOdds) sa = sa + odds(p.v[q], small);
         if constexpr (kLossTerms) {
           sp = sp + p.v[q];
-          sl = sl + log1m(p.v[q], small);
+          sl = sl + log1m_half(p.v[q], small);
         }
       }
     });
@@ -444,9 +594,11 @@ struct Rows {
     const int64_t w = s.w;
     const acc_t lse = s.lse;
     const acc_t x_w = static_cast<acc_t>(x[w]);
-    const acc_t p_a = std::exp(x_a - lse), p_b = std::exp(x_b - lse);
+    const acc_t p_a = std::exp(x_a - lse), p_b = t.same ? p_a : std::exp(x_b - lse);
     const PSource src{x, e, buf.shifts, lse, a, b};
-    const BceSums<acc_t> sums = forward ? bce_sums<true>(src, w) : bce_sums<false>(src, w);
+    const BceSums<acc_t> sums = !forward ? bce_sums<false>(src, w)
+                                : g        ? bce_sums<true>(src, w)
+                                           : bce_sums<true, false>(src, w);
     acc_t log1m_pw = st[2];
     if (forward) {
       const Log1mPw<acc_t> l = bce_log1m_pw<acc_t>(w, a, b, lse, s.lse_ex_a, s.lse_ex_b, sums, p_a, p_b);
@@ -454,7 +606,9 @@ struct Rows {
     }
     // Each part adds the other target's terms when that is neither its own nor w.
     const auto pa = bce_part<acc_t>(w == a, b != a && b != w, lse, s.lse_ex_a, x_a, x_w, p_b, log1m_pw, sums);
-    const auto pbp = bce_part<acc_t>(w == b, a != b && a != w, lse, s.lse_ex_b, x_b, x_w, p_a, log1m_pw, sums);
+    // One target (a == b): the same part twice (its k_b is 0).
+    const auto pbp =
+        t.same ? pa : bce_part<acc_t>(w == b, a != b && a != w, lse, s.lse_ex_b, x_b, x_w, p_a, log1m_pw, sums);
     if (forward) {
       static_cast<acc_t*>(pb.loss_rows)[i] = mix_row_loss<acc_t>(t.k_a, pa.loss, w_a, t.k_b, pbp.loss, w_b, lse,
                                                                  eps, C, W, s.weighted_x_sum, z);
@@ -1186,9 +1340,14 @@ struct Rows {
     }
     const bool forward = pass == Pass::kForward;
     const bool smooth = pb.cfg.label_smoothing > 0;
-    const Buffers buf = buffers();
     // Label smoothing of a loss other than ce is the expected loss under the smoothed target.
     const bool expected = smooth && pb.cfg.variant != kCE;
+    const bool target_only_family = !pb.probs && !pb.target_b && !(pb.cfg.softcap > 0) && !expected &&
+                                    pb.cfg.variant != kBCE;
+    if (target_only_family && pb.classes <= kGroupMaxClasses) {
+      return smooth ? target_only_rows<true>(begin, end, forward) : target_only_rows<false>(begin, end, forward);
+    }
+    const Buffers buf = buffers();
     for (int64_t i = begin; i < end; ++i) {
       if (pb.probs) {
         pb.cfg.variant == kCE ? soft_ce(i, forward, buf) : expected_dispatch(i, forward, buf, row_mass(i));
