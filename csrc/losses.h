@@ -18,7 +18,12 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FL_HD __host__ __device__ __forceinline__
 #else
-#define FL_HD inline
+// Always inlined on the host too: this header is compiled into every CPU capability object
+// (kernels.cpp with -mavx2, -mavx512f, ...) outside their namespaces, so an out-of-line copy
+// would be one symbol that the linker takes from any of them, and code built for any CPU
+// (the DEFAULT object, the ops) could then call AVX-512 instructions (SIGILL on an older CPU;
+// test_cpu_kernel's objdump check).
+#define FL_HD inline __attribute__((always_inline))
 #endif
 
 namespace fusedloss {
