@@ -52,6 +52,24 @@ def _interleaved(runs: dict, calls: int, rounds: int, clock) -> dict:
     return per
 
 
+def modes(x: torch.Tensor, t: torch.Tensor) -> dict:
+    """The timed modes, each a maker of the call for a loss function ``fn``: ``fwd+bwd``
+    (``fn(x, t).backward()``, ``x.grad`` set to None first) and ``fwd no_grad``."""
+    def fwd_bwd(fn):
+        def run():
+            x.grad = None
+            fn(x, t).backward()
+        return run
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, t)
+        return run
+
+    return {"fwd+bwd": fwd_bwd, "fwd no_grad": fwd}
+
+
 def measure(backend: str, calls: int, rounds: int, losses, clock=time.perf_counter) -> list[dict]:
     rows = []
     for n, c in SHAPES:
@@ -62,19 +80,7 @@ def measure(backend: str, calls: int, rounds: int, losses, clock=time.perf_count
         for loss in losses:
             fns[loss] = fl.SoftmaxLoss(loss, backend=backend)
 
-        def fwd_bwd(fn):
-            def run():
-                x.grad = None
-                fn(x, t).backward()
-            return run
-
-        def fwd(fn):
-            def run():
-                with torch.no_grad():
-                    fn(x, t)
-            return run
-
-        for mode, make in (("fwd+bwd", fwd_bwd), ("fwd no_grad", fwd)):
+        for mode, make in modes(x, t).items():
             per = _interleaved({name: make(fn) for name, fn in fns.items()}, calls, rounds, clock)
             base = per["nn.CrossEntropyLoss"]
             for name, times in per.items():

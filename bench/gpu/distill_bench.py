@@ -22,11 +22,7 @@ measured. ``--dry-run``-style tiny shapes on the CPU (Triton's interpreter) prov
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -55,12 +51,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if a.tiny:
         a.vocab, a.elements, a.warmup, a.repeat, a.no_compile = [64, 2100], 1 << 11, 1, 1, True
     return a
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _markdown(doc: dict) -> str:
@@ -141,8 +131,7 @@ def _methods(s: torch.Tensor, t: torch.Tensor, temperature: float, with_compile:
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))  # a checkout without PYTHONPATH
-    from fusedloss.bench.memory import peak_extra_bytes
-    from fusedloss.bench.timing import measure_interleaved
+    from gpubench_rows import finish, measure_row, saver
 
     dev = torch.device(a.device)
     dtype = DTYPES[a.dtype]
@@ -151,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
            "temperature": a.temperature, "torch": torch.__version__, "rows": [], "unavailable": {},
            "complete": False}
 
-    def save() -> None:
-        _write(a.json, json.dumps(doc, indent=1) + "\n")
-        if a.md:
-            _write(a.md, _markdown(doc))
+    save = saver(doc, a.json, a.md, _markdown)
 
     failed = 0
     # compile last: tens of seconds of Inductor per shape, the first rows are worth more
@@ -177,29 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                 if (method == "compile") != (phase == "compile"):
                     continue
                 row = {"v": v, "n": n, "method": method, "divergence": div}
-                t0 = time.time()
-                try:
-                    d = float(step())           # the first warm-up call (Triton's JIT, Inductor's compile)
-                    tc, tm = measure_interleaved([copy, step], dev, max(0, a.warmup - 1), a.repeat)
-                    row.update(ms=tm.median_ms, copy_ms=tc.median_ms, x_copy=tm.median_ms / tc.median_ms,
-                               d_mean=d if math.isfinite(d) else str(d))
-                    if not a.tiny:
-                        row["peak_x_logits"] = peak_extra_bytes(step, dev) / (s.numel() * s.element_size())
-                except Exception as exc:  # noqa: BLE001 - one method failing must not hide the others
-                    failed += 1
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                row["seconds"] = round(time.time() - t0, 1)
+                failed += not measure_row(row, step, copy, dev, max(0, a.warmup - 1), a.repeat,
+                                          None if a.tiny else s.numel() * s.element_size(), "d_mean")
                 doc["rows"].append(row)
-                print(json.dumps(row), flush=True)
                 save()
             del s, t, s2, t2, methods
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    doc["complete"] = True
-    save()
-    if a.md:
-        print(a.md.read_text())
-    return 1 if failed else 0
+    return finish(doc, save, a.md, failed)
 
 
 if __name__ == "__main__":

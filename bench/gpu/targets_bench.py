@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import math
-import os
 import statistics
 import sys
 import time
@@ -71,12 +68,6 @@ def _per_call_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(v, spec: str) -> str:
@@ -135,19 +126,7 @@ def per_call(a, dev: torch.device, backends: list[str], doc: dict, save) -> int:
             for loss in fl.LOSSES:
                 fns[(loss, b)] = fl.SoftmaxLoss(loss, backend=b)
 
-        def fwd_bwd(fn):
-            def run():
-                x.grad = None
-                fn(x, t).backward()
-            return run
-
-        def fwd(fn):
-            def run():
-                with torch.no_grad():
-                    fn(x, t)
-            return run
-
-        for mode, make in (("fwd+bwd", fwd_bwd), ("fwd no_grad", fwd)):
+        for mode, make in pc.modes(x, t).items():
             runs = {}
             for key, fn in fns.items():
                 try:
@@ -172,8 +151,7 @@ def per_call(a, dev: torch.device, backends: list[str], doc: dict, save) -> int:
 def soft(a, dev: torch.device, backends: list[str], doc: dict, save) -> int:
     """The soft-target rows: every loss on every backend and F.cross_entropy, x a copy of both tensors."""
     import fusedloss as fl
-    from fusedloss.bench.memory import peak_extra_bytes
-    from fusedloss.bench.timing import measure_interleaved
+    from gpubench_rows import measure_row
 
     failed = 0
     for dname in a.dtypes:
@@ -204,20 +182,9 @@ def soft(a, dev: torch.device, backends: list[str], doc: dict, save) -> int:
             methods.append(("torch", "ce", step_of(lambda z: F.cross_entropy(z, q))))
             for b, loss, step in methods:
                 row = {"dtype": dname, "c": c, "n": n, "backend": b, "loss": loss}
-                t0 = time.time()
-                try:
-                    value = float(step())  # the first call: Triton's JIT
-                    tc, tm = measure_interleaved([copy, step], dev, a.warmup, a.repeat)
-                    row.update(ms=tm.median_ms, copy_ms=tc.median_ms, x_copy=tm.median_ms / tc.median_ms,
-                               loss_value=value if math.isfinite(value) else str(value))
-                    if not a.tiny:
-                        row["peak_x_logits"] = peak_extra_bytes(step, dev) / (x.numel() * x.element_size())
-                except Exception as exc:  # noqa: BLE001 - one method failing must not hide the others
-                    failed += 1
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                row["seconds"] = round(time.time() - t0, 1)
+                failed += not measure_row(row, step, copy, dev, a.warmup, a.repeat,
+                                          None if a.tiny else x.numel() * x.element_size(), "loss_value")
                 doc["soft"].append(row)
-                print(json.dumps(row), flush=True)
                 save()
             del x, q, x2, q2, leaf, methods
             if dev.type == "cuda":
@@ -229,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     sys.path.insert(0, str(ROOT / "python"))  # a checkout without PYTHONPATH
     import fusedloss as fl
+    from gpubench_rows import finish, saver
 
     dev = torch.device("cpu" if a.tiny else a.device)
     backends = ["triton", "cpu"] if a.tiny else a.backends.split(",")
@@ -245,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             usable.append(b)
 
-    def save() -> None:
-        _write(a.json, json.dumps(doc, indent=1) + "\n")
-        if a.md:
-            _write(a.md, _markdown(doc))
+    save = saver(doc, a.json, a.md, _markdown)
 
     save()
     failed = 0
@@ -256,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         failed += per_call(a, dev, usable, doc, save)
     if not a.no_soft:
         failed += soft(a, dev, usable, doc, save)
-    doc["complete"] = True
-    save()
-    if a.md:
-        print(a.md.read_text())
-    return 1 if failed else 0
+    return finish(doc, save, a.md, failed)
 
 
 if __name__ == "__main__":
