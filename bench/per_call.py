@@ -70,22 +70,42 @@ def modes(x: torch.Tensor, t: torch.Tensor) -> dict:
     return {"fwd+bwd": fwd_bwd, "fwd no_grad": fwd}
 
 
-def measure(backend: str, calls: int, rounds: int, losses, clock=time.perf_counter) -> list[dict]:
+def measure(backends, calls: int, rounds: int, losses, clock=time.perf_counter, device="cpu", shapes=SHAPES,
+            on_shape=None) -> list[dict]:
+    """The rows (shape, mode, loss, backend, us, ratio) of every loss on each of ``backends`` (a
+    name or a list) beside ``nn.CrossEntropyLoss`` (backend ``torch``) on ``device``. A function
+    that raises on its first call gets a row with ``error`` instead and is left out of the
+    rounds. ``on_shape(rows)`` is called after each shape (a caller that saves as it goes)."""
+    backends = [backends] if isinstance(backends, str) else list(backends)
+    base_key = ("nn.CrossEntropyLoss", "torch")
     rows = []
-    for n, c in SHAPES:
+    for n, c in shapes:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, c, generator=g).requires_grad_()
-        t = torch.randint(0, c, (n,), generator=g)
-        fns = {"nn.CrossEntropyLoss": torch.nn.CrossEntropyLoss()}
-        for loss in losses:
-            fns[loss] = fl.SoftmaxLoss(loss, backend=backend)
+        x = torch.randn(n, c, generator=g).to(device).requires_grad_()
+        t = torch.randint(0, c, (n,), generator=g).to(device)
+        fns = {base_key: torch.nn.CrossEntropyLoss()}
+        for b in backends:
+            for loss in losses:
+                fns[(loss, b)] = fl.SoftmaxLoss(loss, backend=b)
 
         for mode, make in modes(x, t).items():
-            per = _interleaved({name: make(fn) for name, fn in fns.items()}, calls, rounds, clock)
-            base = per["nn.CrossEntropyLoss"]
-            for name, times in per.items():
-                rows.append(dict(shape=f"{n} x {c}", mode=mode, loss=name, us=1e6 * statistics.median(times),
-                                 ratio=statistics.median(t / b for t, b in zip(times, base))))
+            runs = {}
+            for key, fn in fns.items():
+                try:
+                    make(fn)()  # a backend that cannot run here is listed, not fatal
+                    runs[key] = make(fn)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(shape=f"{n} x {c}", mode=mode, loss=key[0], backend=key[1],
+                                     error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+            if base_key not in runs:
+                continue
+            per = _interleaved(runs, calls, rounds, clock)
+            base = per[base_key]
+            for (loss, b), times in per.items():
+                rows.append(dict(shape=f"{n} x {c}", mode=mode, loss=loss, backend=b, us=1e6 * statistics.median(times),
+                                 ratio=statistics.median(t / b_ for t, b_ in zip(times, base))))
+        if on_shape is not None:
+            on_shape(rows)
     return rows
 
 
@@ -105,7 +125,10 @@ def to_markdown(rows: list[dict], backend: str, calls: int, rounds: int, clock: 
         "| --- | --- | --- | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['mode']} | {r['loss']} | {r['us']:.1f} | {r['ratio']:.2f} |")
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['loss']} | {r['error']} | |")
+        else:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['loss']} | {r['us']:.1f} | {r['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

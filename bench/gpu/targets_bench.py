@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,36 +115,12 @@ def per_call(a, dev: torch.device, backends: list[str], doc: dict, save) -> int:
             torch.cuda.synchronize(dev)
         return time.perf_counter()
 
-    failed = 0
-    for n, c in shapes:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, c, generator=g).to(dev).requires_grad_()
-        t = torch.randint(0, c, (n,), generator=g).to(dev)
-        fns = {("nn.CrossEntropyLoss", "torch"): torch.nn.CrossEntropyLoss()}
-        for b in backends:
-            for loss in fl.LOSSES:
-                fns[(loss, b)] = fl.SoftmaxLoss(loss, backend=b)
+    def on_shape(rows):
+        doc["per_call"][:] = rows
+        save()
 
-        for mode, make in pc.modes(x, t).items():
-            runs = {}
-            for key, fn in fns.items():
-                try:
-                    make(fn)()  # a backend that cannot run here is listed, not fatal
-                    runs[key] = make(fn)
-                except Exception as exc:  # noqa: BLE001
-                    failed += 1
-                    doc["per_call"].append(dict(shape=f"{n} x {c}", mode=mode, loss=key[0], backend=key[1],
-                                                error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-            if ("nn.CrossEntropyLoss", "torch") not in runs:
-                continue
-            per = pc._interleaved(runs, a.calls, a.rounds, clock)
-            base = per[("nn.CrossEntropyLoss", "torch")]
-            for (loss, b), times in per.items():
-                doc["per_call"].append(dict(shape=f"{n} x {c}", mode=mode, loss=loss, backend=b,
-                                            us=1e6 * statistics.median(times),
-                                            ratio=statistics.median(s / r for s, r in zip(times, base))))
-            save()
-    return failed
+    rows = pc.measure(backends, a.calls, a.rounds, fl.LOSSES, clock, device=dev, shapes=shapes, on_shape=on_shape)
+    return sum("error" in r for r in rows)
 
 
 def soft(a, dev: torch.device, backends: list[str], doc: dict, save) -> int:
